@@ -1,0 +1,89 @@
+// Per-position cross-entropy math shared by the CPU and CUDA kernels (and mirrored by the Triton and reference
+// paths). Kernels compute the row statistics (max, sum of exp, lse, and the dot products below) in their own
+// vectorized way; the algebra that turns them into a loss and a gradient lives here, once.
+//
+// Notation for one position: x the C logits, lse = log(sum(exp(x))), p = exp(x - lse), w the class weights
+// (all 1 without weight), W = sum(w), eps = label_smoothing.
+//
+// Class-index target y (not ignored):
+//   loss = (1-eps) * w[y] * (lse - x[y]) + (eps/C) * (W * lse - sum_c w[c] x[c])
+//   dloss/dx[c] = (1-eps) * w[y] * (p[c] - [c == y]) + (eps/C) * (W * p[c] - w[c])
+// Probability target t, with t' = (1-eps) * t + eps/C and T = sum_c w[c] t'[c]:
+//   loss = T * lse - sum_c w[c] t'[c] x[c]
+//   dloss/dx[c] = T * p[c] - w[c] t'[c]
+// The smoothing term is skipped when eps == 0 so that -inf logits give +inf (like PyTorch), not inf * 0 = NaN.
+#pragma once
+
+#include <cstdint>
+
+#if defined(__CUDACC__) || defined(__HIPCC__)
+#define XENT_HOST_DEVICE __host__ __device__ __forceinline__
+#else
+#define XENT_HOST_DEVICE inline
+#endif
+
+namespace fused_xent {
+
+enum Reduction : int64_t { kReductionNone = 0, kReductionMean = 1, kReductionSum = 2 };
+
+// The loss of a class-index position is target_coef * (lse - x[y]) + smooth_coef * (W * lse - sum_c w[c] x[c]).
+template <typename acc_t>
+struct IndexTargetCoeffs {
+  acc_t target_coef;  // (1 - eps) * w[y]
+  acc_t smooth_coef;  // eps / C
+};
+
+template <typename acc_t>
+XENT_HOST_DEVICE IndexTargetCoeffs<acc_t> index_target_coeffs(acc_t weight_of_target, acc_t label_smoothing,
+                                                              int64_t num_classes) {
+  return {(acc_t(1) - label_smoothing) * weight_of_target, label_smoothing / acc_t(num_classes)};
+}
+
+// weighted_logit_sum = sum_c w[c] x[c]; only read when smoothing is on.
+template <typename acc_t>
+XENT_HOST_DEVICE acc_t index_target_loss(IndexTargetCoeffs<acc_t> k, acc_t lse, acc_t target_logit, acc_t weight_sum,
+                                         acc_t weighted_logit_sum) {
+  acc_t loss = k.target_coef * (lse - target_logit);
+  if (k.smooth_coef != acc_t(0)) loss += k.smooth_coef * (weight_sum * lse - weighted_logit_sum);
+  return loss;
+}
+
+// dloss/dx[c] = scale * (prob_coef * p[c] - class_coef * w[c] - [c == y] * target_coef), with scale the upstream
+// gradient divided by the mean's denominator. The three factors are constant along a row.
+template <typename acc_t>
+struct IndexGradCoeffs {
+  acc_t prob_coef;    // scale * ((1-eps) w[y] + (eps/C) W)
+  acc_t class_coef;   // scale * eps/C, multiplies w[c] (1 without weights)
+  acc_t target_coef;  // scale * (1-eps) w[y], subtracted at c == y
+};
+
+template <typename acc_t>
+XENT_HOST_DEVICE IndexGradCoeffs<acc_t> index_grad_coeffs(IndexTargetCoeffs<acc_t> k, acc_t weight_sum, acc_t scale) {
+  return {scale * (k.target_coef + k.smooth_coef * weight_sum), scale * k.smooth_coef, scale * k.target_coef};
+}
+
+// t'[c] = (1-eps) t[c] + eps/C.
+template <typename acc_t>
+XENT_HOST_DEVICE acc_t smoothed_probability(acc_t target_prob, acc_t label_smoothing, int64_t num_classes) {
+  return (acc_t(1) - label_smoothing) * target_prob + label_smoothing / acc_t(num_classes);
+}
+
+// Probability targets: loss = T * lse - sum_c w[c] t'[c] x[c], with T = sum_c w[c] t'[c].
+template <typename acc_t>
+XENT_HOST_DEVICE acc_t prob_target_loss(acc_t lse, acc_t weighted_target_sum, acc_t weighted_target_logit_sum) {
+  return weighted_target_sum * lse - weighted_target_logit_sum;
+}
+
+// Probability targets: dloss/dx[c] = scale * (T * p[c] - w[c] t'[c]).
+template <typename acc_t>
+XENT_HOST_DEVICE acc_t prob_target_grad(acc_t scale, acc_t weighted_target_sum, acc_t prob, acc_t weighted_target) {
+  return scale * (weighted_target_sum * prob - weighted_target);
+}
+
+// Upstream-gradient scale shared by a whole position: grad_loss[i] for none, grad_loss / total_weight for mean.
+template <typename acc_t>
+XENT_HOST_DEVICE acc_t grad_scale(int64_t reduction, acc_t grad_loss, acc_t total_weight) {
+  return reduction == kReductionMean ? grad_loss / total_weight : grad_loss;
+}
+
+}  // namespace fused_xent

@@ -1,0 +1,82 @@
+#include "xent_problem.h"
+
+#include <ATen/ATen.h>
+
+#include "xent_math.h"
+
+namespace fused_xent {
+
+at::ScalarType Problem::acc_dtype() const {
+  return logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+Problem make_problem(const at::Tensor& logits, const at::Tensor& target, const c10::optional<at::Tensor>& weight,
+                     int64_t reduction, int64_t ignore_index, double label_smoothing) {
+  TORCH_CHECK(logits.dim() == 3, "fused_xent: logits must be viewed as (N, C, S), got ", logits.dim(), " dims");
+  TORCH_CHECK(at::isFloatingType(logits.scalar_type()), "fused_xent: logits must be floating point, got ",
+              logits.scalar_type());
+  TORCH_CHECK(reduction >= kReductionNone && reduction <= kReductionSum, "fused_xent: reduction must be 0 (none), ",
+              "1 (mean) or 2 (sum), got ", reduction);
+  TORCH_CHECK(label_smoothing >= 0.0 && label_smoothing <= 1.0,
+              "fused_xent: label_smoothing must be in [0, 1], got ", label_smoothing);
+  TORCH_CHECK(target.device() == logits.device(), "fused_xent: target is on ", target.device(), " but logits are on ",
+              logits.device());
+
+  Problem p;
+  p.N = logits.size(0);
+  p.C = logits.size(1);
+  p.S = logits.size(2);
+  p.reduction = reduction;
+  p.ignore_index = ignore_index;
+  p.label_smoothing = label_smoothing;
+  TORCH_CHECK(p.C > 0, "fused_xent: logits need at least one class");
+
+  // Kernels see dense logits with unit class stride (rows) or unit position stride (spatial); anything else, e.g.
+  // a slice of a larger tensor, is copied once.
+  p.logits = logits.is_non_overlapping_and_dense() ? logits : logits.contiguous();
+  if (p.C == 1 || p.logits.stride(1) == 1) {
+    p.layout = Layout::kRows;
+  } else if (p.S > 1 && p.logits.stride(2) == 1) {
+    p.layout = Layout::kSpatial;
+  } else {
+    p.logits = p.logits.contiguous();
+    p.layout = p.S == 1 ? Layout::kRows : Layout::kSpatial;
+  }
+
+  p.prob_target = at::isFloatingType(target.scalar_type());
+  if (p.prob_target) {
+    TORCH_CHECK(target.sizes() == logits.sizes(), "fused_xent: probability target must have the shape of logits ",
+                logits.sizes(), ", got ", target.sizes());
+    TORCH_CHECK(target.scalar_type() == logits.scalar_type(), "fused_xent: probability target dtype ",
+                target.scalar_type(), " differs from logits dtype ", logits.scalar_type());
+    p.target = target.strides() == p.logits.strides() ? target : at::empty_like(p.logits).copy_(target);
+  } else {
+    TORCH_CHECK(target.scalar_type() == at::kLong, "fused_xent: class-index target must be int64, got ",
+                target.scalar_type());
+    TORCH_CHECK(target.dim() == 2 && target.size(0) == p.N && target.size(1) == p.S,
+                "fused_xent: class-index target must be (N, S) = (", p.N, ", ", p.S, "), got ", target.sizes());
+    p.target = target.contiguous();
+  }
+
+  if (weight.has_value() && weight->defined()) {
+    TORCH_CHECK(weight->dim() == 1 && weight->size(0) == p.C, "fused_xent: weight must be (C,) = (", p.C,
+                ",), got ", weight->sizes());
+    TORCH_CHECK(weight->device() == logits.device(), "fused_xent: weight is on ", weight->device(),
+                " but logits are on ", logits.device());
+    TORCH_CHECK(at::isFloatingType(weight->scalar_type()), "fused_xent: weight must be floating point, got ",
+                weight->scalar_type());
+    p.weight = weight->to(p.acc_dtype()).contiguous();
+  }
+  return p;
+}
+
+at::Tensor empty_like_logits(const Problem& problem) {
+  return at::empty_strided(problem.logits.sizes(), problem.logits.strides(), problem.logits.options());
+}
+
+at::Tensor empty_loss(const Problem& problem) {
+  auto options = problem.logits.options();
+  return problem.reduction == kReductionNone ? at::empty({problem.N, problem.S}, options) : at::empty({}, options);
+}
+
+}  // namespace fused_xent

@@ -1,0 +1,45 @@
+// Host-side argument checks and canonical layouts shared by every compiled backend, so that the CPU and CUDA
+// kernels see the same, already validated problem.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Optional.h>
+
+#include <cstdint>
+
+namespace fused_xent {
+
+// How the C logits of one position lie in memory.
+enum class Layout {
+  kRows,     // class stride 1: (N, C) rows and channels_last; a position starts at n*stride(0) + s*stride(2)
+  kSpatial,  // position stride 1 (NCHW): consecutive positions are adjacent, classes are stride(1) apart
+};
+
+struct Problem {
+  at::Tensor logits;  // (N, C, S), Layout below
+  at::Tensor target;  // (N, S) int64 contiguous, or (N, C, S) probabilities with the strides of logits
+  at::Tensor weight;  // (C,) contiguous in the accumulation dtype, or undefined
+  bool prob_target;
+  Layout layout;
+  int64_t N, C, S;
+  int64_t reduction;
+  int64_t ignore_index;
+  double label_smoothing;
+
+  int64_t positions() const { return N * S; }
+  // Accumulation dtype of every statistic: float64 for float64 logits, else float32.
+  at::ScalarType acc_dtype() const;
+};
+
+// Validates the op arguments (dims, dtypes, devices, reduction, smoothing) and brings logits, target and weight to
+// the layouts above, copying only when logits have neither unit class stride nor unit position stride.
+Problem make_problem(const at::Tensor& logits, const at::Tensor& target, const c10::optional<at::Tensor>& weight,
+                     int64_t reduction, int64_t ignore_index, double label_smoothing);
+
+// An uninitialized tensor of the shape and strides of problem.logits, for the gradient.
+at::Tensor empty_like_logits(const Problem& problem);
+
+// The loss output: (N, S) for reduction none, 0-d otherwise, in the dtype of logits.
+at::Tensor empty_loss(const Problem& problem);
+
+}  // namespace fused_xent

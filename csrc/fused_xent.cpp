@@ -1,0 +1,52 @@
+// Operator schemas of fused_xent. Kernels live in one file per backend (cpu/, cuda/), each with its own
+// TORCH_LIBRARY_IMPL block; fake (meta) kernels and autograd are registered from Python (fused_xent/_ops.py).
+//
+// Every op sees logits as a 3-D view (N, C, S): N batch entries, C classes, S = d1*...*dk spatial positions
+// (S = 1 for (N, C) inputs). Python builds that view without copying, so the class stride is 1 for row-major and
+// channels_last inputs and the position stride is 1 for NCHW inputs; kernels accept any strides.
+//   target: (N, S) int64 class indices, or (N, C, S) floating class probabilities (same dtype as logits).
+//   weight: optional (C,) per-class weights.
+//   reduction: 0 = none, 1 = mean, 2 = sum (PyTorch's at::Reduction values).
+// Outputs:
+//   loss: (N, S) for reduction none, else a 0-d tensor; dtype of logits.
+//   lse: (N, S) log-sum-exp of each position, float32 (float64 for float64 logits): all backward needs besides
+//        the inputs.
+//   total_weight: 0-d, float32 (float64): the mean's denominator. Class indices: the sum of weight[target] over
+//        positions that are not ignored (their count without weights). Probabilities: N * S.
+#include <Python.h>
+#include <torch/library.h>
+
+#include <string>
+
+namespace fused_xent {
+// The SIMD level the CPU kernels dispatch to: "avx512", "avx2" or "default" (defined in cpu/).
+std::string cpu_capability();
+}  // namespace fused_xent
+
+extern "C" {
+// `import fused_xent._C` only has to load the library so that the static registrations below run.
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(fused_xent, m) {
+  m.def("cpu_capability() -> str", &fused_xent::cpu_capability);
+  m.def(
+      "cross_entropy_fwd(Tensor logits, Tensor target, Tensor? weight, int reduction, int ignore_index, "
+      "float label_smoothing) -> (Tensor loss, Tensor lse, Tensor total_weight)");
+  // grad_loss has the shape of loss (0-d unless reduction is none).
+  m.def(
+      "cross_entropy_bwd(Tensor grad_loss, Tensor logits, Tensor target, Tensor? weight, Tensor lse, "
+      "Tensor total_weight, int reduction, int ignore_index, float label_smoothing) -> Tensor");
+  // Forward that also writes d(loss)/d(logits) for grad_loss = 1 (per position for reduction none) while each row
+  // is on chip; backward then only scales it. The grad has the strides of logits.
+  m.def(
+      "cross_entropy_fwd_grad(Tensor logits, Tensor target, Tensor? weight, int reduction, int ignore_index, "
+      "float label_smoothing) -> (Tensor loss, Tensor grad)");
+  // Same, writing the gradient over the logits (opt-in, for logits that nothing else reads afterwards).
+  m.def(
+      "cross_entropy_fwd_grad_(Tensor(a!) logits, Tensor target, Tensor? weight, int reduction, "
+      "int ignore_index, float label_smoothing) -> Tensor loss");
+}

@@ -1,0 +1,93 @@
+"""Builds fused_xent._C: the CPU kernel always, the CUDA kernel when a CUDA toolchain is usable.
+
+Environment:
+  FUSED_XENT_CUDA=1   build the CUDA kernel even without a GPU (CI compiles it this way); 0 never builds it.
+                      Unset: build it when torch is a CUDA build and nvcc is found.
+  TORCH_CUDA_ARCH_LIST  GPU architectures to compile for (default here: "8.0;9.0+PTX").
+  MAX_JOBS            parallel compile jobs for ninja.
+"""
+
+import glob
+import os
+import sys
+
+from setuptools import find_packages, setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_CUDA_ARCHS = "8.0;9.0+PTX"
+
+
+def _sources(pattern):
+    return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
+
+
+def _want_cuda(torch, cuda_home):
+    forced = os.environ.get("FUSED_XENT_CUDA")
+    if forced is not None and forced not in ("0", "1"):
+        sys.exit(f"FUSED_XENT_CUDA must be 0 or 1, got {forced!r}")
+    if forced == "0":
+        return False, "disabled by FUSED_XENT_CUDA=0"
+    if torch.version.cuda is None:
+        if forced == "1":
+            sys.exit("FUSED_XENT_CUDA=1 but the installed torch is a CPU-only build: install a CUDA build of torch")
+        return False, "torch is a CPU-only build"
+    if cuda_home is None:
+        if forced == "1":
+            sys.exit("FUSED_XENT_CUDA=1 but no CUDA toolkit was found: set CUDA_HOME (e.g. /usr/local/cuda)")
+        return False, "no CUDA toolkit (nvcc) found"
+    return True, "forced by FUSED_XENT_CUDA=1" if forced == "1" else f"torch CUDA {torch.version.cuda} + nvcc"
+
+
+def _extensions():
+    import torch
+    from torch.utils import cpp_extension
+
+    if os.environ.get("CUDA_HOME") is None and os.path.exists("/usr/local/cuda/bin/nvcc"):
+        # torch otherwise guesses from `which nvcc` and may settle on a prefix without cudart.
+        os.environ["CUDA_HOME"] = "/usr/local/cuda"
+        cpp_extension.CUDA_HOME = "/usr/local/cuda"
+    with_cuda, why = _want_cuda(torch, cpp_extension.CUDA_HOME)
+
+    sources = _sources("csrc/*.cpp") + _sources("csrc/common/*.cpp") + _sources("csrc/cpu/*.cpp")
+    cxx_flags = ["-O3", "-std=c++17", "-fvisibility=hidden"]
+    extra = {"cxx": cxx_flags}
+    define_macros = []
+    extension_class = cpp_extension.CppExtension
+    if with_cuda:
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCHS)
+        sources += _sources("csrc/cuda/*.cu")
+        extra["nvcc"] = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr"]
+        define_macros.append(("FUSED_XENT_WITH_CUDA", "1"))
+        extension_class = cpp_extension.CUDAExtension
+
+    print("fused_xent build configuration:")
+    print(f"  torch {torch.__version__} (CUDA {torch.version.cuda}), python {sys.version.split()[0]}")
+    print(f"  CPU kernel: yes ({len(_sources('csrc/cpu/*.cpp'))} sources; SIMD level chosen at run time)")
+    print(f"  CUDA kernel: {'yes' if with_cuda else 'no'} ({why})")
+    if with_cuda:
+        print(f"  CUDA_HOME={cpp_extension.CUDA_HOME} TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']}")
+    print(f"  MAX_JOBS={os.environ.get('MAX_JOBS', 'auto')}")
+
+    return [
+        extension_class(
+            name="fused_xent._C",
+            sources=sources,
+            include_dirs=[os.path.join(ROOT, "csrc")],
+            define_macros=define_macros,
+            extra_compile_args=extra,
+        )
+    ], cpp_extension.BuildExtension.with_options(use_ninja=True)
+
+
+ext_modules, build_ext = _extensions()
+
+setup(
+    name="fused_xent",
+    version="0.1.0",
+    description="Fused log-softmax + NLL cross entropy for PyTorch (CPU, CUDA, Triton)",
+    packages=find_packages(include=["fused_xent", "fused_xent.*"]),
+    python_requires=">=3.10",
+    install_requires=["torch>=2.6"],
+    ext_modules=ext_modules,
+    cmdclass={"build_ext": build_ext},
+)
