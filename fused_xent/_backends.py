@@ -1,0 +1,127 @@
+"""Which kernels this installation has, and which one serves a given call.
+
+A backend is four functions with the signatures of the ops in csrc/fused_xent.cpp. `auto` picks, for CUDA tensors,
+the compiled CUDA kernel, then Triton, then the PyTorch reference; for CPU tensors the compiled CPU kernel, then the
+reference; for any other device the reference. Naming a backend that cannot serve the call is an error, never a
+silent switch.
+"""
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from . import reference
+
+BACKEND_ENV = "FUSED_XENT_BACKEND"
+BACKEND_NAMES = ("cuda", "triton", "cpu", "torch")
+
+try:
+    from . import _C  # noqa: F401  (loading it registers the compiled ops)
+
+    EXTENSION_ERROR = None
+except ImportError as error:  # no compiler at install time, or a torch ABI mismatch
+    EXTENSION_ERROR = error
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    fwd: Callable
+    bwd: Callable
+    fwd_grad: Callable
+    fwd_grad_: Callable
+    checks_targets: bool  # raises on out-of-range class indices itself, so the front end need not
+
+
+def _compiled_ops():
+    ops = torch.ops.fused_xent
+    return ops.cross_entropy_fwd, ops.cross_entropy_bwd, ops.cross_entropy_fwd_grad, ops.cross_entropy_fwd_grad_
+
+
+def _has_compiled_kernel(dispatch_key: str) -> bool:
+    return EXTENSION_ERROR is None and torch._C._dispatch_has_kernel_for_dispatch_key(
+        "fused_xent::cross_entropy_fwd", dispatch_key
+    )
+
+
+def _triton_module():
+    try:
+        from . import _triton_ops
+    except ImportError:
+        return None
+    return _triton_ops
+
+
+def _why_unavailable(name: str) -> str | None:
+    """None when the backend can run here, else the reason it cannot."""
+    if name == "torch":
+        return None
+    if name == "cpu":
+        return None if EXTENSION_ERROR is None else f"the compiled extension failed to load ({EXTENSION_ERROR})"
+    if name == "cuda":
+        if EXTENSION_ERROR is not None:
+            return f"the compiled extension failed to load ({EXTENSION_ERROR})"
+        if not _has_compiled_kernel("CUDA"):
+            return "the extension was built without CUDA (rebuild with FUSED_XENT_CUDA=1 and nvcc)"
+        return None if torch.cuda.is_available() else "no CUDA device is visible"
+    if name == "triton":
+        triton_ops = _triton_module()
+        if triton_ops is None:
+            return "the Triton kernels failed to import"
+        return triton_ops.unavailable_reason()
+    raise ValueError(f"fused_xent: unknown backend {name!r}; choose one of {', '.join(BACKEND_NAMES)} or 'auto'")
+
+
+def available_backends() -> list[str]:
+    """Backends that can run on this machine, fastest first, e.g. ["cpu", "torch"] without a GPU."""
+    return [name for name in BACKEND_NAMES if _why_unavailable(name) is None]
+
+
+def backend_ops(name: str) -> Backend:
+    if name in ("cpu", "cuda"):
+        return Backend(name, *_compiled_ops(), checks_targets=name == "cpu")
+    if name == "triton":
+        ops = torch.ops.fused_xent
+        return Backend(
+            name, ops.triton_cross_entropy_fwd, ops.triton_cross_entropy_bwd, ops.triton_cross_entropy_fwd_grad,
+            ops.triton_cross_entropy_fwd_grad_, checks_targets=False,
+        )
+    return Backend(
+        "torch", reference.cross_entropy_fwd, reference.cross_entropy_bwd, reference.cross_entropy_fwd_grad,
+        reference.cross_entropy_fwd_grad_, checks_targets=False,
+    )
+
+
+_DEVICE_OF_BACKEND = {"cpu": "cpu", "cuda": "cuda"}
+
+
+def _auto(device: torch.device) -> str:
+    candidates = {"cuda": ("cuda", "triton"), "cpu": ("cpu",)}.get(device.type, ())
+    for name in candidates:
+        if _why_unavailable(name) is None:
+            return name
+    return "torch"
+
+
+def resolve(requested: str | None, device: torch.device) -> Backend:
+    """The backend for a call on `device`: the requested one, FUSED_XENT_BACKEND, or auto."""
+    name = requested or os.environ.get(BACKEND_ENV) or "auto"
+    if name == "auto":
+        return backend_ops(_auto(device))
+    reason = _why_unavailable(name)
+    if reason is not None:
+        raise RuntimeError(
+            f"fused_xent: backend {name!r} is not available: {reason}. Available here: "
+            f"{', '.join(available_backends())} (or 'auto')"
+        )
+    wanted_device = _DEVICE_OF_BACKEND.get(name)
+    if wanted_device is not None and device.type != wanted_device:
+        raise RuntimeError(
+            f"fused_xent: backend {name!r} runs on {wanted_device} tensors, but the input is on {device}: "
+            "move the tensors or use backend='auto'"
+        )
+    if name == "triton":
+        _triton_module().check_device(device)
+    return backend_ops(name)

@@ -1,0 +1,78 @@
+"""Fake (meta) kernels and autograd for the compiled ops, so that they trace under torch.compile and pass
+torch.library.opcheck. The op schemas live in csrc/fused_xent.cpp."""
+
+import torch
+
+from .reference import REDUCTION_NONE, accumulation_dtype
+
+
+def kernel_strides_like(logits: torch.Tensor) -> torch.Tensor:
+    """An empty tensor laid out as the kernels lay out a gradient: the logits' own strides when they have unit
+    class stride (rows, channels_last) or unit position stride (NCHW), contiguous otherwise."""
+    _, num_classes, positions = logits.shape
+    dense = logits.is_non_overlapping_and_dense()
+    if dense and (num_classes == 1 or logits.stride(1) == 1 or (positions > 1 and logits.stride(2) == 1)):
+        return torch.empty_strided(logits.shape, logits.stride(), dtype=logits.dtype, device=logits.device)
+    return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+
+
+def empty_loss(logits: torch.Tensor, reduction: int) -> torch.Tensor:
+    shape = (logits.shape[0], logits.shape[2]) if reduction == REDUCTION_NONE else ()
+    return logits.new_empty(shape)
+
+
+def fake_fwd(logits, target, weight, reduction, ignore_index, label_smoothing):
+    acc = accumulation_dtype(logits.dtype)
+    lse = logits.new_empty((logits.shape[0], logits.shape[2]), dtype=acc)
+    return empty_loss(logits, reduction), lse, logits.new_empty((), dtype=acc)
+
+
+def fake_bwd(grad_loss, logits, target, weight, lse, total_weight, reduction, ignore_index, label_smoothing):
+    return kernel_strides_like(logits)
+
+
+def fake_fwd_grad(logits, target, weight, reduction, ignore_index, label_smoothing):
+    return empty_loss(logits, reduction), kernel_strides_like(logits)
+
+
+def fake_fwd_grad_(logits, target, weight, reduction, ignore_index, label_smoothing):
+    return empty_loss(logits, reduction)
+
+
+def scale_unit_grad(grad: torch.Tensor, grad_loss: torch.Tensor, reduction: int) -> torch.Tensor:
+    """d(loss)/d(logits) for an upstream gradient, from the gradient computed for an upstream gradient of 1."""
+    if reduction == REDUCTION_NONE:
+        return grad * grad_loss.unsqueeze(1).to(grad.dtype)
+    return grad * grad_loss.to(grad.dtype)
+
+
+def register_compiled():
+    """Fake kernels and autograd for the four compiled ops (call once, after fused_xent._C loaded)."""
+    name = "fused_xent::cross_entropy"
+    torch.library.register_fake(f"{name}_fwd", fake_fwd)
+    torch.library.register_fake(f"{name}_bwd", fake_bwd)
+    torch.library.register_fake(f"{name}_fwd_grad", fake_fwd_grad)
+    torch.library.register_fake(f"{name}_fwd_grad_", fake_fwd_grad_)
+    bwd_op = torch.ops.fused_xent.cross_entropy_bwd
+
+    def setup_fwd(ctx, inputs, output):
+        logits, target, weight, reduction, ignore_index, label_smoothing = inputs
+        _, lse, total_weight = output
+        ctx.save_for_backward(logits, target, weight, lse, total_weight)
+        ctx.options = (reduction, ignore_index, label_smoothing)
+
+    def backward_fwd(ctx, grad_loss, grad_lse, grad_total_weight):
+        logits, target, weight, lse, total_weight = ctx.saved_tensors
+        grad = bwd_op(grad_loss, logits, target, weight, lse, total_weight, *ctx.options)
+        return grad, None, None, None, None, None
+
+    def setup_fwd_grad(ctx, inputs, output):
+        ctx.reduction = inputs[3]
+        ctx.save_for_backward(output[1])
+
+    def backward_fwd_grad(ctx, grad_loss, grad_grad):
+        (grad,) = ctx.saved_tensors
+        return scale_unit_grad(grad, grad_loss, ctx.reduction), None, None, None, None, None
+
+    torch.library.register_autograd(f"{name}_fwd", backward_fwd, setup_context=setup_fwd)
+    torch.library.register_autograd(f"{name}_fwd_grad", backward_fwd_grad, setup_context=setup_fwd_grad)

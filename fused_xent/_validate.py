@@ -1,0 +1,167 @@
+"""Argument checks and the canonical (N, C, S) views every backend consumes.
+
+PyTorch's own messages for these mistakes are often cryptic ("only batches of spatial targets supported (3D
+tensors) but got targets of dimension: 4"); each error here says what was wrong and how to fix it.
+"""
+
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+
+from .reference import REDUCTION_MEAN, REDUCTION_NONE, REDUCTION_SUM
+
+REDUCTIONS = {"none": REDUCTION_NONE, "mean": REDUCTION_MEAN, "sum": REDUCTION_SUM}
+CHECK_TARGETS_ENV = "FUSED_XENT_CHECK_TARGETS"
+
+
+@dataclass
+class Problem:
+    """Validated arguments, with logits as (N, C, S) and target as (N, S) or (N, C, S)."""
+
+    logits: torch.Tensor
+    target: torch.Tensor
+    weight: torch.Tensor | None
+    reduction: int
+    ignore_index: int
+    label_smoothing: float
+    loss_shape: tuple  # shape of the unreduced loss: input's shape without the class dim
+
+    @property
+    def prob_target(self) -> bool:
+        return self.target.is_floating_point()
+
+
+def _shape(t) -> str:
+    return "(" + ", ".join(str(s) for s in t.shape) + ")"
+
+
+def _fail(message: str):
+    raise ValueError(f"fused_xent.cross_entropy: {message}")
+
+
+def _check_input(input):
+    if not isinstance(input, torch.Tensor):
+        _fail(f"input must be a torch.Tensor of logits, got {type(input).__name__}")
+    if not input.is_floating_point():
+        _fail(f"input (logits) must be a floating-point tensor, got {input.dtype}: convert it, e.g. input.float()")
+    if input.dim() == 0:
+        _fail("input must have a class dimension: (C,), (N, C) or (N, C, d1, ..., dk), got a 0-d tensor")
+
+
+def _check_options(reduction, label_smoothing):
+    if reduction not in REDUCTIONS:
+        _fail(f"reduction must be 'none', 'mean' or 'sum', got {reduction!r}")
+    if not isinstance(label_smoothing, (int, float)) or not 0.0 <= label_smoothing <= 1.0:
+        _fail(f"label_smoothing must be a float in [0.0, 1.0], got {label_smoothing!r}")
+
+
+def _check_weight(weight, input, num_classes, prob_target):
+    if weight is None:
+        return
+    if not isinstance(weight, torch.Tensor):
+        _fail(f"weight must be a 1-D tensor with one entry per class, got {type(weight).__name__}")
+    if weight.dim() != 1 or weight.numel() != num_classes:
+        _fail(f"weight must be a 1-D tensor with one entry per class ({num_classes}), got shape {_shape(weight)}")
+    if weight.device != input.device:
+        _fail(f"weight is on {weight.device} but input is on {input.device}: move it with weight.to(input.device)")
+    if weight.dtype != input.dtype and not prob_target:
+        _fail(
+            f"weight dtype {weight.dtype} differs from input dtype {input.dtype} (PyTorch requires them to match): "
+            "pass weight.to(input.dtype)"
+        )
+
+
+def _check_class_target(target, input, num_classes):
+    expected = input.shape[:1] + input.shape[2:] if input.dim() > 1 else torch.Size([])
+    if target.dtype not in (torch.int64, torch.uint8):
+        if target.is_floating_point():
+            _fail(
+                f"a floating-point target is read as class probabilities and must have the input's shape "
+                f"{_shape(input)}, got {_shape(target)}; for class indices of shape {tuple(expected)} use "
+                "target.long()"
+            )
+        _fail(f"class-index target must be int64 (or uint8), got {target.dtype}: use target.long()")
+    if target.shape == expected:
+        return
+    squeezable = (
+        input.dim() > 2 and target.dim() == input.dim() and target.shape[1] == 1
+        and target.shape[:1] + target.shape[2:] == expected
+    )
+    if squeezable:
+        _fail(
+            f"target has shape {_shape(target)} but class indices for input {_shape(input)} need shape "
+            f"{tuple(expected)} (no class dimension): use target.squeeze(1)"
+        )
+    if input.dim() == 1:
+        _fail(f"unbatched input {_shape(input)} needs a 0-d class-index target, got shape {_shape(target)}")
+    _fail(
+        f"target shape {_shape(target)} does not match input shape {_shape(input)}: class indices need shape "
+        f"{tuple(expected)}; class probabilities need a floating-point target of shape {_shape(input)}"
+    )
+
+
+def _check_prob_target(target, input, ignore_index):
+    if not target.is_floating_point():
+        _fail(
+            f"target has the input's shape {_shape(input)}, so it is read as class probabilities and must be "
+            f"floating point, got {target.dtype}; class indices have no class dimension"
+        )
+    if ignore_index >= 0:
+        _fail(
+            f"ignore_index={ignore_index} is not supported with class-probability targets (as in PyTorch): leave it "
+            "at its default, and give ignored positions an all-zero target row instead"
+        )
+
+
+def check_class_indices(target, num_classes, ignore_index):
+    """Raises if a class index is out of range; costs a pass over the targets and one host sync on GPUs."""
+    if os.environ.get(CHECK_TARGETS_ENV, "1") == "0" or torch.compiler.is_compiling():
+        return
+    invalid = ((target < 0) | (target >= num_classes)) & (target != ignore_index)
+    if bool(invalid.any()):
+        position = int(invalid.flatten().nonzero()[0])
+        value = int(target.flatten()[position])
+        raise IndexError(
+            f"fused_xent.cross_entropy: target {value} at flat position {position} is out of range for "
+            f"{num_classes} classes (valid: 0..{num_classes - 1}, or ignore_index={ignore_index})"
+        )
+
+
+def prepare(input, target, weight, ignore_index, reduction, label_smoothing) -> Problem:
+    _check_input(input)
+    _check_options(reduction, label_smoothing)
+    if not isinstance(target, torch.Tensor):
+        _fail(f"target must be a torch.Tensor, got {type(target).__name__}")
+    if target.device != input.device:
+        _fail(f"target is on {target.device} but input is on {input.device}: move it with target.to(input.device)")
+    class_dim = 0 if input.dim() == 1 else 1
+    num_classes = input.shape[class_dim]
+    if num_classes == 0:
+        _fail(f"input {_shape(input)} has no classes")
+    prob_target = target.shape == input.shape
+    _check_weight(weight, input, num_classes, prob_target)
+
+    if prob_target:
+        _check_prob_target(target, input, ignore_index)
+        # PyTorch multiplies probabilities, weights and log-probabilities with type promotion; the kernels want one
+        # dtype, so promote up front (a no-op in the usual case of matching dtypes).
+        common = torch.promote_types(input.dtype, target.dtype)
+        if weight is not None:
+            common = torch.promote_types(common, weight.dtype)
+        input, target = input.to(common), target.to(common)
+        weight = None if weight is None else weight.to(common)
+    else:
+        _check_class_target(target, input, num_classes)
+        target = target.long()
+
+    batch = 1 if input.dim() == 1 else input.shape[0]
+    positions = math.prod(input.shape[2:])
+    logits = input.reshape(batch, num_classes, positions)
+    if target.is_floating_point():
+        target = target.reshape(batch, num_classes, positions)
+    else:
+        target = target.reshape(batch, positions)
+    loss_shape = tuple(input.shape[:class_dim]) + tuple(input.shape[class_dim + 1:])
+    return Problem(logits, target, weight, REDUCTIONS[reduction], int(ignore_index), float(label_smoothing), loss_shape)

@@ -1,0 +1,99 @@
+"""Pure-PyTorch implementation of the fused_xent op contract (see csrc/fused_xent.cpp).
+
+It is the `"torch"` backend: the last fallback on any device and an independent statement of the semantics,
+written from PyTorch's own definition (log_softmax followed by nll / smoothing terms) rather than from the algebra
+the kernels share, so that it and the kernels check each other. Every tensor is (N, C, S) / (N, S) as in the ops.
+"""
+
+import torch
+
+REDUCTION_NONE, REDUCTION_MEAN, REDUCTION_SUM = 0, 1, 2
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _class_weights(weight, num_classes, like):
+    if weight is None:
+        return torch.ones(num_classes, dtype=like.dtype, device=like.device)
+    return weight.to(like.dtype)
+
+
+def _per_position(logits, target, weight, ignore_index, label_smoothing):
+    """Per-position losses (N, S), lse (N, S), the mean's denominator, and what backward needs."""
+    x = logits.to(accumulation_dtype(logits.dtype))
+    num_classes = x.shape[1]
+    lse = torch.logsumexp(x, dim=1)
+    log_probs = x - lse.unsqueeze(1)
+    w = _class_weights(weight, num_classes, x).view(1, num_classes, 1)
+    if target.is_floating_point():
+        smoothed = target.to(x.dtype) * (1.0 - label_smoothing) + label_smoothing / num_classes
+        loss = -(w * smoothed * log_probs).sum(1)
+        total_weight = torch.tensor(float(loss.numel()), dtype=x.dtype, device=x.device)
+        return loss, lse, total_weight
+    valid = target != ignore_index
+    safe_target = torch.where(valid, target, 0).unsqueeze(1)
+    target_weight = torch.where(valid, w.view(-1)[safe_target.squeeze(1)], 0)
+    nll = -target_weight * log_probs.gather(1, safe_target).squeeze(1)
+    loss = (1.0 - label_smoothing) * nll
+    if label_smoothing > 0:
+        loss = loss + (label_smoothing / num_classes) * -(w * log_probs).sum(1)
+    loss = torch.where(valid, loss, 0)
+    return loss, lse, target_weight.sum()
+
+
+def _reduce(loss, total_weight, reduction, dtype):
+    if reduction == REDUCTION_NONE:
+        return loss.to(dtype)
+    total = loss.sum()
+    return (total / total_weight if reduction == REDUCTION_MEAN else total).to(dtype)
+
+
+def cross_entropy_fwd(logits, target, weight, reduction, ignore_index, label_smoothing):
+    loss, lse, total_weight = _per_position(logits, target, weight, ignore_index, label_smoothing)
+    return _reduce(loss, total_weight, reduction, logits.dtype), lse, total_weight
+
+
+def cross_entropy_bwd(grad_loss, logits, target, weight, lse, total_weight, reduction, ignore_index, label_smoothing):
+    x = logits.to(lse.dtype)
+    num_classes = x.shape[1]
+    probs = torch.exp(x - lse.unsqueeze(1))
+    w = _class_weights(weight, num_classes, x).view(1, num_classes, 1)
+    scale = grad_loss.to(x.dtype)
+    if reduction == REDUCTION_MEAN:
+        scale = scale / total_weight
+    scale = scale.view(-1, 1, x.shape[2]) if reduction == REDUCTION_NONE else scale
+    if target.is_floating_point():
+        smoothed = w * (target.to(x.dtype) * (1.0 - label_smoothing) + label_smoothing / num_classes)
+        grad = smoothed.sum(1, keepdim=True) * probs - smoothed
+        return (scale * grad).to(logits.dtype)
+    valid = (target != ignore_index).unsqueeze(1)
+    safe_target = torch.where(valid, target.unsqueeze(1), 0)
+    one_hot = torch.zeros_like(x).scatter_(1, safe_target, 1.0)
+    target_weight = w.view(-1)[safe_target]
+    grad = (1.0 - label_smoothing) * target_weight * (probs - one_hot)
+    if label_smoothing > 0:
+        grad = grad + (label_smoothing / num_classes) * (w.sum() * probs - w)
+    return torch.where(valid, scale * grad, 0).to(logits.dtype)
+
+
+def _unit_grad_loss(loss, reduction):
+    if reduction == REDUCTION_NONE:
+        return torch.ones(loss.shape, dtype=loss.dtype, device=loss.device)
+    return torch.ones((), dtype=loss.dtype, device=loss.device)
+
+
+def cross_entropy_fwd_grad(logits, target, weight, reduction, ignore_index, label_smoothing):
+    loss, lse, total_weight = cross_entropy_fwd(logits, target, weight, reduction, ignore_index, label_smoothing)
+    grad = cross_entropy_bwd(
+        _unit_grad_loss(lse, reduction), logits, target, weight, lse, total_weight, reduction, ignore_index,
+        label_smoothing,
+    )
+    return loss, grad
+
+
+def cross_entropy_fwd_grad_(logits, target, weight, reduction, ignore_index, label_smoothing):
+    loss, grad = cross_entropy_fwd_grad(logits, target, weight, reduction, ignore_index, label_smoothing)
+    logits.copy_(grad)
+    return loss

@@ -1,0 +1,115 @@
+"""Input builders and tolerances shared by the test modules."""
+
+import torch
+import torch.nn.functional as F
+
+import fused_xent
+
+# (rtol, atol) of fused results against PyTorch evaluated in float64 on the same (rounded) inputs.
+TOLERANCES = {
+    torch.float64: (1e-9, 1e-11),
+    torch.float32: (2e-5, 2e-6),
+    torch.float16: (2e-3, 2e-3),
+    torch.bfloat16: (1.6e-2, 1.6e-2),
+}
+
+# Input shapes with how to lay them out in memory: spans 1 class, odd sizes, a 32K vocabulary, unbatched and empty
+# inputs, 3-D to 5-D spatial inputs, channels_last and non-contiguous views.
+SHAPES = [
+    ((7,), "contiguous"),
+    ((1, 1), "contiguous"),
+    ((5, 1), "contiguous"),
+    ((4, 2), "contiguous"),
+    ((9, 423), "contiguous"),
+    ((3, 32000), "contiguous"),
+    ((0, 5), "contiguous"),
+    ((6, 10), "transposed"),
+    ((5, 12), "sliced"),
+    ((2, 3, 5), "contiguous"),
+    ((2, 4, 3, 5), "contiguous"),
+    ((2, 5, 3, 4), "channels_last"),
+    ((2, 19, 8, 8), "channels_last"),
+    ((2, 3, 2, 3, 4), "contiguous"),
+    ((3, 6, 4, 5), "sliced"),
+]
+
+
+def shape_id(item):
+    shape, layout = item
+    return "x".join(map(str, shape)) + ("" if layout == "contiguous" else f"-{layout}")
+
+
+def backends_for(device: str):
+    """Backends to test on a device: every available one that runs there (Triton has its own, smaller suite)."""
+    names = {"cpu": ("cpu", "torch"), "cuda": ("cuda", "triton", "torch")}[device]
+    return [name for name in names if name in fused_xent.available_backends()]
+
+
+def devices():
+    return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def make_logits(shape, layout, dtype, device="cpu", generator=None, scale=3.0):
+    """Fresh random logits of `shape` in the requested memory layout (values never all zero)."""
+    def randn(*size):
+        return torch.randn(*size, generator=generator, dtype=torch.float64).mul_(scale)
+
+    if layout == "contiguous":
+        x = randn(*shape)
+    elif layout == "transposed":  # (N, C) stored column-major
+        x = randn(*reversed(shape)).t()
+    elif layout == "sliced":  # every other class of a wider tensor
+        wide = list(shape)
+        wide[1] *= 2
+        x = randn(*wide)[:, ::2]
+    elif layout == "channels_last":
+        x = randn(*shape).contiguous(memory_format=torch.channels_last)
+    else:
+        raise ValueError(layout)
+    out = torch.empty_strided(x.shape, x.stride(), dtype=dtype, device=device)
+    return out.copy_(x)
+
+
+def make_class_target(shape, num_classes, device="cpu", ignore_index=None, generator=None):
+    """Class indices of `shape`; about a third of them set to ignore_index when one is given."""
+    target = torch.randint(0, num_classes, shape, generator=generator)
+    if ignore_index is not None and target.numel():
+        drop = torch.rand(shape, generator=generator) < 0.35
+        target[drop] = ignore_index
+    return target.to(device)
+
+
+def make_prob_target(logits, generator=None):
+    """Class probabilities with the logits' shape, with some exact zeros."""
+    class_dim = 0 if logits.dim() == 1 else 1
+    raw = torch.randn(logits.shape, generator=generator, dtype=torch.float64) * 2
+    raw[torch.rand(logits.shape, generator=generator) < 0.2] = -float("inf")
+    probs = torch.softmax(raw, dim=class_dim).nan_to_num(0.0)
+    return probs.to(logits.dtype).to(logits.device)
+
+
+def torch_reference(input, target, grad_output, **kwargs):
+    """F.cross_entropy loss and input gradient, evaluated in float64 on the same values."""
+    x = input.detach().double().requires_grad_(True)
+    t = target.double() if target.is_floating_point() else target
+    if kwargs.get("weight") is not None:
+        kwargs = dict(kwargs, weight=kwargs["weight"].double())
+    loss = F.cross_entropy(x, t, **kwargs)
+    (grad,) = torch.autograd.grad(loss, x, grad_output.double()) if loss.numel() else (torch.zeros_like(x),)
+    return loss.detach(), grad
+
+
+def fused(input, target, grad_output, backend, **kwargs):
+    x = input.detach().clone().requires_grad_(True)
+    loss = fused_xent.cross_entropy(x, target, backend=backend, **kwargs)
+    (grad,) = torch.autograd.grad(loss, x, grad_output) if loss.numel() else (torch.zeros_like(x),)
+    return loss.detach(), grad
+
+
+def assert_close(actual, expected, dtype, what):
+    rtol, atol = TOLERANCES[dtype]
+    torch.testing.assert_close(
+        actual.double().cpu(), expected.double().cpu(), rtol=rtol, atol=atol, equal_nan=True,
+        msg=lambda m: f"{what}: {m}",
+    )
+

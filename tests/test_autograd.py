@@ -1,0 +1,126 @@
+"""float64 gradcheck over the argument grid, torch.library.opcheck of every op, and torch.compile(fullgraph=True)."""
+
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import backends_for, make_class_target, make_logits, make_prob_target
+
+import fused_xent
+
+BACKENDS = backends_for("cpu")
+needs_extension = pytest.mark.skipif("cpu" not in fused_xent.available_backends(), reason="compiled extension missing")
+GRAD_SHAPES = [((5,), "contiguous"), ((3, 5), "contiguous"), ((2, 4, 3), "contiguous"), ((2, 3, 2, 2), "channels_last")]
+
+
+def _targets(shape, kind, generator):
+    num_classes = shape[0] if len(shape) == 1 else shape[1]
+    if kind == "prob":
+        return make_prob_target(torch.empty(shape, dtype=torch.float64), generator=generator)
+    target_shape = () if len(shape) == 1 else shape[:1] + shape[2:]
+    target = make_class_target(target_shape, num_classes, generator=generator)
+    if target.numel() > 1:
+        target.view(-1)[0] = -100
+    return target
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape,layout", GRAD_SHAPES, ids=lambda v: str(v))
+@pytest.mark.parametrize("kind", ["index", "prob"])
+def test_gradcheck(backend, shape, layout, kind):
+    g = torch.Generator().manual_seed(1)
+    num_classes = shape[0] if len(shape) == 1 else shape[1]
+    for reduction, smoothing, weighted in itertools.product(["none", "mean", "sum"], [0.0, 0.25], [False, True]):
+        logits = make_logits(shape, layout, torch.float64, generator=g).requires_grad_(True)
+        target = _targets(shape, kind, g)
+        weight = torch.rand(num_classes, generator=g, dtype=torch.float64) + 0.5 if weighted else None
+
+        def loss_fn(x, target=target, weight=weight, reduction=reduction, smoothing=smoothing):
+            return fused_xent.cross_entropy(x, target, weight=weight, reduction=reduction,
+                                            label_smoothing=smoothing, backend=backend)
+
+        assert torch.autograd.gradcheck(loss_fn, (logits,))
+
+
+def _op_samples():
+    g = torch.Generator().manual_seed(2)
+    for shape, layout in [((4, 7), "contiguous"), ((2, 5, 3, 2), "contiguous"), ((2, 5, 3, 2), "channels_last")]:
+        for dtype, kind, weighted, reduction in itertools.product(
+            [torch.float32, torch.bfloat16], ["index", "prob"], [False, True], [0, 1, 2]
+        ):
+            logits = make_logits(shape, layout, dtype, generator=g)
+            n, c = shape[:2]
+            logits3 = logits.reshape(n, c, -1)
+            if kind == "prob":
+                target = make_prob_target(logits, generator=g).reshape(n, c, -1)
+            else:
+                target = make_class_target((n, logits3.shape[2]), c, ignore_index=-100, generator=g)
+            weight = torch.rand(c, generator=g).to(dtype) if weighted else None
+            yield logits3, target, weight, reduction
+
+
+@needs_extension
+def test_opcheck_all_ops():
+    ops = torch.ops.fused_xent
+    for logits, target, weight, reduction in _op_samples():
+        options = (reduction, -100, 0.1)
+        torch.library.opcheck(ops.cross_entropy_fwd.default, (logits, target, weight, *options))
+        torch.library.opcheck(ops.cross_entropy_fwd.default, (logits.requires_grad_(True), target, weight, *options))
+        logits = logits.detach()
+        loss, lse, total_weight = ops.cross_entropy_fwd(logits, target, weight, *options)
+        grad_loss = torch.rand_like(loss)
+        torch.library.opcheck(ops.cross_entropy_bwd.default,
+                              (grad_loss, logits, target, weight, lse, total_weight, *options))
+        torch.library.opcheck(ops.cross_entropy_fwd_grad.default, (logits, target, weight, *options))
+        torch.library.opcheck(ops.cross_entropy_fwd_grad_.default, (logits.clone(), target, weight, *options),
+                              test_utils=("test_schema", "test_faketensor"))
+
+
+class TinySegmenter(torch.nn.Module):
+    def __init__(self, loss_fn):
+        super().__init__()
+        self.head = torch.nn.Conv2d(3, 5, 1)
+        self.loss_fn = loss_fn
+
+    def forward(self, image, target):
+        return self.loss_fn(self.head(image), target)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_torch_compile_fullgraph(backend):
+    """A model using the loss compiles with no graph break and matches eager, loss and parameter gradients."""
+    torch.manual_seed(0)
+    image, target = torch.randn(2, 3, 6, 6), torch.randint(0, 5, (2, 6, 6))
+    target[0, 0, :3] = -100
+    model = TinySegmenter(fused_xent.CrossEntropyLoss(label_smoothing=0.1, backend=backend))
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    reference = TinySegmenter(torch.nn.CrossEntropyLoss(label_smoothing=0.1))
+    reference.load_state_dict(model.state_dict())
+    got, expected = compiled(image, target), reference(image, target)
+    got.backward()
+    expected.backward()
+    torch.testing.assert_close(got, expected)
+    torch.testing.assert_close(model.head.weight.grad, reference.head.weight.grad)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_module_matches_torch_module(backend):
+    weight = torch.rand(6) + 0.5
+    ours = fused_xent.CrossEntropyLoss(weight=weight, ignore_index=2, reduction="sum", backend=backend)
+    theirs = torch.nn.CrossEntropyLoss(weight=weight, ignore_index=2, reduction="sum")
+    assert isinstance(ours, torch.nn.CrossEntropyLoss)
+    x, t = torch.randn(8, 6), torch.randint(0, 6, (8,))
+    torch.testing.assert_close(ours(x, t), theirs(x, t))
+    assert "backend" in repr(ours)
+
+
+@pytest.mark.filterwarnings("ignore:size_average and reduce args will be deprecated")
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_legacy_size_average_and_reduce(backend):
+    x, t = torch.randn(5, 4), torch.randint(0, 4, (5,))
+    for size_average, reduce in [(False, None), (None, False), (True, True)]:
+        torch.testing.assert_close(
+            fused_xent.cross_entropy(x, t, size_average=size_average, reduce=reduce, backend=backend),
+            F.cross_entropy(x, t, size_average=size_average, reduce=reduce),
+        )

@@ -1,0 +1,46 @@
+"""Backend discovery and selection: auto order, the environment variable, clear errors."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import fused_xent
+from fused_xent import _backends
+
+
+def test_available_backends_lists_the_reference_last():
+    names = fused_xent.available_backends()
+    assert names[-1] == "torch"
+    assert set(names) <= {"cuda", "triton", "cpu", "torch"}
+
+
+def test_extension_is_built():
+    """The compiled CPU kernel must load wherever the package was built (set FUSED_XENT_ALLOW_NO_EXTENSION=1 to
+    test a toolchain-less install)."""
+    if os.environ.get("FUSED_XENT_ALLOW_NO_EXTENSION") == "1":
+        pytest.skip("testing an install without the compiled extension")
+    assert _backends.EXTENSION_ERROR is None, f"fused_xent._C failed to load: {_backends.EXTENSION_ERROR}"
+    assert "cpu" in fused_xent.available_backends()
+    assert torch.ops.fused_xent.cpu_capability() in ("default", "avx2", "avx512")
+
+
+def test_auto_prefers_compiled_kernel_on_cpu():
+    expected = "cpu" if "cpu" in fused_xent.available_backends() else "torch"
+    assert _backends.resolve(None, torch.device("cpu")).name == expected
+    assert _backends.resolve("auto", torch.device("meta")).name == "torch"
+
+
+def test_environment_variable_forces_a_backend(monkeypatch):
+    monkeypatch.setenv("FUSED_XENT_BACKEND", "torch")
+    assert _backends.resolve(None, torch.device("cpu")).name == "torch"
+    monkeypatch.setenv("FUSED_XENT_BACKEND", "nonsense")
+    with pytest.raises(ValueError, match="unknown backend"):
+        fused_xent.cross_entropy(torch.randn(2, 3), torch.tensor([0, 1]))
+
+
+def test_environment_report():
+    out = subprocess.run([sys.executable, "-m", "fused_xent"], check=True, capture_output=True, text=True).stdout
+    assert "available backends" in out and "torch" in out

@@ -1,0 +1,68 @@
+"""Property-based fuzzing against F.cross_entropy: random shapes, layouts, dtypes and arguments.
+
+The budget fits CI; a longer run: FUSED_XENT_FUZZ_EXAMPLES=5000 pytest tests/test_fuzz.py
+"""
+
+import os
+
+import pytest
+import torch
+from helpers import assert_close, backends_for, fused, make_class_target, make_logits, make_prob_target, torch_reference
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+EXAMPLES = int(os.environ.get("FUSED_XENT_FUZZ_EXAMPLES", "150"))
+BACKENDS = backends_for("cpu")
+
+
+@st.composite
+def problems(draw):
+    num_classes = draw(st.one_of(st.integers(1, 40), st.sampled_from([127, 1000, 4099])))
+    spatial = draw(st.lists(st.integers(1, 6), min_size=0, max_size=3))
+    batch = draw(st.integers(0, 5))
+    unbatched = not spatial and draw(st.booleans())
+    shape = (num_classes,) if unbatched else (batch, num_classes, *spatial)
+    layouts = ["contiguous", "sliced"] + (["channels_last"] if len(shape) == 4 else [])
+    layouts += ["transposed"] if len(shape) == 2 else []
+    return {
+        "shape": shape,
+        "layout": draw(st.sampled_from(layouts)),
+        "dtype": draw(st.sampled_from([torch.float32, torch.float64, torch.bfloat16, torch.float16])),
+        "prob": draw(st.booleans()),
+        "weighted": draw(st.booleans()),
+        "smoothing": draw(st.sampled_from([0.0, 0.05, 0.5, 1.0])),
+        "reduction": draw(st.sampled_from(["none", "mean", "sum"])),
+        "ignore_index": draw(st.sampled_from([None, -100, 0, 3])),
+        "scale": draw(st.sampled_from([1e-3, 1.0, 30.0])),
+        "seed": draw(st.integers(0, 2**31 - 1)),
+    }
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(case=problems())
+def test_fuzz_against_pytorch(backend, case):
+    g = torch.Generator().manual_seed(case["seed"])
+    shape, dtype = case["shape"], case["dtype"]
+    if case["layout"] == "sliced" and len(shape) == 1:
+        case["layout"] = "contiguous"
+    logits = make_logits(shape, case["layout"], dtype, generator=g, scale=case["scale"])
+    num_classes = shape[0] if len(shape) == 1 else shape[1]
+    kwargs = {"reduction": case["reduction"], "label_smoothing": case["smoothing"]}
+    if case["prob"]:
+        target = make_prob_target(logits, generator=g)
+    else:
+        ignore = case["ignore_index"]
+        target = make_class_target(shape[:1] + shape[2:] if len(shape) > 1 else (), num_classes,
+                                   ignore_index=ignore, generator=g)
+        if ignore is not None:
+            kwargs["ignore_index"] = ignore
+    if case["weighted"]:
+        kwargs["weight"] = (torch.rand(num_classes, generator=g, dtype=torch.float64) * 3).to(dtype)
+    loss_shape = () if kwargs["reduction"] != "none" or len(shape) == 1 else shape[:1] + shape[2:]
+    grad_output = (torch.rand(loss_shape, generator=g, dtype=torch.float64) - 0.3).to(dtype)
+    expected_loss, expected_grad = torch_reference(logits, target, grad_output, **kwargs)
+    loss, grad = fused(logits, target, grad_output, backend, **kwargs)
+    assert loss.shape == expected_loss.shape and loss.dtype == dtype
+    assert_close(loss, expected_loss, dtype, f"loss {case}")
+    assert_close(grad, expected_grad, dtype, f"grad {case}")

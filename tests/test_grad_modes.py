@@ -1,0 +1,96 @@
+"""grad_mode="in_forward" and "inplace": the same gradients, and in-place writes that autograd can see."""
+
+import itertools
+
+import pytest
+import torch
+from helpers import assert_close, backends_for, fused, make_class_target, make_logits, make_prob_target
+
+import fused_xent
+
+BACKENDS = backends_for("cpu")
+SHAPES = [
+    ((6, 11), "contiguous"), ((3, 423), "contiguous"), ((2, 5, 4, 3), "contiguous"), ((2, 5, 4, 3), "channels_last"),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("grad_mode", ["in_forward", "inplace"])
+@pytest.mark.parametrize("shape,layout", SHAPES, ids=lambda v: str(v))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_same_gradient_as_recompute(backend, grad_mode, shape, layout, dtype):
+    g = torch.Generator().manual_seed(3)
+    cases = itertools.product(["index", "prob"], [False, True], [0.0, 0.2], ["none", "mean", "sum"])
+    for kind, weighted, smoothing, reduction in cases:
+        logits = make_logits(shape, layout, dtype, generator=g)
+        if kind == "prob":
+            target = make_prob_target(logits, generator=g)
+        else:
+            target = make_class_target(shape[:1] + shape[2:], shape[1], ignore_index=-100, generator=g)
+        weight = (torch.rand(shape[1], generator=g) + 0.5).to(dtype) if weighted else None
+        kwargs = {"weight": weight, "label_smoothing": smoothing, "reduction": reduction}
+        grad_output = torch.rand(() if reduction != "none" else target.shape[:1] + shape[2:], generator=g) + 0.5
+        grad_output = grad_output.to(dtype)
+        expected_loss, expected_grad = fused(logits, target, grad_output, "torch", **kwargs)
+
+        x = logits.detach().clone().requires_grad_(True)
+        buffer = x if grad_mode == "inplace" else None
+        loss = fused_xent.cross_entropy(x, target, backend=backend, grad_mode=grad_mode, **kwargs)
+        (grad,) = torch.autograd.grad(loss, x, grad_output)
+        what = f"{kind} {kwargs}"
+        assert_close(loss, expected_loss, dtype, f"loss {what}")
+        assert_close(grad, expected_grad, dtype, f"grad {what}")
+        if buffer is not None:  # the logits now hold the gradient for a unit upstream gradient
+            assert not torch.equal(buffer.detach(), logits)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_unit_upstream_gradient_is_returned_without_a_copy(backend):
+    x = make_logits((8, 33), "contiguous", torch.float32).requires_grad_(True)
+    target = make_class_target((8,), 33)
+    expected = fused(x, target, torch.ones(()), "torch")[1]
+    fused_xent.cross_entropy(x, target, backend=backend, grad_mode="inplace").backward()
+    assert_close(x.grad, expected, torch.float32, "grad")
+    assert x.grad.data_ptr() == x.data_ptr()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_inplace_moves_version_counter(backend):
+    """Another op that saved the logits must fail in backward, not silently read gradients (Liger-Kernel #272)."""
+    hidden = torch.randn(6, 8, requires_grad=True)
+    head = torch.randn(8, 10, requires_grad=True)
+    logits = hidden @ head
+    other_use = (logits * logits).sum()  # mul saves logits for its backward
+    version = logits._version
+    loss = fused_xent.cross_entropy(logits, torch.randint(0, 10, (6,)), backend=backend, grad_mode="inplace")
+    assert logits._version > version
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        (loss + other_use).backward()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_inplace_through_linear_head(backend):
+    """The intended use: logits from an LM head, used by nothing else, trained in place."""
+    torch.manual_seed(0)
+    hidden, target = torch.randn(12, 16), torch.randint(0, 50, (12,))
+    head = torch.nn.Linear(16, 50)
+    reference = torch.nn.Linear(16, 50)
+    reference.load_state_dict(head.state_dict())
+    fused_xent.cross_entropy(head(hidden), target, backend=backend, grad_mode="inplace").backward()
+    torch.nn.functional.cross_entropy(reference(hidden), target).backward()
+    torch.testing.assert_close(head.weight.grad, reference.weight.grad)
+    torch.testing.assert_close(head.bias.grad, reference.bias.grad)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_inplace_on_views(backend):
+    """A strided view is written through; logits whose positions cannot be flattened without a copy are refused."""
+    wide = torch.randn(4, 10)
+    sliced = wide[:, ::2]
+    target = torch.randint(0, 5, (4,))
+    expected = fused(sliced, target, torch.ones(()), "torch")[1]
+    fused_xent.cross_entropy(sliced, target, backend=backend, grad_mode="inplace")
+    assert_close(wide[:, ::2], expected, torch.float32, "gradient written through the view")
+    transposed = torch.randn(2, 3, 4, 5).transpose(2, 3)
+    with pytest.raises(ValueError, match="without a copy"):
+        fused_xent.cross_entropy(transposed, torch.randint(0, 3, (2, 5, 4)), backend=backend, grad_mode="inplace")

@@ -1,0 +1,164 @@
+"""Extreme inputs, determinism, and agreement between the CPU SIMD levels."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import assert_close, backends_for, fused, make_class_target, make_logits, torch_reference
+
+import fused_xent
+
+BACKENDS = backends_for("cpu")
+needs_extension = pytest.mark.skipif("cpu" not in fused_xent.available_backends(), reason="compiled extension missing")
+
+
+def _compare(logits, target, backend, dtype=torch.float32, **kwargs):
+    grad_output = torch.ones(())
+    expected_loss, expected_grad = torch_reference(logits, target, grad_output, **kwargs)
+    loss, grad = fused(logits, target, grad_output.to(logits.dtype), backend, **kwargs)
+    assert_close(loss, expected_loss, dtype, "loss")
+    assert_close(grad, expected_grad, dtype, "grad")
+    return loss, grad
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_huge_logits(backend, smoothing):
+    logits = make_logits((6, 300), "contiguous", torch.float32) * 1e4 / 3
+    _compare(logits, make_class_target((6,), 300), backend, label_smoothing=smoothing)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", [(5, 257), (2, 7, 3, 5)])
+def test_masked_vocabulary(backend, shape):
+    """-inf logits (masked classes) are fine as long as the target's own logit is finite."""
+    logits = make_logits(shape, "contiguous", torch.float32)
+    target = make_class_target(shape[:1] + shape[2:], shape[1])
+    mask = torch.rand(shape) < 0.5
+    mask.scatter_(1, target.unsqueeze(1), False)
+    logits[mask] = -float("inf")
+    loss, grad = _compare(logits, target, backend)
+    assert torch.isfinite(loss) and torch.isfinite(grad).all()
+    loss = fused_xent.cross_entropy(logits, target, label_smoothing=0.1, backend=backend)
+    assert loss == float("inf")  # as PyTorch: smoothing puts mass on -inf logits
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nan_and_all_masked_rows_propagate(backend):
+    logits = make_logits((4, 9), "contiguous", torch.float32)
+    logits[1, 3] = float("nan")
+    logits[2] = -float("inf")
+    target = torch.tensor([0, 1, 2, 3])
+    loss = fused_xent.cross_entropy(logits, target, reduction="none", backend=backend)
+    expected = F.cross_entropy(logits, target, reduction="none")
+    torch.testing.assert_close(loss, expected, equal_nan=True)
+    assert torch.isnan(loss[1]) and torch.isnan(loss[2])
+    logits[2, 2] = 0.0  # only the target's class unmasked: probability 1, loss 0
+    assert fused_xent.cross_entropy(logits[2:3], target[2:3], backend=backend) == 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_low_precision_accumulates_in_float32(backend, dtype):
+    """Logits whose exp overflows fp16 and a 64K-class sum that fp16/bf16 accumulation would ruin."""
+    logits = (make_logits((4, 65536), "contiguous", torch.float32) * 4).to(dtype)
+    logits[:, :8] = 6e4 if dtype == torch.float16 else 3e4  # exp overflows both formats
+    _compare(logits, make_class_target((4,), 65536), backend, dtype=dtype)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_one_huge_class_and_one_class(backend):
+    logits = make_logits((3, 1000), "contiguous", torch.float32)
+    logits[:, 17] = 80.0
+    _compare(logits, torch.tensor([17, 17, 3]), backend)
+    _compare(make_logits((5, 1), "contiguous", torch.float32), torch.zeros(5, dtype=torch.long), backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_256k_classes(backend):
+    logits = make_logits((3, 262144), "contiguous", torch.float32)
+    _compare(logits, make_class_target((3,), 262144), backend, label_smoothing=0.1)
+
+
+def _loss_and_grad(backend, grad_mode="recompute", **kwargs):
+    g = torch.Generator().manual_seed(5)
+    x = make_logits((64, 3001), "contiguous", torch.float32, generator=g).requires_grad_(True)
+    target = make_class_target((64,), 3001, ignore_index=-100, generator=g)
+    loss = fused_xent.cross_entropy(x, target, backend=backend, grad_mode=grad_mode, **kwargs)
+    loss.backward()
+    return loss.detach(), x.grad
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("grad_mode", ["recompute", "in_forward"])
+def test_deterministic_across_runs_and_threads(backend, grad_mode):
+    threads = torch.get_num_threads()
+    first = _loss_and_grad(backend, grad_mode, label_smoothing=0.1)
+    try:
+        torch.set_num_threads(1)
+        single = _loss_and_grad(backend, grad_mode, label_smoothing=0.1)
+    finally:
+        torch.set_num_threads(threads)
+    again = _loss_and_grad(backend, grad_mode, label_smoothing=0.1)
+    for a, b in [(first, again), (first, single)]:
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+_CAPABILITY_SCRIPT = """
+import json, torch, fused_xent
+g = torch.Generator().manual_seed(0)
+results = {"capability": torch.ops.fused_xent.cpu_capability()}
+for name, shape in [("rows", (33, 1001)), ("spatial", (2, 19, 17, 9))]:
+    for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+        x = (torch.randn(shape, generator=g) * 3).to(dtype).requires_grad_(True)
+        t = torch.randint(0, shape[1], shape[:1] + shape[2:], generator=g)
+        loss = fused_xent.cross_entropy(x, t, label_smoothing=0.1, backend="cpu")
+        loss.backward()
+        results[f"{name}-{dtype}"] = [loss.double().item(), x.grad.double().sum().item(), x.grad.double().norm().item()]
+print(json.dumps(results))
+"""
+
+
+@needs_extension
+def test_every_simd_level_agrees():
+    """ATEN_CPU_CAPABILITY=default|avx2|avx512 (capped by the CPU) pick different kernels with the same results."""
+    runs = {}
+    for level in ("default", "avx2", "avx512"):
+        env = dict(os.environ, ATEN_CPU_CAPABILITY=level)
+        out = subprocess.run([sys.executable, "-c", _CAPABILITY_SCRIPT], env=env, check=True, capture_output=True,
+                             text=True)
+        runs[level] = json.loads(out.stdout)
+    assert runs["default"]["capability"] == "default"
+    baseline = runs["default"]
+    for level, result in runs.items():
+        for key, values in result.items():
+            if key == "capability":
+                continue
+            rtol = 1e-2 if "bfloat16" in key or "float16" in key else 1e-5
+            torch.testing.assert_close(torch.tensor(values), torch.tensor(baseline[key]), rtol=rtol, atol=1e-5,
+                                       msg=lambda m, key=key, level=level: f"{level} {key}: {m}")
+
+
+@needs_extension
+@pytest.mark.slow
+def test_more_than_2_pow_31_elements():
+    """64-bit indexing: 2^31 + 2^17 bf16 logits; the last rows (past 2^31) checked against PyTorch."""
+    classes = 1 << 16
+    rows = (1 << 15) + 2
+    logits = torch.empty(rows, classes, dtype=torch.bfloat16)
+    logits[-4:] = torch.randn(4, classes).to(torch.bfloat16)
+    logits[:-4] = 0.5
+    target = torch.randint(0, classes, (rows,))
+    x = logits.requires_grad_(True)
+    loss = fused_xent.cross_entropy(x, target, reduction="none", backend="cpu")
+    tail = logits[-4:].detach().float()
+    torch.testing.assert_close(loss[-4:].float(), F.cross_entropy(tail, target[-4:], reduction="none"),
+                               rtol=1.6e-2, atol=1e-2)
+    loss[-4:].sum().backward()
+    expected_grad = torch.softmax(tail, 1) - F.one_hot(target[-4:], classes)
+    torch.testing.assert_close(x.grad[-4:].float(), expected_grad, rtol=1.6e-2, atol=1e-3)
+    assert not x.grad[:-4].any()

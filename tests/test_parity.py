@@ -1,0 +1,115 @@
+"""Loss and input gradient against torch.nn.functional.cross_entropy over every argument, shape, layout and dtype."""
+
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import (
+    SHAPES,
+    assert_close,
+    backends_for,
+    devices,
+    fused,
+    make_class_target,
+    make_logits,
+    make_prob_target,
+    shape_id,
+    torch_reference,
+)
+
+import fused_xent
+
+DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+REDUCTIONS = ["none", "mean", "sum"]
+# (target kind, ignore_index): a negative ignore value, a class index that is ignored, or no ignored positions.
+TARGETS = [("index", None), ("index", -100), ("index", 1), ("prob", None)]
+BACKEND_CASES = [(d, b) for d in devices() for b in backends_for(d)]
+
+
+def _case(shape, layout, dtype, device, target_kind, ignore, weighted, smoothing, reduction, seed):
+    g = torch.Generator().manual_seed(seed)
+    logits = make_logits(shape, layout, dtype, device, generator=g)
+    num_classes = shape[0] if len(shape) == 1 else shape[1]
+    kwargs = {"reduction": reduction, "label_smoothing": smoothing}
+    if target_kind == "prob":
+        target = make_prob_target(logits, generator=g)
+    else:
+        target_shape = () if len(shape) == 1 else shape[:1] + shape[2:]
+        target = make_class_target(target_shape, num_classes, device, ignore, generator=g)
+        if ignore is not None:
+            kwargs["ignore_index"] = ignore
+    if weighted:
+        kwargs["weight"] = (torch.rand(num_classes, generator=g, dtype=torch.float64) * 2 + 0.1).to(dtype).to(device)
+    loss_shape = () if reduction != "none" or len(shape) == 1 else shape[:1] + shape[2:]
+    grad_output = (torch.rand(loss_shape, generator=g, dtype=torch.float64) + 0.5).to(dtype).to(device)
+    return logits, target, grad_output, kwargs
+
+
+@pytest.mark.parametrize("device,backend", BACKEND_CASES)
+@pytest.mark.parametrize("shape,layout", SHAPES, ids=[shape_id(s) for s in SHAPES])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("target_kind,ignore", TARGETS)
+def test_matches_pytorch(device, backend, shape, layout, dtype, target_kind, ignore):
+    """Every combination of weight, label smoothing and reduction for one shape, dtype and target kind."""
+    if dtype == torch.float16 and device == "cpu" and shape[-1] == 32000:
+        pytest.skip("covered by float32/bfloat16; keeps the CPU suite short")
+    for seed, (weighted, smoothing, reduction) in enumerate(itertools.product([False, True], [0.0, 0.1], REDUCTIONS)):
+        logits, target, grad_output, kwargs = _case(
+            shape, layout, dtype, device, target_kind, ignore, weighted, smoothing, reduction, seed
+        )
+        expected_loss, expected_grad = torch_reference(logits, target, grad_output, **kwargs)
+        loss, grad = fused(logits, target, grad_output, backend, **kwargs)
+        what = f"{kwargs}"
+        assert loss.dtype == dtype and loss.shape == expected_loss.shape, what
+        assert grad.dtype == dtype and grad.shape == logits.shape, what
+        assert_close(loss, expected_loss, dtype, f"loss {what}")
+        assert_close(grad, expected_grad, dtype, f"grad {what}")
+
+
+@pytest.mark.parametrize("device,backend", BACKEND_CASES)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_all_ignored(device, backend, reduction):
+    """Every position ignored: mean is 0/0 = NaN as in PyTorch, sum is 0, gradients are 0."""
+    logits = make_logits((4, 6), "contiguous", torch.float32, device)
+    target = torch.full((4,), -100, device=device)
+    grad_output = torch.ones(() if reduction != "none" else (4,), device=device)
+    for smoothing in (0.0, 0.2):
+        expected_loss, expected_grad = torch_reference(
+            logits, target, grad_output, reduction=reduction, label_smoothing=smoothing
+        )
+        loss, grad = fused(logits, target, grad_output, backend, reduction=reduction, label_smoothing=smoothing)
+        assert_close(loss, expected_loss, torch.float32, "loss")
+        assert torch.equal(grad, torch.zeros_like(grad)) or reduction == "mean"
+        if reduction == "mean":
+            assert torch.isnan(loss)
+
+
+@pytest.mark.parametrize("device,backend", BACKEND_CASES)
+def test_uint8_targets_and_mixed_prob_dtypes(device, backend):
+    """PyTorch accepts uint8 class indices, and probability targets in another float dtype (promoted)."""
+    logits = make_logits((5, 7), "contiguous", torch.float32, device)
+    target = make_class_target((5,), 7, device).to(torch.uint8)
+    ones = torch.ones((), device=device)
+    assert_close(fused(logits, target, ones, backend)[0], torch_reference(logits, target, ones)[0], torch.float32, "")
+    probs = make_prob_target(logits).double()
+    loss, _ = fused(logits, probs, ones.double(), backend)
+    expected = F.cross_entropy(logits, probs)
+    assert loss.dtype == expected.dtype == torch.float64
+    assert_close(loss, expected, torch.float32, "promoted probability loss")
+
+
+@pytest.mark.parametrize("device,backend", BACKEND_CASES)
+def test_probability_target_gradient(device, backend):
+    """Soft targets are differentiable in PyTorch (distillation); so are ours."""
+    g = torch.Generator().manual_seed(0)
+    logits = make_logits((3, 5, 4), "contiguous", torch.float64, device, generator=g)
+    for reduction, smoothing, weighted in itertools.product(REDUCTIONS, [0.0, 0.3], [False, True]):
+        target = make_prob_target(logits, generator=g).requires_grad_(True)
+        weight = torch.rand(5, generator=g, dtype=torch.float64).to(device) if weighted else None
+        kwargs = {"weight": weight, "reduction": reduction, "label_smoothing": smoothing}
+        ours = fused_xent.cross_entropy(logits, target, backend=backend, **kwargs).sum()
+        theirs = F.cross_entropy(logits, target, **kwargs).sum()
+        (g_ours,) = torch.autograd.grad(ours, target)
+        (g_theirs,) = torch.autograd.grad(theirs, target)
+        assert_close(g_ours, g_theirs, torch.float64, f"target grad {reduction} {smoothing} {weighted}")
