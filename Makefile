@@ -5,6 +5,7 @@ PYTHON := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.14.1
 DEV_PACKAGES := ninja setuptools wheel numpy pytest hypothesis ruff matplotlib tqdm
 export MAX_JOBS ?= 2
+export FUSED_XENT_REQUIRE_EXTENSION ?= 1
 export TORCH_CUDA_ARCH_LIST ?= 8.0;9.0+PTX
 ifneq ($(wildcard /usr/local/cuda/bin/nvcc),)
 export CUDA_HOME ?= /usr/local/cuda

@@ -25,6 +25,13 @@ def _target_grad(grad_loss, logits, lse, total_weight, weight, reduction, label_
     return grad.to(logits.dtype)
 
 
+def _autocast_to_float32(input) -> bool:
+    return (
+        isinstance(input, torch.Tensor) and input.dtype in (torch.float16, torch.bfloat16)
+        and torch.is_autocast_enabled(input.device.type)
+    )
+
+
 def _unit_grad_is_exact(grad_loss: torch.Tensor) -> bool:
     """True when grad_loss is the scalar 1 (loss.backward()), checked only where that costs no device sync."""
     return (
@@ -69,6 +76,11 @@ class FusedCrossEntropyFunction(torch.autograd.Function):
         reduction, ignore_index, label_smoothing = ctx.options
         if ctx.grad_mode != "recompute":
             (grad,) = ctx.saved_tensors
+            if torch.is_grad_enabled():
+                raise RuntimeError(
+                    f"fused_xent: grad_mode={ctx.grad_mode!r} cannot be differentiated twice (create_graph=True): "
+                    "use grad_mode='recompute'"
+                )
             if ctx.needs_input_grad[1]:
                 raise RuntimeError(
                     f"fused_xent: grad_mode={ctx.grad_mode!r} gives no gradient for the target; use "
@@ -79,6 +91,11 @@ class FusedCrossEntropyFunction(torch.autograd.Function):
             return scale_unit_grad(grad, grad_loss, reduction), None, None, None, None, None, None, None
         logits, target, weight, lse, total_weight = ctx.saved_tensors
         ops = _backends.backend_ops(ctx.backend)
+        if torch.is_grad_enabled():
+            # create_graph=True (double backward, gradient penalties): build the gradient from differentiable
+            # PyTorch ops instead of the kernel, with the log-sum-exp recomputed so it carries its own gradient.
+            ops = _backends.backend_ops("torch")
+            lse = torch.logsumexp(logits.to(lse.dtype), dim=1)
         grad_logits = grad_target = None
         if ctx.needs_input_grad[0]:
             grad_logits = ops.bwd(
@@ -112,6 +129,11 @@ def cross_entropy(
         reduction = _reduction.legacy_get_string(size_average, reduce)
     if grad_mode not in GRAD_MODES:
         raise ValueError(f"fused_xent.cross_entropy: grad_mode must be one of {GRAD_MODES}, got {grad_mode!r}")
+    if _autocast_to_float32(input):
+        # PyTorch's autocast runs cross entropy in float32 (inputs cast, float32 result); do the same.
+        input = input.float()
+        weight = None if weight is None else weight.float()
+        target = target.float() if isinstance(target, torch.Tensor) and target.is_floating_point() else target
     problem = prepare(input, target, weight, ignore_index, reduction, label_smoothing)
     ops = _backends.resolve(backend, problem.logits.device)
     if not problem.prob_target and not ops.checks_targets:

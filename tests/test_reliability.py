@@ -1,0 +1,126 @@
+"""Behaviour under threads, repetition, autograd contexts and autocast, as PyTorch behaves."""
+
+import gc
+import resource
+import threading
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import backends_for, make_class_target, make_logits
+
+import fused_xent
+
+BACKENDS = backends_for("cpu")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_concurrent_python_threads(backend):
+    g = torch.Generator().manual_seed(7)
+    inputs = [(make_logits((32, 517), "contiguous", torch.float32, generator=g),
+               make_class_target((32,), 517, ignore_index=-100, generator=g)) for _ in range(8)]
+    expected = [fused_xent.cross_entropy(x, t, backend=backend, label_smoothing=0.1) for x, t in inputs]
+    results = [None] * len(inputs)
+
+    def work(i):
+        for _ in range(20):
+            results[i] = fused_xent.cross_entropy(*inputs[i], backend=backend, label_smoothing=0.1)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(inputs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for got, want in zip(results, expected, strict=True):
+        assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_repeated_calls_do_not_grow_memory(backend):
+    x = make_logits((64, 1000), "contiguous", torch.float32).requires_grad_(True)
+    t = make_class_target((64,), 1000)
+
+    def step():
+        fused_xent.cross_entropy(x, t, backend=backend).backward()
+        x.grad = None
+
+    for _ in range(200):
+        step()
+    gc.collect()
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    for _ in range(2000):
+        step()
+    gc.collect()
+    grown_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+    assert grown_kib < 16 * 1024, f"peak RSS grew by {grown_kib} KiB over 2000 calls"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("context", [torch.no_grad, torch.inference_mode])
+def test_no_grad_contexts(backend, context):
+    x = make_logits((5, 9), "contiguous", torch.float32).requires_grad_(True)
+    t = make_class_target((5,), 9)
+    with context():
+        loss = fused_xent.cross_entropy(x, t, backend=backend)
+        expected = F.cross_entropy(x, t)
+    assert not loss.requires_grad
+    torch.testing.assert_close(loss, expected)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_inputs_without_grad(backend):
+    x, t = make_logits((5, 9), "contiguous", torch.float32), make_class_target((5,), 9)
+    loss = fused_xent.cross_entropy(x, t, backend=backend)
+    assert not loss.requires_grad
+    torch.testing.assert_close(loss, F.cross_entropy(x, t))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_autocast_computes_in_float32_like_pytorch(backend, dtype):
+    x = make_logits((6, 33), "contiguous", torch.bfloat16).requires_grad_(True)
+    t = make_class_target((6,), 33)
+    with torch.autocast("cpu", dtype=dtype):
+        loss = fused_xent.cross_entropy(x, t, backend=backend)
+        expected = F.cross_entropy(x, t)
+    assert loss.dtype == expected.dtype == torch.float32
+    torch.testing.assert_close(loss, expected)
+    (grad,) = torch.autograd.grad(loss, x)
+    (expected_grad,) = torch.autograd.grad(expected, x)
+    assert grad.dtype == torch.bfloat16
+    torch.testing.assert_close(grad, expected_grad)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("grad_mode", ["recompute", "in_forward"])
+def test_gradient_accumulates_into_grad(backend, grad_mode):
+    x = make_logits((4, 7), "contiguous", torch.float64).requires_grad_(True)
+    t = make_class_target((4,), 7)
+    for _ in range(3):
+        fused_xent.cross_entropy(x, t, backend=backend, grad_mode=grad_mode).backward()
+    y = x.detach().clone().requires_grad_(True)
+    (3 * F.cross_entropy(y, t)).backward()
+    torch.testing.assert_close(x.grad, y.grad)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", ["index", "prob"])
+def test_double_backward_matches_pytorch(backend, kind):
+    """create_graph=True (gradient penalties) differentiates through the gradient, as with PyTorch."""
+    g = torch.Generator().manual_seed(3)
+    x = make_logits((4, 7, 3), "contiguous", torch.float64, generator=g)
+    t = torch.softmax(torch.randn(4, 7, 3, generator=g, dtype=torch.float64), 1) if kind == "prob" else \
+        make_class_target((4, 3), 7, ignore_index=-100, generator=g)
+    w = torch.rand(7, generator=g, dtype=torch.float64)
+    penalties = []
+    for fn in (lambda x: fused_xent.cross_entropy(x, t, weight=w, label_smoothing=0.2, backend=backend),
+               lambda x: F.cross_entropy(x, t, weight=w, label_smoothing=0.2)):
+        xx = x.clone().requires_grad_(True)
+        (grad,) = torch.autograd.grad(fn(xx), xx, create_graph=True)
+        (second,) = torch.autograd.grad((grad * grad.cos()).sum(), xx)
+        penalties.append(second)
+    torch.testing.assert_close(*penalties)
+    xx = x.clone().requires_grad_(True)
+    loss = fused_xent.cross_entropy(xx, t, backend=backend, grad_mode="in_forward")
+    with pytest.raises(RuntimeError, match="cannot be differentiated twice"):
+        torch.autograd.grad(loss, xx, create_graph=True)
