@@ -47,52 +47,57 @@ def as_ncs(x):
     return x.view(x.shape[0], x.shape[1], -1) if x.dim() > 2 else x.unsqueeze(2)
 
 
+def measure(label, shape, dtype, layout, repeats):
+    """Rows of the table for one problem: our four modes against eager."""
+    x = torch.randn(shape, device="cuda", dtype=dtype)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    target = torch.randint(0, shape[1], shape[:1] + shape[2:], device="cuda")
+    x3, t2 = as_ncs(x), target.view(shape[0], -1)
+    scratch = x3.clone()  # overwritten by the in-place mode at every step (timing does not depend on the values)
+    leaf = x.detach().clone().requires_grad_(True)
+    one = torch.ones((), device="cuda", dtype=dtype)
+    nbytes = x.numel() * x.element_size()
+
+    def ours_fwd():
+        OPS.cross_entropy_fwd(x3, t2, None, MEAN, -100, 0.0)
+
+    def ours_fwd_bwd():
+        _, lse, total_weight = OPS.cross_entropy_fwd(x3, t2, None, MEAN, -100, 0.0)
+        OPS.cross_entropy_bwd(one, x3, t2, None, lse, total_weight, MEAN, -100, 0.0)
+
+    def ours_fwd_grad():
+        OPS.cross_entropy_fwd_grad(x3, t2, None, MEAN, -100, 0.0)
+
+    def ours_inplace():
+        OPS.cross_entropy_fwd_grad_(scratch, t2, None, MEAN, -100, 0.0)
+
+    def eager_fwd():
+        with torch.no_grad():
+            F.cross_entropy(x, target)
+
+    def eager_fwd_bwd():
+        F.cross_entropy(leaf, target).backward()
+        leaf.grad = None
+
+    eager = {"fwd": median_ms(eager_fwd, repeats), "fwd+bwd": median_ms(eager_fwd_bwd, repeats)}
+    rows = []
+    for mode, fn, traffic, baseline in (
+        ("fwd", ours_fwd, nbytes, "fwd"),
+        ("fwd+bwd recompute", ours_fwd_bwd, 2 * nbytes, "fwd+bwd"),
+        ("fwd+bwd in_forward", ours_fwd_grad, 2 * nbytes, "fwd+bwd"),
+        ("fwd+bwd inplace", ours_inplace, 2 * nbytes, "fwd+bwd"),
+    ):
+        ms = median_ms(fn, repeats)
+        shape_text = "x".join(map(str, shape))
+        rows.append((label, shape_text, str(dtype)[6:], mode, ms, eager[baseline], traffic / ms / 1e6))
+    return rows
+
+
 def run(repeats):
     rows = []
-    for label, shape, dtype, layout in PROBLEMS:
-        x = torch.randn(shape, device="cuda", dtype=dtype)
-        if layout == "channels_last":
-            x = x.contiguous(memory_format=torch.channels_last)
-        target = torch.randint(0, shape[1], shape[:1] + shape[2:], device="cuda")
-        x3, t2 = as_ncs(x), target.view(shape[0], -1)
-        one = torch.ones((), device="cuda", dtype=dtype)
-        nbytes = x.numel() * x.element_size()
-
-        def ours_fwd():
-            OPS.cross_entropy_fwd(x3, t2, None, MEAN, -100, 0.0)
-
-        def ours_fwd_bwd():
-            _, lse, total_weight = OPS.cross_entropy_fwd(x3, t2, None, MEAN, -100, 0.0)
-            OPS.cross_entropy_bwd(one, x3, t2, None, lse, total_weight, MEAN, -100, 0.0)
-
-        def ours_fwd_grad():
-            OPS.cross_entropy_fwd_grad(x3, t2, None, MEAN, -100, 0.0)
-
-        scratch = x3.clone()
-
-        def ours_inplace():
-            OPS.cross_entropy_fwd_grad_(scratch, t2, None, MEAN, -100, 0.0)
-
-        leaf = x.detach().clone().requires_grad_(True)
-
-        def eager_fwd():
-            with torch.no_grad():
-                F.cross_entropy(x, target)
-
-        def eager_fwd_bwd():
-            F.cross_entropy(leaf, target).backward()
-            leaf.grad = None
-
-        eager = {"fwd": median_ms(eager_fwd, repeats), "fwd+bwd": median_ms(eager_fwd_bwd, repeats)}
-        for mode, fn, traffic, baseline in (
-            ("fwd", ours_fwd, nbytes, "fwd"),
-            ("fwd+bwd recompute", ours_fwd_bwd, 2 * nbytes, "fwd+bwd"),
-            ("fwd+bwd in_forward", ours_fwd_grad, 2 * nbytes, "fwd+bwd"),
-            ("fwd+bwd inplace", ours_inplace, 2 * nbytes, "fwd+bwd"),
-        ):
-            ms = median_ms(fn, repeats)
-            rows.append((label, "x".join(map(str, shape)), str(dtype)[6:], mode, ms, eager[baseline], traffic / ms / 1e6))
-        del x, x3, scratch, leaf
+    for problem in PROBLEMS:
+        rows += measure(*problem, repeats)
         torch.cuda.empty_cache()
     return rows
 
