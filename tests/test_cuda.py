@@ -1,9 +1,10 @@
 """The compiled CUDA kernel (backend="cuda") against torch.nn.functional.cross_entropy.
 
 Everything except the registration check needs a GPU and is skipped without one. Each kernel path is covered:
-rows with a warp per position (C <= 2048), a block per position, rows split across blocks (few positions, huge C),
-spatial NCHW, channels_last, misaligned rows (16-byte vector head/tail), copies for non-dense inputs, every
-grad_mode (recompute -> cross_entropy_bwd, in_forward -> cross_entropy_fwd_grad, inplace -> cross_entropy_fwd_grad_).
+a thread per position (NCHW, and any layout with C <= 32), rows with a warp per position (C <= 2048), a block per
+position, rows split across blocks (few positions, huge C), channels_last, misaligned rows (16-byte vector
+head/tail), copies for non-dense inputs, and every grad_mode (recompute -> cross_entropy_bwd,
+in_forward -> cross_entropy_fwd_grad, inplace -> cross_entropy_fwd_grad_).
 """
 
 import os
@@ -173,6 +174,7 @@ CASES = [
     ((2, 3, 2, 3, 4), "contiguous", (torch.float32, torch.float64)),
     ((2, 5, 3, 4), "channels_last", ALL),
     ((2, 19, 8, 8), "channels_last", (torch.float32, torch.bfloat16)),
+    ((2, 40, 3, 5), "channels_last", ALL),  # C > 32: a warp per position with S > 1
     ((3, 6, 4, 5), "sliced", (torch.float32,)),
 ]
 PARAMS = [
@@ -291,7 +293,8 @@ DETERMINISM_CASES = [
     ((256, 32000), "contiguous"),        # block per position
     ((16, 128256), "contiguous"),        # rows split across blocks
     ((8, 19, 64, 64), "contiguous"),     # spatial
-    ((8, 19, 32, 32), "channels_last"),  # rows with S > 1
+    ((8, 19, 32, 32), "channels_last"),  # few classes: a thread per position
+    ((4, 40, 32, 32), "channels_last"),  # a warp per position with S > 1
 ]
 
 

@@ -22,7 +22,10 @@ namespace fused_xent {
 namespace cuda {
 namespace {
 
-// Up to this many classes a warp owns a position (eight per block); above, a block does.
+// Up to this many classes one thread owns a position, whatever the layout (a warp would idle most of its lanes and
+// pay a shuffle reduction per position); NCHW inputs always take that path (coalesced across positions).
+constexpr int64_t kThreadPerPositionMaxClasses = 32;
+// Up to this many classes a warp owns a position of a row layout (eight per block); above, a block does.
 constexpr int64_t kWarpPerRowMaxClasses = 2048;
 constexpr int kWarpRowsThreads = 256;
 constexpr int kSpatialThreads = 256;
@@ -85,6 +88,10 @@ LaunchShape plan_per_position(int64_t positions, int threads, int64_t sms) {
   shape.threads = threads;
   shape.grid = grid_for(ceil_div(positions, threads), threads, sms);
   return shape;
+}
+
+bool thread_per_position(const Problem& p) {
+  return p.layout == Layout::kSpatial || p.C <= kThreadPerPositionMaxClasses;
 }
 
 uintptr_t address_phase(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) & 15; }
@@ -183,7 +190,7 @@ ForwardResult run_forward(const Problem& p, const at::Tensor& grad, bool want_ls
                                 p.reduction, stream);
     };
 
-    if (p.layout == Layout::kSpatial) {
+    if (thread_per_position(p)) {
       const LaunchShape shape = plan_per_position(positions, kSpatialThreads, sms);
       const bool weights_first = fused && p.reduction == kReductionMean && !p.prob_target;
       if (weights_first) total_weight_first();
@@ -305,7 +312,7 @@ at::Tensor cross_entropy_bwd_cuda(const at::Tensor& grad_loss, const at::Tensor&
     q.grad_loss = upstream.data_ptr<scalar_t>();
     q.grad_loss_stride_n = upstream_stride_n;
     q.grad_loss_stride_s = upstream_stride_s;
-    if (p.layout == Layout::kSpatial) {
+    if (thread_per_position(p)) {
       launch_spatial_grad<scalar_t>(q, plan_per_position(positions, kSpatialThreads, sms), stream);
     } else {
       const RowsPlan plan = plan_rows(p, sms);

@@ -37,7 +37,7 @@ template <typename scalar_t>
 void launch_rows_split_combine(const XentParams<scalar_t>& p, const LaunchShape& shape, int64_t splits,
                                const RowStats<acc_type<scalar_t>>* split_stats, cudaStream_t stream);
 
-// Spatial (position stride 1, NCHW): one thread per position, looping over the classes.
+// One thread per position, looping over the classes with any strides: NCHW inputs, and rows with C <= 32.
 template <typename scalar_t>
 void launch_spatial_forward(const XentParams<scalar_t>& p, const LaunchShape& shape, cudaStream_t stream);
 template <typename scalar_t>

@@ -1,5 +1,7 @@
-// Spatial kernels (position stride 1, NCHW): consecutive threads own consecutive positions, so every class step
-// is a coalesced warp-wide load; each thread loops over the C classes of its position. The class loop takes four
+// One thread per position, looping over its C classes with any strides. Built for NCHW (position stride 1):
+// consecutive threads own consecutive positions, so every class step is a coalesced warp-wide load. Also used for
+// rows with very few classes (C <= 32, e.g. channels_last segmentation), where a thread's classes are contiguous
+// and neighbouring threads' rows share cache lines. The class loop takes four
 // classes at a time: four independent loads in flight and one online-softmax rescale per chunk at most.
 #include <c10/cuda/CUDAException.h>
 
