@@ -126,7 +126,7 @@ def reference(x, target, grad_output, **kwargs):
 def same_layout_copy(x):
     """A copy with x's exact geometry (strides and storage offset, so misaligned rows stay misaligned)."""
     storage = torch.empty(x.untyped_storage().nbytes() // x.element_size(), dtype=x.dtype, device=x.device)
-    return storage.as_strided(x.shape, x.stride(), x.storage_offset()).copy_(x.detach())
+    return storage.as_strided(x.shape, x.stride(), x.storage_offset()).copy_(x.detach()).detach()
 
 
 def fused(x, target, grad_output, grad_mode, **kwargs):
