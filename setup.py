@@ -52,14 +52,14 @@ def _extensions():
     with_cuda, why = _want_cuda(torch, cpp_extension.CUDA_HOME)
 
     sources = _sources("csrc/*.cpp") + _sources("csrc/common/*.cpp") + _sources("csrc/cpu/*.cpp")
-    cxx_flags = ["-O3", "-std=c++17", "-fvisibility=hidden"]
+    cxx_flags = ["-O3", "-std=c++20", "-fvisibility=hidden"]
     extra = {"cxx": cxx_flags}
     define_macros = []
     extension_class = cpp_extension.CppExtension
     if with_cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCHS)
         sources += _sources("csrc/cuda/*.cu")
-        extra["nvcc"] = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr"]
+        extra["nvcc"] = ["-O3", "-std=c++20", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr"]
         define_macros.append(("FUSED_XENT_WITH_CUDA", "1"))
         extension_class = cpp_extension.CUDAExtension
 

@@ -1,0 +1,362 @@
+// Device building blocks shared by the CUDA cross-entropy kernels: the parameter block every kernel receives,
+// accumulation types, online-softmax statistics and their deterministic reductions, target classification and
+// 16-byte vector access. The per-position algebra itself lives in common/xent_math.h.
+#pragma once
+
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <type_traits>
+
+#include "common/xent_math.h"
+
+namespace fused_xent {
+namespace cuda {
+
+// float32 statistics for every dtype except float64, which keeps float64.
+template <typename scalar_t>
+using acc_type = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+
+// The parameter block of every kernel. Pointers a kernel does not need are null. Logits, gradient and probability
+// targets share strides (make_problem / empty_like_logits guarantee it); grad may alias logits (in-place variant).
+template <typename scalar_t>
+struct XentParams {
+  using acc_t = acc_type<scalar_t>;
+  const scalar_t* logits;
+  scalar_t* grad;                // gradient output, or null (forward only)
+  const int64_t* target_index;   // (N, S) contiguous, or null for probability targets
+  const scalar_t* target_prob;   // same strides as logits, or null for class-index targets
+  const acc_t* weight;           // (C,) contiguous, or null: every class weighs 1
+  const acc_t* weight_sum;       // device scalar sum(weight), or null: C (only read with label smoothing)
+  int64_t N, C, S;
+  int64_t stride_n, stride_c, stride_s;  // logits strides in elements
+  int64_t ignore_index;
+  int64_t reduction;
+  acc_t label_smoothing;
+  bool vectorize;                // logits / grad / prob target share their address modulo 16 bytes
+
+  // Forward outputs.
+  acc_t* lse;                    // (N, S), or null
+  scalar_t* loss_rows;           // (N, S) per-position loss (reduction none), or null
+  acc_t* loss_partials;          // one per thread block (reduction mean/sum), or null
+  acc_t* weight_partials;        // one per thread block: sum of weight[target] (class-index targets), or null
+
+  // Gradient scale: grad_loss (null = 1) over total_weight for reduction mean.
+  const acc_t* total_weight;
+  const scalar_t* grad_loss;
+  int64_t grad_loss_stride_n, grad_loss_stride_s;  // 0 for a 0-d grad_loss
+  const acc_t* lse_in;           // lse of every position, for the gradient-only kernels
+};
+
+// ---------------------------------------------------------------------------------------------------------------
+// Math wrappers. Float uses the hardware approximations (ex2/lg2, ~2 ulp near the values that matter); the setup.py
+// build uses --use_fast_math anyway, this just makes it explicit. Double stays exact.
+__device__ __forceinline__ float exp_acc(float x) { return __expf(x); }
+__device__ __forceinline__ double exp_acc(double x) { return ::exp(x); }
+__device__ __forceinline__ float log_acc(float x) { return __logf(x); }
+__device__ __forceinline__ double log_acc(double x) { return ::log(x); }
+
+template <typename acc_t>
+__device__ __forceinline__ acc_t neg_infinity() {
+  return -std::numeric_limits<acc_t>::infinity();
+}
+template <typename acc_t>
+__device__ __forceinline__ acc_t quiet_nan() {
+  return std::numeric_limits<acc_t>::quiet_NaN();
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Targets. Contract with the Python front end: it validates class indices before calling the op (raising a clear
+// error) unless told not to, so the kernels never sync with the host to check them. A kernel that still meets an
+// index outside [0, C) that is not ignore_index must neither read nor write out of bounds nor trap: it writes NaN
+// for that position's loss (and its whole gradient row) and a NaN into total_weight, so a mean is NaN as well.
+enum TargetKind : int { kTargetValid = 0, kTargetIgnored = 1, kTargetInvalid = 2 };
+
+__device__ __forceinline__ int classify_target(int64_t y, int64_t ignore_index, int64_t num_classes) {
+  if (y == ignore_index) return kTargetIgnored;  // ignore_index wins even when it is a valid class, like PyTorch
+  return (y >= 0 && y < num_classes) ? kTargetValid : kTargetInvalid;
+}
+
+template <typename acc_t>
+__device__ __forceinline__ acc_t class_weight(const acc_t* weight, int64_t c) {
+  return weight ? weight[c] : acc_t(1);
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Statistics of (part of) one position: an online softmax pair plus two plain sums.
+//   max, sum: sum = sum_c exp(x[c] - max); -inf / 0 while empty.
+//   dot:      sum_c w[c] x[c] (class indices with smoothing) or sum_c w[c] t'[c] x[c] (probabilities).
+//   tsum:     sum_c w[c] t'[c] (probabilities).
+// NaN logits never become the max (the comparisons are false) but poison `sum`, so lse is NaN, as in PyTorch.
+template <typename acc_t>
+struct RowStats {
+  acc_t max, sum, dot, tsum;
+
+  __device__ __forceinline__ static RowStats empty() { return {neg_infinity<acc_t>(), acc_t(0), acc_t(0), acc_t(0)}; }
+
+  // exp(x - max) must not become exp(-inf - -inf) = NaN while every value seen is -inf.
+  __device__ __forceinline__ acc_t finite_max() const { return max == neg_infinity<acc_t>() ? acc_t(0) : max; }
+
+  // Adds a chunk of logits with a single rescale at most, so the cost stays at ~1 exp per element.
+  template <int kWidth>
+  __device__ __forceinline__ void add_logits(const acc_t (&x)[kWidth]) {
+    acc_t chunk_max = x[0];
+#pragma unroll
+    for (int i = 1; i < kWidth; ++i) chunk_max = x[i] > chunk_max ? x[i] : chunk_max;
+    if (chunk_max > max) {
+      sum *= exp_acc(max - chunk_max);  // exp(-inf) = 0 on the first chunk
+      max = chunk_max;
+    }
+    const acc_t m = finite_max();
+#pragma unroll
+    for (int i = 0; i < kWidth; ++i) sum += exp_acc(x[i] - m);
+  }
+
+  // Combines two disjoint parts. Written symmetrically; callers still broadcast one result so that every thread of
+  // a group uses bitwise the same values.
+  __device__ __forceinline__ void merge(const RowStats& o) {
+    const acc_t new_max = o.max > max ? o.max : max;
+    const acc_t m = new_max == neg_infinity<acc_t>() ? acc_t(0) : new_max;
+    sum = sum * exp_acc(max - m) + o.sum * exp_acc(o.max - m);
+    max = new_max;
+    dot += o.dot;
+    tsum += o.tsum;
+  }
+
+  __device__ __forceinline__ acc_t lse() const { return max + log_acc(sum); }
+};
+
+// ---------------------------------------------------------------------------------------------------------------
+// Thread groups that own one position. All reductions use a fixed tree and then broadcast one value, so results
+// are bitwise reproducible and identical across the group.
+template <typename acc_t>
+__device__ __forceinline__ RowStats<acc_t> shfl_stats(const RowStats<acc_t>& s, int lane_or_mask, bool xor_mode) {
+  RowStats<acc_t> o;
+  if (xor_mode) {
+    o.max = __shfl_xor_sync(0xffffffffu, s.max, lane_or_mask);
+    o.sum = __shfl_xor_sync(0xffffffffu, s.sum, lane_or_mask);
+    o.dot = __shfl_xor_sync(0xffffffffu, s.dot, lane_or_mask);
+    o.tsum = __shfl_xor_sync(0xffffffffu, s.tsum, lane_or_mask);
+  } else {
+    o.max = __shfl_sync(0xffffffffu, s.max, lane_or_mask);
+    o.sum = __shfl_sync(0xffffffffu, s.sum, lane_or_mask);
+    o.dot = __shfl_sync(0xffffffffu, s.dot, lane_or_mask);
+    o.tsum = __shfl_sync(0xffffffffu, s.tsum, lane_or_mask);
+  }
+  return o;
+}
+
+template <typename acc_t>
+__device__ __forceinline__ RowStats<acc_t> warp_allreduce(RowStats<acc_t> s) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) s.merge(shfl_stats(s, offset, true));
+  return shfl_stats(s, 0, false);  // lane 0's value everywhere, whatever FMA contraction did
+}
+
+// A warp owns a position: for C up to a few thousand, many positions per block.
+struct WarpGroup {
+  static constexpr int kMaxThreads = 256;
+  __device__ __forceinline__ static int rank() { return threadIdx.x & 31; }
+  __device__ __forceinline__ static int size() { return 32; }
+  __device__ __forceinline__ static int64_t index() { return (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) >> 5; }
+  __device__ __forceinline__ static int64_t count() { return (int64_t(gridDim.x) * blockDim.x) >> 5; }
+  __device__ __forceinline__ static void sync() { __syncwarp(); }
+  template <typename acc_t>
+  __device__ __forceinline__ static RowStats<acc_t> allreduce(RowStats<acc_t> s, RowStats<acc_t>*) {
+    return warp_allreduce(s);
+  }
+};
+
+// A whole block owns a position (or a segment of one): large C.
+struct BlockGroup {
+  static constexpr int kMaxThreads = 512;
+  __device__ __forceinline__ static int rank() { return threadIdx.x; }
+  __device__ __forceinline__ static int size() { return blockDim.x; }
+  __device__ __forceinline__ static int64_t index() { return blockIdx.x; }
+  __device__ __forceinline__ static int64_t count() { return gridDim.x; }
+  __device__ __forceinline__ static void sync() { __syncthreads(); }
+  // smem: 32 entries. Ends with a barrier, so it also orders every read of the row before any later write.
+  template <typename acc_t>
+  __device__ __forceinline__ static RowStats<acc_t> allreduce(RowStats<acc_t> s, RowStats<acc_t>* smem) {
+    s = warp_allreduce(s);
+    if ((threadIdx.x & 31) == 0) smem[threadIdx.x >> 5] = s;
+    __syncthreads();
+    RowStats<acc_t> r = smem[0];
+    const int warps = blockDim.x >> 5;
+    for (int w = 1; w < warps; ++w) r.merge(smem[w]);  // same order in every thread: same bits
+    __syncthreads();
+    return r;
+  }
+};
+
+// Sums two values over the block in a fixed order; the result is valid in thread 0. blockDim.x: multiple of 32.
+template <typename acc_t>
+__device__ __forceinline__ void block_sum_pair(acc_t& a, acc_t& b) {
+  __shared__ acc_t smem[2][32];
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) {
+    a += __shfl_down_sync(0xffffffffu, a, offset);
+    b += __shfl_down_sync(0xffffffffu, b, offset);
+  }
+  if ((threadIdx.x & 31) == 0) {
+    smem[0][threadIdx.x >> 5] = a;
+    smem[1][threadIdx.x >> 5] = b;
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    const int warps = blockDim.x >> 5;
+    a = smem[0][0];
+    b = smem[1][0];
+    for (int w = 1; w < warps; ++w) {
+      a += smem[0][w];
+      b += smem[1][w];
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// 16-byte vector access. Pack<1, T> is a plain element.
+template <typename T>
+constexpr int kVecWidth = 16 / sizeof(T);
+
+template <int kWidth, typename T>
+struct alignas(sizeof(T) * kWidth) Pack {
+  T v[kWidth];
+};
+
+template <int kWidth, typename T>
+__device__ __forceinline__ Pack<kWidth, T> load_pack(const T* ptr) {
+  Pack<kWidth, T> out;
+  if constexpr (sizeof(Pack<kWidth, T>) == 16) {
+    const uint4 raw = *reinterpret_cast<const uint4*>(ptr);  // one LDG.128
+    memcpy(&out, &raw, 16);
+  } else {
+    out = *reinterpret_cast<const Pack<kWidth, T>*>(ptr);
+  }
+  return out;
+}
+
+template <int kWidth, typename T>
+__device__ __forceinline__ void store_pack(T* ptr, const Pack<kWidth, T>& in) {
+  if constexpr (sizeof(Pack<kWidth, T>) == 16) {
+    uint4 raw;
+    memcpy(&raw, &in, 16);
+    *reinterpret_cast<uint4*>(ptr) = raw;
+  } else {
+    *reinterpret_cast<Pack<kWidth, T>*>(ptr) = in;
+  }
+}
+
+// Visits classes [begin, end) of a position whose classes are contiguous, spread over the threads of Group:
+// body(std::integral_constant<int, W>{}, c) handles classes c .. c+W-1. With `vectorize`, a scalar head runs up to
+// the first 16-byte boundary of `anchor + begin`, then full 16-byte vectors, then a scalar tail; this works for any
+// row stride (odd C, channels_last), because every pointer the body touches has the same address modulo 16.
+template <typename Group, typename scalar_t, typename Body>
+__device__ __forceinline__ void visit_classes(const scalar_t* anchor, int64_t begin, int64_t end, bool vectorize,
+                                              Body&& body) {
+  constexpr int V = kVecWidth<scalar_t>;
+  const int rank = Group::rank();
+  const int size = Group::size();
+  int64_t head_end = end;
+  if (vectorize) {
+    const auto misalign = static_cast<int64_t>((reinterpret_cast<uintptr_t>(anchor + begin) & 15) / sizeof(scalar_t));
+    head_end = begin + ((V - misalign) & (V - 1));
+    if (head_end > end) head_end = end;
+  }
+  for (int64_t c = begin + rank; c < head_end; c += size) body(std::integral_constant<int, 1>{}, c);
+  if (!vectorize) return;
+  const int64_t vectors = (end - head_end) / V;
+#pragma unroll 4
+  for (int64_t v = rank; v < vectors; v += size) body(std::integral_constant<int, V>{}, head_end + v * V);
+  for (int64_t c = head_end + vectors * V + rank; c < end; c += size) body(std::integral_constant<int, 1>{}, c);
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Per-position helpers shared by the row and spatial kernels.
+
+template <typename scalar_t>
+__device__ __forceinline__ acc_type<scalar_t> upstream_scale(const XentParams<scalar_t>& p, int64_t n, int64_t s) {
+  using acc_t = acc_type<scalar_t>;
+  const acc_t g = p.grad_loss ? static_cast<acc_t>(p.grad_loss[n * p.grad_loss_stride_n + s * p.grad_loss_stride_s])
+                              : acc_t(1);
+  return grad_scale<acc_t>(p.reduction, g, p.reduction == kReductionMean ? *p.total_weight : acc_t(1));
+}
+
+template <typename scalar_t>
+__device__ __forceinline__ acc_type<scalar_t> weight_sum_or_count(const XentParams<scalar_t>& p) {
+  using acc_t = acc_type<scalar_t>;
+  return p.weight_sum ? *p.weight_sum : acc_t(p.C);
+}
+
+// Loss of a class-index position and its contribution to total_weight.
+template <typename acc_t>
+__device__ __forceinline__ void index_position_loss(int kind, acc_t weight_of_target, acc_t lse, acc_t target_logit,
+                                                    const RowStats<acc_t>& st, acc_t weight_sum, acc_t eps,
+                                                    int64_t num_classes, acc_t& loss, acc_t& counted_weight) {
+  if (kind == kTargetIgnored) {
+    loss = acc_t(0);
+    counted_weight = acc_t(0);
+  } else if (kind == kTargetInvalid) {
+    loss = quiet_nan<acc_t>();
+    counted_weight = quiet_nan<acc_t>();
+  } else {
+    const auto k = index_target_coeffs<acc_t>(weight_of_target, eps, num_classes);
+    loss = index_target_loss<acc_t>(k, lse, target_logit, weight_sum, st.dot);
+    counted_weight = weight_of_target;
+  }
+}
+
+// Everything the gradient of one position needs besides x[c] (and t[c]).
+template <typename acc_t>
+struct GradRow {
+  int kind;           // TargetKind; probability targets are always valid
+  int64_t target;     // class index
+  acc_t lse;
+  IndexGradCoeffs<acc_t> index;  // class-index targets
+  acc_t scale, tsum;             // probability targets
+};
+
+template <typename acc_t>
+__device__ __forceinline__ GradRow<acc_t> index_grad_row(int kind, int64_t y, acc_t weight_of_target, acc_t lse,
+                                                         acc_t weight_sum, acc_t eps, int64_t num_classes,
+                                                         acc_t scale) {
+  GradRow<acc_t> g{};
+  g.kind = kind;
+  g.target = y;
+  g.lse = lse;
+  if (kind == kTargetValid) {
+    g.index = index_grad_coeffs<acc_t>(index_target_coeffs<acc_t>(weight_of_target, eps, num_classes), weight_sum,
+                                       scale);
+  }
+  return g;
+}
+
+// dloss/dx[c] of a class-index position (valid target).
+template <typename acc_t>
+__device__ __forceinline__ acc_t index_grad_at(const GradRow<acc_t>& g, const acc_t* weight, int64_t c, acc_t x) {
+  acc_t d = g.index.prob_coef * exp_acc(x - g.lse);
+  if (g.index.class_coef != acc_t(0)) d -= g.index.class_coef * class_weight(weight, c);
+  if (c == g.target) d -= g.index.target_coef;
+  return d;
+}
+
+// dloss/dx[c] of a probability-target position.
+template <typename acc_t>
+__device__ __forceinline__ acc_t prob_grad_at(const GradRow<acc_t>& g, const acc_t* weight, int64_t c, acc_t x,
+                                              acc_t t, acc_t eps, int64_t num_classes) {
+  const acc_t wt = class_weight(weight, c) * smoothed_probability<acc_t>(t, eps, num_classes);
+  return prob_target_grad<acc_t>(g.scale, g.tsum, exp_acc(x - g.lse), wt);
+}
+
+// Value written to the whole gradient row of a position that is not valid.
+template <typename acc_t>
+__device__ __forceinline__ acc_t fill_value(int kind) {
+  return kind == kTargetInvalid ? quiet_nan<acc_t>() : acc_t(0);
+}
+
+}  // namespace cuda
+}  // namespace fused_xent

@@ -1,0 +1,334 @@
+// CUDA implementations of the fused_xent ops (schemas in csrc/fused_xent.cpp): argument handling, launch planning
+// and registration. The kernels are in xent_rows.cu, xent_rows_split.cu, xent_spatial.cu and xent_reduce.cu.
+//
+// No op synchronizes with the host. Class indices outside [0, C) (other than ignore_index) are the front end's to
+// reject; the kernels turn them into NaN losses and gradients instead of faulting (see xent_device.cuh).
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <limits>
+#include <tuple>
+
+#include "common/xent_math.h"
+#include "common/xent_problem.h"
+#include "cuda/xent_launch.h"
+
+namespace fused_xent {
+namespace cuda {
+namespace {
+
+// Up to this many classes one thread owns a position, whatever the layout (a warp would idle most of its lanes and
+// pay a shuffle reduction per position); NCHW inputs always take that path (coalesced across positions).
+constexpr int64_t kThreadPerPositionMaxClasses = 32;
+// Up to this many classes a warp owns a position of a row layout (eight per block); above, a block does.
+constexpr int64_t kWarpPerRowMaxClasses = 2048;
+constexpr int kWarpRowsThreads = 256;
+constexpr int kSpatialThreads = 256;
+constexpr int kTargetWeightThreads = 256;
+// A split never covers fewer classes than this: below, the per-split overhead is not worth the extra parallelism.
+constexpr int64_t kMinSplitLen = 4096;
+// Grid-stride kernels get at most this many waves of resident blocks: enough to balance load even when occupancy
+// is lower than assumed, few enough to keep the per-block partials short.
+constexpr int64_t kMaxWaves = 8;
+constexpr int64_t kThreadsPerSm = 2048;
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+int64_t multiprocessor_count(c10::DeviceIndex device) {
+  int count = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device));
+  return count;
+}
+
+// Blocks for a grid-stride kernel with `blocks_needed` units of work.
+int64_t grid_for(int64_t blocks_needed, int threads, int64_t sms) {
+  const int64_t resident = sms * std::max<int64_t>(1, kThreadsPerSm / threads);
+  return std::max<int64_t>(1, std::min(blocks_needed, resident * kMaxWaves));
+}
+
+struct RowsPlan {
+  bool warp_per_row;
+  LaunchShape shape;
+};
+
+// Row layout: warp per position for short rows; block per position for long ones, split across several blocks when
+// there are too few positions to fill the GPU twice over (class-index targets only; probability targets would need
+// the target row reduced in every split of the gradient).
+RowsPlan plan_rows(const Problem& p, int64_t sms) {
+  const int64_t positions = p.positions();
+  RowsPlan plan{};
+  if (p.C <= kWarpPerRowMaxClasses) {
+    plan.warp_per_row = true;
+    plan.shape.threads = kWarpRowsThreads;
+    plan.shape.grid = grid_for(ceil_div(positions, kWarpRowsThreads / 32), kWarpRowsThreads, sms);
+    plan.shape.split_len = p.C;
+    return plan;
+  }
+  plan.warp_per_row = false;
+  plan.shape.threads = p.C <= 8192 ? 256 : 512;
+  const int64_t resident = sms * (kThreadsPerSm / plan.shape.threads);
+  int64_t splits = 1;
+  if (!p.prob_target && positions < 2 * resident) {
+    splits = std::max<int64_t>(1, std::min(ceil_div(2 * resident, positions), p.C / kMinSplitLen));
+  }
+  const int64_t split_len = ceil_div(ceil_div(p.C, splits), 64) * 64;
+  plan.shape.splits = ceil_div(p.C, split_len);
+  plan.shape.split_len = split_len;
+  plan.shape.grid = grid_for(positions * plan.shape.splits, plan.shape.threads, sms);
+  return plan;
+}
+
+LaunchShape plan_per_position(int64_t positions, int threads, int64_t sms) {
+  LaunchShape shape;
+  shape.threads = threads;
+  shape.grid = grid_for(ceil_div(positions, threads), threads, sms);
+  return shape;
+}
+
+bool thread_per_position(const Problem& p) {
+  return p.layout == Layout::kSpatial || p.C <= kThreadPerPositionMaxClasses;
+}
+
+uintptr_t address_phase(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) & 15; }
+
+// The parameter block with the inputs filled in; outputs are left null for the caller.
+template <typename scalar_t>
+XentParams<scalar_t> input_params(const Problem& p, const at::Tensor& weight_sum, const at::Tensor& grad) {
+  using acc_t = acc_type<scalar_t>;
+  XentParams<scalar_t> q{};
+  q.logits = p.logits.data_ptr<scalar_t>();
+  q.grad = grad.defined() ? grad.data_ptr<scalar_t>() : nullptr;
+  q.target_index = p.prob_target ? nullptr : p.target.data_ptr<int64_t>();
+  q.target_prob = p.prob_target ? p.target.data_ptr<scalar_t>() : nullptr;
+  q.weight = p.weight.defined() ? p.weight.data_ptr<acc_t>() : nullptr;
+  q.weight_sum = weight_sum.defined() ? weight_sum.data_ptr<acc_t>() : nullptr;
+  q.N = p.N;
+  q.C = p.C;
+  q.S = p.S;
+  q.stride_n = p.logits.stride(0);
+  q.stride_c = p.logits.stride(1);
+  q.stride_s = p.logits.stride(2);
+  q.ignore_index = p.ignore_index;
+  q.reduction = p.reduction;
+  q.label_smoothing = static_cast<acc_t>(p.label_smoothing);
+  // Row kernels vectorize when every array they stream shares its address modulo 16 (they share strides), so one
+  // scalar head per row reaches a 16-byte boundary in all of them at once.
+  const uintptr_t phase = address_phase(q.logits);
+  q.vectorize = p.layout == Layout::kRows && (!q.grad || address_phase(q.grad) == phase) &&
+                (!q.target_prob || address_phase(q.target_prob) == phase);
+  return q;
+}
+
+// sum(weight) for label smoothing with class indices (undefined otherwise: kernels then use C).
+at::Tensor weight_sum_if_needed(const Problem& p) {
+  if (p.prob_target || p.label_smoothing == 0.0 || !p.weight.defined()) return at::Tensor();
+  return p.weight.sum();
+}
+
+struct ForwardResult {
+  at::Tensor loss, lse, total_weight;
+};
+
+// The forward of every variant. grad defined: also write the gradient for grad_loss = 1 (it may be p.logits).
+// want_lse: lse is an output.
+ForwardResult run_forward(const Problem& p, const at::Tensor& grad, bool want_lse) {
+  const bool fused = grad.defined();
+  const int64_t positions = p.positions();
+  const auto acc_options = p.logits.options().dtype(p.acc_dtype());
+  ForwardResult out;
+  out.loss = empty_loss(p);
+  out.lse = want_lse ? at::empty({p.N, p.S}, acc_options) : at::Tensor();
+  out.total_weight = at::empty({}, acc_options);
+  if (positions == 0) {  // launch nothing: empty sum 0, empty mean NaN
+    out.total_weight.zero_();
+    if (p.reduction == kReductionMean) out.loss.fill_(std::numeric_limits<double>::quiet_NaN());
+    if (p.reduction == kReductionSum) out.loss.zero_();
+    return out;
+  }
+
+  const int64_t sms = multiprocessor_count(p.logits.device().index());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const at::Tensor weight_sum = weight_sum_if_needed(p);
+  // total_weight is an output of the plain forward and the gradient's denominator for a fused mean.
+  const bool need_total_weight = !fused || p.reduction == kReductionMean;
+  if (p.prob_target) out.total_weight.fill_(static_cast<double>(positions));
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.logits.scalar_type(), "fused_xent_forward_cuda", [&] {
+    using acc_t = acc_type<scalar_t>;
+    XentParams<scalar_t> q = input_params<scalar_t>(p, weight_sum, grad);
+    acc_t* total_weight = out.total_weight.data_ptr<acc_t>();
+    q.total_weight = total_weight;
+    q.lse = want_lse ? out.lse.data_ptr<acc_t>() : nullptr;
+    q.loss_rows = p.reduction == kReductionNone ? out.loss.data_ptr<scalar_t>() : nullptr;
+    scalar_t* reduced_loss = p.reduction == kReductionNone ? nullptr : out.loss.data_ptr<scalar_t>();
+
+    // Points q at fresh per-block partials for a kernel of `grid` blocks; true if the main kernel sums the weights.
+    at::Tensor partials;
+    auto attach_partials = [&](int64_t grid, bool with_weights) {
+      partials = at::empty({2, grid}, acc_options);
+      q.loss_partials = p.reduction == kReductionNone ? nullptr : partials.data_ptr<acc_t>();
+      q.weight_partials = with_weights ? partials.data_ptr<acc_t>() + grid : nullptr;
+    };
+    auto finalize = [&](int64_t grid) {
+      if (q.loss_partials || q.weight_partials) {
+        launch_finalize<scalar_t>(q.loss_partials, q.weight_partials, grid, total_weight, reduced_loss, p.reduction,
+                                  stream);
+      }
+    };
+    // A fused mean needs total_weight before its gradient: one cheap pass over the class indices first.
+    auto total_weight_first = [&] {
+      const LaunchShape shape = plan_per_position(positions, kTargetWeightThreads, sms);
+      at::Tensor weight_partials = at::empty({shape.grid}, acc_options);
+      launch_target_weight<acc_t>(q.target_index, positions, p.ignore_index, p.C, q.weight,
+                                  weight_partials.data_ptr<acc_t>(), shape, stream);
+      launch_finalize<scalar_t>(nullptr, weight_partials.data_ptr<acc_t>(), shape.grid, total_weight, nullptr,
+                                p.reduction, stream);
+    };
+
+    if (thread_per_position(p)) {
+      const LaunchShape shape = plan_per_position(positions, kSpatialThreads, sms);
+      const bool weights_first = fused && p.reduction == kReductionMean && !p.prob_target;
+      if (weights_first) total_weight_first();
+      attach_partials(shape.grid, need_total_weight && !p.prob_target && !weights_first);
+      launch_spatial_forward<scalar_t>(q, shape, stream);
+      finalize(shape.grid);
+      return;
+    }
+
+    const RowsPlan plan = plan_rows(p, sms);
+    if (plan.shape.splits == 1) {
+      const bool weights_first = fused && p.reduction == kReductionMean && !p.prob_target;
+      if (weights_first) total_weight_first();
+      attach_partials(plan.shape.grid, need_total_weight && !p.prob_target && !weights_first);
+      launch_rows_forward<scalar_t>(q, plan.warp_per_row, plan.shape, stream);
+      finalize(plan.shape.grid);
+      return;
+    }
+
+    // Split rows (class-index targets): statistics per split, combine per position, reduce, then the gradient.
+    at::Tensor split_stats =
+        at::empty({positions * plan.shape.splits * int64_t(sizeof(RowStats<acc_t>) / sizeof(acc_t))}, acc_options);
+    auto* split_stats_ptr = reinterpret_cast<RowStats<acc_t>*>(split_stats.data_ptr<acc_t>());
+    launch_rows_split_stats<scalar_t>(q, plan.shape, split_stats_ptr, stream);
+
+    at::Tensor lse_for_grad;
+    if (fused && !q.lse) {
+      lse_for_grad = at::empty({p.N, p.S}, acc_options);
+      q.lse = lse_for_grad.data_ptr<acc_t>();
+    }
+    const LaunchShape combine = plan_per_position(positions, 256, sms);
+    attach_partials(combine.grid, need_total_weight);
+    launch_rows_split_combine<scalar_t>(q, combine, plan.shape.splits, split_stats_ptr, stream);
+    finalize(combine.grid);
+
+    if (fused) {
+      XentParams<scalar_t> g = q;
+      g.lse_in = q.lse;
+      g.lse = nullptr;
+      g.loss_rows = nullptr;
+      g.loss_partials = nullptr;
+      g.weight_partials = nullptr;
+      launch_rows_grad<scalar_t>(g, /*warp_per_row=*/false, plan.shape, stream);
+    }
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_fwd_cuda(const at::Tensor& logits,
+                                                                      const at::Tensor& target,
+                                                                      const c10::optional<at::Tensor>& weight,
+                                                                      int64_t reduction, int64_t ignore_index,
+                                                                      double label_smoothing) {
+  const c10::cuda::CUDAGuard guard(logits.device());
+  const Problem p = make_problem(logits, target, weight, reduction, ignore_index, label_smoothing);
+  ForwardResult out = run_forward(p, at::Tensor(), /*want_lse=*/true);
+  return {out.loss, out.lse, out.total_weight};
+}
+
+std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd_grad_cuda(const at::Tensor& logits, const at::Tensor& target,
+                                                               const c10::optional<at::Tensor>& weight,
+                                                               int64_t reduction, int64_t ignore_index,
+                                                               double label_smoothing) {
+  const c10::cuda::CUDAGuard guard(logits.device());
+  const Problem p = make_problem(logits, target, weight, reduction, ignore_index, label_smoothing);
+  at::Tensor grad = empty_like_logits(p);
+  ForwardResult out = run_forward(p, grad, /*want_lse=*/false);
+  return {out.loss, grad};
+}
+
+at::Tensor cross_entropy_fwd_grad_inplace_cuda(const at::Tensor& logits, const at::Tensor& target,
+                                               const c10::optional<at::Tensor>& weight, int64_t reduction,
+                                               int64_t ignore_index, double label_smoothing) {
+  const c10::cuda::CUDAGuard guard(logits.device());
+  const Problem p = make_problem(logits, target, weight, reduction, ignore_index, label_smoothing);
+  // The kernels read everything a position needs (including x[target]) before overwriting it.
+  ForwardResult out = run_forward(p, p.logits, /*want_lse=*/false);
+  // make_problem copies logits it cannot stride through; the gradient must still land in the caller's tensor.
+  if (!p.logits.is_same(logits)) logits.copy_(p.logits);
+  return out.loss;
+}
+
+at::Tensor cross_entropy_bwd_cuda(const at::Tensor& grad_loss, const at::Tensor& logits, const at::Tensor& target,
+                                  const c10::optional<at::Tensor>& weight, const at::Tensor& lse,
+                                  const at::Tensor& total_weight, int64_t reduction, int64_t ignore_index,
+                                  double label_smoothing) {
+  const c10::cuda::CUDAGuard guard(logits.device());
+  const Problem p = make_problem(logits, target, weight, reduction, ignore_index, label_smoothing);
+  const int64_t positions = p.positions();
+  TORCH_CHECK(grad_loss.device() == logits.device() && lse.device() == logits.device() &&
+                  total_weight.device() == logits.device(),
+              "fused_xent: grad_loss, lse and total_weight must be on the device of logits (", logits.device(), ")");
+  TORCH_CHECK(reduction == kReductionNone ? grad_loss.numel() == positions : grad_loss.numel() == 1,
+              "fused_xent: grad_loss must have the shape of the loss, got ", grad_loss.sizes());
+  TORCH_CHECK(lse.numel() == positions, "fused_xent: lse must have N * S = ", positions, " elements, got ",
+              lse.sizes());
+  TORCH_CHECK(total_weight.numel() == 1, "fused_xent: total_weight must be a scalar, got ", total_weight.sizes());
+
+  at::Tensor grad = empty_like_logits(p);
+  if (positions == 0) return grad;
+
+  const auto acc_dtype = p.acc_dtype();
+  // grad_loss may be an expanded view (e.g. from loss.sum()); strides let the kernel read it without a copy.
+  at::Tensor upstream = grad_loss.to(p.logits.scalar_type());
+  upstream = reduction == kReductionNone ? upstream.reshape({p.N, p.S}) : upstream.reshape({});
+  const int64_t upstream_stride_n = reduction == kReductionNone ? upstream.stride(0) : 0;
+  const int64_t upstream_stride_s = reduction == kReductionNone ? upstream.stride(1) : 0;
+  const at::Tensor lse_acc = lse.to(acc_dtype).reshape({p.N, p.S}).contiguous();
+  const at::Tensor total_weight_acc = total_weight.to(acc_dtype).reshape({});
+  const at::Tensor weight_sum = weight_sum_if_needed(p);
+  const int64_t sms = multiprocessor_count(p.logits.device().index());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.logits.scalar_type(), "fused_xent_backward_cuda", [&] {
+    using acc_t = acc_type<scalar_t>;
+    XentParams<scalar_t> q = input_params<scalar_t>(p, weight_sum, grad);
+    q.lse_in = lse_acc.data_ptr<acc_t>();
+    q.total_weight = total_weight_acc.data_ptr<acc_t>();
+    q.grad_loss = upstream.data_ptr<scalar_t>();
+    q.grad_loss_stride_n = upstream_stride_n;
+    q.grad_loss_stride_s = upstream_stride_s;
+    if (thread_per_position(p)) {
+      launch_spatial_grad<scalar_t>(q, plan_per_position(positions, kSpatialThreads, sms), stream);
+    } else {
+      const RowsPlan plan = plan_rows(p, sms);
+      launch_rows_grad<scalar_t>(q, plan.warp_per_row, plan.shape, stream);
+    }
+  });
+  return grad;
+}
+
+}  // namespace
+}  // namespace cuda
+}  // namespace fused_xent
+
+TORCH_LIBRARY_IMPL(fused_xent, CUDA, m) {
+  m.impl("cross_entropy_fwd", &fused_xent::cuda::cross_entropy_fwd_cuda);
+  m.impl("cross_entropy_bwd", &fused_xent::cuda::cross_entropy_bwd_cuda);
+  m.impl("cross_entropy_fwd_grad", &fused_xent::cuda::cross_entropy_fwd_grad_cuda);
+  m.impl("cross_entropy_fwd_grad_", &fused_xent::cuda::cross_entropy_fwd_grad_inplace_cuda);
+}

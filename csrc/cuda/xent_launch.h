@@ -1,0 +1,63 @@
+// Host-side entry points of the CUDA kernels (one .cu per family) and the launch shapes xent_kernel.cu chooses.
+// Launchers only launch: the caller allocates every buffer the parameter block points to.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "cuda/xent_device.cuh"
+
+namespace fused_xent {
+namespace cuda {
+
+struct LaunchShape {
+  int64_t grid = 1;        // thread blocks (kernels loop over their work items with a grid stride)
+  int threads = 256;       // threads per block, a multiple of 32
+  int64_t splits = 1;      // blocks sharing one position (row kernels with BlockGroup only)
+  int64_t split_len = 0;   // classes per split
+};
+
+// Forward over rows (class stride 1): statistics, loss, lse and, when p.grad is set, the gradient in the same
+// kernel while the row is in cache. One position per warp (warp_per_row) or per block.
+template <typename scalar_t>
+void launch_rows_forward(const XentParams<scalar_t>& p, bool warp_per_row, const LaunchShape& shape,
+                         cudaStream_t stream);
+
+// Gradient of rows from p.lse_in: backward, and the last step of a split forward. Splits only with BlockGroup.
+template <typename scalar_t>
+void launch_rows_grad(const XentParams<scalar_t>& p, bool warp_per_row, const LaunchShape& shape, cudaStream_t stream);
+
+// Split forward for long rows and few positions (class-index targets): per-split statistics, then a per-position
+// combine in split order (deterministic) that writes lse, loss and the reduction partials.
+template <typename scalar_t>
+void launch_rows_split_stats(const XentParams<scalar_t>& p, const LaunchShape& shape,
+                             RowStats<acc_type<scalar_t>>* split_stats, cudaStream_t stream);
+template <typename scalar_t>
+void launch_rows_split_combine(const XentParams<scalar_t>& p, const LaunchShape& shape, int64_t splits,
+                               const RowStats<acc_type<scalar_t>>* split_stats, cudaStream_t stream);
+
+// One thread per position, looping over the classes with any strides: NCHW inputs, and rows with C <= 32.
+template <typename scalar_t>
+void launch_spatial_forward(const XentParams<scalar_t>& p, const LaunchShape& shape, cudaStream_t stream);
+template <typename scalar_t>
+void launch_spatial_grad(const XentParams<scalar_t>& p, const LaunchShape& shape, cudaStream_t stream);
+
+// Per-block sums of weight[target] over non-ignored class-index targets (the mean's denominator), for a forward
+// that needs total_weight before its main kernel.
+template <typename acc_t>
+void launch_target_weight(const int64_t* target, int64_t positions, int64_t ignore_index, int64_t num_classes,
+                          const acc_t* weight, acc_t* partials, const LaunchShape& shape, cudaStream_t stream);
+
+// One block that sums the partials in a fixed order. weight_partials set: writes their sum to *total_weight;
+// otherwise reads *total_weight. loss set: writes the reduced loss (sum, or sum / total_weight for mean).
+template <typename scalar_t>
+void launch_finalize(const acc_type<scalar_t>* loss_partials, const acc_type<scalar_t>* weight_partials,
+                     int64_t count, acc_type<scalar_t>* total_weight, scalar_t* loss, int64_t reduction,
+                     cudaStream_t stream);
+
+}  // namespace cuda
+}  // namespace fused_xent
+
+// Explicit instantiation for the four logits dtypes.
+#define FUSED_XENT_FOR_EACH_SCALAR(MACRO) MACRO(float) MACRO(double) MACRO(c10::Half) MACRO(c10::BFloat16)

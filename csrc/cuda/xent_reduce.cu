@@ -1,0 +1,84 @@
+// Deterministic reductions: the main kernels leave one partial per thread block (no floating-point atomics); these
+// kernels sum them in a fixed order. Also the cheap pass over the targets that gives a fused forward its mean
+// denominator before the gradient is written.
+#include <c10/cuda/CUDAException.h>
+
+#include "cuda/xent_launch.h"
+
+namespace fused_xent {
+namespace cuda {
+namespace {
+
+constexpr int kFinalizeThreads = 1024;
+
+template <typename acc_t>
+__global__ void __launch_bounds__(256)
+    target_weight_kernel(const int64_t* target, int64_t positions, int64_t ignore_index, int64_t num_classes,
+                         const acc_t* weight, acc_t* partials) {
+  acc_t total = 0, unused = 0;
+  for (int64_t r = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; r < positions;
+       r += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t y = target[r];
+    const int kind = classify_target(y, ignore_index, num_classes);
+    total += kind == kTargetValid ? class_weight(weight, y) : fill_value<acc_t>(kind);  // ignored 0, invalid NaN
+  }
+  block_sum_pair(total, unused);
+  if (threadIdx.x == 0) partials[blockIdx.x] = total;
+}
+
+template <typename scalar_t>
+__global__ void __launch_bounds__(kFinalizeThreads)
+    finalize_kernel(const acc_type<scalar_t>* loss_partials, const acc_type<scalar_t>* weight_partials,
+                    int64_t count, acc_type<scalar_t>* total_weight, scalar_t* loss, int64_t reduction) {
+  using acc_t = acc_type<scalar_t>;
+  acc_t loss_sum = 0, weight_sum = 0;
+  for (int64_t i = threadIdx.x; i < count; i += blockDim.x) {
+    if (loss_partials) loss_sum += loss_partials[i];
+    if (weight_partials) weight_sum += weight_partials[i];
+  }
+  block_sum_pair(loss_sum, weight_sum);
+  if (threadIdx.x != 0) return;
+  acc_t denominator = acc_t(1);
+  if (weight_partials) {
+    *total_weight = weight_sum;
+    denominator = weight_sum;
+  } else if (total_weight) {
+    denominator = *total_weight;
+  }
+  if (loss) {
+    // Mean over zero weight is 0/0 = NaN, as in PyTorch.
+    *loss = static_cast<scalar_t>(reduction == kReductionMean ? loss_sum / denominator : loss_sum);
+  }
+}
+
+}  // namespace
+
+template <typename acc_t>
+void launch_target_weight(const int64_t* target, int64_t positions, int64_t ignore_index, int64_t num_classes,
+                          const acc_t* weight, acc_t* partials, const LaunchShape& shape, cudaStream_t stream) {
+  target_weight_kernel<acc_t>
+      <<<shape.grid, shape.threads, 0, stream>>>(target, positions, ignore_index, num_classes, weight, partials);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename scalar_t>
+void launch_finalize(const acc_type<scalar_t>* loss_partials, const acc_type<scalar_t>* weight_partials,
+                     int64_t count, acc_type<scalar_t>* total_weight, scalar_t* loss, int64_t reduction,
+                     cudaStream_t stream) {
+  finalize_kernel<scalar_t><<<1, kFinalizeThreads, 0, stream>>>(loss_partials, weight_partials, count, total_weight,
+                                                                 loss, reduction);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template void launch_target_weight<float>(const int64_t*, int64_t, int64_t, int64_t, const float*, float*,
+                                          const LaunchShape&, cudaStream_t);
+template void launch_target_weight<double>(const int64_t*, int64_t, int64_t, int64_t, const double*, double*,
+                                           const LaunchShape&, cudaStream_t);
+#define INSTANTIATE(T)                                                                                           \
+  template void launch_finalize<T>(const acc_type<T>*, const acc_type<T>*, int64_t, acc_type<T>*, T*, int64_t, \
+                                   cudaStream_t);
+FUSED_XENT_FOR_EACH_SCALAR(INSTANTIATE)
+#undef INSTANTIATE
+
+}  // namespace cuda
+}  // namespace fused_xent

@@ -1,0 +1,238 @@
+// Row kernels (class stride 1: (N, C) inputs and channels_last): a warp or a block owns a position, loads its row
+// with 16-byte vectors, computes max and sum of exp in one read (online softmax), and, for the fused forward,
+// writes the gradient in a second sweep that hits the cache the first one filled.
+#include <c10/cuda/CUDAException.h>
+
+#include "cuda/xent_launch.h"
+
+namespace fused_xent {
+namespace cuda {
+namespace {
+
+// Writes dloss/dx for classes [begin, end) of one position. x may alias g (in-place forward): each element is read
+// and then written by the same thread, and the caller has already read x[target].
+template <typename Group, bool kProb, typename scalar_t>
+__device__ __forceinline__ void write_row_grad(const XentParams<scalar_t>& p, const scalar_t* x, const scalar_t* t,
+                                               scalar_t* g, int64_t begin, int64_t end,
+                                               const GradRow<acc_type<scalar_t>>& row) {
+  using acc_t = acc_type<scalar_t>;
+  if (row.kind != kTargetValid) {
+    const auto fill = static_cast<scalar_t>(fill_value<acc_t>(row.kind));
+    visit_classes<Group>(g, begin, end, p.vectorize, [&](auto width, int64_t c) {
+      constexpr int W = decltype(width)::value;
+      Pack<W, scalar_t> out;
+#pragma unroll
+      for (int i = 0; i < W; ++i) out.v[i] = fill;
+      store_pack<W>(g + c, out);
+    });
+    return;
+  }
+  const acc_t eps = p.label_smoothing;
+  visit_classes<Group>(x, begin, end, p.vectorize, [&](auto width, int64_t c) {
+    constexpr int W = decltype(width)::value;
+    const auto xv = load_pack<W>(x + c);
+    Pack<W, scalar_t> out;
+    if constexpr (kProb) {
+      const auto tv = load_pack<W>(t + c);
+#pragma unroll
+      for (int i = 0; i < W; ++i) {
+        out.v[i] = static_cast<scalar_t>(prob_grad_at<acc_t>(row, p.weight, c + i, static_cast<acc_t>(xv.v[i]),
+                                                             static_cast<acc_t>(tv.v[i]), eps, p.C));
+      }
+    } else {
+#pragma unroll
+      for (int i = 0; i < W; ++i) {
+        out.v[i] = static_cast<scalar_t>(index_grad_at<acc_t>(row, p.weight, c + i, static_cast<acc_t>(xv.v[i])));
+      }
+    }
+    store_pack<W>(g + c, out);
+  });
+}
+
+// Statistics of classes [begin, end) of one position, this thread's share (not yet reduced over the group).
+template <typename Group, bool kProb, typename scalar_t>
+__device__ __forceinline__ RowStats<acc_type<scalar_t>> thread_row_stats(const XentParams<scalar_t>& p,
+                                                                         const scalar_t* x, const scalar_t* t,
+                                                                         int64_t begin, int64_t end) {
+  using acc_t = acc_type<scalar_t>;
+  const acc_t eps = p.label_smoothing;
+  const bool smoothing = eps != acc_t(0);
+  auto st = RowStats<acc_t>::empty();
+  visit_classes<Group>(x, begin, end, p.vectorize, [&](auto width, int64_t c) {
+    constexpr int W = decltype(width)::value;
+    const auto xv = load_pack<W>(x + c);
+    acc_t xs[W];
+#pragma unroll
+    for (int i = 0; i < W; ++i) xs[i] = static_cast<acc_t>(xv.v[i]);
+    st.add_logits(xs);
+    if constexpr (kProb) {
+      const auto tv = load_pack<W>(t + c);
+#pragma unroll
+      for (int i = 0; i < W; ++i) {
+        const acc_t wt =
+            class_weight(p.weight, c + i) * smoothed_probability<acc_t>(static_cast<acc_t>(tv.v[i]), eps, p.C);
+        st.tsum += wt;
+        st.dot += wt * xs[i];
+      }
+    } else if (smoothing) {
+#pragma unroll
+      for (int i = 0; i < W; ++i) st.dot += class_weight(p.weight, c + i) * xs[i];
+    }
+  });
+  return st;
+}
+
+template <typename scalar_t, typename Group, bool kProb>
+__global__ void __launch_bounds__(Group::kMaxThreads) rows_forward_kernel(const XentParams<scalar_t> p) {
+  using acc_t = acc_type<scalar_t>;
+  __shared__ RowStats<acc_t> smem[32];
+  const int64_t positions = p.N * p.S;
+  const acc_t eps = p.label_smoothing;
+  const acc_t weight_sum = weight_sum_or_count(p);
+  acc_t loss_acc = 0, weight_acc = 0;  // this block's share of the reduction (group rank 0 only)
+
+  for (int64_t r = Group::index(); r < positions; r += Group::count()) {
+    const int64_t n = r / p.S;
+    const int64_t s = r - n * p.S;
+    const int64_t offset = n * p.stride_n + s * p.stride_s;
+    const scalar_t* x = p.logits + offset;
+    const scalar_t* t = kProb ? p.target_prob + offset : nullptr;
+
+    int kind = kTargetValid;
+    int64_t y = 0;
+    acc_t target_logit = 0, weight_of_target = 1;
+    if constexpr (!kProb) {
+      y = p.target_index[r];
+      kind = classify_target(y, p.ignore_index, p.C);
+      if (kind == kTargetValid) {
+        target_logit = static_cast<acc_t>(x[y]);  // before the gradient may overwrite it
+        weight_of_target = class_weight(p.weight, y);
+      }
+    }
+
+    const auto st = Group::allreduce(thread_row_stats<Group, kProb>(p, x, t, 0, p.C), smem);
+    const acc_t lse = st.lse();
+    acc_t loss, counted_weight;
+    if constexpr (kProb) {
+      loss = prob_target_loss<acc_t>(lse, st.tsum, st.dot);
+      counted_weight = 1;
+    } else {
+      index_position_loss<acc_t>(kind, weight_of_target, lse, target_logit, st, weight_sum, eps, p.C, loss,
+                                 counted_weight);
+    }
+    if (Group::rank() == 0) {
+      if (p.lse) p.lse[r] = lse;
+      if (p.loss_rows) p.loss_rows[r] = static_cast<scalar_t>(loss);
+      loss_acc += loss;
+      weight_acc += counted_weight;
+    }
+
+    if (p.grad) {
+      Group::sync();  // every read of this row happens before any write of its gradient (in-place aliasing)
+      GradRow<acc_t> row;
+      if constexpr (kProb) {
+        row = GradRow<acc_t>{};
+        row.kind = kTargetValid;
+        row.lse = lse;
+        row.scale = upstream_scale(p, n, s);
+        row.tsum = st.tsum;
+      } else {
+        row = index_grad_row<acc_t>(kind, y, weight_of_target, lse, weight_sum, eps, p.C, upstream_scale(p, n, s));
+      }
+      write_row_grad<Group, kProb>(p, x, t, p.grad + offset, 0, p.C, row);
+    }
+  }
+
+  if (p.loss_partials || p.weight_partials) {
+    block_sum_pair(loss_acc, weight_acc);
+    if (threadIdx.x == 0) {
+      if (p.loss_partials) p.loss_partials[blockIdx.x] = loss_acc;
+      if (p.weight_partials) p.weight_partials[blockIdx.x] = weight_acc;
+    }
+  }
+}
+
+// Work item = (position, split): classes [split * split_len, min(C, (split + 1) * split_len)).
+template <typename scalar_t, typename Group, bool kProb>
+__global__ void __launch_bounds__(Group::kMaxThreads)
+    rows_grad_kernel(const XentParams<scalar_t> p, int64_t splits, int64_t split_len) {
+  using acc_t = acc_type<scalar_t>;
+  __shared__ RowStats<acc_t> smem[32];
+  const int64_t items = p.N * p.S * splits;
+  const acc_t eps = p.label_smoothing;
+  const acc_t weight_sum = weight_sum_or_count(p);
+
+  for (int64_t item = Group::index(); item < items; item += Group::count()) {
+    const int64_t r = item / splits;
+    const int64_t split = item - r * splits;
+    const int64_t n = r / p.S;
+    const int64_t s = r - n * p.S;
+    const int64_t offset = n * p.stride_n + s * p.stride_s;
+    const int64_t begin = split * split_len;
+    const int64_t end = begin + split_len < p.C ? begin + split_len : p.C;
+    const scalar_t* x = p.logits + offset;
+    const scalar_t* t = kProb ? p.target_prob + offset : nullptr;
+    const acc_t lse = p.lse_in[r];
+    const acc_t scale = upstream_scale(p, n, s);
+
+    GradRow<acc_t> row{};
+    if constexpr (kProb) {
+      // T = sum_c w[c] t'[c] over the whole row (probability targets never split).
+      auto st = RowStats<acc_t>::empty();
+      visit_classes<Group>(t, 0, p.C, p.vectorize, [&](auto width, int64_t c) {
+        constexpr int W = decltype(width)::value;
+        const auto tv = load_pack<W>(t + c);
+#pragma unroll
+        for (int i = 0; i < W; ++i) {
+          st.tsum +=
+              class_weight(p.weight, c + i) * smoothed_probability<acc_t>(static_cast<acc_t>(tv.v[i]), eps, p.C);
+        }
+      });
+      row.kind = kTargetValid;
+      row.lse = lse;
+      row.scale = scale;
+      row.tsum = Group::allreduce(st, smem).tsum;
+    } else {
+      const int64_t y = p.target_index[r];
+      const int kind = classify_target(y, p.ignore_index, p.C);
+      const acc_t weight_of_target = kind == kTargetValid ? class_weight(p.weight, y) : acc_t(0);
+      row = index_grad_row<acc_t>(kind, y, weight_of_target, lse, weight_sum, eps, p.C, scale);
+    }
+    write_row_grad<Group, kProb>(p, x, t, p.grad + offset, begin, end, row);
+  }
+}
+
+}  // namespace
+
+template <typename scalar_t>
+void launch_rows_forward(const XentParams<scalar_t>& p, bool warp_per_row, const LaunchShape& shape,
+                         cudaStream_t stream) {
+  const bool prob = p.target_prob != nullptr;
+  auto kernel = warp_per_row ? (prob ? rows_forward_kernel<scalar_t, WarpGroup, true>
+                                     : rows_forward_kernel<scalar_t, WarpGroup, false>)
+                             : (prob ? rows_forward_kernel<scalar_t, BlockGroup, true>
+                                     : rows_forward_kernel<scalar_t, BlockGroup, false>);
+  kernel<<<shape.grid, shape.threads, 0, stream>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename scalar_t>
+void launch_rows_grad(const XentParams<scalar_t>& p, bool warp_per_row, const LaunchShape& shape,
+                      cudaStream_t stream) {
+  const bool prob = p.target_prob != nullptr;
+  auto kernel = warp_per_row ? (prob ? rows_grad_kernel<scalar_t, WarpGroup, true>
+                                     : rows_grad_kernel<scalar_t, WarpGroup, false>)
+                             : (prob ? rows_grad_kernel<scalar_t, BlockGroup, true>
+                                     : rows_grad_kernel<scalar_t, BlockGroup, false>);
+  kernel<<<shape.grid, shape.threads, 0, stream>>>(p, shape.splits, shape.split_len);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+#define INSTANTIATE(T)                                                                                         \
+  template void launch_rows_forward<T>(const XentParams<T>&, bool, const LaunchShape&, cudaStream_t);           \
+  template void launch_rows_grad<T>(const XentParams<T>&, bool, const LaunchShape&, cudaStream_t);
+FUSED_XENT_FOR_EACH_SCALAR(INSTANTIATE)
+#undef INSTANTIATE
+
+}  // namespace cuda
+}  // namespace fused_xent

@@ -1,0 +1,120 @@
+// Split rows: when a few positions have very many classes (e.g. 512 x 256000), one block per position leaves most
+// of the GPU idle, so several blocks share a position. Each writes the statistics of its split; a second kernel
+// merges them per position in split order (fixed, hence bitwise reproducible) and finishes lse and loss. The fused
+// forward then writes the gradient with the row gradient kernel, split the same way.
+#include <c10/cuda/CUDAException.h>
+
+#include "cuda/xent_launch.h"
+
+namespace fused_xent {
+namespace cuda {
+namespace {
+
+// Work item = (position, split); class-index targets only.
+template <typename scalar_t>
+__global__ void __launch_bounds__(BlockGroup::kMaxThreads)
+    rows_split_stats_kernel(const XentParams<scalar_t> p, int64_t splits, int64_t split_len,
+                            RowStats<acc_type<scalar_t>>* split_stats) {
+  using acc_t = acc_type<scalar_t>;
+  __shared__ RowStats<acc_t> smem[32];
+  const int64_t items = p.N * p.S * splits;
+  const bool smoothing = p.label_smoothing != acc_t(0);
+
+  for (int64_t item = blockIdx.x; item < items; item += gridDim.x) {
+    const int64_t r = item / splits;
+    const int64_t split = item - r * splits;
+    const int64_t n = r / p.S;
+    const int64_t s = r - n * p.S;
+    const scalar_t* x = p.logits + n * p.stride_n + s * p.stride_s;
+    const int64_t begin = split * split_len;
+    const int64_t end = begin + split_len < p.C ? begin + split_len : p.C;
+
+    auto st = RowStats<acc_t>::empty();
+    visit_classes<BlockGroup>(x, begin, end, p.vectorize, [&](auto width, int64_t c) {
+      constexpr int W = decltype(width)::value;
+      const auto xv = load_pack<W>(x + c);
+      acc_t xs[W];
+#pragma unroll
+      for (int i = 0; i < W; ++i) xs[i] = static_cast<acc_t>(xv.v[i]);
+      st.add_logits(xs);
+      if (smoothing) {
+#pragma unroll
+        for (int i = 0; i < W; ++i) st.dot += class_weight(p.weight, c + i) * xs[i];
+      }
+    });
+    st = BlockGroup::allreduce(st, smem);
+    if (threadIdx.x == 0) split_stats[item] = st;
+  }
+}
+
+// One thread per position.
+template <typename scalar_t>
+__global__ void __launch_bounds__(256) rows_split_combine_kernel(const XentParams<scalar_t> p, int64_t splits,
+                                                                 const RowStats<acc_type<scalar_t>>* split_stats) {
+  using acc_t = acc_type<scalar_t>;
+  const int64_t positions = p.N * p.S;
+  const acc_t eps = p.label_smoothing;
+  const acc_t weight_sum = weight_sum_or_count(p);
+  acc_t loss_acc = 0, weight_acc = 0;
+
+  for (int64_t r = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; r < positions;
+       r += int64_t(gridDim.x) * blockDim.x) {
+    auto st = split_stats[r * splits];
+    for (int64_t k = 1; k < splits; ++k) st.merge(split_stats[r * splits + k]);
+    const acc_t lse = st.lse();
+
+    const int64_t y = p.target_index[r];
+    const int kind = classify_target(y, p.ignore_index, p.C);
+    acc_t target_logit = 0, weight_of_target = 1;
+    if (kind == kTargetValid) {
+      const int64_t n = r / p.S;
+      const int64_t s = r - n * p.S;
+      // Read here, before the gradient kernel that may overwrite the logits runs.
+      target_logit = static_cast<acc_t>(p.logits[n * p.stride_n + s * p.stride_s + y]);
+      weight_of_target = class_weight(p.weight, y);
+    }
+    acc_t loss, counted_weight;
+    index_position_loss<acc_t>(kind, weight_of_target, lse, target_logit, st, weight_sum, eps, p.C, loss,
+                               counted_weight);
+    if (p.lse) p.lse[r] = lse;
+    if (p.loss_rows) p.loss_rows[r] = static_cast<scalar_t>(loss);
+    loss_acc += loss;
+    weight_acc += counted_weight;
+  }
+
+  if (p.loss_partials || p.weight_partials) {
+    block_sum_pair(loss_acc, weight_acc);
+    if (threadIdx.x == 0) {
+      if (p.loss_partials) p.loss_partials[blockIdx.x] = loss_acc;
+      if (p.weight_partials) p.weight_partials[blockIdx.x] = weight_acc;
+    }
+  }
+}
+
+}  // namespace
+
+template <typename scalar_t>
+void launch_rows_split_stats(const XentParams<scalar_t>& p, const LaunchShape& shape,
+                             RowStats<acc_type<scalar_t>>* split_stats, cudaStream_t stream) {
+  rows_split_stats_kernel<scalar_t>
+      <<<shape.grid, shape.threads, 0, stream>>>(p, shape.splits, shape.split_len, split_stats);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename scalar_t>
+void launch_rows_split_combine(const XentParams<scalar_t>& p, const LaunchShape& shape, int64_t splits,
+                               const RowStats<acc_type<scalar_t>>* split_stats, cudaStream_t stream) {
+  rows_split_combine_kernel<scalar_t><<<shape.grid, shape.threads, 0, stream>>>(p, splits, split_stats);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+#define INSTANTIATE(T)                                                                                            \
+  template void launch_rows_split_stats<T>(const XentParams<T>&, const LaunchShape&, RowStats<acc_type<T>>*,      \
+                                           cudaStream_t);                                                          \
+  template void launch_rows_split_combine<T>(const XentParams<T>&, const LaunchShape&, int64_t,                   \
+                                             const RowStats<acc_type<T>>*, cudaStream_t);
+FUSED_XENT_FOR_EACH_SCALAR(INSTANTIATE)
+#undef INSTANTIATE
+
+}  // namespace cuda
+}  // namespace fused_xent

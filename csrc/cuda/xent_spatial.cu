@@ -1,0 +1,199 @@
+// One thread per position, looping over its C classes with any strides. Built for NCHW (position stride 1):
+// consecutive threads own consecutive positions, so every class step is a coalesced warp-wide load. Also used for
+// rows with very few classes (C <= 32, e.g. channels_last segmentation), where a thread's classes are contiguous
+// and neighbouring threads' rows share cache lines. The class loop takes four
+// classes at a time: four independent loads in flight and one online-softmax rescale per chunk at most.
+#include <c10/cuda/CUDAException.h>
+
+#include "cuda/xent_launch.h"
+
+namespace fused_xent {
+namespace cuda {
+namespace {
+
+constexpr int kClassChunk = 4;
+
+// Calls body(std::integral_constant<int, W>{}, c) for classes c .. c+W-1, chunks of kClassChunk then single ones.
+template <typename Body>
+__device__ __forceinline__ void for_class_chunks(int64_t num_classes, Body&& body) {
+  int64_t c = 0;
+  for (; c + kClassChunk <= num_classes; c += kClassChunk) body(std::integral_constant<int, kClassChunk>{}, c);
+  for (; c < num_classes; ++c) body(std::integral_constant<int, 1>{}, c);
+}
+
+template <typename scalar_t, bool kProb>
+__device__ __forceinline__ void write_position_grad(const XentParams<scalar_t>& p, const scalar_t* x,
+                                                    const scalar_t* t, scalar_t* g,
+                                                    const GradRow<acc_type<scalar_t>>& row) {
+  using acc_t = acc_type<scalar_t>;
+  const int64_t sc = p.stride_c;
+  if (row.kind != kTargetValid) {
+    const auto fill = static_cast<scalar_t>(fill_value<acc_t>(row.kind));
+    for (int64_t c = 0; c < p.C; ++c) g[c * sc] = fill;
+    return;
+  }
+  const acc_t eps = p.label_smoothing;
+  // Same thread reads x[c] then writes g[c]: safe when g aliases x.
+#pragma unroll 4
+  for (int64_t c = 0; c < p.C; ++c) {
+    const acc_t xc = static_cast<acc_t>(x[c * sc]);
+    acc_t d;
+    if constexpr (kProb) {
+      d = prob_grad_at<acc_t>(row, p.weight, c, xc, static_cast<acc_t>(t[c * sc]), eps, p.C);
+    } else {
+      d = index_grad_at<acc_t>(row, p.weight, c, xc);
+    }
+    g[c * sc] = static_cast<scalar_t>(d);
+  }
+}
+
+template <typename scalar_t, bool kProb>
+__global__ void __launch_bounds__(256) spatial_forward_kernel(const XentParams<scalar_t> p) {
+  using acc_t = acc_type<scalar_t>;
+  const int64_t positions = p.N * p.S;
+  const int64_t sc = p.stride_c;
+  const acc_t eps = p.label_smoothing;
+  const bool smoothing = eps != acc_t(0);
+  const acc_t weight_sum = weight_sum_or_count(p);
+  acc_t loss_acc = 0, weight_acc = 0;
+
+  for (int64_t r = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; r < positions;
+       r += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t n = r / p.S;
+    const int64_t s = r - n * p.S;
+    const int64_t offset = n * p.stride_n + s * p.stride_s;
+    const scalar_t* x = p.logits + offset;
+    const scalar_t* t = kProb ? p.target_prob + offset : nullptr;
+
+    int kind = kTargetValid;
+    int64_t y = 0;
+    acc_t target_logit = 0, weight_of_target = 1;
+    if constexpr (!kProb) {
+      y = p.target_index[r];
+      kind = classify_target(y, p.ignore_index, p.C);
+      if (kind == kTargetValid) {
+        target_logit = static_cast<acc_t>(x[y * sc]);
+        weight_of_target = class_weight(p.weight, y);
+      }
+    }
+
+    auto st = RowStats<acc_t>::empty();
+    for_class_chunks(p.C, [&](auto width, int64_t c) {
+      constexpr int W = decltype(width)::value;
+      acc_t xs[W];
+#pragma unroll
+      for (int i = 0; i < W; ++i) xs[i] = static_cast<acc_t>(x[(c + i) * sc]);
+      st.add_logits(xs);
+      if constexpr (kProb) {
+#pragma unroll
+        for (int i = 0; i < W; ++i) {
+          const acc_t wt = class_weight(p.weight, c + i) *
+                           smoothed_probability<acc_t>(static_cast<acc_t>(t[(c + i) * sc]), eps, p.C);
+          st.tsum += wt;
+          st.dot += wt * xs[i];
+        }
+      } else if (smoothing) {
+#pragma unroll
+        for (int i = 0; i < W; ++i) st.dot += class_weight(p.weight, c + i) * xs[i];
+      }
+    });
+
+    const acc_t lse = st.lse();
+    acc_t loss, counted_weight;
+    if constexpr (kProb) {
+      loss = prob_target_loss<acc_t>(lse, st.tsum, st.dot);
+      counted_weight = 1;
+    } else {
+      index_position_loss<acc_t>(kind, weight_of_target, lse, target_logit, st, weight_sum, eps, p.C, loss,
+                                 counted_weight);
+    }
+    if (p.lse) p.lse[r] = lse;
+    if (p.loss_rows) p.loss_rows[r] = static_cast<scalar_t>(loss);
+    loss_acc += loss;
+    weight_acc += counted_weight;
+
+    if (p.grad) {
+      GradRow<acc_t> row;
+      if constexpr (kProb) {
+        row = GradRow<acc_t>{};
+        row.kind = kTargetValid;
+        row.lse = lse;
+        row.scale = upstream_scale(p, n, s);
+        row.tsum = st.tsum;
+      } else {
+        row = index_grad_row<acc_t>(kind, y, weight_of_target, lse, weight_sum, eps, p.C, upstream_scale(p, n, s));
+      }
+      write_position_grad<scalar_t, kProb>(p, x, t, p.grad + offset, row);
+    }
+  }
+
+  if (p.loss_partials || p.weight_partials) {
+    block_sum_pair(loss_acc, weight_acc);
+    if (threadIdx.x == 0) {
+      if (p.loss_partials) p.loss_partials[blockIdx.x] = loss_acc;
+      if (p.weight_partials) p.weight_partials[blockIdx.x] = weight_acc;
+    }
+  }
+}
+
+template <typename scalar_t, bool kProb>
+__global__ void __launch_bounds__(256) spatial_grad_kernel(const XentParams<scalar_t> p) {
+  using acc_t = acc_type<scalar_t>;
+  const int64_t positions = p.N * p.S;
+  const int64_t sc = p.stride_c;
+  const acc_t eps = p.label_smoothing;
+  const acc_t weight_sum = weight_sum_or_count(p);
+
+  for (int64_t r = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; r < positions;
+       r += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t n = r / p.S;
+    const int64_t s = r - n * p.S;
+    const int64_t offset = n * p.stride_n + s * p.stride_s;
+    const scalar_t* t = kProb ? p.target_prob + offset : nullptr;
+    const acc_t lse = p.lse_in[r];
+    const acc_t scale = upstream_scale(p, n, s);
+
+    GradRow<acc_t> row{};
+    if constexpr (kProb) {
+      acc_t tsum = 0;
+      for (int64_t c = 0; c < p.C; ++c) {
+        tsum += class_weight(p.weight, c) * smoothed_probability<acc_t>(static_cast<acc_t>(t[c * sc]), eps, p.C);
+      }
+      row.kind = kTargetValid;
+      row.lse = lse;
+      row.scale = scale;
+      row.tsum = tsum;
+    } else {
+      const int64_t y = p.target_index[r];
+      const int kind = classify_target(y, p.ignore_index, p.C);
+      const acc_t weight_of_target = kind == kTargetValid ? class_weight(p.weight, y) : acc_t(0);
+      row = index_grad_row<acc_t>(kind, y, weight_of_target, lse, weight_sum, eps, p.C, scale);
+    }
+    write_position_grad<scalar_t, kProb>(p, p.logits + offset, t, p.grad + offset, row);
+  }
+}
+
+}  // namespace
+
+template <typename scalar_t>
+void launch_spatial_forward(const XentParams<scalar_t>& p, const LaunchShape& shape, cudaStream_t stream) {
+  auto kernel = p.target_prob ? spatial_forward_kernel<scalar_t, true> : spatial_forward_kernel<scalar_t, false>;
+  kernel<<<shape.grid, shape.threads, 0, stream>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename scalar_t>
+void launch_spatial_grad(const XentParams<scalar_t>& p, const LaunchShape& shape, cudaStream_t stream) {
+  auto kernel = p.target_prob ? spatial_grad_kernel<scalar_t, true> : spatial_grad_kernel<scalar_t, false>;
+  kernel<<<shape.grid, shape.threads, 0, stream>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+#define INSTANTIATE(T)                                                                                 \
+  template void launch_spatial_forward<T>(const XentParams<T>&, const LaunchShape&, cudaStream_t);      \
+  template void launch_spatial_grad<T>(const XentParams<T>&, const LaunchShape&, cudaStream_t);
+FUSED_XENT_FOR_EACH_SCALAR(INSTANTIATE)
+#undef INSTANTIATE
+
+}  // namespace cuda
+}  // namespace fused_xent

@@ -1,0 +1,404 @@
+"""The compiled CUDA kernel (backend="cuda") against torch.nn.functional.cross_entropy.
+
+Everything except the registration check needs a GPU and is skipped without one. Each kernel path is covered:
+a thread per position (NCHW, and any layout with C <= 32), rows with a warp per position (C <= 2048), a block per
+position, rows split across blocks (few positions, huge C), channels_last, misaligned rows (16-byte vector
+head/tail), copies for non-dense inputs, and every grad_mode (recompute -> cross_entropy_bwd,
+in_forward -> cross_entropy_fwd_grad, inplace -> cross_entropy_fwd_grad_).
+"""
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fused_xent
+
+OPS = ("cross_entropy_fwd", "cross_entropy_bwd", "cross_entropy_fwd_grad", "cross_entropy_fwd_grad_")
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+gpu = [pytest.mark.cuda, needs_gpu]
+
+# (rtol, atol) against PyTorch in float64 on the same rounded inputs: about two roundings of the output dtype.
+TOLERANCES = {
+    torch.float64: (1e-9, 1e-11),
+    torch.float32: (2e-5, 2e-6),
+    torch.float16: (2e-3, 2e-3),
+    torch.bfloat16: (1.6e-2, 1.6e-2),
+}
+GRAD_MODES = ("recompute", "in_forward", "inplace")
+
+
+def _extension_path():
+    import importlib.util
+
+    spec = importlib.util.find_spec("fused_xent._C")
+    return None if spec is None else spec.origin
+
+
+def test_cuda_kernel_registered():
+    """Needs no GPU: a CUDA build of the extension registers all four ops for the CUDA dispatch key."""
+    if torch.version.cuda is None:
+        pytest.skip("torch is a CPU-only build")
+    path = _extension_path()
+    if path is None:
+        pytest.skip("fused_xent._C is not built")
+    torch.ops.load_library(path)
+    with open(path, "rb") as library:
+        built_with_cuda = b"cudaLaunchKernel" in library.read()
+    if not built_with_cuda and os.environ.get("FUSED_XENT_CUDA") != "1":
+        pytest.skip("the extension was built without CUDA (FUSED_XENT_CUDA=1 forces it)")
+    for op in OPS:
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"fused_xent::{op}", "CUDA"), op
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Builders
+
+
+def make_logits(shape, layout, dtype, generator, scale=3.0, masked=False):
+    """Random logits on the GPU in a memory layout; masked: ~10% of the logits are -inf (never all of a row)."""
+    values = torch.randn(shape, generator=generator, dtype=torch.float64) * scale
+    if masked and len(shape) > 1 and shape[1] > 1:
+        drop = torch.rand(shape, generator=generator) < 0.1
+        drop.select(1, 0).fill_(False)
+        values[drop] = -float("inf")
+    numel = values.numel()
+    if layout == "contiguous":
+        out = torch.empty(shape, dtype=dtype, device="cuda")
+    elif layout == "channels_last":
+        out = torch.empty(shape, dtype=dtype, device="cuda").contiguous(
+            memory_format=torch.channels_last if len(shape) == 4 else torch.contiguous_format
+        )
+    elif layout == "offset":  # one element past a 16-byte boundary: every row needs a scalar head
+        out = torch.empty(numel + 1, dtype=dtype, device="cuda")[1:].view(shape)
+    elif layout == "transposed":  # (N, C) stored column-major: the kernel sees a copy
+        out = torch.empty(tuple(reversed(shape)), dtype=dtype, device="cuda").t()
+    elif layout == "sliced":  # every other class of a wider tensor: not dense, copied
+        wide = list(shape)
+        wide[1] *= 2
+        out = torch.empty(wide, dtype=dtype, device="cuda")[:, ::2]
+    else:
+        raise ValueError(layout)
+    return out.copy_(values)
+
+
+def make_target(logits, kind, ignore_index, generator):
+    shape = logits.shape
+    num_classes = shape[0] if logits.dim() == 1 else shape[1]
+    if kind == "prob":
+        raw = torch.randn(shape, generator=generator, dtype=torch.float64) * 2
+        raw[torch.rand(shape, generator=generator) < 0.2] = -float("inf")
+        class_dim = 0 if logits.dim() == 1 else 1
+        probs = torch.softmax(raw, dim=class_dim).nan_to_num(0.0)
+        return probs.to(device="cuda", dtype=logits.dtype)
+    target_shape = () if logits.dim() == 1 else shape[:1] + shape[2:]
+    target = torch.randint(0, num_classes, target_shape, generator=generator)
+    if kind == "index_ignore" and target.numel():
+        target[torch.rand(target_shape, generator=generator) < 0.35] = ignore_index
+    if logits.dim() > 1 and not logits.isfinite().all():
+        # Keep the target logit finite (masked logits): class 0 is never masked.
+        finite = logits.detach().cpu().isfinite().gather(1, target.clamp(min=0).unsqueeze(1)).squeeze(1)
+        target[~finite] = 0
+    return target.cuda()
+
+
+def make_weight(logits, generator):
+    num_classes = logits.shape[0] if logits.dim() == 1 else logits.shape[1]
+    return (torch.rand(num_classes, generator=generator, dtype=torch.float64) * 1.8 + 0.2).to(
+        device="cuda", dtype=logits.dtype
+    )
+
+
+def reference(x, target, grad_output, **kwargs):
+    """F.cross_entropy loss and input gradient in float64 on the same values."""
+    x64 = x.detach().double().requires_grad_(True)
+    t = target.double() if target.is_floating_point() else target
+    if kwargs.get("weight") is not None:
+        kwargs = dict(kwargs, weight=kwargs["weight"].double())
+    loss = F.cross_entropy(x64, t, **kwargs)
+    if loss.numel() == 0:
+        return loss.detach(), torch.zeros_like(x64)
+    (grad,) = torch.autograd.grad(loss, x64, grad_output.double())
+    return loss.detach(), grad
+
+
+def same_layout_copy(x):
+    """A copy with x's exact geometry (strides and storage offset, so misaligned rows stay misaligned)."""
+    storage = torch.empty(x.untyped_storage().nbytes() // x.element_size(), dtype=x.dtype, device=x.device)
+    return storage.as_strided(x.shape, x.stride(), x.storage_offset()).copy_(x.detach()).detach()
+
+
+def fused(x, target, grad_output, grad_mode, **kwargs):
+    leaf = same_layout_copy(x).requires_grad_(True)  # a fresh leaf each call: 'inplace' overwrites it
+    loss = fused_xent.cross_entropy(leaf, target, backend="cuda", grad_mode=grad_mode, **kwargs)
+    if loss.numel() == 0:
+        return loss.detach(), torch.zeros_like(x)
+    (grad,) = torch.autograd.grad(loss, leaf, grad_output)
+    return loss.detach(), grad
+
+
+def assert_close(actual, expected, dtype, what):
+    rtol, atol = TOLERANCES[dtype]
+    torch.testing.assert_close(
+        actual.double(), expected.double(), rtol=rtol, atol=atol, equal_nan=True, msg=lambda m: f"{what}: {m}"
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Parity over the argument grid
+
+# (shape, layout, dtypes): C=1, odd C, the warp/block boundary, 32K and 128K vocabularies (the latter splits rows
+# across blocks), unbatched, empty, spatial 3-D to 5-D, channels_last, misaligned and non-dense inputs.
+ALL = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+CASES = [
+    ((7,), "contiguous", ALL),
+    ((1, 1), "contiguous", ALL),
+    ((5, 1), "contiguous", ALL),
+    ((4, 2), "contiguous", ALL),
+    ((9, 423), "contiguous", ALL),
+    ((9, 423), "offset", ALL),
+    ((33, 2048), "contiguous", (torch.float32, torch.bfloat16)),
+    ((5, 2049), "offset", (torch.float32, torch.bfloat16, torch.float64)),
+    ((6, 32000), "contiguous", (torch.float32, torch.bfloat16, torch.float16)),
+    ((3, 32000), "offset", (torch.float32, torch.bfloat16)),
+    ((4, 128256), "contiguous", (torch.float32, torch.bfloat16)),
+    ((600, 8200), "contiguous", (torch.bfloat16,)),
+    ((0, 5), "contiguous", (torch.float32,)),
+    ((2, 3, 0, 4), "contiguous", (torch.float32,)),
+    ((6, 10), "transposed", (torch.float32, torch.float16)),
+    ((5, 12), "sliced", (torch.float32, torch.bfloat16)),
+    ((4, 5, 7), "contiguous", ALL),
+    ((2, 4, 3, 5), "contiguous", ALL),
+    ((2, 19, 16, 16), "contiguous", (torch.float32, torch.bfloat16, torch.float16)),
+    ((2, 3, 2, 3, 4), "contiguous", (torch.float32, torch.float64)),
+    ((2, 5, 3, 4), "channels_last", ALL),
+    ((2, 19, 8, 8), "channels_last", (torch.float32, torch.bfloat16)),
+    ((2, 40, 3, 5), "channels_last", ALL),  # C > 32: a warp per position with S > 1
+    ((3, 6, 4, 5), "sliced", (torch.float32,)),
+]
+PARAMS = [
+    pytest.param(shape, layout, dtype, id="x".join(map(str, shape)) + f"-{layout}-{str(dtype)[6:]}")
+    for shape, layout, dtypes in CASES
+    for dtype in dtypes
+]
+
+# (target kind, weight?, label_smoothing, reduction, ignore_index)
+OPTIONS = [
+    ("index", False, 0.0, "mean", -100),
+    ("index_ignore", True, 0.0, "mean", -100),
+    ("index_ignore", True, 0.1, "sum", -100),
+    ("index_ignore", False, 0.2, "none", -100),
+    ("index", True, 0.0, "none", -100),
+    ("index_ignore", True, 0.05, "mean", 1),  # ignore_index that is also a valid class: ignored
+    ("prob", False, 0.0, "mean", -100),
+    ("prob", True, 0.15, "none", -100),
+    ("prob", True, 0.0, "sum", -100),
+]
+
+
+@pytest.mark.parametrize("shape,layout,dtype", PARAMS)
+@pytest.mark.cuda
+@needs_gpu
+def test_parity(shape, layout, dtype):
+    generator = torch.Generator().manual_seed(hash((shape, layout, str(dtype))) % 2**31)
+    x = make_logits(shape, layout, dtype, generator)
+    for kind, with_weight, smoothing, reduction, ignore_index in OPTIONS:
+        target = make_target(x, kind, ignore_index, generator)
+        kwargs = {"reduction": reduction, "label_smoothing": smoothing}
+        if kind != "prob":
+            kwargs["ignore_index"] = ignore_index
+        if with_weight:
+            kwargs["weight"] = make_weight(x, generator)
+        loss_shape = target.shape if reduction == "none" and kind != "prob" else ()
+        if reduction == "none" and kind == "prob":
+            loss_shape = x.shape[:1] + x.shape[2:] if x.dim() > 1 else ()
+        grad_output = (torch.rand(loss_shape, generator=generator, dtype=torch.float64) + 0.5).to("cuda", dtype)
+        expected_loss, expected_grad = reference(x, target, grad_output, **kwargs)
+        for grad_mode in GRAD_MODES:
+            what = f"{kind} weight={with_weight} eps={smoothing} {reduction} ignore={ignore_index} {grad_mode}"
+            loss, grad = fused(x, target, grad_output, grad_mode, **kwargs)
+            assert loss.dtype == dtype and loss.shape == expected_loss.shape, what
+            assert grad.shape == x.shape, what
+            assert_close(loss, expected_loss, dtype, f"loss [{what}]")
+            assert_close(grad, expected_grad, dtype, f"grad [{what}]")
+
+
+@pytest.mark.parametrize("shape", [(16, 1000), (3, 32000), (2, 7, 9, 5)], ids=str)
+@pytest.mark.cuda
+@needs_gpu
+def test_masked_logits(shape):
+    """-inf logits (masked vocabulary) give zero probability and gradient, as in PyTorch."""
+    generator = torch.Generator().manual_seed(3)
+    x = make_logits(shape, "contiguous", torch.float32, generator, masked=True)
+    for smoothing in (0.0, 0.1):
+        target = make_target(x, "index", -100, generator)
+        expected_loss, expected_grad = reference(x, target, torch.tensor(1.0, device="cuda"), label_smoothing=smoothing)
+        for grad_mode in GRAD_MODES:
+            loss, grad = fused(x, target, torch.tensor(1.0, device="cuda"), grad_mode, label_smoothing=smoothing)
+            assert_close(loss, expected_loss, torch.float32, f"loss eps={smoothing} {grad_mode}")
+            assert_close(grad, expected_grad, torch.float32, f"grad eps={smoothing} {grad_mode}")
+
+
+@pytest.mark.cuda
+@needs_gpu
+def test_raw_op_outputs():
+    """lse and total_weight straight from the op: dtypes, shapes and values."""
+    generator = torch.Generator().manual_seed(5)
+    for dtype, acc in ((torch.bfloat16, torch.float32), (torch.float64, torch.float64)):
+        x = make_logits((6, 3, 5), "contiguous", dtype, generator)
+        target = make_target(x, "index_ignore", -100, generator)
+        weight = make_weight(x, generator)
+        _, lse, total_weight = torch.ops.fused_xent.cross_entropy_fwd(x, target, weight.to(acc), 1, -100, 0.0)
+        assert lse.dtype == acc and lse.shape == (6, 5) and total_weight.dtype == acc and total_weight.dim() == 0
+        torch.testing.assert_close(lse, torch.logsumexp(x.to(acc), dim=1), rtol=1e-5, atol=1e-5)
+        kept = target != -100
+        expected_weight = weight.to(acc)[target[kept]].sum()
+        torch.testing.assert_close(total_weight, expected_weight, rtol=1e-6, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Gradcheck, determinism, invalid targets
+
+
+GRADCHECK_CASES = [
+    ((4, 5), "index_ignore", True, 0.1, "mean"),
+    ((3, 40), "index", False, 0.0, "none"),
+    ((2, 4, 3), "index_ignore", True, 0.2, "sum"),
+    ((3, 6), "prob", True, 0.1, "mean"),
+    ((2, 3, 2, 2), "prob", False, 0.0, "none"),
+    ((2, 3000), "index", True, 0.1, "mean"),
+]
+
+
+@pytest.mark.parametrize("shape,kind,with_weight,smoothing,reduction", GRADCHECK_CASES, ids=str)
+@pytest.mark.cuda
+@needs_gpu
+def test_gradcheck_float64(shape, kind, with_weight, smoothing, reduction):
+    generator = torch.Generator().manual_seed(11)
+    x = make_logits(shape, "contiguous", torch.float64, generator).requires_grad_(True)
+    target = make_target(x, kind, -100, generator)
+    weight = make_weight(x, generator) if with_weight else None
+
+    def loss_of(logits):
+        return fused_xent.cross_entropy(
+            logits, target, weight=weight, reduction=reduction, label_smoothing=smoothing, backend="cuda"
+        )
+
+    assert torch.autograd.gradcheck(loss_of, (x,), eps=1e-6, atol=1e-7)
+
+
+DETERMINISM_CASES = [
+    ((4096, 1000), "contiguous"),        # warp per position
+    ((256, 32000), "contiguous"),        # block per position
+    ((16, 128256), "contiguous"),        # rows split across blocks
+    ((8, 19, 64, 64), "contiguous"),     # spatial
+    ((8, 19, 32, 32), "channels_last"),  # few classes: a thread per position
+    ((4, 40, 32, 32), "channels_last"),  # a warp per position with S > 1
+]
+
+
+@pytest.mark.parametrize("shape,layout", DETERMINISM_CASES, ids=str)
+@pytest.mark.cuda
+@needs_gpu
+def test_bitwise_deterministic(shape, layout):
+    generator = torch.Generator().manual_seed(13)
+    x = make_logits(shape, layout, torch.bfloat16, generator)
+    target = make_target(x, "index_ignore", -100, generator)
+    weight = make_weight(x, generator)
+    for reduction in ("mean", "sum", "none"):
+        for grad_mode in GRAD_MODES:
+            kwargs = {"weight": weight, "reduction": reduction, "label_smoothing": 0.1}
+            grad_output = torch.ones(target.shape if reduction == "none" else (), device="cuda", dtype=x.dtype)
+            first = fused(x, target, grad_output, grad_mode, **kwargs)
+            second = fused(x, target, grad_output, grad_mode, **kwargs)
+            assert torch.equal(first[0], second[0]), f"loss {reduction} {grad_mode}"
+            assert torch.equal(first[1], second[1]), f"grad {reduction} {grad_mode}"
+
+
+@pytest.mark.cuda
+@needs_gpu
+def test_out_of_range_target_raises():
+    x = torch.randn(4, 10, device="cuda")
+    for bad in (10, -1, 2**40):
+        target = torch.tensor([1, bad, 3, -100], device="cuda")
+        with pytest.raises(IndexError):
+            fused_xent.cross_entropy(x, target, backend="cuda")
+    torch.cuda.synchronize()  # no device-side assert was triggered
+    assert F.cross_entropy(x, torch.tensor([1, 2, 3, 4], device="cuda")).isfinite()
+
+
+@pytest.mark.parametrize("shape", [(4, 10), (4, 5000), (2, 10, 3)], ids=str)
+@pytest.mark.cuda
+@needs_gpu
+def test_out_of_range_target_in_kernel_is_nan(shape):
+    """The op itself (no front-end check): bad indices give NaN loss and NaN gradient rows, nothing else."""
+    x = torch.randn(shape, device="cuda").view(shape[0], shape[1], -1)
+    target = torch.tensor([1, shape[1], -7, -100], device="cuda")[: shape[0]].view(-1, 1).expand(-1, x.shape[2])
+    target = target.contiguous()
+    ops = torch.ops.fused_xent
+    loss, lse, total_weight = ops.cross_entropy_fwd(x, target, None, 0, -100, 0.0)
+    bad = (target == shape[1]) | (target == -7)
+    assert loss[bad].isnan().all() and loss[~bad].isfinite().all()
+    assert lse.isfinite().all() and total_weight.isnan()
+    loss_sum, grad = ops.cross_entropy_fwd_grad(x, target, None, 2, -100, 0.0)
+    assert loss_sum.isnan()
+    grad_rows = grad.permute(0, 2, 1)  # (N, S, C)
+    assert grad_rows[bad].isnan().all() and grad_rows[~bad].isfinite().all()
+    grad_bwd = ops.cross_entropy_bwd(torch.ones((), device="cuda"), x, target, None, lse, total_weight, 2, -100, 0.0)
+    assert grad_bwd.permute(0, 2, 1)[bad].isnan().all()
+    torch.cuda.synchronize()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# More than 2**31 elements: 64-bit indexing
+
+
+@pytest.mark.slow
+@pytest.mark.cuda
+@needs_gpu
+@pytest.mark.parametrize("grad_mode", ["recompute", "in_forward"])
+def test_more_than_2_31_elements_rows(grad_mode):
+    num_classes = 128256
+    rows = 2**31 // num_classes + 1
+    if torch.cuda.get_device_properties(0).total_memory < 24 * 2**30:
+        pytest.skip("needs ~16 GiB of GPU memory")
+    torch.manual_seed(0)
+    x = torch.randn(rows, num_classes, device="cuda", dtype=torch.bfloat16).requires_grad_(True)
+    assert x.numel() > 2**31
+    target = torch.randint(0, num_classes, (rows,), device="cuda")
+    loss = fused_xent.cross_entropy(x, target, reduction="none", backend="cuda", grad_mode=grad_mode)
+    grad_output = torch.zeros(rows, device="cuda", dtype=torch.bfloat16)
+    grad_output[-3:] = 1
+    (grad,) = torch.autograd.grad(loss, x, grad_output)
+    tail = slice(rows - 3, rows)  # rows whose elements lie past 2**31
+    expected_loss, expected_grad = reference(x[tail], target[tail], grad_output[tail].double(), reduction="none")
+    assert_close(loss[tail], expected_loss, torch.bfloat16, "loss past 2**31")
+    assert_close(grad[tail], expected_grad, torch.bfloat16, "grad past 2**31")
+    assert grad[: rows - 3].abs().max() == 0
+    with torch.no_grad():
+        mean = fused_xent.cross_entropy(x, target, backend="cuda")
+        per_row = torch.cat([
+            F.cross_entropy(x[i : i + 2048].float(), target[i : i + 2048], reduction="none")
+            for i in range(0, rows, 2048)
+        ])
+    torch.testing.assert_close(mean.float(), per_row.double().mean().float(), rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.slow
+@pytest.mark.cuda
+@needs_gpu
+def test_more_than_2_31_elements_spatial():
+    shape = (2, 4, 2**28 + 5)  # NCHW-like: class stride 2**28 + 5, 2.1e9 elements
+    if torch.cuda.get_device_properties(0).total_memory < 24 * 2**30:
+        pytest.skip("needs ~16 GiB of GPU memory")
+    torch.manual_seed(1)
+    x = torch.randn(shape, device="cuda", dtype=torch.bfloat16)
+    assert x.numel() > 2**31
+    target = torch.randint(0, shape[1], (shape[0], shape[2]), device="cuda")
+    loss, grad = torch.ops.fused_xent.cross_entropy_fwd_grad(x, target, None, 0, -100, 0.0)
+    tail = slice(shape[2] - 7, shape[2])
+    xt = x[1:, :, tail]
+    expected_loss, expected_grad = reference(xt, target[1:, tail], torch.ones(1, 7, device="cuda"), reduction="none")
+    assert_close(loss[1:, tail], expected_loss, torch.bfloat16, "loss past 2**31")
+    assert_close(grad[1:, :, tail], expected_grad, torch.bfloat16, "grad past 2**31")
