@@ -34,7 +34,7 @@ class Problem:
 
 
 def _shape(t) -> str:
-    return "(" + ", ".join(str(s) for s in t.shape) + ")"
+    return str(tuple(t.shape))
 
 
 def _fail(message: str):
