@@ -309,12 +309,16 @@ def _backward_kernel(grad_loss_ptr, grad_loss_stride_n, grad_loss_stride_s, logi
 # Launchers
 # ---------------------------------------------------------------------------------------------------------------
 
-# Elements of logits one program holds per loop step. Rows: a column block of up to 16 KB of one row (several
-# rows at once when C is small); spatial: a run of consecutive positions times a few classes.
-ROW_TILE = 4096
+# The block table (deterministic, no autotuning). Rows: a program walks a row in column blocks of up to 16 KB
+# (several rows at once when C is small); the per-row max and sums reduce across the warps of the block.
+ROW_TILE = 4096  # float32 elements per loop step; 16-bit logits take twice as many classes
 MAX_ROWS_PER_PROGRAM = 128
-SPATIAL_POSITIONS = 128
-SPATIAL_TILE = 2048
+# Spatial: a program takes up to 4 warps' worth of 16-byte vectors of consecutive positions and walks the classes a
+# few at a time; every thread holds all the classes of its positions, so the per-position reductions stay inside
+# one thread (no shared memory, no barriers).
+MAX_SPATIAL_WARPS = 4
+SPATIAL_TILE = 4096
+MIN_SPATIAL_CLASSES = 8
 
 
 @dataclass(frozen=True)
@@ -325,16 +329,18 @@ class TileConfig:
 
 
 def tile_config(num_classes: int, positions_per_n: int, spatial: bool, element_size: int) -> TileConfig:
-    """The block table: deterministic, from C, S, the layout and the dtype width (no autotuning)."""
+    """Block sizes and warps from C, S (positions per batch entry), the layout and the dtype width."""
+    next_pow2 = triton.next_power_of_2
     if spatial:
-        block_p = min(triton.next_power_of_2(positions_per_n), SPATIAL_POSITIONS)
-        block_c = min(triton.next_power_of_2(num_classes), max(1, SPATIAL_TILE // block_p))
-    else:
-        # 16-bit logits take twice the classes per step, for the same bytes per load.
-        block_c = min(triton.next_power_of_2(num_classes), ROW_TILE * max(1, 4 // element_size))
-        block_p = max(1, min(MAX_ROWS_PER_PROGRAM, ROW_TILE // block_c))
-    # About 8-16 elements per thread; 1 warp for tiny tiles, at most 16.
-    num_warps = min(16, max(1, block_p * block_c // 512))
+        vector = max(1, 16 // element_size)  # positions per 16-byte load
+        block_p = min(next_pow2(positions_per_n), 32 * vector * MAX_SPATIAL_WARPS)
+        # Few positions (small S) take more classes per step instead.
+        block_c = min(next_pow2(num_classes), max(MIN_SPATIAL_CLASSES, SPATIAL_TILE // block_p))
+        num_warps = max(1, min(MAX_SPATIAL_WARPS, block_p // (32 * vector)))
+        return TileConfig(block_p, block_c, num_warps)
+    block_c = min(next_pow2(num_classes), ROW_TILE * max(1, 4 // element_size))
+    block_p = max(1, min(MAX_ROWS_PER_PROGRAM, ROW_TILE // block_c))
+    num_warps = min(16, max(1, block_p * block_c // 512))  # 8-16 elements per thread
     return TileConfig(block_p, block_c, num_warps)
 
 

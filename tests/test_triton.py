@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 pytest.importorskip("triton")
 from fused_xent import _triton_ops  # noqa: E402 (after the importorskip)
+from fused_xent.triton_kernels import TileConfig  # noqa: E402
 
 ops = torch.ops.fused_xent
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -189,6 +190,28 @@ def test_dtypes(dtype, layout):
     for reduction in ("none", "mean"):
         check_parity(x, class_target(x, ignore_index=1), weight, reduction, 1, 0.1)
         check_parity(x, prob_target(x), weight, reduction, -100, 0.1)
+
+
+@needs_kernels
+@pytest.mark.parametrize("layout", ["rows", "wide_rows", "nchw", "channels_last"])
+def test_small_tiles(layout, monkeypatch):
+    """Tiles of 4 positions x 4 classes: many programs, partial blocks on both axes, and the online softmax carried
+    across class blocks, including rows whose first blocks are all -inf."""
+    monkeypatch.setattr(_triton_ops.triton_kernels, "tile_config", lambda *args: TileConfig(4, 4, 1))
+    x = make_logits(layout, torch.float32).detach()
+    with torch.no_grad():
+        x[0, :4] = float("-inf")
+    target = class_target(x, ignore_index=1)
+    target[0] = 5 if x.shape[1] > 5 else 4
+    weight = class_weight(x.shape[1])
+    for reduction, label_smoothing in (("none", 0.0), ("mean", 0.2)):
+        check_parity(x.clone().requires_grad_(), target, weight, reduction, 1, label_smoothing)
+    x = x.clamp(min=-50)  # probability targets: -inf logits would give NaN (0 * -inf), as in PyTorch
+    check_parity(x.clone().requires_grad_(), prob_target(x), weight, "sum", -100, 0.2)
+    logits, target_view = op_views(x, target)
+    _, expected_grad = reference(logits, target_view, weight, "mean", 1, 0.2, torch.ones((), device=DEVICE))
+    _, grad = ops.triton_cross_entropy_fwd_grad(logits, target_view, weight, 1, 1, 0.2)
+    assert_close(grad, expected_grad, x.dtype)
 
 
 @needs_kernels
