@@ -38,8 +38,11 @@ CPU_HINT = (
     "(slow, for tests)"
 )
 
+# Constants the kernels read (Triton kernels may only read globals that are constexpr).
 NAN = tl.constexpr(float("nan"))
 NEG_INF = tl.constexpr(float("-inf"))
+_NONE = tl.constexpr(REDUCTION_NONE)
+_MEAN = tl.constexpr(REDUCTION_MEAN)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -84,6 +87,16 @@ def _class_target(target_ptr, weight_ptr, index, in_range, C, ignore_index, HAS_
         weight_of_target = tl.full(y.shape, 1.0, ACC)
     weight_of_target = tl.where(counted, tl.where(in_bounds, weight_of_target, NAN), 0.0)
     return safe_y, counted, weight_of_target
+
+
+@triton.jit
+def _class_weight_sum(weight_sum_ptr, C, HAS_WEIGHT: tl.constexpr, ACC):
+    """W = sum_c w[c] (summed once by the launcher), or C without weights."""
+    if HAS_WEIGHT:
+        weight_sum = tl.load(weight_sum_ptr).to(ACC)
+    else:
+        weight_sum = tl.cast(C, ACC)
+    return weight_sum
 
 
 @triton.jit
@@ -165,7 +178,7 @@ def _index_grad_coeffs(weight_of_target, weight_sum, scale, label_smoothing, C, 
     if HAS_SMOOTHING:
         smooth_coef = label_smoothing / C
         return scale * (target_coef + smooth_coef * weight_sum), scale * smooth_coef, scale * target_coef
-    return scale * target_coef, scale * 0.0, scale * target_coef
+    return scale * target_coef, scale * 0.0, scale * target_coef  # class_coef is not read without smoothing
 
 
 @triton.jit
@@ -235,10 +248,7 @@ def _forward_kernel(logits_ptr, target_ptr, weight_ptr, weight_sum_ptr, total_we
     lse, sum_a, sum_b = _row_statistics(logits_ptr, target_ptr, weight_ptr, offset, in_range, C, stride_c,
                                         label_smoothing, PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING, ACC,
                                         BLOCK_P, BLOCK_C)
-    if HAS_WEIGHT:
-        weight_sum = tl.load(weight_sum_ptr).to(ACC)
-    else:
-        weight_sum = C * 1.0
+    weight_sum = _class_weight_sum(weight_sum_ptr, C, HAS_WEIGHT, ACC)
     if PROB_TARGET:
         loss = sum_a * lse - sum_b  # xent_math.h prob_target_loss: T lse - sum_c w[c] t'[c] x[c]
     else:
@@ -249,10 +259,10 @@ def _forward_kernel(logits_ptr, target_ptr, weight_ptr, weight_sum_ptr, total_we
 
     if WRITE_GRAD:
         scale = tl.full([BLOCK_P], 1.0, ACC)
-        if REDUCTION == 1:
+        if REDUCTION == _MEAN:
             scale = scale / tl.load(total_weight_ptr).to(ACC)
         if PROB_TARGET:
-            # (prob_coef, class_coef) = (scale T, scale); the target_coef slot is unused for probabilities.
+            # (prob_coef, class_coef) = (scale T, scale); safe_y and target_coef are not read for probabilities.
             _store_grad(logits_ptr, target_ptr, weight_ptr, grad_ptr, offset, in_range, in_range, lse, safe_y,
                         scale * sum_a, scale, scale, C, stride_c, label_smoothing,
                         PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING, ACC, BLOCK_P, BLOCK_C)
@@ -278,26 +288,24 @@ def _backward_kernel(grad_loss_ptr, grad_loss_stride_n, grad_loss_stride_s, logi
     n, s, index, offset, in_range = _position_block(num_positions, S, stride_n, stride_s, BLOCK_P, SPATIAL)
     lse = tl.load(lse_ptr + index, mask=in_range, other=0.0)
     # Upstream-gradient scale per position (xent_math.h grad_scale); grad_loss may be an expanded (stride 0) view.
-    if REDUCTION == 0:
+    if REDUCTION == _NONE:
         scale = tl.load(grad_loss_ptr + n * grad_loss_stride_n + s * grad_loss_stride_s, mask=in_range,
                         other=0.0).to(ACC)
-    elif REDUCTION == 1:
+    elif REDUCTION == _MEAN:
         scale = tl.full([BLOCK_P], 1.0, ACC) * (tl.load(grad_loss_ptr).to(ACC) / tl.load(total_weight_ptr).to(ACC))
     else:
         scale = tl.full([BLOCK_P], 1.0, ACC) * tl.load(grad_loss_ptr).to(ACC)
     if PROB_TARGET:
         weighted_target_sum = _weighted_target_sum(target_ptr, weight_ptr, offset, in_range, C, stride_c,
                                                    label_smoothing, HAS_WEIGHT, HAS_SMOOTHING, ACC, BLOCK_P, BLOCK_C)
+        # As in the forward: (prob_coef, class_coef) = (scale T, scale); safe_y and target_coef are not read.
         _store_grad(logits_ptr, target_ptr, weight_ptr, grad_ptr, offset, in_range, in_range, lse, index,
                     scale * weighted_target_sum, scale, scale, C, stride_c, label_smoothing,
                     PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING, ACC, BLOCK_P, BLOCK_C)
     else:
         safe_y, counted, weight_of_target = _class_target(target_ptr, weight_ptr, index, in_range, C, ignore_index,
                                                           HAS_WEIGHT, ACC)
-        if HAS_WEIGHT:
-            weight_sum = tl.load(weight_sum_ptr).to(ACC)
-        else:
-            weight_sum = C * 1.0
+        weight_sum = _class_weight_sum(weight_sum_ptr, C, HAS_WEIGHT, ACC)
         prob_coef, class_coef, target_coef = _index_grad_coeffs(weight_of_target, weight_sum, scale, label_smoothing,
                                                                 C, HAS_SMOOTHING)
         _store_grad(logits_ptr, target_ptr, weight_ptr, grad_ptr, offset, in_range, counted, lse, safe_y,

@@ -340,6 +340,27 @@ def test_deterministic():
     assert torch.equal(first, second)
 
 
+def _free_cuda_gib():
+    return torch.cuda.mem_get_info()[0] / 2**30 if DEVICE == "cuda" else 0.0
+
+
+@pytest.mark.skipif(DEVICE != "cuda" or _free_cuda_gib() < 24, reason="needs a GPU with 24 GiB free")
+def test_more_than_2_pow_31_elements():
+    """Offsets past 2**31 elements (int64 indexing): rows and NCHW, checked on the last positions."""
+    for shape in ((65_600, 32_768), (2, 19, 2**26)):
+        logits = torch.randn(shape, device="cuda", dtype=torch.bfloat16)
+        assert logits.numel() > 2**31
+        N, C = shape[:2]
+        view = logits.view(N, C, -1)
+        target = torch.randint(0, C, (N, view.shape[2]), device="cuda")
+        loss, _, _ = ops.triton_cross_entropy_fwd(view, target, None, 0, -100, 0.0)
+        S = view.shape[2]
+        rows, positions = slice(N - 4 if S == 1 else N - 1, None), slice(max(0, S - 1000), None)
+        expected = F.cross_entropy(view[rows, :, positions].float(), target[rows, positions], reduction="none")
+        torch.testing.assert_close(loss[rows, positions].float(), expected, rtol=1e-2, atol=1e-2)
+        del logits, view, loss
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # torch.library integration
 # ---------------------------------------------------------------------------------------------------------------
@@ -440,6 +461,67 @@ def test_ops_decompose_to_kernel_calls_on_fake_cuda_tensors():
     (code,) = graphs
     assert code.count("triton_kernel_wrapper_functional(") == 2, code  # target weights, then the fused pass
     assert "'SPATIAL': True" in code and "'WRITE_GRAD': True" in code, code
+
+
+class _CompileOnly:
+    """Stands in for triton_kernels._launch: compiles each kernel specialization a launcher asks for down to a
+    cubin for Hopper (sm_90, the H200) with the ptxas that ships with Triton, and launches nothing. Catches what the
+    interpreter cannot: type errors of compiled code, float64 lowering, unsupported ops. Uses Triton internals
+    (argument binding and packing, as JITFunction.run does), so it skips on versions that lack them."""
+
+    def __init__(self):
+        try:
+            from triton.backends.compiler import GPUTarget
+            from triton.compiler import ASTSource, make_backend
+            from triton.runtime.jit import create_function_from_signature
+        except ImportError as error:
+            pytest.skip(f"this Triton lacks the internals for offline compilation: {error}")
+        self.target = GPUTarget("cuda", 90, 32)
+        self.backend = make_backend(self.target)
+        self.ast_source = ASTSource
+        self.bind = create_function_from_signature
+        self.compiled = {}
+
+    def __call__(self, kernel, grid, *args, **kwargs):
+        import triton
+
+        binder = self.bind(kernel.signature, kernel.params, self.backend)
+        bound_args, specialization, options = binder(*args, **kwargs)
+        options, signature, constexprs, attrs = kernel._pack_args(
+            self.backend, kwargs, bound_args, specialization, options
+        )
+        key = (kernel.__name__, str(signature), str(constexprs), str(attrs), str(options))
+        if key not in self.compiled:
+            source = self.ast_source(kernel, signature, constexprs, attrs)
+            self.compiled[key] = triton.compile(source, target=self.target, options=options.__dict__)
+
+
+@pytest.mark.skipif(INTERPRETED or DEVICE is not None, reason="without a GPU only (with one, the kernels run)")
+def test_every_specialization_compiles_for_hopper(monkeypatch):
+    compile_only = _CompileOnly()
+    kernels = _triton_ops.triton_kernels
+    monkeypatch.setattr(kernels, "_launch", compile_only)
+    monkeypatch.setattr(kernels, "check_device", lambda device: None)
+    for dtype, shape in itertools.product([torch.float32, torch.bfloat16, torch.float64], [(3, 5000), (2, 19, 64)]):
+        x = torch.randn(shape, dtype=dtype)
+        N, C = shape[:2]
+        logits = x.reshape(N, C, -1)
+        target = torch.randint(0, C, (N, logits.shape[2]))
+        probabilities = torch.rand_like(logits)
+        weight = torch.rand(C)
+        acc = torch.float64 if dtype == torch.float64 else torch.float32
+        lse = torch.zeros(N, logits.shape[2], dtype=acc)
+        scalar, per_position = torch.ones((), dtype=dtype), torch.ones(N, logits.shape[2], dtype=dtype)
+        total_weight = torch.ones((), dtype=acc)
+        kernels.cross_entropy_fwd(logits, target, weight, 1, -100, 0.1)
+        kernels.cross_entropy_fwd(logits, target, None, 2, -100, 0.0)
+        kernels.cross_entropy_fwd_grad(logits, target, weight, 1, -100, 0.1)
+        kernels.cross_entropy_fwd_grad_(logits.clone(), target, None, 0, -100, 0.0)
+        kernels.cross_entropy_bwd(per_position, logits, target, weight, lse, total_weight, 0, -100, 0.1)
+        kernels.cross_entropy_fwd(logits, probabilities, weight, 2, -100, 0.1)
+        kernels.cross_entropy_fwd_grad(logits, probabilities, weight, 0, -100, 0.1)
+        kernels.cross_entropy_bwd(scalar, logits, probabilities, weight, lse, total_weight, 1, -100, 0.1)
+    assert len(compile_only.compiled) >= 40
 
 
 @pytest.mark.skipif(INTERPRETED or DEVICE is not None, reason="runs the interpreter subprocess only without a GPU")
