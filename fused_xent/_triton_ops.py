@@ -17,11 +17,9 @@ try:
     from . import triton_kernels
 
     _IMPORT_ERROR = None
-except ImportError as error:  # no triton installed (CPU-only wheels, macOS, ...)
+except Exception as error:  # no triton (CPU-only wheels, macOS), or an install that fails to import
     triton_kernels = None
     _IMPORT_ERROR = error
-
-REDUCTION_NONE = 0
 
 
 def unavailable_reason() -> str | None:
@@ -103,7 +101,7 @@ if triton_kernels is not None:
     def _backward_fwd_grad(ctx, grad_loss, _grad_grad):
         # The saved gradient is for grad_loss = 1; scale it (never in place: backward may run more than once).
         (grad,) = ctx.saved_tensors
-        if ctx.reduction == REDUCTION_NONE:
+        if ctx.reduction == triton_kernels.REDUCTION_NONE:
             grad_loss = grad_loss.unsqueeze(1)  # (N, S) -> (N, 1, S), broadcast over the classes
         return grad * grad_loss.to(grad.dtype), None, None, None, None, None
 

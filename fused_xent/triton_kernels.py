@@ -489,7 +489,7 @@ def _launch_forward(p, total_weight, loss_buffer, lse, grad, reduction, ignore_i
     # Pointers a specialization never reads (no weight; lse when writing the gradient, or the gradient) are None.
     _launch(
         _forward_kernel, _grid(p), p.logits, p.target, p.weight, p.weight_sum, total_weight, loss_buffer, lse, grad,
-        *_shape_args(p), ignore_index, label_smoothing,
+        *_shape_args(p), ignore_index, float(label_smoothing),
         SPATIAL=p.spatial, PROB_TARGET=p.prob_target, HAS_WEIGHT=p.weight is not None,
         HAS_SMOOTHING=label_smoothing > 0, REDUCTION=reduction, WRITE_GRAD=grad is not None,
         BLOCK_P=p.tile.block_p, BLOCK_C=p.tile.block_c, num_warps=p.tile.num_warps,
@@ -541,7 +541,7 @@ def cross_entropy_bwd(grad_loss, logits, target, weight, lse, total_weight, redu
     _launch(
         _backward_kernel, _grid(p), grad_loss, *grad_loss_strides, p.logits, p.target, p.weight, p.weight_sum,
         lse.contiguous(), total_weight, grad,
-        *_shape_args(p), ignore_index, label_smoothing,
+        *_shape_args(p), ignore_index, float(label_smoothing),
         SPATIAL=p.spatial, PROB_TARGET=p.prob_target, HAS_WEIGHT=p.weight is not None,
         HAS_SMOOTHING=label_smoothing > 0, REDUCTION=reduction,
         BLOCK_P=p.tile.block_p, BLOCK_C=p.tile.block_c, num_warps=p.tile.num_warps,

@@ -436,6 +436,27 @@ def test_cpu_tensors_without_interpreter_raise_a_clear_error():
     assert (_triton_ops.unavailable_reason() is None) == _triton_ops.is_available()
 
 
+def _run_python(code, **env):
+    root = Path(__file__).resolve().parents[1]
+    python_path = os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))
+    return subprocess.run(
+        [sys.executable, *code], cwd=root, env=dict(os.environ, PYTHONPATH=python_path, **env),
+        capture_output=True, text=True, timeout=600, check=False,
+    )
+
+
+@pytest.mark.skipif(INTERPRETED, reason="checked from the main process")
+def test_import_without_triton():
+    script = (
+        "import sys; sys.modules['triton'] = None\n"
+        "import torch, fused_xent._triton_ops as t\n"
+        "assert not t.AVAILABLE and 'triton is not importable' in t.unavailable_reason()\n"
+        "assert not hasattr(torch.ops.fused_xent, 'triton_cross_entropy_fwd')\n"
+    )
+    result = _run_python(["-c", script])
+    assert result.returncode == 0, result.stderr[-4000:]
+
+
 @pytest.mark.skipif(INTERPRETED or torch.version.cuda is None, reason="needs a CUDA build of torch, no interpreter")
 def test_ops_decompose_to_kernel_calls_on_fake_cuda_tensors():
     """AOT autograd over fake CUDA tensors (no GPU needed) decomposes the ops into triton_kernel_wrapper HOPs, the
@@ -527,12 +548,6 @@ def test_every_specialization_compiles_for_hopper(monkeypatch):
 @pytest.mark.skipif(INTERPRETED or DEVICE is not None, reason="runs the interpreter subprocess only without a GPU")
 def test_interpreter_run():
     """Runs this file's kernel tests on CPU tensors under TRITON_INTERPRET=1, in a fresh process."""
-    root = Path(__file__).resolve().parents[1]
-    python_path = os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=python_path)
-    result = subprocess.run(
-        [sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider", "-x"],
-        cwd=root, env=env, capture_output=True, text=True, timeout=600,
-    )
+    result = _run_python(["-m", "pytest", __file__, "-q", "-p", "no:cacheprovider", "-x"], TRITON_INTERPRET="1")
     assert result.returncode == 0, result.stdout[-8000:] + result.stderr[-4000:]
     assert " passed" in result.stdout, result.stdout[-2000:]
