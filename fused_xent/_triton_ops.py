@@ -1,0 +1,113 @@
+"""The Triton backend as torch.library ops: fused_xent::triton_cross_entropy_{fwd, bwd, fwd_grad, fwd_grad_}.
+
+Same arguments, outputs and semantics as the C++ ops in csrc/fused_xent.cpp. `torch.library.triton_op` lets
+torch.compile(fullgraph=True) trace through the launchers to the kernels (the launchers call them through
+`torch.library.wrap_triton`), and derives the fake kernels by running the launchers on fake tensors. Autograd:
+triton_cross_entropy_fwd differentiates through triton_cross_entropy_bwd; triton_cross_entropy_fwd_grad scales the
+gradient it already computed; the in-place op has no autograd.
+
+Importing this module never fails: without Triton, AVAILABLE is False and no op is registered.
+"""
+
+import os
+
+import torch
+
+try:
+    from . import triton_kernels
+
+    _IMPORT_ERROR = None
+except Exception as error:  # no triton (CPU-only wheels, macOS), or an install that fails to import
+    triton_kernels = None
+    _IMPORT_ERROR = error
+
+
+def unavailable_reason() -> str | None:
+    """None when the Triton backend can run here, else why not."""
+    if _IMPORT_ERROR is not None:
+        return f"triton is not importable ({_IMPORT_ERROR})"
+    if torch.cuda.is_available() or triton_kernels.INTERPRET:
+        return None
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        return "TRITON_INTERPRET=1 was set after fused_xent was imported; set it before importing fused_xent"
+    return f"no CUDA device is visible ({triton_kernels.CPU_HINT})"
+
+
+def is_available() -> bool:
+    return unavailable_reason() is None
+
+
+AVAILABLE = is_available()
+
+
+def check_device(device: torch.device) -> None:
+    """Raises a clear error unless the kernels can run on tensors on `device`."""
+    if triton_kernels is None:
+        raise RuntimeError(f"fused_xent: the triton backend is not available: {unavailable_reason()}")
+    triton_kernels.check_device(device)
+
+
+if triton_kernels is not None:
+    Tensor = torch.Tensor
+
+    @torch.library.triton_op("fused_xent::triton_cross_entropy_fwd", mutates_args=())
+    def triton_cross_entropy_fwd(
+        logits: Tensor, target: Tensor, weight: Tensor | None, reduction: int, ignore_index: int,
+        label_smoothing: float,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        return triton_kernels.cross_entropy_fwd(logits, target, weight, reduction, ignore_index, label_smoothing)
+
+    @torch.library.triton_op("fused_xent::triton_cross_entropy_bwd", mutates_args=())
+    def triton_cross_entropy_bwd(
+        grad_loss: Tensor, logits: Tensor, target: Tensor, weight: Tensor | None, lse: Tensor,
+        total_weight: Tensor, reduction: int, ignore_index: int, label_smoothing: float,
+    ) -> Tensor:
+        return triton_kernels.cross_entropy_bwd(
+            grad_loss, logits, target, weight, lse, total_weight, reduction, ignore_index, label_smoothing
+        )
+
+    @torch.library.triton_op("fused_xent::triton_cross_entropy_fwd_grad", mutates_args=())
+    def triton_cross_entropy_fwd_grad(
+        logits: Tensor, target: Tensor, weight: Tensor | None, reduction: int, ignore_index: int,
+        label_smoothing: float,
+    ) -> tuple[Tensor, Tensor]:
+        return triton_kernels.cross_entropy_fwd_grad(logits, target, weight, reduction, ignore_index, label_smoothing)
+
+    @torch.library.triton_op("fused_xent::triton_cross_entropy_fwd_grad_", mutates_args={"logits"})
+    def triton_cross_entropy_fwd_grad_(
+        logits: Tensor, target: Tensor, weight: Tensor | None, reduction: int, ignore_index: int,
+        label_smoothing: float,
+    ) -> Tensor:
+        return triton_kernels.cross_entropy_fwd_grad_(logits, target, weight, reduction, ignore_index, label_smoothing)
+
+    def _setup_fwd(ctx, inputs, output):
+        logits, target, weight, reduction, ignore_index, label_smoothing = inputs
+        _, lse, total_weight = output
+        ctx.mark_non_differentiable(lse, total_weight)
+        ctx.save_for_backward(logits, target, weight, lse, total_weight)
+        ctx.options = (reduction, ignore_index, label_smoothing)
+
+    def _backward_fwd(ctx, grad_loss, _grad_lse, _grad_total_weight):
+        logits, target, weight, lse, total_weight = ctx.saved_tensors
+        grad = triton_cross_entropy_bwd(grad_loss, logits, target, weight, lse, total_weight, *ctx.options)
+        return grad, None, None, None, None, None
+
+    def _setup_fwd_grad(ctx, inputs, output):
+        _, grad = output
+        ctx.mark_non_differentiable(grad)
+        ctx.save_for_backward(grad)
+        ctx.reduction = inputs[3]
+
+    def _backward_fwd_grad(ctx, grad_loss, _grad_grad):
+        # The saved gradient is for grad_loss = 1; scale it (never in place: backward may run more than once).
+        (grad,) = ctx.saved_tensors
+        if ctx.reduction == triton_kernels.REDUCTION_NONE:
+            grad_loss = grad_loss.unsqueeze(1)  # (N, S) -> (N, 1, S), broadcast over the classes
+        return grad * grad_loss.to(grad.dtype), None, None, None, None, None
+
+    torch.library.register_autograd(
+        "fused_xent::triton_cross_entropy_fwd", _backward_fwd, setup_context=_setup_fwd
+    )
+    torch.library.register_autograd(
+        "fused_xent::triton_cross_entropy_fwd_grad", _backward_fwd_grad, setup_context=_setup_fwd_grad
+    )

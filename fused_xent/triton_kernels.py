@@ -1,0 +1,573 @@
+"""Triton kernels for fused_xent and their launchers (plain functions; autograd and op registration live in
+fused_xent/_triton_ops.py).
+
+The launchers take the arguments of the C++ op schemas (csrc/fused_xent.cpp), in the same order, and return the same
+outputs: logits are an (N, C, S) view, target is (N, S) int64 class indices or (N, C, S) probabilities, weight is an
+optional (C,) tensor, reduction is 0 (none), 1 (mean) or 2 (sum). The per-position algebra mirrors
+csrc/common/xent_math.h term by term so that the CPU, CUDA and Triton backends agree.
+
+Layouts. A "position" is one (n, s) pair; its C logits are
+  - rows (class stride 1: (N, C) inputs and channels_last): contiguous, so a program takes a block of positions
+    and walks along the classes in column blocks;
+  - spatial (position stride 1: NCHW): a program takes a block of consecutive positions of one n, so every load of
+    a class is a contiguous run of positions, and walks over the classes.
+Logits with neither unit stride are copied once (as the C++ backends do).
+
+Accumulation is float32 (float64 for float64 logits; the label-smoothing factor still enters as a float32 kernel
+argument, a relative error of ~3e-8). Triton specializes integer arguments equal to 1, so the unit stride of each
+layout is a compile-time constant and the compiler sees which axis of a tile is contiguous.
+
+Determinism: every program writes its own positions' losses; reductions are torch .sum() calls over those
+per-position buffers (fixed order), never atomics. No host synchronization happens anywhere.
+"""
+
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import wrap_triton
+
+REDUCTION_NONE, REDUCTION_MEAN, REDUCTION_SUM = 0, 1, 2
+
+# Read once, like Triton itself: the interpreter must be chosen before the kernels below are decorated.
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+CPU_HINT = (
+    "the triton backend runs on CUDA tensors; on CPU set TRITON_INTERPRET=1 before importing fused_xent "
+    "(slow, for tests)"
+)
+
+# Constants the kernels read (Triton kernels may only read globals that are constexpr).
+NAN = tl.constexpr(float("nan"))
+NEG_INF = tl.constexpr(float("-inf"))
+_NONE = tl.constexpr(REDUCTION_NONE)
+_MEAN = tl.constexpr(REDUCTION_MEAN)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Kernel building blocks
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _position_block(num_positions, S, stride_n, stride_s, BLOCK_P: tl.constexpr, SPATIAL: tl.constexpr):
+    """This program's BLOCK_P positions: their (n, s), flat index n*S + s into (N, S) buffers, the element offset of
+    their first logit, and which of them exist. All in int64, so offsets never wrap past 2**31 elements."""
+    pid = tl.program_id(0).to(tl.int64)
+    if SPATIAL:
+        # One n per program and consecutive s, so offsets along the block stay contiguous (stride_s == 1).
+        blocks_per_n = tl.cdiv(S, BLOCK_P)
+        n = pid // blocks_per_n
+        s = (pid % blocks_per_n) * BLOCK_P + tl.arange(0, BLOCK_P)
+        in_range = s < S
+        index = n * S + s
+    else:
+        # Rows: positions are flattened over (N, S); with S == 1 (specialized) the division folds away.
+        index = pid * BLOCK_P + tl.arange(0, BLOCK_P)
+        n = index // S
+        s = index % S
+        in_range = index < num_positions
+    offset = n * stride_n + s * stride_s
+    return n, s, index, offset, in_range
+
+
+@triton.jit
+def _class_target(target_ptr, weight_ptr, index, in_range, C, ignore_index, HAS_WEIGHT: tl.constexpr, ACC):
+    """Class-index target of each position: a safe index (0 when out of range, so it can always be dereferenced),
+    whether the position counts (exists and is not ignored), and its weight: w[y], 0 when it does not count, NaN
+    when y is out of range (the front end rejects such targets; a kernel must still never read out of bounds)."""
+    y = tl.load(target_ptr + index, mask=in_range, other=0)
+    counted = in_range & (y != ignore_index)
+    in_bounds = (y >= 0) & (y < C)
+    safe_y = tl.where(in_bounds, y, 0)
+    if HAS_WEIGHT:
+        weight_of_target = tl.load(weight_ptr + safe_y, mask=counted & in_bounds, other=0.0).to(ACC)
+    else:
+        weight_of_target = tl.full(y.shape, 1.0, ACC)
+    weight_of_target = tl.where(counted, tl.where(in_bounds, weight_of_target, NAN), 0.0)
+    return safe_y, counted, weight_of_target
+
+
+@triton.jit
+def _class_weight_sum(weight_sum_ptr, C, HAS_WEIGHT: tl.constexpr, ACC):
+    """W = sum_c w[c] (summed once by the launcher), or C without weights."""
+    if HAS_WEIGHT:
+        weight_sum = tl.load(weight_sum_ptr).to(ACC)
+    else:
+        weight_sum = tl.cast(C, ACC)
+    return weight_sum
+
+
+@triton.jit
+def _weighted_smoothed_target(target_ptr, weight_ptr, ptrs, mask, cols, label_smoothing, C,
+                              HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr, ACC):
+    """w[c] * t'[c] for one tile of probability targets, t' = (1-eps) t + eps/C; 0 outside the tile's mask."""
+    t = tl.load(target_ptr + ptrs, mask=mask, other=0.0).to(ACC)
+    if HAS_SMOOTHING:
+        t = (1.0 - label_smoothing) * t + label_smoothing / C
+    if HAS_WEIGHT:
+        t = t * tl.load(weight_ptr + cols, mask=cols < C, other=0.0).to(ACC)[None, :]
+    return tl.where(mask, t, 0.0)
+
+
+@triton.jit
+def _row_statistics(logits_ptr, target_ptr, weight_ptr, offset, in_range, C, stride_c, label_smoothing,
+                    PROB_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr, ACC,
+                    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """One pass over the logits of a block of positions (online softmax). Returns lse and two sums:
+    probability targets: T = sum_c w[c] t'[c] and sum_c w[c] t'[c] x[c];
+    class indices with smoothing: sum_c w[c] x[c] (and an unused zero)."""
+    running_max = tl.full([BLOCK_P], NEG_INF, ACC)
+    scaled_sum = tl.zeros([BLOCK_P], ACC)  # sum_c exp(x[c] - running_max)
+    sum_a = tl.zeros([BLOCK_P], ACC)
+    sum_b = tl.zeros([BLOCK_P], ACC)
+    for c0 in range(0, C, BLOCK_C):
+        cols = c0 + tl.arange(0, BLOCK_C)
+        mask = in_range[:, None] & (cols < C)[None, :]
+        ptrs = offset[:, None] + cols.to(tl.int64)[None, :] * stride_c
+        x = tl.load(logits_ptr + ptrs, mask=mask, other=NEG_INF).to(ACC)
+        new_max = tl.maximum(running_max, tl.max(x, axis=1))
+        # While a row has seen only -inf, shift by 0 instead: exp(-inf - -inf) would be NaN.
+        shift = tl.where(new_max == NEG_INF, 0.0, new_max)
+        scaled_sum = scaled_sum * tl.exp(running_max - shift) + tl.sum(tl.exp(x - shift[:, None]), axis=1)
+        running_max = new_max
+        if PROB_TARGET:
+            weighted_target = _weighted_smoothed_target(target_ptr, weight_ptr, ptrs, mask, cols, label_smoothing, C,
+                                                        HAS_WEIGHT, HAS_SMOOTHING, ACC)
+            sum_a += tl.sum(weighted_target, axis=1)
+            # Masked lanes hold x = -inf; keep them out of the product (0 * -inf is NaN).
+            sum_b += tl.sum(tl.where(mask, weighted_target * x, 0.0), axis=1)
+        elif HAS_SMOOTHING:
+            if HAS_WEIGHT:
+                x = x * tl.load(weight_ptr + cols, mask=cols < C, other=0.0).to(ACC)[None, :]
+            sum_a += tl.sum(tl.where(mask, x, 0.0), axis=1)
+    lse = running_max + tl.log(scaled_sum)
+    return lse, sum_a, sum_b
+
+
+@triton.jit
+def _weighted_target_sum(target_ptr, weight_ptr, offset, in_range, C, stride_c, label_smoothing,
+                         HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr, ACC,
+                         BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """T = sum_c w[c] t'[c] for probability targets (backward needs it before it can write any gradient)."""
+    total = tl.zeros([BLOCK_P], ACC)
+    for c0 in range(0, C, BLOCK_C):
+        cols = c0 + tl.arange(0, BLOCK_C)
+        mask = in_range[:, None] & (cols < C)[None, :]
+        ptrs = offset[:, None] + cols.to(tl.int64)[None, :] * stride_c
+        total += tl.sum(_weighted_smoothed_target(target_ptr, weight_ptr, ptrs, mask, cols, label_smoothing, C,
+                                                  HAS_WEIGHT, HAS_SMOOTHING, ACC), axis=1)
+    return total
+
+
+@triton.jit
+def _index_target_loss(lse, target_logit, weight_of_target, weight_sum, weighted_logit_sum, label_smoothing, C,
+                       HAS_SMOOTHING: tl.constexpr):
+    """(1-eps) w[y] (lse - x[y]) + (eps/C) (W lse - sum_c w[c] x[c]); xent_math.h index_target_loss."""
+    loss = (1.0 - label_smoothing) * weight_of_target * (lse - target_logit)
+    if HAS_SMOOTHING:
+        loss += label_smoothing / C * (weight_sum * lse - weighted_logit_sum)
+    return loss
+
+
+@triton.jit
+def _index_grad_coeffs(weight_of_target, weight_sum, scale, label_smoothing, C, HAS_SMOOTHING: tl.constexpr):
+    """dloss/dx[c] = prob_coef p[c] - class_coef w[c] - [c == y] target_coef; xent_math.h index_grad_coeffs."""
+    target_coef = (1.0 - label_smoothing) * weight_of_target
+    if HAS_SMOOTHING:
+        smooth_coef = label_smoothing / C
+        return scale * (target_coef + smooth_coef * weight_sum), scale * smooth_coef, scale * target_coef
+    return scale * target_coef, scale * 0.0, scale * target_coef  # class_coef is not read without smoothing
+
+
+@triton.jit
+def _store_grad(logits_ptr, target_ptr, weight_ptr, grad_ptr, offset, in_range, keep, lse, safe_y,
+                prob_coef, class_coef, target_coef, C, stride_c, label_smoothing,
+                PROB_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr, ACC,
+                BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Second pass: read each logit once and write its gradient (grad_ptr may be logits_ptr: each element is read
+    before it is overwritten, and nothing else of the row is read afterwards).
+      class indices:  prob_coef p[c] - class_coef w[c] - [c == y] target_coef
+      probabilities:  prob_coef p[c] - class_coef w[c] t'[c]   (prob_coef = scale T, class_coef = scale)
+    Positions that do not `keep` (ignored targets) get exactly 0, whatever their logits."""
+    for c0 in range(0, C, BLOCK_C):
+        cols = c0 + tl.arange(0, BLOCK_C)
+        mask = in_range[:, None] & (cols < C)[None, :]
+        ptrs = offset[:, None] + cols.to(tl.int64)[None, :] * stride_c
+        x = tl.load(logits_ptr + ptrs, mask=mask, other=0.0).to(ACC)
+        grad = prob_coef[:, None] * tl.exp(x - lse[:, None])
+        if PROB_TARGET:
+            weighted_target = _weighted_smoothed_target(target_ptr, weight_ptr, ptrs, mask, cols, label_smoothing, C,
+                                                        HAS_WEIGHT, HAS_SMOOTHING, ACC)
+            grad -= class_coef[:, None] * weighted_target
+        else:
+            if HAS_SMOOTHING:
+                if HAS_WEIGHT:
+                    grad -= class_coef[:, None] * tl.load(weight_ptr + cols, mask=cols < C, other=0.0).to(ACC)[None, :]
+                else:
+                    grad -= class_coef[:, None]
+            grad -= tl.where(cols[None, :] == safe_y[:, None], target_coef[:, None], 0.0)
+        grad = tl.where(keep[:, None], grad, 0.0)
+        tl.store(grad_ptr + ptrs, grad.to(grad_ptr.dtype.element_ty), mask=mask)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Kernels
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _target_weight_kernel(target_ptr, weight_ptr, position_weight_ptr, num_positions, C, ignore_index,
+                          HAS_WEIGHT: tl.constexpr, BLOCK: tl.constexpr):
+    """w[y] of every position (0 if ignored, NaN if out of range): summed, the mean's denominator."""
+    index = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    in_range = index < num_positions
+    _, _, weight_of_target = _class_target(target_ptr, weight_ptr, index, in_range, C, ignore_index, HAS_WEIGHT,
+                                           position_weight_ptr.dtype.element_ty)
+    tl.store(position_weight_ptr + index, weight_of_target, mask=in_range)
+
+
+@triton.jit
+def _forward_kernel(logits_ptr, target_ptr, weight_ptr, weight_sum_ptr, total_weight_ptr, loss_ptr, lse_ptr, grad_ptr,
+                    num_positions, S, C, stride_n, stride_c, stride_s, ignore_index, label_smoothing,
+                    SPATIAL: tl.constexpr, PROB_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+                    HAS_SMOOTHING: tl.constexpr, REDUCTION: tl.constexpr, WRITE_GRAD: tl.constexpr,
+                    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Per-position loss (into loss_ptr: the output for reduction none, else a float32/64 buffer) and lse; with
+    WRITE_GRAD, the gradient for grad_loss = 1 instead of lse (total_weight must then already hold the mean's
+    denominator)."""
+    ACC = total_weight_ptr.dtype.element_ty
+    _, _, index, offset, in_range = _position_block(num_positions, S, stride_n, stride_s, BLOCK_P, SPATIAL)
+    safe_y = index  # only read for class-index targets
+    if not PROB_TARGET:
+        safe_y, counted, weight_of_target = _class_target(target_ptr, weight_ptr, index, in_range, C, ignore_index,
+                                                          HAS_WEIGHT, ACC)
+        # Gathered before the row pass: when the gradient overwrites the logits, x[y] is gone by the second pass.
+        target_logit = tl.load(logits_ptr + offset + safe_y * stride_c, mask=counted, other=0.0).to(ACC)
+    lse, sum_a, sum_b = _row_statistics(logits_ptr, target_ptr, weight_ptr, offset, in_range, C, stride_c,
+                                        label_smoothing, PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING, ACC,
+                                        BLOCK_P, BLOCK_C)
+    weight_sum = _class_weight_sum(weight_sum_ptr, C, HAS_WEIGHT, ACC)
+    if PROB_TARGET:
+        loss = sum_a * lse - sum_b  # xent_math.h prob_target_loss: T lse - sum_c w[c] t'[c] x[c]
+    else:
+        loss = _index_target_loss(lse, target_logit, weight_of_target, weight_sum, sum_a, label_smoothing, C,
+                                  HAS_SMOOTHING)
+        loss = tl.where(counted, loss, 0.0)  # stays NaN for an out-of-range target: its weight is NaN
+    tl.store(loss_ptr + index, loss.to(loss_ptr.dtype.element_ty), mask=in_range)
+
+    if WRITE_GRAD:
+        scale = tl.full([BLOCK_P], 1.0, ACC)
+        if REDUCTION == _MEAN:
+            scale = scale / tl.load(total_weight_ptr).to(ACC)
+        if PROB_TARGET:
+            # (prob_coef, class_coef) = (scale T, scale); safe_y and target_coef are not read for probabilities.
+            _store_grad(logits_ptr, target_ptr, weight_ptr, grad_ptr, offset, in_range, in_range, lse, safe_y,
+                        scale * sum_a, scale, scale, C, stride_c, label_smoothing,
+                        PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING, ACC, BLOCK_P, BLOCK_C)
+        else:
+            prob_coef, class_coef, target_coef = _index_grad_coeffs(weight_of_target, weight_sum, scale,
+                                                                    label_smoothing, C, HAS_SMOOTHING)
+            _store_grad(logits_ptr, target_ptr, weight_ptr, grad_ptr, offset, in_range, counted, lse, safe_y,
+                        prob_coef, class_coef, target_coef, C, stride_c, label_smoothing,
+                        PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING, ACC, BLOCK_P, BLOCK_C)
+    else:
+        tl.store(lse_ptr + index, lse, mask=in_range)
+
+
+@triton.jit
+def _backward_kernel(grad_loss_ptr, grad_loss_stride_n, grad_loss_stride_s, logits_ptr, target_ptr, weight_ptr,
+                     weight_sum_ptr, lse_ptr, total_weight_ptr, grad_ptr,
+                     num_positions, S, C, stride_n, stride_c, stride_s, ignore_index, label_smoothing,
+                     SPATIAL: tl.constexpr, PROB_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+                     HAS_SMOOTHING: tl.constexpr, REDUCTION: tl.constexpr,
+                     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Gradient from the saved lse: one read of the logits (plus the targets) and one write."""
+    ACC = total_weight_ptr.dtype.element_ty
+    n, s, index, offset, in_range = _position_block(num_positions, S, stride_n, stride_s, BLOCK_P, SPATIAL)
+    lse = tl.load(lse_ptr + index, mask=in_range, other=0.0)
+    # Upstream-gradient scale per position (xent_math.h grad_scale); grad_loss may be an expanded (stride 0) view.
+    if REDUCTION == _NONE:
+        scale = tl.load(grad_loss_ptr + n * grad_loss_stride_n + s * grad_loss_stride_s, mask=in_range,
+                        other=0.0).to(ACC)
+    elif REDUCTION == _MEAN:
+        scale = tl.full([BLOCK_P], 1.0, ACC) * (tl.load(grad_loss_ptr).to(ACC) / tl.load(total_weight_ptr).to(ACC))
+    else:
+        scale = tl.full([BLOCK_P], 1.0, ACC) * tl.load(grad_loss_ptr).to(ACC)
+    if PROB_TARGET:
+        weighted_target_sum = _weighted_target_sum(target_ptr, weight_ptr, offset, in_range, C, stride_c,
+                                                   label_smoothing, HAS_WEIGHT, HAS_SMOOTHING, ACC, BLOCK_P, BLOCK_C)
+        # As in the forward: (prob_coef, class_coef) = (scale T, scale); safe_y and target_coef are not read.
+        _store_grad(logits_ptr, target_ptr, weight_ptr, grad_ptr, offset, in_range, in_range, lse, index,
+                    scale * weighted_target_sum, scale, scale, C, stride_c, label_smoothing,
+                    PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING, ACC, BLOCK_P, BLOCK_C)
+    else:
+        safe_y, counted, weight_of_target = _class_target(target_ptr, weight_ptr, index, in_range, C, ignore_index,
+                                                          HAS_WEIGHT, ACC)
+        weight_sum = _class_weight_sum(weight_sum_ptr, C, HAS_WEIGHT, ACC)
+        prob_coef, class_coef, target_coef = _index_grad_coeffs(weight_of_target, weight_sum, scale, label_smoothing,
+                                                                C, HAS_SMOOTHING)
+        _store_grad(logits_ptr, target_ptr, weight_ptr, grad_ptr, offset, in_range, counted, lse, safe_y,
+                    prob_coef, class_coef, target_coef, C, stride_c, label_smoothing,
+                    PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING, ACC, BLOCK_P, BLOCK_C)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Launchers
+# ---------------------------------------------------------------------------------------------------------------
+
+# The block table (deterministic, no autotuning). Rows: a program walks a row in column blocks of up to 16 KB
+# (several rows at once when C is small); the per-row max and sums reduce across the warps of the block.
+ROW_TILE = 4096  # float32 elements per loop step; 16-bit logits take twice as many classes
+MAX_ROWS_PER_PROGRAM = 128
+# Spatial: a program takes up to 4 warps' worth of 16-byte vectors of consecutive positions and walks the classes a
+# few at a time; every thread holds all the classes of its positions, so the per-position reductions stay inside
+# one thread (no shared memory, no barriers).
+MAX_SPATIAL_WARPS = 4
+SPATIAL_TILE = 4096
+MIN_SPATIAL_CLASSES = 8
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    block_p: int  # positions per program
+    block_c: int  # classes per loop step
+    num_warps: int
+
+
+def tile_config(num_classes: int, positions_per_n: int, spatial: bool, element_size: int) -> TileConfig:
+    """Block sizes and warps from C, S (positions per batch entry), the layout and the dtype width."""
+    next_pow2 = triton.next_power_of_2
+    if spatial:
+        vector = max(1, 16 // element_size)  # positions per 16-byte load
+        block_p = min(next_pow2(positions_per_n), 32 * vector * MAX_SPATIAL_WARPS)
+        # Few positions (small S) take more classes per step instead.
+        block_c = min(next_pow2(num_classes), max(MIN_SPATIAL_CLASSES, SPATIAL_TILE // block_p))
+        num_warps = max(1, min(MAX_SPATIAL_WARPS, block_p // (32 * vector)))
+        return TileConfig(block_p, block_c, num_warps)
+    block_c = min(next_pow2(num_classes), ROW_TILE * max(1, 4 // element_size))
+    block_p = max(1, min(MAX_ROWS_PER_PROGRAM, ROW_TILE // block_c))
+    num_warps = min(16, max(1, block_p * block_c // 512))  # 8-16 elements per thread
+    return TileConfig(block_p, block_c, num_warps)
+
+
+def check_device(device: torch.device) -> None:
+    """Raises unless the kernels can run on `device`: CUDA, or CPU under the Triton interpreter."""
+    if device.type == "cuda" or (device.type == "cpu" and INTERPRET):
+        return
+    if device.type == "cpu":
+        raise RuntimeError(f"fused_xent: {CPU_HINT}")
+    raise RuntimeError(f"fused_xent: the triton backend runs on CUDA tensors, got a tensor on {device}")
+
+
+def _launch(kernel, grid, *args, **kwargs) -> None:
+    """Launches through torch.library.wrap_triton, so that torch.compile captures the kernel inside the triton ops.
+
+    Under TRITON_INTERPRET=1 wrap_triton hands back the interpreted kernel itself, which cannot be captured: on fake
+    tensors (the ops' fake kernels, which only need output shapes) the launch is skipped, and functionalization
+    (torch.compile with a graph-capturing backend, aot_autograd) gets a clear error instead of a graph without the
+    kernel."""
+    if INTERPRET:
+        from torch._subclasses.fake_tensor import FakeTensor
+        from torch._subclasses.functional_tensor import FunctionalTensor
+
+        tensors = [arg for arg in args if isinstance(arg, torch.Tensor)]
+        if any(isinstance(t, FunctionalTensor) for t in tensors):
+            raise RuntimeError(
+                "fused_xent: Triton-interpreter kernels cannot be captured into a graph (torch.library.wrap_triton "
+                "does not wrap them); use torch.compile(backend='eager') on CPU, or CUDA tensors without "
+                "TRITON_INTERPRET"
+            )
+        if any(isinstance(t, FakeTensor) or t.device.type == "meta" for t in tensors):
+            return
+    wrap_triton(kernel)[grid](*args, **kwargs)
+
+
+@dataclass
+class _Problem:
+    """Op arguments brought to what the kernels read (the same rules as csrc/common/xent_problem.cpp)."""
+
+    logits: torch.Tensor  # dense, unit class stride (rows) or unit position stride (spatial)
+    target: torch.Tensor  # (N, S) contiguous int64, or probabilities with the strides of `logits`
+    weight: torch.Tensor | None  # (C,) contiguous, accumulation dtype
+    weight_sum: torch.Tensor | None  # 0-d sum of weight (the smoothing term's W)
+    spatial: bool
+    prob_target: bool
+    acc_dtype: torch.dtype
+    tile: TileConfig
+
+    @property
+    def num_positions(self) -> int:
+        return self.logits.shape[0] * self.logits.shape[2]
+
+
+def _is_dense(t: torch.Tensor) -> bool:
+    """Non-overlapping and dense: the elements fill one contiguous range in some dimension order."""
+    expected_stride = 1
+    for stride, size in sorted((stride, size) for size, stride in zip(t.shape, t.stride(), strict=True) if size != 1):
+        if stride != expected_stride:
+            return False
+        expected_stride *= size
+    return True
+
+
+def _problem(logits, target, weight, reduction) -> _Problem:
+    check_device(logits.device)
+    if logits.dim() != 3 or not logits.is_floating_point():
+        raise ValueError(f"fused_xent: logits must be a floating (N, C, S) view, got {logits.dtype} {logits.shape}")
+    if reduction not in (REDUCTION_NONE, REDUCTION_MEAN, REDUCTION_SUM):
+        raise ValueError(f"fused_xent: reduction must be 0 (none), 1 (mean) or 2 (sum), got {reduction}")
+    N, C, S = logits.shape
+    if C == 0:
+        raise ValueError("fused_xent: logits need at least one class")
+
+    work = logits if _is_dense(logits) else logits.contiguous()
+    if C == 1 or work.stride(1) == 1:
+        spatial = False
+    elif S > 1 and work.stride(2) == 1:
+        spatial = True
+    else:
+        work = work.contiguous()
+        spatial = S > 1
+
+    prob_target = target.is_floating_point()
+    if prob_target:
+        if target.shape != logits.shape or target.dtype != logits.dtype:
+            raise ValueError(f"fused_xent: probability target must be {logits.dtype} {tuple(logits.shape)}, got "
+                             f"{target.dtype} {tuple(target.shape)}")
+        if target.stride() != work.stride():
+            target = torch.empty_like(work).copy_(target)
+    else:
+        if target.dtype != torch.int64 or target.shape != (N, S):
+            raise ValueError(f"fused_xent: class-index target must be int64 ({N}, {S}), got {target.dtype} "
+                             f"{tuple(target.shape)}")
+        target = target.contiguous()
+
+    acc_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    weight_sum = None
+    if weight is not None:
+        if weight.shape != (C,):
+            raise ValueError(f"fused_xent: weight must be ({C},), got {tuple(weight.shape)}")
+        weight = weight.to(acc_dtype).contiguous()
+        weight_sum = weight.sum()
+    tile = tile_config(C, S, spatial, work.element_size())
+    return _Problem(work, target, weight, weight_sum, spatial, prob_target, acc_dtype, tile)
+
+
+def _grid(p: _Problem) -> tuple[int]:
+    N, _, S = p.logits.shape
+    if p.spatial:
+        return (N * triton.cdiv(S, p.tile.block_p),)
+    return (triton.cdiv(N * S, p.tile.block_p),)
+
+
+def _shape_args(p: _Problem) -> tuple:
+    _, C, S = p.logits.shape
+    stride_n, stride_c, stride_s = p.logits.stride()
+    return p.num_positions, S, C, stride_n, stride_c, stride_s
+
+
+def _total_weight(p: _Problem, ignore_index: int) -> torch.Tensor:
+    """The mean's denominator (0-d, accumulation dtype): sum of w[y] over counted positions, or N*S for
+    probabilities. A per-position buffer and torch's sum keep it deterministic and free of host syncs."""
+    if p.prob_target:
+        return torch.full((), float(p.num_positions), dtype=p.acc_dtype, device=p.logits.device)
+    position_weight = torch.empty(p.num_positions, dtype=p.acc_dtype, device=p.logits.device)
+    if p.num_positions > 0:
+        block = 1024
+        _launch(
+            _target_weight_kernel, (triton.cdiv(p.num_positions, block),), p.target, p.weight, position_weight,
+            p.num_positions, p.logits.shape[1], ignore_index, HAS_WEIGHT=p.weight is not None, BLOCK=block, num_warps=4,
+        )
+    return position_weight.sum()
+
+
+def _launch_forward(p, total_weight, loss_buffer, lse, grad, reduction, ignore_index, label_smoothing):
+    if p.num_positions == 0:
+        return
+    # Pointers a specialization never reads (no weight; lse when writing the gradient, or the gradient) are None.
+    _launch(
+        _forward_kernel, _grid(p), p.logits, p.target, p.weight, p.weight_sum, total_weight, loss_buffer, lse, grad,
+        *_shape_args(p), ignore_index, float(label_smoothing),
+        SPATIAL=p.spatial, PROB_TARGET=p.prob_target, HAS_WEIGHT=p.weight is not None,
+        HAS_SMOOTHING=label_smoothing > 0, REDUCTION=reduction, WRITE_GRAD=grad is not None,
+        BLOCK_P=p.tile.block_p, BLOCK_C=p.tile.block_c, num_warps=p.tile.num_warps,
+    )
+
+
+def _loss_buffer(p: _Problem, reduction: int) -> torch.Tensor:
+    """Where the kernel writes per-position losses: the output itself for reduction none, else a buffer in the
+    accumulation dtype that _reduce sums."""
+    N, _, S = p.logits.shape
+    dtype = p.logits.dtype if reduction == REDUCTION_NONE else p.acc_dtype
+    return torch.empty((N, S), dtype=dtype, device=p.logits.device)
+
+
+def _reduce(loss_buffer, total_weight, reduction, dtype) -> torch.Tensor:
+    if reduction == REDUCTION_NONE:
+        return loss_buffer
+    total = loss_buffer.sum()
+    if reduction == REDUCTION_MEAN:
+        total = total / total_weight  # 0/0 = NaN when every target is ignored, as in PyTorch
+    return total.to(dtype)
+
+
+def cross_entropy_fwd(logits, target, weight, reduction, ignore_index, label_smoothing):
+    """-> (loss, lse, total_weight): loss (N, S) or 0-d in the logits dtype, lse (N, S) and total_weight 0-d in the
+    accumulation dtype."""
+    p = _problem(logits, target, weight, reduction)
+    N, _, S = p.logits.shape
+    total_weight = _total_weight(p, ignore_index)
+    loss_buffer = _loss_buffer(p, reduction)
+    lse = torch.empty((N, S), dtype=p.acc_dtype, device=p.logits.device)
+    _launch_forward(p, total_weight, loss_buffer, lse, None, reduction, ignore_index, label_smoothing)
+    return _reduce(loss_buffer, total_weight, reduction, logits.dtype), lse, total_weight
+
+
+def cross_entropy_bwd(grad_loss, logits, target, weight, lse, total_weight, reduction, ignore_index, label_smoothing):
+    """-> d(loss)/d(logits), in the logits dtype with the strides of the kernel's view of the logits."""
+    p = _problem(logits, target, weight, reduction)
+    grad = torch.empty_like(p.logits)
+    if p.num_positions == 0:
+        return grad
+    N, _, S = p.logits.shape
+    expected = (N, S) if reduction == REDUCTION_NONE else ()
+    if tuple(grad_loss.shape) != expected or tuple(lse.shape) != (N, S) or lse.dtype != p.acc_dtype:
+        raise ValueError(f"fused_xent: grad_loss must be {expected} and lse ({N}, {S}) {p.acc_dtype}, got "
+                         f"{tuple(grad_loss.shape)} and {tuple(lse.shape)} {lse.dtype}")
+    grad_loss_strides = grad_loss.stride() if reduction == REDUCTION_NONE else (0, 0)
+    total_weight = total_weight.to(p.acc_dtype)
+    _launch(
+        _backward_kernel, _grid(p), grad_loss, *grad_loss_strides, p.logits, p.target, p.weight, p.weight_sum,
+        lse.contiguous(), total_weight, grad,
+        *_shape_args(p), ignore_index, float(label_smoothing),
+        SPATIAL=p.spatial, PROB_TARGET=p.prob_target, HAS_WEIGHT=p.weight is not None,
+        HAS_SMOOTHING=label_smoothing > 0, REDUCTION=reduction,
+        BLOCK_P=p.tile.block_p, BLOCK_C=p.tile.block_c, num_warps=p.tile.num_warps,
+    )
+    return grad
+
+
+def _forward_with_grad(p, grad, reduction, ignore_index, label_smoothing):
+    total_weight = _total_weight(p, ignore_index)
+    loss_buffer = _loss_buffer(p, reduction)
+    _launch_forward(p, total_weight, loss_buffer, None, grad, reduction, ignore_index, label_smoothing)
+    return _reduce(loss_buffer, total_weight, reduction, p.logits.dtype)
+
+
+def cross_entropy_fwd_grad(logits, target, weight, reduction, ignore_index, label_smoothing):
+    """-> (loss, grad): the loss and d(loss)/d(logits) for grad_loss = 1 (per position for reduction none), written
+    while each row is on chip."""
+    p = _problem(logits, target, weight, reduction)
+    grad = torch.empty_like(p.logits)
+    return _forward_with_grad(p, grad, reduction, ignore_index, label_smoothing), grad
+
+
+def cross_entropy_fwd_grad_(logits, target, weight, reduction, ignore_index, label_smoothing):
+    """-> loss; the gradient of cross_entropy_fwd_grad is written over `logits`."""
+    p = _problem(logits, target, weight, reduction)
+    loss = _forward_with_grad(p, p.logits, reduction, ignore_index, label_smoothing)
+    if p.logits is not logits:  # the kernel worked on a dense copy
+        logits.copy_(p.logits)
+    return loss

@@ -1,0 +1,553 @@
+"""The Triton backend (fused_xent/_triton_ops.py) against torch.nn.functional.cross_entropy.
+
+Where the kernels run:
+  - CUDA tensors when a GPU is visible (and TRITON_INTERPRET is not set);
+  - CPU tensors under the Triton interpreter. TRITON_INTERPRET=1 has to be set before the kernels are decorated and
+    would turn every other Triton kernel of the pytest process (Inductor's included) into interpreted ones, so it
+    is not set here nor in a conftest: without a GPU, test_interpreter_run re-runs this file in a subprocess with
+    TRITON_INTERPRET=1, where the parity tests run on CPU. `TRITON_INTERPRET=1 python -m pytest tests/test_triton.py`
+    runs them directly.
+
+Every parity test compares with float64 PyTorch on the same (rounded) inputs. Tolerances, as (rtol, atol) on the loss
+and on the gradient: float32 and float64 (1e-5, 1e-6); float16 (2e-3, 1e-4); bfloat16 (1e-2, 1e-3) -- the rounding of
+the output dtype, since the kernels accumulate in float32.
+"""
+
+import itertools
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytest.importorskip("triton")
+from fused_xent import _triton_ops  # noqa: E402 (after the importorskip)
+from fused_xent.triton_kernels import TileConfig  # noqa: E402
+
+ops = torch.ops.fused_xent
+INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+DEVICE = "cpu" if INTERPRETED else ("cuda" if torch.cuda.is_available() else None)
+REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}
+TOLERANCES = {
+    torch.float64: (1e-5, 1e-6),
+    torch.float32: (1e-5, 1e-6),
+    torch.float16: (2e-3, 1e-4),
+    torch.bfloat16: (1e-2, 1e-3),
+}
+
+pytestmark = [
+    # The interpreter evaluates masked-off lanes too (log(0), 0 * inf); their results are discarded.
+    pytest.mark.filterwarnings("ignore::RuntimeWarning:triton.runtime.interpreter"),
+]
+needs_kernels = pytest.mark.skipif(DEVICE is None, reason="no GPU: these run in test_interpreter_run's subprocess")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Inputs and references
+# ---------------------------------------------------------------------------------------------------------------
+
+# layout -> (logical shape, how the logits lie in memory)
+LAYOUTS = {
+    "rows": (5, 7),
+    "one_class": (3, 1),
+    "wide_rows": (4, 423),
+    "nchw": (2, 5, 3, 4),
+    "channels_last": (2, 5, 3, 4),
+    "ncl": (2, 6, 7),
+    "sliced": (4, 9),  # every other column of a (4, 18) tensor: neither unit stride, copied by the op
+    "transposed": (6, 5),  # a (5, 6) tensor transposed: class stride 6, S == 1, copied by the op
+    "empty": (0, 5),
+}
+
+
+def make_logits(layout, dtype, scale=3.0, seed=0):
+    """A logits tensor (requiring grad, possibly a view of a leaf) with the layout's shape and memory layout."""
+    generator = torch.Generator().manual_seed(seed)
+    shape = LAYOUTS[layout]
+    if layout == "sliced":
+        base = torch.randn(shape[0], 2 * shape[1], generator=generator) * scale
+        leaf = base.to(DEVICE, dtype).requires_grad_()
+        return leaf[:, ::2]
+    if layout == "transposed":
+        base = torch.randn(shape[1], shape[0], generator=generator) * scale
+        leaf = base.to(DEVICE, dtype).requires_grad_()
+        return leaf.t()
+    x = (torch.randn(shape, generator=generator) * scale).to(DEVICE, dtype)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x.requires_grad_()
+
+
+def class_target(x, ignore_index=None, seed=1):
+    generator = torch.Generator().manual_seed(seed)
+    shape = (x.shape[0],) + tuple(x.shape[2:])
+    target = torch.randint(0, x.shape[1], shape, generator=generator)
+    if ignore_index is not None and target.numel() > 1:
+        target.view(-1)[::3] = ignore_index  # a third of the positions ignored
+    return target.to(DEVICE)
+
+
+def prob_target(x, seed=2):
+    generator = torch.Generator().manual_seed(seed)
+    return torch.rand(x.shape, generator=generator).softmax(1).to(DEVICE, x.dtype)
+
+
+def class_weight(num_classes, seed=3):
+    generator = torch.Generator().manual_seed(seed)
+    return (torch.rand(num_classes, generator=generator) + 0.5).to(DEVICE)
+
+
+def upstream_grad(loss_shape, dtype, seed=4):
+    generator = torch.Generator().manual_seed(seed)
+    return (torch.rand(loss_shape, generator=generator) + 0.5).to(DEVICE, dtype)
+
+
+def op_views(x, target):
+    """The (N, C, S) / (N, S) views the ops take (what the package's front end builds)."""
+    N, C, S = x.shape[0], x.shape[1], math.prod(x.shape[2:])
+    target_view = target.reshape(N, C, S) if target.is_floating_point() else target.reshape(N, S)
+    return x.reshape(N, C, S), target_view
+
+
+def triton_loss(x, target, weight, reduction, ignore_index, label_smoothing):
+    """Loss through triton_cross_entropy_fwd (autograd: triton_cross_entropy_bwd), in F.cross_entropy's shape."""
+    logits, target_view = op_views(x, target)
+    loss, lse, total_weight = ops.triton_cross_entropy_fwd(
+        logits, target_view, weight, REDUCTIONS[reduction], ignore_index, label_smoothing
+    )
+    assert lse.dtype == (torch.float64 if x.dtype == torch.float64 else torch.float32)
+    assert lse.shape == target_view.shape[:1] + target_view.shape[-1:]
+    return loss.reshape((x.shape[0],) + tuple(x.shape[2:])) if reduction == "none" else loss
+
+
+def reference(x, target, weight, reduction, ignore_index, label_smoothing, grad_out):
+    """float64 PyTorch loss and input gradient on the same values."""
+    x64 = x.detach().double().requires_grad_()
+    target64 = target.double() if target.is_floating_point() else target
+    weight64 = None if weight is None else weight.double()
+    loss = F.cross_entropy(x64, target64, weight=weight64, ignore_index=ignore_index, reduction=reduction,
+                           label_smoothing=label_smoothing)
+    (grad,) = torch.autograd.grad(loss, x64, grad_out.double())
+    return loss.detach(), grad
+
+
+def assert_close(actual, expected, dtype):
+    rtol, atol = TOLERANCES[dtype]
+    torch.testing.assert_close(actual.double(), expected, rtol=rtol, atol=atol, equal_nan=True)
+
+
+def check_parity(x, target, weight, reduction, ignore_index, label_smoothing, grad_out=None):
+    loss = triton_loss(x, target, weight, reduction, ignore_index, label_smoothing)
+    assert loss.dtype == x.dtype
+    if grad_out is None:
+        grad_out = upstream_grad(loss.shape, x.dtype)
+    (grad,) = torch.autograd.grad(loss, x, grad_out)
+    expected_loss, expected_grad = reference(x, target, weight, reduction, ignore_index, label_smoothing, grad_out)
+    assert_close(loss, expected_loss, x.dtype)
+    assert_close(grad, expected_grad, x.dtype)
+    return loss, grad
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Parity with F.cross_entropy
+# ---------------------------------------------------------------------------------------------------------------
+
+ARGUMENT_GRID = list(itertools.product([False, True], ["none", "mean", "sum"], [None, 2], [0.0, 0.2]))
+
+
+@needs_kernels
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_class_targets_all_arguments(layout):
+    """Every layout against every combination of weight, reduction, ignore_index and label_smoothing."""
+    for with_weight, reduction, ignored, label_smoothing in ARGUMENT_GRID:
+        x = make_logits(layout, torch.float32)
+        weight = class_weight(x.shape[1]) if with_weight else None
+        ignore_index = -100 if ignored is None else min(ignored, x.shape[1] - 1)
+        target = class_target(x, ignore_index if ignored is not None else None)
+        check_parity(x, target, weight, reduction, ignore_index, label_smoothing)
+
+
+@needs_kernels
+@pytest.mark.parametrize("layout", ["rows", "wide_rows", "nchw", "channels_last", "sliced", "empty"])
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+def test_probability_targets(layout, reduction):
+    for with_weight, label_smoothing in itertools.product([False, True], [0.0, 0.3]):
+        x = make_logits(layout, torch.float32)
+        weight = class_weight(x.shape[1]) if with_weight else None
+        check_parity(x, prob_target(x), weight, reduction, -100, label_smoothing)
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("layout", ["wide_rows", "nchw", "channels_last"])
+def test_dtypes(dtype, layout):
+    x = make_logits(layout, dtype)
+    weight = class_weight(x.shape[1])
+    for reduction in ("none", "mean"):
+        check_parity(x, class_target(x, ignore_index=1), weight, reduction, 1, 0.1)
+        check_parity(x, prob_target(x), weight, reduction, -100, 0.1)
+
+
+@needs_kernels
+@pytest.mark.parametrize("layout", ["rows", "wide_rows", "nchw", "channels_last"])
+def test_small_tiles(layout, monkeypatch):
+    """Tiles of 4 positions x 4 classes: many programs, partial blocks on both axes, and the online softmax carried
+    across class blocks, including rows whose first blocks are all -inf."""
+    monkeypatch.setattr(_triton_ops.triton_kernels, "tile_config", lambda *args: TileConfig(4, 4, 1))
+    x = make_logits(layout, torch.float32).detach()
+    with torch.no_grad():
+        x[0, :4] = float("-inf")
+    target = class_target(x, ignore_index=1)
+    target[0] = 5 if x.shape[1] > 5 else 4
+    weight = class_weight(x.shape[1])
+    for reduction, label_smoothing in (("none", 0.0), ("mean", 0.2)):
+        check_parity(x.clone().requires_grad_(), target, weight, reduction, 1, label_smoothing)
+    x = x.clamp(min=-50)  # probability targets: -inf logits would give NaN (0 * -inf), as in PyTorch
+    check_parity(x.clone().requires_grad_(), prob_target(x), weight, "sum", -100, 0.2)
+    logits, target_view = op_views(x, target)
+    _, expected_grad = reference(logits, target_view, weight, "mean", 1, 0.2, torch.ones((), device=DEVICE))
+    _, grad = ops.triton_cross_entropy_fwd_grad(logits, target_view, weight, 1, 1, 0.2)
+    assert_close(grad, expected_grad, x.dtype)
+
+
+@needs_kernels
+def test_gradient_keeps_logit_strides():
+    for layout in ("rows", "nchw", "channels_last", "ncl"):
+        x = make_logits(layout, torch.float32).detach()
+        logits, target = op_views(x, class_target(x))
+        _, lse, total_weight = ops.triton_cross_entropy_fwd(logits, target, None, 1, -100, 0.0)
+        grad = ops.triton_cross_entropy_bwd(torch.tensor(1.0, device=DEVICE), logits, target, None, lse,
+                                            total_weight, 1, -100, 0.0)
+        assert grad.stride() == logits.stride(), layout
+        _, grad = ops.triton_cross_entropy_fwd_grad(logits, target, None, 1, -100, 0.0)
+        assert grad.stride() == logits.stride(), layout
+
+
+@needs_kernels
+@pytest.mark.parametrize("layout", ["rows", "wide_rows", "nchw", "channels_last", "sliced"])
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+def test_fwd_grad_and_in_place(layout, reduction):
+    """The gradient written in the forward (fresh, and over the logits) equals autograd's for grad_loss = 1, and the
+    fwd_grad op's autograd scales it by the upstream gradient."""
+    code = REDUCTIONS[reduction]
+    for targets in ("class", "prob"):
+        x = make_logits(layout, torch.float32)
+        weight = class_weight(x.shape[1])
+        if targets == "class":
+            target, ignore_index, label_smoothing = class_target(x, ignore_index=0), 0, 0.1
+        else:
+            target, ignore_index, label_smoothing = prob_target(x), -100, 0.1
+        logits, target_view = op_views(x, target)
+        loss_shape = target_view.shape[:1] + target_view.shape[-1:] if reduction == "none" else ()
+        expected_loss, expected_grad = reference(
+            logits, target_view, weight, reduction, ignore_index, label_smoothing, torch.ones(loss_shape, device=DEVICE)
+        )
+
+        leaf = logits.detach().requires_grad_()
+        loss, grad = ops.triton_cross_entropy_fwd_grad(leaf, target_view, weight, code, ignore_index, label_smoothing)
+        assert_close(loss, expected_loss, x.dtype)
+        assert_close(grad, expected_grad, x.dtype)
+        grad_out = upstream_grad(loss.shape, loss.dtype)
+        (scaled,) = torch.autograd.grad(loss, leaf, grad_out)
+        expected_scaled = expected_grad * (grad_out.double().unsqueeze(1) if reduction == "none" else grad_out.double())
+        assert_close(scaled, expected_scaled, x.dtype)
+
+        overwritten = logits.detach().clone()
+        loss = ops.triton_cross_entropy_fwd_grad_(overwritten, target_view, weight, code, ignore_index, label_smoothing)
+        assert_close(loss, expected_loss, x.dtype)
+        assert_close(overwritten, expected_grad, x.dtype)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Edge cases
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@needs_kernels
+def test_all_ignored_and_empty():
+    x = make_logits("rows", torch.float32)
+    target = torch.full((x.shape[0],), -100, device=DEVICE)
+    for label_smoothing in (0.0, 0.2):
+        loss, grad = check_parity(x, target, None, "mean", -100, label_smoothing)
+        assert loss.isnan() and bool((grad == 0).all())
+        check_parity(x, target, class_weight(x.shape[1]), "sum", -100, label_smoothing)
+    empty = make_logits("empty", torch.float32)
+    assert triton_loss(empty, class_target(empty), None, "mean", -100, 0.0).isnan()
+    assert triton_loss(empty, class_target(empty), None, "sum", -100, 0.0) == 0
+    assert triton_loss(empty, class_target(empty), None, "none", -100, 0.0).shape == (0,)
+
+
+@needs_kernels
+@pytest.mark.parametrize("layout", ["wide_rows", "nchw"])
+def test_extreme_logits(layout):
+    """-inf logits (not at the target), +-1e4 logits, and a NaN that must stay in its own position."""
+    x = make_logits(layout, torch.float32).detach()
+    target = class_target(x)
+    with torch.no_grad():
+        x[:, 2] = float("-inf")
+        target[target == 2] = 0
+        x[:, 3] = 1e4
+        x[:, 4] = -1e4
+    weight = class_weight(x.shape[1])
+    for reduction, label_smoothing in itertools.product(("none", "mean"), (0.0, 0.1)):
+        check_parity(x.clone().requires_grad_(), target, weight, reduction, -100, label_smoothing)
+    for label_smoothing in (0.0, 0.1):
+        check_parity(x.clone().requires_grad_(), prob_target(x), weight, "none", -100, label_smoothing)
+
+    with torch.no_grad():
+        x[0, 1] = float("nan")
+    loss = triton_loss(x, target, weight, "none", -100, 0.0)  # with smoothing, the -inf column makes all inf
+    assert loss.view(x.shape[0], -1)[0, 0].isnan()
+    assert loss.view(x.shape[0], -1)[1:].isfinite().all()
+    check_parity(x.clone().requires_grad_(), target, weight, "none", -100, 0.1)
+
+
+@needs_kernels
+def test_out_of_range_target_gives_nan_without_reading_out_of_bounds():
+    x = make_logits("rows", torch.float32).detach()
+    target = class_target(x)
+    target[1] = x.shape[1]
+    target[3] = -5
+    logits, target_view = op_views(x, target)
+    loss, _, total_weight = ops.triton_cross_entropy_fwd(logits, target_view, None, 0, -100, 0.0)
+    assert loss[1].isnan().all() and loss[3].isnan().all() and loss[[0, 2, 4]].isfinite().all()
+    assert total_weight.isnan()
+    _, grad = ops.triton_cross_entropy_fwd_grad(logits, target_view, None, 0, -100, 0.0)
+    assert grad[1].isnan().all() and grad[[0, 2, 4]].isfinite().all()
+
+
+@needs_kernels
+def test_upstream_gradient_of_stride_zero():
+    """loss.sum().backward() hands the backward an expanded (stride 0) grad_loss for reduction none."""
+    x = make_logits("channels_last", torch.float32)
+    target = class_target(x, ignore_index=0)
+    loss = triton_loss(x, target, None, "none", 0, 0.1)
+    (grad,) = torch.autograd.grad(loss.sum(), x)
+    _, expected = reference(x, target, None, "none", 0, 0.1, torch.ones(loss.shape, device=DEVICE))
+    assert_close(grad, expected, x.dtype)
+
+
+@needs_kernels
+def test_deterministic():
+    x = make_logits("wide_rows", torch.float32)
+    target = class_target(x, ignore_index=0)
+    first = triton_loss(x, target, class_weight(x.shape[1]), "mean", 0, 0.1)
+    second = triton_loss(x, target, class_weight(x.shape[1]), "mean", 0, 0.1)
+    assert torch.equal(first, second)
+
+
+def _free_cuda_gib():
+    return torch.cuda.mem_get_info()[0] / 2**30 if DEVICE == "cuda" else 0.0
+
+
+@pytest.mark.skipif(DEVICE != "cuda" or _free_cuda_gib() < 24, reason="needs a GPU with 24 GiB free")
+def test_more_than_2_pow_31_elements():
+    """Offsets past 2**31 elements (int64 indexing): rows and NCHW, checked on the last positions."""
+    for shape in ((65_600, 32_768), (2, 19, 2**26)):
+        logits = torch.randn(shape, device="cuda", dtype=torch.bfloat16)
+        assert logits.numel() > 2**31
+        N, C = shape[:2]
+        view = logits.view(N, C, -1)
+        target = torch.randint(0, C, (N, view.shape[2]), device="cuda")
+        loss, _, _ = ops.triton_cross_entropy_fwd(view, target, None, 0, -100, 0.0)
+        S = view.shape[2]
+        rows, positions = slice(N - 4 if S == 1 else N - 1, None), slice(max(0, S - 1000), None)
+        expected = F.cross_entropy(view[rows, :, positions].float(), target[rows, positions], reduction="none")
+        torch.testing.assert_close(loss[rows, positions].float(), expected, rtol=1e-2, atol=1e-2)
+        del logits, view, loss
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# torch.library integration
+# ---------------------------------------------------------------------------------------------------------------
+
+# The interpreter cannot be captured into a graph (torch.library.wrap_triton leaves interpreted kernels unwrapped),
+# so on CPU opcheck skips its aot_autograd test; on CUDA it runs them all.
+OPCHECK_UTILS = ("test_schema", "test_autograd_registration", "test_faketensor") if INTERPRETED else None
+
+
+@needs_kernels
+def test_opcheck():
+    x = make_logits("nchw", torch.float32).detach()
+    weight = class_weight(x.shape[1])
+    for target, ignore_index in ((class_target(x, ignore_index=0), 0), (prob_target(x), -100)):
+        logits, target_view = op_views(x, target)
+        args = (logits.requires_grad_(), target_view, weight, 1, ignore_index, 0.1)
+        torch.library.opcheck(ops.triton_cross_entropy_fwd, args, test_utils=OPCHECK_UTILS)
+        torch.library.opcheck(ops.triton_cross_entropy_fwd_grad, args, test_utils=OPCHECK_UTILS)
+        _, lse, total_weight = ops.triton_cross_entropy_fwd(*args)
+        grad_loss = torch.tensor(0.5, device=DEVICE)
+        bwd_args = (grad_loss, logits.detach(), target_view, weight, lse, total_weight, 1, ignore_index, 0.1)
+        torch.library.opcheck(ops.triton_cross_entropy_bwd, bwd_args, test_utils=OPCHECK_UTILS)
+        in_place_args = (logits.detach().clone(),) + args[1:]
+        torch.library.opcheck(ops.triton_cross_entropy_fwd_grad_, in_place_args, test_utils=OPCHECK_UTILS)
+
+
+@needs_kernels
+def test_torch_compile_fullgraph():
+    """Eager backend on CPU (Dynamo traces the ops without a graph break; the interpreter can go no further),
+    Inductor on CUDA."""
+    backend = "eager" if INTERPRETED else "inductor"
+    x = make_logits("channels_last", torch.float32)
+    target = class_target(x, ignore_index=0)
+    weight = class_weight(x.shape[1])
+
+    def loss_fn(x, target):
+        return triton_loss(x, target, weight, "mean", 0, 0.1) * 2.0
+
+    compiled = torch.compile(loss_fn, fullgraph=True, backend=backend)
+    loss = compiled(x, target)
+    (grad,) = torch.autograd.grad(loss, x)
+    expected_loss = loss_fn(x, target)
+    (expected_grad,) = torch.autograd.grad(expected_loss, x)
+    torch.testing.assert_close(loss, expected_loss)
+    torch.testing.assert_close(grad, expected_grad)
+
+
+@needs_kernels
+@pytest.mark.skipif(not INTERPRETED, reason="interpreter only")
+def test_interpreter_refuses_graph_capture():
+    x = make_logits("rows", torch.float32)
+    target = class_target(x)
+    compiled = torch.compile(lambda x, t: triton_loss(x, t, None, "mean", -100, 0.0), fullgraph=True,
+                             backend="aot_eager")
+    with pytest.raises(Exception, match="cannot be captured into a graph"):
+        compiled(x, target)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Without the kernels: availability, errors, and the graph the ops give torch.compile
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(INTERPRETED, reason="checks the process without TRITON_INTERPRET")
+def test_cpu_tensors_without_interpreter_raise_a_clear_error():
+    x = torch.randn(3, 4, 1)
+    target = torch.zeros(3, 1, dtype=torch.long)
+    with pytest.raises(RuntimeError, match="on CPU set TRITON_INTERPRET=1 before importing fused_xent"):
+        ops.triton_cross_entropy_fwd(x, target, None, 1, -100, 0.0)
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        _triton_ops.check_device(torch.device("cpu"))
+    assert _triton_ops.AVAILABLE == torch.cuda.is_available()
+    assert (_triton_ops.unavailable_reason() is None) == _triton_ops.is_available()
+
+
+def _run_python(code, **env):
+    root = Path(__file__).resolve().parents[1]
+    python_path = os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))
+    return subprocess.run(
+        [sys.executable, *code], cwd=root, env=dict(os.environ, PYTHONPATH=python_path, **env),
+        capture_output=True, text=True, timeout=600, check=False,
+    )
+
+
+@pytest.mark.skipif(INTERPRETED, reason="checked from the main process")
+def test_import_without_triton():
+    script = (
+        "import sys; sys.modules['triton'] = None\n"
+        "import torch, fused_xent._triton_ops as t\n"
+        "assert not t.AVAILABLE and 'triton is not importable' in t.unavailable_reason()\n"
+        "assert not hasattr(torch.ops.fused_xent, 'triton_cross_entropy_fwd')\n"
+    )
+    result = _run_python(["-c", script])
+    assert result.returncode == 0, result.stderr[-4000:]
+
+
+@pytest.mark.skipif(INTERPRETED or torch.version.cuda is None, reason="needs a CUDA build of torch, no interpreter")
+def test_ops_decompose_to_kernel_calls_on_fake_cuda_tensors():
+    """AOT autograd over fake CUDA tensors (no GPU needed) decomposes the ops into triton_kernel_wrapper HOPs, the
+    graph Inductor compiles on a GPU. (Without a GPU, torch cannot analyse which arguments a kernel writes and
+    logs a warning; it then assumes all of them.)"""
+    from torch._functorch.aot_autograd import aot_function
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    graphs = []
+
+    def capture(graph, example_inputs):
+        graphs.append(graph.code)
+        return graph
+
+    def fwd_grad_in_place(logits, target, weight):
+        return ops.triton_cross_entropy_fwd_grad_(logits, target, weight, 1, -100, 0.1)
+
+    with FakeTensorMode():
+        logits = torch.empty(8, 5, 12, device="cuda")
+        target = torch.empty(8, 12, dtype=torch.long, device="cuda")
+        weight = torch.empty(5, device="cuda")
+        aot_function(fwd_grad_in_place, fw_compiler=capture)(logits, target, weight)
+    (code,) = graphs
+    assert code.count("triton_kernel_wrapper_functional(") == 2, code  # target weights, then the fused pass
+    assert "'SPATIAL': True" in code and "'WRITE_GRAD': True" in code, code
+
+
+class _CompileOnly:
+    """Stands in for triton_kernels._launch: compiles each kernel specialization a launcher asks for down to a
+    cubin for Hopper (sm_90, the H200) with the ptxas that ships with Triton, and launches nothing. Catches what the
+    interpreter cannot: type errors of compiled code, float64 lowering, unsupported ops. Uses Triton internals
+    (argument binding and packing, as JITFunction.run does), so it skips on versions that lack them."""
+
+    def __init__(self):
+        try:
+            from triton.backends.compiler import GPUTarget
+            from triton.compiler import ASTSource, make_backend
+            from triton.runtime.jit import create_function_from_signature
+        except ImportError as error:
+            pytest.skip(f"this Triton lacks the internals for offline compilation: {error}")
+        self.target = GPUTarget("cuda", 90, 32)
+        self.backend = make_backend(self.target)
+        self.ast_source = ASTSource
+        self.bind = create_function_from_signature
+        self.compiled = {}
+
+    def __call__(self, kernel, grid, *args, **kwargs):
+        import triton
+
+        binder = self.bind(kernel.signature, kernel.params, self.backend)
+        bound_args, specialization, options = binder(*args, **kwargs)
+        options, signature, constexprs, attrs = kernel._pack_args(
+            self.backend, kwargs, bound_args, specialization, options
+        )
+        key = (kernel.__name__, str(signature), str(constexprs), str(attrs), str(options))
+        if key not in self.compiled:
+            source = self.ast_source(kernel, signature, constexprs, attrs)
+            self.compiled[key] = triton.compile(source, target=self.target, options=options.__dict__)
+
+
+@pytest.mark.skipif(INTERPRETED or DEVICE is not None, reason="without a GPU only (with one, the kernels run)")
+def test_every_specialization_compiles_for_hopper(monkeypatch):
+    compile_only = _CompileOnly()
+    kernels = _triton_ops.triton_kernels
+    monkeypatch.setattr(kernels, "_launch", compile_only)
+    monkeypatch.setattr(kernels, "check_device", lambda device: None)
+    for dtype, shape in itertools.product([torch.float32, torch.bfloat16, torch.float64], [(3, 5000), (2, 19, 64)]):
+        x = torch.randn(shape, dtype=dtype)
+        N, C = shape[:2]
+        logits = x.reshape(N, C, -1)
+        target = torch.randint(0, C, (N, logits.shape[2]))
+        probabilities = torch.rand_like(logits)
+        weight = torch.rand(C)
+        acc = torch.float64 if dtype == torch.float64 else torch.float32
+        lse = torch.zeros(N, logits.shape[2], dtype=acc)
+        scalar, per_position = torch.ones((), dtype=dtype), torch.ones(N, logits.shape[2], dtype=dtype)
+        total_weight = torch.ones((), dtype=acc)
+        kernels.cross_entropy_fwd(logits, target, weight, 1, -100, 0.1)
+        kernels.cross_entropy_fwd(logits, target, None, 2, -100, 0.0)
+        kernels.cross_entropy_fwd_grad(logits, target, weight, 1, -100, 0.1)
+        kernels.cross_entropy_fwd_grad_(logits.clone(), target, None, 0, -100, 0.0)
+        kernels.cross_entropy_bwd(per_position, logits, target, weight, lse, total_weight, 0, -100, 0.1)
+        kernels.cross_entropy_fwd(logits, probabilities, weight, 2, -100, 0.1)
+        kernels.cross_entropy_fwd_grad(logits, probabilities, weight, 0, -100, 0.1)
+        kernels.cross_entropy_bwd(scalar, logits, probabilities, weight, lse, total_weight, 1, -100, 0.1)
+    assert len(compile_only.compiled) >= 40
+
+
+@pytest.mark.skipif(INTERPRETED or DEVICE is not None, reason="runs the interpreter subprocess only without a GPU")
+def test_interpreter_run():
+    """Runs this file's kernel tests on CPU tensors under TRITON_INTERPRET=1, in a fresh process."""
+    result = _run_python(["-m", "pytest", __file__, "-q", "-p", "no:cacheprovider", "-x"], TRITON_INTERPRET="1")
+    assert result.returncode == 0, result.stdout[-8000:] + result.stderr[-4000:]
+    assert " passed" in result.stdout, result.stdout[-2000:]
