@@ -3,17 +3,13 @@ torch.library.opcheck. The op schemas live in csrc/fused_xent.cpp."""
 
 import torch
 
+from ._layout import kernel_logits
 from .reference import REDUCTION_NONE, accumulation_dtype
 
 
 def kernel_strides_like(logits: torch.Tensor) -> torch.Tensor:
-    """An empty tensor laid out as the kernels lay out a gradient: the logits' own strides when they have unit
-    class stride (rows, channels_last) or unit position stride (NCHW), contiguous otherwise."""
-    _, num_classes, positions = logits.shape
-    dense = logits.is_non_overlapping_and_dense()
-    if dense and (num_classes == 1 or logits.stride(1) == 1 or (positions > 1 and logits.stride(2) == 1)):
-        return torch.empty_strided(logits.shape, logits.stride(), dtype=logits.dtype, device=logits.device)
-    return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+    """An empty tensor laid out as the kernels lay out a gradient (see _layout.kernel_logits)."""
+    return torch.empty_like(kernel_logits(logits)[0])
 
 
 def empty_loss(logits: torch.Tensor, reduction: int) -> torch.Tensor:

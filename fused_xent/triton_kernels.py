@@ -29,7 +29,8 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-REDUCTION_NONE, REDUCTION_MEAN, REDUCTION_SUM = 0, 1, 2
+from ._layout import kernel_logits
+from .reference import REDUCTION_MEAN, REDUCTION_NONE, REDUCTION_SUM
 
 # Read once, like Triton itself: the interpreter must be chosen before the kernels below are decorated.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -402,16 +403,6 @@ class _Problem:
         return self.logits.shape[0] * self.logits.shape[2]
 
 
-def _is_dense(t: torch.Tensor) -> bool:
-    """Non-overlapping and dense: the elements fill one contiguous range in some dimension order."""
-    expected_stride = 1
-    for stride, size in sorted((stride, size) for size, stride in zip(t.shape, t.stride(), strict=True) if size != 1):
-        if stride != expected_stride:
-            return False
-        expected_stride *= size
-    return True
-
-
 def _problem(logits, target, weight, reduction) -> _Problem:
     check_device(logits.device)
     if logits.dim() != 3 or not logits.is_floating_point():
@@ -422,14 +413,7 @@ def _problem(logits, target, weight, reduction) -> _Problem:
     if C == 0:
         raise ValueError("fused_xent: logits need at least one class")
 
-    work = logits if _is_dense(logits) else logits.contiguous()
-    if C == 1 or work.stride(1) == 1:
-        spatial = False
-    elif S > 1 and work.stride(2) == 1:
-        spatial = True
-    else:
-        work = work.contiguous()
-        spatial = S > 1
+    work, spatial = kernel_logits(logits)
 
     prob_target = target.is_floating_point()
     if prob_target:

@@ -1,0 +1,26 @@
+"""How kernels lay out the (N, C, S) logits they read: the Python twin of csrc/common/xent_problem.cpp, used by the
+Triton launchers and by the fake kernels (which must predict the compiled kernels' output strides)."""
+
+import torch
+
+
+def is_dense(t: torch.Tensor) -> bool:
+    """Non-overlapping and dense: the elements fill one contiguous range in some order of the dimensions."""
+    expected_stride = 1
+    for stride, size in sorted((stride, size) for size, stride in zip(t.shape, t.stride(), strict=True) if size != 1):
+        if stride != expected_stride:
+            return False
+        expected_stride *= size
+    return True
+
+
+def kernel_logits(logits: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """The logits as kernels read them, and whether that is the spatial layout (unit position stride) rather than
+    rows (unit class stride). Only logits with neither unit stride, or with gaps, are copied."""
+    _, num_classes, positions = logits.shape
+    work = logits if is_dense(logits) else logits.contiguous()
+    if num_classes == 1 or work.stride(1) == 1:
+        return work, False
+    if positions > 1 and work.stride(2) == 1:
+        return work, True
+    return work.contiguous(), positions > 1
