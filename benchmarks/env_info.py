@@ -79,7 +79,7 @@ def busy_warning() -> str | None:
     if load < 0.8:
         return None
     return (f"WARNING: 1-minute load average {load:.1f} before this run on {os.cpu_count()} CPUs: other processes "
-            "are running, CPU timings are unreliable (compare only within a quiet run)")
+            "are running, CPU timings are unreliable (compare only within a quiet run; --threads 1 suffers less)")
 
 
 def describe(device: str) -> dict[str, str]:

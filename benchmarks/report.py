@@ -41,10 +41,13 @@ class Results:
         return row.median if row else NAN
 
 
-def _fmt(value: float, digits: int = 1) -> str:
+def _fmt(value: float, digits: int = 1, suffix: str = "") -> str:
+    """Fixed decimals for ordinary values, two significant digits below 1, "-" for missing."""
     if value is None or math.isnan(value):
         return "-"
-    return f"{value:.{digits}f}" if abs(value) < 1e4 else f"{value:.3g}"
+    if abs(value) < 1 and value != 0:
+        return f"{value:.2g}{suffix}"
+    return (f"{value:.{digits}f}" if abs(value) < 1e4 else f"{value:.3g}") + suffix
 
 
 def _verdict(results: Results, provider: str, case) -> str:
@@ -55,7 +58,7 @@ def _verdict(results: Results, provider: str, case) -> str:
 def case_heading(results: Results, case) -> str:
     copy_ms = results.value("copy", case, "copy", "time")
     copy_bw = results.value("copy", case, "copy", "bandwidth")
-    return (f"{case.family} {case.label} {case.dtype_name}: logits {case.logits_bytes / 1e6:.0f} MB; "
+    return (f"{case.family} {case.label} {case.dtype_name}: logits {case.logits_bytes / 1e6:.3g} MB; "
             f"copy {_fmt(copy_ms, 2)} ms ({_fmt(copy_bw)} GB/s)")
 
 
@@ -76,8 +79,8 @@ def console_table(results: Results, case, providers: list[str], modes: list[str]
         cells = [name]
         for mode in modes:
             cells += [_fmt(results.value(name, case, mode, "time"), 2),
-                      _fmt(results.value(name, case, mode, "speedup_vs_eager"), 2) + "x",
-                      _fmt(results.value(name, case, mode, "speedup_vs_compile"), 2) + "x",
+                      _fmt(results.value(name, case, mode, "speedup_vs_eager"), 2, "x"),
+                      _fmt(results.value(name, case, mode, "speedup_vs_compile"), 2, "x"),
                       _fmt(results.value(name, case, mode, "peak_mem"), 0)]
             failure = _mode_verdict(results, name, case, mode)
             if failure:

@@ -30,7 +30,7 @@ def _check_choices(kind: str, chosen: list[str], allowed) -> str | None:
 def _memory_needed(case: shapes.Case, with_grad: bool) -> int:
     """A rough upper bound: inputs, a copy for in-place providers, the worst provider's temporaries (the pure-PyTorch
     fused backend and eager hold a few logits-sized tensors) and the float32 reference gradient."""
-    return 6 * case.logits_bytes + (4 * case.numel if with_grad else 0)
+    return 5 * case.logits_bytes + (4 * case.numel if with_grad else 0)
 
 
 class CaseRunner:

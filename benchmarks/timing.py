@@ -139,14 +139,15 @@ except (OSError, AttributeError):
     _malloc_trim = None
 
 CPU_MEMORY_METHOD = (
-    "CPU peak memory: growth of the process's resident set during one step above what was resident with only the "
-    "inputs alive (Linux VmHWM, reset through /proc/self/clear_refs; glibc malloc_trim(0) first, so freed heap "
-    "pages are returned and reuse of them still counts). It counts every page the step touches, inside PyTorch's "
-    "allocator or not; a huge page counts 2 MiB."
+    "CPU peak memory: growth of the process's resident set during one step of the mode (bwd: with its forward) "
+    "above what was resident with only the inputs alive (Linux VmHWM, reset through /proc/self/clear_refs; glibc "
+    "malloc_trim(0) first, so freed heap pages are returned and reuse of them still counts). It counts every page "
+    "the step touches, inside PyTorch's allocator or not; a huge page counts 2 MiB."
 )
 GPU_MEMORY_METHOD = (
-    "GPU peak memory: torch.cuda.max_memory_allocated() during one step minus memory_allocated() before it, with "
-    "only the inputs alive (PyTorch's caching allocator; memory a kernel allocates outside it is not seen)."
+    "GPU peak memory: torch.cuda.max_memory_allocated() during one step of the mode (bwd: with its forward) minus "
+    "memory_allocated() before it, with only the inputs alive (PyTorch's caching allocator; memory a kernel "
+    "allocates outside it is not seen)."
 )
 
 
