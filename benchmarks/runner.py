@@ -99,7 +99,7 @@ class CaseRunner:
         workload.step("fwd+bwd")  # compiles the forward and the backward graph
         self.timer.sync()
         self._row(provider.name, case, "-", "compile_time", time.perf_counter() - started, unit="s",
-                  note="first fwd+bwd call, excluded from the timings")
+                  note="first fwd+bwd call (Inductor's on-disk cache may hit), excluded from the timings")
 
     def _time_copy(self, case, logits):
         stats = timing.time_copy(logits, self.timer, self.flusher, min(self.budget_s, 1.0))

@@ -152,27 +152,25 @@ GPU_MEMORY_METHOD = (
 
 
 def peak_memory(workload: Workload, mode: str, timer: Timer) -> tuple[float | None, float]:
-    """Peak bytes above the inputs during one untimed step of `mode`, and that step's wall time (a warm-up)."""
+    """Peak bytes above the inputs during one untimed step of `mode` (None where it cannot be measured), and that
+    step's wall time, which serves as the warm-up and as the estimate that sizes the timed run."""
     workload.reset()
     gc.collect()
-    t0 = time.perf_counter()
     if timer.cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-        workload.step(mode)
-        torch.cuda.synchronize()
-        return float(torch.cuda.max_memory_allocated() - base), time.perf_counter() - t0
-    if _malloc_trim is not None:
-        _malloc_trim(0)
-    if not _reset_rss_high_water_mark():
-        workload.step(mode)
-        return None, time.perf_counter() - t0
-    base = _status_kib("VmRSS")
-    t0 = time.perf_counter()
+    else:
+        if _malloc_trim is not None:
+            _malloc_trim(0)
+        base = _status_kib("VmRSS") * 1024 if _reset_rss_high_water_mark() else None
+    started = time.perf_counter()
     workload.step(mode)
-    elapsed = time.perf_counter() - t0
-    return float(_status_kib("VmHWM") - base) * 1024, elapsed
+    timer.sync()
+    elapsed = time.perf_counter() - started
+    if timer.cuda:
+        return float(torch.cuda.max_memory_allocated() - base), elapsed
+    return (None if base is None else float(_status_kib("VmHWM") * 1024 - base)), elapsed
 
 
 def time_steps(workload: Workload, mode: str, timer: Timer, flusher: CacheFlusher, estimate_s: float,
