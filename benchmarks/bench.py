@@ -1,0 +1,68 @@
+"""Benchmark fused_xent against PyTorch's cross entropy (eager, torch.compile) and Liger-Kernel.
+
+`python benchmarks/bench.py` (what `make bench` runs) is the quick CPU run: three problems, fp32, fwd and fwd+bwd,
+the fastest fused_xent backend in each grad mode (only its default one if that is the pure-PyTorch reference),
+eager and compile. `--full` sweeps every shape family, dtype, mode and provider. Each provider is checked against
+PyTorch in fp64 before it is timed; a wrong one is marked WRONG and not timed. Writes
+<out>/<device>-<date>[-full][-thp].{csv,md} and one PNG per shape sweep.
+"""
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+THP_ENV = "THP_MEM_ALLOC_ENABLE"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--full", action="store_true", help="sweep every shape, dtype, mode and provider")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where to run (default: cpu)")
+    parser.add_argument("--families", type=_csv_list, help="comma list of llm, seg, cls (default: all)")
+    parser.add_argument("--dtypes", type=_csv_list,
+                        help="comma list of fp32, bf16, fp16 (default: fp32; --full: fp32,bf16 and fp16 on GPU)")
+    parser.add_argument("--providers", type=_csv_list,
+                        help="comma list of provider names or fnmatch patterns, e.g. 'fused-*,eager' "
+                             "(default: fastest fused backend in each grad mode, eager, compile; --full: all)")
+    parser.add_argument("--modes", type=_csv_list, help="comma list of fwd, bwd, fwd+bwd (default: fwd,fwd+bwd; "
+                                                        "--full: all three)")
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results",
+                        help="output folder (default: benchmarks/results/)")
+    parser.add_argument("--repeats", type=int,
+                        help="timed steps per measurement (default: as many as fit in --budget, 3 to 50)")
+    parser.add_argument("--budget", type=float, help="seconds of timed steps per measurement when --repeats is "
+                                                      "not given (default: 1.5, --full: 3)")
+    parser.add_argument("--threads", type=int, help="torch.set_num_threads for the CPU run (default: torch's)")
+    parser.add_argument("--thp", action="store_true",
+                        help=f"rerun this command with {THP_ENV}=1 (huge pages in PyTorch's CPU allocator; it must "
+                             "be set before torch loads). Every provider runs under the same setting either way.")
+    parser.add_argument("--list", action="store_true", help="print the providers and problems, then exit")
+    return parser.parse_args(argv)
+
+
+def _csv_list(text: str) -> list[str]:
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
+def reexec_with_thp():
+    env = dict(os.environ, **{THP_ENV: "1"})
+    os.execve(sys.executable, [sys.executable, *sys.argv], env)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.thp and os.environ.get(THP_ENV) != "1":
+        reexec_with_thp()
+    # Imported only now: THP_MEM_ALLOC_ENABLE is read when torch loads, and --help should not wait for torch.
+    import runner
+
+    return runner.run(args)
+
+
+if __name__ == "__main__":
+    started = time.perf_counter()
+    status = main()
+    print(f"total {time.perf_counter() - started:.0f} s", file=sys.stderr)
+    sys.exit(status)

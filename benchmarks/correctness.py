@@ -1,0 +1,68 @@
+"""The gate before timing: each provider's loss and gradient on the benchmark's own inputs against PyTorch in fp64."""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+# Relative error allowed: |loss - ref| / max(1, |ref|), and max |grad - ref| / max |ref| (the gradient is rounded to
+# the input dtype, so the bound is a few units in its last place).
+TOLERANCE = {"fp32": 1e-4, "fp16": 5e-3, "bf16": 2e-2}
+ROWS_PER_CHUNK_ELEMENTS = 1 << 24  # fp64 reference and error reductions in slices of about 128 MB
+
+
+def _row_chunks(shape: tuple[int, ...]):
+    per_row = math.prod(shape[1:]) or 1
+    step = max(1, ROWS_PER_CHUNK_ELEMENTS // per_row)
+    for start in range(0, shape[0], step):
+        yield slice(start, min(start + step, shape[0]))
+
+
+class Reference:
+    """F.cross_entropy in float64 on the same (rounded) inputs, mean reduction, computed a slice of rows at a time
+    (sum per slice, divided by the total count) so that a 16 GB problem needs no 32 GB fp64 copy."""
+
+    def __init__(self, logits: torch.Tensor, target: torch.Tensor, with_grad: bool):
+        count = target.numel()
+        total = torch.zeros((), dtype=torch.float64, device=logits.device)
+        self.grad = torch.empty(logits.shape, dtype=torch.float32, device=logits.device) if with_grad else None
+        for rows in _row_chunks(logits.shape):
+            x = logits[rows].double().requires_grad_(with_grad)
+            loss = F.cross_entropy(x, target[rows], reduction="sum")
+            if with_grad:
+                loss.backward()
+                self.grad[rows] = x.grad / count
+            total += loss.detach()
+        self.loss = (total / count).item()
+        self.grad_scale = self.grad.abs().max().item() if with_grad else 0.0
+
+
+@dataclass(frozen=True)
+class Verdict:
+    ok: bool
+    loss_err: float
+    grad_err: float | None
+    message: str
+
+
+def check(provider, logits: torch.Tensor, target: torch.Tensor, reference: Reference, dtype_name: str) -> Verdict:
+    """One call of the provider on fresh logits (plus backward when the reference has a gradient)."""
+    with_grad = reference.grad is not None
+    x = (logits.clone() if provider.overwrites_logits else logits.detach()).requires_grad_(True)
+    loss = provider.loss(x, target)
+    loss_err = abs(loss.double().item() - reference.loss) / max(1.0, abs(reference.loss))
+    grad_err = None
+    if with_grad:
+        loss.backward()
+        worst = 0.0
+        for rows in _row_chunks(x.shape):
+            worst = max(worst, (x.grad[rows].float() - reference.grad[rows]).abs().max().item())
+        grad_err = worst / reference.grad_scale
+    tolerance = TOLERANCE[dtype_name]
+    failures = [
+        f"{what} error {err:.2e} > {tolerance:.0e}"
+        for what, err in (("loss", loss_err), ("grad", grad_err))
+        if err is not None and not err <= tolerance  # `not <=` also catches NaN
+    ]
+    return Verdict(not failures, loss_err, grad_err, "; ".join(failures) or "ok")

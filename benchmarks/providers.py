@@ -1,0 +1,118 @@
+"""The cross-entropy implementations the benchmark compares, each as loss(logits, target) -> scalar mean loss."""
+
+import fnmatch
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+import fused_xent
+
+# Which tensors each fused_xent backend runs on ("torch", the reference, runs anywhere).
+BACKEND_DEVICES = {"cpu": ("cpu",), "cuda": ("cuda",), "triton": ("cuda",), "torch": ("cpu", "cuda")}
+GRAD_MODE_SUFFIX = {"recompute": "", "in_forward": "-in_forward", "inplace": "-inplace"}
+
+
+@dataclass
+class Provider:
+    name: str
+    loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    traffic: str  # "recompute", "in_forward" or "inplace": the byte model of timing.bytes_moved that fits it
+    overwrites_logits: bool = False  # writes the gradient over its input, so every call needs fresh logits
+    rows_only: bool = False  # takes (N, C) logits only, no spatial dimensions
+    compiles: bool = False  # needs a warm-up call whose time is compile time, reported apart
+    note: str = ""
+    start_case: Callable[[], None] = field(default=lambda: None)  # called once before each new shape/dtype
+
+
+def fused_backends(device: str) -> list[str]:
+    """fused_xent backends that run on `device`, fastest first (the order of available_backends)."""
+    return [name for name in fused_xent.available_backends() if device in BACKEND_DEVICES.get(name, ())]
+
+
+def _fused(backend: str, grad_mode: str) -> Provider:
+    def loss(logits, target):
+        return fused_xent.cross_entropy(logits, target, backend=backend, grad_mode=grad_mode)
+
+    notes = {
+        "recompute": "keeps the log-sum-exp, recomputes the softmax in backward",
+        "in_forward": "gradient computed in the forward into a new buffer",
+        "inplace": "gradient written over the logits in the forward",
+    }
+    return Provider(
+        f"fused-{backend}{GRAD_MODE_SUFFIX[grad_mode]}", loss, traffic=grad_mode,
+        overwrites_logits=grad_mode == "inplace", note=f"fused_xent backend={backend!r}: {notes[grad_mode]}",
+    )
+
+
+def _eager() -> Provider:
+    return Provider("eager", F.cross_entropy, traffic="recompute", note="torch.nn.functional.cross_entropy")
+
+
+def _compiled() -> Provider:
+    provider = Provider(
+        "compile", F.cross_entropy, traffic="recompute", compiles=True,
+        note="torch.compile(F.cross_entropy, dynamic=False), recompiled per shape; compile time excluded",
+    )
+
+    def start_case():
+        # A fresh cache per shape: no recompile limit, and no shape-generic kernel after the second shape.
+        torch._dynamo.reset()
+        provider.loss = torch.compile(F.cross_entropy, dynamic=False)
+
+    provider.start_case = start_case
+    return provider
+
+
+def _liger(device: str) -> tuple[Provider | None, str]:
+    if device != "cuda":
+        # Triton's CPU interpreter runs a program block at a time in Python: seconds per call, not a fair peer.
+        return None, "liger: skipped on CPU (Triton kernels; the interpreter is not a performance peer)"
+    try:
+        from liger_kernel.transformers.functional import liger_cross_entropy
+    except ImportError as error:
+        return None, f"liger: not importable ({error})"
+
+    def loss(logits, target):
+        result = liger_cross_entropy(logits, target)
+        return result if isinstance(result, torch.Tensor) else result[0]
+
+    provider = Provider(
+        "liger", loss, traffic="inplace", overwrites_logits=True, rows_only=True,
+        note="Liger-Kernel liger_cross_entropy (writes the gradient over the logits in the forward)",
+    )
+    return provider, ""
+
+
+def all_providers(device: str) -> tuple[list[Provider], list[str]]:
+    """Every provider that can run on `device`, and notes on the ones that cannot."""
+    backends = fused_backends(device)
+    providers = [_fused(backend, "recompute") for backend in backends]
+    if backends:
+        # The other grad modes only for the fastest backend: they differ in traffic, not in kernel quality.
+        providers += [_fused(backends[0], mode) for mode in ("in_forward", "inplace")]
+    providers += [_eager(), _compiled()]
+    liger, note = _liger(device)
+    providers += [liger] if liger else []
+    notes = [note] if note else []
+    missing = [name for name in BACKEND_DEVICES if device in BACKEND_DEVICES[name] and name not in backends]
+    if missing:
+        notes.append(f"fused_xent backends not available here: {', '.join(missing)}")
+    return providers, notes
+
+
+def select(providers: list[Provider], device: str, full: bool, patterns: list[str] | None) -> list[Provider]:
+    """Providers named by --providers patterns (fnmatch), else the default set: everything with --full, otherwise
+    the fastest fused backend in each grad mode, eager and compile. When the fastest is the pure-PyTorch reference
+    (no compiled kernel here), the quick set keeps only its default grad mode: the reference makes a handful of
+    logits-sized temporaries, seconds per step at 4096x32000 on two cores, and its grad modes say nothing about a
+    kernel's."""
+    if patterns:
+        return [p for p in providers if any(fnmatch.fnmatchcase(p.name, pattern) for pattern in patterns)]
+    if full:
+        return providers
+    backends = fused_backends(device)
+    modes = GRAD_MODE_SUFFIX.values() if backends and backends[0] != "torch" else [""]
+    fastest = {f"fused-{backends[0]}{suffix}" for suffix in modes} if backends else set()
+    return [p for p in providers if p.name in fastest or p.name in ("eager", "compile")]

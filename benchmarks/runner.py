@@ -1,0 +1,224 @@
+"""Runs the benchmark that bench.py's arguments describe: gate, time and measure each provider on each problem."""
+
+import datetime
+import gc
+import sys
+import time
+
+import torch
+
+import correctness
+import env_info
+import progress as progress_mod
+import providers as providers_mod
+import report
+import shapes
+import timing
+from report import Row
+
+
+def _fail(message: str) -> int:
+    print(f"bench.py: {message}", file=sys.stderr)
+    return 2
+
+
+def _check_choices(kind: str, chosen: list[str], allowed) -> str | None:
+    unknown = [item for item in chosen if item not in allowed]
+    return f"unknown {kind} {', '.join(unknown)}; choose from {', '.join(allowed)}" if unknown else None
+
+
+def _memory_needed(case: shapes.Case, with_grad: bool) -> int:
+    """A rough upper bound: inputs, a copy for in-place providers, the worst provider's temporaries (the pure-PyTorch
+    fused backend and eager hold a few logits-sized tensors) and the float32 reference gradient."""
+    return 5 * case.logits_bytes + (4 * case.numel if with_grad else 0)
+
+
+class CaseRunner:
+    def __init__(self, device, modes, repeats, budget_s, results: report.Results, progress):
+        self.device, self.modes, self.repeats, self.budget_s = device, modes, repeats, budget_s
+        self.results, self.progress = results, progress
+        self.timer, self.flusher = timing.Timer(device), timing.CacheFlusher(device)
+
+    def _row(self, provider, case, mode, metric, median, p20=float("nan"), p80=float("nan"), unit="", note=""):
+        self.results.add(Row(provider, case.family, case.label, case.dtype_name, mode, metric, median, p20, p80,
+                             unit, note))
+
+    def _not_timed(self, provider, case, verdict: str):
+        self._row(provider.name, case, "-", "verdict", float("nan"), note=verdict)
+        self.progress.update(len(self.modes))
+
+    def run(self, case: shapes.Case, chosen: list):
+        with_grad = any(mode != "fwd" for mode in self.modes)
+        needed, available = _memory_needed(case, with_grad), env_info.available_memory(self.device)
+        if needed > 0.8 * available:
+            for provider in chosen:
+                self._not_timed(provider, case, f"SKIPPED: needs ~{needed / 1e9:.1f} GB, "
+                                                f"{available / 1e9:.1f} GB available")
+            self.progress.update(1)
+            return
+        logits, target = shapes.make_inputs(case, self.device)
+        live = self._gate(case, chosen, logits, target, with_grad)
+        self._time_copy(case, logits)
+        for provider in live:
+            self._measure(case, provider, logits, target)
+        self._speedups(case, live)
+        del logits, target
+        gc.collect()
+        if self.device == "cuda":
+            torch.cuda.empty_cache()
+
+    def _gate(self, case, chosen, logits, target, with_grad) -> list:
+        """Providers whose loss (and gradient) match PyTorch in fp64 on this problem; the others get a verdict."""
+        reference = correctness.Reference(logits, target, with_grad)
+        live = []
+        for provider in chosen:
+            if provider.rows_only and len(case.shape) != 2:
+                self._not_timed(provider, case, "SKIPPED: takes (N, C) logits only")
+                continue
+            try:
+                provider.start_case()
+                if provider.compiles:
+                    self._warm_up_compile(case, provider, logits, target)
+                verdict = correctness.check(provider, logits, target, reference, case.dtype_name)
+            except Exception as error:  # a provider that crashes is reported, and the others still run
+                self._not_timed(provider, case, f"FAILED: {type(error).__name__}: {str(error).splitlines()[0]}")
+                continue
+            self._row(provider.name, case, "-", "loss_err", verdict.loss_err, unit="relative")
+            if verdict.grad_err is not None:
+                self._row(provider.name, case, "-", "grad_err", verdict.grad_err, unit="relative")
+            if verdict.ok:
+                live.append(provider)
+                self._row(provider.name, case, "-", "verdict", float("nan"), note="ok")
+            else:
+                self._not_timed(provider, case, f"WRONG: {verdict.message}")
+        return live
+
+    def _warm_up_compile(self, case, provider, logits, target):
+        started = time.perf_counter()
+        workload = timing.Workload(provider, logits, target)
+        workload.step("fwd+bwd")  # compiles the forward and the backward graph
+        self.timer.sync()
+        self._row(provider.name, case, "-", "compile_time", time.perf_counter() - started, unit="s",
+                  note="first fwd+bwd call (Inductor's on-disk cache may hit), excluded from the timings")
+
+    def _time_copy(self, case, logits):
+        stats = timing.time_copy(logits, self.timer, self.flusher, min(self.budget_s, 1.0))
+        self._row("copy", case, "copy", "time", stats.median * 1e3, stats.p20 * 1e3, stats.p80 * 1e3, "ms")
+        moved = 2 * case.logits_bytes
+        self._row("copy", case, "copy", "bandwidth", moved / stats.median / 1e9, moved / stats.p80 / 1e9,
+                  moved / stats.p20 / 1e9, "GB/s")
+        self.progress.update(1)
+
+    def _measure(self, case, provider, logits, target):
+        workload = timing.Workload(provider, logits, target)
+        copy_bandwidth = self.results.value("copy", case, "copy", "bandwidth")
+        for mode in self.modes:
+            try:
+                peak, estimate = timing.peak_memory(workload, mode, self.timer)
+                stats = timing.time_steps(workload, mode, self.timer, self.flusher, estimate, self.repeats,
+                                          self.budget_s)
+            except Exception as error:
+                self._row(provider.name, case, mode, "verdict", float("nan"),
+                          note=f"FAILED: {type(error).__name__}: {str(error).splitlines()[0]}")
+                self.progress.update(1)
+                continue
+            ms = [value * 1e3 for value in (stats.median, stats.p20, stats.p80)]
+            self._row(provider.name, case, mode, "time", *ms, "ms", note=f"{stats.samples} steps")
+            moved = timing.bytes_moved(provider.traffic, mode, case.logits_bytes, case.target_bytes)
+            if moved:
+                bandwidth = moved / stats.median / 1e9
+                self._row(provider.name, case, mode, "bandwidth", bandwidth, moved / stats.p80 / 1e9,
+                          moved / stats.p20 / 1e9, "GB/s", note=f"{moved} bytes")
+                self._row(provider.name, case, mode, "copy_fraction", 100 * bandwidth / copy_bandwidth, unit="%")
+            if peak is not None:
+                self._row(provider.name, case, mode, "peak_mem", peak / 1e6, unit="MB")
+            self.progress.update(1)
+        del workload
+        gc.collect()
+
+    def _speedups(self, case, live):
+        for baseline in ("eager", "compile"):
+            for provider in live:
+                for mode in self.modes:
+                    ratio = (self.results.value(baseline, case, mode, "time")
+                             / self.results.value(provider.name, case, mode, "time"))
+                    if ratio == ratio:  # not NaN: both were timed
+                        self._row(provider.name, case, mode, f"speedup_vs_{baseline}", ratio, unit="x",
+                                  note=f"{baseline} median / {provider.name} median")
+
+
+def _method_notes(device, modes, chosen, provider_notes, budget_s, repeats) -> list[str]:
+    timer = "time.perf_counter" if device == "cpu" else "CUDA events, synchronized"
+    count = f"{repeats} steps" if repeats else f"as many steps as fit in {budget_s:g} s (3 to 50)"
+    return [
+        f"Times: {timer}; median and p20/p80 over {count}, after an untimed warm-up step; a 64 MiB (GPU: 256 MiB) "
+        "buffer is overwritten before each step so no problem is timed from a warm cache.",
+        "fwd = the loss forward of a training step (logits require grad, so eager saves its log-softmax and the "
+        "in_forward/inplace modes compute the gradient); bwd = loss.backward() alone after an untimed forward; "
+        "fwd+bwd = both. The gradient is a fresh buffer each step (`.grad` is reset to None, autograd allocates "
+        "it), so first-touch page faults are counted as in training. Providers that write the gradient over the "
+        "logits get fresh logits copied into their (pre-allocated) input before the timer starts: that copy is "
+        "not timed.",
+        "Speedup = eager (or compile) median / provider median, measured in the same run; > 1 is faster.",
+        timing.BYTE_MODEL,
+        timing.GPU_MEMORY_METHOD if device == "cuda" else timing.CPU_MEMORY_METHOD,
+        f"Correctness gate: before timing, each provider's mean loss and gradient (modes {', '.join(modes)}) on "
+        "the benchmark's inputs against F.cross_entropy in float64; relative tolerance "
+        + ", ".join(f"{k} {v:g}" for k, v in correctness.TOLERANCE.items())
+        + ". WRONG providers are not timed.",
+        "Every provider runs in one process under the same allocator settings (see 'allocator' above).",
+    ] + [f"{p.name}: {p.note}" for p in chosen] + provider_notes
+
+
+def run(args) -> int:
+    device, full = args.device, args.full
+    if device == "cuda" and not torch.cuda.is_available():
+        return _fail("--device cuda: no CUDA device is visible")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    families = args.families or list(shapes.FAMILIES)
+    dtypes = args.dtypes or shapes.default_dtypes(device, full)
+    modes = args.modes or (list(timing.MODES) if full else ["fwd", "fwd+bwd"])
+    for kind, chosen_items, allowed in (("family", families, shapes.FAMILIES), ("dtype", dtypes, shapes.DTYPES),
+                                        ("mode", modes, timing.MODES)):
+        if error := _check_choices(kind, chosen_items, allowed):
+            return _fail(error)
+    candidates, provider_notes = providers_mod.all_providers(device)
+    chosen = providers_mod.select(candidates, device, full, args.providers)
+    if not chosen:
+        return _fail(f"no provider matches {args.providers}; here: {', '.join(p.name for p in candidates)}")
+    case_list = shapes.cases(device, full, families, dtypes)
+    budget_s = args.budget or (3.0 if full else 1.5)
+    if args.list:
+        print("providers:", ", ".join(p.name for p in chosen))
+        print("problems:", ", ".join(f"{c.family} {c.label} {c.dtype_name}" for c in case_list))
+        print("modes:", ", ".join(modes))
+        return 0
+
+    env = env_info.describe(device)
+    warning = env_info.busy_warning() if device == "cpu" else None
+    if warning:
+        env["warning"] = warning
+    print("\n".join(f"{key:<38} {value}" for key, value in env.items()))
+    print("providers:", ", ".join(p.name for p in chosen), "|", "; ".join(provider_notes) or "")
+    results = report.Results()
+    total = len(case_list) * (len(chosen) * len(modes) + 1)
+    with progress_mod.progress_bar(total) as progress:
+        case_runner = CaseRunner(device, modes, args.repeats, budget_s, results, progress)
+        for case in case_list:
+            progress.set_description(f"{case.family} {case.label} {case.dtype_name}")
+            case_runner.run(case, chosen)
+            progress_mod.write("\n" + report.console_table(results, case, [p.name for p in chosen], modes))
+    env["load average at end (1, 5, 15 min)"] = env_info.load_average()
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = args.out / "-".join([device, datetime.date.today().isoformat()] + (["full"] if full else [])
+                               + (["thp"] if env_info.thp_enabled() else []))
+    names = [p.name for p in chosen]
+    notes = _method_notes(device, modes, chosen, provider_notes, budget_s, args.repeats)
+    report.write_csv(stem.with_suffix(".csv"), results, env)
+    report.write_markdown(stem.with_suffix(".md"), results, env, case_list, names, modes, notes,
+                          f"fused_xent benchmark, {device}, {env['date']}")
+    plots = report.write_plots(stem, results, case_list, names, modes)
+    print("\nwrote", ", ".join(str(p) for p in [stem.with_suffix(".csv"), stem.with_suffix(".md"), *plots]))
+    return 0

@@ -1,0 +1,197 @@
+"""How one provider is timed on one problem: the step each mode runs, timers, cache flushing, peak memory."""
+
+import ctypes
+import gc
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+MODES = ("fwd", "bwd", "fwd+bwd")
+
+BYTE_MODEL = (
+    "Effective bandwidth = bytes / median time, with bytes the least traffic the provider's algorithm needs "
+    "(L = logits bytes, T = int64 target bytes): recompute (fused recompute, eager, compile): fwd L+T, bwd 2L+T "
+    "(read logits, write gradient), fwd+bwd 3L+2T; in_forward / inplace / liger (gradient made in the forward): "
+    "fwd 2L+T, bwd 0 (no bandwidth shown), fwd+bwd 2L+T (a pass scaling the gradient by a non-unit upstream "
+    "gradient is not counted). Copy: dst.copy_(src) of the logits into an existing buffer, 2L."
+)
+
+
+def bytes_moved(traffic: str, mode: str, logits_bytes: int, target_bytes: int) -> int:
+    big, small = logits_bytes, target_bytes
+    if traffic == "recompute":
+        return {"fwd": big + small, "bwd": 2 * big + small, "fwd+bwd": 3 * big + 2 * small}[mode]
+    return {"fwd": 2 * big + small, "bwd": 0, "fwd+bwd": 2 * big + small}[mode]
+
+
+@dataclass(frozen=True)
+class Stats:
+    median: float  # seconds
+    p20: float
+    p80: float
+    samples: int
+
+
+def summarize(seconds: list[float]) -> Stats:
+    p20, median, p80 = np.percentile(seconds, [20, 50, 80])
+    return Stats(float(median), float(p20), float(p80), len(seconds))
+
+
+class Timer:
+    """Wall time of a region: perf_counter on the CPU, CUDA events (with a synchronize) on the GPU."""
+
+    def __init__(self, device: str):
+        self.cuda = device == "cuda"
+        if self.cuda:
+            self.begin, self.end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+
+    def sync(self):
+        if self.cuda:
+            torch.cuda.synchronize()
+
+    def start(self):
+        if self.cuda:
+            self.begin.record()
+        else:
+            self.t0 = time.perf_counter()
+
+    def stop(self) -> float:
+        if self.cuda:
+            self.end.record()
+            torch.cuda.synchronize()
+            return self.begin.elapsed_time(self.end) / 1e3
+        return time.perf_counter() - self.t0
+
+
+class CacheFlusher:
+    """Overwrites a buffer larger than the last-level cache before each timed call, so small problems are timed
+    from memory (as in training, where other layers run between two loss calls), not from a warm cache."""
+
+    def __init__(self, device: str):
+        self.buffer = torch.empty((256 if device == "cuda" else 64) << 20, dtype=torch.uint8, device=device)
+
+    def flush(self):
+        self.buffer.fill_(1)
+
+
+class Workload:
+    """One provider on one problem's inputs. Each step gets what a training step has: a gradient that autograd
+    allocates afresh, and (for providers that overwrite the logits) fresh logits copied in before the timer starts."""
+
+    def __init__(self, provider, logits: torch.Tensor, target: torch.Tensor):
+        self.provider, self.pristine, self.target = provider, logits, target
+        self.x = (logits.clone() if provider.overwrites_logits else logits.detach()).requires_grad_(True)
+
+    def reset(self):
+        self.x.grad = None
+        if self.provider.overwrites_logits:
+            with torch.no_grad():
+                self.x.copy_(self.pristine)
+
+    def forward(self) -> torch.Tensor:
+        return self.provider.loss(self.x, self.target)
+
+    def step(self, mode: str):
+        """The whole step of a mode, untimed (bwd needs its forward)."""
+        loss = self.forward()
+        if mode != "fwd":
+            loss.backward()
+
+    def timed_step(self, mode: str, timer: Timer, flusher: CacheFlusher) -> float:
+        self.reset()
+        loss = self.forward() if mode == "bwd" else None
+        flusher.flush()
+        timer.sync()
+        timer.start()
+        if mode == "fwd":
+            loss = self.forward()
+        elif mode == "bwd":
+            loss.backward()
+        else:
+            self.forward().backward()
+        elapsed = timer.stop()
+        del loss  # frees the graph after the timer stopped; training frees it too, but outside the loss
+        return elapsed
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise KeyError(field)
+
+
+def _reset_rss_high_water_mark() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as clear_refs:
+            clear_refs.write("5")  # Linux >= 4.0: VmHWM := VmRSS
+        return True
+    except OSError:
+        return False
+
+
+try:
+    _malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
+except (OSError, AttributeError):
+    _malloc_trim = None
+
+CPU_MEMORY_METHOD = (
+    "CPU peak memory: growth of the process's resident set during one step of the mode (bwd: with its forward) "
+    "above what was resident with only the inputs alive (Linux VmHWM, reset through /proc/self/clear_refs; glibc "
+    "malloc_trim(0) first, so freed heap pages are returned and reuse of them still counts). It counts every page "
+    "the step touches, inside PyTorch's allocator or not; a huge page counts 2 MiB."
+)
+GPU_MEMORY_METHOD = (
+    "GPU peak memory: torch.cuda.max_memory_allocated() during one step of the mode (bwd: with its forward) minus "
+    "memory_allocated() before it, with only the inputs alive (PyTorch's caching allocator; memory a kernel "
+    "allocates outside it is not seen)."
+)
+
+
+def peak_memory(workload: Workload, mode: str, timer: Timer) -> tuple[float | None, float]:
+    """Peak bytes above the inputs during one untimed step of `mode` (None where it cannot be measured), and that
+    step's wall time, which serves as the warm-up and as the estimate that sizes the timed run."""
+    workload.reset()
+    gc.collect()
+    if timer.cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        if _malloc_trim is not None:
+            _malloc_trim(0)
+        base = _status_kib("VmRSS") * 1024 if _reset_rss_high_water_mark() else None
+    started = time.perf_counter()
+    workload.step(mode)
+    timer.sync()
+    elapsed = time.perf_counter() - started
+    if timer.cuda:
+        return float(torch.cuda.max_memory_allocated() - base), elapsed
+    return (None if base is None else float(_status_kib("VmHWM") * 1024 - base)), elapsed
+
+
+def time_steps(workload: Workload, mode: str, timer: Timer, flusher: CacheFlusher, estimate_s: float,
+               repeats: int | None, budget_s: float) -> Stats:
+    """Median and spread over `repeats` steps, or as many as fit in `budget_s` (at least 3, at most 50)."""
+    if estimate_s < 0.05:
+        workload.timed_step(mode, timer, flusher)  # one more warm-up where it is cheap
+    count = repeats or int(min(50, max(3, budget_s / max(estimate_s, 1e-6))))
+    return summarize([workload.timed_step(mode, timer, flusher) for _ in range(count)])
+
+
+def time_copy(logits: torch.Tensor, timer: Timer, flusher: CacheFlusher, budget_s: float) -> Stats:
+    """The device's copy speed on this problem's size: dst.copy_(src) into an existing buffer."""
+    dst = torch.empty_like(logits)
+    dst.copy_(logits)  # touches dst's pages once, so that the copies below do not fault them in
+    samples = []
+    deadline = time.perf_counter() + budget_s
+    while len(samples) < 5 or (time.perf_counter() < deadline and len(samples) < 50):
+        flusher.flush()
+        timer.sync()
+        timer.start()
+        dst.copy_(logits)
+        samples.append(timer.stop())
+    return summarize(samples)
