@@ -548,6 +548,7 @@ def test_every_specialization_compiles_for_hopper(monkeypatch):
 @pytest.mark.skipif(INTERPRETED or DEVICE is not None, reason="runs the interpreter subprocess only without a GPU")
 def test_interpreter_run():
     """Runs this file's kernel tests on CPU tensors under TRITON_INTERPRET=1, in a fresh process."""
-    result = _run_python(["-m", "pytest", __file__, "-o", "addopts=", "-q", "-p", "no:cacheprovider", "-x"], TRITON_INTERPRET="1")
+    pytest_args = ["-m", "pytest", __file__, "-o", "addopts=", "-q", "-p", "no:cacheprovider", "-x"]
+    result = _run_python(pytest_args, TRITON_INTERPRET="1")
     assert result.returncode == 0, result.stdout[-8000:] + result.stderr[-4000:]
     assert " passed" in result.stdout, result.stdout[-2000:]
