@@ -84,14 +84,14 @@ inline float reduce_max(FloatVec a) {
   return _mm_cvtss_f32(_mm_max_ss(s, _mm_movehdup_ps(s)));
 }
 
-// exp(x) = 2^n * exp(r) with n = round(x / ln 2) and |r| <= ln(2) / 2, exp(r) by the Cephes expf polynomial
-// (about 1 ulp). 2^n is applied as two factors 2^(n/2) built in the exponent field, so subnormal results and
-// n = 128 come out right; below the smallest subnormal the result is exactly 0 (so exp(-inf) = 0), above the
-// float range +inf. NaN survives the clamps because min/max return their second operand for NaN.
+// exp(x) for x <= 0 or NaN (the kernels only take exps of x - max and x - lse): 2^n * exp(r) with
+// n = round(x / ln 2) and |r| <= ln(2) / 2, exp(r) by the Cephes expf polynomial (about 1 ulp). 2^n is applied as
+// two factors 2^(n/2) built in the exponent field, so subnormal results come out right; below the smallest
+// subnormal the result is exactly 0 (so exp(-inf) = 0). NaN survives the clamp because max returns its second
+// operand for NaN. Positive x also works up to log(FLT_MAX).
 inline FloatVec vexp(FloatVec xv) {
   constexpr float kMinArg = -103.972077f;  // log of half the smallest subnormal
-  constexpr float kMaxArg = 88.7228394f;   // log(FLT_MAX)
-  const __m256 x = _mm256_max_ps(_mm256_set1_ps(kMinArg), _mm256_min_ps(_mm256_set1_ps(kMaxArg), xv.v));
+  const __m256 x = _mm256_max_ps(_mm256_set1_ps(kMinArg), xv.v);
   const __m256 n =
       _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
@@ -109,10 +109,7 @@ inline FloatVec vexp(FloatVec xv) {
   const __m256i bias = _mm256_set1_epi32(127);
   __m256 result = _mm256_mul_ps(p, _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(n_low, bias), 23)));
   result = _mm256_mul_ps(result, _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(n_high, bias), 23)));
-  result = _mm256_andnot_ps(_mm256_cmp_ps(xv.v, _mm256_set1_ps(kMinArg), _CMP_LT_OQ), result);
-  result = _mm256_blendv_ps(result, _mm256_set1_ps(std::numeric_limits<float>::infinity()),
-                            _mm256_cmp_ps(xv.v, _mm256_set1_ps(kMaxArg), _CMP_GT_OQ));
-  return result;
+  return _mm256_andnot_ps(_mm256_cmp_ps(xv.v, _mm256_set1_ps(kMinArg), _CMP_LT_OQ), result);
 }
 
 // log(x) = k ln2 + log(m), x = m 2^k with m in [sqrt(1/2), sqrt(2)), log(m) by the Cephes logf polynomial.

@@ -81,11 +81,12 @@ inline FloatVec select(__mmask16 m, FloatVec a, FloatVec b) { return _mm512_mask
 inline float reduce_add(FloatVec a) { return _mm512_reduce_add_ps(a.v); }
 inline float reduce_max(FloatVec a) { return _mm512_reduce_max_ps(a.v); }
 
-// exp(x) = 2^n * exp(r) with n = round(x / ln 2) and |r| <= ln(2) / 2, exp(r) by the Cephes expf polynomial
-// (about 1 ulp), 2^n applied by scalef. Inputs are clamped to [-150, 100] first, NaN-preserving (min/max return
-// their second operand for NaN): below -150 the result is exactly 0 (so exp(-inf) = 0), above 100 it is +inf.
+// exp(x) for x <= 0 or NaN (the kernels only take exps of x - max and x - lse): 2^n * exp(r) with
+// n = round(x / ln 2) and |r| <= ln(2) / 2, exp(r) by the Cephes expf polynomial (about 1 ulp), 2^n applied by
+// scalef. x is clamped at -150 first (NaN-preserving: max returns its second operand for NaN), where scalef
+// already gives exactly 0, so exp(-inf) = 0. Positive x also works, up to overflow to +inf; x = +inf gives NaN.
 inline FloatVec vexp(FloatVec xv) {
-  const __m512 x = _mm512_max_ps(_mm512_set1_ps(-150.f), _mm512_min_ps(_mm512_set1_ps(100.f), xv.v));
+  const __m512 x = _mm512_max_ps(_mm512_set1_ps(-150.f), xv.v);
   const __m512 n =
       _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   // r = x - n ln2 in two steps (Cody-Waite): n * 0.693359375 is exact for |n| < 2^15.

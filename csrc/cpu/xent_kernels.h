@@ -18,6 +18,8 @@
 
 // Classes per chunk of a row: 8 KiB of float32, so the second read of a chunk hits L1.
 constexpr int64_t kRowChunk = 2048;
+// Positions per tile of the spatial kernels (a multiple of every vector width).
+constexpr int64_t kTilePositions = 64;
 // Lane blocks whose losses are summed in vector precision before the sum moves to the block's double.
 constexpr int kLaneBlocksPerFlush = 32;
 
@@ -120,10 +122,18 @@ RowStatistics<typename V::value_type> row_statistics(const Typed<V, T>& a, const
     const int64_t full = len - len % W;
     const int tail = static_cast<int>(len - full);
     const T* xc = x + c0;
-    V chunk_vmax(kNegInf);
-    for (int64_t i = 0; i < full; i += W) chunk_vmax = vmax(chunk_vmax, V::load(xc + i));
-    if (tail) chunk_vmax = vmax(chunk_vmax, V::load_partial(xc + full, tail, kNegInf));
-    const acc_t new_max = reduce_max(chunk_vmax);
+    // Four independent max chains, so the loads are not serialized behind the max latency.
+    V m0(kNegInf), m1(kNegInf), m2(kNegInf), m3(kNegInf);
+    int64_t i = 0;
+    for (; i + 4 * W <= full; i += 4 * W) {
+      m0 = vmax(m0, V::load(xc + i));
+      m1 = vmax(m1, V::load(xc + i + W));
+      m2 = vmax(m2, V::load(xc + i + 2 * W));
+      m3 = vmax(m3, V::load(xc + i + 3 * W));
+    }
+    for (; i < full; i += W) m0 = vmax(m0, V::load(xc + i));
+    if (tail) m1 = vmax(m1, V::load_partial(xc + full, tail, kNegInf));
+    const acc_t new_max = reduce_max(vmax(vmax(m0, m1), vmax(m2, m3)));
     if (new_max > max) {
       sum *= std::exp(max - new_max);
       max = new_max;
@@ -328,6 +338,13 @@ void row_backward(const Typed<V, T>& a, int64_t position, BlockResult& result) {
 }
 
 // ------------------------------------------------------------------------------------------------- spatial
+//
+// A tile of kTilePositions consecutive positions is first copied, in the accumulation dtype, to a small buffer
+// with the classes kTilePositions apart. In NCHW tensors the classes are H*W apart, usually a multiple of 4 KiB:
+// the C lines of a lane block then fall in one cache set, of which L1 and L2 hold only 8 ways, so a second read of
+// the logits from the tensor (or prefetching them) would miss. The buffer is read instead, and its padding makes
+// partial tiles at the end of a batch entry ordinary vectors. The gradient is built in a buffer alike and copied
+// out.
 
 // Loss and weight sums of a block's lane blocks, moved to the block's doubles every kLaneBlocksPerFlush adds.
 template <class V>
@@ -354,83 +371,87 @@ struct LaneTargets {
   typename V::Lanes cls;  // -1 where ignored (or past the last position)
   typename V::Mask valid;
   V weight;  // weight[target], 0 where ignored
+  V logit;   // x[target], 0 where ignored
 };
 
 template <class V, class T>
-LaneTargets<V> lane_targets(const Typed<V, T>& a, int64_t position, int lanes, BlockResult& result) {
+LaneTargets<V> lane_targets(const Typed<V, T>& a, int64_t position, int lanes, const typename V::value_type* x,
+                            BlockResult& result) {
   using acc_t = typename V::value_type;
   constexpr int W = V::kWidth;
   alignas(64) int32_t cls[W];
   alignas(64) acc_t weight[W];
+  alignas(64) acc_t logit[W];
   for (int i = 0; i < W; ++i) {
     const int64_t y = i < lanes ? a.resolve_class(position + i, result) : -1;
     cls[i] = static_cast<int32_t>(y);
     weight[i] = y >= 0 ? a.weight_of(y) : acc_t(0);
+    logit[i] = y >= 0 ? x[y * kTilePositions + i] : acc_t(0);
   }
   LaneTargets<V> targets;
   targets.cls = V::Lanes::load(cls);
   targets.valid = targets.cls.valid();
   targets.weight = V::load(weight);
+  targets.logit = V::load(logit);
   return targets;
 }
 
-// Forward of `lanes` consecutive positions starting at `position`, whose class c logits are x[c * class_stride]
-// (likewise t and g). In is T when reading the tensors directly, acc_t for a staged partial block.
-template <class V, class T, class In>
-void lanes_forward(const Typed<V, T>& a, int64_t position, int lanes, const In* x, const In* t, In* g,
-                   int64_t class_stride, typename V::value_type* exps, LaneSums<V>& sums, BlockResult& result) {
+// Stores the first `lanes` lanes of v.
+template <class V, class Out>
+void store_lanes(Out* out, V v, int lanes) {
+  if (lanes == V::kWidth) {
+    V::store(out, v);
+  } else {
+    V::store_partial(out, v, lanes);
+  }
+}
+
+// Forward of the `lanes` positions from `position` on, whose class c logits are x[c * kTilePositions] in the tile
+// buffer (likewise t and g).
+template <class V, class T>
+void lanes_forward(const Typed<V, T>& a, int64_t position, int lanes, const typename V::value_type* x,
+                   const typename V::value_type* t, typename V::value_type* g, typename V::value_type* exps,
+                   LaneSums<V>& sums, BlockResult& result) {
   using acc_t = typename V::value_type;
   constexpr int W = V::kWidth;
   constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
+  constexpr int64_t stride = kTilePositions;
   const int64_t C = a.C;
   LaneTargets<V> targets{};
-  if (!t) targets = lane_targets(a, position, lanes, result);
+  if (!t) targets = lane_targets(a, position, lanes, x, result);
 
   V max(kNegInf);
-  for (int64_t c = 0; c < C; ++c) max = vmax(max, V::load(x + c * class_stride));
+  for (int64_t c = 0; c < C; ++c) max = vmax(max, V::load(x + c * stride));
   // Lanes whose logits are all -inf take exps relative to 0 (exp(-inf) = 0) instead of exp(-inf + inf) = NaN.
   const V ref = select(equal(max, V(kNegInf)), V(0), max);
 
-  V sum(0), target_logit(0), weighted_logits(0), weighted_targets(0), weighted_target_logits(0);
+  V sum(0), weighted_logits(0), weighted_targets(0), weighted_target_logits(0);
   for (int64_t c = 0; c < C; ++c) {
-    const V xv = V::load(x + c * class_stride);
+    const V xv = V::load(x + c * stride);
     const V e = vexp(xv - ref);
     sum = sum + e;
     if (exps) V::store(exps + c * W, e);
     if (t) {
-      const V wt = smoothed_probability(V::load(t + c * class_stride), V(a.label_smoothing), C) * a.weight_vec(c);
+      const V wt = smoothed_probability(V::load(t + c * stride), V(a.label_smoothing), C) * a.weight_vec(c);
       weighted_targets = weighted_targets + wt;
       weighted_target_logits = fmadd(wt, xv, weighted_target_logits);
-    } else {
-      target_logit = select(targets.cls.equals(static_cast<int32_t>(c)), xv, target_logit);
-      if (a.smoothing) weighted_logits = fmadd(a.weight_vec(c), xv, weighted_logits);
+    } else if (a.smoothing) {
+      weighted_logits = fmadd(a.weight_vec(c), xv, weighted_logits);
     }
   }
   const V lse = max + vlog(sum);
-  if (a.lse) {
-    if (lanes == W) {
-      V::store(a.lse + position, lse);
-    } else {
-      V::store_partial(a.lse + position, lse, lanes);
-    }
-  }
+  if (a.lse) store_lanes(a.lse + position, lse, lanes);
 
   const IndexTargetCoeffs<V> k = index_target_coeffs(targets.weight, V(a.label_smoothing), C);
   V loss;
   if (t) {
     loss = select(V::prefix(lanes), prob_target_loss(lse, weighted_targets, weighted_target_logits), V(0));
   } else {
-    loss = index_target_loss_given_smoothing(a.smoothing, k, lse, target_logit, V(a.weight_sum), weighted_logits);
+    loss = index_target_loss_given_smoothing(a.smoothing, k, lse, targets.logit, V(a.weight_sum), weighted_logits);
     loss = select(targets.valid, loss, V(0));
   }
   sums.add(loss, targets.weight, result);
-  if (a.loss) {
-    if (lanes == W) {
-      V::store(a.loss + position, loss);
-    } else {
-      V::store_partial(a.loss + position, loss, lanes);
-    }
-  }
+  if (a.loss) store_lanes(a.loss + position, loss, lanes);
   if (!g) return;
 
   // Gradient from the kept exps, p = e / sum (see row_forward for the two formulas).
@@ -438,8 +459,8 @@ void lanes_forward(const Typed<V, T>& a, int64_t position, int lanes, const In* 
   if (t) {
     const V prob_coef = scale * weighted_targets / sum;
     for (int64_t c = 0; c < C; ++c) {
-      const V wt = smoothed_probability(V::load(t + c * class_stride), V(a.label_smoothing), C) * a.weight_vec(c);
-      V::store(g + c * class_stride, V::load(exps + c * W) * prob_coef - scale * wt);
+      const V wt = smoothed_probability(V::load(t + c * stride), V(a.label_smoothing), C) * a.weight_vec(c);
+      V::store(g + c * stride, V::load(exps + c * W) * prob_coef - scale * wt);
     }
     return;
   }
@@ -449,15 +470,16 @@ void lanes_forward(const Typed<V, T>& a, int64_t position, int lanes, const In* 
     V gv = V::load(exps + c * W) * prob_coef;
     if (a.smoothing) gv = gv - gk.class_coef * a.weight_vec(c);
     gv = select(targets.cls.equals(static_cast<int32_t>(c)), gv - gk.target_coef, gv);
-    V::store(g + c * class_stride, select(targets.valid, gv, V(0)));
+    V::store(g + c * stride, select(targets.valid, gv, V(0)));
   }
 }
 
 // Backward of a lane block (arguments as lanes_forward).
-template <class V, class T, class In>
-void lanes_backward(const Typed<V, T>& a, int64_t position, int lanes, const In* x, const In* t, In* g,
-                    int64_t class_stride, BlockResult& result) {
+template <class V, class T>
+void lanes_backward(const Typed<V, T>& a, int64_t position, int lanes, const typename V::value_type* x,
+                    const typename V::value_type* t, typename V::value_type* g, BlockResult& result) {
   constexpr int W = V::kWidth;
+  constexpr int64_t stride = kTilePositions;
   const int64_t C = a.C;
   auto load_lanes = [&](const auto* p) { return lanes == W ? V::load(p) : V::load_partial(p, lanes, 0); };
   const V lse = load_lanes(a.lse_in + position);
@@ -465,34 +487,69 @@ void lanes_backward(const Typed<V, T>& a, int64_t position, int lanes, const In*
                               : V(a.uniform_scale);
   if (t) {
     auto smoothed_weighted = [&](int64_t c) {
-      return smoothed_probability(V::load(t + c * class_stride), V(a.label_smoothing), C) * a.weight_vec(c);
+      return smoothed_probability(V::load(t + c * stride), V(a.label_smoothing), C) * a.weight_vec(c);
     };
     V weighted_targets(0);
     for (int64_t c = 0; c < C; ++c) weighted_targets = weighted_targets + smoothed_weighted(c);
     const V prob_coef = scale * weighted_targets;
     for (int64_t c = 0; c < C; ++c) {
-      const V p = vexp(V::load(x + c * class_stride) - lse);
-      V::store(g + c * class_stride, prob_coef * p - scale * smoothed_weighted(c));
+      const V p = vexp(V::load(x + c * stride) - lse);
+      V::store(g + c * stride, prob_coef * p - scale * smoothed_weighted(c));
     }
     return;
   }
-  const LaneTargets<V> targets = lane_targets(a, position, lanes, result);
+  const LaneTargets<V> targets = lane_targets(a, position, lanes, x, result);
   const IndexGradCoeffs<V> gk = index_grad_coeffs(
       index_target_coeffs(targets.weight, V(a.label_smoothing), C), V(a.weight_sum), scale);
   for (int64_t c = 0; c < C; ++c) {
-    V gv = gk.prob_coef * vexp(V::load(x + c * class_stride) - lse);
+    V gv = gk.prob_coef * vexp(V::load(x + c * stride) - lse);
     if (a.smoothing) gv = gv - gk.class_coef * a.weight_vec(c);
     gv = select(targets.cls.equals(static_cast<int32_t>(c)), gv - gk.target_coef, gv);
-    V::store(g + c * class_stride, select(targets.valid, gv, V(0)));
+    V::store(g + c * stride, select(targets.valid, gv, V(0)));
   }
 }
 
-// Per-thread buffers of the spatial kernels: a lane block's exps, and a staging copy (in acc dtype, padded with
-// zeros to whole vectors) of the logits, targets and gradient of a block with fewer positions than lanes.
+// Per-thread buffers of the spatial kernels: one tile of logits, targets and gradient, and a lane block's exps.
 template <class acc_t>
 struct SpatialScratch {
-  std::vector<acc_t> exps, x, t, g;
+  std::vector<acc_t> x, t, g, exps;
 };
+
+// Copies `count` positions of each class from a tensor (classes class_stride apart) to a tile buffer, converting
+// to the accumulation dtype and padding with zeros to whole vectors; or back (without padding).
+template <class V, class T>
+void load_tile(const T* from, int64_t class_stride, int64_t C, int64_t count, typename V::value_type* tile) {
+  constexpr int W = V::kWidth;
+  constexpr int64_t kLine = 64 / sizeof(T);
+  for (int64_t c = 0; c < C; ++c) {
+    // The hardware prefetchers do not follow C streams that alias in the cache; ask for the tile after next.
+    // (Low temporal locality: the lines only have to reach the outer caches, the conflicts are in L1 and L2.)
+    for (int64_t i = 0; i < kTilePositions; i += kLine) {
+      __builtin_prefetch(from + c * class_stride + 2 * kTilePositions + i, 0, 1);
+    }
+    for (int64_t i = 0; i < count; i += W) {
+      const int lanes = static_cast<int>(std::min<int64_t>(W, count - i));
+      const V v = lanes == W ? V::load(from + c * class_stride + i) : V::load_partial(from + c * class_stride + i, lanes, 0);
+      V::store(tile + c * kTilePositions + i, v);
+    }
+  }
+}
+
+template <class V, class T>
+void store_tile(const typename V::value_type* tile, int64_t C, int64_t count, T* to, int64_t class_stride) {
+  constexpr int W = V::kWidth;
+  for (int64_t c = 0; c < C; ++c) {
+    for (int64_t i = 0; i < count; i += W) {
+      const int lanes = static_cast<int>(std::min<int64_t>(W, count - i));
+      const V v = V::load(tile + c * kTilePositions + i);
+      if (lanes == W) {
+        V::store(to + c * class_stride + i, v);
+      } else {
+        V::store_partial(to + c * class_stride + i, v, lanes);
+      }
+    }
+  }
+}
 
 template <class V, class T>
 void spatial_block(const Typed<V, T>& a, int64_t first, int64_t last, SpatialScratch<typename V::value_type>& scratch,
@@ -501,43 +558,26 @@ void spatial_block(const Typed<V, T>& a, int64_t first, int64_t last, SpatialScr
   constexpr int W = V::kWidth;
   const bool backward = a.lse_in != nullptr;
   acc_t* exps = a.grad && !backward ? scratch.exps.data() : nullptr;
+  acc_t* g = a.grad ? scratch.g.data() : nullptr;
+  const acc_t* t = a.target_prob ? scratch.t.data() : nullptr;
   LaneSums<V> sums;
   for (int64_t position = first; position < last;) {
-    // Positions of one batch entry are consecutive in memory; a lane block never straddles two.
+    // Positions of one batch entry are consecutive in memory (position stride 1); a tile never straddles two.
     const int64_t run_end = std::min(last, (position / a.S + 1) * a.S);
-    for (int lanes; position < run_end; position += lanes) {
-      lanes = static_cast<int>(std::min<int64_t>(W, run_end - position));
-      const int64_t offset = a.offset(position);
-      const T* x = a.logits + offset;
-      const T* t = a.target_prob ? a.target_prob + offset : nullptr;
-      T* g = a.grad ? a.grad + offset : nullptr;
-      if (lanes == W) {
+    for (int64_t offset = a.offset(position), count; position < run_end; position += count, offset += count) {
+      count = std::min(kTilePositions, run_end - position);
+      load_tile<V>(a.logits + offset, a.stride_c, a.C, count, scratch.x.data());
+      if (t) load_tile<V>(a.target_prob + offset, a.stride_c, a.C, count, scratch.t.data());
+      for (int64_t i = 0; i < count; i += W) {
+        const int lanes = static_cast<int>(std::min<int64_t>(W, count - i));
+        const acc_t* x = scratch.x.data() + i;
         if (backward) {
-          lanes_backward(a, position, W, x, t, g, a.stride_c, result);
+          lanes_backward(a, position + i, lanes, x, t ? t + i : nullptr, g + i, result);
         } else {
-          lanes_forward(a, position, W, x, t, g, a.stride_c, exps, sums, result);
-        }
-        continue;
-      }
-      auto stage = [&](const T* from, std::vector<acc_t>& to) {
-        for (int64_t c = 0; c < a.C; ++c) {
-          for (int i = 0; i < W; ++i) to[c * W + i] = i < lanes ? static_cast<acc_t>(from[c * a.stride_c + i]) : acc_t(0);
-        }
-        return to.data();
-      };
-      const acc_t* staged_x = stage(x, scratch.x);
-      const acc_t* staged_t = t ? stage(t, scratch.t) : nullptr;
-      acc_t* staged_g = g ? scratch.g.data() : nullptr;
-      if (backward) {
-        lanes_backward(a, position, lanes, staged_x, staged_t, staged_g, W, result);
-      } else {
-        lanes_forward(a, position, lanes, staged_x, staged_t, staged_g, W, exps, sums, result);
-      }
-      if (g) {
-        for (int64_t c = 0; c < a.C; ++c) {
-          for (int i = 0; i < lanes; ++i) g[c * a.stride_c + i] = static_cast<T>(staged_g[c * W + i]);
+          lanes_forward(a, position + i, lanes, x, t ? t + i : nullptr, g ? g + i : nullptr, exps, sums, result);
         }
       }
+      if (g) store_tile<V>(g, a.C, count, a.grad + offset, a.stride_c);
     }
   }
   sums.flush(result);
@@ -545,8 +585,10 @@ void spatial_block(const Typed<V, T>& a, int64_t first, int64_t last, SpatialScr
 
 // -------------------------------------------------------------------------------------------------- driver
 
+// Processes blocks claimed one at a time from next_block until none is left. Blocks are claimed dynamically, so a
+// thread that the OS preempts does not hold up the others; each block's result lands in its own slot.
 template <class V, class T>
-void run_blocks(const KernelArgs& args, int64_t first_block, int64_t last_block) {
+void run_blocks(const KernelArgs& args, std::atomic<int64_t>& next_block) {
   using acc_t = typename V::value_type;
   constexpr int W = V::kWidth;
   const Typed<V, T> a(args);
@@ -560,14 +602,12 @@ void run_blocks(const KernelArgs& args, int64_t first_block, int64_t last_block)
       rows.chunk_max.resize((args.C + kRowChunk - 1) / kRowChunk);
     }
   } else {
+    spatial.x.resize(args.C * kTilePositions);
+    if (args.target_prob) spatial.t.resize(args.C * kTilePositions);
+    if (args.grad) spatial.g.resize(args.C * kTilePositions);
     if (args.grad && !backward) spatial.exps.resize(args.C * W);
-    if (W > 1) {
-      spatial.x.resize(args.C * W);
-      if (args.target_prob) spatial.t.resize(args.C * W);
-      if (args.grad) spatial.g.resize(args.C * W);
-    }
   }
-  for (int64_t b = first_block; b < last_block; ++b) {
+  for (int64_t b; (b = next_block.fetch_add(1, std::memory_order_relaxed)) < args.num_blocks;) {
     BlockResult result;
     const int64_t first = b * args.positions_per_block;
     const int64_t last = std::min(positions, first + args.positions_per_block);
@@ -588,7 +628,9 @@ void run_blocks(const KernelArgs& args, int64_t first_block, int64_t last_block)
 
 template <class V, class T>
 void run_typed(const KernelArgs& args) {
-  at::parallel_for(0, args.num_blocks, 1, [&](int64_t first, int64_t last) { run_blocks<V, T>(args, first, last); });
+  std::atomic<int64_t> next_block{0};
+  const int64_t workers = std::min<int64_t>(at::get_num_threads(), args.num_blocks);
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) { run_blocks<V, T>(args, next_block); });
 }
 
 void run_kernel(const KernelArgs& args) {
