@@ -53,6 +53,12 @@ def _extensions():
 
     sources = _sources("csrc/*.cpp") + _sources("csrc/common/*.cpp") + _sources("csrc/cpu/*.cpp")
     cxx_flags = ["-O3", "-std=c++20", "-fvisibility=hidden"]
+    link_flags = []
+    if sys.platform.startswith("linux"):
+        # at::parallel_for only runs in parallel in code compiled with OpenMP; the runtime is the libgomp that
+        # torch already loaded, so torch.set_num_threads applies.
+        cxx_flags.append("-fopenmp")
+        link_flags.append("-fopenmp")
     extra = {"cxx": cxx_flags}
     define_macros = []
     extension_class = cpp_extension.CppExtension
@@ -78,6 +84,7 @@ def _extensions():
             include_dirs=[os.path.join(ROOT, "csrc")],
             define_macros=define_macros,
             extra_compile_args=extra,
+            extra_link_args=link_flags,
         )
     ], _optional_build(cpp_extension.BuildExtension).with_options(use_ninja=True)
 

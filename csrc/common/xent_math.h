@@ -39,13 +39,23 @@ XENT_HOST_DEVICE IndexTargetCoeffs<acc_t> index_target_coeffs(acc_t weight_of_ta
   return {(acc_t(1) - label_smoothing) * weight_of_target, label_smoothing / acc_t(num_classes)};
 }
 
+// Same as index_target_loss below, for callers that know whether smoothing is on for the whole problem
+// (label_smoothing != 0): SIMD code, whose acc_t is a vector of positions that cannot be compared to 0 in an `if`.
+template <typename acc_t>
+XENT_HOST_DEVICE acc_t index_target_loss_given_smoothing(bool smoothing, IndexTargetCoeffs<acc_t> k, acc_t lse,
+                                                         acc_t target_logit, acc_t weight_sum,
+                                                         acc_t weighted_logit_sum) {
+  acc_t loss = k.target_coef * (lse - target_logit);
+  if (smoothing) loss = loss + k.smooth_coef * (weight_sum * lse - weighted_logit_sum);
+  return loss;
+}
+
 // weighted_logit_sum = sum_c w[c] x[c]; only read when smoothing is on.
 template <typename acc_t>
 XENT_HOST_DEVICE acc_t index_target_loss(IndexTargetCoeffs<acc_t> k, acc_t lse, acc_t target_logit, acc_t weight_sum,
                                          acc_t weighted_logit_sum) {
-  acc_t loss = k.target_coef * (lse - target_logit);
-  if (k.smooth_coef != acc_t(0)) loss += k.smooth_coef * (weight_sum * lse - weighted_logit_sum);
-  return loss;
+  return index_target_loss_given_smoothing(k.smooth_coef != acc_t(0), k, lse, target_logit, weight_sum,
+                                           weighted_logit_sum);
 }
 
 // dloss/dx[c] = scale * (prob_coef * p[c] - class_coef * w[c] - [c == y] * target_coef), with scale the upstream

@@ -1,0 +1,135 @@
+// 16 floats in an AVX-512 register, with the interface of ScalarVec (simd_scalar.h): loads and stores that
+// convert float16 / bfloat16 storage, masks, and the exp and log the kernels need.
+//
+// Included by kernels_avx512.cpp inside its namespace and target pragma, after every system header; it must not
+// include anything itself.
+
+struct FloatVec {
+  using value_type = float;
+  using Mask = __mmask16;
+  static constexpr int kWidth = 16;
+
+  struct Lanes {
+    __m512i v;
+    static Lanes load(const int32_t* p) { return {_mm512_loadu_si512(p)}; }
+    Mask equals(int32_t c) const { return _mm512_cmpeq_epi32_mask(v, _mm512_set1_epi32(c)); }
+    Mask valid() const { return _mm512_cmpge_epi32_mask(v, _mm512_setzero_si512()); }
+  };
+
+  __m512 v;
+
+  FloatVec() = default;
+  FloatVec(__m512 x) : v(x) {}                 // NOLINT
+  FloatVec(float s) : v(_mm512_set1_ps(s)) {}  // NOLINT: implicit broadcast
+
+  static Mask prefix(int n) { return static_cast<Mask>((1u << n) - 1u); }
+
+  static FloatVec load(const float* p) { return _mm512_loadu_ps(p); }
+  static FloatVec load(const c10::Half* p) {
+    return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  }
+  static FloatVec load(const c10::BFloat16* p) {
+    return bf16_to_float(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  }
+  static FloatVec load_partial(const float* p, int n, float fill) {
+    return _mm512_mask_loadu_ps(_mm512_set1_ps(fill), prefix(n), p);
+  }
+  static FloatVec load_partial(const c10::Half* p, int n, float fill) {
+    return _mm512_mask_blend_ps(prefix(n), _mm512_set1_ps(fill), _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(prefix(n), p)));
+  }
+  static FloatVec load_partial(const c10::BFloat16* p, int n, float fill) {
+    return _mm512_mask_blend_ps(prefix(n), _mm512_set1_ps(fill), bf16_to_float(_mm256_maskz_loadu_epi16(prefix(n), p)));
+  }
+
+  static void store(float* p, FloatVec x) { _mm512_storeu_ps(p, x.v); }
+  static void store(c10::Half* p, FloatVec x) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtps_ph(x.v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  }
+  static void store(c10::BFloat16* p, FloatVec x) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), float_to_bf16(x.v));
+  }
+  static void store_partial(float* p, FloatVec x, int n) { _mm512_mask_storeu_ps(p, prefix(n), x.v); }
+  static void store_partial(c10::Half* p, FloatVec x, int n) {
+    _mm256_mask_storeu_epi16(p, prefix(n), _mm512_cvtps_ph(x.v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  }
+  static void store_partial(c10::BFloat16* p, FloatVec x, int n) {
+    _mm256_mask_storeu_epi16(p, prefix(n), float_to_bf16(x.v));
+  }
+
+ private:
+  // bfloat16 is the top half of a float32.
+  static __m512 bf16_to_float(__m256i h) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)); }
+  // Round to nearest even, NaN to the quiet NaN 0x7fc0: what c10::BFloat16's constructor does.
+  static __m256i float_to_bf16(__m512 x) {
+    const __m512i bits = _mm512_castps_si512(x);
+    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+    __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))), 16);
+    rounded = _mm512_mask_blend_epi32(_mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), rounded, _mm512_set1_epi32(0x7fc0));
+    return _mm512_cvtepi32_epi16(rounded);
+  }
+};
+
+inline FloatVec operator+(FloatVec a, FloatVec b) { return _mm512_add_ps(a.v, b.v); }
+inline FloatVec operator-(FloatVec a, FloatVec b) { return _mm512_sub_ps(a.v, b.v); }
+inline FloatVec operator*(FloatVec a, FloatVec b) { return _mm512_mul_ps(a.v, b.v); }
+inline FloatVec operator/(FloatVec a, FloatVec b) { return _mm512_div_ps(a.v, b.v); }
+inline FloatVec fmadd(FloatVec a, FloatVec b, FloatVec c) { return _mm512_fmadd_ps(a.v, b.v, c.v); }
+// b where either is NaN (the instruction's rule); NaNs still reach the sum of exps, which propagates them.
+inline FloatVec vmax(FloatVec a, FloatVec b) { return _mm512_max_ps(a.v, b.v); }
+inline __mmask16 equal(FloatVec a, FloatVec b) { return _mm512_cmp_ps_mask(a.v, b.v, _CMP_EQ_OQ); }
+inline FloatVec select(__mmask16 m, FloatVec a, FloatVec b) { return _mm512_mask_blend_ps(m, b.v, a.v); }
+inline float reduce_add(FloatVec a) { return _mm512_reduce_add_ps(a.v); }
+inline float reduce_max(FloatVec a) { return _mm512_reduce_max_ps(a.v); }
+
+// exp(x) for x <= 0 or NaN (the kernels only take exps of x - max and x - lse): 2^n * exp(r) with
+// n = round(x / ln 2) and |r| <= ln(2) / 2, exp(r) by the Cephes expf polynomial (about 1 ulp), 2^n applied by
+// scalef. x is clamped at -150 first (NaN-preserving: max returns its second operand for NaN), where scalef
+// already gives exactly 0, so exp(-inf) = 0. Positive x also works, up to overflow to +inf; x = +inf gives NaN.
+inline FloatVec vexp(FloatVec xv) {
+  const __m512 x = _mm512_max_ps(_mm512_set1_ps(-150.f), xv.v);
+  const __m512 n =
+      _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  // r = x - n ln2 in two steps (Cody-Waite): n * 0.693359375 is exact for |n| < 2^15.
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.f)));
+  return _mm512_scalef_ps(p, n);
+}
+
+// log(x) = k ln2 + log(m), x = m 2^k with m in [sqrt(1/2), sqrt(2)), log(m) by the Cephes logf polynomial.
+// Zero, negative, infinite and NaN inputs are patched at the end.
+inline FloatVec vlog(FloatVec xv) {
+  const __m512 x = xv.v;
+  __m512 m = _mm512_getmant_ps(x, _MM_MANT_NORM_p5_1, _MM_MANT_SIGN_src);  // [0.5, 1)
+  __m512 k = _mm512_add_ps(_mm512_getexp_ps(x), _mm512_set1_ps(1.f));
+  const __mmask16 small = _mm512_cmp_ps_mask(m, _mm512_set1_ps(0.707106781186547524f), _CMP_LT_OQ);
+  k = _mm512_mask_sub_ps(k, small, k, _mm512_set1_ps(1.f));
+  m = _mm512_mask_add_ps(m, small, m, m);
+  const __m512 f = _mm512_sub_ps(m, _mm512_set1_ps(1.f));
+  const __m512 z = _mm512_mul_ps(f, f);
+  __m512 y = _mm512_set1_ps(7.0376836292e-2f);
+  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(-1.1514610310e-1f));
+  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(1.1676998740e-1f));
+  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(-1.2420140846e-1f));
+  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(1.4249322787e-1f));
+  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(-1.6668057665e-1f));
+  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(2.0000714765e-1f));
+  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(-2.4999993993e-1f));
+  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(3.3333331174e-1f));
+  y = _mm512_mul_ps(_mm512_mul_ps(y, f), z);
+  y = _mm512_fmadd_ps(k, _mm512_set1_ps(-2.12194440e-4f), y);
+  y = _mm512_fnmadd_ps(z, _mm512_set1_ps(0.5f), y);
+  __m512 result = _mm512_fmadd_ps(k, _mm512_set1_ps(0.693359375f), _mm512_add_ps(f, y));
+  const float inf = std::numeric_limits<float>::infinity();
+  result = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, _mm512_set1_ps(inf), _CMP_EQ_OQ), result, _mm512_set1_ps(inf));
+  result = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_EQ_OQ), result, _mm512_set1_ps(-inf));
+  result = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_NGE_UQ), result,
+                                _mm512_set1_ps(std::numeric_limits<float>::quiet_NaN()));
+  return result;
+}
