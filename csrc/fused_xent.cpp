@@ -23,12 +23,10 @@ namespace fused_xent {
 std::string cpu_capability();
 }  // namespace fused_xent
 
-extern "C" {
 // `import fused_xent._C` only has to load the library so that the static registrations below run.
-PyObject* PyInit__C(void) {
+PyMODINIT_FUNC PyInit__C(void) {
   static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
   return PyModule_Create(&module_def);
-}
 }
 
 TORCH_LIBRARY(fused_xent, m) {

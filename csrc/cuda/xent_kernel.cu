@@ -261,7 +261,7 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd_grad_cuda(const at::Tensor&
   return {out.loss, grad};
 }
 
-at::Tensor cross_entropy_fwd_grad_inplace_cuda(const at::Tensor& logits, const at::Tensor& target,
+at::Tensor cross_entropy_fwd_grad_inplace_cuda(at::Tensor& logits, const at::Tensor& target,
                                                const c10::optional<at::Tensor>& weight, int64_t reduction,
                                                int64_t ignore_index, double label_smoothing) {
   const c10::cuda::CUDAGuard guard(logits.device());
