@@ -12,8 +12,30 @@ struct FloatVec {
   struct Lanes {
     __m256i v;
     static Lanes load(const int32_t* p) { return {_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))}; }
+    // The class indices y[0..7] where valid, -1 where y is ignore_index; false if some y is neither.
+    static bool load_classes(const int64_t* y, int64_t ignore_index, int64_t num_classes, Lanes& classes) {
+      const __m256i ignore = _mm256_set1_epi64x(ignore_index), limit = _mm256_set1_epi64x(num_classes);
+      const __m256i minus_one = _mm256_set1_epi64x(-1);
+      __m256i half_classes[2];
+      for (int h = 0; h < 2; ++h) {
+        const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(y + 4 * h));
+        const __m256i ignored = _mm256_cmpeq_epi64(q, ignore);
+        const __m256i in_range = _mm256_and_si256(_mm256_cmpgt_epi64(q, minus_one), _mm256_cmpgt_epi64(limit, q));
+        if (_mm256_movemask_epi8(_mm256_or_si256(ignored, in_range)) != -1) return false;
+        half_classes[h] = _mm256_blendv_epi8(minus_one, q, _mm256_andnot_si256(ignored, in_range));
+      }
+      // Keep the low 32 bits of each 64-bit lane (the indices fit).
+      const __m256i even = _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7);
+      classes.v = _mm256_permute2x128_si256(_mm256_permutevar8x32_epi32(half_classes[0], even),
+                                            _mm256_permutevar8x32_epi32(half_classes[1], even), 0x20);
+      return true;
+    }
     Mask equals(int32_t c) const { return _mm256_castsi256_ps(_mm256_cmpeq_epi32(v, _mm256_set1_epi32(c))); }
     Mask valid() const { return _mm256_castsi256_ps(_mm256_cmpgt_epi32(v, _mm256_set1_epi32(-1))); }
+    // v * stride + lane number: where each lane's class sits in a buffer with classes `stride` apart.
+    Lanes offsets(int32_t stride) const {
+      return {_mm256_add_epi32(_mm256_mullo_epi32(v, _mm256_set1_epi32(stride)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7))};
+    }
   };
 
   __m256 v;
@@ -38,6 +60,11 @@ struct FloatVec {
     alignas(32) float lanes[kWidth];
     for (int i = 0; i < kWidth; ++i) lanes[i] = i < n ? static_cast<float>(p[i]) : fill;
     return _mm256_load_ps(lanes);
+  }
+
+  // base[index] in the lanes of mask, 0 elsewhere.
+  static FloatVec gather(const float* base, Lanes index, Mask mask) {
+    return _mm256_mask_i32gather_ps(_mm256_setzero_ps(), base, index.v, mask, 4);
   }
 
   static void store(float* p, FloatVec x) { _mm256_storeu_ps(p, x.v); }

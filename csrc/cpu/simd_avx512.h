@@ -12,8 +12,28 @@ struct FloatVec {
   struct Lanes {
     __m512i v;
     static Lanes load(const int32_t* p) { return {_mm512_loadu_si512(p)}; }
+    // The class indices y[0..15] where valid, -1 where y is ignore_index; false if some y is neither.
+    static bool load_classes(const int64_t* y, int64_t ignore_index, int64_t num_classes, Lanes& classes) {
+      const __m512i ignore = _mm512_set1_epi64(ignore_index), limit = _mm512_set1_epi64(num_classes);
+      const __m512i low = _mm512_loadu_si512(y), high = _mm512_loadu_si512(y + 8);
+      const Mask ignored = static_cast<Mask>(_mm512_cmpeq_epi64_mask(low, ignore) |
+                                             (_mm512_cmpeq_epi64_mask(high, ignore) << 8));
+      // Unsigned compare: negative indices are out of range too.
+      const Mask in_range = static_cast<Mask>(_mm512_cmplt_epu64_mask(low, limit) |
+                                              (_mm512_cmplt_epu64_mask(high, limit) << 8));
+      if (static_cast<Mask>(ignored | in_range) != 0xffff) return false;
+      const __m512i all = _mm512_inserti64x4(_mm512_castsi256_si512(_mm512_cvtepi64_epi32(low)),
+                                             _mm512_cvtepi64_epi32(high), 1);
+      classes.v = _mm512_mask_blend_epi32(static_cast<Mask>(in_range & ~ignored), _mm512_set1_epi32(-1), all);
+      return true;
+    }
     Mask equals(int32_t c) const { return _mm512_cmpeq_epi32_mask(v, _mm512_set1_epi32(c)); }
     Mask valid() const { return _mm512_cmpge_epi32_mask(v, _mm512_setzero_si512()); }
+    // v * stride + lane number: where each lane's class sits in a buffer with classes `stride` apart.
+    Lanes offsets(int32_t stride) const {
+      const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+      return {_mm512_add_epi32(_mm512_mullo_epi32(v, _mm512_set1_epi32(stride)), lane)};
+    }
   };
 
   __m512 v;
@@ -39,6 +59,11 @@ struct FloatVec {
   }
   static FloatVec load_partial(const c10::BFloat16* p, int n, float fill) {
     return _mm512_mask_blend_ps(prefix(n), _mm512_set1_ps(fill), bf16_to_float(_mm256_maskz_loadu_epi16(prefix(n), p)));
+  }
+
+  // base[index] in the lanes of mask, 0 elsewhere.
+  static FloatVec gather(const float* base, Lanes index, Mask mask) {
+    return _mm512_mask_i32gather_ps(_mm512_setzero_ps(), mask, index.v, base, 4);
   }
 
   static void store(float* p, FloatVec x) { _mm512_storeu_ps(p, x.v); }

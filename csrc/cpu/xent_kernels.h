@@ -20,6 +20,8 @@
 constexpr int64_t kRowChunk = 2048;
 // Positions per tile of the spatial kernels (a multiple of every vector width).
 constexpr int64_t kTilePositions = 64;
+// Most classes for which offsets into a tile (class * kTilePositions + lane) fit the int32 lanes of a gather.
+constexpr int64_t kMaxGatherClasses = (int64_t{1} << 31) / kTilePositions - 1;
 // Lane blocks whose losses are summed in vector precision before the sum moves to the block's double.
 constexpr int kLaneBlocksPerFlush = 32;
 
@@ -379,6 +381,15 @@ LaneTargets<V> lane_targets(const Typed<V, T>& a, int64_t position, int lanes, c
                             BlockResult& result) {
   using acc_t = typename V::value_type;
   constexpr int W = V::kWidth;
+  LaneTargets<V> targets;
+  if (lanes == W && a.C <= kMaxGatherClasses &&
+      V::Lanes::load_classes(a.target_index + position, a.ignore_index, a.C, targets.cls)) {
+    targets.valid = targets.cls.valid();
+    targets.weight = a.weight ? V::gather(a.weight, targets.cls, targets.valid) : select(targets.valid, V(1), V(0));
+    targets.logit = V::gather(x, targets.cls.offsets(kTilePositions), targets.valid);
+    return targets;
+  }
+  // A partial lane block, or a class out of range (to be reported).
   alignas(64) int32_t cls[W];
   alignas(64) acc_t weight[W];
   alignas(64) acc_t logit[W];
@@ -388,7 +399,6 @@ LaneTargets<V> lane_targets(const Typed<V, T>& a, int64_t position, int lanes, c
     weight[i] = y >= 0 ? a.weight_of(y) : acc_t(0);
     logit[i] = y >= 0 ? x[y * kTilePositions + i] : acc_t(0);
   }
-  LaneTargets<V> targets;
   targets.cls = V::Lanes::load(cls);
   targets.valid = targets.cls.valid();
   targets.weight = V::load(weight);
