@@ -112,8 +112,9 @@ inline float reduce_max(FloatVec a) { return _mm512_reduce_max_ps(a.v); }
 // already gives exactly 0, so exp(-inf) = 0. Positive x also works, up to overflow to +inf; x = +inf gives NaN.
 inline FloatVec vexp(FloatVec xv) {
   const __m512 x = _mm512_max_ps(_mm512_set1_ps(-150.f), xv.v);
-  const __m512 n =
-      _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  // n = round(x / ln 2) by adding 1.5 * 2^23 (the float spacing is 1 there): one fma and a subtraction.
+  const __m512 magic = _mm512_set1_ps(12582912.f);
+  const __m512 n = _mm512_sub_ps(_mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504088896341f), magic), magic);
   // r = x - n ln2 in two steps (Cody-Waite): n * 0.693359375 is exact for |n| < 2^15.
   __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
   r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
