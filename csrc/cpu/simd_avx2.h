@@ -83,6 +83,20 @@ struct FloatVec {
     const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(rounded, rounded), 0x08);
     _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(packed));
   }
+  // Non-temporal stores, which skip the read-for-ownership of lines the cache does not hold. p must be aligned
+  // to the stored size (32 bytes for float, 16 for float16 / bfloat16).
+  static void stream(float* p, FloatVec x) { _mm256_stream_ps(p, x.v); }
+  static void stream(c10::Half* p, FloatVec x) {
+    _mm_stream_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(x.v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  }
+  static void stream(c10::BFloat16* p, FloatVec x) {
+    alignas(16) c10::BFloat16 converted[kWidth];
+    store(converted, x);
+    _mm_stream_si128(reinterpret_cast<__m128i*>(p), _mm_load_si128(reinterpret_cast<const __m128i*>(converted)));
+  }
+  // Orders the non-temporal stores before whatever follows.
+  static void stream_fence() { _mm_sfence(); }
+
   template <typename T>
   static void store_partial(T* p, FloatVec x, int n) {
     alignas(32) float lanes[kWidth];

@@ -73,6 +73,16 @@ struct FloatVec {
   static void store(c10::BFloat16* p, FloatVec x) {
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), float_to_bf16(x.v));
   }
+  // Non-temporal stores, which skip the read-for-ownership of lines the cache does not hold. p must be aligned
+  // to the stored size (64 bytes for float, 32 for float16 / bfloat16).
+  static void stream(float* p, FloatVec x) { _mm512_stream_ps(p, x.v); }
+  static void stream(c10::Half* p, FloatVec x) {
+    _mm256_stream_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtps_ph(x.v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  }
+  static void stream(c10::BFloat16* p, FloatVec x) { _mm256_stream_si256(reinterpret_cast<__m256i*>(p), float_to_bf16(x.v)); }
+  // Orders the non-temporal stores before whatever follows.
+  static void stream_fence() { _mm_sfence(); }
+
   static void store_partial(float* p, FloatVec x, int n) { _mm512_mask_storeu_ps(p, prefix(n), x.v); }
   static void store_partial(c10::Half* p, FloatVec x, int n) {
     _mm256_mask_storeu_epi16(p, prefix(n), _mm512_cvtps_ph(x.v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));

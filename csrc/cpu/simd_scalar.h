@@ -50,6 +50,12 @@ struct ScalarVec {
     *p = static_cast<T>(x.v);
   }
   template <typename T>
+  static void stream(T* p, ScalarVec x) {
+    store(p, x);
+  }
+  static void stream_fence() {}
+
+  template <typename T>
   static void store_partial(T* p, ScalarVec x, int n) {
     if (n > 0) store(p, x);
   }

@@ -88,6 +88,16 @@ struct Typed {
   }
 };
 
+// Stores a whole vector; with `streaming`, and p aligned for it, past the caches (see V::stream).
+template <class V, class T>
+void store_vector(T* p, V v, bool streaming) {
+  if (streaming && reinterpret_cast<uintptr_t>(p) % (sizeof(T) * V::kWidth) == 0) {
+    V::stream(p, v);
+  } else {
+    V::store(p, v);
+  }
+}
+
 template <class V, class T>
 void fill_zero_row(T* g, int64_t count) {
   constexpr int W = V::kWidth;
@@ -241,6 +251,8 @@ void row_forward(const Typed<V, T>& a, int64_t position, RowScratch<typename V::
   //   class index: g = prob_coef p - class_coef w[c] (- target_coef at y)      (xent_math.h, index_grad_coeffs)
   //   probabilities: g = scale (T p - w[c] t'[c])                               (xent_math.h, prob_target_grad)
   const acc_t scale = a.uniform_scale;
+  // A gradient written over the logits hits the row still in L2; a fresh one is written past the caches.
+  const bool streaming = static_cast<const void*>(g) != static_cast<const void*>(x);
   const IndexGradCoeffs<Scalar> gk = index_grad_coeffs<Scalar>(k, a.weight_sum, scale);
   const acc_t prob_coef = t ? scale * st.weighted_targets : gk.prob_coef.v;
   const bool class_term = !t && a.smoothing;
@@ -263,7 +275,7 @@ void row_forward(const Typed<V, T>& a, int64_t position, RowScratch<typename V::
         gv = gv - V(scale) * wt;
       }
       if (lanes == W) {
-        V::store(g + c0 + i, gv);
+        store_vector(g + c0 + i, gv, streaming);
       } else {
         V::store_partial(g + c0 + i, gv, lanes);
       }
@@ -545,15 +557,18 @@ void load_tile(const T* from, int64_t class_stride, int64_t C, int64_t count, ty
   }
 }
 
+// With `streaming` (a fresh gradient, whose lines are not cached), whole aligned vectors are written past the
+// caches; a gradient written over the logits is not: their lines may still be cached.
 template <class V, class T>
-void store_tile(const typename V::value_type* tile, int64_t C, int64_t count, T* to, int64_t class_stride) {
+void store_tile(const typename V::value_type* tile, int64_t C, int64_t count, T* to, int64_t class_stride,
+                bool streaming) {
   constexpr int W = V::kWidth;
   for (int64_t c = 0; c < C; ++c) {
     for (int64_t i = 0; i < count; i += W) {
       const int lanes = static_cast<int>(std::min<int64_t>(W, count - i));
       const V v = V::load(tile + c * kTilePositions + i);
       if (lanes == W) {
-        V::store(to + c * class_stride + i, v);
+        store_vector(to + c * class_stride + i, v, streaming);
       } else {
         V::store_partial(to + c * class_stride + i, v, lanes);
       }
@@ -587,7 +602,7 @@ void spatial_block(const Typed<V, T>& a, int64_t first, int64_t last, SpatialScr
           lanes_forward(a, position + i, lanes, x, t ? t + i : nullptr, g ? g + i : nullptr, exps, sums, result);
         }
       }
-      if (g) store_tile<V>(g, a.C, count, a.grad + offset, a.stride_c);
+      if (g) store_tile<V>(g, a.C, count, a.grad + offset, a.stride_c, a.grad != a.logits);
     }
   }
   sums.flush(result);
@@ -634,6 +649,7 @@ void run_blocks(const KernelArgs& args, std::atomic<int64_t>& next_block) {
     }
     args.blocks[b] = result;
   }
+  V::stream_fence();
 }
 
 template <class V, class T>
