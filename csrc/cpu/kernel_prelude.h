@@ -3,6 +3,14 @@
 // never pick an AVX-512 copy of a shared inline function for a CPU without AVX-512.
 #pragma once
 
+#if defined(__GNUC__) && !defined(__clang__)
+// GCC 12 flags the _mm*_undefined_* placeholders inside its own AVX-512 intrinsics (e.g. _mm512_reduce_add_ps)
+// as (maybe-)uninitialized once they are inlined; the warning is reported at the intrinsic's header line, so it
+// has to be off before that header is read.
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
+
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Exception.h>

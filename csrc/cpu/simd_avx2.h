@@ -12,8 +12,30 @@ struct FloatVec {
   struct Lanes {
     __m256i v;
     static Lanes load(const int32_t* p) { return {_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))}; }
+    // The class indices y[0..7] where valid, -1 where y is ignore_index; false if some y is neither.
+    static bool load_classes(const int64_t* y, int64_t ignore_index, int64_t num_classes, Lanes& classes) {
+      const __m256i ignore = _mm256_set1_epi64x(ignore_index), limit = _mm256_set1_epi64x(num_classes);
+      const __m256i minus_one = _mm256_set1_epi64x(-1);
+      __m256i half_classes[2];
+      for (int h = 0; h < 2; ++h) {
+        const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(y + 4 * h));
+        const __m256i ignored = _mm256_cmpeq_epi64(q, ignore);
+        const __m256i in_range = _mm256_and_si256(_mm256_cmpgt_epi64(q, minus_one), _mm256_cmpgt_epi64(limit, q));
+        if (_mm256_movemask_epi8(_mm256_or_si256(ignored, in_range)) != -1) return false;
+        half_classes[h] = _mm256_blendv_epi8(minus_one, q, _mm256_andnot_si256(ignored, in_range));
+      }
+      // Keep the low 32 bits of each 64-bit lane (the indices fit).
+      const __m256i even = _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7);
+      classes.v = _mm256_permute2x128_si256(_mm256_permutevar8x32_epi32(half_classes[0], even),
+                                            _mm256_permutevar8x32_epi32(half_classes[1], even), 0x20);
+      return true;
+    }
     Mask equals(int32_t c) const { return _mm256_castsi256_ps(_mm256_cmpeq_epi32(v, _mm256_set1_epi32(c))); }
     Mask valid() const { return _mm256_castsi256_ps(_mm256_cmpgt_epi32(v, _mm256_set1_epi32(-1))); }
+    // v * stride + lane number: where each lane's class sits in a buffer with classes `stride` apart.
+    Lanes offsets(int32_t stride) const {
+      return {_mm256_add_epi32(_mm256_mullo_epi32(v, _mm256_set1_epi32(stride)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7))};
+    }
   };
 
   __m256 v;
@@ -40,6 +62,11 @@ struct FloatVec {
     return _mm256_load_ps(lanes);
   }
 
+  // base[index] in the lanes of mask, 0 elsewhere.
+  static FloatVec gather(const float* base, Lanes index, Mask mask) {
+    return _mm256_mask_i32gather_ps(_mm256_setzero_ps(), base, index.v, mask, 4);
+  }
+
   static void store(float* p, FloatVec x) { _mm256_storeu_ps(p, x.v); }
   static void store(c10::Half* p, FloatVec x) {
     _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(x.v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
@@ -56,6 +83,20 @@ struct FloatVec {
     const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(rounded, rounded), 0x08);
     _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(packed));
   }
+  // Non-temporal stores, which skip the read-for-ownership of lines the cache does not hold. p must be aligned
+  // to the stored size (32 bytes for float, 16 for float16 / bfloat16).
+  static void stream(float* p, FloatVec x) { _mm256_stream_ps(p, x.v); }
+  static void stream(c10::Half* p, FloatVec x) {
+    _mm_stream_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(x.v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  }
+  static void stream(c10::BFloat16* p, FloatVec x) {
+    alignas(16) c10::BFloat16 converted[kWidth];
+    store(converted, x);
+    _mm_stream_si128(reinterpret_cast<__m128i*>(p), _mm_load_si128(reinterpret_cast<const __m128i*>(converted)));
+  }
+  // Orders the non-temporal stores before whatever follows.
+  static void stream_fence() { _mm_sfence(); }
+
   template <typename T>
   static void store_partial(T* p, FloatVec x, int n) {
     alignas(32) float lanes[kWidth];
@@ -92,8 +133,9 @@ inline float reduce_max(FloatVec a) {
 inline FloatVec vexp(FloatVec xv) {
   constexpr float kMinArg = -103.972077f;  // log of half the smallest subnormal
   const __m256 x = _mm256_max_ps(_mm256_set1_ps(kMinArg), xv.v);
-  const __m256 n =
-      _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  // n = round(x / ln 2) by adding 1.5 * 2^23 (the float spacing is 1 there): one fma and a subtraction.
+  const __m256 magic = _mm256_set1_ps(12582912.f);
+  const __m256 n = _mm256_sub_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), magic), magic);
   __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
   r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
   __m256 p = _mm256_set1_ps(1.9875691500e-4f);

@@ -12,8 +12,28 @@ struct FloatVec {
   struct Lanes {
     __m512i v;
     static Lanes load(const int32_t* p) { return {_mm512_loadu_si512(p)}; }
+    // The class indices y[0..15] where valid, -1 where y is ignore_index; false if some y is neither.
+    static bool load_classes(const int64_t* y, int64_t ignore_index, int64_t num_classes, Lanes& classes) {
+      const __m512i ignore = _mm512_set1_epi64(ignore_index), limit = _mm512_set1_epi64(num_classes);
+      const __m512i low = _mm512_loadu_si512(y), high = _mm512_loadu_si512(y + 8);
+      const Mask ignored = static_cast<Mask>(_mm512_cmpeq_epi64_mask(low, ignore) |
+                                             (_mm512_cmpeq_epi64_mask(high, ignore) << 8));
+      // Unsigned compare: negative indices are out of range too.
+      const Mask in_range = static_cast<Mask>(_mm512_cmplt_epu64_mask(low, limit) |
+                                              (_mm512_cmplt_epu64_mask(high, limit) << 8));
+      if (static_cast<Mask>(ignored | in_range) != 0xffff) return false;
+      const __m512i all = _mm512_inserti64x4(_mm512_castsi256_si512(_mm512_cvtepi64_epi32(low)),
+                                             _mm512_cvtepi64_epi32(high), 1);
+      classes.v = _mm512_mask_blend_epi32(static_cast<Mask>(in_range & ~ignored), _mm512_set1_epi32(-1), all);
+      return true;
+    }
     Mask equals(int32_t c) const { return _mm512_cmpeq_epi32_mask(v, _mm512_set1_epi32(c)); }
     Mask valid() const { return _mm512_cmpge_epi32_mask(v, _mm512_setzero_si512()); }
+    // v * stride + lane number: where each lane's class sits in a buffer with classes `stride` apart.
+    Lanes offsets(int32_t stride) const {
+      const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+      return {_mm512_add_epi32(_mm512_mullo_epi32(v, _mm512_set1_epi32(stride)), lane)};
+    }
   };
 
   __m512 v;
@@ -41,6 +61,11 @@ struct FloatVec {
     return _mm512_mask_blend_ps(prefix(n), _mm512_set1_ps(fill), bf16_to_float(_mm256_maskz_loadu_epi16(prefix(n), p)));
   }
 
+  // base[index] in the lanes of mask, 0 elsewhere.
+  static FloatVec gather(const float* base, Lanes index, Mask mask) {
+    return _mm512_mask_i32gather_ps(_mm512_setzero_ps(), mask, index.v, base, 4);
+  }
+
   static void store(float* p, FloatVec x) { _mm512_storeu_ps(p, x.v); }
   static void store(c10::Half* p, FloatVec x) {
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtps_ph(x.v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
@@ -48,6 +73,16 @@ struct FloatVec {
   static void store(c10::BFloat16* p, FloatVec x) {
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), float_to_bf16(x.v));
   }
+  // Non-temporal stores, which skip the read-for-ownership of lines the cache does not hold. p must be aligned
+  // to the stored size (64 bytes for float, 32 for float16 / bfloat16).
+  static void stream(float* p, FloatVec x) { _mm512_stream_ps(p, x.v); }
+  static void stream(c10::Half* p, FloatVec x) {
+    _mm256_stream_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtps_ph(x.v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  }
+  static void stream(c10::BFloat16* p, FloatVec x) { _mm256_stream_si256(reinterpret_cast<__m256i*>(p), float_to_bf16(x.v)); }
+  // Orders the non-temporal stores before whatever follows.
+  static void stream_fence() { _mm_sfence(); }
+
   static void store_partial(float* p, FloatVec x, int n) { _mm512_mask_storeu_ps(p, prefix(n), x.v); }
   static void store_partial(c10::Half* p, FloatVec x, int n) {
     _mm256_mask_storeu_epi16(p, prefix(n), _mm512_cvtps_ph(x.v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
@@ -87,8 +122,9 @@ inline float reduce_max(FloatVec a) { return _mm512_reduce_max_ps(a.v); }
 // already gives exactly 0, so exp(-inf) = 0. Positive x also works, up to overflow to +inf; x = +inf gives NaN.
 inline FloatVec vexp(FloatVec xv) {
   const __m512 x = _mm512_max_ps(_mm512_set1_ps(-150.f), xv.v);
-  const __m512 n =
-      _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  // n = round(x / ln 2) by adding 1.5 * 2^23 (the float spacing is 1 there): one fma and a subtraction.
+  const __m512 magic = _mm512_set1_ps(12582912.f);
+  const __m512 n = _mm512_sub_ps(_mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504088896341f), magic), magic);
   // r = x - n ln2 in two steps (Cody-Waite): n * 0.693359375 is exact for |n| < 2^15.
   __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
   r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);

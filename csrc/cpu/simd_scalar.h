@@ -14,8 +14,18 @@ struct ScalarVec {
   struct Lanes {
     int32_t v;
     static Lanes load(const int32_t* p) { return {*p}; }
+    // The class index *y if valid, -1 if it is ignore_index; false if it is neither.
+    static bool load_classes(const int64_t* y, int64_t ignore_index, int64_t num_classes, Lanes& classes) {
+      if (*y == ignore_index) {
+        classes.v = -1;
+        return true;
+      }
+      classes.v = static_cast<int32_t>(*y);
+      return *y >= 0 && *y < num_classes;
+    }
     Mask equals(int32_t c) const { return v == c; }
     Mask valid() const { return v >= 0; }
+    Lanes offsets(int32_t stride) const { return {v * stride}; }
   };
 
   acc_t v;
@@ -33,10 +43,18 @@ struct ScalarVec {
   static ScalarVec load_partial(const T* p, int n, acc_t fill) {
     return n > 0 ? load(p) : ScalarVec(fill);
   }
+  static ScalarVec gather(const acc_t* base, Lanes index, Mask mask) { return mask ? base[index.v] : acc_t(0); }
+
   template <typename T>
   static void store(T* p, ScalarVec x) {
     *p = static_cast<T>(x.v);
   }
+  template <typename T>
+  static void stream(T* p, ScalarVec x) {
+    store(p, x);
+  }
+  static void stream_fence() {}
+
   template <typename T>
   static void store_partial(T* p, ScalarVec x, int n) {
     if (n > 0) store(p, x);

@@ -1,0 +1,248 @@
+// The row kernels (class stride 1), see xent_kernels.h. Included by xent_kernels.h inside the instruction set's
+// namespace.
+
+// Classes per chunk of a row: 8 KiB of float32, so the second read of a chunk hits L1.
+constexpr int64_t kRowChunk = 2048;
+
+template <class acc_t>
+struct RowStatistics {
+  acc_t max;      // of the row (-inf when every logit is -inf)
+  acc_t sum_exp;  // relative to max (to 0 while max is -inf)
+  acc_t lse;
+  acc_t weighted_logits;         // sum_c w[c] x[c] (class-index targets with smoothing)
+  acc_t weighted_targets;        // sum_c w[c] t'[c] (probability targets)
+  acc_t weighted_target_logits;  // sum_c w[c] t'[c] x[c] (probability targets)
+};
+
+// One read of a row: its max, sum of exps and lse, the dot products the loss needs, and, when exps is given, every
+// exp(x - running max) with the running max of each chunk in chunk_max (so a later pass can rescale them).
+template <class V, class T>
+RowStatistics<typename V::value_type> row_statistics(const Typed<V, T>& a, const T* x, const T* t,
+                                                     typename V::value_type* exps, typename V::value_type* chunk_max) {
+  using acc_t = typename V::value_type;
+  constexpr int W = V::kWidth;
+  constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
+  const bool logit_dot = t == nullptr && a.smoothing;
+  acc_t max = kNegInf, sum = 0;
+  V weighted_logits(0), weighted_targets(0), weighted_target_logits(0);
+  for (int64_t c0 = 0, chunk = 0; c0 < a.C; c0 += kRowChunk, ++chunk) {
+    const int64_t len = std::min(kRowChunk, a.C - c0);
+    const int64_t full = len - len % W;
+    const int tail = static_cast<int>(len - full);
+    const T* xc = x + c0;
+    // Four independent max chains, so the loads are not serialized behind the max latency.
+    V m0(kNegInf), m1(kNegInf), m2(kNegInf), m3(kNegInf);
+    int64_t i = 0;
+    for (; i + 4 * W <= full; i += 4 * W) {
+      m0 = vmax(m0, V::load(xc + i));
+      m1 = vmax(m1, V::load(xc + i + W));
+      m2 = vmax(m2, V::load(xc + i + 2 * W));
+      m3 = vmax(m3, V::load(xc + i + 3 * W));
+    }
+    for (; i < full; i += W) m0 = vmax(m0, V::load(xc + i));
+    if (tail) m1 = vmax(m1, V::load_partial(xc + full, tail, kNegInf));
+    const acc_t new_max = reduce_max(vmax(vmax(m0, m1), vmax(m2, m3)));
+    if (new_max > max) {
+      sum *= std::exp(max - new_max);
+      max = new_max;
+    }
+    if (chunk_max) chunk_max[chunk] = max;
+    // While every logit so far is -inf, exps are taken relative to 0: exp(-inf - 0) = 0, not exp(-inf + inf) = NaN.
+    const V ref(max == kNegInf ? acc_t(0) : max);
+    V chunk_sum(0);
+    // One vector of the chunk; the tail reads zeros past the row, masked out of every sum.
+    auto step = [&](int64_t i, auto is_tail) {
+      constexpr bool kTail = decltype(is_tail)::value;
+      V xv, e;
+      if constexpr (kTail) {
+        xv = V::load_partial(xc + i, tail, 0);
+        e = select(V::prefix(tail), vexp(xv - ref), V(0));
+      } else {
+        xv = V::load(xc + i);
+        e = vexp(xv - ref);
+      }
+      chunk_sum = chunk_sum + e;
+      if (exps) V::store(exps + c0 + i, e);
+      if (logit_dot) {
+        if (a.weight) {
+          const V w = kTail ? V::load_partial(a.weight + c0 + i, tail, 0) : V::load(a.weight + c0 + i);
+          weighted_logits = fmadd(w, xv, weighted_logits);
+        } else {
+          weighted_logits = weighted_logits + xv;
+        }
+      }
+      if (t) {
+        const V tv = kTail ? V::load_partial(t + c0 + i, tail, 0) : V::load(t + c0 + i);
+        V wt = smoothed_probability(tv, V(a.label_smoothing), a.C);
+        if (a.weight) wt = wt * (kTail ? V::load_partial(a.weight + c0 + i, tail, 0) : V::load(a.weight + c0 + i));
+        if constexpr (kTail) wt = select(V::prefix(tail), wt, V(0));
+        weighted_targets = weighted_targets + wt;
+        weighted_target_logits = fmadd(wt, xv, weighted_target_logits);
+      }
+    };
+    for (int64_t i = 0; i < full; i += W) step(i, std::false_type{});
+    if (tail) step(full, std::true_type{});
+    sum += reduce_add(chunk_sum);
+  }
+  return {max,
+          sum,
+          max + std::log(sum),
+          reduce_add(weighted_logits),
+          reduce_add(weighted_targets),
+          reduce_add(weighted_target_logits)};
+}
+
+// Per-thread buffers of the row kernels.
+template <class acc_t>
+struct RowScratch {
+  std::vector<acc_t> exps;       // C (+ one vector of slack) exps of the current row
+  std::vector<acc_t> chunk_max;  // running max when each chunk's exps were taken
+};
+
+// Forward of one row: lse and loss, and with a.grad the gradient for the uniform upstream scale.
+template <class V, class T>
+void row_forward(const Typed<V, T>& a, int64_t position, RowScratch<typename V::value_type>& scratch,
+                 BlockResult& result) {
+  using acc_t = typename V::value_type;
+  using Scalar = ScalarVec<acc_t>;
+  constexpr int W = V::kWidth;
+  const int64_t offset = a.offset(position);
+  const T* x = a.logits + offset;
+  const T* t = a.target_prob ? a.target_prob + offset : nullptr;
+  T* g = a.grad ? a.grad + offset : nullptr;
+
+  int64_t y = -1;
+  acc_t target_logit = 0, weight_of_target = 0;
+  if (!t) {
+    y = a.resolve_class(position, result);
+    if (y >= 0) {
+      target_logit = static_cast<acc_t>(x[y]);  // before g (maybe x itself) is written
+      weight_of_target = a.weight_of(y);
+    } else if (!a.lse) {  // ignored, and no lse to report: nothing to compute
+      if (g) fill_zero_row<V>(g, a.C);
+      if (a.loss) a.loss[position] = static_cast<T>(0);
+      return;
+    }
+  }
+
+  acc_t* exps = g ? scratch.exps.data() : nullptr;
+  const RowStatistics<acc_t> st = row_statistics(a, x, t, exps, g ? scratch.chunk_max.data() : nullptr);
+  if (a.lse) a.lse[position] = st.lse;
+  acc_t loss = 0;
+  IndexTargetCoeffs<Scalar> k{};
+  if (t) {
+    loss = prob_target_loss<Scalar>(st.lse, st.weighted_targets, st.weighted_target_logits).v;
+  } else if (y >= 0) {
+    k = index_target_coeffs<Scalar>(weight_of_target, a.label_smoothing, a.C);
+    loss = index_target_loss_given_smoothing<Scalar>(a.smoothing, k, st.lse, target_logit, a.weight_sum,
+                                                     st.weighted_logits)
+               .v;
+    result.weight_sum += weight_of_target;
+  }
+  result.loss_sum += loss;
+  if (a.loss) a.loss[position] = static_cast<T>(loss);
+  if (!g) return;
+
+  // Gradient: p[c] = exps[c] * exp(chunk_max - max) / sum_exp, one factor per chunk.
+  //   class index: g = prob_coef p - class_coef w[c] (- target_coef at y)      (xent_math.h, index_grad_coeffs)
+  //   probabilities: g = scale (T p - w[c] t'[c])                               (xent_math.h, prob_target_grad)
+  const acc_t scale = a.uniform_scale;
+  // A gradient written over the logits hits the row still in L2; a fresh one is written past the caches.
+  const bool streaming = static_cast<const void*>(g) != static_cast<const void*>(x);
+  const IndexGradCoeffs<Scalar> gk = index_grad_coeffs<Scalar>(k, a.weight_sum, scale);
+  const acc_t prob_coef = t ? scale * st.weighted_targets : gk.prob_coef.v;
+  const bool class_term = !t && a.smoothing;
+  auto chunk_factor = [&](int64_t chunk) {
+    return prob_coef * std::exp(scratch.chunk_max[chunk] - st.max) / st.sum_exp;
+  };
+  for (int64_t c0 = 0, chunk = 0; c0 < a.C; c0 += kRowChunk, ++chunk) {
+    const int64_t len = std::min(kRowChunk, a.C - c0);
+    const V f(chunk_factor(chunk));
+    for (int64_t i = 0; i < len; i += W) {
+      const int lanes = static_cast<int>(std::min<int64_t>(W, len - i));
+      V gv = V::load(exps + c0 + i) * f;
+      if (class_term) {
+        const V w = !a.weight ? V(1) : lanes == W ? V::load(a.weight + c0 + i) : V::load_partial(a.weight + c0 + i, lanes, 0);
+        gv = gv - gk.class_coef.v * w;
+      } else if (t) {
+        const V tv = lanes == W ? V::load(t + c0 + i) : V::load_partial(t + c0 + i, lanes, 0);
+        V wt = smoothed_probability(tv, V(a.label_smoothing), a.C);
+        if (a.weight) wt = wt * (lanes == W ? V::load(a.weight + c0 + i) : V::load_partial(a.weight + c0 + i, lanes, 0));
+        gv = gv - V(scale) * wt;
+      }
+      if (lanes == W) {
+        store_vector(g + c0 + i, gv, streaming);
+      } else {
+        V::store_partial(g + c0 + i, gv, lanes);
+      }
+    }
+  }
+  if (!t) {
+    const acc_t p_y = exps[y] * chunk_factor(y / kRowChunk);
+    g[y] = static_cast<T>(p_y - gk.class_coef.v * weight_of_target - gk.target_coef.v);
+  }
+}
+
+// Backward of one row: g = dloss/dx * grad_loss from p = exp(x - lse).
+template <class V, class T>
+void row_backward(const Typed<V, T>& a, int64_t position, BlockResult& result) {
+  using acc_t = typename V::value_type;
+  using Scalar = ScalarVec<acc_t>;
+  constexpr int W = V::kWidth;
+  const int64_t offset = a.offset(position);
+  const T* x = a.logits + offset;
+  const T* t = a.target_prob ? a.target_prob + offset : nullptr;
+  T* g = a.grad + offset;
+  const acc_t scale =
+      a.grad_loss ? grad_scale<Scalar>(a.reduction, a.grad_loss[position], a.total_weight).v : a.uniform_scale;
+  const V lse(a.lse_in[position]);
+
+  auto for_each_vector = [&](auto&& body) {  // body(index, lanes)
+    int64_t i = 0;
+    for (; i + W <= a.C; i += W) body(i, W);
+    if (i < a.C) body(i, static_cast<int>(a.C - i));
+  };
+  auto load = [](const auto* p, int lanes) { return lanes == W ? V::load(p) : V::load_partial(p, lanes, 0); };
+  auto store = [](T* p, V v, int lanes) {
+    if (lanes == W) {
+      V::store(p, v);
+    } else {
+      V::store_partial(p, v, lanes);
+    }
+  };
+
+  if (t) {
+    auto smoothed_weighted = [&](int64_t i, int lanes) {
+      V wt = smoothed_probability(load(t + i, lanes), V(a.label_smoothing), a.C);
+      return a.weight ? wt * load(a.weight + i, lanes) : wt;
+    };
+    V weighted_targets(0);
+    for_each_vector([&](int64_t i, int lanes) {
+      weighted_targets = weighted_targets + select(V::prefix(lanes), smoothed_weighted(i, lanes), V(0));
+    });
+    const V prob_coef(scale * reduce_add(weighted_targets));
+    for_each_vector([&](int64_t i, int lanes) {
+      const V p = vexp(load(x + i, lanes) - lse);
+      store(g + i, prob_coef * p - V(scale) * smoothed_weighted(i, lanes), lanes);
+    });
+    return;
+  }
+
+  const int64_t y = a.resolve_class(position, result);
+  if (y < 0) {
+    fill_zero_row<V>(g, a.C);
+    return;
+  }
+  const acc_t target_logit = static_cast<acc_t>(x[y]);
+  const acc_t weight_of_target = a.weight_of(y);
+  const IndexGradCoeffs<Scalar> gk = index_grad_coeffs<Scalar>(
+      index_target_coeffs<Scalar>(weight_of_target, a.label_smoothing, a.C), a.weight_sum, scale);
+  const V prob_coef(gk.prob_coef.v), class_coef(gk.class_coef.v);
+  for_each_vector([&](int64_t i, int lanes) {
+    V gv = prob_coef * vexp(load(x + i, lanes) - lse);
+    if (a.smoothing) gv = gv - class_coef * (a.weight ? load(a.weight + i, lanes) : V(1));
+    store(g + i, gv, lanes);
+  });
+  const acc_t p_y = std::exp(target_logit - a.lse_in[position]);
+  g[y] = static_cast<T>(gk.prob_coef.v * p_y - gk.class_coef.v * weight_of_target - gk.target_coef.v);
+}

@@ -1,0 +1,264 @@
+// The spatial kernels (position stride 1, NCHW), see xent_kernels.h. Included by xent_kernels.h inside the
+// instruction set's namespace.
+//
+// A tile of kTilePositions consecutive positions is first copied, in the accumulation dtype, to a small buffer
+// with the classes kTilePositions apart. In NCHW tensors the classes are H*W apart, usually a multiple of 4 KiB:
+// the C lines of a lane block then fall in one cache set, of which L1 and L2 hold only 8 ways, so a second read of
+// the logits from the tensor (or prefetching them) would miss. The buffer is read instead, and its padding makes
+// partial tiles at the end of a batch entry ordinary vectors. The gradient is built in a buffer alike and copied
+// out.
+
+// Positions per tile (a multiple of every vector width).
+constexpr int64_t kTilePositions = 64;
+// Most classes for which offsets into a tile (class * kTilePositions + lane) fit the int32 lanes of a gather.
+constexpr int64_t kMaxGatherClasses = (int64_t{1} << 31) / kTilePositions - 1;
+// Lane blocks whose losses are summed in vector precision before the sum moves to the block's double.
+constexpr int kLaneBlocksPerFlush = 32;
+
+// Loss and weight sums of a block's lane blocks, moved to the block's doubles every kLaneBlocksPerFlush adds.
+template <class V>
+struct LaneSums {
+  V loss{0}, weight{0};
+  int pending = 0;
+  void add(V lane_loss, V lane_weight, BlockResult& result) {
+    loss = loss + lane_loss;
+    weight = weight + lane_weight;
+    if (++pending == kLaneBlocksPerFlush) flush(result);
+  }
+  void flush(BlockResult& result) {
+    result.loss_sum += reduce_add(loss);
+    result.weight_sum += reduce_add(weight);
+    loss = V(0);
+    weight = V(0);
+    pending = 0;
+  }
+};
+
+// The class-index targets of one lane block.
+template <class V>
+struct LaneTargets {
+  typename V::Lanes cls;  // -1 where ignored (or past the last position)
+  typename V::Mask valid;
+  V weight;  // weight[target], 0 where ignored
+  V logit;   // x[target], 0 where ignored
+};
+
+template <class V, class T>
+LaneTargets<V> lane_targets(const Typed<V, T>& a, int64_t position, int lanes, const typename V::value_type* x,
+                            BlockResult& result) {
+  using acc_t = typename V::value_type;
+  constexpr int W = V::kWidth;
+  LaneTargets<V> targets;
+  if (lanes == W && a.C <= kMaxGatherClasses &&
+      V::Lanes::load_classes(a.target_index + position, a.ignore_index, a.C, targets.cls)) {
+    targets.valid = targets.cls.valid();
+    targets.weight = a.weight ? V::gather(a.weight, targets.cls, targets.valid) : select(targets.valid, V(1), V(0));
+    targets.logit = V::gather(x, targets.cls.offsets(kTilePositions), targets.valid);
+    return targets;
+  }
+  // A partial lane block, or a class out of range (to be reported).
+  alignas(64) int32_t cls[W];
+  alignas(64) acc_t weight[W];
+  alignas(64) acc_t logit[W];
+  for (int i = 0; i < W; ++i) {
+    const int64_t y = i < lanes ? a.resolve_class(position + i, result) : -1;
+    cls[i] = static_cast<int32_t>(y);
+    weight[i] = y >= 0 ? a.weight_of(y) : acc_t(0);
+    logit[i] = y >= 0 ? x[y * kTilePositions + i] : acc_t(0);
+  }
+  targets.cls = V::Lanes::load(cls);
+  targets.valid = targets.cls.valid();
+  targets.weight = V::load(weight);
+  targets.logit = V::load(logit);
+  return targets;
+}
+
+// Stores the first `lanes` lanes of v.
+template <class V, class Out>
+void store_lanes(Out* out, V v, int lanes) {
+  if (lanes == V::kWidth) {
+    V::store(out, v);
+  } else {
+    V::store_partial(out, v, lanes);
+  }
+}
+
+// Forward of the `lanes` positions from `position` on, whose class c logits are x[c * kTilePositions] in the tile
+// buffer (likewise t and g).
+template <class V, class T>
+void lanes_forward(const Typed<V, T>& a, int64_t position, int lanes, const typename V::value_type* x,
+                   const typename V::value_type* t, typename V::value_type* g, typename V::value_type* exps,
+                   LaneSums<V>& sums, BlockResult& result) {
+  using acc_t = typename V::value_type;
+  constexpr int W = V::kWidth;
+  constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
+  constexpr int64_t stride = kTilePositions;
+  const int64_t C = a.C;
+  LaneTargets<V> targets{};
+  if (!t) targets = lane_targets(a, position, lanes, x, result);
+
+  V max(kNegInf);
+  for (int64_t c = 0; c < C; ++c) max = vmax(max, V::load(x + c * stride));
+  // Lanes whose logits are all -inf take exps relative to 0 (exp(-inf) = 0) instead of exp(-inf + inf) = NaN.
+  const V ref = select(equal(max, V(kNegInf)), V(0), max);
+
+  V sum(0), weighted_logits(0), weighted_targets(0), weighted_target_logits(0);
+  for (int64_t c = 0; c < C; ++c) {
+    const V xv = V::load(x + c * stride);
+    const V e = vexp(xv - ref);
+    sum = sum + e;
+    if (exps) V::store(exps + c * W, e);
+    if (t) {
+      const V wt = smoothed_probability(V::load(t + c * stride), V(a.label_smoothing), C) * a.weight_vec(c);
+      weighted_targets = weighted_targets + wt;
+      weighted_target_logits = fmadd(wt, xv, weighted_target_logits);
+    } else if (a.smoothing) {
+      weighted_logits = fmadd(a.weight_vec(c), xv, weighted_logits);
+    }
+  }
+  const V lse = max + vlog(sum);
+  if (a.lse) store_lanes(a.lse + position, lse, lanes);
+
+  const IndexTargetCoeffs<V> k = index_target_coeffs(targets.weight, V(a.label_smoothing), C);
+  V loss;
+  if (t) {
+    loss = select(V::prefix(lanes), prob_target_loss(lse, weighted_targets, weighted_target_logits), V(0));
+  } else {
+    loss = index_target_loss_given_smoothing(a.smoothing, k, lse, targets.logit, V(a.weight_sum), weighted_logits);
+    loss = select(targets.valid, loss, V(0));
+  }
+  sums.add(loss, targets.weight, result);
+  if (a.loss) store_lanes(a.loss + position, loss, lanes);
+  if (!g) return;
+
+  // Gradient from the kept exps, p = e / sum (see row_forward for the two formulas).
+  const V scale(a.uniform_scale);
+  if (t) {
+    const V prob_coef = scale * weighted_targets / sum;
+    for (int64_t c = 0; c < C; ++c) {
+      const V wt = smoothed_probability(V::load(t + c * stride), V(a.label_smoothing), C) * a.weight_vec(c);
+      V::store(g + c * stride, V::load(exps + c * W) * prob_coef - scale * wt);
+    }
+    return;
+  }
+  const IndexGradCoeffs<V> gk = index_grad_coeffs(k, V(a.weight_sum), scale);
+  const V prob_coef = gk.prob_coef / sum;
+  for (int64_t c = 0; c < C; ++c) {
+    V gv = V::load(exps + c * W) * prob_coef;
+    if (a.smoothing) gv = gv - gk.class_coef * a.weight_vec(c);
+    gv = select(targets.cls.equals(static_cast<int32_t>(c)), gv - gk.target_coef, gv);
+    V::store(g + c * stride, select(targets.valid, gv, V(0)));
+  }
+}
+
+// Backward of a lane block (arguments as lanes_forward).
+template <class V, class T>
+void lanes_backward(const Typed<V, T>& a, int64_t position, int lanes, const typename V::value_type* x,
+                    const typename V::value_type* t, typename V::value_type* g, BlockResult& result) {
+  constexpr int W = V::kWidth;
+  constexpr int64_t stride = kTilePositions;
+  const int64_t C = a.C;
+  auto load_lanes = [&](const auto* p) { return lanes == W ? V::load(p) : V::load_partial(p, lanes, 0); };
+  const V lse = load_lanes(a.lse_in + position);
+  const V scale = a.grad_loss ? grad_scale(a.reduction, load_lanes(a.grad_loss + position), V(a.total_weight))
+                              : V(a.uniform_scale);
+  if (t) {
+    auto smoothed_weighted = [&](int64_t c) {
+      return smoothed_probability(V::load(t + c * stride), V(a.label_smoothing), C) * a.weight_vec(c);
+    };
+    V weighted_targets(0);
+    for (int64_t c = 0; c < C; ++c) weighted_targets = weighted_targets + smoothed_weighted(c);
+    const V prob_coef = scale * weighted_targets;
+    for (int64_t c = 0; c < C; ++c) {
+      const V p = vexp(V::load(x + c * stride) - lse);
+      V::store(g + c * stride, prob_coef * p - scale * smoothed_weighted(c));
+    }
+    return;
+  }
+  const LaneTargets<V> targets = lane_targets(a, position, lanes, x, result);
+  const IndexGradCoeffs<V> gk = index_grad_coeffs(
+      index_target_coeffs(targets.weight, V(a.label_smoothing), C), V(a.weight_sum), scale);
+  for (int64_t c = 0; c < C; ++c) {
+    V gv = gk.prob_coef * vexp(V::load(x + c * stride) - lse);
+    if (a.smoothing) gv = gv - gk.class_coef * a.weight_vec(c);
+    gv = select(targets.cls.equals(static_cast<int32_t>(c)), gv - gk.target_coef, gv);
+    V::store(g + c * stride, select(targets.valid, gv, V(0)));
+  }
+}
+
+// Per-thread buffers of the spatial kernels: one tile of logits, targets and gradient, and a lane block's exps.
+template <class acc_t>
+struct SpatialScratch {
+  std::vector<acc_t> x, t, g, exps;
+};
+
+// Copies `count` positions of each class from a tensor (classes class_stride apart) to a tile buffer, converting
+// to the accumulation dtype and padding with zeros to whole vectors; or back (without padding).
+template <class V, class T>
+void load_tile(const T* from, int64_t class_stride, int64_t C, int64_t count, typename V::value_type* tile) {
+  constexpr int W = V::kWidth;
+  constexpr int64_t kLine = 64 / sizeof(T);
+  for (int64_t c = 0; c < C; ++c) {
+    // The hardware prefetchers do not follow C streams that alias in the cache; ask for the tile after next.
+    // (Low temporal locality: the lines only have to reach the outer caches, the conflicts are in L1 and L2.)
+    for (int64_t i = 0; i < kTilePositions; i += kLine) {
+      __builtin_prefetch(from + c * class_stride + 2 * kTilePositions + i, 0, 1);
+    }
+    for (int64_t i = 0; i < count; i += W) {
+      const int lanes = static_cast<int>(std::min<int64_t>(W, count - i));
+      const V v = lanes == W ? V::load(from + c * class_stride + i) : V::load_partial(from + c * class_stride + i, lanes, 0);
+      V::store(tile + c * kTilePositions + i, v);
+    }
+  }
+}
+
+// With `streaming` (a fresh gradient, whose lines are not cached), whole aligned vectors are written past the
+// caches; a gradient written over the logits is not: their lines may still be cached.
+template <class V, class T>
+void store_tile(const typename V::value_type* tile, int64_t C, int64_t count, T* to, int64_t class_stride,
+                bool streaming) {
+  constexpr int W = V::kWidth;
+  for (int64_t c = 0; c < C; ++c) {
+    for (int64_t i = 0; i < count; i += W) {
+      const int lanes = static_cast<int>(std::min<int64_t>(W, count - i));
+      const V v = V::load(tile + c * kTilePositions + i);
+      if (lanes == W) {
+        store_vector(to + c * class_stride + i, v, streaming);
+      } else {
+        V::store_partial(to + c * class_stride + i, v, lanes);
+      }
+    }
+  }
+}
+
+template <class V, class T>
+void spatial_block(const Typed<V, T>& a, int64_t first, int64_t last, SpatialScratch<typename V::value_type>& scratch,
+                   BlockResult& result) {
+  using acc_t = typename V::value_type;
+  constexpr int W = V::kWidth;
+  const bool backward = a.lse_in != nullptr;
+  acc_t* exps = a.grad && !backward ? scratch.exps.data() : nullptr;
+  acc_t* g = a.grad ? scratch.g.data() : nullptr;
+  const acc_t* t = a.target_prob ? scratch.t.data() : nullptr;
+  LaneSums<V> sums;
+  for (int64_t position = first; position < last;) {
+    // Positions of one batch entry are consecutive in memory (position stride 1); a tile never straddles two.
+    const int64_t run_end = std::min(last, (position / a.S + 1) * a.S);
+    for (int64_t offset = a.offset(position), count; position < run_end; position += count, offset += count) {
+      count = std::min(kTilePositions, run_end - position);
+      load_tile<V>(a.logits + offset, a.stride_c, a.C, count, scratch.x.data());
+      if (t) load_tile<V>(a.target_prob + offset, a.stride_c, a.C, count, scratch.t.data());
+      for (int64_t i = 0; i < count; i += W) {
+        const int lanes = static_cast<int>(std::min<int64_t>(W, count - i));
+        const acc_t* x = scratch.x.data() + i;
+        if (backward) {
+          lanes_backward(a, position + i, lanes, x, t ? t + i : nullptr, g + i, result);
+        } else {
+          lanes_forward(a, position + i, lanes, x, t ? t + i : nullptr, g ? g + i : nullptr, exps, sums, result);
+        }
+      }
+      if (g) store_tile<V>(g, a.C, count, a.grad + offset, a.stride_c, a.grad != a.logits);
+    }
+  }
+  sums.flush(result);
+}

@@ -1,0 +1,311 @@
+"""The CPU kernels of fused_xent, called directly through torch.ops against F.cross_entropy (computed in float64).
+
+These tests need only the compiled extension (fused_xent/_C*.so), not the Python package around it.
+"""
+
+import glob
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_LIBS = glob.glob(os.path.join(ROOT, "fused_xent", "_C*.so")) + glob.glob(os.path.join(ROOT, "fused_xent", "_C*.pyd"))
+if not _LIBS:
+    pytest.skip("fused_xent._C is not built", allow_module_level=True)
+torch.ops.load_library(_LIBS[0])
+ops = torch.ops.fused_xent
+
+REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}
+# (rtol, atol) against a float64 reference; float16/bfloat16 outputs are rounded to their dtype.
+TOLERANCE = {
+    torch.float32: (3e-5, 3e-6),
+    torch.float64: (1e-10, 1e-12),
+    torch.float16: (2e-3, 2e-4),
+    torch.bfloat16: (1.6e-2, 2e-3),
+}
+
+
+def as_ncs(x, y):
+    """The op view of an F.cross_entropy input: logits (N, C, S), class-index target (N, S) or probabilities."""
+    if x.dim() == 1:
+        return x.view(1, -1, 1), (y.view(1, -1, 1) if y.is_floating_point() else y.reshape(1, 1))
+    x3 = x.flatten(2) if x.dim() > 2 else x.unsqueeze(-1)
+    if y.is_floating_point():
+        return x3, (y.flatten(2) if y.dim() > 2 else y.unsqueeze(-1))
+    return x3, y.reshape(x3.shape[0], x3.shape[2])
+
+
+def reference(x, y, weight, reduction, ignore_index, smoothing):
+    """Loss and d(loss)/d(logits) for an upstream gradient of ones, in float64."""
+    xr = x.detach().double().requires_grad_()
+    yr = y.double() if y.is_floating_point() else y
+    w = weight.double() if weight is not None else None
+    loss = F.cross_entropy(xr, yr, weight=w, ignore_index=ignore_index, reduction=reduction, label_smoothing=smoothing)
+    (grad,) = torch.autograd.grad(loss, xr, torch.ones_like(loss))
+    return loss.detach(), grad
+
+
+def assert_close(actual, expected, dtype, what):
+    rtol, atol = TOLERANCE[dtype]
+    torch.testing.assert_close(actual.double(), expected.double(), rtol=rtol, atol=atol, equal_nan=True, msg=what)
+
+
+def check_all_ops(x, y, weight=None, reduction="mean", ignore_index=-100, smoothing=0.0):
+    """Runs the four ops on x (any layout) and compares loss, lse, total_weight and gradients with PyTorch."""
+    dtype = x.dtype
+    w = weight.to(dtype) if weight is not None else None  # the weight the ops see, rounded to the logits' dtype
+    ref_loss, ref_grad = reference(x, y, w, reduction, ignore_index, smoothing)
+    x3, y3 = as_ncs(x, y)
+    N, C, S = x3.shape
+    red = REDUCTIONS[reduction]
+    expected_loss = ref_loss.reshape(N, S) if reduction == "none" else ref_loss
+
+    loss, lse, total_weight = ops.cross_entropy_fwd(x3, y3, w, red, ignore_index, smoothing)
+    assert loss.dtype == dtype
+    assert_close(loss, expected_loss, dtype, "forward loss")
+    lse_rtol = 1e-10 if dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(lse.double(), torch.logsumexp(x3.double(), 1), rtol=lse_rtol, atol=lse_rtol)
+    assert lse.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    if y.is_floating_point():
+        expected_total = float(N * S)
+    else:
+        kept = y3 != ignore_index
+        expected_total = (w.double()[y3[kept]].sum() if w is not None else kept.sum()).item()
+    assert total_weight.item() == pytest.approx(expected_total, rel=1e-6)
+
+    loss2, grad = ops.cross_entropy_fwd_grad(x3, y3, w, red, ignore_index, smoothing)
+    assert grad.dtype == dtype and grad.stride() == x3.stride()
+    assert_close(loss2, expected_loss, dtype, "fwd_grad loss")
+    assert_close(grad.reshape(x.shape), ref_grad, dtype, "fwd_grad gradient")
+
+    overwritten = x.clone()
+    loss3 = ops.cross_entropy_fwd_grad_(as_ncs(overwritten, y)[0], y3, w, red, ignore_index, smoothing)
+    assert_close(loss3, expected_loss, dtype, "fwd_grad_ loss")
+    assert_close(overwritten, ref_grad, dtype, "fwd_grad_ gradient (in place)")
+
+    if reduction == "none":
+        grad_loss = torch.rand(N, S, dtype=dtype)
+        scale = grad_loss.double().reshape(N, 1, *x.shape[2:]) if x.dim() > 1 else grad_loss.double().reshape(())
+    else:
+        grad_loss = torch.tensor(0.7, dtype=dtype)
+        scale = grad_loss.double()
+    grad_b = ops.cross_entropy_bwd(grad_loss, x3, y3, w, lse, total_weight, red, ignore_index, smoothing)
+    assert grad_b.dtype == dtype and grad_b.stride() == x3.stride()
+    assert_close(grad_b.reshape(x.shape), ref_grad * scale, dtype, "backward gradient")
+
+
+DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+SHAPES = [(4, 1), (5, 2), (7, 423), (3, 32000), (3, 5, 3), (2, 19, 7, 9), (2, 3, 4, 5, 6), (3, 4, 70), (423,)]
+
+
+def make_logits(shape, dtype, layout):
+    if layout == "channels_last":
+        x = torch.randn(shape).contiguous(memory_format=torch.channels_last)
+    elif layout == "strided":
+        x = torch.randn(*shape[:-1], 2 * shape[-1])[..., ::2]
+    else:
+        x = torch.randn(shape)
+    return (3 * x).to(dtype)
+
+
+def make_index_target(shape, ignore_index):
+    C = shape[1] if len(shape) > 1 else shape[0]
+    target_shape = (shape[0], *shape[2:]) if len(shape) > 1 else ()
+    y = torch.randint(0, C, target_shape)
+    if y.numel() > 2:
+        y.view(-1)[1] = ignore_index
+    return y
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+@pytest.mark.parametrize("weighted", [False, True], ids=["", "weight"])
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_class_index_targets(dtype, shape, reduction, weighted, smoothing):
+    torch.manual_seed(0)
+    # ignore_index inside the class range exercises its precedence over the class.
+    ignore_index = 0 if shape[0] % 2 else -100
+    C = shape[1] if len(shape) > 1 else shape[0]
+    weight = torch.rand(C) + 0.5 if weighted else None
+    x = make_logits(shape, dtype, "contiguous")
+    check_all_ops(x, make_index_target(shape, ignore_index), weight, reduction, ignore_index, smoothing)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+@pytest.mark.parametrize("weighted", [False, True], ids=["", "weight"])
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_probability_targets(dtype, shape, reduction, weighted, smoothing):
+    torch.manual_seed(1)
+    C = shape[1] if len(shape) > 1 else shape[0]
+    weight = torch.rand(C) + 0.5 if weighted else None
+    x = make_logits(shape, dtype, "contiguous")
+    y = torch.softmax(torch.randn(shape), dim=1 if len(shape) > 1 else 0).to(dtype)
+    check_all_ops(x, y, weight, reduction, -100, smoothing)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("layout", ["channels_last", "strided"])
+@pytest.mark.parametrize("probabilities", [False, True], ids=["index", "prob"])
+def test_layouts(dtype, layout, probabilities):
+    torch.manual_seed(2)
+    shape = (3, 19, 5, 21)
+    x = make_logits(shape, dtype, layout)
+    if probabilities:
+        y = torch.softmax(torch.randn(shape), dim=1).to(dtype)
+        if layout == "channels_last":
+            y = y.contiguous(memory_format=torch.channels_last)
+    else:
+        y = make_index_target(shape, -100)
+    for reduction in REDUCTIONS:
+        check_all_ops(x, y, torch.rand(19) + 0.5, reduction, -100, 0.05)
+
+
+def test_channels_last_is_not_copied():
+    x = torch.randn(2, 7, 4, 5).contiguous(memory_format=torch.channels_last)
+    x3 = x.flatten(2)
+    assert x3.data_ptr() == x.data_ptr() and x3.stride(1) == 1
+    y = torch.randint(0, 7, (2, 20))
+    loss = ops.cross_entropy_fwd_grad_(x3, y, None, 1, -100, 0.0)
+    assert torch.isfinite(loss)
+    # The gradient of a row sums to zero: the logits were overwritten in place, through the view.
+    torch.testing.assert_close(x.sum(1), torch.zeros(2, 4, 5), atol=1e-6, rtol=0)
+
+
+def test_empty_batch():
+    x = torch.randn(0, 5, 1)
+    y = torch.zeros(0, 1, dtype=torch.long)
+    for reduction, expected in [(0, None), (1, float("nan")), (2, 0.0)]:
+        loss, lse, total_weight = ops.cross_entropy_fwd(x, y, None, reduction, -100, 0.0)
+        assert lse.shape == (0, 1) and total_weight.item() == 0
+        if expected is None:
+            assert loss.shape == (0, 1)
+        else:
+            torch.testing.assert_close(loss, torch.tensor(expected), equal_nan=True)
+        loss, grad = ops.cross_entropy_fwd_grad(x, y, None, reduction, -100, 0.0)
+        assert grad.shape == x.shape
+
+
+@pytest.mark.parametrize("spatial", [False, True], ids=["rows", "spatial"])
+def test_extreme_logits(spatial):
+    C = 40
+    x = torch.randn(6, C, 33) * 3
+    x[0, :, :] = 1e4 * torch.randn(C, 33)  # large: needs the max subtracted
+    x[1, :20, :] = float("-inf")  # masked classes
+    x[2, :, :] = float("-inf")  # every class masked: NaN like PyTorch
+    x[3, 5, :] = float("nan")
+    x[4, :, :] = -1e4 * torch.rand(C, 33)
+    y = torch.randint(20, C, (6, 33))
+    y[5, :4] = 3
+    x[5, 3, :4] = float("-inf")  # the target itself is -inf: loss +inf like PyTorch
+    if not spatial:
+        x = x[:, :, :1].contiguous()
+        y = y[:, :1].contiguous()
+    else:
+        x = x.contiguous()
+    for reduction in ["none", "sum"]:
+        ref_loss, ref_grad = reference(x, y, None, reduction, -100, 0.0)
+        loss, lse, total_weight = ops.cross_entropy_fwd(x, y, None, REDUCTIONS[reduction], -100, 0.0)
+        torch.testing.assert_close(loss.double(), ref_loss.reshape(loss.shape), rtol=1e-5, atol=1e-4, equal_nan=True)
+        _, grad = ops.cross_entropy_fwd_grad(x, y, None, REDUCTIONS[reduction], -100, 0.0)
+        torch.testing.assert_close(grad.double(), ref_grad, rtol=1e-5, atol=1e-6, equal_nan=True)
+        grad_b = ops.cross_entropy_bwd(torch.ones_like(loss), x, y, None, lse, total_weight, REDUCTIONS[reduction],
+                                       -100, 0.0)
+        torch.testing.assert_close(grad_b.double(), ref_grad, rtol=1e-5, atol=1e-6, equal_nan=True)
+    assert torch.isinf(ops.cross_entropy_fwd(x[5:], y[5:], None, 0, -100, 0.0)[0][0, 0])
+
+
+def test_all_ignored_mean_is_nan():
+    x = torch.randn(4, 10, 1)
+    y = torch.full((4, 1), -100)
+    loss, _, total_weight = ops.cross_entropy_fwd(x, y, None, 1, -100, 0.0)
+    assert torch.isnan(loss) and total_weight.item() == 0
+    loss, grad = ops.cross_entropy_fwd_grad(x, y, None, 1, -100, 0.0)
+    assert torch.isnan(loss) and torch.count_nonzero(grad) == 0
+
+
+@pytest.mark.parametrize("shape", [(5, 7, 1), (2, 7, 40)], ids=["rows", "spatial"])
+@pytest.mark.parametrize("bad", [7, -1, -101])
+def test_out_of_range_target_raises_before_writing(shape, bad):
+    x = torch.randn(shape)
+    y = torch.randint(0, 7, (shape[0], shape[2]))
+    y.view(-1)[3] = bad
+    message = f"fused_xent: target {bad} at position 3 is out of range for 7 classes \\(valid: 0..6, or ignore_index=-100\\)"
+    with pytest.raises(IndexError, match=message):
+        ops.cross_entropy_fwd(x, y, None, 1, -100, 0.0)
+    with pytest.raises(IndexError, match=message):
+        ops.cross_entropy_fwd_grad(x, y, None, 0, -100, 0.0)
+    before = x.clone()
+    with pytest.raises(IndexError, match=message):
+        ops.cross_entropy_fwd_grad_(x, y, None, 2, -100, 0.0)
+    assert torch.equal(x, before)
+
+
+def test_huge_class_count():
+    x = torch.randn(3, 256 * 1024, 1)
+    x[1, 100_000:, 0] += 5  # the max grows in a later chunk of the row
+    y = torch.tensor([[5], [200_000], [-100]])
+    check_all_ops(x[:, :, 0], y[:, 0], None, "mean", -100, 0.1)
+
+
+@pytest.mark.parametrize("shape", [(300, 1000, 1), (4, 19, 3000)], ids=["rows", "spatial"])
+def test_deterministic_across_runs_and_threads(shape):
+    torch.manual_seed(3)
+    x = torch.randn(shape)
+    y = torch.randint(0, shape[1], (shape[0], shape[2]))
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in [1, 2, 3, 1, 2]:
+            torch.set_num_threads(n)
+            loss, lse, total_weight = ops.cross_entropy_fwd(x, y, None, 1, -100, 0.1)
+            loss2, grad = ops.cross_entropy_fwd_grad(x, y, None, 2, -100, 0.1)
+            results.append((loss, lse, total_weight, loss2, grad))
+    finally:
+        torch.set_num_threads(threads)
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert torch.equal(a, b)
+
+
+def test_cpu_capability_env(tmp_path):
+    """Each instruction set (capped by ATEN_CPU_CAPABILITY) gives the same results within rounding. The inputs are
+    made here: torch's own random generators also depend on ATEN_CPU_CAPABILITY."""
+    torch.manual_seed(0)
+    inputs = {}
+    for name, shape in [("rows", (64, 1000, 1)), ("spatial", (2, 19, 333))]:
+        for dtype in DTYPES:
+            inputs[name, str(dtype)] = ((torch.randn(shape) * 3).to(dtype), torch.randint(0, shape[1], (shape[0], shape[2])))
+    torch.save(inputs, tmp_path / "inputs.pt")
+    script = f"""
+import sys, torch
+torch.ops.load_library({_LIBS[0]!r})
+ops = torch.ops.fused_xent
+out = {{"capability": ops.cpu_capability()}}
+for key, (x, y) in torch.load(sys.argv[1]).items():
+    loss, lse, _ = ops.cross_entropy_fwd(x, y, None, 0, -100, 0.1)
+    _, grad = ops.cross_entropy_fwd_grad(x, y, None, 1, -100, 0.1)
+    out[key] = (loss, lse, grad)
+torch.save(out, sys.argv[2])
+"""
+    results = {}
+    for capability in ["default", "avx2", "avx512"]:
+        path = tmp_path / f"{capability}.pt"
+        env = dict(os.environ, ATEN_CPU_CAPABILITY=capability)
+        subprocess.run([sys.executable, "-c", script, str(tmp_path / "inputs.pt"), str(path)], env=env, check=True)
+        results[capability] = torch.load(path)
+    assert results["default"]["capability"] == "default"
+    for capability in ["avx2", "avx512"]:
+        assert results[capability]["capability"] in ("default", "avx2", "avx512")
+        for key, tensors in results["default"].items():
+            if key == "capability":
+                continue
+            rtol, atol = TOLERANCE[getattr(torch, key[1].split(".")[1])]
+            for a, b in zip(tensors, results[capability][key]):
+                torch.testing.assert_close(a.double(), b.double(), rtol=rtol, atol=atol)
