@@ -236,7 +236,8 @@ def test_out_of_range_target_raises_before_writing(shape, bad):
     x = torch.randn(shape)
     y = torch.randint(0, 7, (shape[0], shape[2]))
     y.view(-1)[3] = bad
-    message = f"fused_xent: target {bad} at position 3 is out of range for 7 classes \\(valid: 0..6, or ignore_index=-100\\)"
+    message = (f"fused_xent: target {bad} at position 3 is out of range for 7 classes "
+               "\\(valid: 0..6, or ignore_index=-100\\)")
     with pytest.raises(IndexError, match=message):
         ops.cross_entropy_fwd(x, y, None, 1, -100, 0.0)
     with pytest.raises(IndexError, match=message):
@@ -270,7 +271,7 @@ def test_deterministic_across_runs_and_threads(shape):
     finally:
         torch.set_num_threads(threads)
     for other in results[1:]:
-        for a, b in zip(results[0], other):
+        for a, b in zip(results[0], other, strict=True):
             assert torch.equal(a, b)
 
 
@@ -281,7 +282,8 @@ def test_cpu_capability_env(tmp_path):
     inputs = {}
     for name, shape in [("rows", (64, 1000, 1)), ("spatial", (2, 19, 333))]:
         for dtype in DTYPES:
-            inputs[name, str(dtype)] = ((torch.randn(shape) * 3).to(dtype), torch.randint(0, shape[1], (shape[0], shape[2])))
+            target = torch.randint(0, shape[1], (shape[0], shape[2]))
+            inputs[name, str(dtype)] = ((torch.randn(shape) * 3).to(dtype), target)
     torch.save(inputs, tmp_path / "inputs.pt")
     script = f"""
 import sys, torch
@@ -307,5 +309,5 @@ torch.save(out, sys.argv[2])
             if key == "capability":
                 continue
             rtol, atol = TOLERANCE[getattr(torch, key[1].split(".")[1])]
-            for a, b in zip(tensors, results[capability][key]):
+            for a, b in zip(tensors, results[capability][key], strict=True):
                 torch.testing.assert_close(a.double(), b.double(), rtol=rtol, atol=atol)
