@@ -91,9 +91,9 @@ def _extensions():
 
 def _optional_build(build_extension_class):
     class OptionalBuildExtension(build_extension_class):
-        def build_extension(self, ext):
+        def run(self):
             try:
-                super().build_extension(ext)
+                super().run()
             except Exception as error:
                 if os.environ.get("FUSED_XENT_REQUIRE_EXTENSION") == "1":
                     raise

@@ -6,6 +6,7 @@ reference; for any other device the reference. Naming a backend that cannot serv
 silent switch.
 """
 
+import importlib.util
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,8 +22,12 @@ try:
     from . import _C  # noqa: F401  (loading it registers the compiled ops)
 
     EXTENSION_ERROR = None
-except ImportError as error:  # no compiler at install time, or a torch ABI mismatch
-    EXTENSION_ERROR = error
+except ImportError as error:
+    # Not built (no working C++ toolchain at install time), or built against another torch.
+    if importlib.util.find_spec(f"{__package__}._C") is None:
+        EXTENSION_ERROR = "fused_xent._C was not built (no C++ toolchain at install time?)"
+    else:
+        EXTENSION_ERROR = error
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ import torch
 from .reference import REDUCTION_MEAN, REDUCTION_NONE, REDUCTION_SUM
 
 REDUCTIONS = {"none": REDUCTION_NONE, "mean": REDUCTION_MEAN, "sum": REDUCTION_SUM}
-CHECK_TARGETS_ENV = "FUSED_XENT_CHECK_TARGETS"
+CHECK_VALUES_ENV = "FUSED_XENT_CHECK_VALUES"
 
 
 @dataclass
@@ -115,18 +115,34 @@ def _check_prob_target(target, input, ignore_index):
         )
 
 
-def check_class_indices(target, num_classes, ignore_index):
-    """Raises if a class index is out of range; costs a pass over the targets and one host sync on GPUs."""
-    if os.environ.get(CHECK_TARGETS_ENV, "1") == "0" or torch.compiler.is_compiling():
+def check_values(problem: Problem, check_targets: bool):
+    """Data-dependent checks: class indices in range (unless the kernel checks them itself) and no NaN weights.
+
+    They cost a pass over the targets and one host synchronisation on GPUs; FUSED_XENT_CHECK_VALUES=0 skips them,
+    and they are skipped under torch.compile, where the kernels still never index out of bounds (NaN instead).
+    """
+    if os.environ.get(CHECK_VALUES_ENV, "1") == "0" or torch.compiler.is_compiling():
         return
-    invalid = ((target < 0) | (target >= num_classes)) & (target != ignore_index)
-    if bool(invalid.any()):
-        position = int(invalid.flatten().nonzero()[0])
-        value = int(target.flatten()[position])
-        raise IndexError(
-            f"fused_xent.cross_entropy: target {value} at flat position {position} is out of range for "
-            f"{num_classes} classes (valid: 0..{num_classes - 1}, or ignore_index={ignore_index})"
-        )
+    check_targets = check_targets and not problem.prob_target
+    flags = []
+    if problem.weight is not None:
+        flags.append(torch.isnan(problem.weight).any())
+    if check_targets:
+        target, num_classes = problem.target, problem.logits.shape[1]
+        invalid = ((target < 0) | (target >= num_classes)) & (target != problem.ignore_index)
+        flags.append(invalid.any())
+    if not flags or not bool(torch.stack(flags).any()):
+        return
+    if problem.weight is not None and bool(flags[0]):
+        bad_class = int(torch.isnan(problem.weight).nonzero()[0])
+        _fail(f"weight contains NaN (first at class {bad_class}), which would make the loss NaN: check how the "
+              "weights are computed, e.g. a division by a zero class count")
+    position = int(invalid.flatten().nonzero()[0])
+    value = int(target.flatten()[position])
+    raise IndexError(
+        f"fused_xent.cross_entropy: target {value} at flat position {position} is out of range for "
+        f"{num_classes} classes (valid: 0..{num_classes - 1}, or ignore_index={problem.ignore_index})"
+    )
 
 
 def prepare(input, target, weight, ignore_index, reduction, label_smoothing) -> Problem:

@@ -5,7 +5,7 @@ from torch.nn import _reduction
 
 from . import _backends
 from ._ops import scale_unit_grad
-from ._validate import check_class_indices, prepare
+from ._validate import check_values, prepare
 from .reference import REDUCTION_MEAN, REDUCTION_NONE
 
 GRAD_MODES = ("recompute", "in_forward", "inplace")
@@ -136,8 +136,7 @@ def cross_entropy(
         target = target.float() if isinstance(target, torch.Tensor) and target.is_floating_point() else target
     problem = prepare(input, target, weight, ignore_index, reduction, label_smoothing)
     ops = _backends.resolve(backend, problem.logits.device)
-    if not problem.prob_target and not ops.checks_targets:
-        check_class_indices(problem.target, problem.logits.shape[1], problem.ignore_index)
+    check_values(problem, check_targets=not ops.checks_targets)
     if grad_mode == "inplace" and problem.logits.untyped_storage().data_ptr() != input.untyped_storage().data_ptr():
         raise ValueError(
             "fused_xent.cross_entropy: grad_mode='inplace' needs logits that can be viewed as (N, C, S) without a "

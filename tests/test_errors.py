@@ -39,6 +39,8 @@ CASES = [
     ("unknown reduction", _logits(4, 3), torch.tensor([0, 1, 2, 1]), {"reduction": "avg"}, "'none', 'mean' or 'sum'"),
     ("0-d logits", torch.tensor(1.0), torch.tensor(0), {}, "class dimension"),
     ("unbatched logits with a batched target", _logits(5), torch.tensor([1, 2]), {}, "0-d class-index target"),
+    ("NaN in weights", _logits(4, 3), torch.tensor([0, 1, 2, 1]), {"weight": torch.tensor([1.0, float("nan"), 1.0])},
+     "weight contains NaN (first at class 1)"),
     ("unknown grad_mode", _logits(4, 3), torch.tensor([0, 1, 2, 1]), {"grad_mode": "fast"}, "grad_mode"),
 ]
 
@@ -84,3 +86,12 @@ def test_mismatched_devices(backend):
     with pytest.raises(ValueError, match=f"weight is on {other}.* but input is on cpu"):
         fused_xent.cross_entropy(_logits(2, 3), torch.tensor([0, 1]), weight=torch.ones(3, device=other),
                                  backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_value_checks_can_be_switched_off(backend, monkeypatch):
+    """FUSED_XENT_CHECK_VALUES=0 skips the NaN-weight scan: the loss is NaN, as PyTorch's."""
+    monkeypatch.setenv("FUSED_XENT_CHECK_VALUES", "0")
+    weight = torch.tensor([1.0, float("nan"), 1.0])
+    assert torch.isnan(fused_xent.cross_entropy(_logits(4, 3), torch.tensor([0, 1, 2, 1]), weight=weight,
+                                                backend=backend))

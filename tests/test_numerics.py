@@ -17,7 +17,7 @@ needs_extension = pytest.mark.skipif("cpu" not in fused_xent.available_backends(
 
 
 def _compare(logits, target, backend, dtype=torch.float32, **kwargs):
-    grad_output = torch.ones(())
+    grad_output = torch.ones(() if kwargs.get("reduction", "mean") != "none" else target.shape)
     expected_loss, expected_grad = torch_reference(logits, target, grad_output, **kwargs)
     loss, grad = fused(logits, target, grad_output.to(logits.dtype), backend, **kwargs)
     assert_close(loss, expected_loss, dtype, "loss")
@@ -76,6 +76,21 @@ def test_one_huge_class_and_one_class(backend):
     logits[:, 17] = 80.0
     _compare(logits, torch.tensor([17, 17, 3]), backend)
     _compare(make_logits((5, 1), "contiguous", torch.float32), torch.zeros(5, dtype=torch.long), backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_huge_and_tiny_weights(backend):
+    """Weights spanning 40 orders of magnitude: float32 results within float32 rounding of the largest terms."""
+    weight = torch.tensor([1e20, 1e-20, 3.0, 1e10, 0.0]).repeat(20)
+    logits = make_logits((8, 100), "contiguous", torch.float32)
+    for reduction in ("none", "mean", "sum"):
+        kwargs = {"weight": weight, "reduction": reduction, "label_smoothing": 0.1}
+        target = make_class_target((8,), 100, ignore_index=-100)
+        grad_output = torch.ones(() if reduction != "none" else (8,))
+        expected_loss, expected_grad = torch_reference(logits, target, grad_output, **kwargs)
+        loss, grad = fused(logits, target, grad_output, backend, **kwargs)
+        torch.testing.assert_close(loss.double(), expected_loss, rtol=1e-5, atol=0)
+        torch.testing.assert_close(grad.double(), expected_grad, rtol=0, atol=1e-6 * expected_grad.abs().max())
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
