@@ -140,7 +140,7 @@ def check_values(problem: Problem, check_targets: bool):
     position = int(invalid.flatten().nonzero()[0])
     value = int(target.flatten()[position])
     raise IndexError(
-        f"fused_xent.cross_entropy: target {value} at flat position {position} is out of range for "
+        f"fused_xent.cross_entropy: target {value} at position {position} is out of range for "
         f"{num_classes} classes (valid: 0..{num_classes - 1}, or ignore_index={problem.ignore_index})"
     )
 
