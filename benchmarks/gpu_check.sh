@@ -32,9 +32,14 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
 step "CUDA tests"
 set +e
-timeout 270 "$PYTHON" -m pytest -m cuda tests -q -rs -p no:cacheprovider --durations=8 \
+timeout 240 "$PYTHON" -m pytest -m cuda tests -q -rs -p no:cacheprovider --durations=8 \
   --junitxml="$OUT/cuda_tests.xml" 2>&1 | tee "$OUT/cuda_tests.log"
 TEST_RC=${PIPESTATUS[0]}
+step "Triton tests on CUDA tensors"
+timeout 150 "$PYTHON" -m pytest tests/test_triton.py -q -rs -p no:cacheprovider --durations=5 2>&1 \
+  | tee "$OUT/triton_tests.log"
+TRITON_RC=${PIPESTATUS[0]}
+[ "$TEST_RC" -eq 0 ] && TEST_RC=$TRITON_RC
 set -e
 
 step "GPU benchmark (benchmarks/bench.py)"
@@ -51,7 +56,8 @@ timeout 90 "$PYTHON" benchmarks/gpu_kernel_table.py --out "$OUT" > "$OUT/kernel_
   || echo "gpu_kernel_table.py exited with $? (see kernel_table.log)"
 
 step "summary"
-echo "tests: $(grep -E '(passed|failed|error)' "$OUT/cuda_tests.log" | tail -1) (exit $TEST_RC)"
+echo "CUDA tests: $(grep -E '(passed|failed|error)' "$OUT/cuda_tests.log" | tail -1)"
+echo "Triton tests: $(grep -E '(passed|failed|error)' "$OUT/triton_tests.log" | tail -1) (exit $TEST_RC)"
 cat "$OUT/cuda_kernel_table.md" 2>/dev/null || tail -20 "$OUT/kernel_table.log"
 echo "total $(( $(date +%s) - START ))s; results in $OUT"
 exit "$TEST_RC"
