@@ -13,8 +13,8 @@ Layouts. A "position" is one (n, s) pair; its C logits are
     a class is a contiguous run of positions, and walks over the classes.
 Logits with neither unit stride are copied once (as the C++ backends do).
 
-Accumulation is float32 (float64 for float64 logits; the label-smoothing factor still enters as a float32 kernel
-argument, a relative error of ~3e-8). Triton specializes integer arguments equal to 1, so the unit stride of each
+Accumulation is float32 (float64 for float64 logits, with label_smoothing passed as a float32 hi + lo pair so that
+it keeps float64 precision). Triton specializes integer arguments equal to 1, so the unit stride of each
 layout is a compile-time constant and the compiler sees which axis of a tile is contiguous.
 
 Determinism: every program writes its own positions' losses; reductions are torch .sum() calls over those
@@ -231,7 +231,7 @@ def _target_weight_kernel(target_ptr, weight_ptr, position_weight_ptr, num_posit
 
 @triton.jit
 def _forward_kernel(logits_ptr, target_ptr, weight_ptr, weight_sum_ptr, total_weight_ptr, loss_ptr, lse_ptr, grad_ptr,
-                    num_positions, S, C, stride_n, stride_c, stride_s, ignore_index, label_smoothing,
+                    num_positions, S, C, stride_n, stride_c, stride_s, ignore_index, smoothing_hi, smoothing_lo,
                     SPATIAL: tl.constexpr, PROB_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr,
                     HAS_SMOOTHING: tl.constexpr, REDUCTION: tl.constexpr, WRITE_GRAD: tl.constexpr,
                     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
@@ -239,6 +239,7 @@ def _forward_kernel(logits_ptr, target_ptr, weight_ptr, weight_sum_ptr, total_we
     WRITE_GRAD, the gradient for grad_loss = 1 instead of lse (total_weight must then already hold the mean's
     denominator)."""
     ACC = total_weight_ptr.dtype.element_ty
+    label_smoothing = tl.cast(smoothing_hi, ACC) + tl.cast(smoothing_lo, ACC)
     _, _, index, offset, in_range = _position_block(num_positions, S, stride_n, stride_s, BLOCK_P, SPATIAL)
     safe_y = index  # only read for class-index targets
     if not PROB_TARGET:
@@ -280,12 +281,13 @@ def _forward_kernel(logits_ptr, target_ptr, weight_ptr, weight_sum_ptr, total_we
 @triton.jit
 def _backward_kernel(grad_loss_ptr, grad_loss_stride_n, grad_loss_stride_s, logits_ptr, target_ptr, weight_ptr,
                      weight_sum_ptr, lse_ptr, total_weight_ptr, grad_ptr,
-                     num_positions, S, C, stride_n, stride_c, stride_s, ignore_index, label_smoothing,
+                     num_positions, S, C, stride_n, stride_c, stride_s, ignore_index, smoothing_hi, smoothing_lo,
                      SPATIAL: tl.constexpr, PROB_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr,
                      HAS_SMOOTHING: tl.constexpr, REDUCTION: tl.constexpr,
                      BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     """Gradient from the saved lse: one read of the logits (plus the targets) and one write."""
     ACC = total_weight_ptr.dtype.element_ty
+    label_smoothing = tl.cast(smoothing_hi, ACC) + tl.cast(smoothing_lo, ACC)
     n, s, index, offset, in_range = _position_block(num_positions, S, stride_n, stride_s, BLOCK_P, SPATIAL)
     lse = tl.load(lse_ptr + index, mask=in_range, other=0.0)
     # Upstream-gradient scale per position (xent_math.h grad_scale); grad_loss may be an expanded (stride 0) view.
@@ -467,13 +469,20 @@ def _total_weight(p: _Problem, ignore_index: int) -> torch.Tensor:
     return position_weight.sum()
 
 
+def _split_float(value: float) -> tuple[float, float]:
+    """value as hi + lo, two float32 kernel arguments (Triton passes Python floats as float32): their float64 sum
+    recovers value to ~1e-16, so float64 problems see label_smoothing exactly."""
+    hi = float(torch.tensor(value, dtype=torch.float32))
+    return hi, value - hi
+
+
 def _launch_forward(p, total_weight, loss_buffer, lse, grad, reduction, ignore_index, label_smoothing):
     if p.num_positions == 0:
         return
     # Pointers a specialization never reads (no weight; lse when writing the gradient, or the gradient) are None.
     _launch(
         _forward_kernel, _grid(p), p.logits, p.target, p.weight, p.weight_sum, total_weight, loss_buffer, lse, grad,
-        *_shape_args(p), ignore_index, float(label_smoothing),
+        *_shape_args(p), ignore_index, *_split_float(label_smoothing),
         SPATIAL=p.spatial, PROB_TARGET=p.prob_target, HAS_WEIGHT=p.weight is not None,
         HAS_SMOOTHING=label_smoothing > 0, REDUCTION=reduction, WRITE_GRAD=grad is not None,
         BLOCK_P=p.tile.block_p, BLOCK_C=p.tile.block_c, num_warps=p.tile.num_warps,
@@ -525,7 +534,7 @@ def cross_entropy_bwd(grad_loss, logits, target, weight, lse, total_weight, redu
     _launch(
         _backward_kernel, _grid(p), grad_loss, *grad_loss_strides, p.logits, p.target, p.weight, p.weight_sum,
         lse.contiguous(), total_weight, grad,
-        *_shape_args(p), ignore_index, float(label_smoothing),
+        *_shape_args(p), ignore_index, *_split_float(label_smoothing),
         SPATIAL=p.spatial, PROB_TARGET=p.prob_target, HAS_WEIGHT=p.weight is not None,
         HAS_SMOOTHING=label_smoothing > 0, REDUCTION=reduction,
         BLOCK_P=p.tile.block_p, BLOCK_C=p.tile.block_c, num_warps=p.tile.num_warps,

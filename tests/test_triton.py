@@ -552,3 +552,13 @@ def test_interpreter_run():
     result = _run_python(pytest_args, TRITON_INTERPRET="1")
     assert result.returncode == 0, result.stdout[-8000:] + result.stderr[-4000:]
     assert " passed" in result.stdout, result.stdout[-2000:]
+
+
+@pytest.mark.skipif(INTERPRETED or DEVICE is not None, reason="runs the interpreter subprocess only without a GPU")
+def test_public_api_errors_and_fuzz_under_interpreter():
+    """The bad-input table and the property-based fuzzer, through fused_xent.cross_entropy(backend="triton")."""
+    pytest_args = ["-m", "pytest", "tests/test_errors.py", "tests/test_fuzz.py", "-k", "triton", "-o", "addopts=",
+                   "-q", "-p", "no:cacheprovider", "-x"]
+    result = _run_python(pytest_args, TRITON_INTERPRET="1", FUSED_XENT_FUZZ_EXAMPLES="30")
+    assert result.returncode == 0, result.stdout[-8000:] + result.stderr[-4000:]
+    assert " passed" in result.stdout, result.stdout[-2000:]
