@@ -42,18 +42,15 @@ def scale_unit_grad(grad: torch.Tensor, grad_loss: torch.Tensor, reduction: int)
     return grad * grad_loss.to(grad.dtype)
 
 
-def register_compiled():
-    """Fake kernels and autograd for the four compiled ops (call once, after fused_xent._C loaded)."""
-    name = "fused_xent::cross_entropy"
-    torch.library.register_fake(f"{name}_fwd", fake_fwd)
-    torch.library.register_fake(f"{name}_bwd", fake_bwd)
-    torch.library.register_fake(f"{name}_fwd_grad", fake_fwd_grad)
-    torch.library.register_fake(f"{name}_fwd_grad_", fake_fwd_grad_)
-    bwd_op = torch.ops.fused_xent.cross_entropy_bwd
+def register_autograd(prefix: str = ""):
+    """Autograd for one family of ops: the compiled ones (no prefix) or the Triton ones ("triton_")."""
+    name = f"fused_xent::{prefix}cross_entropy"
+    bwd_op = getattr(torch.ops.fused_xent, f"{prefix}cross_entropy_bwd")
 
     def setup_fwd(ctx, inputs, output):
         logits, target, weight, reduction, ignore_index, label_smoothing = inputs
         _, lse, total_weight = output
+        ctx.mark_non_differentiable(lse, total_weight)
         ctx.save_for_backward(logits, target, weight, lse, total_weight)
         ctx.options = (reduction, ignore_index, label_smoothing)
 
@@ -63,12 +60,24 @@ def register_compiled():
         return grad, None, None, None, None, None
 
     def setup_fwd_grad(ctx, inputs, output):
-        ctx.reduction = inputs[3]
+        ctx.mark_non_differentiable(output[1])
         ctx.save_for_backward(output[1])
+        ctx.reduction = inputs[3]
 
     def backward_fwd_grad(ctx, grad_loss, grad_grad):
+        # Never in place: backward may run more than once (retain_graph).
         (grad,) = ctx.saved_tensors
         return scale_unit_grad(grad, grad_loss, ctx.reduction), None, None, None, None, None
 
     torch.library.register_autograd(f"{name}_fwd", backward_fwd, setup_context=setup_fwd)
     torch.library.register_autograd(f"{name}_fwd_grad", backward_fwd_grad, setup_context=setup_fwd_grad)
+
+
+def register_compiled():
+    """Fake kernels and autograd for the four compiled ops (call once, after fused_xent._C loaded)."""
+    name = "fused_xent::cross_entropy"
+    torch.library.register_fake(f"{name}_fwd", fake_fwd)
+    torch.library.register_fake(f"{name}_bwd", fake_bwd)
+    torch.library.register_fake(f"{name}_fwd_grad", fake_fwd_grad)
+    torch.library.register_fake(f"{name}_fwd_grad_", fake_fwd_grad_)
+    register_autograd()

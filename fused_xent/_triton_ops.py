@@ -13,6 +13,8 @@ import os
 
 import torch
 
+from ._ops import register_autograd
+
 try:
     from . import triton_kernels
 
@@ -80,34 +82,4 @@ if triton_kernels is not None:
     ) -> Tensor:
         return triton_kernels.cross_entropy_fwd_grad_(logits, target, weight, reduction, ignore_index, label_smoothing)
 
-    def _setup_fwd(ctx, inputs, output):
-        logits, target, weight, reduction, ignore_index, label_smoothing = inputs
-        _, lse, total_weight = output
-        ctx.mark_non_differentiable(lse, total_weight)
-        ctx.save_for_backward(logits, target, weight, lse, total_weight)
-        ctx.options = (reduction, ignore_index, label_smoothing)
-
-    def _backward_fwd(ctx, grad_loss, _grad_lse, _grad_total_weight):
-        logits, target, weight, lse, total_weight = ctx.saved_tensors
-        grad = triton_cross_entropy_bwd(grad_loss, logits, target, weight, lse, total_weight, *ctx.options)
-        return grad, None, None, None, None, None
-
-    def _setup_fwd_grad(ctx, inputs, output):
-        _, grad = output
-        ctx.mark_non_differentiable(grad)
-        ctx.save_for_backward(grad)
-        ctx.reduction = inputs[3]
-
-    def _backward_fwd_grad(ctx, grad_loss, _grad_grad):
-        # The saved gradient is for grad_loss = 1; scale it (never in place: backward may run more than once).
-        (grad,) = ctx.saved_tensors
-        if ctx.reduction == triton_kernels.REDUCTION_NONE:
-            grad_loss = grad_loss.unsqueeze(1)  # (N, S) -> (N, 1, S), broadcast over the classes
-        return grad * grad_loss.to(grad.dtype), None, None, None, None, None
-
-    torch.library.register_autograd(
-        "fused_xent::triton_cross_entropy_fwd", _backward_fwd, setup_context=_setup_fwd
-    )
-    torch.library.register_autograd(
-        "fused_xent::triton_cross_entropy_fwd_grad", _backward_fwd_grad, setup_context=_setup_fwd_grad
-    )
+    register_autograd(prefix="triton_")
