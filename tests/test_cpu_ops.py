@@ -167,6 +167,27 @@ def test_layouts(dtype, layout, probabilities):
         check_all_ops(x, y, torch.rand(19) + 0.5, reduction, -100, 0.05)
 
 
+# Rows of at most 32 classes (kMaxLaneRowClasses in csrc/cpu/kernel_args.h) run the lane kernels on transposed
+# tiles: both sides of the threshold, partial tiles (200 rows = 3 tiles of 64 + 8), and channels_last rows, whose
+# positions are C apart within a batch entry (9 * 15 = 135 positions: a partial tile at each entry's end).
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("C", [3, 31, 32, 33])
+@pytest.mark.parametrize("layout", ["rows", "channels_last"])
+@pytest.mark.parametrize("probabilities", [False, True], ids=["index", "prob"])
+def test_short_rows(dtype, C, layout, probabilities):
+    torch.manual_seed(4)
+    shape = (200, C) if layout == "rows" else (2, C, 9, 15)
+    x = make_logits(shape, dtype, "channels_last" if layout == "channels_last" else "contiguous")
+    if probabilities:
+        y = torch.softmax(torch.randn(shape), dim=1).to(dtype)
+        if layout == "channels_last":
+            y = y.contiguous(memory_format=torch.channels_last)
+    else:
+        y = make_index_target(shape, -100)
+    for reduction in REDUCTIONS:
+        check_all_ops(x, y, torch.rand(C) + 0.5, reduction, -100, 0.05)
+
+
 def test_channels_last_is_not_copied():
     x = torch.randn(2, 7, 4, 5).contiguous(memory_format=torch.channels_last)
     x3 = x.flatten(2)
@@ -192,9 +213,9 @@ def test_empty_batch():
         assert grad.shape == x.shape
 
 
-@pytest.mark.parametrize("spatial", [False, True], ids=["rows", "spatial"])
-def test_extreme_logits(spatial):
-    C = 40
+@pytest.mark.parametrize("layout", ["rows", "short_rows", "spatial"])
+def test_extreme_logits(layout):
+    C = 24 if layout == "short_rows" else 40
     x = torch.randn(6, C, 33) * 3
     x[0, :, :] = 1e4 * torch.randn(C, 33)  # large: needs the max subtracted
     x[1, :20, :] = float("-inf")  # masked classes
@@ -204,7 +225,7 @@ def test_extreme_logits(spatial):
     y = torch.randint(20, C, (6, 33))
     y[5, :4] = 3
     x[5, 3, :4] = float("-inf")  # the target itself is -inf: loss +inf like PyTorch
-    if not spatial:
+    if layout != "spatial":
         x = x[:, :, :1].contiguous()
         y = y[:, :1].contiguous()
     else:
@@ -230,14 +251,16 @@ def test_all_ignored_mean_is_nan():
     assert torch.isnan(loss) and torch.count_nonzero(grad) == 0
 
 
-@pytest.mark.parametrize("shape", [(5, 7, 1), (2, 7, 40)], ids=["rows", "spatial"])
-@pytest.mark.parametrize("bad", [7, -1, -101])
+@pytest.mark.parametrize("shape", [(5, 40, 1), (5, 7, 1), (2, 7, 40)], ids=["rows", "short_rows", "spatial"])
+@pytest.mark.parametrize("bad", ["C", -1, -101])
 def test_out_of_range_target_raises_before_writing(shape, bad):
+    C = shape[1]
+    bad = C if bad == "C" else bad
     x = torch.randn(shape)
-    y = torch.randint(0, 7, (shape[0], shape[2]))
+    y = torch.randint(0, C, (shape[0], shape[2]))
     y.view(-1)[3] = bad
-    message = (f"fused_xent: target {bad} at position 3 is out of range for 7 classes "
-               "\\(valid: 0..6, or ignore_index=-100\\)")
+    message = (f"fused_xent: target {bad} at position 3 is out of range for {C} classes "
+               f"\\(valid: 0..{C - 1}, or ignore_index=-100\\)")
     with pytest.raises(IndexError, match=message):
         ops.cross_entropy_fwd(x, y, None, 1, -100, 0.0)
     with pytest.raises(IndexError, match=message):
@@ -255,7 +278,8 @@ def test_huge_class_count():
     check_all_ops(x[:, :, 0], y[:, 0], None, "mean", -100, 0.1)
 
 
-@pytest.mark.parametrize("shape", [(300, 1000, 1), (4, 19, 3000)], ids=["rows", "spatial"])
+@pytest.mark.parametrize("shape", [(300, 1000, 1), (30000, 10, 1), (4, 19, 3000)],
+                         ids=["rows", "short_rows", "spatial"])
 def test_deterministic_across_runs_and_threads(shape):
     torch.manual_seed(3)
     x = torch.randn(shape)

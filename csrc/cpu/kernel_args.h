@@ -52,6 +52,16 @@ struct KernelArgs {
   BlockResult* blocks;  // num_blocks results, written by the kernel
 };
 
+// Rows (class stride 1) of at most this many classes run the lane kernels, like the spatial layout: a row this
+// short would leave most of a vector empty and pay a row's fixed costs (reductions, scalar exp and log) for a few
+// exps, while a tile transposed to put one position per lane fills every vector.
+constexpr int64_t kMaxLaneRowClasses = 32;
+
+// Whether positions run V::kWidth at a time, one per lane (xent_spatial.h), rather than one row at a time.
+inline bool uses_lane_kernels(Layout layout, int64_t C) {
+  return layout == Layout::kSpatial || C <= kMaxLaneRowClasses;
+}
+
 // One definition per instruction set; dispatch.cpp picks the one to call.
 namespace scalar {
 void run_kernel(const KernelArgs& args);

@@ -21,15 +21,15 @@ namespace {
 constexpr int64_t kLogitsPerBlock = int64_t{1} << 16;
 // Positions per block of the pass over class-index targets.
 constexpr int64_t kTargetsPerBlock = int64_t{1} << 15;
-// Spatial blocks hold whole vectors of positions (64 is a multiple of every vector width).
-constexpr int64_t kSpatialBlockMultiple = 64;
+// Blocks of the lane kernels hold whole vectors of positions (64 is a multiple of every vector width).
+constexpr int64_t kLaneBlockMultiple = 64;
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 int64_t positions_per_block(const Problem& problem) {
   const int64_t positions = std::max<int64_t>(1, kLogitsPerBlock / problem.C);
-  if (problem.layout == Layout::kRows) return positions;
-  return ceil_div(positions, kSpatialBlockMultiple) * kSpatialBlockMultiple;
+  if (!uses_lane_kernels(problem.layout, problem.C)) return positions;
+  return ceil_div(positions, kLaneBlockMultiple) * kLaneBlockMultiple;
 }
 
 // Raises for the first out-of-range class index any block reported.

@@ -116,26 +116,33 @@ inline FloatVec select(__mmask16 m, FloatVec a, FloatVec b) { return _mm512_mask
 inline float reduce_add(FloatVec a) { return _mm512_reduce_add_ps(a.v); }
 inline float reduce_max(FloatVec a) { return _mm512_reduce_max_ps(a.v); }
 
-// exp(x) for x <= 0 or NaN (the kernels only take exps of x - max and x - lse): 2^n * exp(r) with
-// n = round(x / ln 2) and |r| <= ln(2) / 2, exp(r) by the Cephes expf polynomial (about 1 ulp), 2^n applied by
-// scalef. x is clamped at -150 first (NaN-preserving: max returns its second operand for NaN), where scalef
-// already gives exactly 0, so exp(-inf) = 0. Positive x also works, up to overflow to +inf; x = +inf gives NaN.
+// exp(x) for x <= 0 or NaN (the kernels only take exps of x - max and x - lse): 2^(k/16) * exp(r) with
+// k = round(16 x / ln 2) and |r| <= ln(2) / 32. 2^(k/16) = 2^floor(k/16) * 2^(j/16), j = k mod 16: the second
+// factor comes from a 16-entry table in a register (one permute), the first from scalef. On so short an interval
+// exp(r) needs only 1 + r + r^2/2 + r^3/6 (error below 1e-8), three fmas instead of the seven of a polynomial over
+// |r| <= ln(2) / 2: the forward is bound by this function. About 1 ulp in all. x is clamped at -150 first
+// (NaN-preserving: max returns its second operand for NaN), where scalef already gives exactly 0, so
+// exp(-inf) = 0. Positive x also works, up to overflow to +inf; x = +inf gives NaN.
 inline FloatVec vexp(FloatVec xv) {
   const __m512 x = _mm512_max_ps(_mm512_set1_ps(-150.f), xv.v);
-  // n = round(x / ln 2) by adding 1.5 * 2^23 (the float spacing is 1 there): one fma and a subtraction.
+  // k = round(16 x / ln 2) by adding 1.5 * 2^23 (the float spacing is 1 there): the low mantissa bits of the sum
+  // are then those of k, and the permute reads only the low 4 bits of each index.
   const __m512 magic = _mm512_set1_ps(12582912.f);
-  const __m512 n = _mm512_sub_ps(_mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504088896341f), magic), magic);
-  // r = x - n ln2 in two steps (Cody-Waite): n * 0.693359375 is exact for |n| < 2^15.
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.f)));
-  return _mm512_scalef_ps(p, n);
+  const __m512 shifted = _mm512_fmadd_ps(x, _mm512_set1_ps(23.0831206542234f), magic);
+  const __m512 k = _mm512_sub_ps(shifted, magic);
+  // r = x - k ln2/16 in two steps (Cody-Waite): k * 0.693359375/16 is exact for |k| < 2^15.
+  __m512 r = _mm512_fnmadd_ps(k, _mm512_set1_ps(0.693359375f / 16), x);
+  r = _mm512_fnmadd_ps(k, _mm512_set1_ps(-2.12194440e-4f / 16), r);
+  __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(1.f / 6), r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+  const __m512 two_to_j16 = _mm512_setr_ps(  // 2^(j/16), j = 0..15, rounded to float
+      1.000000000e+00f, 1.044273734e+00f, 1.090507746e+00f, 1.138788581e+00f, 1.189207077e+00f, 1.241857767e+00f,
+      1.296839595e+00f, 1.354255557e+00f, 1.414213538e+00f, 1.476826191e+00f, 1.542210817e+00f, 1.610490322e+00f,
+      1.681792855e+00f, 1.756252170e+00f, 1.834008098e+00f, 1.915206552e+00f);
+  const __m512 table = _mm512_permutexvar_ps(_mm512_castps_si512(shifted), two_to_j16);
+  // scalef multiplies by 2^floor(k/16); k/16 is exact.
+  return _mm512_scalef_ps(_mm512_mul_ps(table, p), _mm512_mul_ps(k, _mm512_set1_ps(1.f / 16)));
 }
 
 // log(x) = k ln2 + log(m), x = m 2^k with m in [sqrt(1/2), sqrt(2)), log(m) by the Cephes logf polynomial.

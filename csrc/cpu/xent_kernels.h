@@ -6,7 +6,8 @@
 //    kRowChunk classes: the chunk's max (read from memory), then its exps relative to the running max (re-read from
 //    L1); the running sum is rescaled when the max grows, so rows of any length are read from memory once.
 //  - spatial (position stride 1: NCHW): V::kWidth consecutive positions at a time, one per lane, looping over the
-//    classes: no transpose, and every exp fills a whole vector.
+//    classes: no transpose, and every exp fills a whole vector. Rows of at most kMaxLaneRowClasses classes run
+//    these lane kernels too, on tiles transposed as they are copied in and out.
 // Forward + grad keeps each exp (in the accumulation dtype, in a per-thread buffer) and writes the gradient from it
 // while the row or lane block is still in cache: one exp per logit, one read of the logits, one write of the
 // gradient, which may be the logits themselves (everything read from a row is read before its gradient is written).
@@ -114,7 +115,8 @@ void run_blocks(const KernelArgs& args, std::atomic<int64_t>& next_block) {
   const int64_t positions = args.N * args.S;
   RowScratch<acc_t> rows;
   SpatialScratch<acc_t> spatial;
-  if (args.layout == Layout::kRows) {
+  const bool lanes = uses_lane_kernels(args.layout, args.C);
+  if (!lanes) {
     if (args.grad && !backward) {
       rows.exps.resize(args.C + W);
       rows.chunk_max.resize((args.C + kRowChunk - 1) / kRowChunk);
@@ -129,7 +131,7 @@ void run_blocks(const KernelArgs& args, std::atomic<int64_t>& next_block) {
     BlockResult result;
     const int64_t first = b * args.positions_per_block;
     const int64_t last = std::min(positions, first + args.positions_per_block);
-    if (args.layout == Layout::kRows) {
+    if (!lanes) {
       for (int64_t position = first; position < last; ++position) {
         if (backward) {
           row_backward(a, position, result);

@@ -3,6 +3,8 @@
 
 // Classes per chunk of a row: 8 KiB of float32, so the second read of a chunk hits L1.
 constexpr int64_t kRowChunk = 2048;
+// Shortest row whose fresh gradient is written with non-temporal stores (see row_forward).
+constexpr int64_t kStreamedRowBytes = 16 * 1024;
 
 template <class acc_t>
 struct RowStatistics {
@@ -147,8 +149,12 @@ void row_forward(const Typed<V, T>& a, int64_t position, RowScratch<typename V::
   //   class index: g = prob_coef p - class_coef w[c] (- target_coef at y)      (xent_math.h, index_grad_coeffs)
   //   probabilities: g = scale (T p - w[c] t'[c])                               (xent_math.h, prob_target_grad)
   const acc_t scale = a.uniform_scale;
-  // A gradient written over the logits hits the row still in L2; a fresh one is written past the caches.
-  const bool streaming = static_cast<const void*>(g) != static_cast<const void*>(x);
+  // A gradient written over the logits hits the row still in L2; a fresh one is written past the caches, but only
+  // in long rows: in short ones the lines that the row shares with its neighbours, written by ordinary stores, make
+  // up much of the row, and mixing the two kinds of store to one line costs more than streaming saves (measured:
+  // 40 classes 2.8x slower, 1000 classes 1.4x; 4096 classes 15% faster).
+  const bool streaming =
+      static_cast<const void*>(g) != static_cast<const void*>(x) && a.C * int64_t{sizeof(T)} >= kStreamedRowBytes;
   const IndexGradCoeffs<Scalar> gk = index_grad_coeffs<Scalar>(k, a.weight_sum, scale);
   const acc_t prob_coef = t ? scale * st.weighted_targets : gk.prob_coef.v;
   const bool class_term = !t && a.smoothing;

@@ -6,7 +6,7 @@
 // the C lines of a lane block then fall in one cache set, of which L1 and L2 hold only 8 ways, so a second read of
 // the logits from the tensor (or prefetching them) would miss. The buffer is read instead, and its padding makes
 // partial tiles at the end of a batch entry ordinary vectors. The gradient is built in a buffer alike and copied
-// out.
+// out. Short rows (class stride 1, see kMaxLaneRowClasses) use the same tiles: the copies transpose them.
 
 // Positions per tile (a multiple of every vector width).
 constexpr int64_t kTilePositions = 64;
@@ -192,12 +192,25 @@ struct SpatialScratch {
   std::vector<acc_t> x, t, g, exps;
 };
 
-// Copies `count` positions of each class from a tensor (classes class_stride apart) to a tile buffer, converting
-// to the accumulation dtype and padding with zeros to whole vectors; or back (without padding).
+// Copies `count` positions of each class from a tensor (classes class_stride apart, positions position_stride
+// apart) to a tile buffer, converting to the accumulation dtype and padding with zeros to whole vectors; or back
+// (without padding).
 template <class V, class T>
-void load_tile(const T* from, int64_t class_stride, int64_t C, int64_t count, typename V::value_type* tile) {
+void load_tile(const T* from, int64_t class_stride, int64_t position_stride, int64_t C, int64_t count,
+               typename V::value_type* tile) {
+  using acc_t = typename V::value_type;
   constexpr int W = V::kWidth;
   constexpr int64_t kLine = 64 / sizeof(T);
+  if (position_stride != 1) {  // short rows: transpose
+    const int64_t padded = (count + W - 1) / W * W;
+    for (int64_t i = 0; i < count; ++i) {
+      for (int64_t c = 0; c < C; ++c) tile[c * kTilePositions + i] = static_cast<acc_t>(from[i * position_stride + c * class_stride]);
+    }
+    for (int64_t c = 0; c < C; ++c) {
+      for (int64_t i = count; i < padded; ++i) tile[c * kTilePositions + i] = 0;
+    }
+    return;
+  }
   for (int64_t c = 0; c < C; ++c) {
     // The hardware prefetchers do not follow C streams that alias in the cache; ask for the tile after next.
     // (Low temporal locality: the lines only have to reach the outer caches, the conflicts are in L1 and L2.)
@@ -216,8 +229,14 @@ void load_tile(const T* from, int64_t class_stride, int64_t C, int64_t count, ty
 // caches; a gradient written over the logits is not: their lines may still be cached.
 template <class V, class T>
 void store_tile(const typename V::value_type* tile, int64_t C, int64_t count, T* to, int64_t class_stride,
-                bool streaming) {
+                int64_t position_stride, bool streaming) {
   constexpr int W = V::kWidth;
+  if (position_stride != 1) {  // short rows: transpose
+    for (int64_t i = 0; i < count; ++i) {
+      for (int64_t c = 0; c < C; ++c) to[i * position_stride + c * class_stride] = static_cast<T>(tile[c * kTilePositions + i]);
+    }
+    return;
+  }
   for (int64_t c = 0; c < C; ++c) {
     for (int64_t i = 0; i < count; i += W) {
       const int lanes = static_cast<int>(std::min<int64_t>(W, count - i));
@@ -241,13 +260,16 @@ void spatial_block(const Typed<V, T>& a, int64_t first, int64_t last, SpatialScr
   acc_t* g = a.grad ? scratch.g.data() : nullptr;
   const acc_t* t = a.target_prob ? scratch.t.data() : nullptr;
   LaneSums<V> sums;
+  // Positions of one batch entry are position_stride apart in memory (1 in the spatial layout, C in channels_last
+  // rows); a tile never straddles two entries, unless S == 1: then the positions are the batch entries.
+  const int64_t position_stride = a.S == 1 ? a.stride_n : a.stride_s;
   for (int64_t position = first; position < last;) {
-    // Positions of one batch entry are consecutive in memory (position stride 1); a tile never straddles two.
-    const int64_t run_end = std::min(last, (position / a.S + 1) * a.S);
-    for (int64_t offset = a.offset(position), count; position < run_end; position += count, offset += count) {
+    const int64_t run_end = a.S == 1 ? last : std::min(last, (position / a.S + 1) * a.S);
+    for (int64_t offset = a.offset(position), count; position < run_end;
+         position += count, offset += count * position_stride) {
       count = std::min(kTilePositions, run_end - position);
-      load_tile<V>(a.logits + offset, a.stride_c, a.C, count, scratch.x.data());
-      if (t) load_tile<V>(a.target_prob + offset, a.stride_c, a.C, count, scratch.t.data());
+      load_tile<V>(a.logits + offset, a.stride_c, position_stride, a.C, count, scratch.x.data());
+      if (t) load_tile<V>(a.target_prob + offset, a.stride_c, position_stride, a.C, count, scratch.t.data());
       for (int64_t i = 0; i < count; i += W) {
         const int lanes = static_cast<int>(std::min<int64_t>(W, count - i));
         const acc_t* x = scratch.x.data() + i;
@@ -257,7 +279,7 @@ void spatial_block(const Typed<V, T>& a, int64_t first, int64_t last, SpatialScr
           lanes_forward(a, position + i, lanes, x, t ? t + i : nullptr, g ? g + i : nullptr, exps, sums, result);
         }
       }
-      if (g) store_tile<V>(g, a.C, count, a.grad + offset, a.stride_c, a.grad != a.logits);
+      if (g) store_tile<V>(g, a.C, count, a.grad + offset, a.stride_c, position_stride, a.grad != a.logits);
     }
   }
   sums.flush(result);
