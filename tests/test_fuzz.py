@@ -1,6 +1,7 @@
 """Property-based fuzzing against F.cross_entropy: random shapes, layouts, dtypes and arguments.
 
-The budget fits CI; a longer run: FUSED_XENT_FUZZ_EXAMPLES=5000 pytest tests/test_fuzz.py
+The budget fits CI; a longer run: FUSED_XENT_FUZZ_EXAMPLES=5000 pytest tests/test_fuzz.py (about a minute per
+backend on 2 cores).
 """
 
 import os
@@ -39,7 +40,9 @@ def problems(draw):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# CI replays a fixed sequence of examples (a red CI must mean a regression, not a new draw); local runs explore.
+@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow],
+          derandomize=os.environ.get("CI") == "true")
 @given(case=problems())
 def test_fuzz_against_pytorch(backend, case):
     g = torch.Generator().manual_seed(case["seed"])
@@ -64,5 +67,8 @@ def test_fuzz_against_pytorch(backend, case):
     expected_loss, expected_grad = torch_reference(logits, target, grad_output, **kwargs)
     loss, grad = fused(logits, target, grad_output, backend, **kwargs)
     assert loss.shape == expected_loss.shape and loss.dtype == dtype
-    assert_close(loss, expected_loss, dtype, f"loss {case}")
-    assert_close(grad, expected_grad, dtype, f"grad {case}")
+    magnitude = logits.detach().double().abs().nan_to_num(posinf=0).max().item() if logits.numel() else 1.0
+    if "weight" in kwargs:
+        magnitude *= max(1.0, kwargs["weight"].double().max().item())
+    assert_close(loss, expected_loss, dtype, f"loss {case}", magnitude)
+    assert_close(grad, expected_grad, dtype, f"grad {case}", magnitude)
