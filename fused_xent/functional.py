@@ -53,7 +53,7 @@ class FusedCrossEntropyFunction(torch.autograd.Function):
     def forward(ctx, logits, target, weight, reduction, ignore_index, label_smoothing, backend, grad_mode):
         ops = _backends.backend_ops(backend)
         ctx.options = (reduction, ignore_index, label_smoothing)
-        ctx.backend = ops.name
+        ctx.backend = backend
         ctx.grad_mode = grad_mode
         if grad_mode == "recompute":
             loss, lse, total_weight = ops.fwd(logits, target, weight, reduction, ignore_index, label_smoothing)
