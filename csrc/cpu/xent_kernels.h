@@ -104,10 +104,18 @@ void fill_zero_row(T* g, int64_t count) {
 
 // -------------------------------------------------------------------------------------------------- driver
 
-// Processes blocks claimed one at a time from next_block until none is left. Blocks are claimed dynamically, so a
-// thread that the OS preempts does not hold up the others; each block's result lands in its own slot.
+// Each worker owns a contiguous range of blocks. It claims them one at a time from its range's front, then from the
+// other ranges', so a thread that the OS preempts does not hold up the others; each block's result lands in its own
+// slot. Contiguous ranges, not blocks dealt alternately: on the dev VM, interleaved blocks made the gradient written
+// over the logits take 11.5-12.5 ms instead of 8 (8x19x256x512 fp32) whenever the two vCPUs were placed so (copies
+// were then faster too); the forward alone was not affected.
+struct BlockRange {
+  std::atomic<int64_t> next;
+  int64_t end;
+};
+
 template <class V, class T>
-void run_blocks(const KernelArgs& args, std::atomic<int64_t>& next_block) {
+void run_blocks(const KernelArgs& args, std::vector<BlockRange>& ranges, int64_t worker) {
   using acc_t = typename V::value_type;
   constexpr int W = V::kWidth;
   const Typed<V, T> a(args);
@@ -127,31 +135,41 @@ void run_blocks(const KernelArgs& args, std::atomic<int64_t>& next_block) {
     if (args.grad) spatial.g.resize(args.C * kTilePositions);
     if (args.grad && !backward) spatial.exps.resize(args.C * W);
   }
-  for (int64_t b; (b = next_block.fetch_add(1, std::memory_order_relaxed)) < args.num_blocks;) {
-    BlockResult result;
-    const int64_t first = b * args.positions_per_block;
-    const int64_t last = std::min(positions, first + args.positions_per_block);
-    if (!lanes) {
-      for (int64_t position = first; position < last; ++position) {
-        if (backward) {
-          row_backward(a, position, result);
-        } else {
-          row_forward(a, position, rows, result);
+  const int64_t workers = static_cast<int64_t>(ranges.size());
+  for (int64_t k = 0; k < workers; ++k) {
+    BlockRange& range = ranges[(worker + k) % workers];
+    for (int64_t b; (b = range.next.fetch_add(1, std::memory_order_relaxed)) < range.end;) {
+      BlockResult result;
+      const int64_t first = b * args.positions_per_block;
+      const int64_t last = std::min(positions, first + args.positions_per_block);
+      if (!lanes) {
+        for (int64_t position = first; position < last; ++position) {
+          if (backward) {
+            row_backward(a, position, result);
+          } else {
+            row_forward(a, position, rows, result);
+          }
         }
+      } else {
+        spatial_block(a, first, last, spatial, result);
       }
-    } else {
-      spatial_block(a, first, last, spatial, result);
+      args.blocks[b] = result;
     }
-    args.blocks[b] = result;
   }
   V::stream_fence();
 }
 
 template <class V, class T>
 void run_typed(const KernelArgs& args) {
-  std::atomic<int64_t> next_block{0};
   const int64_t workers = std::min<int64_t>(at::get_num_threads(), args.num_blocks);
-  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) { run_blocks<V, T>(args, next_block); });
+  std::vector<BlockRange> ranges(workers);
+  for (int64_t w = 0; w < workers; ++w) {
+    ranges[w].next = w * args.num_blocks / workers;
+    ranges[w].end = (w + 1) * args.num_blocks / workers;
+  }
+  at::parallel_for(0, workers, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t worker = begin; worker < end; ++worker) run_blocks<V, T>(args, ranges, worker);
+  });
 }
 
 void run_kernel(const KernelArgs& args) {

@@ -87,8 +87,8 @@ void store_lanes(Out* out, V v, int lanes) {
 // buffer (likewise t and g).
 template <class V, class T>
 void lanes_forward(const Typed<V, T>& a, int64_t position, int lanes, const typename V::value_type* x,
-                   const typename V::value_type* t, typename V::value_type* g, typename V::value_type* exps,
-                   LaneSums<V>& sums, BlockResult& result) {
+                   const typename V::value_type* t, typename V::value_type* g, int64_t g_stride,
+                   typename V::value_type* exps, LaneSums<V>& sums, BlockResult& result) {
   using acc_t = typename V::value_type;
   constexpr int W = V::kWidth;
   constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
@@ -137,7 +137,7 @@ void lanes_forward(const Typed<V, T>& a, int64_t position, int lanes, const type
     const V prob_coef = scale * weighted_targets / sum;
     for (int64_t c = 0; c < C; ++c) {
       const V wt = smoothed_probability(V::load(t + c * stride), V(a.label_smoothing), C) * a.weight_vec(c);
-      V::store(g + c * stride, V::load(exps + c * W) * prob_coef - scale * wt);
+      V::store(g + c * g_stride, V::load(exps + c * W) * prob_coef - scale * wt);
     }
     return;
   }
@@ -147,7 +147,7 @@ void lanes_forward(const Typed<V, T>& a, int64_t position, int lanes, const type
     V gv = V::load(exps + c * W) * prob_coef;
     if (a.smoothing) gv = gv - gk.class_coef * a.weight_vec(c);
     gv = select(targets.cls.equals(static_cast<int32_t>(c)), gv - gk.target_coef, gv);
-    V::store(g + c * stride, select(targets.valid, gv, V(0)));
+    V::store(g + c * g_stride, select(targets.valid, gv, V(0)));
   }
 }
 
@@ -257,7 +257,7 @@ void spatial_block(const Typed<V, T>& a, int64_t first, int64_t last, SpatialScr
   constexpr int W = V::kWidth;
   const bool backward = a.lse_in != nullptr;
   acc_t* exps = a.grad && !backward ? scratch.exps.data() : nullptr;
-  acc_t* g = a.grad ? scratch.g.data() : nullptr;
+  acc_t* const g_tile = a.grad ? scratch.g.data() : nullptr;
   const acc_t* t = a.target_prob ? scratch.t.data() : nullptr;
   LaneSums<V> sums;
   // Positions of one batch entry are position_stride apart in memory (1 in the spatial layout, C in channels_last
@@ -268,6 +268,12 @@ void spatial_block(const Typed<V, T>& a, int64_t first, int64_t last, SpatialScr
     for (int64_t offset = a.offset(position), count; position < run_end;
          position += count, offset += count * position_stride) {
       count = std::min(kTilePositions, run_end - position);
+      // In place, a whole tile of a float gradient goes straight over its logits (they are in the x tile now): the
+      // detour through the g tile cost a load and a store per vector, a tenth of the time.
+      const bool direct = std::is_same_v<T, acc_t> && a.grad == a.logits && !backward && position_stride == 1 &&
+                          count == kTilePositions;
+      acc_t* const g = direct ? reinterpret_cast<acc_t*>(a.grad + offset) : g_tile;
+      const int64_t g_stride = direct ? a.stride_c : kTilePositions;
       load_tile<V>(a.logits + offset, a.stride_c, position_stride, a.C, count, scratch.x.data());
       if (t) load_tile<V>(a.target_prob + offset, a.stride_c, position_stride, a.C, count, scratch.t.data());
       for (int64_t i = 0; i < count; i += W) {
@@ -276,10 +282,11 @@ void spatial_block(const Typed<V, T>& a, int64_t first, int64_t last, SpatialScr
         if (backward) {
           lanes_backward(a, position + i, lanes, x, t ? t + i : nullptr, g + i, result);
         } else {
-          lanes_forward(a, position + i, lanes, x, t ? t + i : nullptr, g ? g + i : nullptr, exps, sums, result);
+          lanes_forward(a, position + i, lanes, x, t ? t + i : nullptr, g ? g + i : nullptr, g_stride, exps, sums,
+                        result);
         }
       }
-      if (g) store_tile<V>(g, a.C, count, a.grad + offset, a.stride_c, position_stride, a.grad != a.logits);
+      if (g && !direct) store_tile<V>(g, a.C, count, a.grad + offset, a.stride_c, position_stride, a.grad != a.logits);
     }
   }
   sums.flush(result);
