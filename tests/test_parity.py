@@ -1,6 +1,9 @@
 """Loss and input gradient against torch.nn.functional.cross_entropy over every argument, shape, layout and dtype."""
 
 import itertools
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -113,3 +116,23 @@ def test_probability_target_gradient(device, backend):
         (g_ours,) = torch.autograd.grad(ours, target)
         (g_theirs,) = torch.autograd.grad(theirs, target)
         assert_close(g_ours, g_theirs, torch.float64, f"target grad {reduction} {smoothing} {weighted}")
+
+
+
+_POISON_PROBE = (
+    "import torch; x = torch.empty(4096); print(int((x.view(torch.int32) == 0x5A5A5A5A).sum()))"
+)
+
+
+@pytest.mark.skipif("cpu" not in [b for _, b in BACKEND_CASES], reason="compiled extension missing")
+def test_every_output_element_is_written():
+    """The CPU parity grid again with glibc's allocator poisoning every fresh block (bytes 0x5A, a float of 1.5e16):
+    an output element a kernel forgets to write keeps that value and fails the comparison with PyTorch."""
+    env = dict(os.environ, MALLOC_PERTURB_="165", MALLOC_MMAP_THRESHOLD_=str(32 << 20))
+    probe = subprocess.run([sys.executable, "-c", _POISON_PROBE], env=env, capture_output=True, text=True, check=True)
+    assert int(probe.stdout) == 4096, "fresh allocations are not poisoned; the test would prove nothing"
+    args = [sys.executable, "-m", "pytest", __file__, "-o", "addopts=", "-q", "-p", "no:cacheprovider", "-x",
+            "-k", "test_matches_pytorch and cpu-cpu and (float32 or bfloat16)"]
+    run = subprocess.run(args, env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-2000:]
+    assert " passed" in run.stdout
