@@ -10,7 +10,7 @@ export PYTHONUNBUFFERED=1
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu_check_out}
 mkdir -p "$OUT"
-PYTHON=${PYTHON:-python}
+PYTHON=${PYTHON:-python3}  # the lent GPU image has python3 only
 START=$(date +%s)
 step() { echo; echo "=== $* (t=$(( $(date +%s) - START ))s)"; }
 
