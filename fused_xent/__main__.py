@@ -25,7 +25,7 @@ def main():
     if _backends.EXTENSION_ERROR is None:
         _line("compiled extension", "loaded")
         _line("CPU capability", torch.ops.fused_xent.cpu_capability())
-        _line("CUDA kernel built", _backends._has_compiled_kernel("CUDA"))
+        _line("CUDA kernel built", _backends.HAS_CUDA_KERNEL)
     else:
         _line("compiled extension", f"missing ({_backends.EXTENSION_ERROR})")
     _line("ATEN_CPU_CAPABILITY", os.environ.get("ATEN_CPU_CAPABILITY", "(unset)"))

@@ -45,18 +45,20 @@ def _compiled_ops():
     return ops.cross_entropy_fwd, ops.cross_entropy_bwd, ops.cross_entropy_fwd_grad, ops.cross_entropy_fwd_grad_
 
 
-def _has_compiled_kernel(dispatch_key: str) -> bool:
-    return EXTENSION_ERROR is None and torch._C._dispatch_has_kernel_for_dispatch_key(
-        "fused_xent::cross_entropy_fwd", dispatch_key
-    )
-
-
-def _triton_module():
-    try:
-        from . import _triton_ops
-    except ImportError:
-        return None
-    return _triton_ops
+# Settled at import, so that backend selection traced by torch.compile reads plain Python values (no dispatcher
+# queries, no imports inside the graph). Triton is imported only where it can run: with a CUDA device, or with the
+# interpreter requested for tests.
+HAS_CUDA_KERNEL = EXTENSION_ERROR is None and torch._C._dispatch_has_kernel_for_dispatch_key(
+    "fused_xent::cross_entropy_fwd", "CUDA"
+)
+TRITON_CPU_HINT = (
+    "the triton backend runs on CUDA tensors; on CPU set TRITON_INTERPRET=1 before importing fused_xent "
+    "(slow, for tests)"
+)
+if torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1":
+    from . import _triton_ops  # never raises: it records why Triton is unusable instead
+else:
+    _triton_ops = None
 
 
 def _why_unavailable(name: str) -> str | None:
@@ -68,14 +70,13 @@ def _why_unavailable(name: str) -> str | None:
     if name == "cuda":
         if EXTENSION_ERROR is not None:
             return f"the compiled extension failed to load ({EXTENSION_ERROR})"
-        if not _has_compiled_kernel("CUDA"):
+        if not HAS_CUDA_KERNEL:
             return "the extension was built without CUDA (rebuild with FUSED_XENT_CUDA=1 and nvcc)"
         return None if torch.cuda.is_available() else "no CUDA device is visible"
     if name == "triton":
-        triton_ops = _triton_module()
-        if triton_ops is None:
-            return "the Triton kernels failed to import"
-        return triton_ops.unavailable_reason()
+        if _triton_ops is None:
+            return f"no CUDA device is visible ({TRITON_CPU_HINT})"
+        return _triton_ops.unavailable_reason()
     raise ValueError(f"fused_xent: unknown backend {name!r}; choose one of {', '.join(BACKEND_NAMES)} or 'auto'")
 
 
@@ -128,5 +129,5 @@ def resolve(requested: str | None, device: torch.device) -> Backend:
             "move the tensors or use backend='auto'"
         )
     if name == "triton":
-        _triton_module().check_device(device)
+        _triton_ops.check_device(device)
     return backend_ops(name)

@@ -87,14 +87,15 @@ class TinySegmenter(torch.nn.Module):
         return self.loss_fn(self.head(image), target)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_torch_compile_fullgraph(backend):
+@pytest.mark.parametrize("backend,compiler", [*((b, "aot_eager") for b in BACKENDS), (None, "aot_eager"),
+                                              (None, "inductor")])
+def test_torch_compile_fullgraph(backend, compiler):
     """A model using the loss compiles with no graph break and matches eager, loss and parameter gradients."""
     torch.manual_seed(0)
     image, target = torch.randn(2, 3, 6, 6), torch.randint(0, 5, (2, 6, 6))
     target[0, 0, :3] = -100
     model = TinySegmenter(fused_xent.CrossEntropyLoss(label_smoothing=0.1, backend=backend))
-    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    compiled = torch.compile(model, fullgraph=True, backend=compiler)
     reference = TinySegmenter(torch.nn.CrossEntropyLoss(label_smoothing=0.1))
     reference.load_state_dict(model.state_dict())
     got, expected = compiled(image, target), reference(image, target)
