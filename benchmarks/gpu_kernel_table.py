@@ -1,9 +1,10 @@
-"""Times the compiled CUDA ops against eager F.cross_entropy on a few shapes that exercise each kernel path, and
-prints a short markdown table (also written to OUT/cuda_kernel_table.md). The ops are called directly, so the
-numbers are kernel time without the front end's target check.
+"""Times the ops of each GPU backend (compiled CUDA, Triton) against eager F.cross_entropy and a device copy on
+shapes that exercise each kernel path, and prints a short markdown table (also written to OUT/gpu_kernel_table.md).
+The ops are called directly, so the numbers are kernel time without the front end's target check.
 
-GB/s counts the least traffic each mode needs: one read of the logits for the forward, one read and one gradient
-write for forward+backward (a recomputing backward reads the logits twice, so it can not reach the copy rate).
+GB/s counts the least traffic each mode needs: the forward reads the logits once (L); forward+backward reads them,
+and writes the gradient (2L) when the gradient is made in the forward; a recomputing backward reads the logits
+again (3L). Copy = dst.copy_(src) of the logits (2L), measured on the same tensor.
 """
 
 import argparse
@@ -13,9 +14,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-import fused_xent  # noqa: F401  (loads the extension)
+import fused_xent
 
-OPS = torch.ops.fused_xent
 MEAN = 1
 
 # (label, shape, dtype, layout): warp rows, block rows, split rows, spatial NCHW, channels_last.
@@ -23,8 +23,10 @@ PROBLEMS = [
     ("rows warp", (16384, 1000), torch.float32, "contiguous"),
     ("rows block", (4096, 32000), torch.bfloat16, "contiguous"),
     ("rows block", (8192, 128256), torch.bfloat16, "contiguous"),
+    ("rows block", (4096, 256000), torch.bfloat16, "contiguous"),
     ("rows split", (512, 256000), torch.bfloat16, "contiguous"),
-    ("spatial", (8, 19, 512, 512), torch.bfloat16, "contiguous"),
+    ("spatial", (16, 19, 512, 1024), torch.float32, "contiguous"),
+    ("spatial", (16, 19, 512, 1024), torch.bfloat16, "contiguous"),
     ("channels_last", (8, 19, 512, 512), torch.bfloat16, "channels_last"),
 ]
 
@@ -43,34 +45,48 @@ def median_ms(fn, repeats):
     return statistics.median(times)
 
 
-def as_ncs(x):
-    return x.view(x.shape[0], x.shape[1], -1) if x.dim() > 2 else x.unsqueeze(2)
+def backend_ops():
+    """{backend: (fwd, bwd, fwd_grad, fwd_grad_)} for the GPU backends available here."""
+    ops = torch.ops.fused_xent
+    available = fused_xent.available_backends()
+    table = {}
+    if "cuda" in available:
+        table["cuda"] = (ops.cross_entropy_fwd, ops.cross_entropy_bwd, ops.cross_entropy_fwd_grad,
+                         ops.cross_entropy_fwd_grad_)
+    if "triton" in available:
+        table["triton"] = (ops.triton_cross_entropy_fwd, ops.triton_cross_entropy_bwd,
+                           ops.triton_cross_entropy_fwd_grad, ops.triton_cross_entropy_fwd_grad_)
+    return table
 
 
-def measure(label, shape, dtype, layout, repeats):
-    """Rows of the table for one problem: our four modes against eager."""
+def mode_calls(ops, x3, t2, scratch, one):
+    fwd, bwd, fwd_grad, fwd_grad_ = ops
+
+    def recompute():
+        _, lse, total_weight = fwd(x3, t2, None, MEAN, -100, 0.0)
+        bwd(one, x3, t2, None, lse, total_weight, MEAN, -100, 0.0)
+
+    return {
+        "fwd": (lambda: fwd(x3, t2, None, MEAN, -100, 0.0), 1),
+        "fwd+bwd recompute": (recompute, 3),
+        "fwd+bwd in_forward": (lambda: fwd_grad(x3, t2, None, MEAN, -100, 0.0), 2),
+        # Overwrites `scratch` at every step; the time does not depend on the values.
+        "fwd+bwd inplace": (lambda: fwd_grad_(scratch, t2, None, MEAN, -100, 0.0), 2),
+    }
+
+
+def measure(label, shape, dtype, layout, repeats, backends):
+    """Rows of the table for one problem: each backend's four modes, eager, and the copy rate."""
     x = torch.randn(shape, device="cuda", dtype=dtype)
     if layout == "channels_last":
         x = x.contiguous(memory_format=torch.channels_last)
     target = torch.randint(0, shape[1], shape[:1] + shape[2:], device="cuda")
-    x3, t2 = as_ncs(x), target.view(shape[0], -1)
-    scratch = x3.clone()  # overwritten by the in-place mode at every step (timing does not depend on the values)
+    x3 = x.view(shape[0], shape[1], -1) if x.dim() > 2 else x.unsqueeze(2)
+    t2 = target.view(shape[0], -1)
+    scratch = x3.clone()
     leaf = x.detach().clone().requires_grad_(True)
     one = torch.ones((), device="cuda", dtype=dtype)
     nbytes = x.numel() * x.element_size()
-
-    def ours_fwd():
-        OPS.cross_entropy_fwd(x3, t2, None, MEAN, -100, 0.0)
-
-    def ours_fwd_bwd():
-        _, lse, total_weight = OPS.cross_entropy_fwd(x3, t2, None, MEAN, -100, 0.0)
-        OPS.cross_entropy_bwd(one, x3, t2, None, lse, total_weight, MEAN, -100, 0.0)
-
-    def ours_fwd_grad():
-        OPS.cross_entropy_fwd_grad(x3, t2, None, MEAN, -100, 0.0)
-
-    def ours_inplace():
-        OPS.cross_entropy_fwd_grad_(scratch, t2, None, MEAN, -100, 0.0)
 
     def eager_fwd():
         with torch.no_grad():
@@ -80,26 +96,40 @@ def measure(label, shape, dtype, layout, repeats):
         F.cross_entropy(leaf, target).backward()
         leaf.grad = None
 
+    copy_into = torch.empty_like(x)
+    copy_gbs = 2 * nbytes / median_ms(lambda: copy_into.copy_(x), repeats) / 1e6
     eager = {"fwd": median_ms(eager_fwd, repeats), "fwd+bwd": median_ms(eager_fwd_bwd, repeats)}
+    shape_text = "x".join(map(str, shape)) + (" (channels_last)" if layout == "channels_last" else "")
     rows = []
-    for mode, fn, traffic, baseline in (
-        ("fwd", ours_fwd, nbytes, "fwd"),
-        ("fwd+bwd recompute", ours_fwd_bwd, 2 * nbytes, "fwd+bwd"),
-        ("fwd+bwd in_forward", ours_fwd_grad, 2 * nbytes, "fwd+bwd"),
-        ("fwd+bwd inplace", ours_inplace, 2 * nbytes, "fwd+bwd"),
-    ):
-        ms = median_ms(fn, repeats)
-        shape_text = "x".join(map(str, shape))
-        rows.append((label, shape_text, str(dtype)[6:], mode, ms, eager[baseline], traffic / ms / 1e6))
+    for mode in ("fwd", "fwd+bwd recompute", "fwd+bwd in_forward", "fwd+bwd inplace"):
+        times = {}
+        for name, ops in backends.items():
+            fn, passes = mode_calls(ops, x3, t2, scratch, one)[mode]
+            times[name] = (median_ms(fn, repeats), passes)
+        rows.append((label, shape_text, str(dtype)[6:], mode, times, eager[mode.split(" ")[0]], nbytes, copy_gbs))
     return rows
 
 
-def run(repeats):
-    rows = []
-    for problem in PROBLEMS:
-        rows += measure(*problem, repeats)
-        torch.cuda.empty_cache()
-    return rows
+def render(rows, backends, repeats):
+    names = list(backends)
+    lines = [
+        f"GPU kernels vs eager on {torch.cuda.get_device_name()} (median of {repeats}, mean reduction; "
+        "GB/s = least traffic / time, see the docstring of benchmarks/gpu_kernel_table.py)",
+        "",
+        "| path | shape | dtype | mode | " + " | ".join(f"{n} ms" for n in names) + " | eager ms | "
+        + " | ".join(f"{n} vs eager" for n in names) + " | " + " | ".join(f"{n} GB/s" for n in names)
+        + " | copy GB/s |",
+        "|---|---|---|---|" + "---:|" * (3 * len(names) + 2),
+    ]
+    for label, shape, dtype, mode, times, eager_ms, nbytes, copy_gbs in rows:
+        ms = [times[n][0] for n in names]
+        gbs = [times[n][1] * nbytes / times[n][0] / 1e6 for n in names]
+        lines.append(
+            f"| {label} | {shape} | {dtype} | {mode} | " + " | ".join(f"{t:.3f}" for t in ms) + f" | {eager_ms:.3f} | "
+            + " | ".join(f"{eager_ms / t:.2f}x" for t in ms) + " | " + " | ".join(f"{g:.0f}" for g in gbs)
+            + f" | {copy_gbs:.0f} |"
+        )
+    return "\n".join(lines)
 
 
 def main():
@@ -107,19 +137,17 @@ def main():
     parser.add_argument("--out", type=Path, default=Path("."))
     parser.add_argument("--repeats", type=int, default=15)
     args = parser.parse_args()
-    rows = run(args.repeats)
-    lines = [
-        f"CUDA kernel vs eager on {torch.cuda.get_device_name()} (median of {args.repeats}, mean reduction)",
-        "",
-        "| path | shape | dtype | mode | fused ms | eager ms | speedup | fused GB/s |",
-        "|---|---|---|---|---:|---:|---:|---:|",
-    ]
-    for label, shape, dtype, mode, ms, eager_ms, gbs in rows:
-        lines.append(f"| {label} | {shape} | {dtype} | {mode} | {ms:.3f} | {eager_ms:.3f} | {eager_ms / ms:.2f}x | "
-                     f"{gbs:.0f} |")
-    text = "\n".join(lines)
+    backends = backend_ops()
+    if not backends:
+        raise SystemExit(f"no GPU backend available here: {fused_xent.available_backends()}")
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "cuda_kernel_table.md").write_text(text + "\n")
+    rows = []
+    for problem in PROBLEMS:
+        rows += measure(*problem, args.repeats, backends)
+        torch.cuda.empty_cache()
+        # Rewritten after each problem, so a run stopped by its time limit still leaves the rows it finished.
+        text = render(rows, backends, args.repeats)
+        (args.out / "gpu_kernel_table.md").write_text(text + "\n")
     print(text)
 
 

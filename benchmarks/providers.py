@@ -104,15 +104,19 @@ def all_providers(device: str) -> tuple[list[Provider], list[str]]:
 
 def select(providers: list[Provider], device: str, full: bool, patterns: list[str] | None) -> list[Provider]:
     """Providers named by --providers patterns (fnmatch), else the default set: everything with --full, otherwise
-    the fastest fused backend in each grad mode, eager and compile. When the fastest is the pure-PyTorch reference
-    (no compiled kernel here), the quick set keeps only its default grad mode: the reference makes a handful of
-    logits-sized temporaries, seconds per step at 4096x32000 on two cores, and its grad modes say nothing about a
-    kernel's."""
+    the fastest fused backend in each grad mode, the other compiled backends (on a GPU: Triton beside CUDA) in the
+    default one, eager, compile and Liger. The pure-PyTorch reference joins the quick set only when it is the
+    fastest (no compiled kernel here), in its default grad mode: it makes a handful of logits-sized temporaries,
+    seconds per step at 4096x32000 on two cores, and its grad modes say nothing about a kernel's."""
     if patterns:
         return [p for p in providers if any(fnmatch.fnmatchcase(p.name, pattern) for pattern in patterns)]
     if full:
         return providers
     backends = fused_backends(device)
-    modes = GRAD_MODE_SUFFIX.values() if backends and backends[0] != "torch" else [""]
-    fastest = {f"fused-{backends[0]}{suffix}" for suffix in modes} if backends else set()
-    return [p for p in providers if p.name in fastest or p.name in ("eager", "compile")]
+    wanted = {"eager", "compile", "liger"}
+    if backends:
+        fastest = backends[0]
+        modes = GRAD_MODE_SUFFIX.values() if fastest != "torch" else [""]
+        wanted |= {f"fused-{fastest}{suffix}" for suffix in modes}
+        wanted |= {f"fused-{name}" for name in backends[1:] if name != "torch"}
+    return [p for p in providers if p.name in wanted]

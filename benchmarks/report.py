@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 NAN = float("nan")
+BASELINES = ("eager", "compile", "liger")  # speedup_vs_<baseline> rows, where the baseline was timed
 
 
 @dataclass(frozen=True)
@@ -16,7 +17,7 @@ class Row:
     shape: str
     dtype: str
     mode: str  # fwd / bwd / fwd+bwd, "copy" for the copy baseline, "-" for per-problem facts (check, compile time)
-    metric: str  # time, bandwidth, copy_fraction, peak_mem, speedup_vs_eager, speedup_vs_compile, loss_err, ...
+    metric: str  # time, bandwidth, copy_fraction, peak_mem, speedup_vs_<baseline>, loss_err, ...
     median: float
     p20: float = NAN
     p80: float = NAN
@@ -67,9 +68,15 @@ def _mode_verdict(results: Results, provider: str, case, mode: str) -> str | Non
     return row.note if row else None
 
 
+def _baselines(providers: list[str]) -> list[str]:
+    return [name for name in BASELINES if name in providers]
+
+
 def console_table(results: Results, case, providers: list[str], modes: list[str]) -> str:
-    """Medians with speedups (eager or compile time / provider time; > 1 is faster) and peak memory above inputs."""
-    header = ["provider"] + [f"{mode} {what}" for mode in modes for what in ("ms", "/eager", "/compile", "MB")]
+    """Medians with speedups (baseline time / provider time; > 1 is faster) and peak memory above inputs."""
+    baselines = _baselines(providers)
+    header = ["provider"] + [f"{mode} {what}" for mode in modes
+                             for what in ("ms", *(f"/{b}" for b in baselines), "MB")]
     table, untimed = [header], []
     for name in providers:
         verdict = _verdict(results, name, case)
@@ -79,8 +86,7 @@ def console_table(results: Results, case, providers: list[str], modes: list[str]
         cells = [name]
         for mode in modes:
             cells += [_fmt(results.value(name, case, mode, "time"), 2),
-                      _fmt(results.value(name, case, mode, "speedup_vs_eager"), 2, "x"),
-                      _fmt(results.value(name, case, mode, "speedup_vs_compile"), 2, "x"),
+                      *(_fmt(results.value(name, case, mode, f"speedup_vs_{b}"), 2, "x") for b in baselines),
                       _fmt(results.value(name, case, mode, "peak_mem"), 0)]
             failure = _mode_verdict(results, name, case, mode)
             if failure:
@@ -111,26 +117,28 @@ def write_markdown(path: Path, results: Results, env: dict[str, str], cases, pro
     lines = [f"# {title}", "", "| | |", "|---|---|"]
     lines += [f"| {key} | {value} |" for key, value in env.items()]
     lines += ["", "## Method", ""] + [f"- {note}" for note in notes]
+    baselines = _baselines(providers)
+    header = ["provider", "mode", "median ms", "p20-p80 ms", *(f"vs {b}" for b in baselines), "GB/s", "% of copy",
+              "peak MB"]
+    blank = " |" * (len(header) - 3)
     for case in cases:
-        lines += ["", f"## {case_heading(results, case)}", "",
-                  "| provider | mode | median ms | p20-p80 ms | vs eager | vs compile | GB/s | % of copy | peak MB |",
-                  "|---|---|--:|--:|--:|--:|--:|--:|--:|"]
+        lines += ["", f"## {case_heading(results, case)}", "", "| " + " | ".join(header) + " |",
+                  "|---|---|" + "--:|" * (len(header) - 2)]
         for name in providers:
             verdict = _verdict(results, name, case)
             if verdict != "ok":
-                lines.append(f"| {name} | all | {verdict} | | | | | | |")
+                lines.append(f"| {name} | all | {verdict} |{blank}")
                 continue
             for mode in modes:
                 time_row = results.get(name, case, mode, "time")
                 if time_row is None:
                     failure = _mode_verdict(results, name, case, mode)
                     if failure:
-                        lines.append(f"| {name} | {mode} | {failure} | | | | | | |")
+                        lines.append(f"| {name} | {mode} | {failure} |{blank}")
                     continue
                 cells = [
                     name, mode, _fmt(time_row.median, 2), f"{_fmt(time_row.p20, 2)}-{_fmt(time_row.p80, 2)}",
-                    _fmt(results.value(name, case, mode, "speedup_vs_eager"), 2),
-                    _fmt(results.value(name, case, mode, "speedup_vs_compile"), 2),
+                    *(_fmt(results.value(name, case, mode, f"speedup_vs_{b}"), 2) for b in baselines),
                     _fmt(results.value(name, case, mode, "bandwidth")),
                     _fmt(results.value(name, case, mode, "copy_fraction"), 0),
                     _fmt(results.value(name, case, mode, "peak_mem"), 0),

@@ -2,10 +2,13 @@
 
 import datetime
 import gc
+import os
 import sys
 import time
 
 import torch
+
+from fused_xent._validate import CHECK_VALUES_ENV
 
 import correctness
 import env_info
@@ -137,7 +140,7 @@ class CaseRunner:
         gc.collect()
 
     def _speedups(self, case, live):
-        for baseline in ("eager", "compile"):
+        for baseline in report.BASELINES:
             for provider in live:
                 for mode in self.modes:
                     ratio = (self.results.value(baseline, case, mode, "time")
@@ -159,7 +162,8 @@ def _method_notes(device, modes, chosen, provider_notes, budget_s, repeats) -> l
         "it), so first-touch page faults are counted as in training. Providers that write the gradient over the "
         "logits get fresh logits copied into their (pre-allocated) input before the timer starts: that copy is "
         "not timed.",
-        "Speedup = eager (or compile) median / provider median, measured in the same run; > 1 is faster.",
+        "Speedup = baseline (eager, compile, Liger) median / provider median, measured in the same run; > 1 is "
+        "faster.",
         timing.BYTE_MODEL,
         timing.GPU_MEMORY_METHOD if device == "cuda" else timing.CPU_MEMORY_METHOD,
         f"Correctness gate: before timing, each provider's mean loss and gradient (modes {', '.join(modes)}) on "
@@ -167,6 +171,8 @@ def _method_notes(device, modes, chosen, provider_notes, budget_s, repeats) -> l
         + ", ".join(f"{k} {v:g}" for k, v in correctness.TOLERANCE.items())
         + ". WRONG providers are not timed.",
         "Every provider runs in one process under the same allocator settings (see 'allocator' above).",
+        "fused_xent's data-dependent input checks (on a GPU: one host sync per call) were "
+        + ("OFF (FUSED_XENT_CHECK_VALUES=0)." if os.environ.get(CHECK_VALUES_ENV, "1") == "0" else "on (the default)."),
     ] + [f"{p.name}: {p.note}" for p in chosen] + provider_notes
 
 
@@ -202,23 +208,27 @@ def run(args) -> int:
     print("\n".join(f"{key:<38} {value}" for key, value in env.items()))
     print("providers:", ", ".join(p.name for p in chosen), "|", "; ".join(provider_notes) or "")
     results = report.Results()
-    total = len(case_list) * (len(chosen) * len(modes) + 1)
-    with progress_mod.progress_bar(total) as progress:
-        case_runner = CaseRunner(device, modes, args.repeats, budget_s, results, progress)
-        for case in case_list:
-            progress.set_description(f"{case.family} {case.label} {case.dtype_name}")
-            case_runner.run(case, chosen)
-            progress_mod.write("\n" + report.console_table(results, case, [p.name for p in chosen], modes))
-    env["load average at end (1, 5, 15 min)"] = env_info.load_average()
-
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / "-".join([device, datetime.date.today().isoformat()] + (["full"] if full else [])
                                + (["thp"] if env_info.thp_enabled() else []))
     names = [p.name for p in chosen]
     notes = _method_notes(device, modes, chosen, provider_notes, budget_s, args.repeats)
-    report.write_csv(stem.with_suffix(".csv"), results, env)
-    report.write_markdown(stem.with_suffix(".md"), results, env, case_list, names, modes, notes,
-                          f"fused_xent benchmark, {device}, {env['date']}")
+
+    def write_tables(done: list[shapes.Case]):
+        report.write_csv(stem.with_suffix(".csv"), results, env)
+        report.write_markdown(stem.with_suffix(".md"), results, env, done, names, modes, notes,
+                              f"fused_xent benchmark, {device}, {env['date']}")
+
+    total = len(case_list) * (len(chosen) * len(modes) + 1)
+    with progress_mod.progress_bar(total) as progress:
+        case_runner = CaseRunner(device, modes, args.repeats, budget_s, results, progress)
+        for done, case in enumerate(case_list, start=1):
+            progress.set_description(f"{case.family} {case.label} {case.dtype_name}")
+            case_runner.run(case, chosen)
+            progress_mod.write("\n" + report.console_table(results, case, names, modes))
+            write_tables(case_list[:done])  # after every problem: a run stopped early keeps what it measured
+    env["load average at end (1, 5, 15 min)"] = env_info.load_average()
+    write_tables(case_list)
     plots = report.write_plots(stem, results, case_list, names, modes)
     print("\nwrote", ", ".join(str(p) for p in [stem.with_suffix(".csv"), stem.with_suffix(".md"), *plots]))
     return 0

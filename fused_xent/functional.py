@@ -33,11 +33,15 @@ def _autocast_to_float32(input) -> bool:
 
 
 def _unit_grad_is_exact(grad_loss: torch.Tensor) -> bool:
-    """True when grad_loss is the scalar 1 (loss.backward()), checked only where that costs no device sync."""
-    return (
-        grad_loss.device.type == "cpu" and grad_loss.numel() == 1 and not torch.compiler.is_compiling()
-        and bool(grad_loss == 1)
-    )
+    """True when grad_loss is the scalar 1 (loss.backward()): the gradient made in the forward is then the answer
+    as it is. On a GPU this reads one value back (a host sync, as Liger-Kernel's backward does), far cheaper than
+    the read and write of the whole gradient it saves. Not inside torch.compile or CUDA graph capture, where a sync
+    is not allowed: there the gradient is always rescaled."""
+    if grad_loss.numel() != 1 or grad_loss.device.type not in ("cpu", "cuda") or torch.compiler.is_compiling():
+        return False
+    if grad_loss.is_cuda and torch.cuda.is_current_stream_capturing():
+        return False
+    return bool(grad_loss == 1)
 
 
 class FusedCrossEntropyFunction(torch.autograd.Function):

@@ -43,11 +43,17 @@ def _per_position(logits, target, weight, ignore_index, label_smoothing):
     return loss, lse, target_weight.sum()
 
 
+def _cast(result, dtype):
+    """result in dtype, never as an alias of itself: torch 2.11's torch.compile drops the gradient of an
+    autograd.Function whose output is a same-dtype .to() of an intermediate (it returns zeros)."""
+    return result if result.dtype == dtype else result.to(dtype)
+
+
 def _reduce(loss, total_weight, reduction, dtype):
     if reduction == REDUCTION_NONE:
-        return loss.to(dtype)
+        return _cast(loss, dtype)
     total = loss.sum()
-    return (total / total_weight if reduction == REDUCTION_MEAN else total).to(dtype)
+    return _cast(total / total_weight if reduction == REDUCTION_MEAN else total, dtype)
 
 
 def cross_entropy_fwd(logits, target, weight, reduction, ignore_index, label_smoothing):
@@ -67,7 +73,7 @@ def cross_entropy_bwd(grad_loss, logits, target, weight, lse, total_weight, redu
     if target.is_floating_point():
         smoothed = w * (target.to(x.dtype) * (1.0 - label_smoothing) + label_smoothing / num_classes)
         grad = smoothed.sum(1, keepdim=True) * probs - smoothed
-        return (scale * grad).to(logits.dtype)
+        return _cast(scale * grad, logits.dtype)
     valid = (target != ignore_index).unsqueeze(1)
     safe_target = torch.where(valid, target.unsqueeze(1), 0)
     one_hot = torch.zeros_like(x).scatter_(1, safe_target, 1.0)
@@ -75,7 +81,7 @@ def cross_entropy_bwd(grad_loss, logits, target, weight, lse, total_weight, redu
     grad = (1.0 - label_smoothing) * target_weight * (probs - one_hot)
     if label_smoothing > 0:
         grad = grad + (label_smoothing / num_classes) * (w.sum() * probs - w)
-    return torch.where(valid, scale * grad, 0).to(logits.dtype)
+    return _cast(torch.where(valid, scale * grad, 0), logits.dtype)
 
 
 def _unit_grad_loss(loss, reduction):

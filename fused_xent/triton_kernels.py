@@ -40,8 +40,12 @@ CPU_HINT = (
 )
 
 # Constants the kernels read (Triton kernels may only read globals that are constexpr).
-NAN = tl.constexpr(float("nan"))
-NEG_INF = tl.constexpr(float("-inf"))
+# Float constants are written as float("...") inside the kernels: Inductor re-emits constexpr globals as
+# `NAME = tl.constexpr(<repr>)`, and repr gives a bare `nan` / `-inf` that its generated module cannot resolve.
+# exp(z) is computed as exp2(z * LOG2E), which compiles to the fast ex2.approx.ftz (tl.exp adds a slower guard
+# sequence per element). Keep the product outside: x * LOG2E - shift * LOG2E would be fused into one FMA on the GPU
+# and lose ~1e-4 relative for logits near 1e4 (the interpreter rounds both products and would not show it).
+LOG2E = tl.constexpr(1.4426950408889634)
 _NONE = tl.constexpr(REDUCTION_NONE)
 _MEAN = tl.constexpr(REDUCTION_MEAN)
 
@@ -86,7 +90,7 @@ def _class_target(target_ptr, weight_ptr, index, in_range, C, ignore_index, HAS_
         weight_of_target = tl.load(weight_ptr + safe_y, mask=counted & in_bounds, other=0.0).to(ACC)
     else:
         weight_of_target = tl.full(y.shape, 1.0, ACC)
-    weight_of_target = tl.where(counted, tl.where(in_bounds, weight_of_target, NAN), 0.0)
+    weight_of_target = tl.where(counted, tl.where(in_bounds, weight_of_target, float("nan")), 0.0)
     return safe_y, counted, weight_of_target
 
 
@@ -101,6 +105,13 @@ def _class_weight_sum(weight_sum_ptr, C, HAS_WEIGHT: tl.constexpr, ACC):
 
 
 @triton.jit
+def _class_weight_tile(weight_ptr, cols, C, ACC):
+    """w[cols] as a (1, BLOCK_C) tile, 0 past C. Loaded straight into the 2-D layout: a 1-D load broadcast with
+    [None, :] afterwards goes through shared memory and barriers at every step."""
+    return tl.load(weight_ptr + cols[None, :], mask=(cols < C)[None, :], other=0.0).to(ACC)
+
+
+@triton.jit
 def _weighted_smoothed_target(target_ptr, weight_ptr, ptrs, mask, cols, label_smoothing, C,
                               HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr, ACC):
     """w[c] * t'[c] for one tile of probability targets, t' = (1-eps) t + eps/C; 0 outside the tile's mask."""
@@ -108,7 +119,7 @@ def _weighted_smoothed_target(target_ptr, weight_ptr, ptrs, mask, cols, label_sm
     if HAS_SMOOTHING:
         t = (1.0 - label_smoothing) * t + label_smoothing / C
     if HAS_WEIGHT:
-        t = t * tl.load(weight_ptr + cols, mask=cols < C, other=0.0).to(ACC)[None, :]
+        t = t * _class_weight_tile(weight_ptr, cols, C, ACC)
     return tl.where(mask, t, 0.0)
 
 
@@ -119,7 +130,7 @@ def _row_statistics(logits_ptr, target_ptr, weight_ptr, offset, in_range, C, str
     """One pass over the logits of a block of positions (online softmax). Returns lse and two sums:
     probability targets: T = sum_c w[c] t'[c] and sum_c w[c] t'[c] x[c];
     class indices with smoothing: sum_c w[c] x[c] (and an unused zero)."""
-    running_max = tl.full([BLOCK_P], NEG_INF, ACC)
+    running_max = tl.full([BLOCK_P], float("-inf"), ACC)
     scaled_sum = tl.zeros([BLOCK_P], ACC)  # sum_c exp(x[c] - running_max)
     sum_a = tl.zeros([BLOCK_P], ACC)
     sum_b = tl.zeros([BLOCK_P], ACC)
@@ -127,11 +138,12 @@ def _row_statistics(logits_ptr, target_ptr, weight_ptr, offset, in_range, C, str
         cols = c0 + tl.arange(0, BLOCK_C)
         mask = in_range[:, None] & (cols < C)[None, :]
         ptrs = offset[:, None] + cols.to(tl.int64)[None, :] * stride_c
-        x = tl.load(logits_ptr + ptrs, mask=mask, other=NEG_INF).to(ACC)
+        x = tl.load(logits_ptr + ptrs, mask=mask, other=float("-inf")).to(ACC)
         new_max = tl.maximum(running_max, tl.max(x, axis=1))
         # While a row has seen only -inf, shift by 0 instead: exp(-inf - -inf) would be NaN.
-        shift = tl.where(new_max == NEG_INF, 0.0, new_max)
-        scaled_sum = scaled_sum * tl.exp(running_max - shift) + tl.sum(tl.exp(x - shift[:, None]), axis=1)
+        shift = tl.where(new_max == float("-inf"), 0.0, new_max)
+        scaled_sum = (scaled_sum * tl.exp2((running_max - shift) * LOG2E)
+                      + tl.sum(tl.exp2((x - shift[:, None]) * LOG2E), axis=1))
         running_max = new_max
         if PROB_TARGET:
             weighted_target = _weighted_smoothed_target(target_ptr, weight_ptr, ptrs, mask, cols, label_smoothing, C,
@@ -141,7 +153,7 @@ def _row_statistics(logits_ptr, target_ptr, weight_ptr, offset, in_range, C, str
             sum_b += tl.sum(tl.where(mask, weighted_target * x, 0.0), axis=1)
         elif HAS_SMOOTHING:
             if HAS_WEIGHT:
-                x = x * tl.load(weight_ptr + cols, mask=cols < C, other=0.0).to(ACC)[None, :]
+                x = x * _class_weight_tile(weight_ptr, cols, C, ACC)
             sum_a += tl.sum(tl.where(mask, x, 0.0), axis=1)
     lse = running_max + tl.log(scaled_sum)
     return lse, sum_a, sum_b
@@ -197,7 +209,7 @@ def _store_grad(logits_ptr, target_ptr, weight_ptr, grad_ptr, offset, in_range, 
         mask = in_range[:, None] & (cols < C)[None, :]
         ptrs = offset[:, None] + cols.to(tl.int64)[None, :] * stride_c
         x = tl.load(logits_ptr + ptrs, mask=mask, other=0.0).to(ACC)
-        grad = prob_coef[:, None] * tl.exp(x - lse[:, None])
+        grad = prob_coef[:, None] * tl.exp2((x - lse[:, None]) * LOG2E)
         if PROB_TARGET:
             weighted_target = _weighted_smoothed_target(target_ptr, weight_ptr, ptrs, mask, cols, label_smoothing, C,
                                                         HAS_WEIGHT, HAS_SMOOTHING, ACC)
@@ -205,10 +217,10 @@ def _store_grad(logits_ptr, target_ptr, weight_ptr, grad_ptr, offset, in_range, 
         else:
             if HAS_SMOOTHING:
                 if HAS_WEIGHT:
-                    grad -= class_coef[:, None] * tl.load(weight_ptr + cols, mask=cols < C, other=0.0).to(ACC)[None, :]
+                    grad -= class_coef[:, None] * _class_weight_tile(weight_ptr, cols, C, ACC)
                 else:
                     grad -= class_coef[:, None]
-            grad -= tl.where(cols[None, :] == safe_y[:, None], target_coef[:, None], 0.0)
+            grad -= tl.where(cols[None, :] == safe_y.to(tl.int32)[:, None], target_coef[:, None], 0.0)
         grad = tl.where(keep[:, None], grad, 0.0)
         tl.store(grad_ptr + ptrs, grad.to(grad_ptr.dtype.element_ty), mask=mask)
 
@@ -347,7 +359,8 @@ def tile_config(num_classes: int, positions_per_n: int, spatial: bool, element_s
         block_p = min(next_pow2(positions_per_n), 32 * vector * MAX_SPATIAL_WARPS)
         # Few positions (small S) take more classes per step instead.
         block_c = min(next_pow2(num_classes), max(MIN_SPATIAL_CLASSES, SPATIAL_TILE // block_p))
-        num_warps = max(1, min(MAX_SPATIAL_WARPS, block_p // (32 * vector)))
+        # At most 32 elements per thread: with one warp, small S gave 4096-element tiles = 128 per thread (spills).
+        num_warps = max(1, min(MAX_SPATIAL_WARPS, block_p * block_c // (32 * 32)))
         return TileConfig(block_p, block_c, num_warps)
     block_c = min(next_pow2(num_classes), ROW_TILE * max(1, 4 // element_size))
     block_p = max(1, min(MAX_ROWS_PER_PROGRAM, ROW_TILE // block_c))
@@ -367,10 +380,10 @@ def check_device(device: torch.device) -> None:
 def _launch(kernel, grid, *args, **kwargs) -> None:
     """Launches through torch.library.wrap_triton, so that torch.compile captures the kernel inside the triton ops.
 
-    Under TRITON_INTERPRET=1 wrap_triton hands back the interpreted kernel itself, which cannot be captured: on fake
-    tensors (the ops' fake kernels, which only need output shapes) the launch is skipped, and functionalization
-    (torch.compile with a graph-capturing backend, aot_autograd) gets a clear error instead of a graph without the
-    kernel."""
+    Under TRITON_INTERPRET=1 the interpreted kernel is launched directly (torch 2.14's wrap_triton hands it back
+    unwrapped; torch 2.11's refuses it) and cannot be captured: on fake tensors (the ops' fake kernels, which only
+    need output shapes) the launch is skipped, and functionalization (torch.compile with a graph-capturing backend,
+    aot_autograd) gets a clear error instead of a graph without the kernel."""
     if INTERPRET:
         from torch._subclasses.fake_tensor import FakeTensor
         from torch._subclasses.functional_tensor import FunctionalTensor
@@ -382,9 +395,17 @@ def _launch(kernel, grid, *args, **kwargs) -> None:
                 "does not wrap them); use torch.compile(backend='eager') on CPU, or CUDA tensors without "
                 "TRITON_INTERPRET"
             )
-        if any(isinstance(t, FakeTensor) or t.device.type == "meta" for t in tensors):
-            return
-    wrap_triton(kernel)[grid](*args, **kwargs)
+        if not any(isinstance(t, FakeTensor) or t.device.type == "meta" for t in tensors):
+            kernel[grid](*args, **kwargs)
+        return
+    wrapped = wrap_triton(kernel)
+    if wrapped is kernel:
+        # Eager call: Triton launches on the *current* CUDA device, not on the tensors' device.
+        device = next(arg.device for arg in args if isinstance(arg, torch.Tensor))
+        with torch.cuda.device(device):
+            kernel[grid](*args, **kwargs)
+    else:
+        wrapped[grid](*args, **kwargs)
 
 
 @dataclass

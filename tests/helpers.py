@@ -1,5 +1,6 @@
 """Input builders and tolerances shared by the test modules."""
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -49,6 +50,26 @@ def backends_for(device: str):
 
 def devices():
     return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def backend_cases():
+    """(device, backend) parameters for every backend on every device here; those on a GPU carry the `cuda` mark,
+    so that `pytest -m cuda` (benchmarks/gpu_check.sh) selects all of them."""
+    return [
+        pytest.param(device, backend, id=f"{device}-{backend}", marks=[pytest.mark.cuda] if device == "cuda" else [])
+        for device in devices()
+        for backend in backends_for(device)
+    ]
+
+
+def poison_cuda_cache():
+    """Leave NaN bytes in the blocks PyTorch's CUDA caching allocator hands out next (its small pool, blocks of up
+    to 1 MiB, and its large pool), so an output element a kernel forgets to write stays NaN and fails the comparison
+    with PyTorch. A no-op without a GPU."""
+    if not torch.cuda.is_available():
+        return
+    for size in (1 << 20, 256 << 20):
+        torch.empty(size, dtype=torch.uint8, device="cuda").fill_(0xFF)  # 0xFF..FF is NaN in every float dtype
 
 
 def make_logits(shape, layout, dtype, device="cpu", generator=None, scale=3.0):
@@ -103,6 +124,8 @@ def torch_reference(input, target, grad_output, **kwargs):
 
 def fused(input, target, grad_output, backend, **kwargs):
     x = input.detach().clone().requires_grad_(True)
+    if x.is_cuda:
+        poison_cuda_cache()
     loss = fused_xent.cross_entropy(x, target, backend=backend, **kwargs)
     (grad,) = torch.autograd.grad(loss, x, grad_output) if loss.numel() else (torch.zeros_like(x),)
     return loss.detach(), grad

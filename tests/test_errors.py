@@ -2,11 +2,12 @@
 
 import pytest
 import torch
-from helpers import backends_for
+from helpers import backend_cases, backends_for
 
 import fused_xent
 
 BACKENDS = backends_for("cpu")
+BACKEND_CASES = backend_cases()
 BAD = (ValueError, RuntimeError, IndexError)
 
 
@@ -45,21 +46,27 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+def _on(device, kwargs):
+    return {key: value.to(device) if isinstance(value, torch.Tensor) else value for key, value in kwargs.items()}
+
+
+@pytest.mark.parametrize("device,backend", BACKEND_CASES)
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
-def test_bad_input_is_explained(backend, case):
+def test_bad_input_is_explained(device, backend, case):
     _, input, target, kwargs, fragment = case
     with pytest.raises(BAD) as info:
-        fused_xent.cross_entropy(input, target, backend=backend, **kwargs)
+        fused_xent.cross_entropy(input.to(device), target.to(device), backend=backend, **_on(device, kwargs))
     assert fragment in str(info.value)
+    if device == "cuda":
+        torch.cuda.synchronize()  # no device-side assert is pending
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_out_of_range_with_ignore_index_is_accepted(backend):
+@pytest.mark.parametrize("device,backend", BACKEND_CASES)
+def test_out_of_range_with_ignore_index_is_accepted(device, backend):
     """A value equal to ignore_index is never out of range, even when negative or >= C."""
     for ignore in (-100, -1, 7):
-        loss = fused_xent.cross_entropy(_logits(3, 4), torch.tensor([0, ignore, 3]), ignore_index=ignore,
-                                        backend=backend)
+        loss = fused_xent.cross_entropy(_logits(3, 4).to(device), torch.tensor([0, ignore, 3], device=device),
+                                        ignore_index=ignore, backend=backend)
         assert torch.isfinite(loss)
 
 
@@ -88,10 +95,10 @@ def test_mismatched_devices(backend):
                                  backend=backend)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_value_checks_can_be_switched_off(backend, monkeypatch):
+@pytest.mark.parametrize("device,backend", BACKEND_CASES)
+def test_value_checks_can_be_switched_off(device, backend, monkeypatch):
     """FUSED_XENT_CHECK_VALUES=0 skips the NaN-weight scan: the loss is NaN, as PyTorch's."""
     monkeypatch.setenv("FUSED_XENT_CHECK_VALUES", "0")
-    weight = torch.tensor([1.0, float("nan"), 1.0])
-    assert torch.isnan(fused_xent.cross_entropy(_logits(4, 3), torch.tensor([0, 1, 2, 1]), weight=weight,
-                                                backend=backend))
+    weight = torch.tensor([1.0, float("nan"), 1.0], device=device)
+    assert torch.isnan(fused_xent.cross_entropy(_logits(4, 3).to(device), torch.tensor([0, 1, 2, 1], device=device),
+                                                weight=weight, backend=backend))

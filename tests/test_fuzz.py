@@ -8,12 +8,20 @@ import os
 
 import pytest
 import torch
-from helpers import assert_close, backends_for, fused, make_class_target, make_logits, make_prob_target, torch_reference
+from helpers import (
+    assert_close,
+    backend_cases,
+    fused,
+    make_class_target,
+    make_logits,
+    make_prob_target,
+    torch_reference,
+)
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 EXAMPLES = int(os.environ.get("FUSED_XENT_FUZZ_EXAMPLES", "150"))
-BACKENDS = backends_for("cpu")
+CASES = backend_cases()
 
 
 @st.composite
@@ -39,31 +47,31 @@ def problems(draw):
     }
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("device,backend", CASES)
 # CI replays a fixed sequence of examples (a red CI must mean a regression, not a new draw); local runs explore.
 @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow],
           derandomize=os.environ.get("CI") == "true")
 @given(case=problems())
-def test_fuzz_against_pytorch(backend, case):
+def test_fuzz_against_pytorch(device, backend, case):
     g = torch.Generator().manual_seed(case["seed"])
     shape, dtype = case["shape"], case["dtype"]
     if case["layout"] == "sliced" and len(shape) == 1:
         case["layout"] = "contiguous"
-    logits = make_logits(shape, case["layout"], dtype, generator=g, scale=case["scale"])
+    logits = make_logits(shape, case["layout"], dtype, device, generator=g, scale=case["scale"])
     num_classes = shape[0] if len(shape) == 1 else shape[1]
     kwargs = {"reduction": case["reduction"], "label_smoothing": case["smoothing"]}
     if case["prob"]:
         target = make_prob_target(logits, generator=g)
     else:
         ignore = case["ignore_index"]
-        target = make_class_target(shape[:1] + shape[2:] if len(shape) > 1 else (), num_classes,
+        target = make_class_target(shape[:1] + shape[2:] if len(shape) > 1 else (), num_classes, device,
                                    ignore_index=ignore, generator=g)
         if ignore is not None:
             kwargs["ignore_index"] = ignore
     if case["weighted"]:
-        kwargs["weight"] = (torch.rand(num_classes, generator=g, dtype=torch.float64) * 3).to(dtype)
+        kwargs["weight"] = (torch.rand(num_classes, generator=g, dtype=torch.float64) * 3).to(device, dtype)
     loss_shape = () if kwargs["reduction"] != "none" or len(shape) == 1 else shape[:1] + shape[2:]
-    grad_output = (torch.rand(loss_shape, generator=g, dtype=torch.float64) - 0.3).to(dtype)
+    grad_output = (torch.rand(loss_shape, generator=g, dtype=torch.float64) - 0.3).to(device, dtype)
     expected_loss, expected_grad = torch_reference(logits, target, grad_output, **kwargs)
     loss, grad = fused(logits, target, grad_output, backend, **kwargs)
     assert loss.shape == expected_loss.shape and loss.dtype == dtype

@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 
 pytest.importorskip("triton")
+from helpers import poison_cuda_cache  # noqa: E402
+
 from fused_xent import _triton_ops  # noqa: E402 (after the importorskip)
 from fused_xent.triton_kernels import TileConfig  # noqa: E402
 
@@ -42,6 +44,8 @@ TOLERANCES = {
 pytestmark = [
     # The interpreter evaluates masked-off lanes too (log(0), 0 * inf); their results are discarded.
     pytest.mark.filterwarnings("ignore::RuntimeWarning:triton.runtime.interpreter"),
+    # With a GPU the whole file runs on it: `pytest -m cuda` (benchmarks/gpu_check.sh) selects it.
+    *([pytest.mark.cuda] if DEVICE == "cuda" else []),
 ]
 needs_kernels = pytest.mark.skipif(DEVICE is None, reason="no GPU: these run in test_interpreter_run's subprocess")
 
@@ -116,6 +120,7 @@ def op_views(x, target):
 def triton_loss(x, target, weight, reduction, ignore_index, label_smoothing):
     """Loss through triton_cross_entropy_fwd (autograd: triton_cross_entropy_bwd), in F.cross_entropy's shape."""
     logits, target_view = op_views(x, target)
+    poison_cuda_cache()
     loss, lse, total_weight = ops.triton_cross_entropy_fwd(
         logits, target_view, weight, REDUCTIONS[reduction], ignore_index, label_smoothing
     )
@@ -543,6 +548,27 @@ def test_every_specialization_compiles_for_hopper(monkeypatch):
         kernels.cross_entropy_fwd_grad(logits, probabilities, weight, 0, -100, 0.1)
         kernels.cross_entropy_bwd(scalar, logits, probabilities, weight, lse, total_weight, 1, -100, 0.1)
     assert len(compile_only.compiled) >= 40
+
+
+@pytest.mark.skipif(INTERPRETED, reason="the interpreter's kernels are not what Inductor re-emits")
+@pytest.mark.parametrize("name", ["_target_weight_kernel", "_forward_kernel", "_backward_kernel"])
+def test_inductor_can_re_emit_kernel_source(name, tmp_path):
+    """torch.compile with Inductor writes each user kernel, with the jit functions and constexpr globals it uses,
+    into a module of its own that imports only triton and Inductor's helpers; that module must load (a constexpr
+    global of NaN, written back as `nan`, once made it fail with a NameError on the GPU). Built here with
+    Inductor's own code generator, on CPU."""
+    try:
+        from torch._inductor.codegen.triton import TritonKernel
+        from torch._inductor.codegen.wrapper import (
+            user_defined_triton_kernel_transitive_closure_source_code as closure_source,
+        )
+    except ImportError as error:  # private Inductor API: moved in this torch
+        pytest.skip(f"Inductor's code generator is not where this test looks: {error}")
+    kernel = getattr(_triton_ops.triton_kernels, name)
+    module = tmp_path / f"{name}.py"
+    module.write_text(TritonKernel.gen_common_triton_imports() + "\n@triton.jit\n" + closure_source(kernel))
+    result = subprocess.run([sys.executable, str(module)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
 
 
 @pytest.mark.skipif(INTERPRETED or DEVICE is not None, reason="runs the interpreter subprocess only without a GPU")

@@ -47,7 +47,7 @@ struct XentParams {
 
   // Gradient scale: grad_loss (null = 1) over total_weight for reduction mean.
   const acc_t* total_weight;
-  const scalar_t* grad_loss;
+  const acc_type<scalar_t>* grad_loss;  // in the accumulation dtype, as the CPU kernel reads it
   int64_t grad_loss_stride_n, grad_loss_stride_s;  // 0 for a 0-d grad_loss
   const acc_t* lse_in;           // lse of every position, for the gradient-only kernels
 };
@@ -243,9 +243,14 @@ __device__ __forceinline__ Pack<kWidth, T> load_pack(const T* ptr) {
 template <int kWidth, typename T>
 __device__ __forceinline__ void store_pack(T* ptr, const Pack<kWidth, T>& in) {
   if constexpr (sizeof(Pack<kWidth, T>) == 16) {
+    // Spelled out: in the block-per-row kernels nvcc 13 splits a plain uint4 store into four 32-bit STGs (seen in
+    // their sm_90 SASS), a quarter of each 16-byte sector per request. "memory" keeps the store after the reads of
+    // the same addresses that precede it (the in-place op writes over the logits it has just read).
     uint4 raw;
     memcpy(&raw, &in, 16);
-    *reinterpret_cast<uint4*>(ptr) = raw;
+    asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};" ::"l"(ptr), "r"(raw.x), "r"(raw.y), "r"(raw.z),
+                 "r"(raw.w)
+                 : "memory");
   } else {
     *reinterpret_cast<Pack<kWidth, T>*>(ptr) = in;
   }

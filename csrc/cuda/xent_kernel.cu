@@ -294,7 +294,7 @@ at::Tensor cross_entropy_bwd_cuda(const at::Tensor& grad_loss, const at::Tensor&
 
   const auto acc_dtype = p.acc_dtype();
   // grad_loss may be an expanded view (e.g. from loss.sum()); strides let the kernel read it without a copy.
-  at::Tensor upstream = grad_loss.to(p.logits.scalar_type());
+  at::Tensor upstream = grad_loss.to(p.acc_dtype());
   upstream = reduction == kReductionNone ? upstream.reshape({p.N, p.S}) : upstream.reshape({});
   const int64_t upstream_stride_n = reduction == kReductionNone ? upstream.stride(0) : 0;
   const int64_t upstream_stride_s = reduction == kReductionNone ? upstream.stride(1) : 0;
@@ -309,7 +309,7 @@ at::Tensor cross_entropy_bwd_cuda(const at::Tensor& grad_loss, const at::Tensor&
     XentParams<scalar_t> q = input_params<scalar_t>(p, weight_sum, grad);
     q.lse_in = lse_acc.data_ptr<acc_t>();
     q.total_weight = total_weight_acc.data_ptr<acc_t>();
-    q.grad_loss = upstream.data_ptr<scalar_t>();
+    q.grad_loss = upstream.data_ptr<acc_t>();
     q.grad_loss_stride_n = upstream_stride_n;
     q.grad_loss_stride_s = upstream_stride_s;
     if (thread_per_position(p)) {

@@ -42,7 +42,7 @@ __global__ void __launch_bounds__(kFinalizeThreads)
   if (weight_partials) {
     *total_weight = weight_sum;
     denominator = weight_sum;
-  } else if (total_weight) {
+  } else if (total_weight && reduction == kReductionMean) {  // unwritten (and unused) for a sum
     denominator = *total_weight;
   }
   if (loss) {

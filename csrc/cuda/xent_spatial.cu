@@ -1,8 +1,10 @@
 // One thread per position, looping over its C classes with any strides. Built for NCHW (position stride 1):
 // consecutive threads own consecutive positions, so every class step is a coalesced warp-wide load. Also used for
 // rows with very few classes (C <= 32, e.g. channels_last segmentation), where a thread's classes are contiguous
-// and neighbouring threads' rows share cache lines. The class loop takes four
-// classes at a time: four independent loads in flight and one online-softmax rescale per chunk at most.
+// and neighbouring threads' rows share cache lines. The class loops take a chunk of classes at a time (16 bytes of
+// logits: 4 fp32 or 8 bf16/fp16), issuing all of its loads before using them, so that each thread keeps several
+// loads in flight (one thread per position leaves little other parallelism to hide memory latency) and the online
+// softmax rescales once per chunk at most.
 #include <c10/cuda/CUDAException.h>
 
 #include "cuda/xent_launch.h"
@@ -11,13 +13,14 @@ namespace fused_xent {
 namespace cuda {
 namespace {
 
-constexpr int kClassChunk = 4;
+template <typename scalar_t>
+constexpr int kClassChunk = sizeof(scalar_t) >= 4 ? 4 : 8;
 
-// Calls body(std::integral_constant<int, W>{}, c) for classes c .. c+W-1, chunks of kClassChunk then single ones.
-template <typename Body>
+// Calls body(std::integral_constant<int, W>{}, c) for classes c .. c+W-1: chunks of kChunk, then single classes.
+template <int kChunk, typename Body>
 __device__ __forceinline__ void for_class_chunks(int64_t num_classes, Body&& body) {
   int64_t c = 0;
-  for (; c + kClassChunk <= num_classes; c += kClassChunk) body(std::integral_constant<int, kClassChunk>{}, c);
+  for (; c + kChunk <= num_classes; c += kChunk) body(std::integral_constant<int, kChunk>{}, c);
   for (; c < num_classes; ++c) body(std::integral_constant<int, 1>{}, c);
 }
 
@@ -33,18 +36,28 @@ __device__ __forceinline__ void write_position_grad(const XentParams<scalar_t>& 
     return;
   }
   const acc_t eps = p.label_smoothing;
-  // Same thread reads x[c] then writes g[c]: safe when g aliases x.
-#pragma unroll 4
-  for (int64_t c = 0; c < p.C; ++c) {
-    const acc_t xc = static_cast<acc_t>(x[c * sc]);
-    acc_t d;
-    if constexpr (kProb) {
-      d = prob_grad_at<acc_t>(row, p.weight, c, xc, static_cast<acc_t>(t[c * sc]), eps, p.C);
-    } else {
-      d = index_grad_at<acc_t>(row, p.weight, c, xc);
+  // g may alias x (the in-place op), so the compiler cannot move a load above an earlier store: load the whole
+  // chunk first, then store it. The same thread reads x[c] before writing g[c], which keeps aliasing safe.
+  for_class_chunks<kClassChunk<scalar_t>>(p.C, [&](auto width, int64_t c) {
+    constexpr int W = decltype(width)::value;
+    acc_t xs[W];
+    [[maybe_unused]] acc_t ts[W];  // probability targets only
+#pragma unroll
+    for (int i = 0; i < W; ++i) {
+      xs[i] = static_cast<acc_t>(x[(c + i) * sc]);
+      if constexpr (kProb) ts[i] = static_cast<acc_t>(t[(c + i) * sc]);
     }
-    g[c * sc] = static_cast<scalar_t>(d);
-  }
+#pragma unroll
+    for (int i = 0; i < W; ++i) {
+      acc_t d;
+      if constexpr (kProb) {
+        d = prob_grad_at<acc_t>(row, p.weight, c + i, xs[i], ts[i], eps, p.C);
+      } else {
+        d = index_grad_at<acc_t>(row, p.weight, c + i, xs[i]);
+      }
+      g[(c + i) * sc] = static_cast<scalar_t>(d);
+    }
+  });
 }
 
 template <typename scalar_t, bool kProb>
@@ -78,7 +91,7 @@ __global__ void __launch_bounds__(256) spatial_forward_kernel(const XentParams<s
     }
 
     auto st = RowStats<acc_t>::empty();
-    for_class_chunks(p.C, [&](auto width, int64_t c) {
+    for_class_chunks<kClassChunk<scalar_t>>(p.C, [&](auto width, int64_t c) {
       constexpr int W = decltype(width)::value;
       acc_t xs[W];
 #pragma unroll

@@ -1,0 +1,94 @@
+"""Every GPU kernel path once, on small inputs, for `compute-sanitizer` (run by benchmarks/gpu_check.sh):
+
+    compute-sanitizer --tool memcheck python3 benchmarks/gpu_sanitize.py
+
+Each op of each GPU backend runs on rows with a warp per position, a block per position, rows split across blocks,
+NCHW and channels_last positions, misaligned rows, probability targets, weights, smoothing, every reduction, and
+out-of-range class indices (which must give NaN without touching memory out of bounds). The sanitizer reports any
+out-of-bounds or misaligned access; this script only checks that the results are finite where they should be.
+`--device cpu` runs the same calls through the CPU kernel (which raises on out-of-range indices instead, so those
+are left out): a check of this script itself, without a GPU.
+"""
+
+import argparse
+import itertools
+
+import torch
+
+import fused_xent
+
+OPS = torch.ops.fused_xent
+# (shape, layout): C <= 2048 (warp per row), C > 2048 (block per row), few rows with a huge C (split rows), NCHW,
+# channels_last with C <= 32 and with C > 32, and a row stride that is not a multiple of 16 bytes.
+PROBLEMS = [
+    ((37, 1000), "contiguous"),
+    ((9, 5003), "contiguous"),
+    ((2, 70001), "contiguous"),
+    ((3, 7, 5, 9), "contiguous"),
+    ((2, 19, 6, 7), "channels_last"),
+    ((2, 40, 3, 5), "channels_last"),
+    ((5, 2049), "offset"),
+]
+
+
+def backend_prefixes(device):
+    """{backend: op-name prefix} for the backends available here on `device`."""
+    available = fused_xent.available_backends()
+    candidates = (("cuda", ""), ("triton", "triton_")) if device == "cuda" else (("cpu", ""),)
+    return {name: prefix for name, prefix in candidates if name in available}
+
+
+def make_logits(shape, layout, dtype, device):
+    x = torch.randn(shape, device=device).mul_(3).to(dtype)
+    if layout == "channels_last":
+        return x.contiguous(memory_format=torch.channels_last)
+    if layout == "offset":
+        flat = torch.empty(x.numel() + 1, device=device, dtype=dtype)[1:]
+        return flat.view(shape).copy_(x)
+    return x
+
+
+def as_ops_view(x):
+    return x.view(x.shape[0], x.shape[1], -1) if x.dim() > 2 else x.unsqueeze(2)
+
+
+def run_backend(prefix, device):
+    op = {name: getattr(OPS, f"{prefix}cross_entropy_{name}") for name in ("fwd", "bwd", "fwd_grad", "fwd_grad_")}
+    calls = 0
+    for (shape, layout), dtype in itertools.product(PROBLEMS, (torch.float32, torch.bfloat16)):
+        x = as_ops_view(make_logits(shape, layout, dtype, device))
+        n, c, s = x.shape
+        index_target = torch.randint(0, c, (n, s), device=device)
+        index_target.view(-1)[::5] = -100
+        bad_target = index_target.clone()
+        bad_target.view(-1)[1::7] = c  # out of range: NaN, never an out-of-bounds read
+        prob_target = torch.rand_like(x, dtype=torch.float32).softmax(1).to(dtype)
+        weight = torch.rand(c, device=device, dtype=dtype) + 0.5
+        targets = (index_target, prob_target) + ((bad_target,) if device == "cuda" else ())
+        for target, w, reduction, smoothing in itertools.product(targets, (None, weight), (0, 1, 2), (0.0, 0.1)):
+            loss, lse, total_weight = op["fwd"](x, target, w, reduction, -100, smoothing)
+            grad_loss = torch.ones_like(loss)
+            op["bwd"](grad_loss, x, target, w, lse, total_weight, reduction, -100, smoothing)
+            op["fwd_grad"](x, target, w, reduction, -100, smoothing)
+            op["fwd_grad_"](x.clone(), target, w, reduction, -100, smoothing)
+            if target is not bad_target:
+                assert torch.isfinite(lse).all(), (shape, layout, dtype, reduction, smoothing)
+            calls += 4
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return calls
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
+    device = parser.parse_args().device
+    backends = backend_prefixes(device)
+    if not backends:
+        raise SystemExit(f"no {device} backend here: {fused_xent.available_backends()}")
+    for name, prefix in backends.items():
+        print(f"{name}: {run_backend(prefix, device)} op calls, no error raised")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,111 @@
+"""The benchmark's own machinery on the CPU: a small end-to-end run, its outputs, and the correctness gate that keeps
+a wrong provider out of the timings. (The GPU path runs in benchmarks/gpu_check.sh on a lent GPU.)"""
+
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch.nn.functional as F
+
+import fused_xent
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))
+
+import correctness  # noqa: E402  (benchmarks/ is a folder of scripts, not a package)
+import providers  # noqa: E402
+import shapes  # noqa: E402
+
+needs_cpu_kernel = pytest.mark.skipif("cpu" not in fused_xent.available_backends(), reason="extension not built")
+
+
+@needs_cpu_kernel
+def test_bench_runs_end_to_end(tmp_path):
+    args = [sys.executable, str(BENCHMARKS / "bench.py"), "--families", "cls", "--providers", "fused-cpu,eager",
+            "--modes", "fwd,fwd+bwd", "--repeats", "3", "--out", str(tmp_path)]
+    run = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    (table,) = tmp_path.glob("cpu-*.csv")
+    rows = list(csv.DictReader(table.open()))
+    assert {"provider", "shape", "dtype", "mode", "metric", "median", "p20", "p80", "device_name", "torch_version",
+            "git_commit", "date"} <= set(rows[0])
+
+    def value(provider, mode, metric):
+        (row,) = [r for r in rows if (r["provider"], r["mode"], r["metric"]) == (provider, mode, metric)]
+        return row
+
+    for provider in ("fused-cpu", "eager"):
+        assert value(provider, "-", "verdict")["note"] == "ok"
+        for mode in ("fwd", "fwd+bwd"):
+            time_row = value(provider, mode, "time")
+            assert float(time_row["p20"]) <= float(time_row["median"]) <= float(time_row["p80"])
+            assert float(value(provider, mode, "bandwidth")["median"]) > 0
+    fused_ms, eager_ms = (float(value(p, "fwd+bwd", "time")["median"]) for p in ("fused-cpu", "eager"))
+    speedup = float(value("fused-cpu", "fwd+bwd", "speedup_vs_eager")["median"])
+    assert speedup == pytest.approx(eager_ms / fused_ms, rel=1e-4)
+    assert float(value("copy", "copy", "bandwidth")["median"]) > 0
+    markdown = next(tmp_path.glob("cpu-*.md")).read_text()
+    assert "| provider | mode | median ms | p20-p80 ms | vs eager |" in markdown and "65536x10" in markdown
+    assert list(tmp_path.glob("cpu-*-cls-fp32.png"))
+
+
+def _cls_problem():
+    case = shapes.Case("cls", (512, 10), "fp32")
+    return shapes.make_inputs(case, "cpu")
+
+
+def test_gate_passes_pytorch_and_rejects_a_wrong_provider():
+    logits, target = _cls_problem()
+    reference = correctness.Reference(logits, target, with_grad=True)
+    right = providers.Provider("right", F.cross_entropy, traffic="recompute")
+    assert correctness.check(right, logits, target, reference, "fp32").ok
+    off_by_a_bit = providers.Provider("wrong", lambda x, t: F.cross_entropy(x, t) * 1.001, traffic="recompute")
+    verdict = correctness.check(off_by_a_bit, logits, target, reference, "fp32")
+    assert not verdict.ok and "loss error" in verdict.message and "grad error" in verdict.message
+
+
+def test_gate_rejects_nan():
+    logits, target = _cls_problem()
+    reference = correctness.Reference(logits, target, with_grad=False)
+    nan_loss = providers.Provider("nan", lambda x, t: F.cross_entropy(x, t) * float("nan"), traffic="recompute")
+    assert not correctness.check(nan_loss, logits, target, reference, "fp32").ok
+
+
+def test_quick_provider_sets():
+    """The quick set is the fastest backend in every grad mode plus the other compiled backends; never the slow
+    pure-PyTorch reference beside a compiled kernel."""
+    candidates, _ = providers.all_providers("cpu")
+    chosen = [p.name for p in providers.select(candidates, "cpu", full=False, patterns=None)]
+    backends = providers.fused_backends("cpu")
+    if backends[0] == "cpu":
+        assert chosen == ["fused-cpu", "fused-cpu-in_forward", "fused-cpu-inplace", "eager", "compile"]
+    else:
+        assert chosen == ["fused-torch", "eager", "compile"]
+    everything = providers.select(candidates, "cpu", full=True, patterns=None)
+    assert len(everything) == len(candidates)
+    assert [p.name for p in providers.select(candidates, "cpu", False, ["eag*"])] == ["eager"]
+
+
+def test_gpu_quick_set_has_the_target_shapes():
+    table = {(c.family, c.shape, c.dtype_name) for c in shapes.cases("cuda", False, list(shapes.FAMILIES),
+                                                                      shapes.default_dtypes("cuda", False))}
+    for shape in ((8192, 128256), (4096, 256000)):
+        assert ("llm", shape, "bf16") in table
+    for dtype in ("fp32", "bf16"):
+        assert ("seg", (16, 19, 512, 1024), dtype) in table
+
+
+@needs_cpu_kernel
+def test_sanitizer_workload_runs_on_the_cpu_kernel():
+    """benchmarks/gpu_sanitize.py (run under compute-sanitizer on a GPU) makes valid calls of every op."""
+    run = subprocess.run([sys.executable, str(BENCHMARKS / "gpu_sanitize.py"), "--device", "cpu"],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "op calls, no error raised" in run.stdout
+
+
+def test_gpu_check_script_parses():
+    assert subprocess.run(["bash", "-n", str(BENCHMARKS / "gpu_check.sh")]).returncode == 0
+
