@@ -34,6 +34,11 @@ def device_name(device: str) -> str:
 
 
 def git_commit() -> str:
+    """The checkout's commit (-dirty with uncommitted changes), or $GIT_COMMIT where the tree is a copy without .git
+    (a lent GPU machine: gpu_check.sh passes it on)."""
+    if os.environ.get("GIT_COMMIT"):
+        return os.environ["GIT_COMMIT"]
+
     def git(*args):
         return subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True).stdout.strip()
 

@@ -6,7 +6,10 @@
 #
 #   OUT=/path/to/results bash benchmarks/gpu_check.sh           (or: make gpu-check)
 #   STAGES="build tests" OUT=... bash benchmarks/gpu_check.sh    (a rerun of some stages; build is needed once)
+#   GIT_COMMIT=$(git rev-parse --short HEAD) ...                  (recorded in the results; the copy has no .git)
 #
+# Stages: env wheels build tests kernels bench sanitize (the default, in this order) and e2e (bench's end-to-end
+# training comparison on the GPU; not in the default set).
 # GPU_CHECK_BUDGET_S (default 540) bounds the whole run: each stage gets its own cap or what is left, whichever is
 # less. Wheels found in .whl/ (e.g. liger-kernel, for the benchmark's Liger peer) are installed to a scratch
 # folder first. pytest-xdist and pytest-timeout are used when the machine has them.
@@ -94,6 +97,13 @@ if wants bench; then
   timeout "$(allowance 400)" "$PYTHON" benchmarks/bench.py --device cuda --budget 0.5 --out "$OUT" \
     > "$OUT/bench.log" 2>&1 || echo "bench.py exited with $? (see bench.log)"
   tail -12 "$OUT/bench.log"
+fi
+
+if wants e2e; then
+  step "end-to-end training, fused vs PyTorch loss (benchmarks/e2e.py --device cuda)"
+  timeout "$(allowance 150)" "$PYTHON" benchmarks/e2e.py --device cuda --out "$OUT" > "$OUT/e2e.log" 2>&1 \
+    || echo "e2e.py exited with $? (see e2e.log)"
+  tail -8 "$OUT/e2e.log"
 fi
 
 if wants sanitize; then

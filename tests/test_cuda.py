@@ -353,6 +353,39 @@ def test_out_of_range_target_in_kernel_is_nan(shape):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Peak memory: logits + gradient + O(positions)
+
+
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("shape,layout", [((4096, 32000), "contiguous"), ((8, 19, 256, 512), "contiguous"),
+                                          ((8, 19, 256, 512), "channels_last")], ids=str)
+@pytest.mark.cuda
+@needs_gpu
+def test_peak_memory_is_the_gradient_and_per_position_buffers(backend, shape, layout):
+    """fwd+bwd allocates the gradient (none in place) and a few values per position, never an N x C temporary."""
+    if backend not in fused_xent.available_backends():
+        pytest.skip(f"backend {backend!r} not available here")
+    generator = torch.Generator().manual_seed(17)
+    x = make_logits(shape, layout, torch.bfloat16, generator)
+    target = make_target(x, "index_ignore", -100, generator)
+    logits_bytes = x.numel() * x.element_size()
+    per_position = 64 * (x.numel() // x.shape[1]) + (4 << 20)  # lse, loss, target checks, block partials
+    for grad_mode, gradient_bytes in (("recompute", logits_bytes), ("in_forward", logits_bytes), ("inplace", 0)):
+        leaf = x.detach().clone().requires_grad_(True)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fused_xent.cross_entropy(leaf, target, backend=backend, grad_mode=grad_mode).backward()
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - base
+        assert peak <= gradient_bytes + per_position, (
+            f"{grad_mode}: peak {peak / 2**20:.1f} MiB above the inputs, allowed "
+            f"{(gradient_bytes + per_position) / 2**20:.1f} MiB (logits are {logits_bytes / 2**20:.1f} MiB)"
+        )
+        del leaf
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # More than 2**31 elements: 64-bit indexing
 
 
