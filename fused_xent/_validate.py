@@ -119,9 +119,12 @@ def check_values(problem: Problem, check_targets: bool):
     """Data-dependent checks: class indices in range (unless the kernel checks them itself) and no NaN weights.
 
     They cost a pass over the targets and one host synchronisation on GPUs; FUSED_XENT_CHECK_VALUES=0 skips them,
-    and they are skipped under torch.compile, where the kernels still never index out of bounds (NaN instead).
+    and they are skipped under torch.compile and while a CUDA graph is being captured (where a synchronisation is
+    not allowed); the kernels still never index out of bounds there (NaN instead).
     """
     if os.environ.get(CHECK_VALUES_ENV, "1") == "0" or torch.compiler.is_compiling():
+        return
+    if problem.logits.is_cuda and torch.cuda.is_current_stream_capturing():
         return
     check_targets = check_targets and not problem.prob_target
     flags = []

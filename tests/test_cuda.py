@@ -352,6 +352,49 @@ def test_out_of_range_target_in_kernel_is_nan(shape):
     torch.cuda.synchronize()
 
 
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("grad_mode", GRAD_MODES)
+@pytest.mark.cuda
+@needs_gpu
+def test_cuda_graph_capture_and_replay(backend, grad_mode):
+    """fwd+bwd captured in a CUDA graph (so nothing in it may synchronise with the host: the value checks and the
+    unit-gradient shortcut step aside) and replayed on new inputs gives PyTorch's loss and gradient."""
+    if backend not in fused_xent.available_backends():
+        pytest.skip(f"backend {backend!r} not available here")
+    generator = torch.Generator().manual_seed(19)
+    shape, kwargs = (48, 3000), {"weight": None, "label_smoothing": 0.1}
+    logits = make_logits(shape, "contiguous", torch.float32, generator).requires_grad_(True)
+    target = make_target(logits, "index_ignore", -100, generator)
+    kwargs["weight"] = make_weight(logits, generator)
+
+    def step():
+        logits.grad = None
+        fused_xent.cross_entropy(logits, target, backend=backend, grad_mode=grad_mode, **kwargs).backward()
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):  # compiles and loads every kernel before the capture
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    logits.grad = None
+    with torch.cuda.graph(graph):
+        loss = fused_xent.cross_entropy(logits, target, backend=backend, grad_mode=grad_mode, **kwargs)
+        loss.backward()
+    for _ in range(2):
+        fresh_logits = make_logits(shape, "contiguous", torch.float32, generator)
+        fresh_target = make_target(fresh_logits, "index_ignore", -100, generator)
+        with torch.no_grad():
+            logits.copy_(fresh_logits)  # 'inplace' overwrote them with the gradient
+        target.copy_(fresh_target)
+        graph.replay()
+        torch.cuda.synchronize()
+        expected_loss, expected_grad = reference(fresh_logits, fresh_target, torch.tensor(1.0, device="cuda"), **kwargs)
+        assert_close(loss, expected_loss, torch.float32, f"replayed loss ({grad_mode})")
+        assert_close(logits.grad, expected_grad, torch.float32, f"replayed grad ({grad_mode})")
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Peak memory: logits + gradient + O(positions)
 
