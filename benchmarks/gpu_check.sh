@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
 # The one prepared run for a lent GPU machine (H200, no internet, torch/triton preinstalled): build the extension
-# with the CUDA kernel, run every GPU test, time each GPU backend's kernels, run the GPU benchmark, run every kernel
-# path under compute-sanitizer, and print a short summary last. Everything goes to $OUT; each stage writes as it
+# with the CUDA kernel, run every GPU test, time each GPU backend's kernels, run every kernel path under
+# compute-sanitizer, run the GPU benchmark, and print a short summary last. Everything goes to $OUT; each stage writes as it
 # goes, so a run cut short still leaves its results.
 #
 #   OUT=/path/to/results bash benchmarks/gpu_check.sh           (or: make gpu-check)
 #   STAGES="build tests" OUT=... bash benchmarks/gpu_check.sh    (a rerun of some stages; build is needed once)
 #   GIT_COMMIT=$(git rev-parse --short HEAD) ...                  (recorded in the results; the copy has no .git)
 #
-# Stages: env wheels build tests kernels bench sanitize (the default, in this order) and e2e (bench's end-to-end
-# training comparison on the GPU; not in the default set).
+# Stages: env wheels build tests kernels sanitize bench (the default, in this order: the benchmark, which writes
+# after every problem, takes what is left of the budget) and e2e (the end-to-end training comparison on the GPU;
+# not in the default set).
 # GPU_CHECK_BUDGET_S (default 540) bounds the whole run: each stage gets its own cap or what is left, whichever is
 # less. Wheels found in .whl/ (e.g. liger-kernel, for the benchmark's Liger peer) are installed to a scratch
 # folder first. pytest-xdist and pytest-timeout are used when the machine has them.
@@ -20,7 +21,7 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu_check_out}
 mkdir -p "$OUT"
 PYTHON=${PYTHON:-python3}  # the lent GPU image has python3 only
-STAGES=${STAGES:-env wheels build tests kernels bench sanitize}
+STAGES=${STAGES:-env wheels build tests kernels sanitize bench}
 BUDGET=${GPU_CHECK_BUDGET_S:-540}
 START=$(date +%s)
 STATUS=0
@@ -92,12 +93,6 @@ if wants kernels; then
     || echo "gpu_kernel_table.py exited with $? (see kernel_table.log)"
 fi
 
-if wants bench; then
-  step "GPU benchmark (benchmarks/bench.py --device cuda)"
-  timeout "$(allowance 400)" "$PYTHON" benchmarks/bench.py --device cuda --budget 0.5 --out "$OUT" \
-    > "$OUT/bench.log" 2>&1 || echo "bench.py exited with $? (see bench.log)"
-  tail -12 "$OUT/bench.log"
-fi
 
 if wants e2e; then
   step "end-to-end training, fused vs PyTorch loss (benchmarks/e2e.py --device cuda)"
@@ -121,6 +116,13 @@ if wants sanitize; then
   else
     echo "compute-sanitizer not found; skipped"
   fi
+fi
+
+if wants bench; then
+  step "GPU benchmark (benchmarks/bench.py --device cuda)"
+  timeout "$(allowance 400)" "$PYTHON" benchmarks/bench.py --device cuda --budget 0.5 --out "$OUT" \
+    > "$OUT/bench.log" 2>&1 || echo "bench.py exited with $? (see bench.log)"
+  tail -12 "$OUT/bench.log"
 fi
 
 step "summary"
