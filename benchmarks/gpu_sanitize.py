@@ -85,8 +85,13 @@ def run_backend(prefix, device):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
-    device = parser.parse_args().device
+    parser.add_argument("--backends", help="comma list of backends to run (default: every one available here); "
+                                           "Triton's many specializations each compile under the sanitizer")
+    args = parser.parse_args()
+    device = args.device
     backends = backend_prefixes(device)
+    if args.backends:
+        backends = {name: prefix for name, prefix in backends.items() if name in args.backends.split(",")}
     if not backends:
         raise SystemExit(f"no {device} backend here: {fused_xent.available_backends()}")
     for name, prefix in backends.items():

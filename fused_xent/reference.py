@@ -69,7 +69,7 @@ def cross_entropy_bwd(grad_loss, logits, target, weight, lse, total_weight, redu
     scale = grad_loss.to(x.dtype)
     if reduction == REDUCTION_MEAN:
         scale = scale / total_weight
-    scale = scale.view(-1, 1, x.shape[2]) if reduction == REDUCTION_NONE else scale
+    scale = scale.view(x.shape[0], 1, x.shape[2]) if reduction == REDUCTION_NONE else scale
     if target.is_floating_point():
         smoothed = w * (target.to(x.dtype) * (1.0 - label_smoothing) + label_smoothing / num_classes)
         grad = smoothed.sum(1, keepdim=True) * probs - smoothed

@@ -1,5 +1,7 @@
 """Input builders and tolerances shared by the test modules."""
 
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -24,6 +26,7 @@ SHAPES = [
     ((9, 423), "contiguous"),
     ((3, 32000), "contiguous"),
     ((0, 5), "contiguous"),
+    ((2, 3, 0, 4), "contiguous"),
     ((6, 10), "transposed"),
     ((5, 12), "sliced"),
     ((2, 3, 5), "contiguous"),
@@ -43,8 +46,10 @@ def shape_id(item):
 def backends_for(device: str):
     """Backends to test on a device: every available one that runs there. Triton serves CPU tensors only under
     TRITON_INTERPRET=1, which tests/test_triton.py sets in subprocesses that run its own suite, the error table and
-    the fuzzer."""
-    names = {"cpu": ("cpu", "triton", "torch"), "cuda": ("cuda", "triton", "torch")}[device]
+    the fuzzer (with a GPU, "triton" is available but for CUDA tensors only)."""
+    interpreted = os.environ.get("TRITON_INTERPRET", "0") == "1"
+    names = {"cpu": ("cpu", "triton", "torch") if interpreted else ("cpu", "torch"),
+             "cuda": ("cuda", "triton", "torch")}[device]
     return [name for name in names if name in fused_xent.available_backends()]
 
 

@@ -8,6 +8,7 @@ in_forward -> cross_entropy_fwd_grad, inplace -> cross_entropy_fwd_grad_).
 """
 
 import os
+import zlib
 
 import pytest
 import torch
@@ -203,7 +204,8 @@ OPTIONS = [
 @pytest.mark.cuda
 @needs_gpu
 def test_parity(shape, layout, dtype):
-    generator = torch.Generator().manual_seed(hash((shape, layout, str(dtype))) % 2**31)
+    # crc32, not hash(): string hashes change from process to process, and a failure must replay with its inputs.
+    generator = torch.Generator().manual_seed(zlib.crc32(repr((shape, layout, dtype)).encode()))
     x = make_logits(shape, layout, dtype, generator)
     for kind, with_weight, smoothing, reduction, ignore_index in OPTIONS:
         target = make_target(x, kind, ignore_index, generator)
