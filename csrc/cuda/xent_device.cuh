@@ -281,7 +281,54 @@ __device__ __forceinline__ void visit_classes(const scalar_t* anchor, int64_t be
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-// Per-position helpers shared by the row and spatial kernels.
+// Per-position helpers shared by the row, split-row and spatial kernels.
+
+// Position r = n * S + s: its indices and the offset of its class 0 in the logits (and gradient, prob target).
+struct Position {
+  int64_t n, s, offset;
+};
+
+template <typename scalar_t>
+__device__ __forceinline__ Position locate(const XentParams<scalar_t>& p, int64_t r) {
+  const int64_t n = r / p.S;
+  const int64_t s = r - n * p.S;
+  return {n, s, n * p.stride_n + s * p.stride_s};
+}
+
+// A position's class index as the forward needs it. For a valid one, the target's logit (read before any gradient
+// written in the same pass may overwrite it) and weight; otherwise logit 0 and weight 1, which the loss ignores.
+template <typename acc_t>
+struct IndexTarget {
+  int kind;
+  int64_t y;
+  acc_t logit, weight;
+};
+
+template <typename scalar_t>
+__device__ __forceinline__ IndexTarget<acc_type<scalar_t>> read_index_target(const XentParams<scalar_t>& p, int64_t r,
+                                                                             const scalar_t* x, int64_t class_stride) {
+  using acc_t = acc_type<scalar_t>;
+  IndexTarget<acc_t> target{kTargetValid, p.target_index[r], acc_t(0), acc_t(1)};
+  target.kind = classify_target(target.y, p.ignore_index, p.C);
+  if (target.kind == kTargetValid) {
+    target.logit = static_cast<acc_t>(x[target.y * class_stride]);
+    target.weight = class_weight(p.weight, target.y);
+  }
+  return target;
+}
+
+// This block's loss and target-weight sums into the per-block partials that finalize_kernel adds up in a fixed
+// order (reductions mean and sum); nothing to do for reduction none. Called by every thread of the block.
+template <typename scalar_t>
+__device__ __forceinline__ void store_block_partials(const XentParams<scalar_t>& p, acc_type<scalar_t> loss_acc,
+                                                     acc_type<scalar_t> weight_acc) {
+  if (!p.loss_partials && !p.weight_partials) return;
+  block_sum_pair(loss_acc, weight_acc);
+  if (threadIdx.x == 0) {
+    if (p.loss_partials) p.loss_partials[blockIdx.x] = loss_acc;
+    if (p.weight_partials) p.weight_partials[blockIdx.x] = weight_acc;
+  }
+}
 
 template <typename scalar_t>
 __device__ __forceinline__ acc_type<scalar_t> upstream_scale(const XentParams<scalar_t>& p, int64_t n, int64_t s) {

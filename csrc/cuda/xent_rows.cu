@@ -92,23 +92,11 @@ __global__ void __launch_bounds__(Group::kMaxThreads) rows_forward_kernel(const 
   acc_t loss_acc = 0, weight_acc = 0;  // this block's share of the reduction (group rank 0 only)
 
   for (int64_t r = Group::index(); r < positions; r += Group::count()) {
-    const int64_t n = r / p.S;
-    const int64_t s = r - n * p.S;
-    const int64_t offset = n * p.stride_n + s * p.stride_s;
-    const scalar_t* x = p.logits + offset;
-    const scalar_t* t = kProb ? p.target_prob + offset : nullptr;
-
-    int kind = kTargetValid;
-    int64_t y = 0;
-    acc_t target_logit = 0, weight_of_target = 1;
-    if constexpr (!kProb) {
-      y = p.target_index[r];
-      kind = classify_target(y, p.ignore_index, p.C);
-      if (kind == kTargetValid) {
-        target_logit = static_cast<acc_t>(x[y]);  // before the gradient may overwrite it
-        weight_of_target = class_weight(p.weight, y);
-      }
-    }
+    const Position pos = locate(p, r);
+    const scalar_t* x = p.logits + pos.offset;
+    const scalar_t* t = kProb ? p.target_prob + pos.offset : nullptr;
+    IndexTarget<acc_t> target{kTargetValid, 0, acc_t(0), acc_t(1)};
+    if constexpr (!kProb) target = read_index_target(p, r, x, 1);
 
     const auto st = Group::allreduce(thread_row_stats<Group, kProb>(p, x, t, 0, p.C), smem);
     const acc_t lse = st.lse();
@@ -117,7 +105,7 @@ __global__ void __launch_bounds__(Group::kMaxThreads) rows_forward_kernel(const 
       loss = prob_target_loss<acc_t>(lse, st.tsum, st.dot);
       counted_weight = 1;
     } else {
-      index_position_loss<acc_t>(kind, weight_of_target, lse, target_logit, st, weight_sum, eps, p.C, loss,
+      index_position_loss<acc_t>(target.kind, target.weight, lse, target.logit, st, weight_sum, eps, p.C, loss,
                                  counted_weight);
     }
     if (Group::rank() == 0) {
@@ -134,22 +122,17 @@ __global__ void __launch_bounds__(Group::kMaxThreads) rows_forward_kernel(const 
         row = GradRow<acc_t>{};
         row.kind = kTargetValid;
         row.lse = lse;
-        row.scale = upstream_scale(p, n, s);
+        row.scale = upstream_scale(p, pos.n, pos.s);
         row.tsum = st.tsum;
       } else {
-        row = index_grad_row<acc_t>(kind, y, weight_of_target, lse, weight_sum, eps, p.C, upstream_scale(p, n, s));
+        row = index_grad_row<acc_t>(target.kind, target.y, target.weight, lse, weight_sum, eps, p.C,
+                                    upstream_scale(p, pos.n, pos.s));
       }
-      write_row_grad<Group, kProb>(p, x, t, p.grad + offset, 0, p.C, row);
+      write_row_grad<Group, kProb>(p, x, t, p.grad + pos.offset, 0, p.C, row);
     }
   }
 
-  if (p.loss_partials || p.weight_partials) {
-    block_sum_pair(loss_acc, weight_acc);
-    if (threadIdx.x == 0) {
-      if (p.loss_partials) p.loss_partials[blockIdx.x] = loss_acc;
-      if (p.weight_partials) p.weight_partials[blockIdx.x] = weight_acc;
-    }
-  }
+  store_block_partials(p, loss_acc, weight_acc);
 }
 
 // Work item = (position, split): classes [split * split_len, min(C, (split + 1) * split_len)).
@@ -165,15 +148,13 @@ __global__ void __launch_bounds__(Group::kMaxThreads)
   for (int64_t item = Group::index(); item < items; item += Group::count()) {
     const int64_t r = item / splits;
     const int64_t split = item - r * splits;
-    const int64_t n = r / p.S;
-    const int64_t s = r - n * p.S;
-    const int64_t offset = n * p.stride_n + s * p.stride_s;
+    const Position pos = locate(p, r);
     const int64_t begin = split * split_len;
     const int64_t end = begin + split_len < p.C ? begin + split_len : p.C;
-    const scalar_t* x = p.logits + offset;
-    const scalar_t* t = kProb ? p.target_prob + offset : nullptr;
+    const scalar_t* x = p.logits + pos.offset;
+    const scalar_t* t = kProb ? p.target_prob + pos.offset : nullptr;
     const acc_t lse = p.lse_in[r];
-    const acc_t scale = upstream_scale(p, n, s);
+    const acc_t scale = upstream_scale(p, pos.n, pos.s);
 
     GradRow<acc_t> row{};
     if constexpr (kProb) {
@@ -198,7 +179,7 @@ __global__ void __launch_bounds__(Group::kMaxThreads)
       const acc_t weight_of_target = kind == kTargetValid ? class_weight(p.weight, y) : acc_t(0);
       row = index_grad_row<acc_t>(kind, y, weight_of_target, lse, weight_sum, eps, p.C, scale);
     }
-    write_row_grad<Group, kProb>(p, x, t, p.grad + offset, begin, end, row);
+    write_row_grad<Group, kProb>(p, x, t, p.grad + pos.offset, begin, end, row);
   }
 }
 

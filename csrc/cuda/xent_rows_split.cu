@@ -23,9 +23,7 @@ __global__ void __launch_bounds__(BlockGroup::kMaxThreads)
   for (int64_t item = blockIdx.x; item < items; item += gridDim.x) {
     const int64_t r = item / splits;
     const int64_t split = item - r * splits;
-    const int64_t n = r / p.S;
-    const int64_t s = r - n * p.S;
-    const scalar_t* x = p.logits + n * p.stride_n + s * p.stride_s;
+    const scalar_t* x = p.logits + locate(p, r).offset;
     const int64_t begin = split * split_len;
     const int64_t end = begin + split_len < p.C ? begin + split_len : p.C;
 
@@ -63,18 +61,10 @@ __global__ void __launch_bounds__(256) rows_split_combine_kernel(const XentParam
     for (int64_t k = 1; k < splits; ++k) st.merge(split_stats[r * splits + k]);
     const acc_t lse = st.lse();
 
-    const int64_t y = p.target_index[r];
-    const int kind = classify_target(y, p.ignore_index, p.C);
-    acc_t target_logit = 0, weight_of_target = 1;
-    if (kind == kTargetValid) {
-      const int64_t n = r / p.S;
-      const int64_t s = r - n * p.S;
-      // Read here, before the gradient kernel that may overwrite the logits runs.
-      target_logit = static_cast<acc_t>(p.logits[n * p.stride_n + s * p.stride_s + y]);
-      weight_of_target = class_weight(p.weight, y);
-    }
+    // The target logit is read here, before the gradient kernel that may overwrite the logits runs.
+    const auto target = read_index_target(p, r, p.logits + locate(p, r).offset, 1);
     acc_t loss, counted_weight;
-    index_position_loss<acc_t>(kind, weight_of_target, lse, target_logit, st, weight_sum, eps, p.C, loss,
+    index_position_loss<acc_t>(target.kind, target.weight, lse, target.logit, st, weight_sum, eps, p.C, loss,
                                counted_weight);
     if (p.lse) p.lse[r] = lse;
     if (p.loss_rows) p.loss_rows[r] = static_cast<scalar_t>(loss);
@@ -82,13 +72,7 @@ __global__ void __launch_bounds__(256) rows_split_combine_kernel(const XentParam
     weight_acc += counted_weight;
   }
 
-  if (p.loss_partials || p.weight_partials) {
-    block_sum_pair(loss_acc, weight_acc);
-    if (threadIdx.x == 0) {
-      if (p.loss_partials) p.loss_partials[blockIdx.x] = loss_acc;
-      if (p.weight_partials) p.weight_partials[blockIdx.x] = weight_acc;
-    }
-  }
+  store_block_partials(p, loss_acc, weight_acc);
 }
 
 }  // namespace

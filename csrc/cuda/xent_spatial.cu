@@ -72,23 +72,11 @@ __global__ void __launch_bounds__(256) spatial_forward_kernel(const XentParams<s
 
   for (int64_t r = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; r < positions;
        r += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t n = r / p.S;
-    const int64_t s = r - n * p.S;
-    const int64_t offset = n * p.stride_n + s * p.stride_s;
-    const scalar_t* x = p.logits + offset;
-    const scalar_t* t = kProb ? p.target_prob + offset : nullptr;
-
-    int kind = kTargetValid;
-    int64_t y = 0;
-    acc_t target_logit = 0, weight_of_target = 1;
-    if constexpr (!kProb) {
-      y = p.target_index[r];
-      kind = classify_target(y, p.ignore_index, p.C);
-      if (kind == kTargetValid) {
-        target_logit = static_cast<acc_t>(x[y * sc]);
-        weight_of_target = class_weight(p.weight, y);
-      }
-    }
+    const Position pos = locate(p, r);
+    const scalar_t* x = p.logits + pos.offset;
+    const scalar_t* t = kProb ? p.target_prob + pos.offset : nullptr;
+    IndexTarget<acc_t> target{kTargetValid, 0, acc_t(0), acc_t(1)};
+    if constexpr (!kProb) target = read_index_target(p, r, x, sc);
 
     auto st = RowStats<acc_t>::empty();
     for_class_chunks<kClassChunk<scalar_t>>(p.C, [&](auto width, int64_t c) {
@@ -117,7 +105,7 @@ __global__ void __launch_bounds__(256) spatial_forward_kernel(const XentParams<s
       loss = prob_target_loss<acc_t>(lse, st.tsum, st.dot);
       counted_weight = 1;
     } else {
-      index_position_loss<acc_t>(kind, weight_of_target, lse, target_logit, st, weight_sum, eps, p.C, loss,
+      index_position_loss<acc_t>(target.kind, target.weight, lse, target.logit, st, weight_sum, eps, p.C, loss,
                                  counted_weight);
     }
     if (p.lse) p.lse[r] = lse;
@@ -131,22 +119,17 @@ __global__ void __launch_bounds__(256) spatial_forward_kernel(const XentParams<s
         row = GradRow<acc_t>{};
         row.kind = kTargetValid;
         row.lse = lse;
-        row.scale = upstream_scale(p, n, s);
+        row.scale = upstream_scale(p, pos.n, pos.s);
         row.tsum = st.tsum;
       } else {
-        row = index_grad_row<acc_t>(kind, y, weight_of_target, lse, weight_sum, eps, p.C, upstream_scale(p, n, s));
+        row = index_grad_row<acc_t>(target.kind, target.y, target.weight, lse, weight_sum, eps, p.C,
+                                    upstream_scale(p, pos.n, pos.s));
       }
-      write_position_grad<scalar_t, kProb>(p, x, t, p.grad + offset, row);
+      write_position_grad<scalar_t, kProb>(p, x, t, p.grad + pos.offset, row);
     }
   }
 
-  if (p.loss_partials || p.weight_partials) {
-    block_sum_pair(loss_acc, weight_acc);
-    if (threadIdx.x == 0) {
-      if (p.loss_partials) p.loss_partials[blockIdx.x] = loss_acc;
-      if (p.weight_partials) p.weight_partials[blockIdx.x] = weight_acc;
-    }
-  }
+  store_block_partials(p, loss_acc, weight_acc);
 }
 
 template <typename scalar_t, bool kProb>
@@ -159,12 +142,10 @@ __global__ void __launch_bounds__(256) spatial_grad_kernel(const XentParams<scal
 
   for (int64_t r = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; r < positions;
        r += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t n = r / p.S;
-    const int64_t s = r - n * p.S;
-    const int64_t offset = n * p.stride_n + s * p.stride_s;
-    const scalar_t* t = kProb ? p.target_prob + offset : nullptr;
+    const Position pos = locate(p, r);
+    const scalar_t* t = kProb ? p.target_prob + pos.offset : nullptr;
     const acc_t lse = p.lse_in[r];
-    const acc_t scale = upstream_scale(p, n, s);
+    const acc_t scale = upstream_scale(p, pos.n, pos.s);
 
     GradRow<acc_t> row{};
     if constexpr (kProb) {
@@ -182,7 +163,7 @@ __global__ void __launch_bounds__(256) spatial_grad_kernel(const XentParams<scal
       const acc_t weight_of_target = kind == kTargetValid ? class_weight(p.weight, y) : acc_t(0);
       row = index_grad_row<acc_t>(kind, y, weight_of_target, lse, weight_sum, eps, p.C, scale);
     }
-    write_position_grad<scalar_t, kProb>(p, p.logits + offset, t, p.grad + offset, row);
+    write_position_grad<scalar_t, kProb>(p, p.logits + pos.offset, t, p.grad + pos.offset, row);
   }
 }
 
