@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 import fused_xent
+from fused_xent._backends import backend_ops
 
 MEAN = 1
 
@@ -45,22 +46,13 @@ def median_ms(fn, repeats):
     return statistics.median(times)
 
 
-def backend_ops():
-    """{backend: (fwd, bwd, fwd_grad, fwd_grad_)} for the GPU backends available here."""
-    ops = torch.ops.fused_xent
-    available = fused_xent.available_backends()
-    table = {}
-    if "cuda" in available:
-        table["cuda"] = (ops.cross_entropy_fwd, ops.cross_entropy_bwd, ops.cross_entropy_fwd_grad,
-                         ops.cross_entropy_fwd_grad_)
-    if "triton" in available:
-        table["triton"] = (ops.triton_cross_entropy_fwd, ops.triton_cross_entropy_bwd,
-                           ops.triton_cross_entropy_fwd_grad, ops.triton_cross_entropy_fwd_grad_)
-    return table
+def gpu_backends():
+    """{name: fused_xent._backends.Backend} for the GPU backends available here."""
+    return {name: backend_ops(name) for name in ("cuda", "triton") if name in fused_xent.available_backends()}
 
 
 def mode_calls(ops, x3, t2, scratch, one):
-    fwd, bwd, fwd_grad, fwd_grad_ = ops
+    fwd, bwd, fwd_grad, fwd_grad_ = ops.fwd, ops.bwd, ops.fwd_grad, ops.fwd_grad_
 
     def recompute():
         _, lse, total_weight = fwd(x3, t2, None, MEAN, -100, 0.0)
@@ -137,7 +129,7 @@ def main():
     parser.add_argument("--out", type=Path, default=Path("."))
     parser.add_argument("--repeats", type=int, default=15)
     args = parser.parse_args()
-    backends = backend_ops()
+    backends = gpu_backends()
     if not backends:
         raise SystemExit(f"no GPU backend available here: {fused_xent.available_backends()}")
     args.out.mkdir(parents=True, exist_ok=True)

@@ -16,8 +16,8 @@ import itertools
 import torch
 
 import fused_xent
+from fused_xent._backends import backend_ops
 
-OPS = torch.ops.fused_xent
 # (shape, layout): C <= 2048 (warp per row), C > 2048 (block per row), few rows with a huge C (split rows), NCHW,
 # channels_last with C <= 32 and with C > 32, and a row stride that is not a multiple of 16 bytes.
 PROBLEMS = [
@@ -31,11 +31,10 @@ PROBLEMS = [
 ]
 
 
-def backend_prefixes(device):
-    """{backend: op-name prefix} for the backends available here on `device`."""
-    available = fused_xent.available_backends()
-    candidates = (("cuda", ""), ("triton", "triton_")) if device == "cuda" else (("cpu", ""),)
-    return {name: prefix for name, prefix in candidates if name in available}
+def backends_on(device):
+    """{name: fused_xent._backends.Backend} for the backends available here that run on `device`."""
+    names = ("cuda", "triton") if device == "cuda" else ("cpu",)
+    return {name: backend_ops(name) for name in names if name in fused_xent.available_backends()}
 
 
 def make_logits(shape, layout, dtype, device):
@@ -52,8 +51,7 @@ def as_ops_view(x):
     return x.view(x.shape[0], x.shape[1], -1) if x.dim() > 2 else x.unsqueeze(2)
 
 
-def run_backend(prefix, device):
-    op = {name: getattr(OPS, f"{prefix}cross_entropy_{name}") for name in ("fwd", "bwd", "fwd_grad", "fwd_grad_")}
+def run_backend(ops, device):
     calls = 0
     for (shape, layout), dtype in itertools.product(PROBLEMS, (torch.float32, torch.bfloat16)):
         x = as_ops_view(make_logits(shape, layout, dtype, device))
@@ -69,11 +67,11 @@ def run_backend(prefix, device):
         # the sanitizer slows each launch down, and these already reach every kernel and branch.
         options = ((None, 0, 0.0), (weight, 1, 0.1), (weight, 2, 0.0), (None, 1, 0.1))
         for target, (w, reduction, smoothing) in itertools.product(targets, options):
-            loss, lse, total_weight = op["fwd"](x, target, w, reduction, -100, smoothing)
+            loss, lse, total_weight = ops.fwd(x, target, w, reduction, -100, smoothing)
             grad_loss = torch.ones_like(loss)
-            op["bwd"](grad_loss, x, target, w, lse, total_weight, reduction, -100, smoothing)
-            op["fwd_grad"](x, target, w, reduction, -100, smoothing)
-            op["fwd_grad_"](x.clone(), target, w, reduction, -100, smoothing)
+            ops.bwd(grad_loss, x, target, w, lse, total_weight, reduction, -100, smoothing)
+            ops.fwd_grad(x, target, w, reduction, -100, smoothing)
+            ops.fwd_grad_(x.clone(), target, w, reduction, -100, smoothing)
             if target is not bad_target:
                 assert torch.isfinite(lse).all(), (shape, layout, dtype, reduction, smoothing)
             calls += 4
@@ -89,13 +87,13 @@ def main():
                                            "Triton's many specializations each compile under the sanitizer")
     args = parser.parse_args()
     device = args.device
-    backends = backend_prefixes(device)
+    backends = backends_on(device)
     if args.backends:
-        backends = {name: prefix for name, prefix in backends.items() if name in args.backends.split(",")}
+        backends = {name: ops for name, ops in backends.items() if name in args.backends.split(",")}
     if not backends:
         raise SystemExit(f"no {device} backend here: {fused_xent.available_backends()}")
-    for name, prefix in backends.items():
-        print(f"{name}: {run_backend(prefix, device)} op calls, no error raised")
+    for name, ops in backends.items():
+        print(f"{name}: {run_backend(ops, device)} op calls, no error raised")
 
 
 if __name__ == "__main__":

@@ -13,7 +13,8 @@ import zlib
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import poison_cuda_cache
+from helpers import TOLERANCES, poison_cuda_cache
+from helpers import torch_reference as reference
 
 import fused_xent
 
@@ -21,13 +22,6 @@ OPS = ("cross_entropy_fwd", "cross_entropy_bwd", "cross_entropy_fwd_grad", "cros
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 gpu = [pytest.mark.cuda, needs_gpu]
 
-# (rtol, atol) against PyTorch in float64 on the same rounded inputs: about two roundings of the output dtype.
-TOLERANCES = {
-    torch.float64: (1e-9, 1e-11),
-    torch.float32: (2e-5, 2e-6),
-    torch.float16: (2e-3, 2e-3),
-    torch.bfloat16: (1.6e-2, 1.6e-2),
-}
 GRAD_MODES = ("recompute", "in_forward", "inplace")
 
 
@@ -110,19 +104,6 @@ def make_weight(logits, generator):
     return (torch.rand(num_classes, generator=generator, dtype=torch.float64) * 1.8 + 0.2).to(
         device="cuda", dtype=logits.dtype
     )
-
-
-def reference(x, target, grad_output, **kwargs):
-    """F.cross_entropy loss and input gradient in float64 on the same values."""
-    x64 = x.detach().double().requires_grad_(True)
-    t = target.double() if target.is_floating_point() else target
-    if kwargs.get("weight") is not None:
-        kwargs = dict(kwargs, weight=kwargs["weight"].double())
-    loss = F.cross_entropy(x64, t, **kwargs)
-    if loss.numel() == 0:
-        return loss.detach(), torch.zeros_like(x64)
-    (grad,) = torch.autograd.grad(loss, x64, grad_output.double())
-    return loss.detach(), grad
 
 
 def same_layout_copy(x):
