@@ -2,8 +2,9 @@
 
 Everything except the registration check needs a GPU and is skipped without one. Each kernel path is covered:
 a thread per position (NCHW, and any layout with C <= 32), rows with a warp per position (C <= 2048), a block per
-position, rows split across blocks (few positions, huge C), channels_last, misaligned rows (16-byte vector
-head/tail), copies for non-dense inputs, and every grad_mode (recompute -> cross_entropy_bwd,
+position, rows split across blocks (few positions, huge C), a thread-block cluster per position (sm_90+, the fused
+forward of rows too long for L2 to keep), channels_last, misaligned rows (16-byte vector head/tail), copies for
+non-dense inputs, and every grad_mode (recompute -> cross_entropy_bwd,
 in_forward -> cross_entropy_fwd_grad, inplace -> cross_entropy_fwd_grad_).
 """
 
@@ -132,6 +133,14 @@ def assert_close(actual, expected, dtype, what):
 # ----------------------------------------------------------------------------------------------------------------
 # Parity over the argument grid
 
+# Rows whose fused forward takes the cluster kernel on an H200 (sm_90, 50 MB L2): slices of one block, of three
+# (misaligned rows) and of eleven (above the portable cluster size of 8).
+CLUSTER_CASES = [
+    ((600, 32768), "contiguous", torch.bfloat16),
+    ((300, 50000), "offset", torch.float32),
+    ((40, 256000), "contiguous", torch.float32),
+]
+
 # (shape, layout, dtypes): C=1, odd C, the warp/block boundary, 32K and 128K vocabularies (the latter splits rows
 # across blocks), unbatched, empty, spatial 3-D to 5-D, channels_last, misaligned and non-dense inputs.
 ALL = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
@@ -148,6 +157,7 @@ CASES = [
     ((3, 32000), "offset", (torch.float32, torch.bfloat16)),
     ((4, 128256), "contiguous", (torch.float32, torch.bfloat16)),
     ((600, 8200), "contiguous", (torch.bfloat16,)),
+    *((shape, layout, (dtype,)) for shape, layout, dtype in CLUSTER_CASES),
     ((0, 5), "contiguous", (torch.float32,)),
     ((2, 3, 0, 4), "contiguous", (torch.float32,)),
     ((6, 10), "transposed", (torch.float32, torch.float16)),
@@ -207,6 +217,37 @@ def test_parity(shape, layout, dtype):
             assert grad.shape == x.shape, what
             assert_close(loss, expected_loss, dtype, f"loss [{what}]")
             assert_close(grad, expected_grad, dtype, f"grad [{what}]")
+
+
+def launched_kernels(fn, *args):
+    """Names of the CUDA kernels that fn(*args) launches."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profile:
+        fn(*args)
+        torch.cuda.synchronize()
+    return [event.key for event in profile.key_averages()]
+
+
+@pytest.mark.parametrize("shape,layout,dtype", CLUSTER_CASES, ids=str)
+@pytest.mark.cuda
+@needs_gpu
+def test_cluster_kernel_serves_the_fused_forward_of_long_rows(shape, layout, dtype):
+    """test_parity covers these shapes; this checks that on sm_90+ they really reach the cluster kernel (the rule of
+    xent_kernel.cu: the rows a block-per-row kernel keeps in flight exceed half of L2), and only when fused."""
+    props = torch.cuda.get_device_properties(0)
+    if props.major < 9:
+        pytest.skip("thread-block clusters need sm_90")
+    rows_in_flight = min(shape[0], props.multi_processor_count * 4)
+    if rows_in_flight * shape[1] * dtype.itemsize <= props.L2_cache_size / 2:
+        pytest.skip(f"the L2 of this GPU ({props.L2_cache_size >> 20} MiB) holds these rows")
+    generator = torch.Generator().manual_seed(17)
+    x = make_logits(shape, layout, dtype, generator)
+    target = make_target(x, "index_ignore", -100, generator)
+    one = torch.ones((), device="cuda", dtype=dtype)
+    for grad_mode in ("in_forward", "inplace"):
+        kernels = launched_kernels(fused, x, target, one, grad_mode)
+        assert any("rows_cluster_kernel" in name for name in kernels), (grad_mode, kernels)
+    kernels = launched_kernels(fused, x, target, one, "recompute")
+    assert not any("rows_cluster_kernel" in name for name in kernels), kernels
 
 
 @pytest.mark.parametrize("shape", [(16, 1000), (3, 32000), (2, 7, 9, 5)], ids=str)
@@ -277,6 +318,7 @@ DETERMINISM_CASES = [
     ((4096, 1000), "contiguous"),        # warp per position
     ((256, 32000), "contiguous"),        # block per position
     ((16, 128256), "contiguous"),        # rows split across blocks
+    ((600, 32768), "contiguous"),        # a cluster per position (fused forward, sm_90+)
     ((8, 19, 64, 64), "contiguous"),     # spatial
     ((8, 19, 32, 32), "channels_last"),  # few classes: a thread per position
     ((4, 40, 32, 32), "channels_last"),  # a warp per position with S > 1

@@ -256,28 +256,83 @@ __device__ __forceinline__ void store_pack(T* ptr, const Pack<kWidth, T>& in) {
   }
 }
 
-// Visits classes [begin, end) of a position whose classes are contiguous, spread over the threads of Group:
-// body(std::integral_constant<int, W>{}, c) handles classes c .. c+W-1. With `vectorize`, a scalar head runs up to
-// the first 16-byte boundary of `anchor + begin`, then full 16-byte vectors, then a scalar tail; this works for any
-// row stride (odd C, channels_last), because every pointer the body touches has the same address modulo 16.
-template <typename Group, typename scalar_t, typename Body>
-__device__ __forceinline__ void visit_classes(const scalar_t* anchor, int64_t begin, int64_t end, bool vectorize,
-                                              Body&& body) {
+// A 16-byte store to an on-chip buffer: one STS.128 (assigning the Pack itself compiles to four 32-bit stores).
+template <int kWidth, typename T>
+__device__ __forceinline__ void stash_pack(T* ptr, const Pack<kWidth, T>& in) {
+  if constexpr (sizeof(Pack<kWidth, T>) == 16) {
+    uint4 raw;
+    memcpy(&raw, &in, 16);
+    *reinterpret_cast<uint4*>(ptr) = raw;
+  } else {
+    *reinterpret_cast<Pack<kWidth, T>*>(ptr) = in;
+  }
+}
+
+// Items i = rank, rank + size, ... < items of width W starting at class `first`: load(width, c) fetches classes
+// c .. c+W-1 and use(width, c, data) consumes them. A thread issues the loads of kLoadBatch items before the first
+// use: a plain loop would keep one load in flight per thread (the bound check of an unrolled loop, and the stores
+// that may alias the next load in place, pin every load behind the previous use), too few to cover HBM latency.
+// A thread only ever reads and writes its own items, so a use may overwrite what its own load read. Host-callable
+// like visit_classes, so that tests/host/visit_classes.cu can check the class coverage on a machine without a GPU.
+constexpr int kLoadBatch = 4;
+
+template <int W, typename Load, typename Use>
+XENT_HOST_DEVICE void visit_items(int64_t first, int64_t items, int rank, int size, Load& load, Use& use) {
+  const auto width = std::integral_constant<int, W>{};
+  const int64_t stride = size;
+  int64_t i = rank;
+  for (; i + (kLoadBatch - 1) * stride < items; i += kLoadBatch * stride) {
+    decltype(load(width, first)) data[kLoadBatch];
+#pragma unroll
+    for (int b = 0; b < kLoadBatch; ++b) data[b] = load(width, first + (i + b * stride) * W);
+#pragma unroll
+    for (int b = 0; b < kLoadBatch; ++b) use(width, first + (i + b * stride) * W, data[b]);
+  }
+  for (; i < items; i += stride) {
+    const int64_t c = first + i * W;
+    use(width, c, load(width, c));
+  }
+}
+
+// Visits classes [begin, end) of a position whose classes are contiguous, spread over the threads of Group, with
+// load/use as in visit_items. With `vectorize`, a scalar head runs up to the first 16-byte boundary of
+// `anchor + begin`, then full 16-byte vectors, then a scalar tail; this works for any row stride (odd C,
+// channels_last), because every pointer load and use touch has the same address modulo 16. A thread's classes
+// depend only on (anchor's phase, begin, end, Group), so two visits of the same range give it the same classes.
+template <typename Group, typename scalar_t, typename Load, typename Use>
+XENT_HOST_DEVICE void visit_classes(const scalar_t* anchor, int64_t begin, int64_t end, bool vectorize, Load&& load,
+                                    Use&& use) {
   constexpr int V = kVecWidth<scalar_t>;
   const int rank = Group::rank();
   const int size = Group::size();
-  int64_t head_end = end;
-  if (vectorize) {
-    const auto misalign = static_cast<int64_t>((reinterpret_cast<uintptr_t>(anchor + begin) & 15) / sizeof(scalar_t));
-    head_end = begin + ((V - misalign) & (V - 1));
-    if (head_end > end) head_end = end;
+  if (!vectorize) {
+    visit_items<1>(begin, end - begin, rank, size, load, use);
+    return;
   }
-  for (int64_t c = begin + rank; c < head_end; c += size) body(std::integral_constant<int, 1>{}, c);
-  if (!vectorize) return;
+  const auto misalign = static_cast<int64_t>((reinterpret_cast<uintptr_t>(anchor + begin) & 15) / sizeof(scalar_t));
+  int64_t head_end = begin + ((V - misalign) & (V - 1));
+  if (head_end > end) head_end = end;
   const int64_t vectors = (end - head_end) / V;
-#pragma unroll 4
-  for (int64_t v = rank; v < vectors; v += size) body(std::integral_constant<int, V>{}, head_end + v * V);
-  for (int64_t c = head_end + vectors * V + rank; c < end; c += size) body(std::integral_constant<int, 1>{}, c);
+  const int64_t tail = head_end + vectors * V;
+  const auto one = std::integral_constant<int, 1>{};
+  // Head and tail hold fewer than V classes each: at most one per thread.
+  if (begin + rank < head_end) use(one, begin + rank, load(one, begin + rank));
+  visit_items<V>(head_end, vectors, rank, size, load, use);
+  if (tail + rank < end) use(one, tail + rank, load(one, tail + rank));
+}
+
+// What a visit loads for classes c .. c+W-1: the logits, and the target probabilities when kWithTarget.
+template <int W, typename T>
+struct ClassData {
+  Pack<W, T> x, t;
+};
+
+template <bool kWithTarget, int W, typename T>
+__device__ __forceinline__ ClassData<W, T> load_class_data(const T* x, const T* t, int64_t c) {
+  ClassData<W, T> d;
+  d.x = load_pack<W>(x + c);
+  if constexpr (kWithTarget) d.t = load_pack<W>(t + c);
+  return d;
 }
 
 // ---------------------------------------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 // CUDA implementations of the fused_xent ops (schemas in csrc/fused_xent.cpp): argument handling, launch planning
-// and registration. The kernels are in xent_rows.cu, xent_rows_split.cu, xent_spatial.cu and xent_reduce.cu.
+// and registration. The kernels are in xent_rows.cu, xent_rows_split.cu, xent_rows_cluster.cu, xent_spatial.cu and
+// xent_reduce.cu.
 //
 // No op synchronizes with the host. Class indices outside [0, C) (other than ignore_index) are the front end's to
 // reject; the kernels turn them into NaN losses and gradients instead of faulting (see xent_device.cuh).
@@ -81,6 +82,16 @@ RowsPlan plan_rows(const Problem& p, int64_t sms) {
   plan.shape.split_len = split_len;
   plan.shape.grid = grid_for(positions * plan.shape.splits, plan.shape.threads, sms);
   return plan;
+}
+
+// The block-per-row fused forward reads a row a second time for its gradient. That read hits L2 while the rows in
+// flight fit in about half of it; beyond, the cluster kernel (one read, the row kept on chip) is the better plan.
+bool row_rereads_miss_l2(const Problem& p, int64_t sms) {
+  if (p.C <= kWarpPerRowMaxClasses) return false;
+  int l2_bytes = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&l2_bytes, cudaDevAttrL2CacheSize, p.logits.device().index()));
+  const int64_t rows_in_flight = std::min(p.positions(), sms * (kThreadsPerSm / BlockGroup::kMaxThreads));
+  return rows_in_flight * p.C * p.logits.element_size() > l2_bytes / 2;
 }
 
 LaunchShape plan_per_position(int64_t positions, int threads, int64_t sms) {
@@ -198,6 +209,17 @@ ForwardResult run_forward(const Problem& p, const at::Tensor& grad, bool want_ls
       launch_spatial_forward<scalar_t>(q, shape, stream);
       finalize(shape.grid);
       return;
+    }
+
+    if (fused && !p.prob_target && row_rereads_miss_l2(p, sms)) {
+      const LaunchShape shape = plan_rows_cluster<scalar_t>(q, p.logits.device().index());
+      if (shape.grid > 0) {
+        if (p.reduction == kReductionMean) total_weight_first();
+        attach_partials(shape.grid, /*with_weights=*/false);
+        launch_rows_cluster<scalar_t>(q, shape, stream);
+        finalize(shape.grid);
+        return;
+      }
     }
 
     const RowsPlan plan = plan_rows(p, sms);

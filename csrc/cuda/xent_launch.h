@@ -14,7 +14,7 @@ namespace cuda {
 struct LaunchShape {
   int64_t grid = 1;        // thread blocks (kernels loop over their work items with a grid stride)
   int threads = 256;       // threads per block, a multiple of 32
-  int64_t splits = 1;      // blocks sharing one position (row kernels with BlockGroup only)
+  int64_t splits = 1;      // blocks sharing one position (row kernels with BlockGroup, cluster kernel)
   int64_t split_len = 0;   // classes per split
 };
 
@@ -36,6 +36,13 @@ void launch_rows_split_stats(const XentParams<scalar_t>& p, const LaunchShape& s
 template <typename scalar_t>
 void launch_rows_split_combine(const XentParams<scalar_t>& p, const LaunchShape& shape, int64_t splits,
                                const RowStats<acc_type<scalar_t>>* split_stats, cudaStream_t stream);
+
+// Fused forward of long rows on sm_90+ (class-index targets): a cluster of shape.splits blocks per position, each
+// keeping shape.split_len classes on chip. plan_rows_cluster returns grid 0 where the device cannot run it.
+template <typename scalar_t>
+LaunchShape plan_rows_cluster(const XentParams<scalar_t>& p, int device);
+template <typename scalar_t>
+void launch_rows_cluster(const XentParams<scalar_t>& p, const LaunchShape& shape, cudaStream_t stream);
 
 // One thread per position, looping over the classes with any strides: NCHW inputs, and rows with C <= 32.
 template <typename scalar_t>

@@ -1,86 +1,15 @@
 // Row kernels (class stride 1: (N, C) inputs and channels_last): a warp or a block owns a position, loads its row
 // with 16-byte vectors, computes max and sum of exp in one read (online softmax), and, for the fused forward,
-// writes the gradient in a second sweep that hits the cache the first one filled.
+// writes the gradient in a second sweep that hits the cache the first one filled (rows too long for that go to the
+// cluster kernel of xent_rows_cluster.cu on sm_90+). The per-thread sweeps are in xent_row_sweeps.cuh.
 #include <c10/cuda/CUDAException.h>
 
 #include "cuda/xent_launch.h"
+#include "cuda/xent_row_sweeps.cuh"
 
 namespace fused_xent {
 namespace cuda {
 namespace {
-
-// Writes dloss/dx for classes [begin, end) of one position. x may alias g (in-place forward): each element is read
-// and then written by the same thread, and the caller has already read x[target].
-template <typename Group, bool kProb, typename scalar_t>
-__device__ __forceinline__ void write_row_grad(const XentParams<scalar_t>& p, const scalar_t* x, const scalar_t* t,
-                                               scalar_t* g, int64_t begin, int64_t end,
-                                               const GradRow<acc_type<scalar_t>>& row) {
-  using acc_t = acc_type<scalar_t>;
-  if (row.kind != kTargetValid) {
-    const auto fill = static_cast<scalar_t>(fill_value<acc_t>(row.kind));
-    visit_classes<Group>(g, begin, end, p.vectorize, [&](auto width, int64_t c) {
-      constexpr int W = decltype(width)::value;
-      Pack<W, scalar_t> out;
-#pragma unroll
-      for (int i = 0; i < W; ++i) out.v[i] = fill;
-      store_pack<W>(g + c, out);
-    });
-    return;
-  }
-  const acc_t eps = p.label_smoothing;
-  visit_classes<Group>(x, begin, end, p.vectorize, [&](auto width, int64_t c) {
-    constexpr int W = decltype(width)::value;
-    const auto xv = load_pack<W>(x + c);
-    Pack<W, scalar_t> out;
-    if constexpr (kProb) {
-      const auto tv = load_pack<W>(t + c);
-#pragma unroll
-      for (int i = 0; i < W; ++i) {
-        out.v[i] = static_cast<scalar_t>(prob_grad_at<acc_t>(row, p.weight, c + i, static_cast<acc_t>(xv.v[i]),
-                                                             static_cast<acc_t>(tv.v[i]), eps, p.C));
-      }
-    } else {
-#pragma unroll
-      for (int i = 0; i < W; ++i) {
-        out.v[i] = static_cast<scalar_t>(index_grad_at<acc_t>(row, p.weight, c + i, static_cast<acc_t>(xv.v[i])));
-      }
-    }
-    store_pack<W>(g + c, out);
-  });
-}
-
-// Statistics of classes [begin, end) of one position, this thread's share (not yet reduced over the group).
-template <typename Group, bool kProb, typename scalar_t>
-__device__ __forceinline__ RowStats<acc_type<scalar_t>> thread_row_stats(const XentParams<scalar_t>& p,
-                                                                         const scalar_t* x, const scalar_t* t,
-                                                                         int64_t begin, int64_t end) {
-  using acc_t = acc_type<scalar_t>;
-  const acc_t eps = p.label_smoothing;
-  const bool smoothing = eps != acc_t(0);
-  auto st = RowStats<acc_t>::empty();
-  visit_classes<Group>(x, begin, end, p.vectorize, [&](auto width, int64_t c) {
-    constexpr int W = decltype(width)::value;
-    const auto xv = load_pack<W>(x + c);
-    acc_t xs[W];
-#pragma unroll
-    for (int i = 0; i < W; ++i) xs[i] = static_cast<acc_t>(xv.v[i]);
-    st.add_logits(xs);
-    if constexpr (kProb) {
-      const auto tv = load_pack<W>(t + c);
-#pragma unroll
-      for (int i = 0; i < W; ++i) {
-        const acc_t wt =
-            class_weight(p.weight, c + i) * smoothed_probability<acc_t>(static_cast<acc_t>(tv.v[i]), eps, p.C);
-        st.tsum += wt;
-        st.dot += wt * xs[i];
-      }
-    } else if (smoothing) {
-#pragma unroll
-      for (int i = 0; i < W; ++i) st.dot += class_weight(p.weight, c + i) * xs[i];
-    }
-  });
-  return st;
-}
 
 template <typename scalar_t, typename Group, bool kProb>
 __global__ void __launch_bounds__(Group::kMaxThreads) rows_forward_kernel(const XentParams<scalar_t> p) {
@@ -160,15 +89,15 @@ __global__ void __launch_bounds__(Group::kMaxThreads)
     if constexpr (kProb) {
       // T = sum_c w[c] t'[c] over the whole row (probability targets never split).
       auto st = RowStats<acc_t>::empty();
-      visit_classes<Group>(t, 0, p.C, p.vectorize, [&](auto width, int64_t c) {
-        constexpr int W = decltype(width)::value;
-        const auto tv = load_pack<W>(t + c);
+      visit_classes<Group>(
+          t, 0, p.C, p.vectorize, [&](auto width, int64_t c) { return load_pack<decltype(width)::value>(t + c); },
+          [&](auto width, int64_t c, const auto& tv) {
 #pragma unroll
-        for (int i = 0; i < W; ++i) {
-          st.tsum +=
-              class_weight(p.weight, c + i) * smoothed_probability<acc_t>(static_cast<acc_t>(tv.v[i]), eps, p.C);
-        }
-      });
+            for (int i = 0; i < decltype(width)::value; ++i) {
+              st.tsum += class_weight(p.weight, c + i) *
+                         smoothed_probability<acc_t>(static_cast<acc_t>(tv.v[i]), eps, p.C);
+            }
+          });
       row.kind = kTargetValid;
       row.lse = lse;
       row.scale = scale;

@@ -28,18 +28,19 @@ __global__ void __launch_bounds__(BlockGroup::kMaxThreads)
     const int64_t end = begin + split_len < p.C ? begin + split_len : p.C;
 
     auto st = RowStats<acc_t>::empty();
-    visit_classes<BlockGroup>(x, begin, end, p.vectorize, [&](auto width, int64_t c) {
-      constexpr int W = decltype(width)::value;
-      const auto xv = load_pack<W>(x + c);
-      acc_t xs[W];
+    visit_classes<BlockGroup>(
+        x, begin, end, p.vectorize, [&](auto width, int64_t c) { return load_pack<decltype(width)::value>(x + c); },
+        [&](auto width, int64_t c, const auto& xv) {
+          constexpr int W = decltype(width)::value;
+          acc_t xs[W];
 #pragma unroll
-      for (int i = 0; i < W; ++i) xs[i] = static_cast<acc_t>(xv.v[i]);
-      st.add_logits(xs);
-      if (smoothing) {
+          for (int i = 0; i < W; ++i) xs[i] = static_cast<acc_t>(xv.v[i]);
+          st.add_logits(xs);
+          if (smoothing) {
 #pragma unroll
-        for (int i = 0; i < W; ++i) st.dot += class_weight(p.weight, c + i) * xs[i];
-      }
-    });
+            for (int i = 0; i < W; ++i) st.dot += class_weight(p.weight, c + i) * xs[i];
+          }
+        });
     st = BlockGroup::allreduce(st, smem);
     if (threadIdx.x == 0) split_stats[item] = st;
   }

@@ -1,0 +1,91 @@
+// Sweeps of one thread over its share of a contiguous row segment, shared by the row kernels (xent_rows.cu) and the
+// cluster kernel (xent_rows_cluster.cu): the segment's statistics, and its gradient.
+#pragma once
+
+#include "cuda/xent_device.cuh"
+
+namespace fused_xent {
+namespace cuda {
+
+// Writes dloss/dx for classes [begin, end) of one position, reading the logits from x: the row itself, or the
+// cluster kernel's on-chip copy of it (same address phase, so the same thread visits the same classes). x may alias
+// g (in-place forward): each element is read and then written by the same thread, and the caller has already read
+// x[target].
+template <typename Group, bool kProb, typename scalar_t>
+__device__ __forceinline__ void write_row_grad(const XentParams<scalar_t>& p, const scalar_t* x, const scalar_t* t,
+                                               scalar_t* g, int64_t begin, int64_t end,
+                                               const GradRow<acc_type<scalar_t>>& row) {
+  using acc_t = acc_type<scalar_t>;
+  if (row.kind != kTargetValid) {
+    const auto fill = static_cast<scalar_t>(fill_value<acc_t>(row.kind));
+    visit_classes<Group>(
+        g, begin, end, p.vectorize, [](auto, int64_t) { return 0; },
+        [&](auto width, int64_t c, int) {
+          constexpr int W = decltype(width)::value;
+          Pack<W, scalar_t> out;
+#pragma unroll
+          for (int i = 0; i < W; ++i) out.v[i] = fill;
+          store_pack<W>(g + c, out);
+        });
+    return;
+  }
+  const acc_t eps = p.label_smoothing;
+  visit_classes<Group>(
+      x, begin, end, p.vectorize,
+      [&](auto width, int64_t c) { return load_class_data<kProb, decltype(width)::value>(x, t, c); },
+      [&](auto width, int64_t c, const auto& in) {
+        constexpr int W = decltype(width)::value;
+        Pack<W, scalar_t> out;
+#pragma unroll
+        for (int i = 0; i < W; ++i) {
+          const auto xi = static_cast<acc_t>(in.x.v[i]);
+          if constexpr (kProb) {
+            out.v[i] = static_cast<scalar_t>(
+                prob_grad_at<acc_t>(row, p.weight, c + i, xi, static_cast<acc_t>(in.t.v[i]), eps, p.C));
+          } else {
+            out.v[i] = static_cast<scalar_t>(index_grad_at<acc_t>(row, p.weight, c + i, xi));
+          }
+        }
+        store_pack<W>(g + c, out);
+      });
+}
+
+// Statistics of classes [begin, end) of one position, this thread's share (not yet reduced over the group). With
+// `staged` set, the logits it loads are also copied to staged[c] (an on-chip buffer with x's address phase).
+template <typename Group, bool kProb, typename scalar_t>
+__device__ __forceinline__ RowStats<acc_type<scalar_t>> thread_row_stats(const XentParams<scalar_t>& p,
+                                                                         const scalar_t* x, const scalar_t* t,
+                                                                         int64_t begin, int64_t end,
+                                                                         scalar_t* staged = nullptr) {
+  using acc_t = acc_type<scalar_t>;
+  const acc_t eps = p.label_smoothing;
+  const bool smoothing = eps != acc_t(0);
+  auto st = RowStats<acc_t>::empty();
+  visit_classes<Group>(
+      x, begin, end, p.vectorize,
+      [&](auto width, int64_t c) { return load_class_data<kProb, decltype(width)::value>(x, t, c); },
+      [&](auto width, int64_t c, const auto& in) {
+        constexpr int W = decltype(width)::value;
+        if (staged) stash_pack<W>(staged + c, in.x);
+        acc_t xs[W];
+#pragma unroll
+        for (int i = 0; i < W; ++i) xs[i] = static_cast<acc_t>(in.x.v[i]);
+        st.add_logits(xs);
+        if constexpr (kProb) {
+#pragma unroll
+          for (int i = 0; i < W; ++i) {
+            const acc_t wt = class_weight(p.weight, c + i) *
+                             smoothed_probability<acc_t>(static_cast<acc_t>(in.t.v[i]), eps, p.C);
+            st.tsum += wt;
+            st.dot += wt * xs[i];
+          }
+        } else if (smoothing) {
+#pragma unroll
+          for (int i = 0; i < W; ++i) st.dot += class_weight(p.weight, c + i) * xs[i];
+        }
+      });
+  return st;
+}
+
+}  // namespace cuda
+}  // namespace fused_xent

@@ -1,0 +1,167 @@
+// Fused forward (loss and gradient) of long rows on sm_90+: a thread-block cluster owns a position and each of its
+// blocks one slice of the row, which it keeps in shared memory while the blocks combine their slice statistics
+// through distributed shared memory. The gradient is then computed from the on-chip copy, so the logits are read
+// from HBM exactly once at any vocabulary size. The block-per-row kernel's second sweep relies on L2 instead, which
+// stops working once the rows in flight outgrow it (a few hundred rows of 128K-256K classes).
+#include <c10/cuda/CUDAException.h>
+#include <cooperative_groups.h>
+
+#include <algorithm>
+
+#include "cuda/xent_launch.h"
+#include "cuda/xent_row_sweeps.cuh"
+
+namespace fused_xent {
+namespace cuda {
+namespace {
+
+namespace cg = cooperative_groups;
+
+// Shared memory for one block's slice: small enough for two 512-thread blocks per SM, so one can load while the
+// other waits at the cluster barrier; 16 such slices hold a 256K-class float32 row.
+constexpr int64_t kSliceBytes = 96 * 1024;
+constexpr int64_t kMaxClusterBlocks = 16;  // the most that sm_90 allows (above 8 is "non-portable")
+constexpr int kClusterThreads = BlockGroup::kMaxThreads;
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Class-index targets. Each cluster takes positions cluster_index, cluster_index + clusters, ...; every block of a
+// cluster visits the same positions, so they meet at the same barriers.
+template <typename scalar_t>
+__global__ void __launch_bounds__(kClusterThreads, 2)
+    rows_cluster_kernel(const XentParams<scalar_t> p, int64_t slice_len) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  using acc_t = acc_type<scalar_t>;
+  extern __shared__ __align__(16) unsigned char slice_bytes[];
+  __shared__ RowStats<acc_t> smem[32];
+  // Slice statistics of the current position, published to the cluster. Two slots, by position parity: a block
+  // rewrites a slot two positions later, after a cluster barrier that every reader of its old value has passed.
+  __shared__ RowStats<acc_t> published[2];
+
+  const cg::cluster_group cluster = cg::this_cluster();
+  const int blocks = static_cast<int>(cluster.num_blocks());
+  const int rank = static_cast<int>(cluster.block_rank());
+  const int64_t clusters = gridDim.x / blocks;
+  const int64_t positions = p.N * p.S;
+  const int64_t begin = std::min<int64_t>(p.C, rank * slice_len);
+  const int64_t end = std::min<int64_t>(p.C, begin + slice_len);
+  const acc_t eps = p.label_smoothing;
+  const acc_t weight_sum = weight_sum_or_count(p);
+  acc_t loss_acc = 0, weight_acc = 0;  // rank 0's thread 0 only
+
+  int parity = 0;
+  for (int64_t r = blockIdx.x / blocks; r < positions; r += clusters, parity ^= 1) {
+    const Position pos = locate(p, r);
+    const scalar_t* x = p.logits + pos.offset;
+    // The slice copy starts at x's address phase so that both are visited with the same vectors.
+    const int64_t phase = p.vectorize ? (reinterpret_cast<uintptr_t>(x + begin) & 15) / sizeof(scalar_t) : 0;
+    scalar_t* staged = reinterpret_cast<scalar_t*>(slice_bytes) + phase - begin;
+    // Read by every block before the barrier below, after which any block may overwrite the row (in place).
+    const auto target = read_index_target(p, r, x, 1);
+
+    const auto mine = thread_row_stats<BlockGroup, false, scalar_t>(p, x, nullptr, begin, end, staged);
+    const auto slice = BlockGroup::allreduce(mine, smem);
+    if (threadIdx.x == 0) published[parity] = slice;
+    cluster.sync();
+    // Every thread of every block merges the slices in rank order: the same bits everywhere.
+    RowStats<acc_t> st = *cluster.map_shared_rank(&published[parity], 0);
+    for (int k = 1; k < blocks; ++k) st.merge(*cluster.map_shared_rank(&published[parity], k));
+
+    const acc_t lse = st.lse();
+    if (rank == 0 && threadIdx.x == 0) {
+      acc_t loss, counted_weight;
+      index_position_loss<acc_t>(target.kind, target.weight, lse, target.logit, st, weight_sum, eps, p.C, loss,
+                                 counted_weight);
+      if (p.lse) p.lse[r] = lse;
+      if (p.loss_rows) p.loss_rows[r] = static_cast<scalar_t>(loss);
+      loss_acc += loss;
+      weight_acc += counted_weight;
+    }
+    const auto row = index_grad_row<acc_t>(target.kind, target.y, target.weight, lse, weight_sum, eps, p.C,
+                                           upstream_scale(p, pos.n, pos.s));
+    write_row_grad<BlockGroup, false, scalar_t>(p, staged, nullptr, p.grad + pos.offset, begin, end, row);
+  }
+  cluster.sync();  // no block exits while another may still read its published statistics
+  store_block_partials(p, loss_acc, weight_acc);
+#endif
+}
+
+struct ClusterKernel {
+  cudaLaunchConfig_t config{};
+  cudaLaunchAttribute attribute{};
+};
+
+// Upper bound of a slice's buffer: kSliceBytes, the rounding of slice_len to 64 classes, the phase offset.
+constexpr int kMaxDynamicSmem = kSliceBytes + 1024;
+
+// The launch configuration of one cluster; false if this device cannot take it. The kernel attributes are the same
+// on every call (the largest buffer, clusters above 8 allowed), so concurrent callers cannot undo each other.
+template <typename scalar_t>
+bool configure(int64_t blocks, int64_t slice_len, ClusterKernel& k) {
+  const auto kernel = rows_cluster_kernel<scalar_t>;
+  if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kMaxDynamicSmem) != cudaSuccess ||
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) != cudaSuccess) {
+    (void)cudaGetLastError();  // "not supported here" is an answer, not an error to leave pending
+    return false;
+  }
+  const int64_t smem = (slice_len + kVecWidth<scalar_t>) * int64_t(sizeof(scalar_t));
+  k.attribute.id = cudaLaunchAttributeClusterDimension;
+  k.attribute.val.clusterDim.x = static_cast<unsigned>(blocks);
+  k.attribute.val.clusterDim.y = 1;
+  k.attribute.val.clusterDim.z = 1;
+  k.config.gridDim = dim3(static_cast<unsigned>(blocks));
+  k.config.blockDim = dim3(kClusterThreads);
+  k.config.dynamicSmemBytes = static_cast<size_t>(smem);
+  k.config.attrs = &k.attribute;
+  k.config.numAttrs = 1;
+  return true;
+}
+
+}  // namespace
+
+template <typename scalar_t>
+LaunchShape plan_rows_cluster(const XentParams<scalar_t>& p, int device) {
+  LaunchShape shape;
+  shape.grid = 0;
+  int major = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+  if (major < 9) return shape;
+  const int64_t blocks_needed = ceil_div(p.C * int64_t(sizeof(scalar_t)), kSliceBytes);
+  if (blocks_needed > kMaxClusterBlocks) return shape;
+  const int64_t slice_len = ceil_div(ceil_div(p.C, blocks_needed), 64) * 64;
+  const int64_t blocks = ceil_div(p.C, slice_len);
+
+  ClusterKernel k;
+  if (!configure<scalar_t>(blocks, slice_len, k)) return shape;
+  int resident_clusters = 0;
+  if (cudaOccupancyMaxActiveClusters(&resident_clusters, rows_cluster_kernel<scalar_t>, &k.config) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return shape;
+  }
+  if (resident_clusters == 0) return shape;
+  // One wave: every cluster is resident and walks its share of the positions.
+  shape.grid = std::min<int64_t>(p.N * p.S, resident_clusters) * blocks;
+  shape.threads = kClusterThreads;
+  shape.splits = blocks;
+  shape.split_len = slice_len;
+  return shape;
+}
+
+template <typename scalar_t>
+void launch_rows_cluster(const XentParams<scalar_t>& p, const LaunchShape& shape, cudaStream_t stream) {
+  ClusterKernel k;
+  TORCH_CHECK(configure<scalar_t>(shape.splits, shape.split_len, k),
+              "fused_xent: the cluster kernel's attributes were refused after planning succeeded");
+  k.config.gridDim = dim3(static_cast<unsigned>(shape.grid));
+  k.config.stream = stream;
+  C10_CUDA_CHECK(cudaLaunchKernelEx(&k.config, rows_cluster_kernel<scalar_t>, p, shape.split_len));
+}
+
+#define INSTANTIATE(T)                                                                         \
+  template LaunchShape plan_rows_cluster<T>(const XentParams<T>&, int);                        \
+  template void launch_rows_cluster<T>(const XentParams<T>&, const LaunchShape&, cudaStream_t);
+FUSED_XENT_FOR_EACH_SCALAR(INSTANTIATE)
+#undef INSTANTIATE
+
+}  // namespace cuda
+}  // namespace fused_xent
