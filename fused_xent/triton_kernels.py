@@ -332,10 +332,14 @@ def _backward_kernel(grad_loss_ptr, grad_loss_stride_n, grad_loss_stride_s, logi
 # Launchers
 # ---------------------------------------------------------------------------------------------------------------
 
-# The block table (deterministic, no autotuning). Rows: a program walks a row in column blocks of up to 16 KB
-# (several rows at once when C is small); the per-row max and sums reduce across the warps of the block.
+# The block table (deterministic, no autotuning). Rows: a program walks a row in column blocks of up to 16 KB, 16
+# elements per thread; the per-row max and sums reduce across the warps of the block. Rows shorter than 512 classes
+# share a one-warp program. Triton lays a tile's warps and lanes along the class axis first, so each thread holds a
+# piece of every row of the tile and that row's running state: at most 4 rows per thread (the old 4096-element
+# multi-row tiles held 16-32, took 255 registers on sm_90 and spilled).
 ROW_TILE = 4096  # float32 elements per loop step; 16-bit logits take twice as many classes
-MAX_ROWS_PER_PROGRAM = 128
+ROW_ELEMENTS_PER_THREAD = 16
+MAX_ROW_STATES_PER_THREAD = 4
 # Spatial: a program takes up to 4 warps' worth of 16-byte vectors of consecutive positions and walks the classes a
 # few at a time; every thread holds all the classes of its positions, so the per-position reductions stay inside
 # one thread (no shared memory, no barriers).
@@ -359,13 +363,18 @@ def tile_config(num_classes: int, positions_per_n: int, spatial: bool, element_s
         block_p = min(next_pow2(positions_per_n), 32 * vector * MAX_SPATIAL_WARPS)
         # Few positions (small S) take more classes per step instead.
         block_c = min(next_pow2(num_classes), max(MIN_SPATIAL_CLASSES, SPATIAL_TILE // block_p))
-        # At most 32 elements per thread: with one warp, small S gave 4096-element tiles = 128 per thread (spills).
+        # 32 elements per thread for float32, 64 for 16-bit (181 registers, no spills on sm_90); with one warp,
+        # small S once gave 4096-element tiles = 128 per thread (spills).
         num_warps = max(1, min(MAX_SPATIAL_WARPS, block_p * block_c // (32 * 32)))
         return TileConfig(block_p, block_c, num_warps)
     block_c = min(next_pow2(num_classes), ROW_TILE * max(1, 4 // element_size))
-    block_p = max(1, min(MAX_ROWS_PER_PROGRAM, ROW_TILE // block_c))
-    num_warps = min(16, max(1, block_p * block_c // 512))  # 8-16 elements per thread
-    return TileConfig(block_p, block_c, num_warps)
+    lanes_per_warp = 32
+    if block_c >= lanes_per_warp * ROW_ELEMENTS_PER_THREAD:
+        return TileConfig(1, block_c, min(16, block_c // (lanes_per_warp * ROW_ELEMENTS_PER_THREAD)))
+    # One warp: rows of fewer than 32 classes spread over 32 // block_c lanes each, longer ones over all 32.
+    rows_per_lane_group = max(1, lanes_per_warp // block_c)
+    block_p = min(lanes_per_warp * ROW_ELEMENTS_PER_THREAD // block_c, MAX_ROW_STATES_PER_THREAD * rows_per_lane_group)
+    return TileConfig(block_p, block_c, 1)
 
 
 def check_device(device: torch.device) -> None:
@@ -564,7 +573,12 @@ def cross_entropy_bwd(grad_loss, logits, target, weight, lse, total_weight, redu
 
 
 def _forward_with_grad(p, grad, reduction, ignore_index, label_smoothing):
-    total_weight = _total_weight(p, ignore_index)
+    # The gradient of a mean needs its denominator before the pass; none and sum never read it (the tensor only
+    # gives the kernel its accumulation dtype), so they skip the extra pass over the targets.
+    if reduction == REDUCTION_MEAN:
+        total_weight = _total_weight(p, ignore_index)
+    else:
+        total_weight = torch.empty((), dtype=p.acc_dtype, device=p.logits.device)
     loss_buffer = _loss_buffer(p, reduction)
     _launch_forward(p, total_weight, loss_buffer, None, grad, reduction, ignore_index, label_smoothing)
     return _reduce(loss_buffer, total_weight, reduction, p.logits.dtype)
