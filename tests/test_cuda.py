@@ -379,15 +379,16 @@ def test_out_of_range_target_in_kernel_is_nan(shape):
 
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
 @pytest.mark.parametrize("grad_mode", GRAD_MODES)
+@pytest.mark.parametrize("shape", [(48, 3000), (300, 50000)], ids=str)  # the latter: cluster kernel on sm_90
 @pytest.mark.cuda
 @needs_gpu
-def test_cuda_graph_capture_and_replay(backend, grad_mode):
+def test_cuda_graph_capture_and_replay(backend, grad_mode, shape):
     """fwd+bwd captured in a CUDA graph (so nothing in it may synchronise with the host: the value checks and the
     unit-gradient shortcut step aside) and replayed on new inputs gives PyTorch's loss and gradient."""
     if backend not in fused_xent.available_backends():
         pytest.skip(f"backend {backend!r} not available here")
     generator = torch.Generator().manual_seed(19)
-    shape, kwargs = (48, 3000), {"weight": None, "label_smoothing": 0.1}
+    kwargs = {"weight": None, "label_smoothing": 0.1}
     logits = make_logits(shape, "contiguous", torch.float32, generator).requires_grad_(True)
     target = make_target(logits, "index_ignore", -100, generator)
     kwargs["weight"] = make_weight(logits, generator)
