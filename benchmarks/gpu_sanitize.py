@@ -25,7 +25,7 @@ PROBLEMS = [
     ((37, 1000), "contiguous"),
     ((9, 5003), "contiguous"),
     ((2, 70001), "contiguous"),
-    ((30, 256000), "contiguous"),
+    ((40, 256000), "contiguous"),
     ((3, 7, 5, 9), "contiguous"),
     ((2, 19, 6, 7), "channels_last"),
     ((2, 40, 3, 5), "channels_last"),

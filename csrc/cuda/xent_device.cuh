@@ -374,6 +374,18 @@ __device__ __forceinline__ IndexTarget<acc_type<scalar_t>> read_index_target(con
   return target;
 }
 
+// The outputs of one position, by the thread that holds its result: lse and per-position loss where wanted, and its
+// share of this thread's running loss and target-weight sums (for store_block_partials).
+template <typename scalar_t>
+__device__ __forceinline__ void record_position(const XentParams<scalar_t>& p, int64_t r, acc_type<scalar_t> lse,
+                                                acc_type<scalar_t> loss, acc_type<scalar_t> counted_weight,
+                                                acc_type<scalar_t>& loss_acc, acc_type<scalar_t>& weight_acc) {
+  if (p.lse) p.lse[r] = lse;
+  if (p.loss_rows) p.loss_rows[r] = static_cast<scalar_t>(loss);
+  loss_acc += loss;
+  weight_acc += counted_weight;
+}
+
 // This block's loss and target-weight sums into the per-block partials that finalize_kernel adds up in a fixed
 // order (reductions mean and sum); nothing to do for reduction none. Called by every thread of the block.
 template <typename scalar_t>

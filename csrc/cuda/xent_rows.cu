@@ -37,12 +37,7 @@ __global__ void __launch_bounds__(Group::kMaxThreads) rows_forward_kernel(const 
       index_position_loss<acc_t>(target.kind, target.weight, lse, target.logit, st, weight_sum, eps, p.C, loss,
                                  counted_weight);
     }
-    if (Group::rank() == 0) {
-      if (p.lse) p.lse[r] = lse;
-      if (p.loss_rows) p.loss_rows[r] = static_cast<scalar_t>(loss);
-      loss_acc += loss;
-      weight_acc += counted_weight;
-    }
+    if (Group::rank() == 0) record_position(p, r, lse, loss, counted_weight, loss_acc, weight_acc);
 
     if (p.grad) {
       Group::sync();  // every read of this row happens before any write of its gradient (in-place aliasing)

@@ -7,6 +7,9 @@
 #include <cooperative_groups.h>
 
 #include <algorithm>
+#include <map>
+#include <mutex>
+#include <tuple>
 
 #include "cuda/xent_launch.h"
 #include "cuda/xent_row_sweeps.cuh"
@@ -72,10 +75,7 @@ __global__ void __launch_bounds__(kClusterThreads, 2)
       acc_t loss, counted_weight;
       index_position_loss<acc_t>(target.kind, target.weight, lse, target.logit, st, weight_sum, eps, p.C, loss,
                                  counted_weight);
-      if (p.lse) p.lse[r] = lse;
-      if (p.loss_rows) p.loss_rows[r] = static_cast<scalar_t>(loss);
-      loss_acc += loss;
-      weight_acc += counted_weight;
+      record_position(p, r, lse, loss, counted_weight, loss_acc, weight_acc);
     }
     const auto row = index_grad_row<acc_t>(target.kind, target.y, target.weight, lse, weight_sum, eps, p.C,
                                            upstream_scale(p, pos.n, pos.s));
@@ -86,35 +86,57 @@ __global__ void __launch_bounds__(kClusterThreads, 2)
 #endif
 }
 
-struct ClusterKernel {
+// A cluster launch: the configuration points at its own attribute, so it is built in place and never copied.
+struct ClusterLaunch {
   cudaLaunchConfig_t config{};
-  cudaLaunchAttribute attribute{};
+  cudaLaunchAttribute cluster_dim{};
+
+  ClusterLaunch(int64_t blocks, int64_t grid, int64_t smem_bytes, cudaStream_t stream) {
+    cluster_dim.id = cudaLaunchAttributeClusterDimension;
+    cluster_dim.val.clusterDim.x = static_cast<unsigned>(blocks);
+    cluster_dim.val.clusterDim.y = 1;
+    cluster_dim.val.clusterDim.z = 1;
+    config.gridDim = dim3(static_cast<unsigned>(grid));
+    config.blockDim = dim3(kClusterThreads);
+    config.dynamicSmemBytes = static_cast<size_t>(smem_bytes);
+    config.stream = stream;
+    config.attrs = &cluster_dim;
+    config.numAttrs = 1;
+  }
+  ClusterLaunch(const ClusterLaunch&) = delete;
+  ClusterLaunch& operator=(const ClusterLaunch&) = delete;
 };
 
 // Upper bound of a slice's buffer: kSliceBytes, the rounding of slice_len to 64 classes, the phase offset.
 constexpr int kMaxDynamicSmem = kSliceBytes + 1024;
 
-// The launch configuration of one cluster; false if this device cannot take it. The kernel attributes are the same
-// on every call (the largest buffer, clusters above 8 allowed), so concurrent callers cannot undo each other.
 template <typename scalar_t>
-bool configure(int64_t blocks, int64_t slice_len, ClusterKernel& k) {
+int64_t slice_smem_bytes(int64_t slice_len) {
+  return (slice_len + kVecWidth<scalar_t>) * int64_t(sizeof(scalar_t));
+}
+
+// How many clusters of `blocks` blocks fit on `device` at once; 0 if none or if the device refuses the kernel's
+// attributes. Asked once per (device, cluster shape) and remembered: the occupancy query is not free, and a kernel's
+// attributes (set here, the same values every time) persist on the device.
+template <typename scalar_t>
+int resident_clusters(int device, int64_t blocks, int64_t slice_len) {
+  static std::mutex mutex;
+  static std::map<std::tuple<int, int64_t, int64_t>, int> known;
+  const std::lock_guard<std::mutex> lock(mutex);
+  const auto key = std::make_tuple(device, blocks, slice_len);
+  if (const auto it = known.find(key); it != known.end()) return it->second;
+
   const auto kernel = rows_cluster_kernel<scalar_t>;
+  const ClusterLaunch launch(blocks, blocks, slice_smem_bytes<scalar_t>(slice_len), nullptr);
+  int clusters = 0;
   if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kMaxDynamicSmem) != cudaSuccess ||
-      cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) != cudaSuccess) {
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) != cudaSuccess ||
+      cudaOccupancyMaxActiveClusters(&clusters, kernel, &launch.config) != cudaSuccess) {
     (void)cudaGetLastError();  // "not supported here" is an answer, not an error to leave pending
-    return false;
+    clusters = 0;
   }
-  const int64_t smem = (slice_len + kVecWidth<scalar_t>) * int64_t(sizeof(scalar_t));
-  k.attribute.id = cudaLaunchAttributeClusterDimension;
-  k.attribute.val.clusterDim.x = static_cast<unsigned>(blocks);
-  k.attribute.val.clusterDim.y = 1;
-  k.attribute.val.clusterDim.z = 1;
-  k.config.gridDim = dim3(static_cast<unsigned>(blocks));
-  k.config.blockDim = dim3(kClusterThreads);
-  k.config.dynamicSmemBytes = static_cast<size_t>(smem);
-  k.config.attrs = &k.attribute;
-  k.config.numAttrs = 1;
-  return true;
+  known.emplace(key, clusters);
+  return clusters;
 }
 
 }  // namespace
@@ -130,17 +152,10 @@ LaunchShape plan_rows_cluster(const XentParams<scalar_t>& p, int device) {
   if (blocks_needed > kMaxClusterBlocks) return shape;
   const int64_t slice_len = ceil_div(ceil_div(p.C, blocks_needed), 64) * 64;
   const int64_t blocks = ceil_div(p.C, slice_len);
-
-  ClusterKernel k;
-  if (!configure<scalar_t>(blocks, slice_len, k)) return shape;
-  int resident_clusters = 0;
-  if (cudaOccupancyMaxActiveClusters(&resident_clusters, rows_cluster_kernel<scalar_t>, &k.config) != cudaSuccess) {
-    (void)cudaGetLastError();
-    return shape;
-  }
-  if (resident_clusters == 0) return shape;
+  const int clusters = resident_clusters<scalar_t>(device, blocks, slice_len);
+  if (clusters == 0) return shape;
   // One wave: every cluster is resident and walks its share of the positions.
-  shape.grid = std::min<int64_t>(p.N * p.S, resident_clusters) * blocks;
+  shape.grid = std::min<int64_t>(p.N * p.S, clusters) * blocks;
   shape.threads = kClusterThreads;
   shape.splits = blocks;
   shape.split_len = slice_len;
@@ -149,12 +164,8 @@ LaunchShape plan_rows_cluster(const XentParams<scalar_t>& p, int device) {
 
 template <typename scalar_t>
 void launch_rows_cluster(const XentParams<scalar_t>& p, const LaunchShape& shape, cudaStream_t stream) {
-  ClusterKernel k;
-  TORCH_CHECK(configure<scalar_t>(shape.splits, shape.split_len, k),
-              "fused_xent: the cluster kernel's attributes were refused after planning succeeded");
-  k.config.gridDim = dim3(static_cast<unsigned>(shape.grid));
-  k.config.stream = stream;
-  C10_CUDA_CHECK(cudaLaunchKernelEx(&k.config, rows_cluster_kernel<scalar_t>, p, shape.split_len));
+  const ClusterLaunch launch(shape.splits, shape.grid, slice_smem_bytes<scalar_t>(shape.split_len), stream);
+  C10_CUDA_CHECK(cudaLaunchKernelEx(&launch.config, rows_cluster_kernel<scalar_t>, p, shape.split_len));
 }
 
 #define INSTANTIATE(T)                                                                         \

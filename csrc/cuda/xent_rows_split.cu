@@ -67,10 +67,7 @@ __global__ void __launch_bounds__(256) rows_split_combine_kernel(const XentParam
     acc_t loss, counted_weight;
     index_position_loss<acc_t>(target.kind, target.weight, lse, target.logit, st, weight_sum, eps, p.C, loss,
                                counted_weight);
-    if (p.lse) p.lse[r] = lse;
-    if (p.loss_rows) p.loss_rows[r] = static_cast<scalar_t>(loss);
-    loss_acc += loss;
-    weight_acc += counted_weight;
+    record_position(p, r, lse, loss, counted_weight, loss_acc, weight_acc);
   }
 
   store_block_partials(p, loss_acc, weight_acc);

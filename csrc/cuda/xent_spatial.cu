@@ -108,10 +108,7 @@ __global__ void __launch_bounds__(256) spatial_forward_kernel(const XentParams<s
       index_position_loss<acc_t>(target.kind, target.weight, lse, target.logit, st, weight_sum, eps, p.C, loss,
                                  counted_weight);
     }
-    if (p.lse) p.lse[r] = lse;
-    if (p.loss_rows) p.loss_rows[r] = static_cast<scalar_t>(loss);
-    loss_acc += loss;
-    weight_acc += counted_weight;
+    record_position(p, r, lse, loss, counted_weight, loss_acc, weight_acc);
 
     if (p.grad) {
       GradRow<acc_t> row;
