@@ -550,6 +550,43 @@ def test_every_specialization_compiles_for_hopper(monkeypatch):
     assert len(compile_only.compiled) >= 40
 
 
+def ptxas_usage(ptx, tmp_path):
+    """(registers, spill-store bytes) of a PTX kernel for sm_90a, from the ptxas that ships with Triton."""
+    import re
+
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+
+        ptxas = get_ptxas(90).path
+    except (ImportError, TypeError, AttributeError) as error:
+        pytest.skip(f"this Triton does not expose its ptxas the expected way: {error}")
+    source = tmp_path / "kernel.ptx"
+    source.write_text(ptx)
+    report = subprocess.run([ptxas, "-arch=sm_90a", "-v", str(source), "-o", os.devnull],
+                            capture_output=True, text=True, check=True).stderr
+    return int(re.search(r"Used (\d+) registers", report)[1]), int(re.search(r"(\d+) bytes spill stores", report)[1])
+
+
+@pytest.mark.skipif(INTERPRETED or DEVICE is not None, reason="without a GPU only (with one, the kernels run)")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("num_classes", [10, 100, 1000, 32000])
+def test_row_tiles_fit_in_registers(monkeypatch, tmp_path, dtype, num_classes):
+    """The heaviest row specialization (fused forward with weights and smoothing) compiled for sm_90: no spills and
+    at most 128 registers. Tiles of several rows per program once held 16-32 rows' running state per thread, took
+    255 registers and spilled."""
+    compile_only = _CompileOnly()
+    kernels = _triton_ops.triton_kernels
+    monkeypatch.setattr(kernels, "_launch", compile_only)
+    monkeypatch.setattr(kernels, "check_device", lambda device: None)
+    logits = torch.randn(64, num_classes, 1, dtype=dtype)
+    target = torch.randint(0, num_classes, (64, 1))
+    kernels.cross_entropy_fwd_grad(logits, target, torch.rand(num_classes, dtype=dtype), 1, -100, 0.1)
+    (forward,) = [kernel for key, kernel in compile_only.compiled.items() if key[0] == "_forward_kernel"]
+    registers, spilled = ptxas_usage(forward.asm["ptx"], tmp_path)
+    assert spilled == 0 and registers <= 128, (kernels.tile_config(num_classes, 1, False, dtype.itemsize), registers,
+                                                spilled)
+
+
 @pytest.mark.skipif(INTERPRETED, reason="the interpreter's kernels are not what Inductor re-emits")
 @pytest.mark.parametrize("name", ["_target_weight_kernel", "_forward_kernel", "_backward_kernel"])
 def test_inductor_can_re_emit_kernel_source(name, tmp_path):
