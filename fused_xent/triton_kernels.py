@@ -371,9 +371,10 @@ def tile_config(num_classes: int, positions_per_n: int, spatial: bool, element_s
     lanes_per_warp = 32
     if block_c >= lanes_per_warp * ROW_ELEMENTS_PER_THREAD:
         return TileConfig(1, block_c, min(16, block_c // (lanes_per_warp * ROW_ELEMENTS_PER_THREAD)))
-    # One warp: rows of fewer than 32 classes spread over 32 // block_c lanes each, longer ones over all 32.
-    rows_per_lane_group = max(1, lanes_per_warp // block_c)
-    block_p = min(lanes_per_warp * ROW_ELEMENTS_PER_THREAD // block_c, MAX_ROW_STATES_PER_THREAD * rows_per_lane_group)
+    # One warp. A row of fewer than 32 classes takes block_c lanes, so 32 // block_c rows sit side by side in it;
+    # longer rows each span all 32 lanes, and every lane holds a piece of every row.
+    rows_side_by_side = max(1, lanes_per_warp // block_c)
+    block_p = min(lanes_per_warp * ROW_ELEMENTS_PER_THREAD // block_c, MAX_ROW_STATES_PER_THREAD * rows_side_by_side)
     return TileConfig(block_p, block_c, 1)
 
 
