@@ -133,10 +133,12 @@ def assert_close(actual, expected, dtype, what):
 # ----------------------------------------------------------------------------------------------------------------
 # Parity over the argument grid
 
-# Rows whose fused forward takes the cluster kernel on an H200 (sm_90, 50 MB L2): slices of one block, of three
-# (misaligned rows) and of eleven (above the portable cluster size of 8).
+# Rows whose fused forward takes the cluster kernel on an H200 (sm_90, 50 MB L2): slices of one block, of three (rows
+# at every 4-byte phase; logits that start mid-vector, which only the in-place mode sends there, since a fresh
+# gradient starts at phase 0) and of eleven (above the portable cluster size of 8).
 CLUSTER_CASES = [
     ((600, 32768), "contiguous", torch.bfloat16),
+    ((300, 50001), "contiguous", torch.float32),
     ((300, 50000), "offset", torch.float32),
     ((40, 256000), "contiguous", torch.float32),
 ]
@@ -232,7 +234,8 @@ def launched_kernels(fn, *args):
 @needs_gpu
 def test_cluster_kernel_serves_the_fused_forward_of_long_rows(shape, layout, dtype):
     """test_parity covers these shapes; this checks that on sm_90+ they really reach the cluster kernel (the rule of
-    xent_kernel.cu: the rows a block-per-row kernel keeps in flight exceed half of L2), and only when fused."""
+    xent_kernel.cu: the rows a block-per-row kernel keeps in flight exceed half of L2, and the gradient shares the
+    logits' address phase), and only when fused."""
     props = torch.cuda.get_device_properties(0)
     if props.major < 9:
         pytest.skip("thread-block clusters need sm_90")
@@ -245,7 +248,8 @@ def test_cluster_kernel_serves_the_fused_forward_of_long_rows(shape, layout, dty
     one = torch.ones((), device="cuda", dtype=dtype)
     for grad_mode in ("in_forward", "inplace"):
         kernels = launched_kernels(fused, x, target, one, grad_mode)
-        assert any("rows_cluster_kernel" in name for name in kernels), (grad_mode, kernels)
+        clustered = any("rows_cluster_kernel" in name for name in kernels)
+        assert clustered == (grad_mode == "inplace" or layout != "offset"), (grad_mode, kernels)
     kernels = launched_kernels(fused, x, target, one, "recompute")
     assert not any("rows_cluster_kernel" in name for name in kernels), kernels
 

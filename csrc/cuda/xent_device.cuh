@@ -37,7 +37,8 @@ struct XentParams {
   int64_t ignore_index;
   int64_t reduction;
   acc_t label_smoothing;
-  bool vectorize;                // logits / grad / prob target share their address modulo 16 bytes
+  bool vectorize;                // 16-byte loads: logits and prob target share their address modulo 16 bytes
+  bool grad_in_phase;            // 16-byte stores: grad shares it too (a fresh gradient starts at phase 0)
 
   // Forward outputs.
   acc_t* lse;                    // (N, S), or null

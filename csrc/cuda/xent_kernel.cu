@@ -127,11 +127,13 @@ XentParams<scalar_t> input_params(const Problem& p, const at::Tensor& weight_sum
   q.ignore_index = p.ignore_index;
   q.reduction = p.reduction;
   q.label_smoothing = static_cast<acc_t>(p.label_smoothing);
-  // Row kernels vectorize when every array they stream shares its address modulo 16 (they share strides), so one
-  // scalar head per row reaches a 16-byte boundary in all of them at once.
+  // Row kernels load 16-byte vectors when the arrays they read share their address modulo 16 (they share strides),
+  // so one scalar head per row reaches a 16-byte boundary in all of them at once. The gradient is written with
+  // vectors too when it has that phase as well, else one element at a time (logits that start mid-vector, such as
+  // x[1:] with rows of an odd byte size, against a fresh gradient that starts at phase 0).
   const uintptr_t phase = address_phase(q.logits);
-  q.vectorize = p.layout == Layout::kRows && (!q.grad || address_phase(q.grad) == phase) &&
-                (!q.target_prob || address_phase(q.target_prob) == phase);
+  q.vectorize = p.layout == Layout::kRows && (!q.target_prob || address_phase(q.target_prob) == phase);
+  q.grad_in_phase = !q.grad || address_phase(q.grad) == phase;
   return q;
 }
 

@@ -37,8 +37,8 @@ template <typename scalar_t>
 void launch_rows_split_combine(const XentParams<scalar_t>& p, const LaunchShape& shape, int64_t splits,
                                const RowStats<acc_type<scalar_t>>* split_stats, cudaStream_t stream);
 
-// Fused forward of long rows on sm_90+ (class-index targets): a cluster of shape.splits blocks per position, each
-// keeping shape.split_len classes on chip. plan_rows_cluster returns grid 0 where the device cannot run it.
+// Fused forward of long rows on sm_90+ (class-index targets, p.grad_in_phase): a cluster of shape.splits blocks per
+// position, each keeping shape.split_len classes on chip. plan_rows_cluster returns grid 0 where it cannot serve.
 template <typename scalar_t>
 LaunchShape plan_rows_cluster(const XentParams<scalar_t>& p, int device);
 template <typename scalar_t>

@@ -7,28 +7,13 @@
 namespace fused_xent {
 namespace cuda {
 
-// Writes dloss/dx for classes [begin, end) of one position, reading the logits from x: the row itself, or the
-// cluster kernel's on-chip copy of it (same address phase, so the same thread visits the same classes). x may alias
-// g (in-place forward): each element is read and then written by the same thread, and the caller has already read
-// x[target].
-template <typename Group, bool kProb, typename scalar_t>
-__device__ __forceinline__ void write_row_grad(const XentParams<scalar_t>& p, const scalar_t* x, const scalar_t* t,
+// dloss/dx of a valid position for classes [begin, end): write_row_grad's sweep, with 16-byte stores when
+// kVectorStores (g has x's address phase), else one element at a time.
+template <typename Group, bool kProb, bool kVectorStores, typename scalar_t>
+__device__ __forceinline__ void sweep_row_grad(const XentParams<scalar_t>& p, const scalar_t* x, const scalar_t* t,
                                                scalar_t* g, int64_t begin, int64_t end,
                                                const GradRow<acc_type<scalar_t>>& row) {
   using acc_t = acc_type<scalar_t>;
-  if (row.kind != kTargetValid) {
-    const auto fill = static_cast<scalar_t>(fill_value<acc_t>(row.kind));
-    visit_classes<Group>(
-        g, begin, end, p.vectorize, [](auto, int64_t) { return 0; },
-        [&](auto width, int64_t c, int) {
-          constexpr int W = decltype(width)::value;
-          Pack<W, scalar_t> out;
-#pragma unroll
-          for (int i = 0; i < W; ++i) out.v[i] = fill;
-          store_pack<W>(g + c, out);
-        });
-    return;
-  }
   const acc_t eps = p.label_smoothing;
   visit_classes<Group>(
       x, begin, end, p.vectorize,
@@ -46,8 +31,41 @@ __device__ __forceinline__ void write_row_grad(const XentParams<scalar_t>& p, co
             out.v[i] = static_cast<scalar_t>(index_grad_at<acc_t>(row, p.weight, c + i, xi));
           }
         }
-        store_pack<W>(g + c, out);
+        if constexpr (kVectorStores || W == 1) {
+          store_pack<W>(g + c, out);
+        } else {
+#pragma unroll
+          for (int i = 0; i < W; ++i) store_pack<1>(g + c + i, Pack<1, scalar_t>{{out.v[i]}});
+        }
       });
+}
+
+// Writes dloss/dx for classes [begin, end) of one position, reading the logits from x: the row itself, or the
+// cluster kernel's on-chip copy of it (same address phase, so the same thread visits the same classes). x may alias
+// g (in-place forward): each element is read and then written by the same thread, and the caller has already read
+// x[target]. A g out of x's phase (!p.grad_in_phase) is written element by element, unless the caller knows it is
+// not (kGradInPhase); the fill of a position that is not valid visits g alone, aligned to g.
+template <typename Group, bool kProb, typename scalar_t, bool kGradInPhase = false>
+__device__ __forceinline__ void write_row_grad(const XentParams<scalar_t>& p, const scalar_t* x, const scalar_t* t,
+                                               scalar_t* g, int64_t begin, int64_t end,
+                                               const GradRow<acc_type<scalar_t>>& row) {
+  using acc_t = acc_type<scalar_t>;
+  if (row.kind != kTargetValid) {
+    const auto fill = static_cast<scalar_t>(fill_value<acc_t>(row.kind));
+    visit_classes<Group>(
+        g, begin, end, p.vectorize, [](auto, int64_t) { return 0; },
+        [&](auto width, int64_t c, int) {
+          constexpr int W = decltype(width)::value;
+          Pack<W, scalar_t> out;
+#pragma unroll
+          for (int i = 0; i < W; ++i) out.v[i] = fill;
+          store_pack<W>(g + c, out);
+        });
+  } else if (kGradInPhase || p.grad_in_phase) {
+    sweep_row_grad<Group, kProb, true>(p, x, t, g, begin, end, row);
+  } else {
+    sweep_row_grad<Group, kProb, false>(p, x, t, g, begin, end, row);
+  }
 }
 
 // Statistics of classes [begin, end) of one position, this thread's share (not yet reduced over the group). With

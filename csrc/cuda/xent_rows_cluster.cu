@@ -28,7 +28,7 @@ constexpr int kClusterThreads = BlockGroup::kMaxThreads;
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// Class-index targets. Each cluster takes positions cluster_index, cluster_index + clusters, ...; every block of a
+// Class-index targets, gradient in the logits' address phase. Each cluster takes positions cluster_index, cluster_index + clusters, ...; every block of a
 // cluster visits the same positions, so they meet at the same barriers.
 template <typename scalar_t>
 __global__ void __launch_bounds__(kClusterThreads, 2)
@@ -79,7 +79,7 @@ __global__ void __launch_bounds__(kClusterThreads, 2)
     }
     const auto row = index_grad_row<acc_t>(target.kind, target.y, target.weight, lse, weight_sum, eps, p.C,
                                            upstream_scale(p, pos.n, pos.s));
-    write_row_grad<BlockGroup, false, scalar_t>(p, staged, nullptr, p.grad + pos.offset, begin, end, row);
+    write_row_grad<BlockGroup, false, scalar_t, true>(p, staged, nullptr, p.grad + pos.offset, begin, end, row);
   }
   cluster.sync();  // no block exits while another may still read its published statistics
   store_block_partials(p, loss_acc, weight_acc);
@@ -145,6 +145,7 @@ template <typename scalar_t>
 LaunchShape plan_rows_cluster(const XentParams<scalar_t>& p, int device) {
   LaunchShape shape;
   shape.grid = 0;
+  if (!p.grad_in_phase) return shape;
   int major = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
   if (major < 9) return shape;
