@@ -457,6 +457,17 @@ __device__ __forceinline__ GradRow<acc_t> index_grad_row(int kind, int64_t y, ac
   return g;
 }
 
+// The GradRow of a probability-target position (always valid): tsum = T = sum_c w[c] t'[c].
+template <typename acc_t>
+__device__ __forceinline__ GradRow<acc_t> prob_grad_row(acc_t lse, acc_t scale, acc_t tsum) {
+  GradRow<acc_t> g{};
+  g.kind = kTargetValid;
+  g.lse = lse;
+  g.scale = scale;
+  g.tsum = tsum;
+  return g;
+}
+
 // dloss/dx[c] of a class-index position (valid target).
 template <typename acc_t>
 __device__ __forceinline__ acc_t index_grad_at(const GradRow<acc_t>& g, const acc_t* weight, int64_t c, acc_t x) {

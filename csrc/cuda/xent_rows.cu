@@ -43,11 +43,7 @@ __global__ void __launch_bounds__(Group::kMaxThreads) rows_forward_kernel(const 
       Group::sync();  // every read of this row happens before any write of its gradient (in-place aliasing)
       GradRow<acc_t> row;
       if constexpr (kProb) {
-        row = GradRow<acc_t>{};
-        row.kind = kTargetValid;
-        row.lse = lse;
-        row.scale = upstream_scale(p, pos.n, pos.s);
-        row.tsum = st.tsum;
+        row = prob_grad_row<acc_t>(lse, upstream_scale(p, pos.n, pos.s), st.tsum);
       } else {
         row = index_grad_row<acc_t>(target.kind, target.y, target.weight, lse, weight_sum, eps, p.C,
                                     upstream_scale(p, pos.n, pos.s));
@@ -93,10 +89,7 @@ __global__ void __launch_bounds__(Group::kMaxThreads)
                          smoothed_probability<acc_t>(static_cast<acc_t>(tv.v[i]), eps, p.C);
             }
           });
-      row.kind = kTargetValid;
-      row.lse = lse;
-      row.scale = scale;
-      row.tsum = Group::allreduce(st, smem).tsum;
+      row = prob_grad_row<acc_t>(lse, scale, Group::allreduce(st, smem).tsum);
     } else {
       const int64_t y = p.target_index[r];
       const int kind = classify_target(y, p.ignore_index, p.C);

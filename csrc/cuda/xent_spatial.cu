@@ -113,11 +113,7 @@ __global__ void __launch_bounds__(256) spatial_forward_kernel(const XentParams<s
     if (p.grad) {
       GradRow<acc_t> row;
       if constexpr (kProb) {
-        row = GradRow<acc_t>{};
-        row.kind = kTargetValid;
-        row.lse = lse;
-        row.scale = upstream_scale(p, pos.n, pos.s);
-        row.tsum = st.tsum;
+        row = prob_grad_row<acc_t>(lse, upstream_scale(p, pos.n, pos.s), st.tsum);
       } else {
         row = index_grad_row<acc_t>(target.kind, target.y, target.weight, lse, weight_sum, eps, p.C,
                                     upstream_scale(p, pos.n, pos.s));
@@ -150,10 +146,7 @@ __global__ void __launch_bounds__(256) spatial_grad_kernel(const XentParams<scal
       for (int64_t c = 0; c < p.C; ++c) {
         tsum += class_weight(p.weight, c) * smoothed_probability<acc_t>(static_cast<acc_t>(t[c * sc]), eps, p.C);
       }
-      row.kind = kTargetValid;
-      row.lse = lse;
-      row.scale = scale;
-      row.tsum = tsum;
+      row = prob_grad_row<acc_t>(lse, scale, tsum);
     } else {
       const int64_t y = p.target_index[r];
       const int kind = classify_target(y, p.ignore_index, p.C);
