@@ -19,7 +19,8 @@ from fused_xent._backends import backend_ops
 
 MEAN = 1
 
-# (label, shape, dtype, layout): warp rows, block rows, split rows, spatial NCHW, channels_last.
+# (label, shape, dtype, layout): warp rows, block rows, split rows, spatial NCHW, NCHW with few positions (split
+# across threads: vocabulary logits laid out (N, C, T)), channels_last.
 PROBLEMS = [
     ("rows warp", (16384, 1000), torch.float32, "contiguous"),
     ("rows block", (4096, 32000), torch.bfloat16, "contiguous"),
@@ -28,6 +29,7 @@ PROBLEMS = [
     ("rows split", (512, 256000), torch.bfloat16, "contiguous"),
     ("spatial", (16, 19, 512, 1024), torch.float32, "contiguous"),
     ("spatial", (16, 19, 512, 1024), torch.bfloat16, "contiguous"),
+    ("spatial split", (8, 32000, 256), torch.bfloat16, "contiguous"),
     ("channels_last", (8, 19, 512, 512), torch.bfloat16, "channels_last"),
 ]
 

@@ -19,14 +19,16 @@ import fused_xent
 from fused_xent._backends import backend_ops
 
 # (shape, layout): C <= 2048 (warp per row), C > 2048 (block per row), few rows with a huge C (split rows), rows
-# whose fused forward outgrows L2 (a cluster of 11 blocks per row on sm_90 in float32), NCHW, channels_last with
-# C <= 32 and with C > 32, and a row stride that is not a multiple of 16 bytes.
+# whose fused forward outgrows L2 (a cluster of 11 blocks per row on sm_90 in float32), NCHW, NCHW with few positions
+# and C = 1001 (split across threads, a short last range), channels_last with C <= 32 and with C > 32, and a row
+# stride that is not a multiple of 16 bytes.
 PROBLEMS = [
     ((37, 1000), "contiguous"),
     ((9, 5003), "contiguous"),
     ((2, 70001), "contiguous"),
     ((40, 256000), "contiguous"),
     ((3, 7, 5, 9), "contiguous"),
+    ((2, 1001, 3, 3), "contiguous"),
     ((2, 19, 6, 7), "channels_last"),
     ((2, 40, 3, 5), "channels_last"),
     ((5, 2049), "offset"),

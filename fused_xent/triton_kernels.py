@@ -13,6 +13,12 @@ Layouts. A "position" is one (n, s) pair; its C logits are
     a class is a contiguous run of positions, and walks over the classes.
 Logits with neither unit stride are copied once (as the C++ backends do).
 
+Few positions with many classes (a few rows of a huge vocabulary, or NCHW logits such as (N, C, T) with small N*T)
+would leave most of the GPU idle, so their classes are cut into ranges of whole column blocks and a second grid
+axis takes the ranges (class-index targets, as in the CUDA kernel): each program writes its range's online-softmax
+state, a combine kernel merges them per position in range order, and the gradient kernel writes one range per
+program.
+
 Accumulation is float32 (float64 for float64 logits, with label_smoothing passed as a float32 hi + lo pair so that
 it keeps float64 precision). Triton specializes integer arguments equal to 1, so the unit stride of each
 layout is a compile-time constant and the compiler sees which axis of a tile is contiguous.
@@ -21,6 +27,7 @@ Determinism: every program writes its own positions' losses; reductions are torc
 per-position buffers (fixed order), never atomics. No host synchronization happens anywhere.
 """
 
+import functools
 import os
 from dataclasses import dataclass
 
@@ -124,17 +131,18 @@ def _weighted_smoothed_target(target_ptr, weight_ptr, ptrs, mask, cols, label_sm
 
 
 @triton.jit
-def _row_statistics(logits_ptr, target_ptr, weight_ptr, offset, in_range, C, stride_c, label_smoothing,
-                    PROB_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr, ACC,
-                    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    """One pass over the logits of a block of positions (online softmax). Returns lse and two sums:
+def _range_statistics(logits_ptr, target_ptr, weight_ptr, offset, in_range, c_begin, c_stop, C, stride_c,
+                      label_smoothing, PROB_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+                      HAS_SMOOTHING: tl.constexpr, ACC, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """One pass over the classes [c_begin, c_stop) of a block of positions (online softmax; c_stop - c_begin is a
+    multiple of BLOCK_C or reaches C). Returns the running max, sum_c exp(x[c] - max) and two sums:
     probability targets: T = sum_c w[c] t'[c] and sum_c w[c] t'[c] x[c];
     class indices with smoothing: sum_c w[c] x[c] (and an unused zero)."""
     running_max = tl.full([BLOCK_P], float("-inf"), ACC)
     scaled_sum = tl.zeros([BLOCK_P], ACC)  # sum_c exp(x[c] - running_max)
     sum_a = tl.zeros([BLOCK_P], ACC)
     sum_b = tl.zeros([BLOCK_P], ACC)
-    for c0 in range(0, C, BLOCK_C):
+    for c0 in range(c_begin, c_stop, BLOCK_C):
         cols = c0 + tl.arange(0, BLOCK_C)
         mask = in_range[:, None] & (cols < C)[None, :]
         ptrs = offset[:, None] + cols.to(tl.int64)[None, :] * stride_c
@@ -155,8 +163,7 @@ def _row_statistics(logits_ptr, target_ptr, weight_ptr, offset, in_range, C, str
             if HAS_WEIGHT:
                 x = x * _class_weight_tile(weight_ptr, cols, C, ACC)
             sum_a += tl.sum(tl.where(mask, x, 0.0), axis=1)
-    lse = running_max + tl.log(scaled_sum)
-    return lse, sum_a, sum_b
+    return running_max, scaled_sum, sum_a, sum_b
 
 
 @triton.jit
@@ -196,15 +203,16 @@ def _index_grad_coeffs(weight_of_target, weight_sum, scale, label_smoothing, C, 
 
 @triton.jit
 def _store_grad(logits_ptr, target_ptr, weight_ptr, grad_ptr, offset, in_range, keep, lse, safe_y,
-                prob_coef, class_coef, target_coef, C, stride_c, label_smoothing,
+                prob_coef, class_coef, target_coef, c_begin, c_stop, C, stride_c, label_smoothing,
                 PROB_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr, ACC,
                 BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Second pass: read each logit once and write its gradient (grad_ptr may be logits_ptr: each element is read
-    before it is overwritten, and nothing else of the row is read afterwards).
+    """Second pass over the classes [c_begin, c_stop) (as in _range_statistics): read each logit once and write its
+    gradient (grad_ptr may be logits_ptr: each element is read before it is overwritten, and nothing else of the
+    row is read afterwards).
       class indices:  prob_coef p[c] - class_coef w[c] - [c == y] target_coef
       probabilities:  prob_coef p[c] - class_coef w[c] t'[c]   (prob_coef = scale T, class_coef = scale)
     Positions that do not `keep` (ignored targets) get exactly 0, whatever their logits."""
-    for c0 in range(0, C, BLOCK_C):
+    for c0 in range(c_begin, c_stop, BLOCK_C):
         cols = c0 + tl.arange(0, BLOCK_C)
         mask = in_range[:, None] & (cols < C)[None, :]
         ptrs = offset[:, None] + cols.to(tl.int64)[None, :] * stride_c
@@ -259,9 +267,10 @@ def _forward_kernel(logits_ptr, target_ptr, weight_ptr, weight_sum_ptr, total_we
                                                           HAS_WEIGHT, ACC)
         # Gathered before the row pass: when the gradient overwrites the logits, x[y] is gone by the second pass.
         target_logit = tl.load(logits_ptr + offset + safe_y * stride_c, mask=counted, other=0.0).to(ACC)
-    lse, sum_a, sum_b = _row_statistics(logits_ptr, target_ptr, weight_ptr, offset, in_range, C, stride_c,
-                                        label_smoothing, PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING, ACC,
-                                        BLOCK_P, BLOCK_C)
+    running_max, scaled_sum, sum_a, sum_b = _range_statistics(
+        logits_ptr, target_ptr, weight_ptr, offset, in_range, 0, C, C, stride_c, label_smoothing, PROB_TARGET,
+        HAS_WEIGHT, HAS_SMOOTHING, ACC, BLOCK_P, BLOCK_C)
+    lse = running_max + tl.log(scaled_sum)
     weight_sum = _class_weight_sum(weight_sum_ptr, C, HAS_WEIGHT, ACC)
     if PROB_TARGET:
         loss = sum_a * lse - sum_b  # xent_math.h prob_target_loss: T lse - sum_c w[c] t'[c] x[c]
@@ -278,29 +287,93 @@ def _forward_kernel(logits_ptr, target_ptr, weight_ptr, weight_sum_ptr, total_we
         if PROB_TARGET:
             # (prob_coef, class_coef) = (scale T, scale); safe_y and target_coef are not read for probabilities.
             _store_grad(logits_ptr, target_ptr, weight_ptr, grad_ptr, offset, in_range, in_range, lse, safe_y,
-                        scale * sum_a, scale, scale, C, stride_c, label_smoothing,
+                        scale * sum_a, scale, scale, 0, C, C, stride_c, label_smoothing,
                         PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING, ACC, BLOCK_P, BLOCK_C)
         else:
             prob_coef, class_coef, target_coef = _index_grad_coeffs(weight_of_target, weight_sum, scale,
                                                                     label_smoothing, C, HAS_SMOOTHING)
             _store_grad(logits_ptr, target_ptr, weight_ptr, grad_ptr, offset, in_range, counted, lse, safe_y,
-                        prob_coef, class_coef, target_coef, C, stride_c, label_smoothing,
+                        prob_coef, class_coef, target_coef, 0, C, C, stride_c, label_smoothing,
                         PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING, ACC, BLOCK_P, BLOCK_C)
     else:
         tl.store(lse_ptr + index, lse, mask=in_range)
 
 
 @triton.jit
+def _split_statistics_kernel(logits_ptr, weight_ptr, stats_ptr, num_positions, S, C, stride_n, stride_c, stride_s,
+                             split_len, SPATIAL: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
+                             BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Program (position block, k): the online-softmax state of classes [k split_len, (k+1) split_len) of its
+    positions (class-index targets) into stats[0 / 1 / 2, k, position] = running max, scaled sum, sum_c w[c] x[c]."""
+    ACC = stats_ptr.dtype.element_ty
+    _, _, index, offset, in_range = _position_block(num_positions, S, stride_n, stride_s, BLOCK_P, SPATIAL)
+    split = tl.program_id(1).to(tl.int64)
+    c_begin = split * split_len
+    running_max, scaled_sum, weighted_logit_sum, _ = _range_statistics(
+        logits_ptr, None, weight_ptr, offset, in_range, c_begin, tl.minimum(c_begin + split_len, C), C,
+        stride_c, 0.0, False, HAS_WEIGHT, HAS_SMOOTHING, ACC, BLOCK_P, BLOCK_C)
+    plane = tl.num_programs(1).to(tl.int64) * num_positions
+    at = split * num_positions + index
+    tl.store(stats_ptr + at, running_max, mask=in_range)
+    tl.store(stats_ptr + plane + at, scaled_sum, mask=in_range)
+    if HAS_SMOOTHING:
+        tl.store(stats_ptr + 2 * plane + at, weighted_logit_sum, mask=in_range)
+
+
+@triton.jit
+def _split_combine_kernel(stats_ptr, logits_ptr, target_ptr, weight_ptr, weight_sum_ptr, loss_ptr, lse_ptr,
+                          num_positions, S, C, stride_n, stride_c, stride_s, ignore_index, smoothing_hi,
+                          smoothing_lo, splits, HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
+                          BLOCK: tl.constexpr):
+    """Merges the ranges' states of each position in range order (bitwise reproducible), then lse and the loss as
+    in _forward_kernel."""
+    ACC = lse_ptr.dtype.element_ty
+    label_smoothing = tl.cast(smoothing_hi, ACC) + tl.cast(smoothing_lo, ACC)
+    _, _, index, offset, in_range = _position_block(num_positions, S, stride_n, stride_s, BLOCK, False)
+    plane = splits.to(tl.int64) * num_positions
+    running_max = tl.full([BLOCK], float("-inf"), ACC)
+    scaled_sum = tl.zeros([BLOCK], ACC)
+    weighted_logit_sum = tl.zeros([BLOCK], ACC)
+    for split in range(0, splits):
+        at = split * num_positions + index
+        part_max = tl.load(stats_ptr + at, mask=in_range, other=float("-inf"))
+        part_sum = tl.load(stats_ptr + plane + at, mask=in_range, other=0.0)
+        new_max = tl.maximum(running_max, part_max)
+        shift = tl.where(new_max == float("-inf"), 0.0, new_max)  # as in _range_statistics
+        scaled_sum = (scaled_sum * tl.exp2((running_max - shift) * LOG2E)
+                      + part_sum * tl.exp2((part_max - shift) * LOG2E))
+        running_max = new_max
+        if HAS_SMOOTHING:
+            weighted_logit_sum += tl.load(stats_ptr + 2 * plane + at, mask=in_range, other=0.0)
+    lse = running_max + tl.log(scaled_sum)
+    safe_y, counted, weight_of_target = _class_target(target_ptr, weight_ptr, index, in_range, C, ignore_index,
+                                                      HAS_WEIGHT, ACC)
+    target_logit = tl.load(logits_ptr + offset + safe_y * stride_c, mask=counted, other=0.0).to(ACC)
+    weight_sum = _class_weight_sum(weight_sum_ptr, C, HAS_WEIGHT, ACC)
+    loss = _index_target_loss(lse, target_logit, weight_of_target, weight_sum, weighted_logit_sum, label_smoothing, C,
+                              HAS_SMOOTHING)
+    tl.store(loss_ptr + index, tl.where(counted, loss, 0.0).to(loss_ptr.dtype.element_ty), mask=in_range)
+    tl.store(lse_ptr + index, lse, mask=in_range)
+
+
+@triton.jit
 def _backward_kernel(grad_loss_ptr, grad_loss_stride_n, grad_loss_stride_s, logits_ptr, target_ptr, weight_ptr,
                      weight_sum_ptr, lse_ptr, total_weight_ptr, grad_ptr,
                      num_positions, S, C, stride_n, stride_c, stride_s, ignore_index, smoothing_hi, smoothing_lo,
-                     SPATIAL: tl.constexpr, PROB_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr,
-                     HAS_SMOOTHING: tl.constexpr, REDUCTION: tl.constexpr,
+                     split_len, SPATIAL: tl.constexpr, PROB_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+                     HAS_SMOOTHING: tl.constexpr, REDUCTION: tl.constexpr, SPLIT: tl.constexpr,
                      BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Gradient from the saved lse: one read of the logits (plus the targets) and one write."""
+    """Gradient from the saved lse: one read of the logits (plus the targets) and one write. With SPLIT (class-index
+    targets), program (position block, k) writes classes [k split_len, (k+1) split_len)."""
     ACC = total_weight_ptr.dtype.element_ty
     label_smoothing = tl.cast(smoothing_hi, ACC) + tl.cast(smoothing_lo, ACC)
     n, s, index, offset, in_range = _position_block(num_positions, S, stride_n, stride_s, BLOCK_P, SPATIAL)
+    if SPLIT:
+        c_begin = tl.program_id(1).to(tl.int64) * split_len
+        c_stop = tl.minimum(c_begin + split_len, C)
+    else:
+        c_begin = 0
+        c_stop = C
     lse = tl.load(lse_ptr + index, mask=in_range, other=0.0)
     # Upstream-gradient scale per position (xent_math.h grad_scale); grad_loss may be an expanded (stride 0) view.
     if REDUCTION == _NONE:
@@ -315,7 +388,7 @@ def _backward_kernel(grad_loss_ptr, grad_loss_stride_n, grad_loss_stride_s, logi
                                                    label_smoothing, HAS_WEIGHT, HAS_SMOOTHING, ACC, BLOCK_P, BLOCK_C)
         # As in the forward: (prob_coef, class_coef) = (scale T, scale); safe_y and target_coef are not read.
         _store_grad(logits_ptr, target_ptr, weight_ptr, grad_ptr, offset, in_range, in_range, lse, index,
-                    scale * weighted_target_sum, scale, scale, C, stride_c, label_smoothing,
+                    scale * weighted_target_sum, scale, scale, c_begin, c_stop, C, stride_c, label_smoothing,
                     PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING, ACC, BLOCK_P, BLOCK_C)
     else:
         safe_y, counted, weight_of_target = _class_target(target_ptr, weight_ptr, index, in_range, C, ignore_index,
@@ -324,7 +397,7 @@ def _backward_kernel(grad_loss_ptr, grad_loss_stride_n, grad_loss_stride_s, logi
         prob_coef, class_coef, target_coef = _index_grad_coeffs(weight_of_target, weight_sum, scale, label_smoothing,
                                                                 C, HAS_SMOOTHING)
         _store_grad(logits_ptr, target_ptr, weight_ptr, grad_ptr, offset, in_range, counted, lse, safe_y,
-                    prob_coef, class_coef, target_coef, C, stride_c, label_smoothing,
+                    prob_coef, class_coef, target_coef, c_begin, c_stop, C, stride_c, label_smoothing,
                     PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING, ACC, BLOCK_P, BLOCK_C)
 
 
@@ -346,6 +419,11 @@ MAX_ROW_STATES_PER_THREAD = 4
 MAX_SPATIAL_WARPS = 4
 SPATIAL_TILE = 4096
 MIN_SPATIAL_CLASSES = 8
+# Class ranges (few positions, many classes): never shorter than this nor than one column block, so that a range's
+# state (three numbers per position, written and read back) stays a few percent of the logits it reads. The split
+# aims at two waves of programs, counting about 64 resident warps per multiprocessor.
+MIN_SPLIT_CLASSES = 128
+WARPS_PER_MULTIPROCESSOR = 64
 
 
 @dataclass(frozen=True)
@@ -376,6 +454,33 @@ def tile_config(num_classes: int, positions_per_n: int, spatial: bool, element_s
     rows_side_by_side = max(1, lanes_per_warp // block_c)
     block_p = min(lanes_per_warp * ROW_ELEMENTS_PER_THREAD // block_c, MAX_ROW_STATES_PER_THREAD * rows_side_by_side)
     return TileConfig(block_p, block_c, 1)
+
+
+def class_splits(num_classes: int, position_programs: int, tile: TileConfig, device: torch.device) -> tuple[int, int]:
+    """(splits, split_len): each position's classes cut into `splits` ranges of split_len classes (whole column
+    blocks; the last range may be shorter) when the programs over positions alone would fill less than half of the
+    GPU's resident programs; (1, C) otherwise. Asks the device for its size only when C could be split at all."""
+    most = num_classes // max(tile.block_c, MIN_SPLIT_CLASSES)
+    if most < 2 or position_programs == 0:
+        return 1, num_classes
+    resident = multiprocessors(device) * max(1, WARPS_PER_MULTIPROCESSOR // tile.num_warps)
+    if 2 * position_programs >= resident:
+        return 1, num_classes
+    splits = min(triton.cdiv(2 * resident, position_programs), most)
+    split_len = triton.cdiv(triton.cdiv(num_classes, splits), tile.block_c) * tile.block_c
+    return triton.cdiv(num_classes, split_len), split_len
+
+
+def multiprocessors(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device; the interpreter's CPU counts as one."""
+    if device.type != "cuda":
+        return 1
+    return _cuda_multiprocessors(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.cache
+def _cuda_multiprocessors(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def check_device(device: torch.device) -> None:
@@ -430,10 +535,19 @@ class _Problem:
     prob_target: bool
     acc_dtype: torch.dtype
     tile: TileConfig
+    splits: int  # class ranges per position (class_splits), 1 for probability targets
+    split_len: int
 
     @property
     def num_positions(self) -> int:
         return self.logits.shape[0] * self.logits.shape[2]
+
+    @property
+    def position_programs(self) -> int:
+        N, _, S = self.logits.shape
+        if self.spatial:
+            return N * triton.cdiv(S, self.tile.block_p)
+        return triton.cdiv(N * S, self.tile.block_p)
 
 
 def _problem(logits, target, weight, reduction) -> _Problem:
@@ -469,14 +583,10 @@ def _problem(logits, target, weight, reduction) -> _Problem:
         weight = weight.to(acc_dtype).contiguous()
         weight_sum = weight.sum()
     tile = tile_config(C, S, spatial, work.element_size())
-    return _Problem(work, target, weight, weight_sum, spatial, prob_target, acc_dtype, tile)
-
-
-def _grid(p: _Problem) -> tuple[int]:
-    N, _, S = p.logits.shape
-    if p.spatial:
-        return (N * triton.cdiv(S, p.tile.block_p),)
-    return (triton.cdiv(N * S, p.tile.block_p),)
+    p = _Problem(work, target, weight, weight_sum, spatial, prob_target, acc_dtype, tile, 1, C)
+    if not prob_target:
+        p.splits, p.split_len = class_splits(C, p.position_programs, tile, work.device)
+    return p
 
 
 def _shape_args(p: _Problem) -> tuple:
@@ -510,12 +620,51 @@ def _split_float(value: float) -> tuple[float, float]:
 def _launch_forward(p, total_weight, loss_buffer, lse, grad, reduction, ignore_index, label_smoothing):
     if p.num_positions == 0:
         return
+    if p.splits > 1:
+        if lse is None:
+            lse = torch.empty(p.logits.shape[0], p.logits.shape[2], dtype=p.acc_dtype, device=p.logits.device)
+        _launch_split_forward(p, loss_buffer, lse, ignore_index, label_smoothing)
+        if grad is not None:
+            one = torch.ones((), dtype=p.acc_dtype, device=p.logits.device)
+            _launch_backward(p, one, (0, 0), lse, total_weight, grad, reduction, ignore_index, label_smoothing)
+        return
     # Pointers a specialization never reads (no weight; lse when writing the gradient, or the gradient) are None.
     _launch(
-        _forward_kernel, _grid(p), p.logits, p.target, p.weight, p.weight_sum, total_weight, loss_buffer, lse, grad,
+        _forward_kernel, (p.position_programs,), p.logits, p.target, p.weight, p.weight_sum, total_weight, loss_buffer,
+        lse, grad,
         *_shape_args(p), ignore_index, *_split_float(label_smoothing),
         SPATIAL=p.spatial, PROB_TARGET=p.prob_target, HAS_WEIGHT=p.weight is not None,
         HAS_SMOOTHING=label_smoothing > 0, REDUCTION=reduction, WRITE_GRAD=grad is not None,
+        BLOCK_P=p.tile.block_p, BLOCK_C=p.tile.block_c, num_warps=p.tile.num_warps,
+    )
+
+
+def _launch_split_forward(p, loss_buffer, lse, ignore_index, label_smoothing):
+    """Per-position loss and lse of split positions: range statistics, then their combine."""
+    has_smoothing = label_smoothing > 0
+    stats = torch.empty((3 if has_smoothing else 2, p.splits, p.num_positions), dtype=p.acc_dtype,
+                        device=p.logits.device)
+    _launch(
+        _split_statistics_kernel, (p.position_programs, p.splits), p.logits, p.weight, stats, *_shape_args(p),
+        p.split_len, SPATIAL=p.spatial, HAS_WEIGHT=p.weight is not None, HAS_SMOOTHING=has_smoothing,
+        BLOCK_P=p.tile.block_p, BLOCK_C=p.tile.block_c, num_warps=p.tile.num_warps,
+    )
+    block = 512
+    _launch(
+        _split_combine_kernel, (triton.cdiv(p.num_positions, block),), stats, p.logits, p.target, p.weight,
+        p.weight_sum, loss_buffer, lse, *_shape_args(p), ignore_index, *_split_float(label_smoothing), p.splits,
+        HAS_WEIGHT=p.weight is not None, HAS_SMOOTHING=has_smoothing, BLOCK=block, num_warps=4,
+    )
+
+
+def _launch_backward(p, grad_loss, grad_loss_strides, lse, total_weight, grad, reduction, ignore_index,
+                     label_smoothing):
+    _launch(
+        _backward_kernel, (p.position_programs, p.splits), grad_loss, *grad_loss_strides, p.logits, p.target,
+        p.weight, p.weight_sum, lse, total_weight, grad, *_shape_args(p), ignore_index,
+        *_split_float(label_smoothing), p.split_len,
+        SPATIAL=p.spatial, PROB_TARGET=p.prob_target, HAS_WEIGHT=p.weight is not None,
+        HAS_SMOOTHING=label_smoothing > 0, REDUCTION=reduction, SPLIT=p.splits > 1,
         BLOCK_P=p.tile.block_p, BLOCK_C=p.tile.block_c, num_warps=p.tile.num_warps,
     )
 
@@ -561,15 +710,8 @@ def cross_entropy_bwd(grad_loss, logits, target, weight, lse, total_weight, redu
         raise ValueError(f"fused_xent: grad_loss must be {expected} and lse ({N}, {S}) {p.acc_dtype}, got "
                          f"{tuple(grad_loss.shape)} and {tuple(lse.shape)} {lse.dtype}")
     grad_loss_strides = grad_loss.stride() if reduction == REDUCTION_NONE else (0, 0)
-    total_weight = total_weight.to(p.acc_dtype)
-    _launch(
-        _backward_kernel, _grid(p), grad_loss, *grad_loss_strides, p.logits, p.target, p.weight, p.weight_sum,
-        lse.contiguous(), total_weight, grad,
-        *_shape_args(p), ignore_index, *_split_float(label_smoothing),
-        SPATIAL=p.spatial, PROB_TARGET=p.prob_target, HAS_WEIGHT=p.weight is not None,
-        HAS_SMOOTHING=label_smoothing > 0, REDUCTION=reduction,
-        BLOCK_P=p.tile.block_p, BLOCK_C=p.tile.block_c, num_warps=p.tile.num_warps,
-    )
+    _launch_backward(p, grad_loss, grad_loss_strides, lse.contiguous(), total_weight.to(p.acc_dtype), grad, reduction,
+                     ignore_index, label_smoothing)
     return grad
 
 

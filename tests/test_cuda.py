@@ -3,7 +3,8 @@
 Everything except the registration check needs a GPU and is skipped without one. Each kernel path is covered:
 a thread per position (NCHW, and any layout with C <= 32), rows with a warp per position (C <= 2048), a block per
 position, rows split across blocks (few positions, huge C), a thread-block cluster per position (sm_90+, the fused
-forward of rows too long for L2 to keep), channels_last, misaligned rows (16-byte vector head/tail), copies for
+forward of rows too long for L2 to keep), NCHW positions split across threads (few positions, many classes),
+channels_last, misaligned rows (16-byte vector head/tail), copies for
 non-dense inputs, and every grad_mode (recompute -> cross_entropy_bwd,
 in_forward -> cross_entropy_fwd_grad, inplace -> cross_entropy_fwd_grad_).
 """
@@ -143,6 +144,17 @@ CLUSTER_CASES = [
     ((40, 256000), "contiguous", torch.float32),
 ]
 
+# NCHW inputs with too few positions to fill a GPU and at least 256 classes: a thread per (position, class range)
+# on any GPU (class-index targets; probability targets keep a thread per position). Ranges of 128-136 classes
+# (many, or two), a 4-D input and logits that start mid-vector.
+SPATIAL_SPLIT_CASES = [
+    ((2, 3000, 37), "contiguous", torch.bfloat16),
+    ((4, 32000, 64), "contiguous", torch.float32),
+    ((2, 1000, 3, 5), "contiguous", torch.float16),
+    ((3, 257, 11), "contiguous", torch.float64),
+    ((2, 600, 13), "offset", torch.bfloat16),
+]
+
 # (shape, layout, dtypes): C=1, odd C, the warp/block boundary, 32K and 128K vocabularies (the latter splits rows
 # across blocks), unbatched, empty, spatial 3-D to 5-D, channels_last, misaligned and non-dense inputs.
 ALL = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
@@ -160,6 +172,7 @@ CASES = [
     ((4, 128256), "contiguous", (torch.float32, torch.bfloat16)),
     ((600, 8200), "contiguous", (torch.bfloat16,)),
     *((shape, layout, (dtype,)) for shape, layout, dtype in CLUSTER_CASES),
+    *((shape, layout, (dtype,)) for shape, layout, dtype in SPATIAL_SPLIT_CASES),
     ((0, 5), "contiguous", (torch.float32,)),
     ((2, 3, 0, 4), "contiguous", (torch.float32,)),
     ((6, 10), "transposed", (torch.float32, torch.float16)),
@@ -254,7 +267,24 @@ def test_cluster_kernel_serves_the_fused_forward_of_long_rows(shape, layout, dty
     assert not any("rows_cluster_kernel" in name for name in kernels), kernels
 
 
-@pytest.mark.parametrize("shape", [(16, 1000), (3, 32000), (2, 7, 9, 5)], ids=str)
+@pytest.mark.parametrize("shape,layout,dtype", SPATIAL_SPLIT_CASES, ids=str)
+@pytest.mark.cuda
+@needs_gpu
+def test_split_spatial_kernels_serve_nchw_with_few_positions(shape, layout, dtype):
+    """test_parity covers these shapes; this checks that they really take the split statistics and the split
+    gradient in every grad_mode (xent_kernel.cu plan_spatial), and that probability targets do not."""
+    generator = torch.Generator().manual_seed(23)
+    x = make_logits(shape, layout, dtype, generator)
+    one = torch.ones((), device="cuda", dtype=dtype)
+    for grad_mode in GRAD_MODES:
+        kernels = launched_kernels(fused, x, make_target(x, "index_ignore", -100, generator), one, grad_mode)
+        assert any("spatial_split_stats_kernel" in name for name in kernels), (grad_mode, kernels)
+        assert not any("spatial_forward_kernel" in name for name in kernels), (grad_mode, kernels)
+        kernels = launched_kernels(fused, x, make_target(x, "prob", -100, generator), one, grad_mode)
+        assert not any("spatial_split_stats_kernel" in name for name in kernels), (grad_mode, kernels)
+
+
+@pytest.mark.parametrize("shape", [(16, 1000), (3, 32000), (2, 7, 9, 5), (2, 500, 9)], ids=str)
 @pytest.mark.cuda
 @needs_gpu
 def test_masked_logits(shape):
@@ -268,6 +298,24 @@ def test_masked_logits(shape):
             loss, grad = fused(x, target, torch.tensor(1.0, device="cuda"), grad_mode, label_smoothing=smoothing)
             assert_close(loss, expected_loss, torch.float32, f"loss eps={smoothing} {grad_mode}")
             assert_close(grad, expected_grad, torch.float32, f"grad eps={smoothing} {grad_mode}")
+
+
+@pytest.mark.parametrize("shape", [(4, 128256), (2, 1000, 9)], ids=str)
+@pytest.mark.cuda
+@needs_gpu
+def test_masked_class_ranges(shape):
+    """Every class from 200 on is -inf, so whole splits of a position (a block's in split rows, a thread's in split
+    NCHW) see nothing but -inf: their statistics must merge as empty, not as NaN."""
+    generator = torch.Generator().manual_seed(29)
+    x = make_logits(shape, "contiguous", torch.float32, generator)
+    x[:, 200:] = -float("inf")
+    target = make_target(x, "index_ignore", -100, generator).clamp(max=199)
+    one = torch.tensor(1.0, device="cuda")
+    expected_loss, expected_grad = reference(x, target, one)
+    for grad_mode in GRAD_MODES:
+        loss, grad = fused(x, target, one, grad_mode)
+        assert_close(loss, expected_loss, torch.float32, f"loss {grad_mode}")
+        assert_close(grad, expected_grad, torch.float32, f"grad {grad_mode}")
 
 
 @pytest.mark.cuda
@@ -298,6 +346,7 @@ GRADCHECK_CASES = [
     ((3, 6), "prob", True, 0.1, "mean"),
     ((2, 3, 2, 2), "prob", False, 0.0, "none"),
     ((2, 3000), "index", True, 0.1, "mean"),
+    ((2, 300, 3), "index_ignore", True, 0.1, "mean"),  # NCHW split across threads
 ]
 
 
@@ -324,6 +373,7 @@ DETERMINISM_CASES = [
     ((16, 128256), "contiguous"),        # rows split across blocks
     ((600, 32768), "contiguous"),        # a cluster per position (fused forward, sm_90+)
     ((8, 19, 64, 64), "contiguous"),     # spatial
+    ((4, 32000, 64), "contiguous"),      # spatial split across threads
     ((8, 19, 32, 32), "channels_last"),  # few classes: a thread per position
     ((4, 40, 32, 32), "channels_last"),  # a warp per position with S > 1
 ]
@@ -383,7 +433,8 @@ def test_out_of_range_target_in_kernel_is_nan(shape):
 
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
 @pytest.mark.parametrize("grad_mode", GRAD_MODES)
-@pytest.mark.parametrize("shape", [(48, 3000), (300, 50000)], ids=str)  # the latter: cluster kernel on sm_90
+# (300, 50000): the cluster kernel on sm_90; (4, 3000, 16): NCHW split across threads.
+@pytest.mark.parametrize("shape", [(48, 3000), (300, 50000), (4, 3000, 16)], ids=str)
 @pytest.mark.cuda
 @needs_gpu
 def test_cuda_graph_capture_and_replay(backend, grad_mode, shape):

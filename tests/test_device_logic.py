@@ -38,3 +38,10 @@ def test_visit_classes_covers_every_class_once(tmp_path):
     16-byte vectors, loads of a batch before its uses, the same classes on a second visit (tests/host/*.cu)."""
     result = build_and_run(ROOT / "tests" / "host" / "visit_classes.cu", tmp_path)
     assert result.returncode == 0 and result.stdout.startswith("ok"), result.stdout + result.stderr
+
+
+def test_class_splits_cover_every_class_once(tmp_path):
+    """xent_launch.h's split_classes and xent_device.cuh's split_item (split rows and split NCHW positions): every
+    plan tiles the classes without an empty range, and every (position, class) goes to exactly one work item."""
+    result = build_and_run(ROOT / "tests" / "host" / "split_classes.cu", tmp_path)
+    assert result.returncode == 0 and result.stdout.startswith("ok"), result.stdout + result.stderr

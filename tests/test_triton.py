@@ -65,7 +65,12 @@ LAYOUTS = {
     "sliced": (4, 9),  # every other column of a (4, 18) tensor: neither unit stride, copied by the op
     "transposed": (6, 5),  # a (5, 6) tensor transposed: class stride 6, S == 1, copied by the op
     "empty": (0, 5),
+    # Few positions with many classes: cut into two class ranges each (kernel docstring) on any GPU and under the
+    # interpreter (which counts as one multiprocessor); test_split_plan checks that they are.
+    "split_rows": (2, 9000),
+    "split_ncl": (2, 600, 16),
 }
+SPLIT_LAYOUTS = ["split_rows", "split_ncl"]
 
 
 def make_logits(layout, dtype, scale=3.0, seed=0):
@@ -233,7 +238,7 @@ def test_gradient_keeps_logit_strides():
 
 
 @needs_kernels
-@pytest.mark.parametrize("layout", ["rows", "wide_rows", "nchw", "channels_last", "sliced"])
+@pytest.mark.parametrize("layout", ["rows", "wide_rows", "nchw", "channels_last", "sliced", *SPLIT_LAYOUTS])
 @pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
 def test_fwd_grad_and_in_place(layout, reduction):
     """The gradient written in the forward (fresh, and over the logits) equals autograd's for grad_loss = 1, and the
@@ -287,7 +292,7 @@ def test_all_ignored_and_empty():
 
 
 @needs_kernels
-@pytest.mark.parametrize("layout", ["wide_rows", "nchw"])
+@pytest.mark.parametrize("layout", ["wide_rows", "nchw", "split_ncl"])
 def test_extreme_logits(layout):
     """-inf logits (not at the target), +-1e4 logits, and a NaN that must stay in its own position."""
     x = make_logits(layout, torch.float32).detach()
@@ -326,6 +331,25 @@ def test_out_of_range_target_gives_nan_without_reading_out_of_bounds():
 
 
 @needs_kernels
+@pytest.mark.parametrize("layout", SPLIT_LAYOUTS)
+def test_split_positions_out_of_range_target_and_empty_ranges(layout):
+    """Split positions: an out-of-range target gives NaN in its own position only; classes from 100 on all -inf,
+    so that whole ranges hold nothing but -inf and must merge as empty, not as NaN."""
+    x = make_logits(layout, torch.float32).detach()
+    target = class_target(x).clamp(max=99)
+    with torch.no_grad():
+        x[:, 100:] = float("-inf")
+    check_parity(x.clone().requires_grad_(), target, class_weight(x.shape[1]), "mean", -100, 0.0)
+    target.view(-1)[0] = x.shape[1]
+    logits, target_view = op_views(x, target)
+    loss, _, _ = ops.triton_cross_entropy_fwd(logits, target_view, None, 0, -100, 0.0)
+    assert loss.view(-1)[0].isnan() and loss.view(-1)[1:].isfinite().all()
+    _, grad = ops.triton_cross_entropy_fwd_grad(logits, target_view, None, 0, -100, 0.0)
+    first = grad[0, :, 0]
+    assert first.isnan().all() and grad[1].isfinite().all()
+
+
+@needs_kernels
 def test_upstream_gradient_of_stride_zero():
     """loss.sum().backward() hands the backward an expanded (stride 0) grad_loss for reduction none."""
     x = make_logits("channels_last", torch.float32)
@@ -337,12 +361,55 @@ def test_upstream_gradient_of_stride_zero():
 
 
 @needs_kernels
-def test_deterministic():
-    x = make_logits("wide_rows", torch.float32)
+@pytest.mark.parametrize("layout", ["wide_rows", *SPLIT_LAYOUTS])
+def test_deterministic(layout):
+    x = make_logits(layout, torch.float32)
     target = class_target(x, ignore_index=0)
-    first = triton_loss(x, target, class_weight(x.shape[1]), "mean", 0, 0.1)
-    second = triton_loss(x, target, class_weight(x.shape[1]), "mean", 0, 0.1)
-    assert torch.equal(first, second)
+    runs = []
+    for _ in range(2):
+        loss = triton_loss(x, target, class_weight(x.shape[1]), "mean", 0, 0.1)
+        runs.append((loss, *torch.autograd.grad(loss, x)))
+    assert all(torch.equal(a, b) for a, b in zip(*runs, strict=True))
+
+
+@pytest.mark.parametrize("layout", SPLIT_LAYOUTS)
+@pytest.mark.parametrize("multiprocessors", [1, 132])
+def test_split_layouts_are_split(monkeypatch, layout, multiprocessors):
+    """The split layouts above take the split kernels under the interpreter (planned as one multiprocessor) and on an
+    H200 alike, so the parity tests cover them in CI and on the GPU."""
+    kernels = _triton_ops.triton_kernels
+    monkeypatch.setattr(kernels, "multiprocessors", lambda device: multiprocessors)
+    monkeypatch.setattr(kernels, "check_device", lambda device: None)
+    shape = LAYOUTS[layout]
+    N, C = shape[:2]
+    logits = torch.empty(shape).reshape(N, C, -1)
+    problem = kernels._problem(logits, torch.zeros(N, logits.shape[2], dtype=torch.long), None, 1)
+    assert (problem.splits, problem.split_len) == (2, 8192 if C == 9000 else 512)
+
+
+@pytest.mark.parametrize(
+    "num_classes,positions,spatial,element_size,expected",
+    [
+        (128256, 8192, False, 2, (1, 128256)),  # thousands of rows fill the GPU
+        (256000, 512, False, 2, (1, 256000)),  # a wave of 16-warp programs: not split
+        (256000, 64, False, 2, (16, 16384)),
+        (32000, 8 * 256, True, 2, (250, 128)),  # (8, 32000, 256) NCHW: a range of 128 classes per program
+        (150, 8 * 16, True, 4, (1, 150)),  # too few classes to split
+    ],
+)
+def test_split_plan_on_an_h200(monkeypatch, num_classes, positions, spatial, element_size, expected):
+    """class_splits for a 132-multiprocessor GPU: splits only where positions leave it idle, ranges of whole
+    column blocks that cover the classes with no empty range."""
+    kernels = _triton_ops.triton_kernels
+    monkeypatch.setattr(kernels, "multiprocessors", lambda device: 132)
+    N = 8 if spatial else positions
+    S = positions // N
+    tile = kernels.tile_config(num_classes, S, spatial, element_size)
+    programs = N * math.ceil(S / tile.block_p) if spatial else math.ceil(positions / tile.block_p)
+    splits, split_len = kernels.class_splits(num_classes, programs, tile, torch.device("cuda"))
+    assert (splits, split_len) == expected
+    assert split_len % tile.block_c == 0 or splits == 1
+    assert (splits - 1) * split_len < num_classes <= splits * split_len
 
 
 def _free_cuda_gib():
@@ -547,7 +614,18 @@ def test_every_specialization_compiles_for_hopper(monkeypatch):
         kernels.cross_entropy_fwd(logits, probabilities, weight, 2, -100, 0.1)
         kernels.cross_entropy_fwd_grad(logits, probabilities, weight, 0, -100, 0.1)
         kernels.cross_entropy_bwd(scalar, logits, probabilities, weight, lse, total_weight, 1, -100, 0.1)
-    assert len(compile_only.compiled) >= 40
+    # Positions cut into class ranges (one multiprocessor: what the interpreter plans for): statistics, combine and
+    # the range-wise gradient.
+    for dtype, shape in itertools.product([torch.float32, torch.bfloat16], [(1, 20000), (2, 600, 16)]):
+        N, C = shape[:2]
+        logits = torch.randn(shape, dtype=dtype).reshape(N, C, -1)
+        target = torch.randint(0, C, (N, logits.shape[2]))
+        assert kernels._problem(logits, target, None, 1).splits > 1
+        kernels.cross_entropy_fwd(logits, target, torch.rand(C), 1, -100, 0.1)
+        kernels.cross_entropy_fwd_grad_(logits.clone(), target, None, 0, -100, 0.0)
+    compiled = {key[0] for key in compile_only.compiled}
+    assert {"_split_statistics_kernel", "_split_combine_kernel"} <= compiled, compiled
+    assert len(compile_only.compiled) >= 48
 
 
 def ptxas_usage(ptx, tmp_path):
@@ -588,7 +666,8 @@ def test_row_tiles_fit_in_registers(monkeypatch, tmp_path, dtype, num_classes):
 
 
 @pytest.mark.skipif(INTERPRETED, reason="the interpreter's kernels are not what Inductor re-emits")
-@pytest.mark.parametrize("name", ["_target_weight_kernel", "_forward_kernel", "_backward_kernel"])
+@pytest.mark.parametrize("name", ["_target_weight_kernel", "_forward_kernel", "_backward_kernel",
+                                  "_split_statistics_kernel", "_split_combine_kernel"])
 def test_inductor_can_re_emit_kernel_source(name, tmp_path):
     """torch.compile with Inductor writes each user kernel, with the jit functions and constexpr globals it uses,
     into a module of its own that imports only triton and Inductor's helpers; that module must load (a constexpr

@@ -353,6 +353,19 @@ __device__ __forceinline__ Position locate(const XentParams<scalar_t>& p, int64_
   return {n, s, n * p.stride_n + s * p.stride_s};
 }
 
+// Work item `item` of a kernel that cuts every position's classes into ranges of split_len (the last may be
+// shorter): item = split * positions + position, so that consecutive threads take consecutive positions of one
+// range (coalesced along a unit position stride). Host-callable for tests/host/visit_classes.cu.
+struct SplitItem {
+  int64_t position, split, begin, end;  // classes [begin, end) of position: its range number `split`
+};
+
+XENT_HOST_DEVICE SplitItem split_item(int64_t item, int64_t positions, int64_t split_len, int64_t num_classes) {
+  const int64_t split = item / positions;
+  const int64_t begin = split * split_len;
+  return {item - split * positions, split, begin, begin + split_len < num_classes ? begin + split_len : num_classes};
+}
+
 // A position's class index as the forward needs it. For a valid one, the target's logit (read before any gradient
 // written in the same pass may overwrite it) and weight; otherwise logit 0 and weight 1, which the loss ignores.
 template <typename acc_t>

@@ -33,6 +33,10 @@ constexpr int kSpatialThreads = 256;
 constexpr int kTargetWeightThreads = 256;
 // A split never covers fewer classes than this: below, the per-split overhead is not worth the extra parallelism.
 constexpr int64_t kMinSplitLen = 4096;
+// The same for a thread's range of an NCHW position: its 16-byte statistics written and read back stay a few percent
+// of the logits it reads. Ranges are whole 16-byte class chunks of the spatial loops (8 classes of 16-bit logits).
+constexpr int64_t kMinSpatialSplitLen = 128;
+constexpr int64_t kSpatialSplitGranularity = 8;
 // Grid-stride kernels get at most this many waves of resident blocks: enough to balance load even when occupancy
 // is lower than assumed, few enough to keep the per-block partials short.
 constexpr int64_t kMaxWaves = 8;
@@ -73,13 +77,10 @@ RowsPlan plan_rows(const Problem& p, int64_t sms) {
   plan.warp_per_row = false;
   plan.shape.threads = p.C <= 8192 ? 256 : 512;
   const int64_t resident = sms * (kThreadsPerSm / plan.shape.threads);
-  int64_t splits = 1;
-  if (!p.prob_target && positions < 2 * resident) {
-    splits = std::max<int64_t>(1, std::min(ceil_div(2 * resident, positions), p.C / kMinSplitLen));
-  }
-  const int64_t split_len = ceil_div(ceil_div(p.C, splits), 64) * 64;
-  plan.shape.splits = ceil_div(p.C, split_len);
-  plan.shape.split_len = split_len;
+  const int64_t wanted = !p.prob_target && positions < 2 * resident ? ceil_div(2 * resident, positions) : 1;
+  const ClassSplits split = split_classes(p.C, wanted, kMinSplitLen, 64);
+  plan.shape.splits = split.splits;
+  plan.shape.split_len = split.split_len;
   plan.shape.grid = grid_for(positions * plan.shape.splits, plan.shape.threads, sms);
   return plan;
 }
@@ -103,6 +104,21 @@ LaunchShape plan_per_position(int64_t positions, int threads, int64_t sms) {
 
 bool thread_per_position(const Problem& p) {
   return p.layout == Layout::kSpatial || p.C <= kThreadPerPositionMaxClasses;
+}
+
+// Thread-per-position kernels. An NCHW input with fewer positions than half the GPU's threads (class-index targets)
+// takes a thread per (position, class range) instead, twice the GPU's threads in all where C is long enough.
+LaunchShape plan_spatial(const Problem& p, int64_t sms) {
+  const int64_t positions = p.positions();
+  const int64_t resident_threads = sms * kThreadsPerSm;
+  const bool split =
+      p.layout == Layout::kSpatial && !p.prob_target && positions > 0 && 2 * positions < resident_threads;
+  const ClassSplits classes = split_classes(p.C, split ? ceil_div(2 * resident_threads, positions) : 1,
+                                            kMinSpatialSplitLen, kSpatialSplitGranularity);
+  LaunchShape shape = plan_per_position(positions * classes.splits, kSpatialThreads, sms);
+  shape.splits = classes.splits;
+  shape.split_len = classes.split_len;
+  return shape;
 }
 
 uintptr_t address_phase(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) & 15; }
@@ -203,8 +219,42 @@ ForwardResult run_forward(const Problem& p, const at::Tensor& grad, bool want_ls
                                 p.reduction, stream);
     };
 
+    // Split forward (class-index targets): statistics per split, combine per position (lse, loss, partials),
+    // reduce, then the gradient from lse.
+    auto split_forward = [&](const LaunchShape& shape, auto&& launch_stats, auto&& launch_grad) {
+      at::Tensor split_stats =
+          at::empty({positions * shape.splits * int64_t(sizeof(RowStats<acc_t>) / sizeof(acc_t))}, acc_options);
+      auto* split_stats_ptr = reinterpret_cast<RowStats<acc_t>*>(split_stats.data_ptr<acc_t>());
+      launch_stats(q, shape, split_stats_ptr, stream);
+
+      at::Tensor lse_for_grad;
+      if (fused && !q.lse) {
+        lse_for_grad = at::empty({p.N, p.S}, acc_options);
+        q.lse = lse_for_grad.data_ptr<acc_t>();
+      }
+      const LaunchShape combine = plan_per_position(positions, 256, sms);
+      attach_partials(combine.grid, need_total_weight);
+      launch_split_combine<scalar_t>(q, combine, shape.splits, split_stats_ptr, stream);
+      finalize(combine.grid);
+
+      if (fused) {
+        XentParams<scalar_t> g = q;
+        g.lse_in = q.lse;
+        g.lse = nullptr;
+        g.loss_rows = nullptr;
+        g.loss_partials = nullptr;
+        g.weight_partials = nullptr;
+        launch_grad(g);
+      }
+    };
+
     if (thread_per_position(p)) {
-      const LaunchShape shape = plan_per_position(positions, kSpatialThreads, sms);
+      const LaunchShape shape = plan_spatial(p, sms);
+      if (shape.splits > 1) {
+        split_forward(shape, launch_spatial_split_stats<scalar_t>,
+                      [&](const XentParams<scalar_t>& g) { launch_spatial_grad<scalar_t>(g, shape, stream); });
+        return;
+      }
       const bool weights_first = fused && p.reduction == kReductionMean && !p.prob_target;
       if (weights_first) total_weight_first();
       attach_partials(shape.grid, need_total_weight && !p.prob_target && !weights_first);
@@ -234,31 +284,9 @@ ForwardResult run_forward(const Problem& p, const at::Tensor& grad, bool want_ls
       return;
     }
 
-    // Split rows (class-index targets): statistics per split, combine per position, reduce, then the gradient.
-    at::Tensor split_stats =
-        at::empty({positions * plan.shape.splits * int64_t(sizeof(RowStats<acc_t>) / sizeof(acc_t))}, acc_options);
-    auto* split_stats_ptr = reinterpret_cast<RowStats<acc_t>*>(split_stats.data_ptr<acc_t>());
-    launch_rows_split_stats<scalar_t>(q, plan.shape, split_stats_ptr, stream);
-
-    at::Tensor lse_for_grad;
-    if (fused && !q.lse) {
-      lse_for_grad = at::empty({p.N, p.S}, acc_options);
-      q.lse = lse_for_grad.data_ptr<acc_t>();
-    }
-    const LaunchShape combine = plan_per_position(positions, 256, sms);
-    attach_partials(combine.grid, need_total_weight);
-    launch_rows_split_combine<scalar_t>(q, combine, plan.shape.splits, split_stats_ptr, stream);
-    finalize(combine.grid);
-
-    if (fused) {
-      XentParams<scalar_t> g = q;
-      g.lse_in = q.lse;
-      g.lse = nullptr;
-      g.loss_rows = nullptr;
-      g.loss_partials = nullptr;
-      g.weight_partials = nullptr;
+    split_forward(plan.shape, launch_rows_split_stats<scalar_t>, [&](const XentParams<scalar_t>& g) {
       launch_rows_grad<scalar_t>(g, /*warp_per_row=*/false, plan.shape, stream);
-    }
+    });
   });
   return out;
 }
@@ -337,7 +365,7 @@ at::Tensor cross_entropy_bwd_cuda(const at::Tensor& grad_loss, const at::Tensor&
     q.grad_loss_stride_n = upstream_stride_n;
     q.grad_loss_stride_s = upstream_stride_s;
     if (thread_per_position(p)) {
-      launch_spatial_grad<scalar_t>(q, plan_per_position(positions, kSpatialThreads, sms), stream);
+      launch_spatial_grad<scalar_t>(q, plan_spatial(p, sms), stream);
     } else {
       const RowsPlan plan = plan_rows(p, sms);
       launch_rows_grad<scalar_t>(q, plan.warp_per_row, plan.shape, stream);

@@ -14,9 +14,23 @@ namespace cuda {
 struct LaunchShape {
   int64_t grid = 1;        // thread blocks (kernels loop over their work items with a grid stride)
   int threads = 256;       // threads per block, a multiple of 32
-  int64_t splits = 1;      // blocks sharing one position (row kernels with BlockGroup, cluster kernel)
+  int64_t splits = 1;      // parts of one position's classes: blocks (rows, cluster) or threads (spatial)
   int64_t split_len = 0;   // classes per split
 };
+
+// Cuts C classes into at most `wanted` consecutive ranges of at least min_len classes each (one range if C is
+// shorter), of a length that is a multiple of `granularity`; only the last range may be shorter, none is empty.
+struct ClassSplits {
+  int64_t splits, split_len;
+};
+
+inline ClassSplits split_classes(int64_t num_classes, int64_t wanted, int64_t min_len, int64_t granularity) {
+  int64_t splits = num_classes / min_len < wanted ? num_classes / min_len : wanted;
+  if (splits < 1) splits = 1;
+  const int64_t per_split = (num_classes + splits - 1) / splits;
+  const int64_t split_len = (per_split + granularity - 1) / granularity * granularity;
+  return {(num_classes + split_len - 1) / split_len, split_len};
+}
 
 // Forward over rows (class stride 1): statistics, loss, lse and, when p.grad is set, the gradient in the same
 // kernel while the row is in cache. One position per warp (warp_per_row) or per block.
@@ -28,14 +42,18 @@ void launch_rows_forward(const XentParams<scalar_t>& p, bool warp_per_row, const
 template <typename scalar_t>
 void launch_rows_grad(const XentParams<scalar_t>& p, bool warp_per_row, const LaunchShape& shape, cudaStream_t stream);
 
-// Split forward for long rows and few positions (class-index targets): per-split statistics, then a per-position
-// combine in split order (deterministic) that writes lse, loss and the reduction partials.
+// Split forward for many classes and few positions (class-index targets): per-split statistics (a block per split
+// of a row, or a thread per split of an NCHW position), then a per-position combine in split order (deterministic)
+// that writes lse, loss and the reduction partials. split_stats[r * splits + k] holds split k of position r.
 template <typename scalar_t>
 void launch_rows_split_stats(const XentParams<scalar_t>& p, const LaunchShape& shape,
                              RowStats<acc_type<scalar_t>>* split_stats, cudaStream_t stream);
 template <typename scalar_t>
-void launch_rows_split_combine(const XentParams<scalar_t>& p, const LaunchShape& shape, int64_t splits,
-                               const RowStats<acc_type<scalar_t>>* split_stats, cudaStream_t stream);
+void launch_spatial_split_stats(const XentParams<scalar_t>& p, const LaunchShape& shape,
+                                RowStats<acc_type<scalar_t>>* split_stats, cudaStream_t stream);
+template <typename scalar_t>
+void launch_split_combine(const XentParams<scalar_t>& p, const LaunchShape& shape, int64_t splits,
+                          const RowStats<acc_type<scalar_t>>* split_stats, cudaStream_t stream);
 
 // Fused forward of long rows on sm_90+ (class-index targets, p.grad_in_phase): a cluster of shape.splits blocks per
 // position, each keeping shape.split_len classes on chip. plan_rows_cluster returns grid 0 where it cannot serve.
@@ -45,6 +63,7 @@ template <typename scalar_t>
 void launch_rows_cluster(const XentParams<scalar_t>& p, const LaunchShape& shape, cudaStream_t stream);
 
 // One thread per position, looping over the classes with any strides: NCHW inputs, and rows with C <= 32.
+// The gradient takes a thread per (position, split) when shape.splits > 1 (class-index targets only).
 template <typename scalar_t>
 void launch_spatial_forward(const XentParams<scalar_t>& p, const LaunchShape& shape, cudaStream_t stream);
 template <typename scalar_t>

@@ -1,7 +1,8 @@
 // Split rows: when a few positions have very many classes (e.g. 512 x 256000), one block per position leaves most
 // of the GPU idle, so several blocks share a position. Each writes the statistics of its split; a second kernel
 // merges them per position in split order (fixed, hence bitwise reproducible) and finishes lse and loss. The fused
-// forward then writes the gradient with the row gradient kernel, split the same way.
+// forward then writes the gradient with the row gradient kernel, split the same way. The combine also serves split
+// NCHW positions (xent_spatial.cu), whose statistics have the same layout.
 #include <c10/cuda/CUDAException.h>
 
 #include "cuda/xent_launch.h"
@@ -46,9 +47,9 @@ __global__ void __launch_bounds__(BlockGroup::kMaxThreads)
   }
 }
 
-// One thread per position.
+// One thread per position, any layout.
 template <typename scalar_t>
-__global__ void __launch_bounds__(256) rows_split_combine_kernel(const XentParams<scalar_t> p, int64_t splits,
+__global__ void __launch_bounds__(256) split_combine_kernel(const XentParams<scalar_t> p, int64_t splits,
                                                                  const RowStats<acc_type<scalar_t>>* split_stats) {
   using acc_t = acc_type<scalar_t>;
   const int64_t positions = p.N * p.S;
@@ -63,7 +64,7 @@ __global__ void __launch_bounds__(256) rows_split_combine_kernel(const XentParam
     const acc_t lse = st.lse();
 
     // The target logit is read here, before the gradient kernel that may overwrite the logits runs.
-    const auto target = read_index_target(p, r, p.logits + locate(p, r).offset, 1);
+    const auto target = read_index_target(p, r, p.logits + locate(p, r).offset, p.stride_c);
     acc_t loss, counted_weight;
     index_position_loss<acc_t>(target.kind, target.weight, lse, target.logit, st, weight_sum, eps, p.C, loss,
                                counted_weight);
@@ -84,17 +85,17 @@ void launch_rows_split_stats(const XentParams<scalar_t>& p, const LaunchShape& s
 }
 
 template <typename scalar_t>
-void launch_rows_split_combine(const XentParams<scalar_t>& p, const LaunchShape& shape, int64_t splits,
-                               const RowStats<acc_type<scalar_t>>* split_stats, cudaStream_t stream) {
-  rows_split_combine_kernel<scalar_t><<<shape.grid, shape.threads, 0, stream>>>(p, splits, split_stats);
+void launch_split_combine(const XentParams<scalar_t>& p, const LaunchShape& shape, int64_t splits,
+                          const RowStats<acc_type<scalar_t>>* split_stats, cudaStream_t stream) {
+  split_combine_kernel<scalar_t><<<shape.grid, shape.threads, 0, stream>>>(p, splits, split_stats);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 #define INSTANTIATE(T)                                                                                            \
   template void launch_rows_split_stats<T>(const XentParams<T>&, const LaunchShape&, RowStats<acc_type<T>>*,      \
                                            cudaStream_t);                                                          \
-  template void launch_rows_split_combine<T>(const XentParams<T>&, const LaunchShape&, int64_t,                   \
-                                             const RowStats<acc_type<T>>*, cudaStream_t);
+  template void launch_split_combine<T>(const XentParams<T>&, const LaunchShape&, int64_t,                        \
+                                        const RowStats<acc_type<T>>*, cudaStream_t);
 FUSED_XENT_FOR_EACH_SCALAR(INSTANTIATE)
 #undef INSTANTIATE
 

@@ -5,6 +5,11 @@
 // logits: 4 fp32 or 8 bf16/fp16), issuing all of its loads before using them, so that each thread keeps several
 // loads in flight (one thread per position leaves little other parallelism to hide memory latency) and the online
 // softmax rescales once per chunk at most.
+//
+// NCHW inputs with few positions and many classes (say (8, 32000, 512), vocabulary logits laid out as (N, C, T))
+// would leave most of the GPU idle and each thread walking all C classes one latency at a time, so their classes are
+// cut into ranges and a thread takes one (position, range): the split statistics are merged per position by the
+// combine of xent_rows_split.cu, and the gradient kernel writes one range per thread.
 #include <c10/cuda/CUDAException.h>
 
 #include "cuda/xent_launch.h"
@@ -16,29 +21,32 @@ namespace {
 template <typename scalar_t>
 constexpr int kClassChunk = sizeof(scalar_t) >= 4 ? 4 : 8;
 
-// Calls body(std::integral_constant<int, W>{}, c) for classes c .. c+W-1: chunks of kChunk, then single classes.
+// Calls body(std::integral_constant<int, W>{}, c) for classes c .. c+W-1 of [begin, end): chunks of kChunk, then
+// single classes.
 template <int kChunk, typename Body>
-__device__ __forceinline__ void for_class_chunks(int64_t num_classes, Body&& body) {
-  int64_t c = 0;
-  for (; c + kChunk <= num_classes; c += kChunk) body(std::integral_constant<int, kChunk>{}, c);
-  for (; c < num_classes; ++c) body(std::integral_constant<int, 1>{}, c);
+__device__ __forceinline__ void for_class_chunks(int64_t begin, int64_t end, Body&& body) {
+  int64_t c = begin;
+  for (; c + kChunk <= end; c += kChunk) body(std::integral_constant<int, kChunk>{}, c);
+  for (; c < end; ++c) body(std::integral_constant<int, 1>{}, c);
 }
 
+// The gradient of classes [begin, end) of one position.
 template <typename scalar_t, bool kProb>
 __device__ __forceinline__ void write_position_grad(const XentParams<scalar_t>& p, const scalar_t* x,
                                                     const scalar_t* t, scalar_t* g,
-                                                    const GradRow<acc_type<scalar_t>>& row) {
+                                                    const GradRow<acc_type<scalar_t>>& row, int64_t begin,
+                                                    int64_t end) {
   using acc_t = acc_type<scalar_t>;
   const int64_t sc = p.stride_c;
   if (row.kind != kTargetValid) {
     const auto fill = static_cast<scalar_t>(fill_value<acc_t>(row.kind));
-    for (int64_t c = 0; c < p.C; ++c) g[c * sc] = fill;
+    for (int64_t c = begin; c < end; ++c) g[c * sc] = fill;
     return;
   }
   const acc_t eps = p.label_smoothing;
   // g may alias x (the in-place op), so the compiler cannot move a load above an earlier store: load the whole
   // chunk first, then store it. The same thread reads x[c] before writing g[c], which keeps aliasing safe.
-  for_class_chunks<kClassChunk<scalar_t>>(p.C, [&](auto width, int64_t c) {
+  for_class_chunks<kClassChunk<scalar_t>>(begin, end, [&](auto width, int64_t c) {
     constexpr int W = decltype(width)::value;
     acc_t xs[W];
     [[maybe_unused]] acc_t ts[W];  // probability targets only
@@ -79,7 +87,7 @@ __global__ void __launch_bounds__(256) spatial_forward_kernel(const XentParams<s
     if constexpr (!kProb) target = read_index_target(p, r, x, sc);
 
     auto st = RowStats<acc_t>::empty();
-    for_class_chunks<kClassChunk<scalar_t>>(p.C, [&](auto width, int64_t c) {
+    for_class_chunks<kClassChunk<scalar_t>>(0, p.C, [&](auto width, int64_t c) {
       constexpr int W = decltype(width)::value;
       acc_t xs[W];
 #pragma unroll
@@ -118,23 +126,60 @@ __global__ void __launch_bounds__(256) spatial_forward_kernel(const XentParams<s
         row = index_grad_row<acc_t>(target.kind, target.y, target.weight, lse, weight_sum, eps, p.C,
                                     upstream_scale(p, pos.n, pos.s));
       }
-      write_position_grad<scalar_t, kProb>(p, x, t, p.grad + pos.offset, row);
+      write_position_grad<scalar_t, kProb>(p, x, t, p.grad + pos.offset, row, 0, p.C);
     }
   }
 
   store_block_partials(p, loss_acc, weight_acc);
 }
 
-template <typename scalar_t, bool kProb>
-__global__ void __launch_bounds__(256) spatial_grad_kernel(const XentParams<scalar_t> p) {
+// Statistics of one class range of a position per thread (class-index targets), for the combine.
+template <typename scalar_t>
+__global__ void __launch_bounds__(256)
+    spatial_split_stats_kernel(const XentParams<scalar_t> p, int64_t splits, int64_t split_len,
+                               RowStats<acc_type<scalar_t>>* split_stats) {
   using acc_t = acc_type<scalar_t>;
   const int64_t positions = p.N * p.S;
+  const int64_t items = positions * splits;
+  const int64_t sc = p.stride_c;
+  const bool smoothing = p.label_smoothing != acc_t(0);
+
+  for (int64_t item = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; item < items;
+       item += int64_t(gridDim.x) * blockDim.x) {
+    const SplitItem work = split_item(item, positions, split_len, p.C);
+    const scalar_t* x = p.logits + locate(p, work.position).offset;
+    auto st = RowStats<acc_t>::empty();
+    for_class_chunks<kClassChunk<scalar_t>>(work.begin, work.end, [&](auto width, int64_t c) {
+      constexpr int W = decltype(width)::value;
+      acc_t xs[W];
+#pragma unroll
+      for (int i = 0; i < W; ++i) xs[i] = static_cast<acc_t>(x[(c + i) * sc]);
+      st.add_logits(xs);
+      if (smoothing) {
+#pragma unroll
+        for (int i = 0; i < W; ++i) st.dot += class_weight(p.weight, c + i) * xs[i];
+      }
+    });
+    split_stats[work.position * splits + work.split] = st;
+  }
+}
+
+// One thread per (position, class range); probability targets always come with one range (all C classes), since
+// every gradient element needs the whole row's target sum.
+template <typename scalar_t, bool kProb>
+__global__ void __launch_bounds__(256) spatial_grad_kernel(const XentParams<scalar_t> p, int64_t splits,
+                                                           int64_t split_len) {
+  using acc_t = acc_type<scalar_t>;
+  const int64_t positions = p.N * p.S;
+  const int64_t items = positions * splits;
   const int64_t sc = p.stride_c;
   const acc_t eps = p.label_smoothing;
   const acc_t weight_sum = weight_sum_or_count(p);
 
-  for (int64_t r = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; r < positions;
-       r += int64_t(gridDim.x) * blockDim.x) {
+  for (int64_t item = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; item < items;
+       item += int64_t(gridDim.x) * blockDim.x) {
+    const SplitItem work = split_item(item, positions, split_len, p.C);
+    const int64_t r = work.position;
     const Position pos = locate(p, r);
     const scalar_t* t = kProb ? p.target_prob + pos.offset : nullptr;
     const acc_t lse = p.lse_in[r];
@@ -153,7 +198,8 @@ __global__ void __launch_bounds__(256) spatial_grad_kernel(const XentParams<scal
       const acc_t weight_of_target = kind == kTargetValid ? class_weight(p.weight, y) : acc_t(0);
       row = index_grad_row<acc_t>(kind, y, weight_of_target, lse, weight_sum, eps, p.C, scale);
     }
-    write_position_grad<scalar_t, kProb>(p, p.logits + pos.offset, t, p.grad + pos.offset, row);
+    write_position_grad<scalar_t, kProb>(p, p.logits + pos.offset, t, p.grad + pos.offset, row, work.begin,
+                                         work.end);
   }
 }
 
@@ -167,14 +213,26 @@ void launch_spatial_forward(const XentParams<scalar_t>& p, const LaunchShape& sh
 }
 
 template <typename scalar_t>
-void launch_spatial_grad(const XentParams<scalar_t>& p, const LaunchShape& shape, cudaStream_t stream) {
-  auto kernel = p.target_prob ? spatial_grad_kernel<scalar_t, true> : spatial_grad_kernel<scalar_t, false>;
-  kernel<<<shape.grid, shape.threads, 0, stream>>>(p);
+void launch_spatial_split_stats(const XentParams<scalar_t>& p, const LaunchShape& shape,
+                                RowStats<acc_type<scalar_t>>* split_stats, cudaStream_t stream) {
+  spatial_split_stats_kernel<scalar_t>
+      <<<shape.grid, shape.threads, 0, stream>>>(p, shape.splits, shape.split_len, split_stats);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-#define INSTANTIATE(T)                                                                                 \
-  template void launch_spatial_forward<T>(const XentParams<T>&, const LaunchShape&, cudaStream_t);      \
+template <typename scalar_t>
+void launch_spatial_grad(const XentParams<scalar_t>& p, const LaunchShape& shape, cudaStream_t stream) {
+  TORCH_INTERNAL_ASSERT(shape.splits == 1 || !p.target_prob, "split spatial gradient of probability targets");
+  auto kernel = p.target_prob ? spatial_grad_kernel<scalar_t, true> : spatial_grad_kernel<scalar_t, false>;
+  const int64_t split_len = shape.splits == 1 ? p.C : shape.split_len;
+  kernel<<<shape.grid, shape.threads, 0, stream>>>(p, shape.splits, split_len);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+#define INSTANTIATE(T)                                                                                           \
+  template void launch_spatial_forward<T>(const XentParams<T>&, const LaunchShape&, cudaStream_t);                \
+  template void launch_spatial_split_stats<T>(const XentParams<T>&, const LaunchShape&, RowStats<acc_type<T>>*,   \
+                                              cudaStream_t);                                                     \
   template void launch_spatial_grad<T>(const XentParams<T>&, const LaunchShape&, cudaStream_t);
 FUSED_XENT_FOR_EACH_SCALAR(INSTANTIATE)
 #undef INSTANTIATE
