@@ -20,12 +20,21 @@ def _class_weights(weight, num_classes, like):
     return weight.to(like.dtype)
 
 
+def _log_softmax(x):
+    """(log-probabilities, lse) over dim 1. Shifted by the row max first: x - lse would carry the float32 rounding
+    of an lse of ~1e4 (~1e-3) into every log-probability, and torch.log_softmax sums 256K exps less accurately."""
+    row_max = x.amax(dim=1, keepdim=True)
+    shift = torch.where(torch.isfinite(row_max), row_max, 0)  # a row of -inf stays -inf, not NaN, until the end
+    shifted = x - shift
+    shifted_lse = torch.logsumexp(shifted, dim=1, keepdim=True)
+    return shifted - shifted_lse, (shift + shifted_lse).squeeze(1)
+
+
 def _per_position(logits, target, weight, ignore_index, label_smoothing):
     """Per-position losses (N, S), lse (N, S), the mean's denominator, and what backward needs."""
     x = logits.to(accumulation_dtype(logits.dtype))
     num_classes = x.shape[1]
-    lse = torch.logsumexp(x, dim=1)
-    log_probs = x - lse.unsqueeze(1)
+    log_probs, lse = _log_softmax(x)
     w = _class_weights(weight, num_classes, x).view(1, num_classes, 1)
     if target.is_floating_point():
         smoothed = target.to(x.dtype) * (1.0 - label_smoothing) + label_smoothing / num_classes
@@ -64,7 +73,7 @@ def cross_entropy_fwd(logits, target, weight, reduction, ignore_index, label_smo
 def cross_entropy_bwd(grad_loss, logits, target, weight, lse, total_weight, reduction, ignore_index, label_smoothing):
     x = logits.to(lse.dtype)
     num_classes = x.shape[1]
-    probs = torch.exp(x - lse.unsqueeze(1))
+    probs = torch.exp(_log_softmax(x)[0])  # as in the forward, rather than exp(x - lse)
     w = _class_weights(weight, num_classes, x).view(1, num_classes, 1)
     scale = grad_loss.to(x.dtype)
     if reduction == REDUCTION_MEAN:

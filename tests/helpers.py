@@ -34,6 +34,7 @@ SHAPES = [
     ((2, 5, 3, 4), "channels_last"),
     ((2, 19, 8, 8), "channels_last"),
     ((2, 3, 2, 3, 4), "contiguous"),
+    ((2, 300, 5), "contiguous"),  # NCHW with many classes: chunked lanes on CPU
     ((3, 6, 4, 5), "sliced"),
 ]
 

@@ -27,13 +27,14 @@ def _compare(logits, target, backend, dtype=torch.float32, **kwargs):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("smoothing", [0.0, 0.1])
-def test_huge_logits(backend, smoothing):
-    logits = make_logits((6, 300), "contiguous", torch.float32) * 1e4 / 3
-    _compare(logits, make_class_target((6,), 300), backend, label_smoothing=smoothing)
+@pytest.mark.parametrize("shape", [(6, 300), (2, 600, 7)], ids=str)
+def test_huge_logits(backend, smoothing, shape):
+    logits = make_logits(shape, "contiguous", torch.float32) * 1e4 / 3
+    _compare(logits, make_class_target(shape[:1] + shape[2:], shape[1]), backend, label_smoothing=smoothing)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("shape", [(5, 257), (2, 7, 3, 5)])
+@pytest.mark.parametrize("shape", [(5, 257), (2, 7, 3, 5), (2, 700, 9)])
 def test_masked_vocabulary(backend, shape):
     """-inf logits (masked classes) are fine as long as the target's own logit is finite."""
     logits = make_logits(shape, "contiguous", torch.float32)
@@ -45,6 +46,27 @@ def test_masked_vocabulary(backend, shape):
     assert torch.isfinite(loss) and torch.isfinite(grad).all()
     loss = fused_xent.cross_entropy(logits, target, label_smoothing=0.1, backend=backend)
     assert loss == float("inf")  # as PyTorch: smoothing puts mass on -inf logits
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("grad_mode", ["recompute", "in_forward", "inplace"])
+def test_masked_class_chunks(backend, grad_mode):
+    """NCHW with many classes, every class from 300 on masked: whole chunks of -inf, before and after the running
+    max is finite (chunk order), must add nothing; a NaN stays in its own position."""
+    logits = make_logits((2, 1000, 9), "contiguous", torch.float32)
+    logits[:, 300:] = -float("inf")
+    logits[1, :600, 4] = -float("inf")  # a position whose first chunks are all -inf
+    logits[1, 700, 4] = 2.0
+    target = make_class_target((2, 9), 300)
+    target[1, 4] = 700
+    grad_output = torch.ones(())
+    expected_loss, expected_grad = torch_reference(logits, target, grad_output)
+    loss, grad = fused(logits, target, grad_output, backend, grad_mode=grad_mode)
+    assert_close(loss, expected_loss, torch.float32, "loss")
+    assert_close(grad, expected_grad, torch.float32, "grad")
+    logits[0, 5, 3] = float("nan")
+    loss = fused_xent.cross_entropy(logits, target, reduction="none", backend=backend)
+    assert loss[0, 3].isnan() and loss.isnan().sum() == 1
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -99,10 +121,10 @@ def test_256k_classes(backend):
     _compare(logits, make_class_target((3,), 262144), backend, label_smoothing=0.1)
 
 
-def _loss_and_grad(backend, grad_mode="recompute", **kwargs):
+def _loss_and_grad(backend, shape, grad_mode="recompute", **kwargs):
     g = torch.Generator().manual_seed(5)
-    x = make_logits((64, 3001), "contiguous", torch.float32, generator=g).requires_grad_(True)
-    target = make_class_target((64,), 3001, ignore_index=-100, generator=g)
+    x = make_logits(shape, "contiguous", torch.float32, generator=g).requires_grad_(True)
+    target = make_class_target(shape[:1] + shape[2:], shape[1], ignore_index=-100, generator=g)
     loss = fused_xent.cross_entropy(x, target, backend=backend, grad_mode=grad_mode, **kwargs)
     loss.backward()
     return loss.detach(), x.grad
@@ -110,15 +132,16 @@ def _loss_and_grad(backend, grad_mode="recompute", **kwargs):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("grad_mode", ["recompute", "in_forward"])
-def test_deterministic_across_runs_and_threads(backend, grad_mode):
+@pytest.mark.parametrize("shape", [(64, 3001), (4, 3001, 37)], ids=str)
+def test_deterministic_across_runs_and_threads(backend, grad_mode, shape):
     threads = torch.get_num_threads()
-    first = _loss_and_grad(backend, grad_mode, label_smoothing=0.1)
+    first = _loss_and_grad(backend, shape, grad_mode, label_smoothing=0.1)
     try:
         torch.set_num_threads(1)
-        single = _loss_and_grad(backend, grad_mode, label_smoothing=0.1)
+        single = _loss_and_grad(backend, shape, grad_mode, label_smoothing=0.1)
     finally:
         torch.set_num_threads(threads)
-    again = _loss_and_grad(backend, grad_mode, label_smoothing=0.1)
+    again = _loss_and_grad(backend, shape, grad_mode, label_smoothing=0.1)
     for a, b in [(first, again), (first, single)]:
         assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
 
@@ -127,7 +150,7 @@ _CAPABILITY_SCRIPT = """
 import json, torch, fused_xent
 g = torch.Generator().manual_seed(0)
 results = {"capability": torch.ops.fused_xent.cpu_capability()}
-for name, shape in [("rows", (33, 1001)), ("spatial", (2, 19, 17, 9))]:
+for name, shape in [("rows", (33, 1001)), ("spatial", (2, 19, 17, 9)), ("spatial-long", (3, 700, 37))]:
     for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
         x = (torch.randn(shape, generator=g) * 3).to(dtype).requires_grad_(True)
         t = torch.randint(0, shape[1], shape[:1] + shape[2:], generator=g)
@@ -177,3 +200,23 @@ def test_more_than_2_pow_31_elements():
     expected_grad = torch.softmax(tail, 1) - F.one_hot(target[-4:], classes)
     torch.testing.assert_close(x.grad[-4:].float(), expected_grad, rtol=1.6e-2, atol=1e-3)
     assert not x.grad[:-4].any()
+
+
+@needs_extension
+@pytest.mark.slow
+def test_more_than_2_pow_31_elements_nchw():
+    """The same for NCHW logits with many classes (chunked lanes): (1, 2^16, 2^15 + 2), the last positions' classes
+    lying past 2^31 elements."""
+    classes, positions = 1 << 16, (1 << 15) + 2
+    logits = torch.full((1, classes, positions), 0.5, dtype=torch.bfloat16)
+    logits[:, :, -4:] = torch.randn(1, classes, 4).to(torch.bfloat16)
+    target = torch.randint(0, classes, (1, positions))
+    x = logits.requires_grad_(True)
+    loss = fused_xent.cross_entropy(x, target, reduction="none", backend="cpu")
+    tail = logits[0, :, -4:].detach().float().t()
+    torch.testing.assert_close(loss[0, -4:].float(), F.cross_entropy(tail, target[0, -4:], reduction="none"),
+                               rtol=1.6e-2, atol=1e-2)
+    loss[0, -4:].sum().backward()
+    expected_grad = torch.softmax(tail, 1) - F.one_hot(target[0, -4:], classes)
+    torch.testing.assert_close(x.grad[0, :, -4:].float().t(), expected_grad, rtol=1.6e-2, atol=1e-3)
+    assert not x.grad[:, :, :-4].any()

@@ -7,7 +7,8 @@
 //    L1); the running sum is rescaled when the max grows, so rows of any length are read from memory once.
 //  - spatial (position stride 1: NCHW): V::kWidth consecutive positions at a time, one per lane, looping over the
 //    classes: no transpose, and every exp fills a whole vector. Rows of at most kMaxLaneRowClasses classes run
-//    these lane kernels too, on tiles transposed as they are copied in and out.
+//    these lane kernels too, on tiles transposed as they are copied in and out. Positions with many classes
+//    (see uses_long_lanes) take them in chunks with an online softmax, like rows (xent_spatial_long.h).
 // Forward + grad keeps each exp (in the accumulation dtype, in a per-thread buffer) and writes the gradient from it
 // while the row or lane block is still in cache: one exp per logit, one read of the logits, one write of the
 // gradient, which may be the logits themselves (everything read from a row is read before its gradient is written).
@@ -101,6 +102,7 @@ void fill_zero_row(T* g, int64_t count) {
 
 #include "cpu/xent_rows.h"
 #include "cpu/xent_spatial.h"
+#include "cpu/xent_spatial_long.h"
 
 // -------------------------------------------------------------------------------------------------- driver
 
@@ -123,11 +125,21 @@ void run_blocks(const KernelArgs& args, std::vector<BlockRange>& ranges, int64_t
   const int64_t positions = args.N * args.S;
   RowScratch<acc_t> rows;
   SpatialScratch<acc_t> spatial;
+  LongLaneScratch<acc_t> long_lanes;
   const bool lanes = uses_lane_kernels(args.layout, args.C);
+  const bool chunked_lanes = uses_long_lanes(args);
   if (!lanes) {
     if (args.grad && !backward) {
       rows.exps.resize(args.C + W);
       rows.chunk_max.resize((args.C + kRowChunk - 1) / kRowChunk);
+    }
+  } else if (chunked_lanes) {
+    long_lanes.x.resize(kLaneChunkClasses * W);
+    if (args.target_prob) long_lanes.t.resize(kLaneChunkClasses * W);
+    if (args.grad) long_lanes.g.resize(kLaneChunkClasses * W);
+    if (args.grad && !backward) {
+      long_lanes.exps.resize(args.C * W);
+      long_lanes.chunk_max.resize((args.C + kLaneChunkClasses - 1) / kLaneChunkClasses * W);
     }
   } else {
     spatial.x.resize(args.C * kTilePositions);
@@ -150,6 +162,8 @@ void run_blocks(const KernelArgs& args, std::vector<BlockRange>& ranges, int64_t
             row_forward(a, position, rows, result);
           }
         }
+      } else if (chunked_lanes) {
+        long_lanes_block(a, first, last, long_lanes, result);
       } else {
         spatial_block(a, first, last, spatial, result);
       }

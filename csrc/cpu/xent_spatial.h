@@ -43,10 +43,44 @@ struct LaneTargets {
   V logit;   // x[target], 0 where ignored
 };
 
+// Stores the first `lanes` lanes of v.
+template <class V, class Out>
+void store_lanes(Out* out, V v, int lanes) {
+  if (lanes == V::kWidth) {
+    V::store(out, v);
+  } else {
+    V::store_partial(out, v, lanes);
+  }
+}
+
+// The targets of the `lanes` positions from `position` on, one lane at a time; logit_of(lane, y) reads x[y] of a
+// lane's position. Out-of-range classes are reported and treated as ignored.
+template <class V, class T, class LogitOf>
+LaneTargets<V> lane_targets_by_position(const Typed<V, T>& a, int64_t position, int lanes, BlockResult& result,
+                                        LogitOf&& logit_of) {
+  using acc_t = typename V::value_type;
+  constexpr int W = V::kWidth;
+  alignas(64) int32_t cls[W];
+  alignas(64) acc_t weight[W];
+  alignas(64) acc_t logit[W];
+  for (int i = 0; i < W; ++i) {
+    const int64_t y = i < lanes ? a.resolve_class(position + i, result) : -1;
+    cls[i] = static_cast<int32_t>(y);
+    weight[i] = y >= 0 ? a.weight_of(y) : acc_t(0);
+    logit[i] = y >= 0 ? logit_of(i, y) : acc_t(0);
+  }
+  LaneTargets<V> targets;
+  targets.cls = V::Lanes::load(cls);
+  targets.valid = targets.cls.valid();
+  targets.weight = V::load(weight);
+  targets.logit = V::load(logit);
+  return targets;
+}
+
+// The targets of a lane block whose logits are in a tile (x[c * kTilePositions + lane]).
 template <class V, class T>
 LaneTargets<V> lane_targets(const Typed<V, T>& a, int64_t position, int lanes, const typename V::value_type* x,
                             BlockResult& result) {
-  using acc_t = typename V::value_type;
   constexpr int W = V::kWidth;
   LaneTargets<V> targets;
   if (lanes == W && a.C <= kMaxGatherClasses &&
@@ -57,29 +91,73 @@ LaneTargets<V> lane_targets(const Typed<V, T>& a, int64_t position, int lanes, c
     return targets;
   }
   // A partial lane block, or a class out of range (to be reported).
-  alignas(64) int32_t cls[W];
-  alignas(64) acc_t weight[W];
-  alignas(64) acc_t logit[W];
-  for (int i = 0; i < W; ++i) {
-    const int64_t y = i < lanes ? a.resolve_class(position + i, result) : -1;
-    cls[i] = static_cast<int32_t>(y);
-    weight[i] = y >= 0 ? a.weight_of(y) : acc_t(0);
-    logit[i] = y >= 0 ? x[y * kTilePositions + i] : acc_t(0);
-  }
-  targets.cls = V::Lanes::load(cls);
-  targets.valid = targets.cls.valid();
-  targets.weight = V::load(weight);
-  targets.logit = V::load(logit);
-  return targets;
+  return lane_targets_by_position(a, position, lanes, result,
+                                  [&](int lane, int64_t y) { return x[y * kTilePositions + lane]; });
 }
 
-// Stores the first `lanes` lanes of v.
-template <class V, class Out>
-void store_lanes(Out* out, V v, int lanes) {
-  if (lanes == V::kWidth) {
-    V::store(out, v);
+// The per-lane sums of one pass over the classes.
+template <class V>
+struct LaneTotals {
+  V sum{0};                     // of exps, relative to the pass's reference
+  V weighted_logits{0};         // sum_c w[c] x[c] (class indices with smoothing)
+  V weighted_targets{0};        // sum_c w[c] t'[c] (probabilities)
+  V weighted_target_logits{0};  // sum_c w[c] t'[c] x[c] (probabilities)
+
+  // The loss terms of class c, whose logits are xv and (probabilities) targets *t.
+  template <class T>
+  void add_class(const Typed<V, T>& a, int64_t c, V xv, const typename V::value_type* t) {
+    if (t) {
+      const V wt = smoothed_probability(V::load(t), V(a.label_smoothing), a.C) * a.weight_vec(c);
+      weighted_targets = weighted_targets + wt;
+      weighted_target_logits = fmadd(wt, xv, weighted_target_logits);
+    } else if (a.smoothing) {
+      weighted_logits = fmadd(a.weight_vec(c), xv, weighted_logits);
+    }
+  }
+};
+
+// lse and loss of a lane block into the outputs and the block's sums; returns the class-index coefficients.
+template <class V, class T>
+IndexTargetCoeffs<V> record_lanes(const Typed<V, T>& a, int64_t position, int lanes, const LaneTargets<V>& targets,
+                                  V lse, const LaneTotals<V>& totals, LaneSums<V>& sums, BlockResult& result) {
+  if (a.lse) store_lanes(a.lse + position, lse, lanes);
+  const IndexTargetCoeffs<V> k = index_target_coeffs(targets.weight, V(a.label_smoothing), a.C);
+  V loss;
+  if (a.target_prob) {
+    loss = select(V::prefix(lanes), prob_target_loss(lse, totals.weighted_targets, totals.weighted_target_logits),
+                  V(0));
   } else {
-    V::store_partial(out, v, lanes);
+    loss = index_target_loss_given_smoothing(a.smoothing, k, lse, targets.logit, V(a.weight_sum),
+                                             totals.weighted_logits);
+    loss = select(targets.valid, loss, V(0));
+  }
+  sums.add(loss, targets.weight, result);
+  if (a.loss) store_lanes(a.loss + position, loss, lanes);
+  return k;
+}
+
+// The gradient of classes c0 .. c0 + classes - 1 of a lane block into g[c * g_stride], given p(c) = exp(x - lse)
+// of class c0 + c. Class-index targets: prob_coef p - class_coef w[c] - [c == y] target_coef, 0 in ignored lanes.
+template <class V, class T, class Probability>
+void index_grad_lanes(const Typed<V, T>& a, const LaneTargets<V>& targets, const IndexGradCoeffs<V>& gk, int64_t c0,
+                      int64_t classes, typename V::value_type* g, int64_t g_stride, Probability&& probability) {
+  for (int64_t c = 0; c < classes; ++c) {
+    V gv = gk.prob_coef * probability(c);
+    if (a.smoothing) gv = gv - gk.class_coef * a.weight_vec(c0 + c);
+    gv = select(targets.cls.equals(static_cast<int32_t>(c0 + c)), gv - gk.target_coef, gv);
+    V::store(g + c * g_stride, select(targets.valid, gv, V(0)));
+  }
+}
+
+// The same for probability targets, whose t[c * t_stride] give t'[c0 + c]: prob_coef p - scale w[c] t'[c], with
+// prob_coef = scale T.
+template <class V, class T, class Probability>
+void prob_grad_lanes(const Typed<V, T>& a, V prob_coef, V scale, int64_t c0, int64_t classes,
+                     const typename V::value_type* t, int64_t t_stride, typename V::value_type* g, int64_t g_stride,
+                     Probability&& probability) {
+  for (int64_t c = 0; c < classes; ++c) {
+    const V wt = smoothed_probability(V::load(t + c * t_stride), V(a.label_smoothing), a.C) * a.weight_vec(c0 + c);
+    V::store(g + c * g_stride, prob_coef * probability(c) - scale * wt);
   }
 }
 
@@ -102,52 +180,26 @@ void lanes_forward(const Typed<V, T>& a, int64_t position, int lanes, const type
   // Lanes whose logits are all -inf take exps relative to 0 (exp(-inf) = 0) instead of exp(-inf + inf) = NaN.
   const V ref = select(equal(max, V(kNegInf)), V(0), max);
 
-  V sum(0), weighted_logits(0), weighted_targets(0), weighted_target_logits(0);
+  LaneTotals<V> totals;
   for (int64_t c = 0; c < C; ++c) {
     const V xv = V::load(x + c * stride);
     const V e = vexp(xv - ref);
-    sum = sum + e;
+    totals.sum = totals.sum + e;
     if (exps) V::store(exps + c * W, e);
-    if (t) {
-      const V wt = smoothed_probability(V::load(t + c * stride), V(a.label_smoothing), C) * a.weight_vec(c);
-      weighted_targets = weighted_targets + wt;
-      weighted_target_logits = fmadd(wt, xv, weighted_target_logits);
-    } else if (a.smoothing) {
-      weighted_logits = fmadd(a.weight_vec(c), xv, weighted_logits);
-    }
+    totals.add_class(a, c, xv, t ? t + c * stride : nullptr);
   }
-  const V lse = max + vlog(sum);
-  if (a.lse) store_lanes(a.lse + position, lse, lanes);
-
-  const IndexTargetCoeffs<V> k = index_target_coeffs(targets.weight, V(a.label_smoothing), C);
-  V loss;
-  if (t) {
-    loss = select(V::prefix(lanes), prob_target_loss(lse, weighted_targets, weighted_target_logits), V(0));
-  } else {
-    loss = index_target_loss_given_smoothing(a.smoothing, k, lse, targets.logit, V(a.weight_sum), weighted_logits);
-    loss = select(targets.valid, loss, V(0));
-  }
-  sums.add(loss, targets.weight, result);
-  if (a.loss) store_lanes(a.loss + position, loss, lanes);
+  const V lse = max + vlog(totals.sum);
+  const IndexTargetCoeffs<V> k = record_lanes(a, position, lanes, targets, lse, totals, sums, result);
   if (!g) return;
 
   // Gradient from the kept exps, p = e / sum (see row_forward for the two formulas).
   const V scale(a.uniform_scale);
+  const V inverse_sum = V(1) / totals.sum;
+  auto probability = [&](int64_t c) { return V::load(exps + c * W) * inverse_sum; };
   if (t) {
-    const V prob_coef = scale * weighted_targets / sum;
-    for (int64_t c = 0; c < C; ++c) {
-      const V wt = smoothed_probability(V::load(t + c * stride), V(a.label_smoothing), C) * a.weight_vec(c);
-      V::store(g + c * g_stride, V::load(exps + c * W) * prob_coef - scale * wt);
-    }
-    return;
-  }
-  const IndexGradCoeffs<V> gk = index_grad_coeffs(k, V(a.weight_sum), scale);
-  const V prob_coef = gk.prob_coef / sum;
-  for (int64_t c = 0; c < C; ++c) {
-    V gv = V::load(exps + c * W) * prob_coef;
-    if (a.smoothing) gv = gv - gk.class_coef * a.weight_vec(c);
-    gv = select(targets.cls.equals(static_cast<int32_t>(c)), gv - gk.target_coef, gv);
-    V::store(g + c * g_stride, select(targets.valid, gv, V(0)));
+    prob_grad_lanes(a, scale * totals.weighted_targets, scale, 0, C, t, stride, g, g_stride, probability);
+  } else {
+    index_grad_lanes(a, targets, index_grad_coeffs(k, V(a.weight_sum), scale), 0, C, g, g_stride, probability);
   }
 }
 
@@ -162,28 +214,20 @@ void lanes_backward(const Typed<V, T>& a, int64_t position, int lanes, const typ
   const V lse = load_lanes(a.lse_in + position);
   const V scale = a.grad_loss ? grad_scale(a.reduction, load_lanes(a.grad_loss + position), V(a.total_weight))
                               : V(a.uniform_scale);
+  auto probability = [&](int64_t c) { return vexp(V::load(x + c * stride) - lse); };
   if (t) {
-    auto smoothed_weighted = [&](int64_t c) {
-      return smoothed_probability(V::load(t + c * stride), V(a.label_smoothing), C) * a.weight_vec(c);
-    };
     V weighted_targets(0);
-    for (int64_t c = 0; c < C; ++c) weighted_targets = weighted_targets + smoothed_weighted(c);
-    const V prob_coef = scale * weighted_targets;
     for (int64_t c = 0; c < C; ++c) {
-      const V p = vexp(V::load(x + c * stride) - lse);
-      V::store(g + c * stride, prob_coef * p - scale * smoothed_weighted(c));
+      weighted_targets = weighted_targets +
+                         smoothed_probability(V::load(t + c * stride), V(a.label_smoothing), C) * a.weight_vec(c);
     }
+    prob_grad_lanes(a, scale * weighted_targets, scale, 0, C, t, stride, g, stride, probability);
     return;
   }
   const LaneTargets<V> targets = lane_targets(a, position, lanes, x, result);
   const IndexGradCoeffs<V> gk = index_grad_coeffs(
       index_target_coeffs(targets.weight, V(a.label_smoothing), C), V(a.weight_sum), scale);
-  for (int64_t c = 0; c < C; ++c) {
-    V gv = gk.prob_coef * vexp(V::load(x + c * stride) - lse);
-    if (a.smoothing) gv = gv - gk.class_coef * a.weight_vec(c);
-    gv = select(targets.cls.equals(static_cast<int32_t>(c)), gv - gk.target_coef, gv);
-    V::store(g + c * stride, select(targets.valid, gv, V(0)));
-  }
+  index_grad_lanes(a, targets, gk, 0, C, g, stride, probability);
 }
 
 // Per-thread buffers of the spatial kernels: one tile of logits, targets and gradient, and a lane block's exps.

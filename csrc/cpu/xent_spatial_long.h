@@ -1,0 +1,230 @@
+// The spatial kernels for positions with many classes (NCHW with C > kLaneChunkClasses and either fewer positions
+// per batch entry than a tile or C > kMaxTileClasses, e.g. vocabulary logits laid out (N, C, T)), see
+// xent_kernels.h. Included by xent_kernels.h inside the instruction set's namespace, after
+// xent_spatial.h.
+//
+// The tiles of xent_spatial.h hold all C classes of 64 positions: megabytes for a vocabulary, streamed from memory
+// again by every pass over them (max, exps, gradient). Here a lane block (V::kWidth consecutive positions, across
+// batch entries when S is shorter than a vector, so that lanes do not idle) walks its classes in chunks of
+// kLaneChunkClasses. Each chunk is copied to a small tile that stays in L1 while its max and exps are taken, and
+// the online softmax carries the running max and sum from chunk to chunk (one exp per logit). A gradient made in the
+// forward comes from the kept exps, each chunk's rescaled from the running max it was taken against (as in
+// row_forward), so the logits are read from memory once either way.
+
+constexpr int64_t kLaneChunkClasses = 256;
+// Class rows are stride_c apart, often a multiple of 4 KiB, which the hardware prefetchers do not follow: the copy
+// asks for the row this many classes ahead.
+constexpr int64_t kPrefetchClasses = 8;
+// With S of at least a tile, the tiles of xent_spatial.h read 64 positions (4 cache lines) per class row where a
+// lane block reads one, and they stay ahead while they fit in L2. On the 2-core dev VM (fp32, 2 threads, noisy):
+// at S >= 64 tiles were up to 1.6x faster for C <= 4000 and even at C = 8000; chunks were 1.5-2.5x faster for S < 64
+// and 2-20x faster for C of 32000 and 128256.
+constexpr int64_t kMaxTileClasses = 8192;
+
+inline bool uses_long_lanes(const KernelArgs& args) {
+  return args.layout == Layout::kSpatial && args.C > kLaneChunkClasses &&
+         (args.S < kTilePositions || args.C > kMaxTileClasses);
+}
+
+// Per-thread buffers: one chunk of logits, targets and gradient; the exps of a lane block and the running max after
+// each of its chunks (forward with gradient).
+template <class acc_t>
+struct LongLaneScratch {
+  std::vector<acc_t> x, t, g, exps, chunk_max;
+};
+
+// A lane block's positions as runs of consecutive positions of one batch entry, each adjacent in memory.
+template <class V>
+struct LaneRuns {
+  int count = 0;
+  std::array<int64_t, V::kWidth> offset;  // element offset of the run's class 0
+  std::array<int, V::kWidth> first_lane, lanes;
+};
+
+template <class V, class T>
+LaneRuns<V> lane_runs(const Typed<V, T>& a, int64_t position, int lanes) {
+  LaneRuns<V> runs;
+  for (int lane = 0; lane < lanes; ++runs.count) {
+    const int64_t p = position + lane;
+    const int length = static_cast<int>(std::min<int64_t>(lanes - lane, a.S - p % a.S));
+    runs.offset[runs.count] = a.offset(p);
+    runs.first_lane[runs.count] = lane;
+    runs.lanes[runs.count] = length;
+    lane += length;
+  }
+  return runs;
+}
+
+// Classes [c0, c0 + classes) of a lane block's positions into tile[c * W + lane], in the accumulation dtype, with
+// zeros in the lanes past the block. A block of several runs is copied one run at a time: a run's classes are
+// then read in address order (with S shorter than a vector, consecutive classes share cache lines).
+template <class V, class T>
+void load_lane_chunk(const T* base, int64_t class_stride, const LaneRuns<V>& runs, int lanes, int64_t c0,
+                     int64_t classes, typename V::value_type* tile) {
+  constexpr int W = V::kWidth;
+  const int64_t ahead = kPrefetchClasses * class_stride;
+  const T* first_class = base + c0 * class_stride;
+  if (runs.count == 1 && lanes == W) {
+    for (int64_t c = 0; c < classes; ++c) {
+      const T* in = first_class + c * class_stride + runs.offset[0];
+      __builtin_prefetch(in + ahead, 0, 1);
+      V::store(tile + c * W, V::load(in));
+    }
+    return;
+  }
+  if (lanes < W) {
+    for (int64_t c = 0; c < classes; ++c) V::store(tile + c * W, V(0));
+  }
+  for (int r = 0; r < runs.count; ++r) {
+    for (int64_t c = 0; c < classes; ++c) {
+      const T* in = first_class + c * class_stride + runs.offset[r];
+      __builtin_prefetch(in + ahead, 0, 1);
+      V::store_partial(tile + c * W + runs.first_lane[r], V::load_partial(in, runs.lanes[r], 0), runs.lanes[r]);
+    }
+  }
+}
+
+// The inverse copy, for the gradient; `streaming` as in store_tile. Runs one at a time, as in load_lane_chunk: a
+// cache line of a fresh gradient is then written whole before the next, instead of being fetched again for each
+// run's part of it.
+template <class V, class T>
+void store_lane_chunk(const typename V::value_type* tile, const LaneRuns<V>& runs, int lanes, int64_t c0,
+                      int64_t classes, T* base, int64_t class_stride, bool streaming) {
+  constexpr int W = V::kWidth;
+  T* first_class = base + c0 * class_stride;
+  if (runs.count == 1 && lanes == W) {
+    for (int64_t c = 0; c < classes; ++c) {
+      store_vector(first_class + c * class_stride + runs.offset[0], V::load(tile + c * W), streaming);
+    }
+    return;
+  }
+  for (int r = 0; r < runs.count; ++r) {
+    for (int64_t c = 0; c < classes; ++c) {
+      V::store_partial(first_class + c * class_stride + runs.offset[r], V::load(tile + c * W + runs.first_lane[r]),
+                       runs.lanes[r]);
+    }
+  }
+}
+
+template <class V, class T>
+void long_lanes_forward(const Typed<V, T>& a, int64_t position, int lanes, LongLaneScratch<typename V::value_type>& s,
+                        LaneSums<V>& sums, BlockResult& result) {
+  using acc_t = typename V::value_type;
+  constexpr int W = V::kWidth;
+  constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
+  const int64_t C = a.C;
+  const bool prob = a.target_prob != nullptr;
+  const LaneRuns<V> runs = lane_runs(a, position, lanes);
+  LaneTargets<V> targets{};
+  if (!prob) {
+    targets = lane_targets_by_position(a, position, lanes, result, [&](int lane, int64_t y) {
+      return static_cast<acc_t>(a.logits[a.offset(position + lane) + y * a.stride_c]);
+    });
+  }
+
+  V max(kNegInf);
+  LaneTotals<V> totals;
+  for (int64_t c0 = 0, chunk = 0; c0 < C; c0 += kLaneChunkClasses, ++chunk) {
+    const int64_t classes = std::min(kLaneChunkClasses, C - c0);
+    load_lane_chunk(a.logits, a.stride_c, runs, lanes, c0, classes, s.x.data());
+    if (prob) load_lane_chunk(a.target_prob, a.stride_c, runs, lanes, c0, classes, s.t.data());
+    V chunk_max = max;
+    for (int64_t c = 0; c < classes; ++c) chunk_max = vmax(chunk_max, V::load(s.x.data() + c * W));
+    // Lanes whose logits are all -inf so far take exps relative to 0 (exp(-inf) = 0) instead of NaN. The running
+    // sum moves to the new reference: exp(max - ref) <= 1, and 0 while max is -inf (when the sum is 0 too).
+    const V ref = select(equal(chunk_max, V(kNegInf)), V(0), chunk_max);
+    totals.sum = totals.sum * vexp(max - ref);
+    max = chunk_max;
+    if (!s.chunk_max.empty()) V::store(s.chunk_max.data() + chunk * W, chunk_max);
+    for (int64_t c = 0; c < classes; ++c) {
+      const V xv = V::load(s.x.data() + c * W);
+      const V e = vexp(xv - ref);
+      totals.sum = totals.sum + e;
+      if (!s.exps.empty()) V::store(s.exps.data() + (c0 + c) * W, e);
+      totals.add_class(a, c0 + c, xv, prob ? s.t.data() + c * W : nullptr);
+    }
+  }
+  const V lse = max + vlog(totals.sum);
+  const IndexTargetCoeffs<V> k = record_lanes(a, position, lanes, targets, lse, totals, sums, result);
+  if (!a.grad) return;
+
+  // p = e exp(chunk max - max) / sum: the difference of two logits is exact, where lse ~ 1e4 would carry a rounding
+  // error of ~1e-3 into exp(chunk max - lse). A chunk max of -inf gives 0 (its exps are 0 too), a max of -inf NaN.
+  const V scale(a.uniform_scale);
+  const bool streaming = a.grad != a.logits;
+  const IndexGradCoeffs<V> gk = index_grad_coeffs(k, V(a.weight_sum), scale);
+  const V inverse_sum = V(1) / totals.sum;
+  for (int64_t c0 = 0, chunk = 0; c0 < C; c0 += kLaneChunkClasses, ++chunk) {
+    const int64_t classes = std::min(kLaneChunkClasses, C - c0);
+    const V factor = vexp(V::load(s.chunk_max.data() + chunk * W) - max) * inverse_sum;
+    auto probability = [&](int64_t c) { return V::load(s.exps.data() + (c0 + c) * W) * factor; };
+    if (prob) {
+      load_lane_chunk(a.target_prob, a.stride_c, runs, lanes, c0, classes, s.t.data());
+      prob_grad_lanes(a, scale * totals.weighted_targets, scale, c0, classes, s.t.data(), W, s.g.data(), W,
+                      probability);
+    } else {
+      index_grad_lanes(a, targets, gk, c0, classes, s.g.data(), W, probability);
+    }
+    store_lane_chunk(s.g.data(), runs, lanes, c0, classes, a.grad, a.stride_c, streaming);
+  }
+}
+
+template <class V, class T>
+void long_lanes_backward(const Typed<V, T>& a, int64_t position, int lanes,
+                         LongLaneScratch<typename V::value_type>& s, BlockResult& result) {
+  using acc_t = typename V::value_type;
+  constexpr int W = V::kWidth;
+  const int64_t C = a.C;
+  const bool prob = a.target_prob != nullptr;
+  const LaneRuns<V> runs = lane_runs(a, position, lanes);
+  auto load_lanes = [&](const acc_t* p) { return lanes == W ? V::load(p) : V::load_partial(p, lanes, 0); };
+  const V lse = load_lanes(a.lse_in + position);
+  const V scale = a.grad_loss ? grad_scale(a.reduction, load_lanes(a.grad_loss + position), V(a.total_weight))
+                              : V(a.uniform_scale);
+  V prob_coef(0);
+  LaneTargets<V> targets{};
+  IndexGradCoeffs<V> gk{};
+  if (prob) {  // T = sum_c w[c] t'[c] first: every gradient element needs it
+    V weighted_targets(0);
+    for (int64_t c0 = 0; c0 < C; c0 += kLaneChunkClasses) {
+      const int64_t classes = std::min(kLaneChunkClasses, C - c0);
+      load_lane_chunk(a.target_prob, a.stride_c, runs, lanes, c0, classes, s.t.data());
+      for (int64_t c = 0; c < classes; ++c) {
+        const V tv = V::load(s.t.data() + c * W);
+        weighted_targets = weighted_targets + smoothed_probability(tv, V(a.label_smoothing), C) * a.weight_vec(c0 + c);
+      }
+    }
+    prob_coef = scale * weighted_targets;
+  } else {
+    targets = lane_targets_by_position(a, position, lanes, result, [&](int, int64_t) { return acc_t(0); });
+    gk = index_grad_coeffs(index_target_coeffs(targets.weight, V(a.label_smoothing), C), V(a.weight_sum), scale);
+  }
+  for (int64_t c0 = 0; c0 < C; c0 += kLaneChunkClasses) {
+    const int64_t classes = std::min(kLaneChunkClasses, C - c0);
+    load_lane_chunk(a.logits, a.stride_c, runs, lanes, c0, classes, s.x.data());
+    auto probability = [&](int64_t c) { return vexp(V::load(s.x.data() + c * W) - lse); };
+    if (prob) {
+      load_lane_chunk(a.target_prob, a.stride_c, runs, lanes, c0, classes, s.t.data());
+      prob_grad_lanes(a, prob_coef, scale, c0, classes, s.t.data(), W, s.g.data(), W, probability);
+    } else {
+      index_grad_lanes(a, targets, gk, c0, classes, s.g.data(), W, probability);
+    }
+    store_lane_chunk(s.g.data(), runs, lanes, c0, classes, a.grad, a.stride_c, /*streaming=*/true);
+  }
+}
+
+template <class V, class T>
+void long_lanes_block(const Typed<V, T>& a, int64_t first, int64_t last, LongLaneScratch<typename V::value_type>& s,
+                      BlockResult& result) {
+  constexpr int W = V::kWidth;
+  LaneSums<V> sums;
+  for (int64_t position = first; position < last; position += W) {
+    const int lanes = static_cast<int>(std::min<int64_t>(W, last - position));
+    if (a.lse_in) {
+      long_lanes_backward(a, position, lanes, s, result);
+    } else {
+      long_lanes_forward(a, position, lanes, s, sums, result);
+    }
+  }
+  sums.flush(result);
+}
