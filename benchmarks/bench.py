@@ -20,7 +20,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--full", action="store_true", help="sweep every shape, dtype, mode and provider")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where to run (default: cpu)")
-    parser.add_argument("--families", type=_csv_list, help="comma list of llm, seg, cls (default: all)")
+    parser.add_argument("--families", type=_csv_list,
+                        help="comma list of llm, seg, cls, seq (default: all; seq has shapes in --full only)")
     parser.add_argument("--dtypes", type=_csv_list,
                         help="comma list of fp32, bf16, fp16 (default: fp32; --full: fp32,bf16 and fp16 on GPU)")
     parser.add_argument("--providers", type=_csv_list,

@@ -4,8 +4,9 @@ from dataclasses import dataclass
 
 import torch
 
-FAMILIES = ("llm", "seg", "cls")
-FAMILY_TITLES = {"llm": "LLM tokens x vocab", "seg": "segmentation N x C x H x W", "cls": "classification N x C"}
+FAMILIES = ("llm", "seg", "cls", "seq")
+FAMILY_TITLES = {"llm": "LLM tokens x vocab", "seg": "segmentation N x C x H x W", "cls": "classification N x C",
+                 "seq": "sequence logits N x vocab x T"}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -47,20 +48,23 @@ class Case:
         """Cases that share a plot line: the same family with everything fixed but the swept size."""
         if self.family == "llm":
             return f"llm-{self.shape[0]}tok"
-        if self.family == "seg":
-            return f"seg-C{self.num_classes}"
+        if self.family in ("seg", "seq"):
+            return f"{self.family}-C{self.num_classes}"
         return "cls"
 
     @property
     def sweep_value(self) -> int:
-        """The plot's x value: vocabulary size, pixels per image, or number of classes."""
+        """The plot's x value: vocabulary size, pixels per image, positions per sequence, or number of classes."""
         if self.family == "seg":
             return self.shape[2] * self.shape[3]
+        if self.family == "seq":
+            return self.shape[2]
         return self.num_classes
 
     @property
     def sweep_axis(self) -> str:
-        return {"llm": "vocabulary size", "seg": "pixels per image (H*W)", "cls": "classes"}[self.family]
+        return {"llm": "vocabulary size", "seg": "pixels per image (H*W)", "cls": "classes",
+                "seq": "positions per sequence (T)"}[self.family]
 
 
 def _shapes(device: str, full: bool) -> dict[str, list[tuple[int, ...]]]:
@@ -69,8 +73,9 @@ def _shapes(device: str, full: bool) -> dict[str, list[tuple[int, ...]]]:
     tokens, images = (16384, 16) if gpu else (4096, 8)
     if not full:
         if gpu:  # the shapes of the GPU performance targets (issues #3 and #4)
-            return {"llm": [(8192, 128256), (4096, 256000)], "seg": [(images, 19, 512, 1024)], "cls": [(65536, 10)]}
-        return {"llm": [(tokens, 32000)], "seg": [(images, 19, 256, 512)], "cls": [(65536, 10)]}
+            return {"llm": [(8192, 128256), (4096, 256000)], "seg": [(images, 19, 512, 1024)], "cls": [(65536, 10)],
+                    "seq": []}
+        return {"llm": [(tokens, 32000)], "seg": [(images, 19, 256, 512)], "cls": [(65536, 10)], "seq": []}
     cityscapes = [(256, 512), (512, 1024)] + ([(1024, 2048)] if gpu else [(128, 256)])
     ade20k = [(128, 128), (256, 256), (512, 512)]
     # On the CPU the vocabulary sweep uses 2048 tokens (4096x256000 fp32 with eager's temporaries outgrows a 24 GB
@@ -80,6 +85,9 @@ def _shapes(device: str, full: bool) -> dict[str, list[tuple[int, ...]]]:
         "llm": ([] if gpu else [(tokens, 32000)]) + [(sweep_tokens, vocab) for vocab in (32000, 128256, 256000)],
         "seg": sorted([(images, 19, h, w) for h, w in cityscapes]) + [(images, 150, h, w) for h, w in ade20k],
         "cls": [(65536, 10), (8192, 1000)],
+        # Vocabulary logits laid out (N, C, T), as a Conv1d head or logits.transpose(1, 2).contiguous() gives them:
+        # NCHW with few positions and many classes.
+        "seq": [(8, 32000, length) for length in ((64, 256, 1024) if gpu else (16, 64, 256))],
     }
 
 
