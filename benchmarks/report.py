@@ -181,6 +181,10 @@ def write_plots(stem: Path, results: Results, cases, providers: list[str], modes
                         ax.plot(*zip(*points, strict=True), style, marker="o", label=name)
                 ax.set_xscale("log")
                 ax.set_yscale("log")
+                # Ticks at the swept sizes only: over a short range the log axis labels its minor ticks on top of
+                # each other.
+                ax.set_xticks([c.sweep_value for c in members], [f"{c.sweep_value:g}" for c in members])
+                ax.minorticks_off()
                 ax.set_xlabel(members[0].sweep_axis)
                 ax.set_ylabel(label)
                 ax.set_title(f"{group} {dtype} {mode}")
