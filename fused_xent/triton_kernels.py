@@ -182,10 +182,20 @@ def _weighted_target_sum(target_ptr, weight_ptr, offset, in_range, C, stride_c, 
 
 
 @triton.jit
-def _index_target_loss(lse, target_logit, weight_of_target, weight_sum, weighted_logit_sum, label_smoothing, C,
+def _lse_parts(running_max, scaled_sum):
+    """(reference, log_sum, lse) of the online-softmax state: lse = max + log(sum), with reference the max (0 while
+    it is -inf) that the sum is relative to. lse - x is taken as (x - reference) - log_sum wherever it matters: lse
+    itself is rounded to the spacing of floats around it, ~1e-3 at logits of 1e4 (xent_math.h target_gap)."""
+    log_sum = tl.log(scaled_sum)
+    reference = tl.where(running_max == float("-inf"), 0.0, running_max)
+    return reference, log_sum, running_max + log_sum
+
+
+@triton.jit
+def _index_target_loss(lse, target_gap, weight_of_target, weight_sum, weighted_logit_sum, label_smoothing, C,
                        HAS_SMOOTHING: tl.constexpr):
     """(1-eps) w[y] (lse - x[y]) + (eps/C) (W lse - sum_c w[c] x[c]); xent_math.h index_target_loss."""
-    loss = (1.0 - label_smoothing) * weight_of_target * (lse - target_logit)
+    loss = (1.0 - label_smoothing) * weight_of_target * target_gap
     if HAS_SMOOTHING:
         loss += label_smoothing / C * (weight_sum * lse - weighted_logit_sum)
     return loss
@@ -202,13 +212,14 @@ def _index_grad_coeffs(weight_of_target, weight_sum, scale, label_smoothing, C, 
 
 
 @triton.jit
-def _store_grad(logits_ptr, target_ptr, weight_ptr, grad_ptr, offset, in_range, keep, lse, safe_y,
+def _store_grad(logits_ptr, target_ptr, weight_ptr, grad_ptr, offset, in_range, keep, reference, log_sum, safe_y,
                 prob_coef, class_coef, target_coef, c_begin, c_stop, C, stride_c, label_smoothing,
                 PROB_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr, ACC,
                 BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     """Second pass over the classes [c_begin, c_stop) (as in _range_statistics): read each logit once and write its
     gradient (grad_ptr may be logits_ptr: each element is read before it is overwritten, and nothing else of the
-    row is read afterwards).
+    row is read afterwards), with p = exp((x - reference) - log_sum) (see _lse_parts; the backward, which has only
+    lse, passes reference = lse, log_sum = 0).
       class indices:  prob_coef p[c] - class_coef w[c] - [c == y] target_coef
       probabilities:  prob_coef p[c] - class_coef w[c] t'[c]   (prob_coef = scale T, class_coef = scale)
     Positions that do not `keep` (ignored targets) get exactly 0, whatever their logits."""
@@ -217,7 +228,7 @@ def _store_grad(logits_ptr, target_ptr, weight_ptr, grad_ptr, offset, in_range, 
         mask = in_range[:, None] & (cols < C)[None, :]
         ptrs = offset[:, None] + cols.to(tl.int64)[None, :] * stride_c
         x = tl.load(logits_ptr + ptrs, mask=mask, other=0.0).to(ACC)
-        grad = prob_coef[:, None] * tl.exp2((x - lse[:, None]) * LOG2E)
+        grad = prob_coef[:, None] * tl.exp2(((x - reference[:, None]) - log_sum[:, None]) * LOG2E)
         if PROB_TARGET:
             weighted_target = _weighted_smoothed_target(target_ptr, weight_ptr, ptrs, mask, cols, label_smoothing, C,
                                                         HAS_WEIGHT, HAS_SMOOTHING, ACC)
@@ -270,13 +281,13 @@ def _forward_kernel(logits_ptr, target_ptr, weight_ptr, weight_sum_ptr, total_we
     running_max, scaled_sum, sum_a, sum_b = _range_statistics(
         logits_ptr, target_ptr, weight_ptr, offset, in_range, 0, C, C, stride_c, label_smoothing, PROB_TARGET,
         HAS_WEIGHT, HAS_SMOOTHING, ACC, BLOCK_P, BLOCK_C)
-    lse = running_max + tl.log(scaled_sum)
     weight_sum = _class_weight_sum(weight_sum_ptr, C, HAS_WEIGHT, ACC)
+    reference, log_sum, lse = _lse_parts(running_max, scaled_sum)
     if PROB_TARGET:
         loss = sum_a * lse - sum_b  # xent_math.h prob_target_loss: T lse - sum_c w[c] t'[c] x[c]
     else:
-        loss = _index_target_loss(lse, target_logit, weight_of_target, weight_sum, sum_a, label_smoothing, C,
-                                  HAS_SMOOTHING)
+        loss = _index_target_loss(lse, (reference - target_logit) + log_sum, weight_of_target, weight_sum, sum_a,
+                                  label_smoothing, C, HAS_SMOOTHING)
         loss = tl.where(counted, loss, 0.0)  # stays NaN for an out-of-range target: its weight is NaN
     tl.store(loss_ptr + index, loss.to(loss_ptr.dtype.element_ty), mask=in_range)
 
@@ -286,14 +297,14 @@ def _forward_kernel(logits_ptr, target_ptr, weight_ptr, weight_sum_ptr, total_we
             scale = scale / tl.load(total_weight_ptr).to(ACC)
         if PROB_TARGET:
             # (prob_coef, class_coef) = (scale T, scale); safe_y and target_coef are not read for probabilities.
-            _store_grad(logits_ptr, target_ptr, weight_ptr, grad_ptr, offset, in_range, in_range, lse, safe_y,
-                        scale * sum_a, scale, scale, 0, C, C, stride_c, label_smoothing,
+            _store_grad(logits_ptr, target_ptr, weight_ptr, grad_ptr, offset, in_range, in_range, reference, log_sum,
+                        safe_y, scale * sum_a, scale, scale, 0, C, C, stride_c, label_smoothing,
                         PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING, ACC, BLOCK_P, BLOCK_C)
         else:
             prob_coef, class_coef, target_coef = _index_grad_coeffs(weight_of_target, weight_sum, scale,
                                                                     label_smoothing, C, HAS_SMOOTHING)
-            _store_grad(logits_ptr, target_ptr, weight_ptr, grad_ptr, offset, in_range, counted, lse, safe_y,
-                        prob_coef, class_coef, target_coef, 0, C, C, stride_c, label_smoothing,
+            _store_grad(logits_ptr, target_ptr, weight_ptr, grad_ptr, offset, in_range, counted, reference, log_sum,
+                        safe_y, prob_coef, class_coef, target_coef, 0, C, C, stride_c, label_smoothing,
                         PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING, ACC, BLOCK_P, BLOCK_C)
     else:
         tl.store(lse_ptr + index, lse, mask=in_range)
@@ -324,10 +335,11 @@ def _split_statistics_kernel(logits_ptr, weight_ptr, stats_ptr, num_positions, S
 def _split_combine_kernel(stats_ptr, logits_ptr, target_ptr, weight_ptr, weight_sum_ptr, loss_ptr, lse_ptr,
                           num_positions, S, C, stride_n, stride_c, stride_s, ignore_index, smoothing_hi,
                           smoothing_lo, splits, HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
-                          BLOCK: tl.constexpr):
+                          LSE_PARTS: tl.constexpr, BLOCK: tl.constexpr):
     """Merges the ranges' states of each position in range order (bitwise reproducible), then lse and the loss as
-    in _forward_kernel."""
-    ACC = lse_ptr.dtype.element_ty
+    in _forward_kernel. LSE_PARTS (for the gradient that follows): lse_ptr is (2, positions) and takes each
+    position's reference and log_sum apart (_lse_parts), not their rounded sum."""
+    ACC = stats_ptr.dtype.element_ty
     label_smoothing = tl.cast(smoothing_hi, ACC) + tl.cast(smoothing_lo, ACC)
     _, _, index, offset, in_range = _position_block(num_positions, S, stride_n, stride_s, BLOCK, False)
     plane = splits.to(tl.int64) * num_positions
@@ -345,15 +357,19 @@ def _split_combine_kernel(stats_ptr, logits_ptr, target_ptr, weight_ptr, weight_
         running_max = new_max
         if HAS_SMOOTHING:
             weighted_logit_sum += tl.load(stats_ptr + 2 * plane + at, mask=in_range, other=0.0)
-    lse = running_max + tl.log(scaled_sum)
     safe_y, counted, weight_of_target = _class_target(target_ptr, weight_ptr, index, in_range, C, ignore_index,
                                                       HAS_WEIGHT, ACC)
     target_logit = tl.load(logits_ptr + offset + safe_y * stride_c, mask=counted, other=0.0).to(ACC)
+    reference, log_sum, lse = _lse_parts(running_max, scaled_sum)
     weight_sum = _class_weight_sum(weight_sum_ptr, C, HAS_WEIGHT, ACC)
-    loss = _index_target_loss(lse, target_logit, weight_of_target, weight_sum, weighted_logit_sum, label_smoothing, C,
-                              HAS_SMOOTHING)
+    loss = _index_target_loss(lse, (reference - target_logit) + log_sum, weight_of_target, weight_sum,
+                              weighted_logit_sum, label_smoothing, C, HAS_SMOOTHING)
     tl.store(loss_ptr + index, tl.where(counted, loss, 0.0).to(loss_ptr.dtype.element_ty), mask=in_range)
-    tl.store(lse_ptr + index, lse, mask=in_range)
+    if LSE_PARTS:
+        tl.store(lse_ptr + index, reference, mask=in_range)
+        tl.store(lse_ptr + num_positions + index, log_sum, mask=in_range)
+    else:
+        tl.store(lse_ptr + index, lse, mask=in_range)
 
 
 @triton.jit
@@ -362,8 +378,9 @@ def _backward_kernel(grad_loss_ptr, grad_loss_stride_n, grad_loss_stride_s, logi
                      num_positions, S, C, stride_n, stride_c, stride_s, ignore_index, smoothing_hi, smoothing_lo,
                      split_len, SPATIAL: tl.constexpr, PROB_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr,
                      HAS_SMOOTHING: tl.constexpr, REDUCTION: tl.constexpr, SPLIT: tl.constexpr,
-                     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Gradient from the saved lse: one read of the logits (plus the targets) and one write. With SPLIT (class-index
+                     LSE_PARTS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Gradient from the saved lse (LSE_PARTS: from a split forward's reference and log_sum, see
+    _split_combine_kernel): one read of the logits (plus the targets) and one write. With SPLIT (class-index
     targets), program (position block, k) writes classes [k split_len, (k+1) split_len)."""
     ACC = total_weight_ptr.dtype.element_ty
     label_smoothing = tl.cast(smoothing_hi, ACC) + tl.cast(smoothing_lo, ACC)
@@ -374,7 +391,11 @@ def _backward_kernel(grad_loss_ptr, grad_loss_stride_n, grad_loss_stride_s, logi
     else:
         c_begin = 0
         c_stop = C
-    lse = tl.load(lse_ptr + index, mask=in_range, other=0.0)
+    reference = tl.load(lse_ptr + index, mask=in_range, other=0.0)
+    if LSE_PARTS:
+        log_sum = tl.load(lse_ptr + num_positions + index, mask=in_range, other=0.0)
+    else:
+        log_sum = tl.zeros_like(reference)
     # Upstream-gradient scale per position (xent_math.h grad_scale); grad_loss may be an expanded (stride 0) view.
     if REDUCTION == _NONE:
         scale = tl.load(grad_loss_ptr + n * grad_loss_stride_n + s * grad_loss_stride_s, mask=in_range,
@@ -387,7 +408,8 @@ def _backward_kernel(grad_loss_ptr, grad_loss_stride_n, grad_loss_stride_s, logi
         weighted_target_sum = _weighted_target_sum(target_ptr, weight_ptr, offset, in_range, C, stride_c,
                                                    label_smoothing, HAS_WEIGHT, HAS_SMOOTHING, ACC, BLOCK_P, BLOCK_C)
         # As in the forward: (prob_coef, class_coef) = (scale T, scale); safe_y and target_coef are not read.
-        _store_grad(logits_ptr, target_ptr, weight_ptr, grad_ptr, offset, in_range, in_range, lse, index,
+        _store_grad(logits_ptr, target_ptr, weight_ptr, grad_ptr, offset, in_range, in_range, reference, log_sum,
+                    index,
                     scale * weighted_target_sum, scale, scale, c_begin, c_stop, C, stride_c, label_smoothing,
                     PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING, ACC, BLOCK_P, BLOCK_C)
     else:
@@ -396,8 +418,8 @@ def _backward_kernel(grad_loss_ptr, grad_loss_stride_n, grad_loss_stride_s, logi
         weight_sum = _class_weight_sum(weight_sum_ptr, C, HAS_WEIGHT, ACC)
         prob_coef, class_coef, target_coef = _index_grad_coeffs(weight_of_target, weight_sum, scale, label_smoothing,
                                                                 C, HAS_SMOOTHING)
-        _store_grad(logits_ptr, target_ptr, weight_ptr, grad_ptr, offset, in_range, counted, lse, safe_y,
-                    prob_coef, class_coef, target_coef, c_begin, c_stop, C, stride_c, label_smoothing,
+        _store_grad(logits_ptr, target_ptr, weight_ptr, grad_ptr, offset, in_range, counted, reference, log_sum,
+                    safe_y, prob_coef, class_coef, target_coef, c_begin, c_stop, C, stride_c, label_smoothing,
                     PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING, ACC, BLOCK_P, BLOCK_C)
 
 
@@ -621,12 +643,14 @@ def _launch_forward(p, total_weight, loss_buffer, lse, grad, reduction, ignore_i
     if p.num_positions == 0:
         return
     if p.splits > 1:
-        if lse is None:
-            lse = torch.empty(p.logits.shape[0], p.logits.shape[2], dtype=p.acc_dtype, device=p.logits.device)
-        _launch_split_forward(p, loss_buffer, lse, ignore_index, label_smoothing)
-        if grad is not None:
-            one = torch.ones((), dtype=p.acc_dtype, device=p.logits.device)
-            _launch_backward(p, one, (0, 0), lse, total_weight, grad, reduction, ignore_index, label_smoothing)
+        if grad is None:
+            _launch_split_forward(p, loss_buffer, lse, False, ignore_index, label_smoothing)
+            return
+        lse_parts = torch.empty(2, p.num_positions, dtype=p.acc_dtype, device=p.logits.device)
+        _launch_split_forward(p, loss_buffer, lse_parts, True, ignore_index, label_smoothing)
+        one = torch.ones((), dtype=p.acc_dtype, device=p.logits.device)
+        _launch_backward(p, one, (0, 0), lse_parts, True, total_weight, grad, reduction, ignore_index,
+                         label_smoothing)
         return
     # Pointers a specialization never reads (no weight; lse when writing the gradient, or the gradient) are None.
     _launch(
@@ -639,8 +663,9 @@ def _launch_forward(p, total_weight, loss_buffer, lse, grad, reduction, ignore_i
     )
 
 
-def _launch_split_forward(p, loss_buffer, lse, ignore_index, label_smoothing):
-    """Per-position loss and lse of split positions: range statistics, then their combine."""
+def _launch_split_forward(p, loss_buffer, lse, lse_parts, ignore_index, label_smoothing):
+    """Per-position loss and lse (lse_parts: the (2, positions) parts the gradient takes) of split positions: range
+    statistics, then their combine."""
     has_smoothing = label_smoothing > 0
     stats = torch.empty((3 if has_smoothing else 2, p.splits, p.num_positions), dtype=p.acc_dtype,
                         device=p.logits.device)
@@ -653,18 +678,18 @@ def _launch_split_forward(p, loss_buffer, lse, ignore_index, label_smoothing):
     _launch(
         _split_combine_kernel, (triton.cdiv(p.num_positions, block),), stats, p.logits, p.target, p.weight,
         p.weight_sum, loss_buffer, lse, *_shape_args(p), ignore_index, *_split_float(label_smoothing), p.splits,
-        HAS_WEIGHT=p.weight is not None, HAS_SMOOTHING=has_smoothing, BLOCK=block, num_warps=4,
+        HAS_WEIGHT=p.weight is not None, HAS_SMOOTHING=has_smoothing, LSE_PARTS=lse_parts, BLOCK=block, num_warps=4,
     )
 
 
-def _launch_backward(p, grad_loss, grad_loss_strides, lse, total_weight, grad, reduction, ignore_index,
+def _launch_backward(p, grad_loss, grad_loss_strides, lse, lse_parts, total_weight, grad, reduction, ignore_index,
                      label_smoothing):
     _launch(
         _backward_kernel, (p.position_programs, p.splits), grad_loss, *grad_loss_strides, p.logits, p.target,
         p.weight, p.weight_sum, lse, total_weight, grad, *_shape_args(p), ignore_index,
         *_split_float(label_smoothing), p.split_len,
         SPATIAL=p.spatial, PROB_TARGET=p.prob_target, HAS_WEIGHT=p.weight is not None,
-        HAS_SMOOTHING=label_smoothing > 0, REDUCTION=reduction, SPLIT=p.splits > 1,
+        HAS_SMOOTHING=label_smoothing > 0, REDUCTION=reduction, SPLIT=p.splits > 1, LSE_PARTS=lse_parts,
         BLOCK_P=p.tile.block_p, BLOCK_C=p.tile.block_c, num_warps=p.tile.num_warps,
     )
 
@@ -710,8 +735,8 @@ def cross_entropy_bwd(grad_loss, logits, target, weight, lse, total_weight, redu
         raise ValueError(f"fused_xent: grad_loss must be {expected} and lse ({N}, {S}) {p.acc_dtype}, got "
                          f"{tuple(grad_loss.shape)} and {tuple(lse.shape)} {lse.dtype}")
     grad_loss_strides = grad_loss.stride() if reduction == REDUCTION_NONE else (0, 0)
-    _launch_backward(p, grad_loss, grad_loss_strides, lse.contiguous(), total_weight.to(p.acc_dtype), grad, reduction,
-                     ignore_index, label_smoothing)
+    _launch_backward(p, grad_loss, grad_loss_strides, lse.contiguous(), False, total_weight.to(p.acc_dtype), grad,
+                     reduction, ignore_index, label_smoothing)
     return grad
 
 

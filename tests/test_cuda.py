@@ -318,6 +318,28 @@ def test_masked_class_ranges(shape):
         assert_close(grad, expected_grad, torch.float32, f"grad {grad_mode}")
 
 
+@pytest.mark.parametrize("shape", [(4, 300), (3, 5000), (2, 300, 5), (2, 700, 5), (2, 19, 3, 3)], ids=str)
+@pytest.mark.cuda
+@needs_gpu
+def test_near_ties_at_huge_logits(shape):
+    """Logits near 1.2e4 with the top classes within a unit: the loss and the gradient made in the forward keep
+    float32 precision; the recomputing backward is off by at most the saved lse's rounding (tests/test_numerics.py
+    states the bounds)."""
+    generator = torch.Generator().manual_seed(8)
+    x = (torch.randn(shape, generator=generator) * 10 + 12345.6).cuda()
+    x[:, 7], x[:, 9], x[:, 11] = 12380.3, 12379.9, 12380.8
+    target = make_target(x, "index", -100, generator)
+    one = torch.tensor(1.0, device="cuda")
+    expected_loss, expected_grad = reference(x, target, one)
+    rounding = 12381.0 * 2.0**-24
+    scale = expected_grad.abs().max().item()
+    for grad_mode in GRAD_MODES:
+        loss, grad = fused(x, target, one, grad_mode)
+        torch.testing.assert_close(loss.double(), expected_loss.double(), rtol=2e-6, atol=0, msg=grad_mode)
+        rtol = 2 * rounding if grad_mode == "recompute" else 2e-6
+        torch.testing.assert_close(grad.double(), expected_grad.double(), rtol=rtol, atol=rtol * scale, msg=grad_mode)
+
+
 @pytest.mark.cuda
 @needs_gpu
 def test_raw_op_outputs():

@@ -34,6 +34,36 @@ def test_huge_logits(backend, smoothing, shape):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", [(4, 300), (3, 5000), (2, 300, 5), (2, 700, 5), (2, 19, 3, 3)], ids=str)
+def test_near_ties_at_huge_logits(backend, shape):
+    """Logits near 1.2e4 whose top classes lie within a unit of each other, so that the softmax is not one-hot.
+    The loss keeps float32 precision: lse - x[y] is taken as (max - x[y]) + log(sum), where lse itself is rounded
+    by up to |lse| * 2^-24 (~7e-4); the smoothing term eps/C (W lse - sum_c w[c] x[c]) still cancels at that scale,
+    by about eps times that rounding. The gradient made in the forward keeps float32 precision too; the recomputing
+    backward only has the saved float32 lse, so its p = exp(x - lse) is off by up to that rounding, relatively
+    (README, "Numerics")."""
+    g = torch.Generator().manual_seed(8)
+    logits = torch.randn(shape, generator=g) * 10 + 12345.6
+    logits[:, 7] = 12380.3
+    logits[:, 9] = 12379.9
+    logits[:, 11] = 12380.8
+    target = make_class_target(shape[:1] + shape[2:], shape[1], generator=g)
+    target.view(-1)[::2] = 9
+    lse_rounding = 12381.0 * 2.0**-24
+    for smoothing in (0.0, 0.1):
+        expected_loss, expected_grad = torch_reference(logits, target, torch.ones(()), label_smoothing=smoothing)
+        for grad_mode in ("recompute", "in_forward", "inplace"):
+            what = f"{grad_mode}, label_smoothing={smoothing}"
+            loss, grad = fused(logits, target, torch.ones(()), backend, grad_mode=grad_mode, label_smoothing=smoothing)
+            torch.testing.assert_close(loss.double(), expected_loss, rtol=2e-6, atol=4 * smoothing * lse_rounding,
+                                       msg=f"loss {what}")
+            exact = grad_mode != "recompute" or backend == "torch"
+            rtol = 2e-6 if exact else 2 * lse_rounding
+            torch.testing.assert_close(grad.double(), expected_grad, rtol=rtol,
+                                       atol=rtol * expected_grad.abs().max().item(), msg=f"grad {what}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("shape", [(5, 257), (2, 7, 3, 5), (2, 700, 9)])
 def test_masked_vocabulary(backend, shape):
     """-inf logits (masked classes) are fine as long as the target's own logit is finite."""

@@ -317,6 +317,32 @@ def test_extreme_logits(layout):
 
 
 @needs_kernels
+@pytest.mark.parametrize("layout", ["wide_rows", "nchw", "split_ncl"])
+def test_near_ties_at_huge_logits(layout):
+    """Logits near 1.2e4 with the top classes within a unit: the loss and the gradient made in the forward keep
+    float32 precision (lse - x taken from the max and log(sum) apart); the recomputing backward, which has only the
+    saved float32 lse, is off by at most its rounding, |lse| * 2^-24 relatively (tests/test_numerics.py)."""
+    x = make_logits(layout, torch.float32).detach() * 3 + 12345.6
+    with torch.no_grad():
+        x[:, 1] = 12380.3
+        x[:, 2] = 12379.9
+        x[:, 3] = 12380.8
+    target = class_target(x)
+    logits, target_view = op_views(x, target)
+    one = torch.ones((), device=DEVICE)
+    expected_loss, expected_grad = reference(logits, target_view, None, "mean", -100, 0.0, one)
+    loss, _, _ = ops.triton_cross_entropy_fwd(logits, target_view, None, 1, -100, 0.0)
+    torch.testing.assert_close(loss.double(), expected_loss, rtol=2e-6, atol=0)
+    _, grad = ops.triton_cross_entropy_fwd_grad(logits, target_view, None, 1, -100, 0.0)
+    scale = expected_grad.abs().max().item()
+    torch.testing.assert_close(grad.double(), expected_grad, rtol=2e-6, atol=2e-6 * scale)
+    rounding = 12381.0 * 2.0**-24
+    (grad,) = torch.autograd.grad(triton_loss(x.requires_grad_(), target, None, "mean", -100, 0.0), x)
+    torch.testing.assert_close(grad.double(), expected_grad.reshape(x.shape), rtol=2 * rounding,
+                               atol=2 * rounding * scale)
+
+
+@needs_kernels
 def test_out_of_range_target_gives_nan_without_reading_out_of_bounds():
     x = make_logits("rows", torch.float32).detach()
     target = class_target(x)

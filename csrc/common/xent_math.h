@@ -12,6 +12,9 @@
 //   loss = T * lse - sum_c w[c] t'[c] x[c]
 //   dloss/dx[c] = T * p[c] - w[c] t'[c]
 // The smoothing term is skipped when eps == 0 so that -inf logits give +inf (like PyTorch), not inf * 0 = NaN.
+// lse - x[y] is taken as (m - x[y]) + log(sum_c exp(x[c] - m)), m the row max (target_gap): lse itself is rounded to
+// the spacing of floats around it (~1e-3 at logits of 1e4), which would all land in the loss, as it does not in
+// PyTorch's log_softmax.
 #pragma once
 
 #include <cstdint>
@@ -25,6 +28,13 @@
 namespace fused_xent {
 
 enum Reduction : int64_t { kReductionNone = 0, kReductionMean = 1, kReductionSum = 2 };
+
+// lse - x[y] of a position, from the reference its exps were taken against (its max; 0 when every logit is -inf)
+// and log_sum = log(sum_c exp(x[c] - reference)).
+template <typename acc_t>
+XENT_HOST_DEVICE acc_t target_gap(acc_t reference, acc_t log_sum, acc_t target_logit) {
+  return (reference - target_logit) + log_sum;
+}
 
 // The loss of a class-index position is target_coef * (lse - x[y]) + smooth_coef * (W * lse - sum_c w[c] x[c]).
 template <typename acc_t>
@@ -43,18 +53,18 @@ XENT_HOST_DEVICE IndexTargetCoeffs<acc_t> index_target_coeffs(acc_t weight_of_ta
 // (label_smoothing != 0): SIMD code, whose acc_t is a vector of positions that cannot be compared to 0 in an `if`.
 template <typename acc_t>
 XENT_HOST_DEVICE acc_t index_target_loss_given_smoothing(bool smoothing, IndexTargetCoeffs<acc_t> k, acc_t lse,
-                                                         acc_t target_logit, acc_t weight_sum,
+                                                         acc_t target_gap, acc_t weight_sum,
                                                          acc_t weighted_logit_sum) {
-  acc_t loss = k.target_coef * (lse - target_logit);
+  acc_t loss = k.target_coef * target_gap;
   if (smoothing) loss = loss + k.smooth_coef * (weight_sum * lse - weighted_logit_sum);
   return loss;
 }
 
-// weighted_logit_sum = sum_c w[c] x[c]; only read when smoothing is on.
+// target_gap = lse - x[y] (see target_gap); weighted_logit_sum = sum_c w[c] x[c], only read when smoothing is on.
 template <typename acc_t>
-XENT_HOST_DEVICE acc_t index_target_loss(IndexTargetCoeffs<acc_t> k, acc_t lse, acc_t target_logit, acc_t weight_sum,
+XENT_HOST_DEVICE acc_t index_target_loss(IndexTargetCoeffs<acc_t> k, acc_t lse, acc_t target_gap, acc_t weight_sum,
                                          acc_t weighted_logit_sum) {
-  return index_target_loss_given_smoothing(k.smooth_coef != acc_t(0), k, lse, target_logit, weight_sum,
+  return index_target_loss_given_smoothing(k.smooth_coef != acc_t(0), k, lse, target_gap, weight_sum,
                                            weighted_logit_sum);
 }
 

@@ -8,9 +8,11 @@ constexpr int64_t kStreamedRowBytes = 16 * 1024;
 
 template <class acc_t>
 struct RowStatistics {
-  acc_t max;      // of the row (-inf when every logit is -inf)
-  acc_t sum_exp;  // relative to max (to 0 while max is -inf)
-  acc_t lse;
+  acc_t max;        // of the row (-inf when every logit is -inf)
+  acc_t reference;  // what sum_exp is relative to: max, or 0 while max is -inf
+  acc_t sum_exp;
+  acc_t log_sum;    // log(sum_exp)
+  acc_t lse;        // reference + log_sum
   acc_t weighted_logits;         // sum_c w[c] x[c] (class-index targets with smoothing)
   acc_t weighted_targets;        // sum_c w[c] t'[c] (probability targets)
   acc_t weighted_target_logits;  // sum_c w[c] t'[c] x[c] (probability targets)
@@ -86,9 +88,13 @@ RowStatistics<typename V::value_type> row_statistics(const Typed<V, T>& a, const
     if (tail) step(full, std::true_type{});
     sum += reduce_add(chunk_sum);
   }
+  const acc_t reference = max == kNegInf ? acc_t(0) : max;
+  const acc_t log_sum = std::log(sum);
   return {max,
+          reference,
           sum,
-          max + std::log(sum),
+          log_sum,
+          reference + log_sum,
           reduce_add(weighted_logits),
           reduce_add(weighted_targets),
           reduce_add(weighted_target_logits)};
@@ -136,8 +142,9 @@ void row_forward(const Typed<V, T>& a, int64_t position, RowScratch<typename V::
     loss = prob_target_loss<Scalar>(st.lse, st.weighted_targets, st.weighted_target_logits).v;
   } else if (y >= 0) {
     k = index_target_coeffs<Scalar>(weight_of_target, a.label_smoothing, a.C);
-    loss = index_target_loss_given_smoothing<Scalar>(a.smoothing, k, st.lse, target_logit, a.weight_sum,
-                                                     st.weighted_logits)
+    loss = index_target_loss_given_smoothing<Scalar>(a.smoothing, k, st.lse,
+                                                     target_gap(st.reference, st.log_sum, target_logit),
+                                                     a.weight_sum, st.weighted_logits)
                .v;
     result.weight_sum += weight_of_target;
   }

@@ -116,10 +116,13 @@ struct LaneTotals {
   }
 };
 
-// lse and loss of a lane block into the outputs and the block's sums; returns the class-index coefficients.
+// lse and loss of a lane block into the outputs and the block's sums, from the reference its exps were taken
+// against (see target_gap) and totals.sum; returns the class-index coefficients.
 template <class V, class T>
 IndexTargetCoeffs<V> record_lanes(const Typed<V, T>& a, int64_t position, int lanes, const LaneTargets<V>& targets,
-                                  V lse, const LaneTotals<V>& totals, LaneSums<V>& sums, BlockResult& result) {
+                                  V reference, const LaneTotals<V>& totals, LaneSums<V>& sums, BlockResult& result) {
+  const V log_sum = vlog(totals.sum);
+  const V lse = reference + log_sum;
   if (a.lse) store_lanes(a.lse + position, lse, lanes);
   const IndexTargetCoeffs<V> k = index_target_coeffs(targets.weight, V(a.label_smoothing), a.C);
   V loss;
@@ -127,8 +130,8 @@ IndexTargetCoeffs<V> record_lanes(const Typed<V, T>& a, int64_t position, int la
     loss = select(V::prefix(lanes), prob_target_loss(lse, totals.weighted_targets, totals.weighted_target_logits),
                   V(0));
   } else {
-    loss = index_target_loss_given_smoothing(a.smoothing, k, lse, targets.logit, V(a.weight_sum),
-                                             totals.weighted_logits);
+    loss = index_target_loss_given_smoothing(a.smoothing, k, lse, target_gap(reference, log_sum, targets.logit),
+                                             V(a.weight_sum), totals.weighted_logits);
     loss = select(targets.valid, loss, V(0));
   }
   sums.add(loss, targets.weight, result);
@@ -188,8 +191,7 @@ void lanes_forward(const Typed<V, T>& a, int64_t position, int lanes, const type
     if (exps) V::store(exps + c * W, e);
     totals.add_class(a, c, xv, t ? t + c * stride : nullptr);
   }
-  const V lse = max + vlog(totals.sum);
-  const IndexTargetCoeffs<V> k = record_lanes(a, position, lanes, targets, lse, totals, sums, result);
+  const IndexTargetCoeffs<V> k = record_lanes(a, position, lanes, targets, ref, totals, sums, result);
   if (!g) return;
 
   // Gradient from the kept exps, p = e / sum (see row_forward for the two formulas).

@@ -144,8 +144,8 @@ void long_lanes_forward(const Typed<V, T>& a, int64_t position, int lanes, LongL
       totals.add_class(a, c0 + c, xv, prob ? s.t.data() + c * W : nullptr);
     }
   }
-  const V lse = max + vlog(totals.sum);
-  const IndexTargetCoeffs<V> k = record_lanes(a, position, lanes, targets, lse, totals, sums, result);
+  const V reference = select(equal(max, V(kNegInf)), V(0), max);
+  const IndexTargetCoeffs<V> k = record_lanes(a, position, lanes, targets, reference, totals, sums, result);
   if (!a.grad) return;
 
   // p = e exp(chunk max - max) / sum: the difference of two logits is exact, where lse ~ 1e4 would carry a rounding

@@ -42,6 +42,7 @@ struct XentParams {
 
   // Forward outputs.
   acc_t* lse;                    // (N, S), or null
+  acc_t* lse_parts;              // (2, N, S): each position's max and log(sum) (see LseParts), or null
   scalar_t* loss_rows;           // (N, S) per-position loss (reduction none), or null
   acc_t* loss_partials;          // one per thread block (reduction mean/sum), or null
   acc_t* weight_partials;        // one per thread block: sum of weight[target] (class-index targets), or null
@@ -51,6 +52,7 @@ struct XentParams {
   const acc_type<scalar_t>* grad_loss;  // in the accumulation dtype, as the CPU kernel reads it
   int64_t grad_loss_stride_n, grad_loss_stride_s;  // 0 for a 0-d grad_loss
   const acc_t* lse_in;           // lse of every position, for the gradient-only kernels
+  const acc_t* lse_parts_in;     // lse_parts of a split forward, read instead of lse_in when set
 };
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -130,7 +132,8 @@ struct RowStats {
     tsum += o.tsum;
   }
 
-  __device__ __forceinline__ acc_t lse() const { return max + log_acc(sum); }
+  // log(sum): lse = max + log_sum, and lse - x[y] = target_gap(finite_max(), log_sum, x[y]) without lse's rounding.
+  __device__ __forceinline__ acc_t log_sum() const { return log_acc(sum); }
 };
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -427,11 +430,12 @@ __device__ __forceinline__ acc_type<scalar_t> weight_sum_or_count(const XentPara
   return p.weight_sum ? *p.weight_sum : acc_t(p.C);
 }
 
-// Loss of a class-index position and its contribution to total_weight.
+// Loss of a class-index position and its contribution to total_weight; log_sum = st.log_sum(), lse = st.max + log_sum.
 template <typename acc_t>
-__device__ __forceinline__ void index_position_loss(int kind, acc_t weight_of_target, acc_t lse, acc_t target_logit,
-                                                    const RowStats<acc_t>& st, acc_t weight_sum, acc_t eps,
-                                                    int64_t num_classes, acc_t& loss, acc_t& counted_weight) {
+__device__ __forceinline__ void index_position_loss(int kind, acc_t weight_of_target, acc_t lse, acc_t log_sum,
+                                                    acc_t target_logit, const RowStats<acc_t>& st, acc_t weight_sum,
+                                                    acc_t eps, int64_t num_classes, acc_t& loss,
+                                                    acc_t& counted_weight) {
   if (kind == kTargetIgnored) {
     loss = acc_t(0);
     counted_weight = acc_t(0);
@@ -440,9 +444,35 @@ __device__ __forceinline__ void index_position_loss(int kind, acc_t weight_of_ta
     counted_weight = quiet_nan<acc_t>();
   } else {
     const auto k = index_target_coeffs<acc_t>(weight_of_target, eps, num_classes);
-    loss = index_target_loss<acc_t>(k, lse, target_logit, weight_sum, st.dot);
+    loss = index_target_loss<acc_t>(k, lse, target_gap<acc_t>(st.finite_max(), log_sum, target_logit), weight_sum,
+                                    st.dot);
     counted_weight = weight_of_target;
   }
+}
+
+// lse as the gradient takes it, p[c] = exp((x[c] - reference) - log_sum): a forward passes its max (finite_max) and
+// log(sum) apart, so that p keeps float precision at logits of 1e4, where lse itself is rounded by ~1e-3 (see
+// target_gap); a backward has only the saved lse (log_sum 0).
+template <typename acc_t>
+struct LseParts {
+  acc_t reference, log_sum;
+};
+
+template <typename acc_t>
+__device__ __forceinline__ LseParts<acc_t> forward_lse(const RowStats<acc_t>& st, acc_t log_sum) {
+  return {st.finite_max(), log_sum};
+}
+
+template <typename acc_t>
+__device__ __forceinline__ LseParts<acc_t> saved_lse(acc_t lse) {
+  return {lse, acc_t(0)};
+}
+
+// The lse of position r as the gradient-only kernels take it: the parts a split forward left, else the saved lse.
+template <typename scalar_t>
+__device__ __forceinline__ LseParts<acc_type<scalar_t>> gradient_lse(const XentParams<scalar_t>& p, int64_t r) {
+  if (p.lse_parts_in) return {p.lse_parts_in[r], p.lse_parts_in[p.N * p.S + r]};
+  return saved_lse(p.lse_in[r]);
 }
 
 // Everything the gradient of one position needs besides x[c] (and t[c]).
@@ -450,15 +480,15 @@ template <typename acc_t>
 struct GradRow {
   int kind;           // TargetKind; probability targets are always valid
   int64_t target;     // class index
-  acc_t lse;
+  LseParts<acc_t> lse;
   IndexGradCoeffs<acc_t> index;  // class-index targets
   acc_t scale, tsum;             // probability targets
 };
 
 template <typename acc_t>
-__device__ __forceinline__ GradRow<acc_t> index_grad_row(int kind, int64_t y, acc_t weight_of_target, acc_t lse,
-                                                         acc_t weight_sum, acc_t eps, int64_t num_classes,
-                                                         acc_t scale) {
+__device__ __forceinline__ GradRow<acc_t> index_grad_row(int kind, int64_t y, acc_t weight_of_target,
+                                                         LseParts<acc_t> lse, acc_t weight_sum, acc_t eps,
+                                                         int64_t num_classes, acc_t scale) {
   GradRow<acc_t> g{};
   g.kind = kind;
   g.target = y;
@@ -472,7 +502,7 @@ __device__ __forceinline__ GradRow<acc_t> index_grad_row(int kind, int64_t y, ac
 
 // The GradRow of a probability-target position (always valid): tsum = T = sum_c w[c] t'[c].
 template <typename acc_t>
-__device__ __forceinline__ GradRow<acc_t> prob_grad_row(acc_t lse, acc_t scale, acc_t tsum) {
+__device__ __forceinline__ GradRow<acc_t> prob_grad_row(LseParts<acc_t> lse, acc_t scale, acc_t tsum) {
   GradRow<acc_t> g{};
   g.kind = kTargetValid;
   g.lse = lse;
@@ -481,10 +511,15 @@ __device__ __forceinline__ GradRow<acc_t> prob_grad_row(acc_t lse, acc_t scale, 
   return g;
 }
 
+template <typename acc_t>
+__device__ __forceinline__ acc_t probability(const GradRow<acc_t>& g, acc_t x) {
+  return exp_acc((x - g.lse.reference) - g.lse.log_sum);
+}
+
 // dloss/dx[c] of a class-index position (valid target).
 template <typename acc_t>
 __device__ __forceinline__ acc_t index_grad_at(const GradRow<acc_t>& g, const acc_t* weight, int64_t c, acc_t x) {
-  acc_t d = g.index.prob_coef * exp_acc(x - g.lse);
+  acc_t d = g.index.prob_coef * probability(g, x);
   if (g.index.class_coef != acc_t(0)) d -= g.index.class_coef * class_weight(weight, c);
   if (c == g.target) d -= g.index.target_coef;
   return d;
@@ -495,7 +530,7 @@ template <typename acc_t>
 __device__ __forceinline__ acc_t prob_grad_at(const GradRow<acc_t>& g, const acc_t* weight, int64_t c, acc_t x,
                                               acc_t t, acc_t eps, int64_t num_classes) {
   const acc_t wt = class_weight(weight, c) * smoothed_probability<acc_t>(t, eps, num_classes);
-  return prob_target_grad<acc_t>(g.scale, g.tsum, exp_acc(x - g.lse), wt);
+  return prob_target_grad<acc_t>(g.scale, g.tsum, probability(g, x), wt);
 }
 
 // Value written to the whole gradient row of a position that is not valid.

@@ -227,10 +227,11 @@ ForwardResult run_forward(const Problem& p, const at::Tensor& grad, bool want_ls
       auto* split_stats_ptr = reinterpret_cast<RowStats<acc_t>*>(split_stats.data_ptr<acc_t>());
       launch_stats(q, shape, split_stats_ptr, stream);
 
-      at::Tensor lse_for_grad;
-      if (fused && !q.lse) {
-        lse_for_grad = at::empty({p.N, p.S}, acc_options);
-        q.lse = lse_for_grad.data_ptr<acc_t>();
+      // The gradient takes each position's max and log(sum) apart (LseParts), not their rounded sum.
+      at::Tensor lse_parts;
+      if (fused) {
+        lse_parts = at::empty({2, positions}, acc_options);
+        q.lse_parts = lse_parts.data_ptr<acc_t>();
       }
       const LaunchShape combine = plan_per_position(positions, 256, sms);
       attach_partials(combine.grid, need_total_weight);
@@ -239,7 +240,8 @@ ForwardResult run_forward(const Problem& p, const at::Tensor& grad, bool want_ls
 
       if (fused) {
         XentParams<scalar_t> g = q;
-        g.lse_in = q.lse;
+        g.lse_parts_in = q.lse_parts;
+        g.lse_parts = nullptr;
         g.lse = nullptr;
         g.loss_rows = nullptr;
         g.loss_partials = nullptr;

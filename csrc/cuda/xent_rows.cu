@@ -28,14 +28,15 @@ __global__ void __launch_bounds__(Group::kMaxThreads) rows_forward_kernel(const 
     if constexpr (!kProb) target = read_index_target(p, r, x, 1);
 
     const auto st = Group::allreduce(thread_row_stats<Group, kProb>(p, x, t, 0, p.C), smem);
-    const acc_t lse = st.lse();
+    const acc_t log_sum = st.log_sum();
+    const acc_t lse = st.max + log_sum;
     acc_t loss, counted_weight;
     if constexpr (kProb) {
       loss = prob_target_loss<acc_t>(lse, st.tsum, st.dot);
       counted_weight = 1;
     } else {
-      index_position_loss<acc_t>(target.kind, target.weight, lse, target.logit, st, weight_sum, eps, p.C, loss,
-                                 counted_weight);
+      index_position_loss<acc_t>(target.kind, target.weight, lse, log_sum, target.logit, st, weight_sum, eps,
+                                 p.C, loss, counted_weight);
     }
     if (Group::rank() == 0) record_position(p, r, lse, loss, counted_weight, loss_acc, weight_acc);
 
@@ -43,10 +44,10 @@ __global__ void __launch_bounds__(Group::kMaxThreads) rows_forward_kernel(const 
       Group::sync();  // every read of this row happens before any write of its gradient (in-place aliasing)
       GradRow<acc_t> row;
       if constexpr (kProb) {
-        row = prob_grad_row<acc_t>(lse, upstream_scale(p, pos.n, pos.s), st.tsum);
+        row = prob_grad_row<acc_t>(forward_lse(st, log_sum), upstream_scale(p, pos.n, pos.s), st.tsum);
       } else {
-        row = index_grad_row<acc_t>(target.kind, target.y, target.weight, lse, weight_sum, eps, p.C,
-                                    upstream_scale(p, pos.n, pos.s));
+        row = index_grad_row<acc_t>(target.kind, target.y, target.weight, forward_lse(st, log_sum), weight_sum, eps,
+                                    p.C, upstream_scale(p, pos.n, pos.s));
       }
       write_row_grad<Group, kProb>(p, x, t, p.grad + pos.offset, 0, p.C, row);
     }
@@ -73,7 +74,7 @@ __global__ void __launch_bounds__(Group::kMaxThreads)
     const int64_t end = begin + split_len < p.C ? begin + split_len : p.C;
     const scalar_t* x = p.logits + pos.offset;
     const scalar_t* t = kProb ? p.target_prob + pos.offset : nullptr;
-    const acc_t lse = p.lse_in[r];
+    const LseParts<acc_t> lse = gradient_lse(p, r);
     const acc_t scale = upstream_scale(p, pos.n, pos.s);
 
     GradRow<acc_t> row{};

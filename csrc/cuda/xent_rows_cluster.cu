@@ -70,15 +70,16 @@ __global__ void __launch_bounds__(kClusterThreads, 2)
     RowStats<acc_t> st = *cluster.map_shared_rank(&published[parity], 0);
     for (int k = 1; k < blocks; ++k) st.merge(*cluster.map_shared_rank(&published[parity], k));
 
-    const acc_t lse = st.lse();
+    const acc_t log_sum = st.log_sum();
+    const acc_t lse = st.max + log_sum;
     if (rank == 0 && threadIdx.x == 0) {
       acc_t loss, counted_weight;
-      index_position_loss<acc_t>(target.kind, target.weight, lse, target.logit, st, weight_sum, eps, p.C, loss,
-                                 counted_weight);
+      index_position_loss<acc_t>(target.kind, target.weight, lse, log_sum, target.logit, st, weight_sum, eps,
+                                 p.C, loss, counted_weight);
       record_position(p, r, lse, loss, counted_weight, loss_acc, weight_acc);
     }
-    const auto row = index_grad_row<acc_t>(target.kind, target.y, target.weight, lse, weight_sum, eps, p.C,
-                                           upstream_scale(p, pos.n, pos.s));
+    const auto row = index_grad_row<acc_t>(target.kind, target.y, target.weight, forward_lse(st, log_sum), weight_sum,
+                                           eps, p.C, upstream_scale(p, pos.n, pos.s));
     write_row_grad<BlockGroup, false, scalar_t, true>(p, staged, nullptr, p.grad + pos.offset, begin, end, row);
   }
   cluster.sync();  // no block exits while another may still read its published statistics
