@@ -56,8 +56,9 @@ __global__ void __launch_bounds__(Group::kMaxThreads) rows_forward_kernel(const 
   store_block_partials(p, loss_acc, weight_acc);
 }
 
-// Work item = (position, split): classes [split * split_len, min(C, (split + 1) * split_len)).
-template <typename scalar_t, typename Group, bool kProb>
+// Work item = (position, split): classes [split * split_len, min(C, (split + 1) * split_len)). kLseParts: the last
+// step of a split forward (see gradient_lse).
+template <typename scalar_t, typename Group, bool kProb, bool kLseParts>
 __global__ void __launch_bounds__(Group::kMaxThreads)
     rows_grad_kernel(const XentParams<scalar_t> p, int64_t splits, int64_t split_len) {
   using acc_t = acc_type<scalar_t>;
@@ -74,7 +75,7 @@ __global__ void __launch_bounds__(Group::kMaxThreads)
     const int64_t end = begin + split_len < p.C ? begin + split_len : p.C;
     const scalar_t* x = p.logits + pos.offset;
     const scalar_t* t = kProb ? p.target_prob + pos.offset : nullptr;
-    const LseParts<acc_t> lse = gradient_lse(p, r);
+    const LseParts<acc_t> lse = gradient_lse<kLseParts>(p, r);
     const acc_t scale = upstream_scale(p, pos.n, pos.s);
 
     GradRow<acc_t> row{};
@@ -119,10 +120,13 @@ template <typename scalar_t>
 void launch_rows_grad(const XentParams<scalar_t>& p, bool warp_per_row, const LaunchShape& shape,
                       cudaStream_t stream) {
   const bool prob = p.target_prob != nullptr;
-  auto kernel = warp_per_row ? (prob ? rows_grad_kernel<scalar_t, WarpGroup, true>
-                                     : rows_grad_kernel<scalar_t, WarpGroup, false>)
-                             : (prob ? rows_grad_kernel<scalar_t, BlockGroup, true>
-                                     : rows_grad_kernel<scalar_t, BlockGroup, false>);
+  // Split forwards (the only ones to leave lse parts) take a block per split, with class-index targets.
+  TORCH_INTERNAL_ASSERT(!p.lse_parts_in || (!warp_per_row && !prob), "lse parts from a forward that never splits");
+  auto kernel = p.lse_parts_in ? rows_grad_kernel<scalar_t, BlockGroup, false, true>
+                : warp_per_row ? (prob ? rows_grad_kernel<scalar_t, WarpGroup, true, false>
+                                       : rows_grad_kernel<scalar_t, WarpGroup, false, false>)
+                               : (prob ? rows_grad_kernel<scalar_t, BlockGroup, true, false>
+                                       : rows_grad_kernel<scalar_t, BlockGroup, false, false>);
   kernel<<<shape.grid, shape.threads, 0, stream>>>(p, shape.splits, shape.split_len);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
