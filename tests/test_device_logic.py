@@ -3,6 +3,7 @@
 Skipped where nvcc is absent. CI has nvcc 13.0, so this runs on every CI machine.
 """
 
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -45,3 +46,70 @@ def test_class_splits_cover_every_class_once(tmp_path):
     plan tiles the classes without an empty range, and every (position, class) goes to exactly one work item."""
     result = build_and_run(ROOT / "tests" / "host" / "split_classes.cu", tmp_path)
     assert result.returncode == 0 and result.stdout.startswith("ok"), result.stdout + result.stderr
+
+
+def find_cuobjdump():
+    try:
+        import triton
+    except ImportError:
+        triton = None
+    candidates = [Path(home) / "bin" / "cuobjdump" for home in (cpp_extension.CUDA_HOME, "/usr/local/cuda") if home]
+    if triton is not None:
+        candidates.append(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump")
+    return next((path for path in candidates if path.exists()), None)
+
+
+def sm90_resource_usage():
+    """{kernel name (demangled, no namespaces): (registers, stack bytes)} of the built extension's sm_90 code."""
+    import re
+
+    library = next(iter((ROOT / "fused_xent").glob("_C*.so")), None)
+    cuobjdump = find_cuobjdump()
+    if library is None or cuobjdump is None or shutil.which("c++filt") is None:
+        pytest.skip("needs the built extension, cuobjdump and c++filt")
+    report = subprocess.run([str(cuobjdump), "--dump-resource-usage", str(library)], capture_output=True, text=True)
+    usage, arch, mangled = {}, None, []
+    lines = report.stdout.splitlines()
+    for line, following in zip(lines, lines[1:] + [""], strict=True):
+        if found := re.match(r"arch = (sm_\d+)", line):
+            arch = found[1]
+        elif (found := re.match(r"\s*Function (\S+):", line)) and arch == "sm_90":
+            counts = re.search(r"REG:(\d+) STACK:(\d+)", following)
+            mangled.append((found[1], int(counts[1]), int(counts[2])))
+    if not mangled:
+        pytest.skip("the extension was built without sm_90 CUDA code (FUSED_XENT_CUDA=1 builds it)")
+    names = subprocess.run(["c++filt"], input="\n".join(name for name, _, _ in mangled), capture_output=True,
+                           text=True).stdout.splitlines()
+    for name, (_, registers, stack) in zip(names, mangled, strict=True):
+        name = re.sub(r"fused_xent::cuda::(\(anonymous namespace\)::)?", "", name)
+        usage[name.split("(XentParams")[0]] = (registers, stack)
+    return usage
+
+
+def test_hot_kernels_keep_their_occupancy_on_hopper():
+    """The kernels that carry the float32/16-bit traffic stay within the registers that keep their occupancy on sm_90
+    and never spill: block-row kernels (512 threads) at most 64 registers, two blocks per SM; the cluster kernel its
+    launch bounds' 64; thread-per-position kernels (256 threads) at most 48, five blocks per SM, and 40, six blocks,
+    for the gradient of whole positions (the segmentation backward). A run-time choice where a compile-time one
+    belongs (e.g. the lse parts of the gradient) shows up here as registers, long before a GPU shows it as time."""
+    import re
+
+    usage = sm90_resource_usage()
+    checked = 0
+    for name, (registers, stack) in usage.items():
+        dtype = re.search(r"<(float|c10::BFloat16|c10::Half|double)", name)
+        if dtype is None or dtype[1] == "double":
+            continue
+        if re.match(r"void rows_(forward|grad)_kernel<[^,]+, BlockGroup, false", name):
+            limit, stack_limit = 64, 0
+        elif name.startswith("void rows_cluster_kernel"):
+            limit, stack_limit = 64, 8 if dtype[1] == "float" else 0
+        elif re.match(r"void spatial_forward_kernel<[^,]+, false", name):
+            limit, stack_limit = 48, 0
+        elif re.match(r"void spatial_grad_kernel<[^,]+, false, false, false", name):
+            limit, stack_limit = 40, 0  # six blocks per SM: the backward of segmentation
+        else:
+            continue
+        checked += 1
+        assert registers <= limit and stack <= stack_limit, (name, registers, stack)
+    assert checked >= 18, sorted(usage)
