@@ -220,7 +220,7 @@ ForwardResult run_forward(const Problem& p, const at::Tensor& grad, bool want_ls
     };
 
     // Split forward (class-index targets): statistics per split, combine per position (lse, loss, partials),
-    // reduce, then the gradient from lse.
+    // reduce, then the gradient from the lse parts.
     auto split_forward = [&](const LaunchShape& shape, auto&& launch_stats, auto&& launch_grad) {
       at::Tensor split_stats =
           at::empty({positions * shape.splits * int64_t(sizeof(RowStats<acc_t>) / sizeof(acc_t))}, acc_options);
