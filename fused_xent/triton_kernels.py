@@ -446,6 +446,9 @@ MIN_SPATIAL_CLASSES = 8
 # aims at two waves of programs, counting about 64 resident warps per multiprocessor.
 MIN_SPLIT_CLASSES = 128
 WARPS_PER_MULTIPROCESSOR = 64
+# The combine merges a position's ranges one after another: more than this many would cost more than they save
+# (and the second grid axis stays far below its limit of 65535).
+MAX_SPLITS = 512
 
 
 @dataclass(frozen=True)
@@ -488,7 +491,7 @@ def class_splits(num_classes: int, position_programs: int, tile: TileConfig, dev
     resident = multiprocessors(device) * max(1, WARPS_PER_MULTIPROCESSOR // tile.num_warps)
     if 2 * position_programs >= resident:
         return 1, num_classes
-    splits = min(triton.cdiv(2 * resident, position_programs), most)
+    splits = min(triton.cdiv(2 * resident, position_programs), most, MAX_SPLITS)
     split_len = triton.cdiv(triton.cdiv(num_classes, splits), tile.block_c) * tile.block_c
     return triton.cdiv(num_classes, split_len), split_len
 

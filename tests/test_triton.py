@@ -421,6 +421,7 @@ def test_split_layouts_are_split(monkeypatch, layout, multiprocessors):
         (256000, 64, False, 2, (16, 16384)),
         (32000, 8 * 256, True, 2, (250, 128)),  # (8, 32000, 256) NCHW: a range of 128 classes per program
         (150, 8 * 16, True, 4, (1, 150)),  # too few classes to split
+        (256000, 8 * 256, True, 4, (500, 512)),  # at most MAX_SPLITS ranges: the combine merges them in turn
     ],
 )
 def test_split_plan_on_an_h200(monkeypatch, num_classes, positions, spatial, element_size, expected):

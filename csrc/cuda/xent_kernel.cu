@@ -37,6 +37,9 @@ constexpr int64_t kMinSplitLen = 4096;
 // of the logits it reads. Ranges are whole 16-byte class chunks of the spatial loops (8 classes of 16-bit logits).
 constexpr int64_t kMinSpatialSplitLen = 128;
 constexpr int64_t kSpatialSplitGranularity = 8;
+// At most this many ranges per position: the combine merges a position's ranges one after another (~30 ns each), so
+// a 256K vocabulary over two positions would spend longer merging 2000 ranges than reading the logits.
+constexpr int64_t kMaxSpatialSplits = 512;
 // Grid-stride kernels get at most this many waves of resident blocks: enough to balance load even when occupancy
 // is lower than assumed, few enough to keep the per-block partials short.
 constexpr int64_t kMaxWaves = 8;
@@ -113,8 +116,8 @@ LaunchShape plan_spatial(const Problem& p, int64_t sms) {
   const int64_t resident_threads = sms * kThreadsPerSm;
   const bool split =
       p.layout == Layout::kSpatial && !p.prob_target && positions > 0 && 2 * positions < resident_threads;
-  const ClassSplits classes = split_classes(p.C, split ? ceil_div(2 * resident_threads, positions) : 1,
-                                            kMinSpatialSplitLen, kSpatialSplitGranularity);
+  const int64_t wanted = split ? std::min(ceil_div(2 * resident_threads, positions), kMaxSpatialSplits) : 1;
+  const ClassSplits classes = split_classes(p.C, wanted, kMinSpatialSplitLen, kSpatialSplitGranularity);
   LaunchShape shape = plan_per_position(positions * classes.splits, kSpatialThreads, sms);
   shape.splits = classes.splits;
   shape.split_len = classes.split_len;
