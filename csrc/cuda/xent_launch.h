@@ -45,7 +45,7 @@ void launch_rows_grad(const XentParams<scalar_t>& p, bool warp_per_row, const La
 
 // Split forward for many classes and few positions (class-index targets): per-split statistics (a block per split
 // of a row, or a thread per split of an NCHW position), then a per-position combine in split order (deterministic)
-// that writes lse, loss and the reduction partials. split_stats[r * splits + k] holds split k of position r.
+// that writes lse, loss and the reduction partials. split_stats[k * positions + r] holds split k of position r.
 template <typename scalar_t>
 void launch_rows_split_stats(const XentParams<scalar_t>& p, const LaunchShape& shape,
                              RowStats<acc_type<scalar_t>>* split_stats, cudaStream_t stream);

@@ -43,7 +43,7 @@ __global__ void __launch_bounds__(BlockGroup::kMaxThreads)
           }
         });
     st = BlockGroup::allreduce(st, smem);
-    if (threadIdx.x == 0) split_stats[item] = st;
+    if (threadIdx.x == 0) split_stats[split * p.N * p.S + r] = st;
   }
 }
 
@@ -59,8 +59,9 @@ __global__ void __launch_bounds__(256) split_combine_kernel(const XentParams<sca
 
   for (int64_t r = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; r < positions;
        r += int64_t(gridDim.x) * blockDim.x) {
-    auto st = split_stats[r * splits];
-    for (int64_t k = 1; k < splits; ++k) st.merge(split_stats[r * splits + k]);
+    // Neighbouring threads read neighbouring records: split k of every position is stored together.
+    auto st = split_stats[r];
+    for (int64_t k = 1; k < splits; ++k) st.merge(split_stats[k * positions + r]);
     const acc_t log_sum = st.log_sum();
     const acc_t lse = st.max + log_sum;
 

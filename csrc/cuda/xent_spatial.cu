@@ -161,7 +161,7 @@ __global__ void __launch_bounds__(256)
         for (int i = 0; i < W; ++i) st.dot += class_weight(p.weight, c + i) * xs[i];
       }
     });
-    split_stats[work.position * splits + work.split] = st;
+    split_stats[work.split * positions + work.position] = st;
   }
 }
 
