@@ -8,9 +8,8 @@ import torch
 import torch.nn.functional as F
 
 import fused_xent
+from fused_xent._backends import backends_serving
 
-# Which tensors each fused_xent backend runs on ("torch", the reference, runs anywhere).
-BACKEND_DEVICES = {"cpu": ("cpu",), "cuda": ("cuda",), "triton": ("cuda",), "torch": ("cpu", "cuda")}
 GRAD_MODE_SUFFIX = {"recompute": "", "in_forward": "-in_forward", "inplace": "-inplace"}
 
 
@@ -27,8 +26,8 @@ class Provider:
 
 
 def fused_backends(device: str) -> list[str]:
-    """fused_xent backends that run on `device`, fastest first (the order of available_backends)."""
-    return [name for name in fused_xent.available_backends() if device in BACKEND_DEVICES.get(name, ())]
+    """fused_xent backends that run on `device`, fastest first, the reference last."""
+    return backends_serving(device)
 
 
 def _fused(backend: str, grad_mode: str) -> Provider:
@@ -96,7 +95,7 @@ def all_providers(device: str) -> tuple[list[Provider], list[str]]:
     liger, note = _liger(device)
     providers += [liger] if liger else []
     notes = [note] if note else []
-    missing = [name for name in BACKEND_DEVICES if device in BACKEND_DEVICES[name] and name not in backends]
+    missing = [name for name in backends_serving(device, available_only=False) if name not in backends]
     if missing:
         notes.append(f"fused_xent backends not available here: {', '.join(missing)}")
     return providers, notes

@@ -5,8 +5,6 @@ from dataclasses import dataclass
 import torch
 
 FAMILIES = ("llm", "seg", "cls", "seq")
-FAMILY_TITLES = {"llm": "LLM tokens x vocab", "seg": "segmentation N x C x H x W", "cls": "classification N x C",
-                 "seq": "sequence logits N x vocab x T"}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 

@@ -55,7 +55,9 @@ TRITON_CPU_HINT = (
     "the triton backend runs on CUDA tensors; on CPU set TRITON_INTERPRET=1 before importing fused_xent "
     "(slow, for tests)"
 )
-if torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1":
+NO_DEVICE_FOR_TRITON = f"no CUDA device is visible ({TRITON_CPU_HINT})"
+TRITON_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+if torch.cuda.is_available() or TRITON_INTERPRETED:
     from . import _triton_ops  # never raises: it records why Triton is unusable instead
 else:
     _triton_ops = None
@@ -75,7 +77,9 @@ def _why_unavailable(name: str) -> str | None:
         return None if torch.cuda.is_available() else "no CUDA device is visible"
     if name == "triton":
         if _triton_ops is None:
-            return f"no CUDA device is visible ({TRITON_CPU_HINT})"
+            if os.environ.get("TRITON_INTERPRET") == "1":
+                return "TRITON_INTERPRET=1 was set after fused_xent was imported; set it before importing fused_xent"
+            return NO_DEVICE_FOR_TRITON
         return _triton_ops.unavailable_reason()
     raise ValueError(f"fused_xent: unknown backend {name!r}; choose one of {', '.join(BACKEND_NAMES)} or 'auto'")
 
@@ -83,6 +87,15 @@ def _why_unavailable(name: str) -> str | None:
 def available_backends() -> list[str]:
     """Backends that can run on this machine, fastest first, e.g. ["cpu", "torch"] without a GPU."""
     return [name for name in BACKEND_NAMES if _why_unavailable(name) is None]
+
+
+def backends_serving(device_type: str, available_only: bool = True) -> list[str]:
+    """The backends that run on tensors of `device_type` (those available here, unless available_only=False),
+    fastest first and the reference last. Triton serves CPU tensors only under its interpreter (for tests), which
+    `auto` never picks."""
+    served = {"cuda": ("cuda", "triton"), "cpu": ("cpu", "triton") if TRITON_INTERPRETED else ("cpu",)}
+    names = (*served.get(device_type, ()), "torch")
+    return [name for name in names if not available_only or _why_unavailable(name) is None]
 
 
 def backend_ops(name: str) -> Backend:

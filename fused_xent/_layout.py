@@ -14,6 +14,17 @@ def is_dense(t: torch.Tensor) -> bool:
     return True
 
 
+def may_overlap(t: torch.Tensor) -> bool:
+    """True unless the elements provably lie at distinct addresses: each dimension, in order of stride, steps past
+    the whole extent of the ones below it (a conservative test; expanded or as_strided views fail it)."""
+    extent = 1
+    for stride, size in sorted((stride, size) for size, stride in zip(t.shape, t.stride(), strict=True) if size != 1):
+        if stride < extent:
+            return True
+        extent = stride * (size - 1) + extent
+    return False
+
+
 def kernel_logits(logits: torch.Tensor) -> tuple[torch.Tensor, bool]:
     """The logits as kernels read them, and whether that is the spatial layout (unit position stride) rather than
     rows (unit class stride). Only logits with neither unit stride, or with gaps, are copied."""

@@ -9,7 +9,6 @@ gradient it already computed; the in-place op has no autograd.
 Importing this module never fails: without Triton, AVAILABLE is False and no op is registered.
 """
 
-import os
 
 import torch
 
@@ -30,9 +29,9 @@ def unavailable_reason() -> str | None:
         return f"triton is not importable ({_IMPORT_ERROR})"
     if torch.cuda.is_available() or triton_kernels.INTERPRET:
         return None
-    if os.environ.get("TRITON_INTERPRET", "0") == "1":
-        return "TRITON_INTERPRET=1 was set after fused_xent was imported; set it before importing fused_xent"
-    return f"no CUDA device is visible ({triton_kernels.CPU_HINT})"
+    from ._backends import NO_DEVICE_FOR_TRITON  # here, not at the top: _backends imports this module
+
+    return NO_DEVICE_FOR_TRITON
 
 
 def is_available() -> bool:

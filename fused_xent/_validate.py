@@ -5,7 +5,9 @@ tensors) but got targets of dimension: 4"); each error here says what was wrong 
 """
 
 import math
+import numbers
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -13,6 +15,7 @@ import torch
 from .reference import REDUCTION_MEAN, REDUCTION_NONE, REDUCTION_SUM
 
 REDUCTIONS = {"none": REDUCTION_NONE, "mean": REDUCTION_MEAN, "sum": REDUCTION_SUM}
+LOGIT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 CHECK_VALUES_ENV = "FUSED_XENT_CHECK_VALUES"
 
 
@@ -27,6 +30,7 @@ class Problem:
     ignore_index: int
     label_smoothing: float
     loss_shape: tuple  # shape of the unreduced loss: input's shape without the class dim
+    logits_are_input: bool  # logits is a view of the input (no copy), so a kernel can write through it
 
     @property
     def prob_target(self) -> bool:
@@ -44,17 +48,29 @@ def _fail(message: str):
 def _check_input(input):
     if not isinstance(input, torch.Tensor):
         _fail(f"input must be a torch.Tensor of logits, got {type(input).__name__}")
-    if not input.is_floating_point():
-        _fail(f"input (logits) must be a floating-point tensor, got {input.dtype}: convert it, e.g. input.float()")
+    if input.dtype not in LOGIT_DTYPES:
+        _fail(
+            f"input (logits) must be float32, float64, float16 or bfloat16, got {input.dtype}: convert it, e.g. "
+            "input.float()"
+        )
     if input.dim() == 0:
         _fail("input must have a class dimension: (C,), (N, C) or (N, C, d1, ..., dk), got a 0-d tensor")
 
 
-def _check_options(reduction, label_smoothing):
+def _options(reduction, ignore_index, label_smoothing) -> tuple[int, int, float]:
+    """(reduction code, ignore_index, label_smoothing) as the ops take them; what PyTorch accepts, accepted here."""
+    if reduction == "elementwise_mean":
+        warnings.warn("reduction='elementwise_mean' is deprecated, please use reduction='mean' instead", stacklevel=4)
+        reduction = "mean"
     if reduction not in REDUCTIONS:
         _fail(f"reduction must be 'none', 'mean' or 'sum', got {reduction!r}")
-    if not isinstance(label_smoothing, (int, float)) or not 0.0 <= label_smoothing <= 1.0:
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
+        raise TypeError(f"fused_xent.cross_entropy: ignore_index must be an int, got {ignore_index!r}")
+    if isinstance(label_smoothing, torch.Tensor) and label_smoothing.dim() == 0:
+        label_smoothing = label_smoothing.item()
+    if not isinstance(label_smoothing, numbers.Real) or not 0.0 <= label_smoothing <= 1.0:
         _fail(f"label_smoothing must be a float in [0.0, 1.0], got {label_smoothing!r}")
+    return REDUCTIONS[reduction], int(ignore_index), float(label_smoothing)
 
 
 def _check_weight(weight, input, num_classes, prob_target):
@@ -95,7 +111,8 @@ def _check_class_target(target, input, num_classes):
             f"{tuple(expected)} (no class dimension): use target.squeeze(1)"
         )
     if input.dim() == 1:
-        _fail(f"unbatched input {_shape(input)} needs a 0-d class-index target, got shape {_shape(target)}")
+        _fail(f"unbatched input {_shape(input)} needs a 0-d class-index target (or one of shape (1,)), got shape "
+              f"{_shape(target)}")
     _fail(
         f"target shape {_shape(target)} does not match input shape {_shape(input)}: class indices need shape "
         f"{tuple(expected)}; class probabilities need a floating-point target of shape {_shape(input)}"
@@ -111,7 +128,7 @@ def _check_prob_target(target, input, ignore_index):
     if ignore_index >= 0:
         _fail(
             f"ignore_index={ignore_index} is not supported with class-probability targets (as in PyTorch): leave it "
-            "at its default, and give ignored positions an all-zero target row instead"
+            "at its default; to leave positions out, take reduction='none' and mask the per-position losses yourself"
         )
 
 
@@ -148,9 +165,17 @@ def check_values(problem: Problem, check_targets: bool):
     )
 
 
+def _flattens_to_a_view(input) -> bool:
+    """Whether reshaping input to (N, C, S) is a view: the spatial dims (those of size > 1) must nest."""
+    spatial = [(size, stride) for size, stride in zip(input.shape[2:], input.stride()[2:], strict=True) if size != 1]
+    return all(outer_stride == inner_size * inner_stride
+               for (_, outer_stride), (inner_size, inner_stride) in zip(spatial, spatial[1:], strict=False))
+
+
 def prepare(input, target, weight, ignore_index, reduction, label_smoothing) -> Problem:
     _check_input(input)
-    _check_options(reduction, label_smoothing)
+    reduction, ignore_index, label_smoothing = _options(reduction, ignore_index, label_smoothing)
+    original_input = input
     if not isinstance(target, torch.Tensor):
         _fail(f"target must be a torch.Tensor, got {type(target).__name__}")
     if target.device != input.device:
@@ -172,9 +197,12 @@ def prepare(input, target, weight, ignore_index, reduction, label_smoothing) -> 
         input, target = input.to(common), target.to(common)
         weight = None if weight is None else weight.to(common)
     else:
+        if input.dim() == 1 and target.shape == (1,):
+            target = target.view(())  # PyTorch accepts it for an unbatched input
         _check_class_target(target, input, num_classes)
         target = target.long()
 
+    logits_are_input = input is original_input and _flattens_to_a_view(input)
     batch = 1 if input.dim() == 1 else input.shape[0]
     positions = math.prod(input.shape[2:])
     logits = input.reshape(batch, num_classes, positions)
@@ -183,4 +211,4 @@ def prepare(input, target, weight, ignore_index, reduction, label_smoothing) -> 
     else:
         target = target.reshape(batch, positions)
     loss_shape = tuple(input.shape[:class_dim]) + tuple(input.shape[class_dim + 1:])
-    return Problem(logits, target, weight, REDUCTIONS[reduction], int(ignore_index), float(label_smoothing), loss_shape)
+    return Problem(logits, target, weight, reduction, ignore_index, label_smoothing, loss_shape, logits_are_input)

@@ -1,9 +1,11 @@
 """`cross_entropy`: a drop-in for torch.nn.functional.cross_entropy backed by a fused kernel."""
 
 import torch
+from torch.autograd import forward_ad
 from torch.nn import _reduction
 
-from . import _backends
+from . import _backends, reference
+from ._layout import may_overlap
 from ._ops import scale_unit_grad
 from ._validate import check_values, prepare
 from .reference import REDUCTION_MEAN, REDUCTION_NONE
@@ -11,25 +13,36 @@ from .reference import REDUCTION_MEAN, REDUCTION_NONE
 GRAD_MODES = ("recompute", "in_forward", "inplace")
 
 
-def _target_grad(grad_loss, logits, lse, total_weight, weight, reduction, label_smoothing):
-    """d(loss)/d(target) for class-probability targets: -(1-eps) * w[c] * log_softmax(x)[c], scaled like the loss."""
+def _scaled_log_probs(grad_loss, logits, lse, total_weight, reduction):
+    """log_softmax(x) times the upstream gradient of each position's loss, as the loss scales it (mean: / N*S)."""
     scale = grad_loss.to(lse.dtype)
     if reduction == REDUCTION_MEAN:
         scale = scale / total_weight
     if reduction == REDUCTION_NONE:
         scale = scale.unsqueeze(1)
-    log_probs = logits.to(lse.dtype) - lse.unsqueeze(1)
-    grad = -(1.0 - label_smoothing) * scale * log_probs
+    return scale * (logits.to(lse.dtype) - lse.unsqueeze(1))
+
+
+def _target_grad(scaled_log_probs, weight, label_smoothing, dtype):
+    """d(loss)/d(target) for class-probability targets: -(1-eps) * w[c] * log_softmax(x)[c], scaled like the loss."""
+    grad = -(1.0 - label_smoothing) * scaled_log_probs
     if weight is not None:
-        grad = grad * weight.to(lse.dtype).view(1, -1, 1)
-    return grad.to(logits.dtype)
+        grad = grad * weight.to(grad.dtype).view(1, -1, 1)
+    return grad.to(dtype)
 
 
-def _autocast_to_float32(input) -> bool:
-    return (
-        isinstance(input, torch.Tensor) and input.dtype in (torch.float16, torch.bfloat16)
-        and torch.is_autocast_enabled(input.device.type)
-    )
+def _weight_grad(scaled_log_probs, target, label_smoothing, dtype):
+    """d(loss)/d(weight) for class-probability targets: -sum over positions of t'[c] * log_softmax(x)[c], scaled."""
+    num_classes = target.shape[1]
+    smoothed = target.to(scaled_log_probs.dtype) * (1.0 - label_smoothing) + label_smoothing / num_classes
+    return -(smoothed * scaled_log_probs).sum((0, 2)).to(dtype)
+
+
+def _autocast_to_float32(tensor):
+    """PyTorch's autocast runs cross entropy in float32: each float16/bfloat16 argument is cast, others are not."""
+    if isinstance(tensor, torch.Tensor) and tensor.dtype in (torch.float16, torch.bfloat16):
+        return tensor.float()
+    return tensor
 
 
 def _unit_grad_is_exact(grad_loss: torch.Tensor) -> bool:
@@ -42,6 +55,31 @@ def _unit_grad_is_exact(grad_loss: torch.Tensor) -> bool:
     if grad_loss.is_cuda and torch.cuda.is_current_stream_capturing():
         return False
     return bool(grad_loss == 1)
+
+
+def _gradient_made_in_forward(ctx) -> torch.Tensor:
+    """The gradient saved by an in_forward or inplace forward. A unit upstream gradient hands that very buffer to
+    autograd, which may make it a leaf's .grad and accumulate into it in place; a later backward over the same graph
+    (retain_graph=True) then finds it modified, and says so here in terms of the cause."""
+    try:
+        (grad,) = ctx.saved_tensors
+    except RuntimeError as error:
+        if getattr(ctx, "gradient_handed_out", False):
+            raise RuntimeError(
+                f"fused_xent: grad_mode={ctx.grad_mode!r} handed its gradient buffer to autograd without a copy in "
+                "the first backward, and it has been modified since (a gradient accumulated into .grad, or clipped "
+                "in place); to run backward more than once over one graph (retain_graph=True), use "
+                "grad_mode='recompute'"
+            ) from error
+        raise
+    return grad
+
+
+def _function_transform_active(*tensors) -> bool:
+    """True under a torch.func transform (grad, vmap, jacrev, ...) or with forward-mode AD tangents on an input."""
+    if torch._C._are_functorch_transforms_active():
+        return True
+    return any(t is not None and forward_ad.unpack_dual(t).tangent is not None for t in tensors)
 
 
 class FusedCrossEntropyFunction(torch.autograd.Function):
@@ -66,11 +104,12 @@ class FusedCrossEntropyFunction(torch.autograd.Function):
             loss, grad = ops.fwd_grad(logits, target, weight, reduction, ignore_index, label_smoothing)
             ctx.save_for_backward(grad)
         else:
-            version = logits._version
+            # Ops that reach their kernel past autograd do not bump the version counter; bump it so that any other
+            # op that saved these logits fails loudly in backward instead of reading a gradient as logits. (A
+            # compiled graph writes its mutations back to the inputs with ops that do.)
+            version = None if torch.compiler.is_compiling() else logits._version
             loss = ops.fwd_grad_(logits, target, weight, reduction, ignore_index, label_smoothing)
-            if logits._version == version:
-                # Ops that reach their kernel past autograd do not bump the counter; do it so any other op that
-                # saved these logits fails loudly in backward instead of reading a gradient as logits.
+            if version is not None and logits._version == version:
                 torch.autograd.graph.increment_version(logits)
             ctx.save_for_backward(logits)
         return loss
@@ -79,35 +118,42 @@ class FusedCrossEntropyFunction(torch.autograd.Function):
     def backward(ctx, grad_loss):
         reduction, ignore_index, label_smoothing = ctx.options
         if ctx.grad_mode != "recompute":
-            (grad,) = ctx.saved_tensors
+            grad = _gradient_made_in_forward(ctx)
             if torch.is_grad_enabled():
                 raise RuntimeError(
                     f"fused_xent: grad_mode={ctx.grad_mode!r} cannot be differentiated twice (create_graph=True): "
                     "use grad_mode='recompute'"
                 )
-            if ctx.needs_input_grad[1]:
+            if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
                 raise RuntimeError(
-                    f"fused_xent: grad_mode={ctx.grad_mode!r} gives no gradient for the target; use "
-                    "grad_mode='recompute' to differentiate through probability targets"
+                    f"fused_xent: grad_mode={ctx.grad_mode!r} gives no gradient for the target or the weight; use "
+                    "grad_mode='recompute' to differentiate through probability targets and their weights"
                 )
             if _unit_grad_is_exact(grad_loss):
+                ctx.gradient_handed_out = True
                 return grad, None, None, None, None, None, None, None
             return scale_unit_grad(grad, grad_loss, reduction), None, None, None, None, None, None, None
         logits, target, weight, lse, total_weight = ctx.saved_tensors
         ops = _backends.backend_ops(ctx.backend)
         if torch.is_grad_enabled():
-            # create_graph=True (double backward, gradient penalties): build the gradient from differentiable
-            # PyTorch ops instead of the kernel, with the log-sum-exp recomputed so it carries its own gradient.
+            # create_graph=True (double backward, gradient penalties): build the gradients from differentiable
+            # PyTorch ops instead of the kernel. The reference recomputes the softmax from the logits; the target's
+            # gradient needs the log-sum-exp recomputed as well, so that it too carries a gradient.
             ops = _backends.backend_ops("torch")
-            lse = torch.logsumexp(logits.to(lse.dtype), dim=1)
-        grad_logits = grad_target = None
+            if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+                lse = torch.logsumexp(logits.to(lse.dtype), dim=1)
+        grad_logits = grad_target = grad_weight = None
         if ctx.needs_input_grad[0]:
             grad_logits = ops.bwd(
                 grad_loss, logits, target, weight, lse, total_weight, reduction, ignore_index, label_smoothing
             )
-        if ctx.needs_input_grad[1]:
-            grad_target = _target_grad(grad_loss, logits, lse, total_weight, weight, reduction, label_smoothing)
-        return grad_logits, grad_target, None, None, None, None, None, None
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:  # probability targets only (see cross_entropy)
+            scaled_log_probs = _scaled_log_probs(grad_loss, logits, lse, total_weight, reduction)
+            if ctx.needs_input_grad[1]:
+                grad_target = _target_grad(scaled_log_probs, weight, label_smoothing, target.dtype)
+            if ctx.needs_input_grad[2]:
+                grad_weight = _weight_grad(scaled_log_probs, target, label_smoothing, weight.dtype)
+        return grad_logits, grad_target, grad_weight, None, None, None, None, None
 
 
 def cross_entropy(
@@ -133,18 +179,37 @@ def cross_entropy(
         reduction = _reduction.legacy_get_string(size_average, reduce)
     if grad_mode not in GRAD_MODES:
         raise ValueError(f"fused_xent.cross_entropy: grad_mode must be one of {GRAD_MODES}, got {grad_mode!r}")
-    if _autocast_to_float32(input):
-        # PyTorch's autocast runs cross entropy in float32 (inputs cast, float32 result); do the same.
-        input = input.float()
-        weight = None if weight is None else weight.float()
-        target = target.float() if isinstance(target, torch.Tensor) and target.is_floating_point() else target
+    if isinstance(input, torch.Tensor) and torch.is_autocast_enabled(input.device.type):
+        input, target, weight = (_autocast_to_float32(t) for t in (input, target, weight))
     problem = prepare(input, target, weight, ignore_index, reduction, label_smoothing)
     ops = _backends.resolve(backend, problem.logits.device)
+    if not torch.compiler.is_compiling() and _function_transform_active(problem.logits, problem.target, problem.weight):
+        # The transforms need rules (batching, forward derivatives) for every op they meet, which the fused kernels
+        # lack: compute the loss from the reference implementation's PyTorch ops, which have them. Its value checks
+        # would branch on data, which vmap cannot; an out-of-range class gives NaN instead.
+        loss = reference.cross_entropy_fwd(
+            problem.logits, problem.target, problem.weight, problem.reduction, problem.ignore_index,
+            problem.label_smoothing,
+        )[0]
+        return loss.view(problem.loss_shape) if problem.reduction == REDUCTION_NONE else loss
     check_values(problem, check_targets=not ops.checks_targets)
-    if grad_mode == "inplace" and problem.logits.untyped_storage().data_ptr() != input.untyped_storage().data_ptr():
+    grad_enabled = torch.is_grad_enabled()
+    if grad_enabled and weight is not None and weight.requires_grad and not problem.prob_target:
+        raise RuntimeError(
+            "fused_xent.cross_entropy: the loss of class-index targets is not differentiable with respect to weight "
+            "(as in PyTorch): pass weight.detach() (probability targets do give weight a gradient)"
+        )
+    if grad_mode != "recompute" and not (grad_enabled and input.requires_grad):
+        grad_mode = "recompute"  # no gradient wanted (evaluation, no_grad): nothing to write, the logits stay intact
+    if grad_mode == "inplace" and isinstance(input, torch.nn.Parameter):
+        raise ValueError(
+            "fused_xent.cross_entropy: grad_mode='inplace' would write the gradient over a Parameter, whose values "
+            "the optimizer still needs: use grad_mode='in_forward'"
+        )
+    if grad_mode == "inplace" and (not problem.logits_are_input or may_overlap(problem.logits)):
         raise ValueError(
             "fused_xent.cross_entropy: grad_mode='inplace' needs logits that can be viewed as (N, C, S) without a "
-            "copy (and of the dtype of the target, for probability targets)"
+            "copy and whose elements do not overlap (and of the dtype of the target, for probability targets)"
         )
     loss = FusedCrossEntropyFunction.apply(
         problem.logits, problem.target, problem.weight, problem.reduction, problem.ignore_index,

@@ -20,11 +20,23 @@ def _class_weights(weight, num_classes, like):
     return weight.to(like.dtype)
 
 
+def _target_weights(target, w, ignore_index):
+    """(class index safe to gather with, weight of each position's target). An ignored position weighs 0; a class
+    index out of range (reachable only with the value checks off) weighs NaN, which makes its loss and gradient
+    row NaN as in the kernels, instead of an indexing error or a device assert."""
+    valid = target != ignore_index
+    in_range = (target >= 0) & (target < w.numel())
+    safe_target = torch.where(valid & in_range, target, 0)
+    target_weight = torch.where(in_range, w[safe_target], float("nan"))
+    return safe_target, torch.where(valid, target_weight, 0)
+
+
 def _log_softmax(x):
     """(log-probabilities, lse) over dim 1. Shifted by the row max first: x - lse would carry the float32 rounding
     of an lse of ~1e4 (~1e-3) into every log-probability, and torch.log_softmax sums 256K exps less accurately."""
     row_max = x.amax(dim=1, keepdim=True)
-    shift = torch.where(torch.isfinite(row_max), row_max, 0)  # a row of -inf stays -inf, not NaN, until the end
+    # A row of -inf stays -inf, not NaN, until the end; a +inf logit makes the row NaN, as in PyTorch.
+    shift = torch.where(row_max == -torch.inf, 0, row_max)
     shifted = x - shift
     shifted_lse = torch.logsumexp(shifted, dim=1, keepdim=True)
     return shifted - shifted_lse, (shift + shifted_lse).squeeze(1)
@@ -41,14 +53,12 @@ def _per_position(logits, target, weight, ignore_index, label_smoothing):
         loss = -(w * smoothed * log_probs).sum(1)
         total_weight = torch.tensor(float(loss.numel()), dtype=x.dtype, device=x.device)
         return loss, lse, total_weight
-    valid = target != ignore_index
-    safe_target = torch.where(valid, target, 0).unsqueeze(1)
-    target_weight = torch.where(valid, w.view(-1)[safe_target.squeeze(1)], 0)
-    nll = -target_weight * log_probs.gather(1, safe_target).squeeze(1)
+    safe_target, target_weight = _target_weights(target, w.view(-1), ignore_index)
+    nll = -target_weight * log_probs.gather(1, safe_target.unsqueeze(1)).squeeze(1)
     loss = (1.0 - label_smoothing) * nll
     if label_smoothing > 0:
         loss = loss + (label_smoothing / num_classes) * -(w * log_probs).sum(1)
-    loss = torch.where(valid, loss, 0)
+    loss = torch.where(target != ignore_index, loss, 0)
     return loss, lse, target_weight.sum()
 
 
@@ -83,14 +93,12 @@ def cross_entropy_bwd(grad_loss, logits, target, weight, lse, total_weight, redu
         smoothed = w * (target.to(x.dtype) * (1.0 - label_smoothing) + label_smoothing / num_classes)
         grad = smoothed.sum(1, keepdim=True) * probs - smoothed
         return _cast(scale * grad, logits.dtype)
-    valid = (target != ignore_index).unsqueeze(1)
-    safe_target = torch.where(valid, target.unsqueeze(1), 0)
+    safe_target, target_weight = (t.unsqueeze(1) for t in _target_weights(target, w.view(-1), ignore_index))
     one_hot = torch.zeros_like(x).scatter_(1, safe_target, 1.0)
-    target_weight = w.view(-1)[safe_target]
     grad = (1.0 - label_smoothing) * target_weight * (probs - one_hot)
     if label_smoothing > 0:
         grad = grad + (label_smoothing / num_classes) * (w.sum() * probs - w)
-    return _cast(torch.where(valid, scale * grad, 0), logits.dtype)
+    return _cast(torch.where((target != ignore_index).unsqueeze(1), scale * grad, 0), logits.dtype)
 
 
 def _unit_grad_loss(loss, reduction):

@@ -41,10 +41,6 @@ from .reference import REDUCTION_MEAN, REDUCTION_NONE, REDUCTION_SUM
 
 # Read once, like Triton itself: the interpreter must be chosen before the kernels below are decorated.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-CPU_HINT = (
-    "the triton backend runs on CUDA tensors; on CPU set TRITON_INTERPRET=1 before importing fused_xent "
-    "(slow, for tests)"
-)
 
 # Constants the kernels read (Triton kernels may only read globals that are constexpr).
 # Float constants are written as float("...") inside the kernels: Inductor re-emits constexpr globals as
@@ -215,7 +211,7 @@ def _index_grad_coeffs(weight_of_target, weight_sum, scale, label_smoothing, C, 
 def _store_grad(logits_ptr, target_ptr, weight_ptr, grad_ptr, offset, in_range, keep, reference, log_sum, safe_y,
                 prob_coef, class_coef, target_coef, c_begin, c_stop, C, stride_c, label_smoothing,
                 PROB_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr, ACC,
-                BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+                BLOCK_C: tl.constexpr):
     """Second pass over the classes [c_begin, c_stop) (as in _range_statistics): read each logit once and write its
     gradient (grad_ptr may be logits_ptr: each element is read before it is overwritten, and nothing else of the
     row is read afterwards), with p = exp((x - reference) - log_sum) (see _lse_parts; the backward, which has only
@@ -299,13 +295,13 @@ def _forward_kernel(logits_ptr, target_ptr, weight_ptr, weight_sum_ptr, total_we
             # (prob_coef, class_coef) = (scale T, scale); safe_y and target_coef are not read for probabilities.
             _store_grad(logits_ptr, target_ptr, weight_ptr, grad_ptr, offset, in_range, in_range, reference, log_sum,
                         safe_y, scale * sum_a, scale, scale, 0, C, C, stride_c, label_smoothing,
-                        PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING, ACC, BLOCK_P, BLOCK_C)
+                        PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING, ACC, BLOCK_C)
         else:
             prob_coef, class_coef, target_coef = _index_grad_coeffs(weight_of_target, weight_sum, scale,
                                                                     label_smoothing, C, HAS_SMOOTHING)
             _store_grad(logits_ptr, target_ptr, weight_ptr, grad_ptr, offset, in_range, counted, reference, log_sum,
                         safe_y, prob_coef, class_coef, target_coef, 0, C, C, stride_c, label_smoothing,
-                        PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING, ACC, BLOCK_P, BLOCK_C)
+                        PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING, ACC, BLOCK_C)
     else:
         tl.store(lse_ptr + index, lse, mask=in_range)
 
@@ -409,9 +405,8 @@ def _backward_kernel(grad_loss_ptr, grad_loss_stride_n, grad_loss_stride_s, logi
                                                    label_smoothing, HAS_WEIGHT, HAS_SMOOTHING, ACC, BLOCK_P, BLOCK_C)
         # As in the forward: (prob_coef, class_coef) = (scale T, scale); safe_y and target_coef are not read.
         _store_grad(logits_ptr, target_ptr, weight_ptr, grad_ptr, offset, in_range, in_range, reference, log_sum,
-                    index,
-                    scale * weighted_target_sum, scale, scale, c_begin, c_stop, C, stride_c, label_smoothing,
-                    PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING, ACC, BLOCK_P, BLOCK_C)
+                    index, scale * weighted_target_sum, scale, scale, c_begin, c_stop, C, stride_c, label_smoothing,
+                    PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING, ACC, BLOCK_C)
     else:
         safe_y, counted, weight_of_target = _class_target(target_ptr, weight_ptr, index, in_range, C, ignore_index,
                                                           HAS_WEIGHT, ACC)
@@ -420,7 +415,7 @@ def _backward_kernel(grad_loss_ptr, grad_loss_stride_n, grad_loss_stride_s, logi
                                                                 C, HAS_SMOOTHING)
         _store_grad(logits_ptr, target_ptr, weight_ptr, grad_ptr, offset, in_range, counted, reference, log_sum,
                     safe_y, prob_coef, class_coef, target_coef, c_begin, c_stop, C, stride_c, label_smoothing,
-                    PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING, ACC, BLOCK_P, BLOCK_C)
+                    PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING, ACC, BLOCK_C)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -513,7 +508,9 @@ def check_device(device: torch.device) -> None:
     if device.type == "cuda" or (device.type == "cpu" and INTERPRET):
         return
     if device.type == "cpu":
-        raise RuntimeError(f"fused_xent: {CPU_HINT}")
+        from ._backends import TRITON_CPU_HINT  # here, not at the top: _backends imports this module
+
+        raise RuntimeError(f"fused_xent: {TRITON_CPU_HINT}")
     raise RuntimeError(f"fused_xent: the triton backend runs on CUDA tensors, got a tensor on {device}")
 
 

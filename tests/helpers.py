@@ -1,20 +1,13 @@
 """Input builders and tolerances shared by the test modules."""
 
-import os
 
 import pytest
 import torch
 import torch.nn.functional as F
+from tolerances import TOLERANCES, assert_close, assert_grad_close  # noqa: F401 (re-exported)
 
 import fused_xent
-
-# (rtol, atol) of fused results against PyTorch evaluated in float64 on the same (rounded) inputs.
-TOLERANCES = {
-    torch.float64: (1e-9, 1e-11),
-    torch.float32: (2e-5, 2e-6),
-    torch.float16: (2e-3, 2e-3),
-    torch.bfloat16: (1.6e-2, 1.6e-2),
-}
+from fused_xent._backends import backends_serving
 
 # Input shapes with how to lay them out in memory: spans 1 class, odd sizes, a 32K vocabulary, unbatched and empty
 # inputs, 3-D to 5-D spatial inputs, channels_last and non-contiguous views.
@@ -47,11 +40,8 @@ def shape_id(item):
 def backends_for(device: str):
     """Backends to test on a device: every available one that runs there. Triton serves CPU tensors only under
     TRITON_INTERPRET=1, which tests/test_triton.py sets in subprocesses that run its own suite, the error table and
-    the fuzzer (with a GPU, "triton" is available but for CUDA tensors only)."""
-    interpreted = os.environ.get("TRITON_INTERPRET", "0") == "1"
-    names = {"cpu": ("cpu", "triton", "torch") if interpreted else ("cpu", "torch"),
-             "cuda": ("cuda", "triton", "torch")}[device]
-    return [name for name in names if name in fused_xent.available_backends()]
+    the fuzzer."""
+    return backends_serving(device)
 
 
 def devices():
@@ -135,17 +125,3 @@ def fused(input, target, grad_output, backend, **kwargs):
     loss = fused_xent.cross_entropy(x, target, backend=backend, **kwargs)
     (grad,) = torch.autograd.grad(loss, x, grad_output) if loss.numel() else (torch.zeros_like(x),)
     return loss.detach(), grad
-
-
-def assert_close(actual, expected, dtype, what, magnitude=1.0):
-    """`magnitude` scales the absolute tolerance: lse - x loses digits in proportion to |x| (and to the weights),
-    in PyTorch as in any float implementation."""
-    rtol, atol = TOLERANCES[dtype]
-    atol *= max(1.0, float(magnitude))
-    # Round the float64 reference to the result's dtype first: a float16 sum past 65504 is inf in PyTorch too.
-    expected = expected.to(actual.dtype).double()
-    torch.testing.assert_close(
-        actual.double().cpu(), expected.cpu(), rtol=rtol, atol=atol, equal_nan=True,
-        msg=lambda m: f"{what}: {m}",
-    )
-

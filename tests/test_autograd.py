@@ -125,3 +125,55 @@ def test_legacy_size_average_and_reduce(backend):
             fused_xent.cross_entropy(x, t, size_average=size_average, reduce=reduce, backend=backend),
             F.cross_entropy(x, t, size_average=size_average, reduce=reduce),
         )
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_weight_gradient_of_probability_targets(backend):
+    """PyTorch differentiates the loss of probability targets with respect to weight; so do we (float64 gradcheck
+    of logits, target and weight together). For class indices both refuse a weight that requires grad."""
+    g = torch.Generator().manual_seed(4)
+    logits = make_logits((3, 5, 2), "contiguous", torch.float64, generator=g).requires_grad_(True)
+    target = make_prob_target(logits, generator=g).requires_grad_(True)
+    weight = (torch.rand(5, generator=g, dtype=torch.float64) + 0.5).requires_grad_(True)
+    for reduction, smoothing in itertools.product(["none", "mean", "sum"], [0.0, 0.3]):
+        def loss(x, t, w, reduction=reduction, smoothing=smoothing):
+            return fused_xent.cross_entropy(x, t, weight=w, reduction=reduction, label_smoothing=smoothing,
+                                            backend=backend)
+
+        assert torch.autograd.gradcheck(loss, (logits, target, weight))
+    with pytest.raises(RuntimeError, match="not differentiable with respect to weight"):
+        fused_xent.cross_entropy(logits, torch.tensor([[0, 1], [2, 3], [4, 0]]), weight=weight, backend=backend)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")  # raised inside torch.func
+@pytest.mark.parametrize("kwargs", [{}, {"label_smoothing": 0.2, "reduction": "sum"}, {"ignore_index": 1}], ids=str)
+def test_function_transforms(kwargs):
+    """torch.func.grad, hessian, vmap (per-sample gradients) and forward-mode AD, as with F.cross_entropy: under a
+    transform the loss comes from the reference implementation's PyTorch ops, which have the rules it needs."""
+    g = torch.Generator().manual_seed(5)
+    x = make_logits((4, 5), "contiguous", torch.float64, generator=g)
+    t = make_class_target((4,), 5, generator=g)
+    ours = lambda x, t: fused_xent.cross_entropy(x, t, **kwargs)  # noqa: E731
+    theirs = lambda x, t: F.cross_entropy(x, t, **kwargs)  # noqa: E731
+    for transform in (torch.func.grad, torch.func.hessian):
+        torch.testing.assert_close(transform(ours)(x, t), transform(theirs)(x, t))
+    per_sample = lambda loss: torch.vmap(torch.func.grad(lambda x, t: loss(x[None], t[None])))  # noqa: E731
+    torch.testing.assert_close(per_sample(ours)(x, t), per_sample(theirs)(x, t))
+    tangent = torch.randn(x.shape, generator=g, dtype=torch.float64)
+    with torch.autograd.forward_ad.dual_level():
+        dual = torch.autograd.forward_ad.make_dual(x, tangent)
+        jvps = [torch.autograd.forward_ad.unpack_dual(loss(dual, t)).tangent for loss in (ours, theirs)]
+    torch.testing.assert_close(*jvps)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_torch_compile_with_the_gradient_over_the_logits(backend):
+    head = torch.nn.Linear(8, 6)
+    hidden, target = torch.randn(5, 8), torch.randint(0, 6, (5,))
+    step = torch.compile(lambda h, t: fused_xent.cross_entropy(head(h), t, grad_mode="inplace", backend=backend),
+                         fullgraph=True, backend="aot_eager")
+    step(hidden, target).backward()
+    got = head.weight.grad.clone()
+    head.weight.grad = None
+    F.cross_entropy(head(hidden), target).backward()
+    torch.testing.assert_close(got, head.weight.grad)

@@ -44,3 +44,12 @@ def test_environment_variable_forces_a_backend(monkeypatch):
 def test_environment_report():
     out = subprocess.run([sys.executable, "-m", "fused_xent"], check=True, capture_output=True, text=True).stdout
     assert "available backends" in out and "torch" in out
+
+
+@pytest.mark.skipif(_backends._triton_ops is not None, reason="Triton was set up at import (GPU or interpreter)")
+def test_triton_without_a_gpu_says_how_to_interpret(monkeypatch):
+    with pytest.raises(RuntimeError, match="set TRITON_INTERPRET=1 before importing fused_xent"):
+        fused_xent.cross_entropy(torch.randn(2, 3), torch.tensor([0, 1]), backend="triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1 was set after fused_xent was imported"):
+        fused_xent.cross_entropy(torch.randn(2, 3), torch.tensor([0, 1]), backend="triton")

@@ -1,5 +1,6 @@
 """Bad input gets a clear Python exception that names the problem and the fix, on every backend."""
 
+import numpy as np
 import pytest
 import torch
 from helpers import backend_cases, backends_for
@@ -8,7 +9,7 @@ import fused_xent
 
 BACKENDS = backends_for("cpu")
 BACKEND_CASES = backend_cases()
-BAD = (ValueError, RuntimeError, IndexError)
+BAD = (ValueError, RuntimeError, IndexError, TypeError)
 
 
 def _logits(*shape):
@@ -25,7 +26,9 @@ CASES = [
      "class probabilities and must have the input's shape"),
     ("float target meant as indices", _logits(4, 3), torch.tensor([0.0, 1.0, 2.0, 1.0]), {}, "use target.long()"),
     ("int32 class indices", _logits(4, 3), torch.tensor([0, 1, 2, 1], dtype=torch.int32), {}, "int64"),
-    ("integer logits", torch.randint(0, 5, (4, 3)), torch.tensor([0, 1, 2, 1]), {}, "floating-point"),
+    ("integer logits", torch.randint(0, 5, (4, 3)), torch.tensor([0, 1, 2, 1]), {}, "must be float32"),
+    ("float8 logits", _logits(4, 3).to(torch.float8_e4m3fn), torch.tensor([0, 1, 2, 1]), {}, "input.float()"),
+    ("float ignore_index", _logits(4, 3), torch.tensor([0, 1, 2, 1]), {"ignore_index": 1.5}, "must be an int"),
     ("index too large", _logits(4, 3), torch.tensor([0, 1, 3, 1]), {}, "out of range"),
     ("negative index", _logits(4, 3), torch.tensor([0, -2, 2, 1]), {}, "out of range"),
     ("weight of the wrong length", _logits(4, 3), torch.tensor([0, 1, 2, 1]), {"weight": torch.ones(4)},
@@ -102,3 +105,65 @@ def test_value_checks_can_be_switched_off(device, backend, monkeypatch):
     weight = torch.tensor([1.0, float("nan"), 1.0], device=device)
     assert torch.isnan(fused_xent.cross_entropy(_logits(4, 3).to(device), torch.tensor([0, 1, 2, 1], device=device),
                                                 weight=weight, backend=backend))
+
+
+@pytest.mark.parametrize("device,backend", BACKEND_CASES)
+def test_out_of_range_with_value_checks_off(device, backend, monkeypatch):
+    """Without the front end's check the CPU kernel still raises; every other backend gives the bad position a NaN
+    loss and a NaN gradient row, never an indexing error, a device assert or a number."""
+    monkeypatch.setenv("FUSED_XENT_CHECK_VALUES", "0")
+    logits = _logits(4, 3).to(device).requires_grad_(True)
+    target = torch.tensor([0, 3, 1, -100], device=device)
+    if backend == "cpu":
+        with pytest.raises(IndexError, match="target 3 at position 1 is out of range"):
+            fused_xent.cross_entropy(logits, target, backend=backend)
+        return
+    loss = fused_xent.cross_entropy(logits, target, reduction="none", label_smoothing=0.1, backend=backend)
+    (grad,) = torch.autograd.grad(loss.sum(), logits)
+    bad = torch.tensor([False, True, False, False], device=device)
+    assert loss[bad].isnan().all() and loss[~bad].isfinite().all()
+    assert grad[bad].isnan().all() and grad[~bad].isfinite().all()
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_every_backend_says_the_same(case):
+    """Word for word, including the CPU kernel's own class-index check."""
+    _, input, target, kwargs, _ = case
+    said = {}
+    for backend in BACKENDS:
+        with pytest.raises(BAD) as info:
+            fused_xent.cross_entropy(input, target, backend=backend, **kwargs)
+        said[backend] = (type(info.value), str(info.value))
+    assert len(set(said.values())) == 1, said
+
+
+@pytest.mark.filterwarnings("ignore:reduction='elementwise_mean' is deprecated")
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_what_pytorch_accepts_is_accepted(backend):
+    """Argument forms F.cross_entropy takes besides the usual ones, with its results."""
+    x, t = _logits(3, 5), torch.tensor([1, 2, 3])
+    forms = [
+        ((_logits(5), torch.tensor([2])), {"reduction": "none"}),  # unbatched input, target of shape (1,)
+        ((x, t), {"label_smoothing": torch.tensor(0.2)}),
+        ((x, t), {"label_smoothing": np.float32(0.2)}),
+        ((x, t), {"reduction": "elementwise_mean"}),
+    ]
+    for args, kwargs in forms:
+        expected = torch.nn.functional.cross_entropy(*args, **kwargs)
+        got = fused_xent.cross_entropy(*args, backend=backend, **kwargs)
+        assert got.shape == expected.shape, kwargs
+        torch.testing.assert_close(got, expected, msg=str(kwargs))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_autocast_casts_each_half_precision_argument(backend):
+    """Under autocast PyTorch runs cross entropy in float32, casting each float16/bfloat16 tensor (a bfloat16 weight
+    with float32 logits too) and leaving float64 alone, so that bfloat16 logits with a float64 weight still fail."""
+    x, t, w = _logits(3, 5), torch.tensor([1, 2, 3]), torch.rand(5) + 0.5
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = fused_xent.cross_entropy(x, t, weight=w.bfloat16(), backend=backend)
+        expected = torch.nn.functional.cross_entropy(x, t, weight=w.bfloat16())
+        assert got.dtype == expected.dtype == torch.float32
+        torch.testing.assert_close(got, expected)
+        with pytest.raises(ValueError, match="weight dtype torch.float64 differs"):
+            fused_xent.cross_entropy(x.bfloat16(), t, weight=w.double(), backend=backend)

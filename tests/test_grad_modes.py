@@ -4,7 +4,15 @@ import itertools
 
 import pytest
 import torch
-from helpers import assert_close, backends_for, fused, make_class_target, make_logits, make_prob_target
+from helpers import (
+    assert_close,
+    assert_grad_close,
+    backends_for,
+    fused,
+    make_class_target,
+    make_logits,
+    make_prob_target,
+)
 
 import fused_xent
 
@@ -39,7 +47,7 @@ def test_same_gradient_as_recompute(backend, grad_mode, shape, layout, dtype):
         (grad,) = torch.autograd.grad(loss, x, grad_output)
         what = f"{kind} {kwargs}"
         assert_close(loss, expected_loss, dtype, f"loss {what}")
-        assert_close(grad, expected_grad, dtype, f"grad {what}")
+        assert_grad_close(grad, expected_grad, dtype, f"grad {what}")
         if buffer is not None:  # the logits now hold the gradient for a unit upstream gradient
             assert not torch.equal(buffer.detach(), logits)
 
@@ -50,8 +58,26 @@ def test_unit_upstream_gradient_is_returned_without_a_copy(backend):
     target = make_class_target((8,), 33)
     expected = fused(x, target, torch.ones(()), "torch")[1]
     fused_xent.cross_entropy(x, target, backend=backend, grad_mode="inplace").backward()
-    assert_close(x.grad, expected, torch.float32, "grad")
+    assert_grad_close(x.grad, expected, torch.float32, "grad")
     assert x.grad.data_ptr() == x.data_ptr()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_retained_graph_after_the_gradient_was_handed_out(backend):
+    """The buffer returned as it is becomes x.grad: a second backward works while nothing has modified it, and once
+    a gradient was accumulated into it, the next one says why it cannot run instead of reading a sum."""
+    x = make_logits((5, 9), "contiguous", torch.float32).requires_grad_(True)
+    target = make_class_target((5,), 9)
+    expected = fused(x, target, torch.ones(()), "torch")[1]
+    loss = fused_xent.cross_entropy(x, target, backend=backend, grad_mode="in_forward")
+    loss.backward(retain_graph=True)
+    x.grad = None
+    loss.backward(retain_graph=True)
+    assert_grad_close(x.grad, expected, torch.float32, "second backward")
+    loss.backward(retain_graph=True)  # accumulates into the handed-out buffer
+    assert_grad_close(x.grad, 2 * expected, torch.float32, "accumulated")
+    with pytest.raises(RuntimeError, match="retain_graph=True.*grad_mode='recompute'"):
+        loss.backward()
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -85,12 +111,39 @@ def test_inplace_through_linear_head(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_inplace_on_views(backend):
     """A strided view is written through; logits whose positions cannot be flattened without a copy are refused."""
-    wide = torch.randn(4, 10)
+    wide = torch.randn(4, 10, requires_grad=True) * 1  # logits of some layer
     sliced = wide[:, ::2]
     target = torch.randint(0, 5, (4,))
     expected = fused(sliced, target, torch.ones(()), "torch")[1]
     fused_xent.cross_entropy(sliced, target, backend=backend, grad_mode="inplace")
-    assert_close(wide[:, ::2], expected, torch.float32, "gradient written through the view")
-    transposed = torch.randn(2, 3, 4, 5).transpose(2, 3)
+    assert_grad_close(wide.detach()[:, ::2], expected, torch.float32, "gradient written through the view")
+    transposed = (torch.randn(2, 3, 4, 5, requires_grad=True) * 1).transpose(2, 3)
     with pytest.raises(ValueError, match="without a copy"):
         fused_xent.cross_entropy(transposed, torch.randint(0, 3, (2, 5, 4)), backend=backend, grad_mode="inplace")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("grad_mode", ["in_forward", "inplace"])
+def test_no_gradient_wanted_leaves_the_logits_alone(backend, grad_mode):
+    """Evaluation with a loss built for training (no_grad, inference_mode, logits that need no gradient): the loss
+    only, no gradient written anywhere."""
+    target = make_class_target((6,), 11)
+    logits = make_logits((6, 11), "contiguous", torch.float32)
+    expected = torch.nn.functional.cross_entropy(logits, target)
+    for context in (torch.no_grad, torch.inference_mode, torch.enable_grad):
+        x = logits.clone()
+        with context():
+            loss = fused_xent.cross_entropy(x, target, backend=backend, grad_mode=grad_mode)
+        assert_close(loss, expected, torch.float32, str(context))
+        assert torch.equal(x, logits), context
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_inplace_refuses_parameters_and_overlapping_logits(backend):
+    target = make_class_target((4,), 5)
+    with pytest.raises(ValueError, match="over a Parameter"):
+        fused_xent.cross_entropy(torch.nn.Parameter(torch.randn(4, 5)), target, backend=backend, grad_mode="inplace")
+    buffer = torch.randn(20, requires_grad=True)
+    overlapping = (buffer * 1).as_strided((4, 5), (2, 1))
+    with pytest.raises(ValueError, match="do not overlap"):
+        fused_xent.cross_entropy(overlapping, target, backend=backend, grad_mode="inplace")

@@ -1,14 +1,18 @@
-"""Extreme inputs, determinism, and agreement between the CPU SIMD levels."""
+"""Extreme inputs and determinism."""
 
-import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import assert_close, backends_for, fused, make_class_target, make_logits, torch_reference
+from helpers import (
+    assert_close,
+    assert_grad_close,
+    backends_for,
+    fused,
+    make_class_target,
+    make_logits,
+    torch_reference,
+)
 
 import fused_xent
 
@@ -21,7 +25,7 @@ def _compare(logits, target, backend, dtype=torch.float32, **kwargs):
     expected_loss, expected_grad = torch_reference(logits, target, grad_output, **kwargs)
     loss, grad = fused(logits, target, grad_output.to(logits.dtype), backend, **kwargs)
     assert_close(loss, expected_loss, dtype, "loss")
-    assert_close(grad, expected_grad, dtype, "grad")
+    assert_grad_close(grad, expected_grad, dtype, "grad")
     return loss, grad
 
 
@@ -41,7 +45,7 @@ def test_near_ties_at_huge_logits(backend, shape):
     by up to |lse| * 2^-24 (~7e-4); the smoothing term eps/C (W lse - sum_c w[c] x[c]) still cancels at that scale,
     by about eps times that rounding. The gradient made in the forward keeps float32 precision too; the recomputing
     backward only has the saved float32 lse, so its p = exp(x - lse) is off by up to that rounding, relatively
-    (README, "Numerics")."""
+    (README, "Precision at huge logits")."""
     g = torch.Generator().manual_seed(8)
     logits = torch.randn(shape, generator=g) * 10 + 12345.6
     logits[:, 7] = 12380.3
@@ -93,7 +97,7 @@ def test_masked_class_chunks(backend, grad_mode):
     expected_loss, expected_grad = torch_reference(logits, target, grad_output)
     loss, grad = fused(logits, target, grad_output, backend, grad_mode=grad_mode)
     assert_close(loss, expected_loss, torch.float32, "loss")
-    assert_close(grad, expected_grad, torch.float32, "grad")
+    assert_grad_close(grad, expected_grad, torch.float32, "grad")
     logits[0, 5, 3] = float("nan")
     loss = fused_xent.cross_entropy(logits, target, reduction="none", backend=backend)
     assert loss[0, 3].isnan() and loss.isnan().sum() == 1
@@ -174,41 +178,6 @@ def test_deterministic_across_runs_and_threads(backend, grad_mode, shape):
     again = _loss_and_grad(backend, shape, grad_mode, label_smoothing=0.1)
     for a, b in [(first, again), (first, single)]:
         assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
-
-
-_CAPABILITY_SCRIPT = """
-import json, torch, fused_xent
-g = torch.Generator().manual_seed(0)
-results = {"capability": torch.ops.fused_xent.cpu_capability()}
-for name, shape in [("rows", (33, 1001)), ("spatial", (2, 19, 17, 9)), ("spatial-long", (3, 700, 37))]:
-    for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
-        x = (torch.randn(shape, generator=g) * 3).to(dtype).requires_grad_(True)
-        t = torch.randint(0, shape[1], shape[:1] + shape[2:], generator=g)
-        loss = fused_xent.cross_entropy(x, t, label_smoothing=0.1, backend="cpu")
-        loss.backward()
-        results[f"{name}-{dtype}"] = [loss.double().item(), x.grad.double().sum().item(), x.grad.double().norm().item()]
-print(json.dumps(results))
-"""
-
-
-@needs_extension
-def test_every_simd_level_agrees():
-    """ATEN_CPU_CAPABILITY=default|avx2|avx512 (capped by the CPU) pick different kernels with the same results."""
-    runs = {}
-    for level in ("default", "avx2", "avx512"):
-        env = dict(os.environ, ATEN_CPU_CAPABILITY=level)
-        out = subprocess.run([sys.executable, "-c", _CAPABILITY_SCRIPT], env=env, check=True, capture_output=True,
-                             text=True)
-        runs[level] = json.loads(out.stdout)
-    assert runs["default"]["capability"] == "default"
-    baseline = runs["default"]
-    for level, result in runs.items():
-        for key, values in result.items():
-            if key == "capability":
-                continue
-            rtol = 1e-2 if "bfloat16" in key or "float16" in key else 1e-5
-            torch.testing.assert_close(torch.tensor(values), torch.tensor(baseline[key]), rtol=rtol, atol=1e-5,
-                                       msg=lambda m, key=key, level=level: f"{level} {key}: {m}")
 
 
 @needs_extension

@@ -17,6 +17,7 @@
 
 namespace fused_xent::cpu::avx2 {
 #include "cpu/simd_scalar.h"
+#include "cpu/simd_log.h"
 #include "cpu/simd_avx2.h"
 #include "cpu/xent_kernels.h"
 }  // namespace fused_xent::cpu::avx2

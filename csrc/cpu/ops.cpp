@@ -37,7 +37,7 @@ void check_targets(const Problem& problem, const std::vector<BlockResult>& block
   for (const BlockResult& block : blocks) {
     if (block.first_bad_position < 0) continue;
     const int64_t position = block.first_bad_position;
-    TORCH_CHECK_INDEX(false, "fused_xent: target ", problem.target.const_data_ptr<int64_t>()[position],
+    TORCH_CHECK_INDEX(false, "fused_xent.cross_entropy: target ", problem.target.const_data_ptr<int64_t>()[position],
                       " at position ", position, " is out of range for ", problem.C, " classes (valid: 0..",
                       problem.C - 1, ", or ignore_index=", problem.ignore_index, ")");
   }

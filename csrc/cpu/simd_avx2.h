@@ -154,9 +154,9 @@ inline FloatVec vexp(FloatVec xv) {
   return _mm256_andnot_ps(_mm256_cmp_ps(xv.v, _mm256_set1_ps(kMinArg), _CMP_LT_OQ), result);
 }
 
-// log(x) = k ln2 + log(m), x = m 2^k with m in [sqrt(1/2), sqrt(2)), log(m) by the Cephes logf polynomial.
-// Zero, negative, infinite and NaN inputs are patched at the end (subnormal inputs are not needed here: the
-// kernels take the log of a sum of exps that is at least 1).
+// log(x) = k ln2 + log(m), x = m 2^k with m in [sqrt(1/2), sqrt(2)) (the polynomial is in simd_log.h). Zero,
+// negative, infinite and NaN inputs are patched at the end (subnormal inputs are not needed here: the kernels take
+// the log of a sum of exps that is at least 1).
 inline FloatVec vlog(FloatVec xv) {
   const __m256 x = xv.v;
   const __m256i bits = _mm256_castps_si256(x);
@@ -166,21 +166,7 @@ inline FloatVec vlog(FloatVec xv) {
   const __m256 small = _mm256_cmp_ps(m, _mm256_set1_ps(0.707106781186547524f), _CMP_LT_OQ);
   k = _mm256_sub_ps(k, _mm256_and_ps(small, _mm256_set1_ps(1.f)));
   m = _mm256_add_ps(m, _mm256_and_ps(small, m));
-  const __m256 f = _mm256_sub_ps(m, _mm256_set1_ps(1.f));
-  const __m256 z = _mm256_mul_ps(f, f);
-  __m256 y = _mm256_set1_ps(7.0376836292e-2f);
-  y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(-1.1514610310e-1f));
-  y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(1.1676998740e-1f));
-  y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(-1.2420140846e-1f));
-  y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(1.4249322787e-1f));
-  y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(-1.6668057665e-1f));
-  y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(2.0000714765e-1f));
-  y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(-2.4999993993e-1f));
-  y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(3.3333331174e-1f));
-  y = _mm256_mul_ps(_mm256_mul_ps(y, f), z);
-  y = _mm256_fmadd_ps(k, _mm256_set1_ps(-2.12194440e-4f), y);
-  y = _mm256_fnmadd_ps(z, _mm256_set1_ps(0.5f), y);
-  __m256 result = _mm256_fmadd_ps(k, _mm256_set1_ps(0.693359375f), _mm256_add_ps(f, y));
+  __m256 result = log_from_mantissa<FloatVec>(_mm256_sub_ps(m, _mm256_set1_ps(1.f)), k).v;
   const float inf = std::numeric_limits<float>::infinity();
   result = _mm256_blendv_ps(result, _mm256_set1_ps(inf), _mm256_cmp_ps(x, _mm256_set1_ps(inf), _CMP_EQ_OQ));
   result = _mm256_blendv_ps(result, _mm256_set1_ps(-inf), _mm256_cmp_ps(x, _mm256_setzero_ps(), _CMP_EQ_OQ));

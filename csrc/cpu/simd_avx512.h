@@ -145,8 +145,8 @@ inline FloatVec vexp(FloatVec xv) {
   return _mm512_scalef_ps(_mm512_mul_ps(table, p), _mm512_mul_ps(k, _mm512_set1_ps(1.f / 16)));
 }
 
-// log(x) = k ln2 + log(m), x = m 2^k with m in [sqrt(1/2), sqrt(2)), log(m) by the Cephes logf polynomial.
-// Zero, negative, infinite and NaN inputs are patched at the end.
+// log(x) = k ln2 + log(m), x = m 2^k with m in [sqrt(1/2), sqrt(2)) (the polynomial is in simd_log.h). Zero,
+// negative, infinite and NaN inputs are patched at the end.
 inline FloatVec vlog(FloatVec xv) {
   const __m512 x = xv.v;
   __m512 m = _mm512_getmant_ps(x, _MM_MANT_NORM_p5_1, _MM_MANT_SIGN_src);  // [0.5, 1)
@@ -154,21 +154,7 @@ inline FloatVec vlog(FloatVec xv) {
   const __mmask16 small = _mm512_cmp_ps_mask(m, _mm512_set1_ps(0.707106781186547524f), _CMP_LT_OQ);
   k = _mm512_mask_sub_ps(k, small, k, _mm512_set1_ps(1.f));
   m = _mm512_mask_add_ps(m, small, m, m);
-  const __m512 f = _mm512_sub_ps(m, _mm512_set1_ps(1.f));
-  const __m512 z = _mm512_mul_ps(f, f);
-  __m512 y = _mm512_set1_ps(7.0376836292e-2f);
-  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(-1.1514610310e-1f));
-  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(1.1676998740e-1f));
-  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(-1.2420140846e-1f));
-  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(1.4249322787e-1f));
-  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(-1.6668057665e-1f));
-  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(2.0000714765e-1f));
-  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(-2.4999993993e-1f));
-  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(3.3333331174e-1f));
-  y = _mm512_mul_ps(_mm512_mul_ps(y, f), z);
-  y = _mm512_fmadd_ps(k, _mm512_set1_ps(-2.12194440e-4f), y);
-  y = _mm512_fnmadd_ps(z, _mm512_set1_ps(0.5f), y);
-  __m512 result = _mm512_fmadd_ps(k, _mm512_set1_ps(0.693359375f), _mm512_add_ps(f, y));
+  __m512 result = log_from_mantissa<FloatVec>(_mm512_sub_ps(m, _mm512_set1_ps(1.f)), k).v;
   const float inf = std::numeric_limits<float>::infinity();
   result = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, _mm512_set1_ps(inf), _CMP_EQ_OQ), result, _mm512_set1_ps(inf));
   result = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_EQ_OQ), result, _mm512_set1_ps(-inf));

@@ -391,16 +391,22 @@ __device__ __forceinline__ IndexTarget<acc_type<scalar_t>> read_index_target(con
   return target;
 }
 
+// The loss of a position and what it adds to total_weight (1 per probability-target position).
+template <typename acc_t>
+struct PositionLoss {
+  acc_t loss, counted_weight;
+};
+
 // The outputs of one position, by the thread that holds its result: lse and per-position loss where wanted, and its
 // share of this thread's running loss and target-weight sums (for store_block_partials).
 template <typename scalar_t>
 __device__ __forceinline__ void record_position(const XentParams<scalar_t>& p, int64_t r, acc_type<scalar_t> lse,
-                                                acc_type<scalar_t> loss, acc_type<scalar_t> counted_weight,
+                                                const PositionLoss<acc_type<scalar_t>>& position,
                                                 acc_type<scalar_t>& loss_acc, acc_type<scalar_t>& weight_acc) {
   if (p.lse) p.lse[r] = lse;
-  if (p.loss_rows) p.loss_rows[r] = static_cast<scalar_t>(loss);
-  loss_acc += loss;
-  weight_acc += counted_weight;
+  if (p.loss_rows) p.loss_rows[r] = static_cast<scalar_t>(position.loss);
+  loss_acc += position.loss;
+  weight_acc += position.counted_weight;
 }
 
 // This block's loss and target-weight sums into the per-block partials that finalize_kernel adds up in a fixed
@@ -430,23 +436,21 @@ __device__ __forceinline__ acc_type<scalar_t> weight_sum_or_count(const XentPara
   return p.weight_sum ? *p.weight_sum : acc_t(p.C);
 }
 
-// Loss of a class-index position and its contribution to total_weight; log_sum = st.log_sum(), lse = st.max + log_sum.
-template <typename acc_t>
-__device__ __forceinline__ void index_position_loss(int kind, acc_t weight_of_target, acc_t lse, acc_t log_sum,
-                                                    acc_t target_logit, const RowStats<acc_t>& st, acc_t weight_sum,
-                                                    acc_t eps, int64_t num_classes, acc_t& loss,
-                                                    acc_t& counted_weight) {
-  if (kind == kTargetIgnored) {
-    loss = acc_t(0);
-    counted_weight = acc_t(0);
-  } else if (kind == kTargetInvalid) {
-    loss = quiet_nan<acc_t>();
-    counted_weight = quiet_nan<acc_t>();
+// From the position's statistics, with log_sum = st.log_sum() and lse = st.max + log_sum; `target` is only read for
+// class indices.
+template <bool kProb, typename acc_t>
+__device__ __forceinline__ PositionLoss<acc_t> position_loss(const IndexTarget<acc_t>& target,
+                                                             const RowStats<acc_t>& st, acc_t lse, acc_t log_sum,
+                                                             acc_t weight_sum, acc_t eps, int64_t num_classes) {
+  if constexpr (kProb) {
+    return {prob_target_loss<acc_t>(lse, st.tsum, st.dot), acc_t(1)};
   } else {
-    const auto k = index_target_coeffs<acc_t>(weight_of_target, eps, num_classes);
-    loss = index_target_loss<acc_t>(k, lse, target_gap<acc_t>(st.finite_max(), log_sum, target_logit), weight_sum,
-                                    st.dot);
-    counted_weight = weight_of_target;
+    if (target.kind == kTargetIgnored) return {acc_t(0), acc_t(0)};
+    if (target.kind == kTargetInvalid) return {quiet_nan<acc_t>(), quiet_nan<acc_t>()};
+    const auto k = index_target_coeffs<acc_t>(target.weight, eps, num_classes);
+    const acc_t loss = index_target_loss<acc_t>(k, lse, target_gap<acc_t>(st.finite_max(), log_sum, target.logit),
+                                                weight_sum, st.dot);
+    return {loss, target.weight};
   }
 }
 
@@ -514,6 +518,20 @@ __device__ __forceinline__ GradRow<acc_t> prob_grad_row(LseParts<acc_t> lse, acc
   g.scale = scale;
   g.tsum = tsum;
   return g;
+}
+
+// The GradRow of a fused forward, from the statistics it just computed (log_sum = st.log_sum()).
+template <bool kProb, typename acc_t>
+__device__ __forceinline__ GradRow<acc_t> forward_grad_row(const IndexTarget<acc_t>& target,
+                                                           const RowStats<acc_t>& st, acc_t log_sum,
+                                                           acc_t weight_sum, acc_t eps, int64_t num_classes,
+                                                           acc_t scale) {
+  if constexpr (kProb) {
+    return prob_grad_row<acc_t>(forward_lse(st, log_sum), scale, st.tsum);
+  } else {
+    return index_grad_row<acc_t>(target.kind, target.y, target.weight, forward_lse(st, log_sum), weight_sum, eps,
+                                 num_classes, scale);
+  }
 }
 
 template <typename acc_t>

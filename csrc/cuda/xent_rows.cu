@@ -30,25 +30,15 @@ __global__ void __launch_bounds__(Group::kMaxThreads) rows_forward_kernel(const 
     const auto st = Group::allreduce(thread_row_stats<Group, kProb>(p, x, t, 0, p.C), smem);
     const acc_t log_sum = st.log_sum();
     const acc_t lse = st.max + log_sum;
-    acc_t loss, counted_weight;
-    if constexpr (kProb) {
-      loss = prob_target_loss<acc_t>(lse, st.tsum, st.dot);
-      counted_weight = 1;
-    } else {
-      index_position_loss<acc_t>(target.kind, target.weight, lse, log_sum, target.logit, st, weight_sum, eps,
-                                 p.C, loss, counted_weight);
+    if (Group::rank() == 0) {
+      const auto loss = position_loss<kProb>(target, st, lse, log_sum, weight_sum, eps, p.C);
+      record_position(p, r, lse, loss, loss_acc, weight_acc);
     }
-    if (Group::rank() == 0) record_position(p, r, lse, loss, counted_weight, loss_acc, weight_acc);
 
     if (p.grad) {
       Group::sync();  // every read of this row happens before any write of its gradient (in-place aliasing)
-      GradRow<acc_t> row;
-      if constexpr (kProb) {
-        row = prob_grad_row<acc_t>(forward_lse(st, log_sum), upstream_scale(p, pos.n, pos.s), st.tsum);
-      } else {
-        row = index_grad_row<acc_t>(target.kind, target.y, target.weight, forward_lse(st, log_sum), weight_sum, eps,
-                                    p.C, upstream_scale(p, pos.n, pos.s));
-      }
+      const auto row =
+          forward_grad_row<kProb>(target, st, log_sum, weight_sum, eps, p.C, upstream_scale(p, pos.n, pos.s));
       write_row_grad<Group, kProb>(p, x, t, p.grad + pos.offset, 0, p.C, row);
     }
   }

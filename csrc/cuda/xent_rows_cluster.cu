@@ -73,13 +73,11 @@ __global__ void __launch_bounds__(kClusterThreads, 2)
     const acc_t log_sum = st.log_sum();
     const acc_t lse = st.max + log_sum;
     if (rank == 0 && threadIdx.x == 0) {
-      acc_t loss, counted_weight;
-      index_position_loss<acc_t>(target.kind, target.weight, lse, log_sum, target.logit, st, weight_sum, eps,
-                                 p.C, loss, counted_weight);
-      record_position(p, r, lse, loss, counted_weight, loss_acc, weight_acc);
+      const auto loss = position_loss<false>(target, st, lse, log_sum, weight_sum, eps, p.C);
+      record_position(p, r, lse, loss, loss_acc, weight_acc);
     }
-    const auto row = index_grad_row<acc_t>(target.kind, target.y, target.weight, forward_lse(st, log_sum), weight_sum,
-                                           eps, p.C, upstream_scale(p, pos.n, pos.s));
+    const auto row =
+        forward_grad_row<false>(target, st, log_sum, weight_sum, eps, p.C, upstream_scale(p, pos.n, pos.s));
     write_row_grad<BlockGroup, false, scalar_t, true>(p, staged, nullptr, p.grad + pos.offset, begin, end, row);
   }
   cluster.sync();  // no block exits while another may still read its published statistics

@@ -67,10 +67,8 @@ __global__ void __launch_bounds__(256) split_combine_kernel(const XentParams<sca
 
     // The target logit is read here, before the gradient kernel that may overwrite the logits runs.
     const auto target = read_index_target(p, r, p.logits + locate(p, r).offset, p.stride_c);
-    acc_t loss, counted_weight;
-    index_position_loss<acc_t>(target.kind, target.weight, lse, log_sum, target.logit, st, weight_sum, eps,
-                               p.C, loss, counted_weight);
-    record_position(p, r, lse, loss, counted_weight, loss_acc, weight_acc);
+    const auto loss = position_loss<false>(target, st, lse, log_sum, weight_sum, eps, p.C);
+    record_position(p, r, lse, loss, loss_acc, weight_acc);
     if (p.lse_parts) {
       p.lse_parts[r] = st.finite_max();
       p.lse_parts[positions + r] = log_sum;

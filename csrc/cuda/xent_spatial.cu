@@ -109,24 +109,12 @@ __global__ void __launch_bounds__(256) spatial_forward_kernel(const XentParams<s
 
     const acc_t log_sum = st.log_sum();
     const acc_t lse = st.max + log_sum;
-    acc_t loss, counted_weight;
-    if constexpr (kProb) {
-      loss = prob_target_loss<acc_t>(lse, st.tsum, st.dot);
-      counted_weight = 1;
-    } else {
-      index_position_loss<acc_t>(target.kind, target.weight, lse, log_sum, target.logit, st, weight_sum, eps,
-                                 p.C, loss, counted_weight);
-    }
-    record_position(p, r, lse, loss, counted_weight, loss_acc, weight_acc);
+    const auto loss = position_loss<kProb>(target, st, lse, log_sum, weight_sum, eps, p.C);
+    record_position(p, r, lse, loss, loss_acc, weight_acc);
 
     if (p.grad) {
-      GradRow<acc_t> row;
-      if constexpr (kProb) {
-        row = prob_grad_row<acc_t>(forward_lse(st, log_sum), upstream_scale(p, pos.n, pos.s), st.tsum);
-      } else {
-        row = index_grad_row<acc_t>(target.kind, target.y, target.weight, forward_lse(st, log_sum), weight_sum, eps,
-                                    p.C, upstream_scale(p, pos.n, pos.s));
-      }
+      const auto row =
+          forward_grad_row<kProb>(target, st, log_sum, weight_sum, eps, p.C, upstream_scale(p, pos.n, pos.s));
       write_position_grad<scalar_t, kProb>(p, x, t, p.grad + pos.offset, row, 0, p.C);
     }
   }
