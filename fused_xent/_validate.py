@@ -64,6 +64,8 @@ def _options(reduction, ignore_index, label_smoothing) -> tuple[int, int, float]
         reduction = "mean"
     if reduction not in REDUCTIONS:
         _fail(f"reduction must be 'none', 'mean' or 'sum', got {reduction!r}")
+    if isinstance(ignore_index, torch.Tensor) and ignore_index.numel() == 1 and not ignore_index.is_floating_point():
+        ignore_index = ignore_index.item()  # as PyTorch's argument parser takes it
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
         raise TypeError(f"fused_xent.cross_entropy: ignore_index must be an int, got {ignore_index!r}")
     if isinstance(label_smoothing, torch.Tensor) and label_smoothing.dim() == 0:

@@ -1,6 +1,8 @@
 """`cross_entropy`: a drop-in for torch.nn.functional.cross_entropy backed by a fused kernel."""
 
 import torch
+from torch._C._functorch import TransformType
+from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
 from torch.autograd import forward_ad
 from torch.nn import _reduction
 
@@ -76,10 +78,19 @@ def _gradient_made_in_forward(ctx) -> torch.Tensor:
 
 
 def _function_transform_active(*tensors) -> bool:
-    """True under a torch.func transform (grad, vmap, jacrev, ...) or with forward-mode AD tangents on an input."""
+    """True under a torch.func transform (grad, vmap, jacrev, ...) or with forward-mode AD tangents on an input
+    (also while torch.compile traces one)."""
     if torch._C._are_functorch_transforms_active():
         return True
     return any(t is not None and forward_ad.unpack_dual(t).tangent is not None for t in tensors)
+
+
+def _vmap_active() -> bool:
+    """True inside vmap, where values differ per batch entry and no Python branch may depend on them. (While
+    torch.compile traces, the value checks are off anyway, and the interpreter stack cannot be read.)"""
+    if torch.compiler.is_compiling():
+        return True
+    return any(level.key() == TransformType.Vmap for level in retrieve_all_functorch_interpreters())
 
 
 class FusedCrossEntropyFunction(torch.autograd.Function):
@@ -183,10 +194,13 @@ def cross_entropy(
         input, target, weight = (_autocast_to_float32(t) for t in (input, target, weight))
     problem = prepare(input, target, weight, ignore_index, reduction, label_smoothing)
     ops = _backends.resolve(backend, problem.logits.device)
-    if not torch.compiler.is_compiling() and _function_transform_active(problem.logits, problem.target, problem.weight):
+    tensors = (problem.logits, problem.target, problem.weight)
+    if _function_transform_active(*tensors):
         # The transforms need rules (batching, forward derivatives) for every op they meet, which the fused kernels
-        # lack: compute the loss from the reference implementation's PyTorch ops, which have them. Its value checks
-        # would branch on data, which vmap cannot; an out-of-range class gives NaN instead.
+        # lack: compute the loss from the reference implementation's PyTorch ops, which have them. The value checks
+        # branch on data, which vmap cannot: under vmap an out-of-range class gives NaN instead.
+        if not _vmap_active():
+            check_values(problem, check_targets=True)
         loss = reference.cross_entropy_fwd(
             problem.logits, problem.target, problem.weight, problem.reduction, problem.ignore_index,
             problem.label_smoothing,
@@ -201,7 +215,7 @@ def cross_entropy(
         )
     if grad_mode != "recompute" and not (grad_enabled and input.requires_grad):
         grad_mode = "recompute"  # no gradient wanted (evaluation, no_grad): nothing to write, the logits stay intact
-    if grad_mode == "inplace" and isinstance(input, torch.nn.Parameter):
+    if grad_mode == "inplace" and any(isinstance(t, torch.nn.Parameter) for t in (input, input._base)):
         raise ValueError(
             "fused_xent.cross_entropy: grad_mode='inplace' would write the gradient over a Parameter, whose values "
             "the optimizer still needs: use grad_mode='in_forward'"

@@ -164,6 +164,12 @@ def test_function_transforms(kwargs):
         dual = torch.autograd.forward_ad.make_dual(x, tangent)
         jvps = [torch.autograd.forward_ad.unpack_dual(loss(dual, t)).tangent for loss in (ours, theirs)]
     torch.testing.assert_close(*jvps)
+    jvp = lambda loss: torch.func.jvp(lambda x: loss(x, t), (x,), (tangent,))[1]  # noqa: E731
+    torch.testing.assert_close(torch.compile(lambda x: jvp(ours), backend="aot_eager")(x), jvp(theirs))
+    bad = t.clone()
+    bad[1] = 5
+    with pytest.raises(IndexError, match="target 5 at position 1 is out of range"):
+        torch.func.grad(ours)(x, bad)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

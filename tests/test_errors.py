@@ -147,6 +147,8 @@ def test_what_pytorch_accepts_is_accepted(backend):
         ((x, t), {"label_smoothing": torch.tensor(0.2)}),
         ((x, t), {"label_smoothing": np.float32(0.2)}),
         ((x, t), {"reduction": "elementwise_mean"}),
+        ((x, t), {"ignore_index": torch.tensor(1)}),
+        ((x, t), {"ignore_index": torch.tensor([2], dtype=torch.int32)}),
     ]
     for args, kwargs in forms:
         expected = torch.nn.functional.cross_entropy(*args, **kwargs)

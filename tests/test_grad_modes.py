@@ -141,8 +141,10 @@ def test_no_gradient_wanted_leaves_the_logits_alone(backend, grad_mode):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_inplace_refuses_parameters_and_overlapping_logits(backend):
     target = make_class_target((4,), 5)
-    with pytest.raises(ValueError, match="over a Parameter"):
-        fused_xent.cross_entropy(torch.nn.Parameter(torch.randn(4, 5)), target, backend=backend, grad_mode="inplace")
+    parameter = torch.nn.Parameter(torch.randn(4, 5))
+    for logits in (parameter, parameter.view(4, 5), parameter[:]):
+        with pytest.raises(ValueError, match="over a Parameter"):
+            fused_xent.cross_entropy(logits, target, backend=backend, grad_mode="inplace")
     buffer = torch.randn(20, requires_grad=True)
     overlapping = (buffer * 1).as_strided((4, 5), (2, 1))
     with pytest.raises(ValueError, match="do not overlap"):

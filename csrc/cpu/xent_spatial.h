@@ -14,6 +14,9 @@ constexpr int64_t kTilePositions = 64;
 constexpr int64_t kMaxGatherClasses = (int64_t{1} << 31) / kTilePositions - 1;
 // Lane blocks whose losses are summed in vector precision before the sum moves to the block's double.
 constexpr int kLaneBlocksPerFlush = 32;
+// Classes whose terms a lane sums in one chain before adding it to its total: a lane has one accumulator per sum,
+// so summing C terms in a row would round ~C times into it (1e-5 relative at 20000 classes); blocks keep it ~sqrt.
+constexpr int64_t kLaneSumClasses = 256;
 
 // Loss and weight sums of a block's lane blocks, moved to the block's doubles every kLaneBlocksPerFlush adds.
 template <class V>
@@ -98,10 +101,27 @@ LaneTargets<V> lane_targets(const Typed<V, T>& a, int64_t position, int lanes, c
 // The per-lane sums of one pass over the classes.
 template <class V>
 struct LaneTotals {
+  V shift{0};                   // each lane's shift s of the logits for the loss sums (xent_math.h)
   V sum{0};                     // of exps, relative to the pass's reference
-  V weighted_logits{0};         // sum_c w[c] x[c] (class indices with smoothing)
+  V weighted_logits{0};         // sum_c w[c] (x[c] - s) (class indices with smoothing)
   V weighted_targets{0};        // sum_c w[c] t'[c] (probabilities)
-  V weighted_target_logits{0};  // sum_c w[c] t'[c] x[c] (probabilities)
+  V weighted_target_logits{0};  // sum_c w[c] t'[c] (x[c] - s) (probabilities)
+
+  // logit_shift per lane, from the class-0 logits: x - x is 0 exactly where x is finite.
+  void set_shift(V first_logits) { shift = select(equal(first_logits - first_logits, V(0)), first_logits, V(0)); }
+
+  // Empty sums with this shift, for one block of classes (see kLaneSumClasses).
+  LaneTotals block() const {
+    LaneTotals empty;
+    empty.shift = shift;
+    return empty;
+  }
+  void add(const LaneTotals& block) {
+    sum = sum + block.sum;
+    weighted_logits = weighted_logits + block.weighted_logits;
+    weighted_targets = weighted_targets + block.weighted_targets;
+    weighted_target_logits = weighted_target_logits + block.weighted_target_logits;
+  }
 
   // The loss terms of class c, whose logits are xv and (probabilities) targets *t.
   template <class T>
@@ -109,9 +129,9 @@ struct LaneTotals {
     if (t) {
       const V wt = smoothed_probability(V::load(t), V(a.label_smoothing), a.C) * a.weight_vec(c);
       weighted_targets = weighted_targets + wt;
-      weighted_target_logits = fmadd(wt, xv, weighted_target_logits);
+      weighted_target_logits = fmadd(wt, xv - shift, weighted_target_logits);
     } else if (a.smoothing) {
-      weighted_logits = fmadd(a.weight_vec(c), xv, weighted_logits);
+      weighted_logits = fmadd(a.weight_vec(c), xv - shift, weighted_logits);
     }
   }
 };
@@ -124,14 +144,16 @@ IndexTargetCoeffs<V> record_lanes(const Typed<V, T>& a, int64_t position, int la
   const V log_sum = vlog(totals.sum);
   const V lse = reference + log_sum;
   if (a.lse) store_lanes(a.lse + position, lse, lanes);
+  const V lse_past_shift = shifted_lse(reference, log_sum, totals.shift);
   const IndexTargetCoeffs<V> k = index_target_coeffs(targets.weight, V(a.label_smoothing), a.C);
   V loss;
   if (a.target_prob) {
-    loss = select(V::prefix(lanes), prob_target_loss(lse, totals.weighted_targets, totals.weighted_target_logits),
-                  V(0));
+    loss = select(V::prefix(lanes),
+                  prob_target_loss(lse_past_shift, totals.weighted_targets, totals.weighted_target_logits), V(0));
   } else {
-    loss = index_target_loss_given_smoothing(a.smoothing, k, lse, target_gap(reference, log_sum, targets.logit),
-                                             V(a.weight_sum), totals.weighted_logits);
+    loss = index_target_loss_given_smoothing(a.smoothing, k, lse_past_shift,
+                                             target_gap(reference, log_sum, targets.logit), V(a.weight_sum),
+                                             totals.weighted_logits);
     loss = select(targets.valid, loss, V(0));
   }
   sums.add(loss, targets.weight, result);
@@ -183,13 +205,20 @@ void lanes_forward(const Typed<V, T>& a, int64_t position, int lanes, const type
   // Lanes whose logits are all -inf take exps relative to 0 (exp(-inf) = 0) instead of exp(-inf + inf) = NaN.
   const V ref = select(equal(max, V(kNegInf)), V(0), max);
 
+  // The max is known before the sums here, so it is the shift: every x - s <= 0, and the loss terms
+  // W log_sum - sum_c w[c] (x[c] - s) add two non-negative parts, with no cancellation at all.
   LaneTotals<V> totals;
-  for (int64_t c = 0; c < C; ++c) {
-    const V xv = V::load(x + c * stride);
-    const V e = vexp(xv - ref);
-    totals.sum = totals.sum + e;
-    if (exps) V::store(exps + c * W, e);
-    totals.add_class(a, c, xv, t ? t + c * stride : nullptr);
+  totals.shift = ref;
+  for (int64_t c0 = 0; c0 < C; c0 += kLaneSumClasses) {
+    LaneTotals<V> block = totals.block();
+    for (int64_t c = c0; c < std::min(C, c0 + kLaneSumClasses); ++c) {
+      const V xv = V::load(x + c * stride);
+      const V e = vexp(xv - ref);
+      block.sum = block.sum + e;
+      if (exps) V::store(exps + c * W, e);
+      block.add_class(a, c, xv, t ? t + c * stride : nullptr);
+    }
+    totals.add(block);
   }
   const IndexTargetCoeffs<V> k = record_lanes(a, position, lanes, targets, ref, totals, sums, result);
   if (!g) return;
