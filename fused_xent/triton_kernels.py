@@ -127,13 +127,26 @@ def _weighted_smoothed_target(target_ptr, weight_ptr, ptrs, mask, cols, label_sm
 
 
 @triton.jit
-def _range_statistics(logits_ptr, target_ptr, weight_ptr, offset, in_range, c_begin, c_stop, C, stride_c,
-                      label_smoothing, PROB_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+def _logit_shift(logits_ptr, offset, in_range, NEEDED: tl.constexpr, ACC, BLOCK_P: tl.constexpr):
+    """Each position's first logit, or 0 where it is not finite (or not NEEDED): the loss sums are taken relative to
+    it, so that they do not carry the logits' common offset (xent_math.h logit_shift)."""
+    if NEEDED:
+        first = tl.load(logits_ptr + offset, mask=in_range, other=0.0).to(ACC)
+        shift = tl.where((first > float("-inf")) & (first < float("inf")), first, 0.0)
+    else:
+        shift = tl.zeros([BLOCK_P], ACC)
+    return shift
+
+
+@triton.jit
+def _range_statistics(logits_ptr, target_ptr, weight_ptr, offset, in_range, logit_shift, c_begin, c_stop, C,
+                      stride_c, label_smoothing, PROB_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr,
                       HAS_SMOOTHING: tl.constexpr, ACC, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     """One pass over the classes [c_begin, c_stop) of a block of positions (online softmax; c_stop - c_begin is a
-    multiple of BLOCK_C or reaches C). Returns the running max, sum_c exp(x[c] - max) and two sums:
-    probability targets: T = sum_c w[c] t'[c] and sum_c w[c] t'[c] x[c];
-    class indices with smoothing: sum_c w[c] x[c] (and an unused zero)."""
+    multiple of BLOCK_C or reaches C). Returns the running max, sum_c exp(x[c] - max) and two sums, with s the
+    positions' logit_shift:
+    probability targets: T = sum_c w[c] t'[c] and sum_c w[c] t'[c] (x[c] - s);
+    class indices with smoothing: sum_c w[c] (x[c] - s) (and an unused zero)."""
     running_max = tl.full([BLOCK_P], float("-inf"), ACC)
     scaled_sum = tl.zeros([BLOCK_P], ACC)  # sum_c exp(x[c] - running_max)
     sum_a = tl.zeros([BLOCK_P], ACC)
@@ -154,11 +167,12 @@ def _range_statistics(logits_ptr, target_ptr, weight_ptr, offset, in_range, c_be
                                                         HAS_WEIGHT, HAS_SMOOTHING, ACC)
             sum_a += tl.sum(weighted_target, axis=1)
             # Masked lanes hold x = -inf; keep them out of the product (0 * -inf is NaN).
-            sum_b += tl.sum(tl.where(mask, weighted_target * x, 0.0), axis=1)
+            sum_b += tl.sum(tl.where(mask, weighted_target * (x - logit_shift[:, None]), 0.0), axis=1)
         elif HAS_SMOOTHING:
+            shifted = x - logit_shift[:, None]
             if HAS_WEIGHT:
-                x = x * _class_weight_tile(weight_ptr, cols, C, ACC)
-            sum_a += tl.sum(tl.where(mask, x, 0.0), axis=1)
+                shifted = shifted * _class_weight_tile(weight_ptr, cols, C, ACC)
+            sum_a += tl.sum(tl.where(mask, shifted, 0.0), axis=1)
     return running_max, scaled_sum, sum_a, sum_b
 
 
@@ -188,12 +202,12 @@ def _lse_parts(running_max, scaled_sum):
 
 
 @triton.jit
-def _index_target_loss(lse, target_gap, weight_of_target, weight_sum, weighted_logit_sum, label_smoothing, C,
-                       HAS_SMOOTHING: tl.constexpr):
-    """(1-eps) w[y] (lse - x[y]) + (eps/C) (W lse - sum_c w[c] x[c]); xent_math.h index_target_loss."""
+def _index_target_loss(shifted_lse, target_gap, weight_of_target, weight_sum, shifted_weighted_logit_sum,
+                       label_smoothing, C, HAS_SMOOTHING: tl.constexpr):
+    """(1-eps) w[y] (lse - x[y]) + (eps/C) (W (lse - s) - sum_c w[c] (x[c] - s)); xent_math.h index_target_loss."""
     loss = (1.0 - label_smoothing) * weight_of_target * target_gap
     if HAS_SMOOTHING:
-        loss += label_smoothing / C * (weight_sum * lse - weighted_logit_sum)
+        loss += label_smoothing / C * (weight_sum * shifted_lse - shifted_weighted_logit_sum)
     return loss
 
 
@@ -274,16 +288,18 @@ def _forward_kernel(logits_ptr, target_ptr, weight_ptr, weight_sum_ptr, total_we
                                                           HAS_WEIGHT, ACC)
         # Gathered before the row pass: when the gradient overwrites the logits, x[y] is gone by the second pass.
         target_logit = tl.load(logits_ptr + offset + safe_y * stride_c, mask=counted, other=0.0).to(ACC)
+    logit_shift = _logit_shift(logits_ptr, offset, in_range, PROB_TARGET or HAS_SMOOTHING, ACC, BLOCK_P)
     running_max, scaled_sum, sum_a, sum_b = _range_statistics(
-        logits_ptr, target_ptr, weight_ptr, offset, in_range, 0, C, C, stride_c, label_smoothing, PROB_TARGET,
-        HAS_WEIGHT, HAS_SMOOTHING, ACC, BLOCK_P, BLOCK_C)
+        logits_ptr, target_ptr, weight_ptr, offset, in_range, logit_shift, 0, C, C, stride_c, label_smoothing,
+        PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING, ACC, BLOCK_P, BLOCK_C)
     weight_sum = _class_weight_sum(weight_sum_ptr, C, HAS_WEIGHT, ACC)
     reference, log_sum, lse = _lse_parts(running_max, scaled_sum)
+    shifted_lse = (reference - logit_shift) + log_sum
     if PROB_TARGET:
-        loss = sum_a * lse - sum_b  # xent_math.h prob_target_loss: T lse - sum_c w[c] t'[c] x[c]
+        loss = sum_a * shifted_lse - sum_b  # xent_math.h prob_target_loss: T (lse - s) - sum_c w[c] t'[c] (x[c] - s)
     else:
-        loss = _index_target_loss(lse, (reference - target_logit) + log_sum, weight_of_target, weight_sum, sum_a,
-                                  label_smoothing, C, HAS_SMOOTHING)
+        loss = _index_target_loss(shifted_lse, (reference - target_logit) + log_sum, weight_of_target, weight_sum,
+                                  sum_a, label_smoothing, C, HAS_SMOOTHING)
         loss = tl.where(counted, loss, 0.0)  # stays NaN for an out-of-range target: its weight is NaN
     tl.store(loss_ptr + index, loss.to(loss_ptr.dtype.element_ty), mask=in_range)
 
@@ -311,14 +327,16 @@ def _split_statistics_kernel(logits_ptr, weight_ptr, stats_ptr, num_positions, S
                              split_len, SPATIAL: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
                              BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     """Program (position block, k): the online-softmax state of classes [k split_len, (k+1) split_len) of its
-    positions (class-index targets) into stats[0 / 1 / 2, k, position] = running max, scaled sum, sum_c w[c] x[c]."""
+    positions (class-index targets) into stats[0 / 1 / 2, k, position] = running max, scaled sum,
+    sum_c w[c] (x[c] - s) (s: the position's _logit_shift, the same for every range)."""
     ACC = stats_ptr.dtype.element_ty
     _, _, index, offset, in_range = _position_block(num_positions, S, stride_n, stride_s, BLOCK_P, SPATIAL)
     split = tl.program_id(1).to(tl.int64)
     c_begin = split * split_len
+    logit_shift = _logit_shift(logits_ptr, offset, in_range, HAS_SMOOTHING, ACC, BLOCK_P)
     running_max, scaled_sum, weighted_logit_sum, _ = _range_statistics(
-        logits_ptr, None, weight_ptr, offset, in_range, c_begin, tl.minimum(c_begin + split_len, C), C,
-        stride_c, 0.0, False, HAS_WEIGHT, HAS_SMOOTHING, ACC, BLOCK_P, BLOCK_C)
+        logits_ptr, None, weight_ptr, offset, in_range, logit_shift, c_begin, tl.minimum(c_begin + split_len, C),
+        C, stride_c, 0.0, False, HAS_WEIGHT, HAS_SMOOTHING, ACC, BLOCK_P, BLOCK_C)
     plane = tl.num_programs(1).to(tl.int64) * num_positions
     at = split * num_positions + index
     tl.store(stats_ptr + at, running_max, mask=in_range)
@@ -358,8 +376,9 @@ def _split_combine_kernel(stats_ptr, logits_ptr, target_ptr, weight_ptr, weight_
     target_logit = tl.load(logits_ptr + offset + safe_y * stride_c, mask=counted, other=0.0).to(ACC)
     reference, log_sum, lse = _lse_parts(running_max, scaled_sum)
     weight_sum = _class_weight_sum(weight_sum_ptr, C, HAS_WEIGHT, ACC)
-    loss = _index_target_loss(lse, (reference - target_logit) + log_sum, weight_of_target, weight_sum,
-                              weighted_logit_sum, label_smoothing, C, HAS_SMOOTHING)
+    logit_shift = _logit_shift(logits_ptr, offset, in_range, HAS_SMOOTHING, ACC, BLOCK)
+    loss = _index_target_loss((reference - logit_shift) + log_sum, (reference - target_logit) + log_sum,
+                              weight_of_target, weight_sum, weighted_logit_sum, label_smoothing, C, HAS_SMOOTHING)
     tl.store(loss_ptr + index, tl.where(counted, loss, 0.0).to(loss_ptr.dtype.element_ty), mask=in_range)
     if LSE_PARTS:
         tl.store(lse_ptr + index, reference, mask=in_range)

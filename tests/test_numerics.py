@@ -42,10 +42,9 @@ def test_huge_logits(backend, smoothing, shape):
 def test_near_ties_at_huge_logits(backend, shape):
     """Logits near 1.2e4 whose top classes lie within a unit of each other, so that the softmax is not one-hot.
     The loss keeps float32 precision: lse - x[y] is taken as (max - x[y]) + log(sum), where lse itself is rounded
-    by up to |lse| * 2^-24 (~7e-4); the smoothing term eps/C (W lse - sum_c w[c] x[c]) still cancels at that scale,
-    by about eps times that rounding. The gradient made in the forward keeps float32 precision too; the recomputing
-    backward only has the saved float32 lse, so its p = exp(x - lse) is off by up to that rounding, relatively
-    (README, "Precision at huge logits")."""
+    by up to |lse| * 2^-24 (~7e-4), and the smoothing sums relative to a logit of the position. The gradient made
+    in the forward keeps float32 precision too; the recomputing backward only has the saved float32 lse, so its
+    p = exp(x - lse) is off by up to that rounding, relatively (README, "Precision at huge logits")."""
     g = torch.Generator().manual_seed(8)
     logits = torch.randn(shape, generator=g) * 10 + 12345.6
     logits[:, 7] = 12380.3
@@ -59,12 +58,32 @@ def test_near_ties_at_huge_logits(backend, shape):
         for grad_mode in ("recompute", "in_forward", "inplace"):
             what = f"{grad_mode}, label_smoothing={smoothing}"
             loss, grad = fused(logits, target, torch.ones(()), backend, grad_mode=grad_mode, label_smoothing=smoothing)
-            torch.testing.assert_close(loss.double(), expected_loss, rtol=2e-6, atol=4 * smoothing * lse_rounding,
-                                       msg=f"loss {what}")
+            torch.testing.assert_close(loss.double(), expected_loss, rtol=2e-6, atol=0, msg=f"loss {what}")
             exact = grad_mode != "recompute" or backend == "torch"
             rtol = 2e-6 if exact else 2 * lse_rounding
             torch.testing.assert_close(grad.double(), expected_grad, rtol=rtol,
                                        atol=rtol * expected_grad.abs().max().item(), msg=f"grad {what}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", [(16, 1000), (3, 5000), (4, 300, 37), (6, 19, 40), (3, 20000, 5)], ids=str)
+def test_loss_sums_at_offset_logits(backend, shape):
+    """The terms W lse - sum_c w[c] x[c] (label smoothing) and T lse - sum_c w[c] t'[c] x[c] (probability targets)
+    subtract two sums of ~C * offset: taken relative to a logit of the position, they keep float32 precision
+    however far the logits are from 0 (PyTorch, summing log-probabilities, does too)."""
+    g = torch.Generator().manual_seed(9)
+    num_classes = shape[1]
+    weight = torch.rand(num_classes, generator=g) + 0.5
+    for offset in (1e3, 1.2e4):
+        logits = torch.randn(shape, generator=g) * 2 + offset
+        probabilities = torch.softmax(torch.randn(shape, generator=g) * 3, 1)
+        classes = make_class_target(shape[:1] + shape[2:], num_classes, generator=g)
+        cases = [(probabilities, {}), (probabilities, {"weight": weight, "label_smoothing": 0.2}),
+                 (classes, {"label_smoothing": 0.3}), (classes, {"weight": weight, "label_smoothing": 1.0})]
+        for target, kwargs in cases:
+            loss = fused_xent.cross_entropy(logits, target, reduction="none", backend=backend, **kwargs)
+            expected = torch_reference(logits, target, torch.ones(loss.shape), reduction="none", **kwargs)[0]
+            torch.testing.assert_close(loss.double(), expected, rtol=2e-6, atol=0, msg=f"{offset} {kwargs}")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -94,7 +94,8 @@ __device__ __forceinline__ acc_t class_weight(const acc_t* weight, int64_t c) {
 // ---------------------------------------------------------------------------------------------------------------
 // Statistics of (part of) one position: an online softmax pair plus two plain sums.
 //   max, sum: sum = sum_c exp(x[c] - max); -inf / 0 while empty.
-//   dot:      sum_c w[c] x[c] (class indices with smoothing) or sum_c w[c] t'[c] x[c] (probabilities).
+//   dot:      sum_c w[c] (x[c] - s) (class indices with smoothing) or sum_c w[c] t'[c] (x[c] - s) (probabilities),
+//             s the position's logit_shift (xent_math.h), the same for every part of a position.
 //   tsum:     sum_c w[c] t'[c] (probabilities).
 // NaN logits never become the max (the comparisons are false) but poison `sum`, so lse is NaN, as in PyTorch.
 template <typename acc_t>
@@ -436,20 +437,28 @@ __device__ __forceinline__ acc_type<scalar_t> weight_sum_or_count(const XentPara
   return p.weight_sum ? *p.weight_sum : acc_t(p.C);
 }
 
-// From the position's statistics, with log_sum = st.log_sum() and lse = st.max + log_sum; `target` is only read for
-// class indices.
+// The shift of position r's loss sums (st.dot), read from its class-0 logit; 0 when no sum is taken.
+template <bool kProb, typename scalar_t>
+__device__ __forceinline__ acc_type<scalar_t> position_logit_shift(const XentParams<scalar_t>& p, const scalar_t* x) {
+  using acc_t = acc_type<scalar_t>;
+  return kProb || p.label_smoothing != acc_t(0) ? logit_shift<acc_t>(static_cast<acc_t>(x[0])) : acc_t(0);
+}
+
+// From the position's statistics, with log_sum = st.log_sum() and `shift` the one st.dot was taken with; `target`
+// is only read for class indices.
 template <bool kProb, typename acc_t>
 __device__ __forceinline__ PositionLoss<acc_t> position_loss(const IndexTarget<acc_t>& target,
-                                                             const RowStats<acc_t>& st, acc_t lse, acc_t log_sum,
+                                                             const RowStats<acc_t>& st, acc_t log_sum, acc_t shift,
                                                              acc_t weight_sum, acc_t eps, int64_t num_classes) {
+  const acc_t lse_past_shift = shifted_lse<acc_t>(st.finite_max(), log_sum, shift);
   if constexpr (kProb) {
-    return {prob_target_loss<acc_t>(lse, st.tsum, st.dot), acc_t(1)};
+    return {prob_target_loss<acc_t>(lse_past_shift, st.tsum, st.dot), acc_t(1)};
   } else {
     if (target.kind == kTargetIgnored) return {acc_t(0), acc_t(0)};
     if (target.kind == kTargetInvalid) return {quiet_nan<acc_t>(), quiet_nan<acc_t>()};
     const auto k = index_target_coeffs<acc_t>(target.weight, eps, num_classes);
-    const acc_t loss = index_target_loss<acc_t>(k, lse, target_gap<acc_t>(st.finite_max(), log_sum, target.logit),
-                                                weight_sum, st.dot);
+    const acc_t loss = index_target_loss<acc_t>(
+        k, lse_past_shift, target_gap<acc_t>(st.finite_max(), log_sum, target.logit), weight_sum, st.dot);
     return {loss, target.weight};
   }
 }
