@@ -167,6 +167,43 @@ class FusedCrossEntropyFunction(torch.autograd.Function):
         return grad_logits, grad_target, grad_weight, None, None, None, None, None
 
 
+def _loss_from_reference_ops(problem):
+    """The loss under a function transform, which needs rules (batching, forward derivatives) for every op it meets:
+    the fused kernels have none, the reference implementation's PyTorch ops have them all. The value checks branch
+    on data, which vmap cannot: under vmap an out-of-range class gives NaN instead."""
+    if not _vmap_active():
+        check_values(problem, check_targets=True)
+    loss = reference.cross_entropy_fwd(
+        problem.logits, problem.target, problem.weight, problem.reduction, problem.ignore_index,
+        problem.label_smoothing,
+    )[0]
+    return loss.view(problem.loss_shape) if problem.reduction == REDUCTION_NONE else loss
+
+
+def _grad_mode_to_run(grad_mode, input, weight, problem) -> str:
+    """grad_mode as the call will run it, after the checks of the gradients asked for: "recompute" when no gradient
+    is wanted (evaluation, no_grad), where there is nothing to write and the logits must stay intact."""
+    grad_enabled = torch.is_grad_enabled()
+    if grad_enabled and weight is not None and weight.requires_grad and not problem.prob_target:
+        raise RuntimeError(
+            "fused_xent.cross_entropy: the loss of class-index targets is not differentiable with respect to weight "
+            "(as in PyTorch): pass weight.detach() (probability targets do give weight a gradient)"
+        )
+    if not (grad_enabled and input.requires_grad):
+        return "recompute"
+    if grad_mode == "inplace" and any(isinstance(t, torch.nn.Parameter) for t in (input, input._base)):
+        raise ValueError(
+            "fused_xent.cross_entropy: grad_mode='inplace' would write the gradient over a Parameter, whose values "
+            "the optimizer still needs: use grad_mode='in_forward'"
+        )
+    if grad_mode == "inplace" and (not problem.logits_are_input or may_overlap(problem.logits)):
+        raise ValueError(
+            "fused_xent.cross_entropy: grad_mode='inplace' needs logits that can be viewed as (N, C, S) without a "
+            "copy and whose elements do not overlap (and of the dtype of the target, for probability targets)"
+        )
+    return grad_mode
+
+
 def cross_entropy(
     input,
     target,
@@ -194,37 +231,10 @@ def cross_entropy(
         input, target, weight = (_autocast_to_float32(t) for t in (input, target, weight))
     problem = prepare(input, target, weight, ignore_index, reduction, label_smoothing)
     ops = _backends.resolve(backend, problem.logits.device)
-    tensors = (problem.logits, problem.target, problem.weight)
-    if _function_transform_active(*tensors):
-        # The transforms need rules (batching, forward derivatives) for every op they meet, which the fused kernels
-        # lack: compute the loss from the reference implementation's PyTorch ops, which have them. The value checks
-        # branch on data, which vmap cannot: under vmap an out-of-range class gives NaN instead.
-        if not _vmap_active():
-            check_values(problem, check_targets=True)
-        loss = reference.cross_entropy_fwd(
-            problem.logits, problem.target, problem.weight, problem.reduction, problem.ignore_index,
-            problem.label_smoothing,
-        )[0]
-        return loss.view(problem.loss_shape) if problem.reduction == REDUCTION_NONE else loss
+    if _function_transform_active(problem.logits, problem.target, problem.weight):
+        return _loss_from_reference_ops(problem)
     check_values(problem, check_targets=not ops.checks_targets)
-    grad_enabled = torch.is_grad_enabled()
-    if grad_enabled and weight is not None and weight.requires_grad and not problem.prob_target:
-        raise RuntimeError(
-            "fused_xent.cross_entropy: the loss of class-index targets is not differentiable with respect to weight "
-            "(as in PyTorch): pass weight.detach() (probability targets do give weight a gradient)"
-        )
-    if grad_mode != "recompute" and not (grad_enabled and input.requires_grad):
-        grad_mode = "recompute"  # no gradient wanted (evaluation, no_grad): nothing to write, the logits stay intact
-    if grad_mode == "inplace" and any(isinstance(t, torch.nn.Parameter) for t in (input, input._base)):
-        raise ValueError(
-            "fused_xent.cross_entropy: grad_mode='inplace' would write the gradient over a Parameter, whose values "
-            "the optimizer still needs: use grad_mode='in_forward'"
-        )
-    if grad_mode == "inplace" and (not problem.logits_are_input or may_overlap(problem.logits)):
-        raise ValueError(
-            "fused_xent.cross_entropy: grad_mode='inplace' needs logits that can be viewed as (N, C, S) without a "
-            "copy and whose elements do not overlap (and of the dtype of the target, for probability targets)"
-        )
+    grad_mode = _grad_mode_to_run(grad_mode, input, weight, problem)
     loss = FusedCrossEntropyFunction.apply(
         problem.logits, problem.target, problem.weight, problem.reduction, problem.ignore_index,
         problem.label_smoothing, ops.name, grad_mode,
