@@ -127,30 +127,18 @@ def _weighted_smoothed_target(target_ptr, weight_ptr, ptrs, mask, cols, label_sm
 
 
 @triton.jit
-def _logit_shift(logits_ptr, offset, in_range, NEEDED: tl.constexpr, ACC, BLOCK_P: tl.constexpr):
-    """Each position's first logit, or 0 where it is not finite (or not NEEDED): the loss sums are taken relative to
-    it, so that they do not carry the logits' common offset (xent_math.h logit_shift)."""
-    if NEEDED:
-        first = tl.load(logits_ptr + offset, mask=in_range, other=0.0).to(ACC)
-        shift = tl.where((first > float("-inf")) & (first < float("inf")), first, 0.0)
-    else:
-        shift = tl.zeros([BLOCK_P], ACC)
-    return shift
-
-
-@triton.jit
-def _range_statistics(logits_ptr, target_ptr, weight_ptr, offset, in_range, logit_shift, c_begin, c_stop, C,
-                      stride_c, label_smoothing, PROB_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+def _range_statistics(logits_ptr, target_ptr, weight_ptr, offset, in_range, c_begin, c_stop, C, stride_c,
+                      label_smoothing, PROB_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr,
                       HAS_SMOOTHING: tl.constexpr, ACC, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     """One pass over the classes [c_begin, c_stop) of a block of positions (online softmax; c_stop - c_begin is a
-    multiple of BLOCK_C or reaches C). Returns the running max, sum_c exp(x[c] - max) and two sums, with s the
-    positions' logit_shift:
-    probability targets: T = sum_c w[c] t'[c] and sum_c w[c] t'[c] (x[c] - s);
-    class indices with smoothing: sum_c w[c] (x[c] - s) (and an unused zero)."""
+    multiple of BLOCK_C or reaches C). Returns the running max, sum_c exp(x[c] - max), and with a[c] = w[c] t'[c]
+    (probability targets) or w[c] (class indices with smoothing) A = sum_c a[c] and sum_c a[c] (x[c] - m), m the
+    max (0 while -inf): relative to it, the loss adds two non-negative parts (xent_math.h); moved by A (m - m')
+    whenever the max rises to m'."""
     running_max = tl.full([BLOCK_P], float("-inf"), ACC)
     scaled_sum = tl.zeros([BLOCK_P], ACC)  # sum_c exp(x[c] - running_max)
-    sum_a = tl.zeros([BLOCK_P], ACC)
-    sum_b = tl.zeros([BLOCK_P], ACC)
+    term_weights = tl.zeros([BLOCK_P], ACC)  # A
+    relative_dot = tl.zeros([BLOCK_P], ACC)
     for c0 in range(c_begin, c_stop, BLOCK_C):
         cols = c0 + tl.arange(0, BLOCK_C)
         mask = in_range[:, None] & (cols < C)[None, :]
@@ -158,22 +146,24 @@ def _range_statistics(logits_ptr, target_ptr, weight_ptr, offset, in_range, logi
         x = tl.load(logits_ptr + ptrs, mask=mask, other=float("-inf")).to(ACC)
         new_max = tl.maximum(running_max, tl.max(x, axis=1))
         # While a row has seen only -inf, shift by 0 instead: exp(-inf - -inf) would be NaN.
+        previous_shift = tl.where(running_max == float("-inf"), 0.0, running_max)
         shift = tl.where(new_max == float("-inf"), 0.0, new_max)
         scaled_sum = (scaled_sum * tl.exp2((running_max - shift) * LOG2E)
                       + tl.sum(tl.exp2((x - shift[:, None]) * LOG2E), axis=1))
         running_max = new_max
-        if PROB_TARGET:
-            weighted_target = _weighted_smoothed_target(target_ptr, weight_ptr, ptrs, mask, cols, label_smoothing, C,
+        if PROB_TARGET or HAS_SMOOTHING:
+            if PROB_TARGET:
+                term_weight = _weighted_smoothed_target(target_ptr, weight_ptr, ptrs, mask, cols, label_smoothing, C,
                                                         HAS_WEIGHT, HAS_SMOOTHING, ACC)
-            sum_a += tl.sum(weighted_target, axis=1)
+            elif HAS_WEIGHT:
+                term_weight = tl.where(mask, _class_weight_tile(weight_ptr, cols, C, ACC), 0.0)
+            else:
+                term_weight = tl.where(mask, 1.0, 0.0)
             # Masked lanes hold x = -inf; keep them out of the product (0 * -inf is NaN).
-            sum_b += tl.sum(tl.where(mask, weighted_target * (x - logit_shift[:, None]), 0.0), axis=1)
-        elif HAS_SMOOTHING:
-            shifted = x - logit_shift[:, None]
-            if HAS_WEIGHT:
-                shifted = shifted * _class_weight_tile(weight_ptr, cols, C, ACC)
-            sum_a += tl.sum(tl.where(mask, shifted, 0.0), axis=1)
-    return running_max, scaled_sum, sum_a, sum_b
+            terms = tl.where(mask, term_weight * (x - shift[:, None]), 0.0)
+            relative_dot = relative_dot + term_weights * (previous_shift - shift) + tl.sum(terms, axis=1)
+            term_weights += tl.sum(term_weight, axis=1)
+    return running_max, scaled_sum, term_weights, relative_dot
 
 
 @triton.jit
@@ -202,12 +192,13 @@ def _lse_parts(running_max, scaled_sum):
 
 
 @triton.jit
-def _index_target_loss(shifted_lse, target_gap, weight_of_target, weight_sum, shifted_weighted_logit_sum,
+def _index_target_loss(log_sum, target_gap, weight_of_target, weight_sum, relative_weighted_logit_sum,
                        label_smoothing, C, HAS_SMOOTHING: tl.constexpr):
-    """(1-eps) w[y] (lse - x[y]) + (eps/C) (W (lse - s) - sum_c w[c] (x[c] - s)); xent_math.h index_target_loss."""
+    """(1-eps) w[y] (lse - x[y]) + (eps/C) (W log_sum - sum_c w[c] (x[c] - m)), m the reference of log_sum;
+    xent_math.h index_target_loss."""
     loss = (1.0 - label_smoothing) * weight_of_target * target_gap
     if HAS_SMOOTHING:
-        loss += label_smoothing / C * (weight_sum * shifted_lse - shifted_weighted_logit_sum)
+        loss += label_smoothing / C * (weight_sum * log_sum - relative_weighted_logit_sum)
     return loss
 
 
@@ -288,18 +279,17 @@ def _forward_kernel(logits_ptr, target_ptr, weight_ptr, weight_sum_ptr, total_we
                                                           HAS_WEIGHT, ACC)
         # Gathered before the row pass: when the gradient overwrites the logits, x[y] is gone by the second pass.
         target_logit = tl.load(logits_ptr + offset + safe_y * stride_c, mask=counted, other=0.0).to(ACC)
-    logit_shift = _logit_shift(logits_ptr, offset, in_range, PROB_TARGET or HAS_SMOOTHING, ACC, BLOCK_P)
-    running_max, scaled_sum, sum_a, sum_b = _range_statistics(
-        logits_ptr, target_ptr, weight_ptr, offset, in_range, logit_shift, 0, C, C, stride_c, label_smoothing,
-        PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING, ACC, BLOCK_P, BLOCK_C)
+    running_max, scaled_sum, term_weights, relative_dot = _range_statistics(
+        logits_ptr, target_ptr, weight_ptr, offset, in_range, 0, C, C, stride_c, label_smoothing, PROB_TARGET,
+        HAS_WEIGHT, HAS_SMOOTHING, ACC, BLOCK_P, BLOCK_C)
     weight_sum = _class_weight_sum(weight_sum_ptr, C, HAS_WEIGHT, ACC)
     reference, log_sum, lse = _lse_parts(running_max, scaled_sum)
-    shifted_lse = (reference - logit_shift) + log_sum
     if PROB_TARGET:
-        loss = sum_a * shifted_lse - sum_b  # xent_math.h prob_target_loss: T (lse - s) - sum_c w[c] t'[c] (x[c] - s)
+        # xent_math.h prob_target_loss: T log_sum - sum_c w[c] t'[c] (x[c] - reference), T = term_weights
+        loss = term_weights * log_sum - relative_dot
     else:
-        loss = _index_target_loss(shifted_lse, (reference - target_logit) + log_sum, weight_of_target, weight_sum,
-                                  sum_a, label_smoothing, C, HAS_SMOOTHING)
+        loss = _index_target_loss(log_sum, (reference - target_logit) + log_sum, weight_of_target, weight_sum,
+                                  relative_dot, label_smoothing, C, HAS_SMOOTHING)
         loss = tl.where(counted, loss, 0.0)  # stays NaN for an out-of-range target: its weight is NaN
     tl.store(loss_ptr + index, loss.to(loss_ptr.dtype.element_ty), mask=in_range)
 
@@ -310,7 +300,7 @@ def _forward_kernel(logits_ptr, target_ptr, weight_ptr, weight_sum_ptr, total_we
         if PROB_TARGET:
             # (prob_coef, class_coef) = (scale T, scale); safe_y and target_coef are not read for probabilities.
             _store_grad(logits_ptr, target_ptr, weight_ptr, grad_ptr, offset, in_range, in_range, reference, log_sum,
-                        safe_y, scale * sum_a, scale, scale, 0, C, C, stride_c, label_smoothing,
+                        safe_y, scale * term_weights, scale, scale, 0, C, C, stride_c, label_smoothing,
                         PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING, ACC, BLOCK_C)
         else:
             prob_coef, class_coef, target_coef = _index_grad_coeffs(weight_of_target, weight_sum, scale,
@@ -327,22 +317,22 @@ def _split_statistics_kernel(logits_ptr, weight_ptr, stats_ptr, num_positions, S
                              split_len, SPATIAL: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
                              BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     """Program (position block, k): the online-softmax state of classes [k split_len, (k+1) split_len) of its
-    positions (class-index targets) into stats[0 / 1 / 2, k, position] = running max, scaled sum,
-    sum_c w[c] (x[c] - s) (s: the position's _logit_shift, the same for every range)."""
+    positions (class-index targets) into stats[0 / 1 / 2 / 3, k, position] = running max, scaled sum, and with
+    smoothing sum_c w[c] and sum_c w[c] (x[c] - m), m the range's max (see _range_statistics)."""
     ACC = stats_ptr.dtype.element_ty
     _, _, index, offset, in_range = _position_block(num_positions, S, stride_n, stride_s, BLOCK_P, SPATIAL)
     split = tl.program_id(1).to(tl.int64)
     c_begin = split * split_len
-    logit_shift = _logit_shift(logits_ptr, offset, in_range, HAS_SMOOTHING, ACC, BLOCK_P)
-    running_max, scaled_sum, weighted_logit_sum, _ = _range_statistics(
-        logits_ptr, None, weight_ptr, offset, in_range, logit_shift, c_begin, tl.minimum(c_begin + split_len, C),
-        C, stride_c, 0.0, False, HAS_WEIGHT, HAS_SMOOTHING, ACC, BLOCK_P, BLOCK_C)
+    running_max, scaled_sum, term_weights, relative_dot = _range_statistics(
+        logits_ptr, None, weight_ptr, offset, in_range, c_begin, tl.minimum(c_begin + split_len, C), C, stride_c,
+        0.0, False, HAS_WEIGHT, HAS_SMOOTHING, ACC, BLOCK_P, BLOCK_C)
     plane = tl.num_programs(1).to(tl.int64) * num_positions
     at = split * num_positions + index
     tl.store(stats_ptr + at, running_max, mask=in_range)
     tl.store(stats_ptr + plane + at, scaled_sum, mask=in_range)
     if HAS_SMOOTHING:
-        tl.store(stats_ptr + 2 * plane + at, weighted_logit_sum, mask=in_range)
+        tl.store(stats_ptr + 2 * plane + at, term_weights, mask=in_range)
+        tl.store(stats_ptr + 3 * plane + at, relative_dot, mask=in_range)
 
 
 @triton.jit
@@ -359,7 +349,9 @@ def _split_combine_kernel(stats_ptr, logits_ptr, target_ptr, weight_ptr, weight_
     plane = splits.to(tl.int64) * num_positions
     running_max = tl.full([BLOCK], float("-inf"), ACC)
     scaled_sum = tl.zeros([BLOCK], ACC)
-    weighted_logit_sum = tl.zeros([BLOCK], ACC)
+    term_weights = tl.zeros([BLOCK], ACC)
+    relative_dot = tl.zeros([BLOCK], ACC)  # relative to the running reference, moved as in _range_statistics
+    reference = tl.zeros([BLOCK], ACC)
     for split in range(0, splits):
         at = split * num_positions + index
         part_max = tl.load(stats_ptr + at, mask=in_range, other=float("-inf"))
@@ -370,15 +362,20 @@ def _split_combine_kernel(stats_ptr, logits_ptr, target_ptr, weight_ptr, weight_
                       + part_sum * tl.exp2((part_max - shift) * LOG2E))
         running_max = new_max
         if HAS_SMOOTHING:
-            weighted_logit_sum += tl.load(stats_ptr + 2 * plane + at, mask=in_range, other=0.0)
+            part_weights = tl.load(stats_ptr + 2 * plane + at, mask=in_range, other=0.0)
+            part_dot = tl.load(stats_ptr + 3 * plane + at, mask=in_range, other=0.0)
+            part_reference = tl.where(part_max == float("-inf"), 0.0, part_max)
+            relative_dot = (relative_dot + term_weights * (reference - shift)) + (
+                part_dot + part_weights * (part_reference - shift))
+            term_weights += part_weights
+            reference = shift
     safe_y, counted, weight_of_target = _class_target(target_ptr, weight_ptr, index, in_range, C, ignore_index,
                                                       HAS_WEIGHT, ACC)
     target_logit = tl.load(logits_ptr + offset + safe_y * stride_c, mask=counted, other=0.0).to(ACC)
     reference, log_sum, lse = _lse_parts(running_max, scaled_sum)
     weight_sum = _class_weight_sum(weight_sum_ptr, C, HAS_WEIGHT, ACC)
-    logit_shift = _logit_shift(logits_ptr, offset, in_range, HAS_SMOOTHING, ACC, BLOCK)
-    loss = _index_target_loss((reference - logit_shift) + log_sum, (reference - target_logit) + log_sum,
-                              weight_of_target, weight_sum, weighted_logit_sum, label_smoothing, C, HAS_SMOOTHING)
+    loss = _index_target_loss(log_sum, (reference - target_logit) + log_sum, weight_of_target, weight_sum,
+                              relative_dot, label_smoothing, C, HAS_SMOOTHING)
     tl.store(loss_ptr + index, tl.where(counted, loss, 0.0).to(loss_ptr.dtype.element_ty), mask=in_range)
     if LSE_PARTS:
         tl.store(lse_ptr + index, reference, mask=in_range)
@@ -686,7 +683,7 @@ def _launch_split_forward(p, loss_buffer, lse, lse_parts, ignore_index, label_sm
     """Per-position loss and lse (lse_parts: the (2, positions) parts the gradient takes) of split positions: range
     statistics, then their combine."""
     has_smoothing = label_smoothing > 0
-    stats = torch.empty((3 if has_smoothing else 2, p.splits, p.num_positions), dtype=p.acc_dtype,
+    stats = torch.empty((4 if has_smoothing else 2, p.splits, p.num_positions), dtype=p.acc_dtype,
                         device=p.logits.device)
     _launch(
         _split_statistics_kernel, (p.position_programs, p.splits), p.logits, p.weight, stats, *_shape_args(p),

@@ -337,21 +337,25 @@ def test_near_ties_at_huge_logits(shape):
 @pytest.mark.cuda
 @needs_gpu
 def test_loss_sums_at_offset_logits(shape):
-    """Label smoothing and probability targets at logits far from 0 keep float32 precision in every kernel (rows,
-    split rows, spatial, split spatial): their sums are taken relative to a logit of the position
-    (tests/test_numerics.py)."""
+    """Label smoothing and probability targets at logits far from 0, and with class 0 masked at -1e9, keep float32
+    precision in every kernel (rows, split rows, cluster, spatial, split spatial): their sums are taken relative to
+    the position's max (tests/test_numerics.py)."""
     generator = torch.Generator().manual_seed(9)
-    x = (torch.randn(shape, generator=generator) * 2 + 1.2e4).cuda()
+    offset = (torch.randn(shape, generator=generator) * 2 + 1.2e4).cuda()
+    masked = torch.randn(shape, generator=generator).cuda()
+    masked[:, 0] = -1e9
     weight = (torch.rand(shape[1], generator=generator) + 0.5).cuda()
     probabilities = torch.softmax(torch.randn(shape, generator=generator) * 3, 1).cuda()
-    classes = make_target(x, "index", -100, generator)
     ones = torch.ones(shape[:1] + shape[2:], device="cuda")
-    for target, smoothing in ((probabilities, 0.2), (classes, 0.3)):
-        expected, _ = reference(x, target, ones, weight=weight, label_smoothing=smoothing, reduction="none")
-        for grad_mode in GRAD_MODES:
-            loss, _ = fused(x, target, ones, grad_mode, weight=weight, label_smoothing=smoothing, reduction="none")
-            torch.testing.assert_close(loss.double(), expected.double(), rtol=2e-6, atol=0,
-                                       msg=f"{grad_mode} {smoothing}")
+    for x in (offset, masked):
+        classes = make_target(x, "index", -100, generator)
+        for target, smoothing in ((probabilities, 0.2), (classes, 0.3)):
+            expected, _ = reference(x, target, ones, weight=weight, label_smoothing=smoothing, reduction="none")
+            for grad_mode in GRAD_MODES:
+                loss, _ = fused(x, target, ones, grad_mode, weight=weight, label_smoothing=smoothing,
+                                reduction="none")
+                torch.testing.assert_close(loss.double(), expected.double(), rtol=1e-5, atol=0,
+                                           msg=f"{grad_mode} {smoothing}")
 
 
 @pytest.mark.cuda

@@ -69,8 +69,8 @@ def test_near_ties_at_huge_logits(backend, shape):
 @pytest.mark.parametrize("shape", [(16, 1000), (3, 5000), (4, 300, 37), (6, 19, 40), (3, 20000, 5)], ids=str)
 def test_loss_sums_at_offset_logits(backend, shape):
     """The terms W lse - sum_c w[c] x[c] (label smoothing) and T lse - sum_c w[c] t'[c] x[c] (probability targets)
-    subtract two sums of ~C * offset: taken relative to a logit of the position, they keep float32 precision
-    however far the logits are from 0 (PyTorch, summing log-probabilities, does too)."""
+    subtract two sums of ~C * offset: taken relative to the position's max, they keep float32 precision however far
+    the logits are from 0 (PyTorch, summing log-probabilities, does too)."""
     g = torch.Generator().manual_seed(9)
     num_classes = shape[1]
     weight = torch.rand(num_classes, generator=g) + 0.5
@@ -84,6 +84,26 @@ def test_loss_sums_at_offset_logits(backend, shape):
             loss = fused_xent.cross_entropy(logits, target, reduction="none", backend=backend, **kwargs)
             expected = torch_reference(logits, target, torch.ones(loss.shape), reduction="none", **kwargs)[0]
             torch.testing.assert_close(loss.double(), expected, rtol=2e-6, atol=0, msg=f"{offset} {kwargs}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", [(16, 1000), (3, 9000), (4, 300, 37), (2, 64, 16), (3, 20000, 5)], ids=str)
+def test_loss_sums_with_a_masked_first_class(backend, shape):
+    """Class 0 masked with a large finite value (a pad token at -1e4 or -1e9, a common idiom): the loss sums must not
+    be taken relative to it (or to any one logit) but to the max, or they cancel or overflow."""
+    g = torch.Generator().manual_seed(10)
+    num_classes = shape[1]
+    for mask in (-1e4, -1e9):
+        logits = torch.randn(shape, generator=g)
+        logits[:, 0] = mask
+        probabilities = torch.softmax(torch.randn(shape, generator=g) * 3, 1)
+        probabilities[:, 0] = 0
+        classes = make_class_target(shape[:1] + shape[2:], num_classes - 1, generator=g) + 1
+        for target, kwargs in ((probabilities / probabilities.sum(1, keepdim=True), {}),
+                               (classes, {"label_smoothing": 0.1})):
+            loss = fused_xent.cross_entropy(logits, target, reduction="none", backend=backend, **kwargs)
+            expected = torch_reference(logits, target, torch.ones(loss.shape), reduction="none", **kwargs)[0]
+            torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=0, msg=f"{mask} {kwargs}")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

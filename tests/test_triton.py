@@ -334,17 +334,20 @@ def test_near_ties_at_huge_logits(layout):
 @needs_kernels
 @pytest.mark.parametrize("layout", ["wide_rows", "nchw", "split_ncl"])
 def test_loss_sums_at_offset_logits(layout):
-    """Label smoothing and probability targets at logits far from 0 keep float32 precision: their sums are taken
-    relative to a logit of the position, in split ranges too (tests/test_numerics.py)."""
-    x = make_logits(layout, torch.float32).detach() * 0.7 + 1.2e4
-    weight = class_weight(x.shape[1])
-    for target, smoothing in ((prob_target(x), 0.2), (class_target(x), 0.3)):
-        logits, target_view = op_views(x, target)
-        loss_shape = target_view.shape[:1] + target_view.shape[-1:]
-        expected, _ = reference(logits, target_view, weight, "none", -100, smoothing,
-                                torch.ones(loss_shape, device=DEVICE))
-        loss, _, _ = ops.triton_cross_entropy_fwd(logits, target_view, weight, 0, -100, smoothing)
-        torch.testing.assert_close(loss.double(), expected, rtol=2e-6, atol=0)
+    """Label smoothing and probability targets at logits far from 0, and with class 0 masked at -1e9, keep float32
+    precision: their sums are taken relative to the position's max, in split ranges too (tests/test_numerics.py)."""
+    offset = make_logits(layout, torch.float32).detach() * 0.7 + 1.2e4
+    masked = make_logits(layout, torch.float32).detach()
+    masked[:, 0] = -1e9
+    weight = class_weight(offset.shape[1])
+    for x in (offset, masked):
+        for target, smoothing in ((prob_target(x), 0.2), (class_target(x), 0.3)):
+            logits, target_view = op_views(x, target)
+            loss_shape = target_view.shape[:1] + target_view.shape[-1:]
+            expected, _ = reference(logits, target_view, weight, "none", -100, smoothing,
+                                    torch.ones(loss_shape, device=DEVICE))
+            loss, _, _ = ops.triton_cross_entropy_fwd(logits, target_view, weight, 0, -100, smoothing)
+            torch.testing.assert_close(loss.double(), expected, rtol=2e-6, atol=0)
 
 
 @needs_kernels

@@ -14,14 +14,14 @@
 // The smoothing term is skipped when eps == 0 so that -inf logits give +inf (like PyTorch), not inf * 0 = NaN.
 // lse - x[y] is taken as (m - x[y]) + log(sum_c exp(x[c] - m)), m the row max (target_gap): lse itself is rounded to
 // the spacing of floats around it (~1e-3 at logits of 1e4), which would all land in the loss, as it does not in
-// PyTorch's log_softmax. For the same reason the sums of the other terms are taken relative to a logit s of the
-// position (logit_shift): W * (lse - s) - sum_c w[c] (x[c] - s) is the same number as W * lse - sum_c w[c] x[c]
-// (likewise with T for probability targets), but its two parts no longer carry the logits' common offset, whose
-// rounding in sums of ~C * 1e4 would otherwise dominate the difference.
+// PyTorch's log_softmax. For the same reason the other sums are taken relative to the max m (the reference):
+// W * lse - sum_c w[c] x[c] = W * log_sum - sum_c w[c] (x[c] - m), whose two parts are both >= 0, so the logits'
+// common offset (and a masked class at -1e9) never enters a difference (likewise with T for probability targets).
+// Kernels that meet the max as they go move their sum when it rises: sum a (x - m') = sum a (x - m) + A (m - m'),
+// A = sum a so far.
 #pragma once
 
 #include <cstdint>
-#include <limits>
 
 #if defined(__CUDACC__) || defined(__HIPCC__)
 #define XENT_HOST_DEVICE __host__ __device__ __forceinline__
@@ -38,19 +38,6 @@ enum Reduction : int64_t { kReductionNone = 0, kReductionMean = 1, kReductionSum
 template <typename acc_t>
 XENT_HOST_DEVICE acc_t target_gap(acc_t reference, acc_t log_sum, acc_t target_logit) {
   return (reference - target_logit) + log_sum;
-}
-
-// The shift s of a position's logits for its loss sums (see above): its first logit, or 0 if that is not finite.
-template <typename acc_t>
-XENT_HOST_DEVICE acc_t logit_shift(acc_t first_logit) {
-  constexpr acc_t kInf = std::numeric_limits<acc_t>::infinity();
-  return first_logit > -kInf && first_logit < kInf ? first_logit : acc_t(0);
-}
-
-// lse - s, from the reference the exps were taken against and log_sum (as in target_gap).
-template <typename acc_t>
-XENT_HOST_DEVICE acc_t shifted_lse(acc_t reference, acc_t log_sum, acc_t shift) {
-  return (reference - shift) + log_sum;
 }
 
 // The loss of a class-index position is target_coef * (lse - x[y]) + smooth_coef * (W * lse - sum_c w[c] x[c]).
@@ -70,20 +57,20 @@ XENT_HOST_DEVICE IndexTargetCoeffs<acc_t> index_target_coeffs(acc_t weight_of_ta
 // (label_smoothing != 0): SIMD code, whose acc_t is a vector of positions that cannot be compared to 0 in an `if`.
 template <typename acc_t>
 XENT_HOST_DEVICE acc_t index_target_loss_given_smoothing(bool smoothing, IndexTargetCoeffs<acc_t> k,
-                                                         acc_t shifted_lse, acc_t target_gap, acc_t weight_sum,
-                                                         acc_t shifted_weighted_logit_sum) {
+                                                         acc_t log_sum, acc_t target_gap, acc_t weight_sum,
+                                                         acc_t relative_weighted_logit_sum) {
   acc_t loss = k.target_coef * target_gap;
-  if (smoothing) loss = loss + k.smooth_coef * (weight_sum * shifted_lse - shifted_weighted_logit_sum);
+  if (smoothing) loss = loss + k.smooth_coef * (weight_sum * log_sum - relative_weighted_logit_sum);
   return loss;
 }
 
-// target_gap = lse - x[y] (see target_gap); shifted_lse = lse - s and shifted_weighted_logit_sum =
-// sum_c w[c] (x[c] - s) for the position's logit_shift s, only read when smoothing is on.
+// target_gap = lse - x[y] (see target_gap); log_sum = lse - m and relative_weighted_logit_sum = sum_c w[c] (x[c] - m)
+// for the position's reference m (see above), only read when smoothing is on.
 template <typename acc_t>
-XENT_HOST_DEVICE acc_t index_target_loss(IndexTargetCoeffs<acc_t> k, acc_t shifted_lse, acc_t target_gap,
-                                         acc_t weight_sum, acc_t shifted_weighted_logit_sum) {
-  return index_target_loss_given_smoothing(k.smooth_coef != acc_t(0), k, shifted_lse, target_gap, weight_sum,
-                                           shifted_weighted_logit_sum);
+XENT_HOST_DEVICE acc_t index_target_loss(IndexTargetCoeffs<acc_t> k, acc_t log_sum, acc_t target_gap,
+                                         acc_t weight_sum, acc_t relative_weighted_logit_sum) {
+  return index_target_loss_given_smoothing(k.smooth_coef != acc_t(0), k, log_sum, target_gap, weight_sum,
+                                           relative_weighted_logit_sum);
 }
 
 // dloss/dx[c] = scale * (prob_coef * p[c] - class_coef * w[c] - [c == y] * target_coef), with scale the upstream
@@ -106,12 +93,12 @@ XENT_HOST_DEVICE acc_t smoothed_probability(acc_t target_prob, acc_t label_smoot
   return (acc_t(1) - label_smoothing) * target_prob + label_smoothing / acc_t(num_classes);
 }
 
-// Probability targets: loss = T * lse - sum_c w[c] t'[c] x[c], with T = sum_c w[c] t'[c], from shifted_lse = lse - s
-// and the shifted sum_c w[c] t'[c] (x[c] - s) (see logit_shift).
+// Probability targets: loss = T * lse - sum_c w[c] t'[c] x[c], with T = sum_c w[c] t'[c], from log_sum = lse - m and
+// sum_c w[c] t'[c] (x[c] - m) for the position's reference m (see above).
 template <typename acc_t>
-XENT_HOST_DEVICE acc_t prob_target_loss(acc_t shifted_lse, acc_t weighted_target_sum,
-                                        acc_t shifted_weighted_target_logit_sum) {
-  return weighted_target_sum * shifted_lse - shifted_weighted_target_logit_sum;
+XENT_HOST_DEVICE acc_t prob_target_loss(acc_t log_sum, acc_t weighted_target_sum,
+                                        acc_t relative_weighted_target_logit_sum) {
+  return weighted_target_sum * log_sum - relative_weighted_target_logit_sum;
 }
 
 // Probability targets: dloss/dx[c] = scale * (T * p[c] - w[c] t'[c]).

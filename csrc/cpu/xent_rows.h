@@ -13,10 +13,9 @@ struct RowStatistics {
   acc_t sum_exp;
   acc_t log_sum;    // log(sum_exp)
   acc_t lse;        // reference + log_sum
-  acc_t shifted_lse;             // lse - s, s the row's logit_shift (xent_math.h)
-  acc_t weighted_logits;         // sum_c w[c] (x[c] - s) (class-index targets with smoothing)
+  acc_t weighted_logits;         // sum_c w[c] (x[c] - reference) (class-index targets with smoothing)
   acc_t weighted_targets;        // sum_c w[c] t'[c] (probability targets)
-  acc_t weighted_target_logits;  // sum_c w[c] t'[c] (x[c] - s) (probability targets)
+  acc_t weighted_target_logits;  // sum_c w[c] t'[c] (x[c] - reference) (probability targets)
 };
 
 // One read of a row: its max, sum of exps and lse, the dot products the loss needs, and, when exps is given, every
@@ -28,10 +27,9 @@ RowStatistics<typename V::value_type> row_statistics(const Typed<V, T>& a, const
   constexpr int W = V::kWidth;
   constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
   const bool logit_dot = t == nullptr && a.smoothing;
-  const acc_t shift = logit_dot || t ? logit_shift(static_cast<acc_t>(x[0])) : acc_t(0);
-  const V shift_v(shift);
-  acc_t max = kNegInf, sum = 0;
-  V weighted_logits(0), weighted_targets(0), weighted_target_logits(0);
+  acc_t max = kNegInf, sum = 0, previous_ref = 0;
+  // The loss sums are relative to the running reference (xent_math.h): moved when it rises, by their weights' sums.
+  V weighted_logits(0), weights_seen(0), weighted_targets(0), weighted_target_logits(0);
   for (int64_t c0 = 0, chunk = 0; c0 < a.C; c0 += kRowChunk, ++chunk) {
     const int64_t len = std::min(kRowChunk, a.C - c0);
     const int64_t full = len - len % W;
@@ -55,7 +53,14 @@ RowStatistics<typename V::value_type> row_statistics(const Typed<V, T>& a, const
     }
     if (chunk_max) chunk_max[chunk] = max;
     // While every logit so far is -inf, exps are taken relative to 0: exp(-inf - 0) = 0, not exp(-inf + inf) = NaN.
-    const V ref(max == kNegInf ? acc_t(0) : max);
+    const acc_t chunk_ref = max == kNegInf ? acc_t(0) : max;
+    const V ref(chunk_ref);
+    if (chunk_ref != previous_ref) {
+      const V rise(previous_ref - chunk_ref);
+      if (logit_dot) weighted_logits = fmadd(weights_seen, rise, weighted_logits);
+      if (t) weighted_target_logits = fmadd(weighted_targets, rise, weighted_target_logits);
+      previous_ref = chunk_ref;
+    }
     V chunk_sum(0);
     // One vector of the chunk; the tail reads zeros past the row, masked out of every sum.
     auto step = [&](int64_t i, auto is_tail) {
@@ -71,14 +76,14 @@ RowStatistics<typename V::value_type> row_statistics(const Typed<V, T>& a, const
       chunk_sum = chunk_sum + e;
       if (exps) V::store(exps + c0 + i, e);
       if (logit_dot) {
-        if (a.weight) {  // zero weights past the row
-          const V w = kTail ? V::load_partial(a.weight + c0 + i, tail, 0) : V::load(a.weight + c0 + i);
-          weighted_logits = fmadd(w, xv - shift_v, weighted_logits);
+        V w(1);
+        if (a.weight) {
+          w = kTail ? V::load_partial(a.weight + c0 + i, tail, 0) : V::load(a.weight + c0 + i);
         } else if constexpr (kTail) {
-          weighted_logits = weighted_logits + select(V::prefix(tail), xv - shift_v, V(0));
-        } else {
-          weighted_logits = weighted_logits + (xv - shift_v);
+          w = select(V::prefix(tail), V(1), V(0));
         }
+        weighted_logits = fmadd(w, xv - ref, weighted_logits);  // zero weights past the row
+        weights_seen = weights_seen + w;
       }
       if (t) {
         const V tv = kTail ? V::load_partial(t + c0 + i, tail, 0) : V::load(t + c0 + i);
@@ -86,7 +91,7 @@ RowStatistics<typename V::value_type> row_statistics(const Typed<V, T>& a, const
         if (a.weight) wt = wt * (kTail ? V::load_partial(a.weight + c0 + i, tail, 0) : V::load(a.weight + c0 + i));
         if constexpr (kTail) wt = select(V::prefix(tail), wt, V(0));
         weighted_targets = weighted_targets + wt;
-        weighted_target_logits = fmadd(wt, xv - shift_v, weighted_target_logits);
+        weighted_target_logits = fmadd(wt, xv - ref, weighted_target_logits);
       }
     };
     for (int64_t i = 0; i < full; i += W) step(i, std::false_type{});
@@ -100,7 +105,6 @@ RowStatistics<typename V::value_type> row_statistics(const Typed<V, T>& a, const
           sum,
           log_sum,
           reference + log_sum,
-          shifted_lse(reference, log_sum, shift),
           reduce_add(weighted_logits),
           reduce_add(weighted_targets),
           reduce_add(weighted_target_logits)};
@@ -145,10 +149,10 @@ void row_forward(const Typed<V, T>& a, int64_t position, RowScratch<typename V::
   acc_t loss = 0;
   IndexTargetCoeffs<Scalar> k{};
   if (t) {
-    loss = prob_target_loss<Scalar>(st.shifted_lse, st.weighted_targets, st.weighted_target_logits).v;
+    loss = prob_target_loss<Scalar>(st.log_sum, st.weighted_targets, st.weighted_target_logits).v;
   } else if (y >= 0) {
     k = index_target_coeffs<Scalar>(weight_of_target, a.label_smoothing, a.C);
-    loss = index_target_loss_given_smoothing<Scalar>(a.smoothing, k, st.shifted_lse,
+    loss = index_target_loss_given_smoothing<Scalar>(a.smoothing, k, st.log_sum,
                                                      target_gap(st.reference, st.log_sum, target_logit),
                                                      a.weight_sum, st.weighted_logits)
                .v;

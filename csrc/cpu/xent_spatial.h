@@ -101,24 +101,31 @@ LaneTargets<V> lane_targets(const Typed<V, T>& a, int64_t position, int lanes, c
 // The per-lane sums of one pass over the classes.
 template <class V>
 struct LaneTotals {
-  V shift{0};                   // each lane's shift s of the logits for the loss sums (xent_math.h)
+  V reference{0};               // what the loss sums are relative to: each lane's (running) max, 0 while -inf
   V sum{0};                     // of exps, relative to the pass's reference
-  V weighted_logits{0};         // sum_c w[c] (x[c] - s) (class indices with smoothing)
+  V weighted_logits{0};         // sum_c w[c] (x[c] - reference) (class indices with smoothing)
+  V weights_seen{0};            // sum_c w[c] over the classes in weighted_logits
   V weighted_targets{0};        // sum_c w[c] t'[c] (probabilities)
-  V weighted_target_logits{0};  // sum_c w[c] t'[c] (x[c] - s) (probabilities)
+  V weighted_target_logits{0};  // sum_c w[c] t'[c] (x[c] - reference) (probabilities)
 
-  // logit_shift per lane, from the class-0 logits: x - x is 0 exactly where x is finite.
-  void set_shift(V first_logits) { shift = select(equal(first_logits - first_logits, V(0)), first_logits, V(0)); }
+  // Moves the loss sums to a new reference (xent_math.h): sum a (x - new) = sum a (x - old) + A (old - new).
+  void rebase(V new_reference) {
+    const V rise = reference - new_reference;
+    weighted_logits = fmadd(weights_seen, rise, weighted_logits);
+    weighted_target_logits = fmadd(weighted_targets, rise, weighted_target_logits);
+    reference = new_reference;
+  }
 
-  // Empty sums with this shift, for one block of classes (see kLaneSumClasses).
+  // Empty sums with this reference, for one block of classes (see kLaneSumClasses).
   LaneTotals block() const {
     LaneTotals empty;
-    empty.shift = shift;
+    empty.reference = reference;
     return empty;
   }
   void add(const LaneTotals& block) {
     sum = sum + block.sum;
     weighted_logits = weighted_logits + block.weighted_logits;
+    weights_seen = weights_seen + block.weights_seen;
     weighted_targets = weighted_targets + block.weighted_targets;
     weighted_target_logits = weighted_target_logits + block.weighted_target_logits;
   }
@@ -129,9 +136,11 @@ struct LaneTotals {
     if (t) {
       const V wt = smoothed_probability(V::load(t), V(a.label_smoothing), a.C) * a.weight_vec(c);
       weighted_targets = weighted_targets + wt;
-      weighted_target_logits = fmadd(wt, xv - shift, weighted_target_logits);
+      weighted_target_logits = fmadd(wt, xv - reference, weighted_target_logits);
     } else if (a.smoothing) {
-      weighted_logits = fmadd(a.weight_vec(c), xv - shift, weighted_logits);
+      const V w = a.weight_vec(c);
+      weighted_logits = fmadd(w, xv - reference, weighted_logits);
+      weights_seen = weights_seen + w;
     }
   }
 };
@@ -144,14 +153,14 @@ IndexTargetCoeffs<V> record_lanes(const Typed<V, T>& a, int64_t position, int la
   const V log_sum = vlog(totals.sum);
   const V lse = reference + log_sum;
   if (a.lse) store_lanes(a.lse + position, lse, lanes);
-  const V lse_past_shift = shifted_lse(reference, log_sum, totals.shift);
+  // The loss sums are relative to `reference` (totals.reference), so lse - reference = log_sum.
   const IndexTargetCoeffs<V> k = index_target_coeffs(targets.weight, V(a.label_smoothing), a.C);
   V loss;
   if (a.target_prob) {
-    loss = select(V::prefix(lanes),
-                  prob_target_loss(lse_past_shift, totals.weighted_targets, totals.weighted_target_logits), V(0));
+    loss = select(V::prefix(lanes), prob_target_loss(log_sum, totals.weighted_targets, totals.weighted_target_logits),
+                  V(0));
   } else {
-    loss = index_target_loss_given_smoothing(a.smoothing, k, lse_past_shift,
+    loss = index_target_loss_given_smoothing(a.smoothing, k, log_sum,
                                              target_gap(reference, log_sum, targets.logit), V(a.weight_sum),
                                              totals.weighted_logits);
     loss = select(targets.valid, loss, V(0));
@@ -205,10 +214,8 @@ void lanes_forward(const Typed<V, T>& a, int64_t position, int lanes, const type
   // Lanes whose logits are all -inf take exps relative to 0 (exp(-inf) = 0) instead of exp(-inf + inf) = NaN.
   const V ref = select(equal(max, V(kNegInf)), V(0), max);
 
-  // The max is known before the sums here, so it is the shift: every x - s <= 0, and the loss terms
-  // W log_sum - sum_c w[c] (x[c] - s) add two non-negative parts, with no cancellation at all.
   LaneTotals<V> totals;
-  totals.shift = ref;
+  totals.reference = ref;  // the max, known before the sums here
   for (int64_t c0 = 0; c0 < C; c0 += kLaneSumClasses) {
     LaneTotals<V> block = totals.block();
     for (int64_t c = c0; c < std::min(C, c0 + kLaneSumClasses); ++c) {

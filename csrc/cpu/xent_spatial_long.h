@@ -129,13 +129,13 @@ void long_lanes_forward(const Typed<V, T>& a, int64_t position, int lanes, LongL
     const int64_t classes = std::min(kLaneChunkClasses, C - c0);
     load_lane_chunk(a.logits, a.stride_c, runs, lanes, c0, classes, s.x.data());
     if (prob) load_lane_chunk(a.target_prob, a.stride_c, runs, lanes, c0, classes, s.t.data());
-    if (c0 == 0) totals.set_shift(V::load(s.x.data()));
     V chunk_max = max;
     for (int64_t c = 0; c < classes; ++c) chunk_max = vmax(chunk_max, V::load(s.x.data() + c * W));
     // Lanes whose logits are all -inf so far take exps relative to 0 (exp(-inf) = 0) instead of NaN. The running
     // sum moves to the new reference: exp(max - ref) <= 1, and 0 while max is -inf (when the sum is 0 too).
     const V ref = select(equal(chunk_max, V(kNegInf)), V(0), chunk_max);
     totals.sum = totals.sum * vexp(max - ref);
+    totals.rebase(ref);
     max = chunk_max;
     if (!s.chunk_max.empty()) V::store(s.chunk_max.data() + chunk * W, chunk_max);
     LaneTotals<V> block = totals.block();  // a chunk is at most one summing block (kLaneSumClasses)

@@ -94,9 +94,10 @@ __device__ __forceinline__ acc_t class_weight(const acc_t* weight, int64_t c) {
 // ---------------------------------------------------------------------------------------------------------------
 // Statistics of (part of) one position: an online softmax pair plus two plain sums.
 //   max, sum: sum = sum_c exp(x[c] - max); -inf / 0 while empty.
-//   dot:      sum_c w[c] (x[c] - s) (class indices with smoothing) or sum_c w[c] t'[c] (x[c] - s) (probabilities),
-//             s the position's logit_shift (xent_math.h), the same for every part of a position.
-//   tsum:     sum_c w[c] t'[c] (probabilities).
+//   dot:      sum_c a[c] (x[c] - finite_max()), with a[c] = w[c] (class indices with smoothing) or w[c] t'[c]
+//             (probabilities): relative to the max, its terms are all <= 0 and the loss, log_sum * tsum - dot,
+//             adds two non-negative parts (xent_math.h). Moved by tsum * (old - new) whenever the max rises.
+//   tsum:     sum_c a[c].
 // NaN logits never become the max (the comparisons are false) but poison `sum`, so lse is NaN, as in PyTorch.
 template <typename acc_t>
 struct RowStats {
@@ -107,19 +108,29 @@ struct RowStats {
   // exp(x - max) must not become exp(-inf - -inf) = NaN while every value seen is -inf.
   __device__ __forceinline__ acc_t finite_max() const { return max == neg_infinity<acc_t>() ? acc_t(0) : max; }
 
-  // Adds a chunk of logits with a single rescale at most, so the cost stays at ~1 exp per element.
+  // Adds a chunk of logits with a single rescale at most, so the cost stays at ~1 exp per element. Returns the
+  // reference the chunk's terms of dot are to be taken against (finite_max()).
   template <int kWidth>
-  __device__ __forceinline__ void add_logits(const acc_t (&x)[kWidth]) {
+  __device__ __forceinline__ acc_t add_logits(const acc_t (&x)[kWidth]) {
     acc_t chunk_max = x[0];
 #pragma unroll
     for (int i = 1; i < kWidth; ++i) chunk_max = x[i] > chunk_max ? x[i] : chunk_max;
     if (chunk_max > max) {
+      const acc_t previous = finite_max();
       sum *= exp_acc(max - chunk_max);  // exp(-inf) = 0 on the first chunk
       max = chunk_max;
+      dot += tsum * (previous - max);
     }
     const acc_t m = finite_max();
 #pragma unroll
     for (int i = 0; i < kWidth; ++i) sum += exp_acc(x[i] - m);
+    return m;
+  }
+
+  // One loss term a * (x - m), m the reference add_logits returned for x's chunk.
+  __device__ __forceinline__ void add_term(acc_t a, acc_t x, acc_t m) {
+    dot += a * (x - m);
+    tsum += a;
   }
 
   // Combines two disjoint parts. Written symmetrically; callers still broadcast one result so that every thread of
@@ -128,8 +139,8 @@ struct RowStats {
     const acc_t new_max = o.max > max ? o.max : max;
     const acc_t m = new_max == neg_infinity<acc_t>() ? acc_t(0) : new_max;
     sum = sum * exp_acc(max - m) + o.sum * exp_acc(o.max - m);
+    dot = (dot + tsum * (finite_max() - m)) + (o.dot + o.tsum * (o.finite_max() - m));
     max = new_max;
-    dot += o.dot;
     tsum += o.tsum;
   }
 
@@ -437,28 +448,20 @@ __device__ __forceinline__ acc_type<scalar_t> weight_sum_or_count(const XentPara
   return p.weight_sum ? *p.weight_sum : acc_t(p.C);
 }
 
-// The shift of position r's loss sums (st.dot), read from its class-0 logit; 0 when no sum is taken.
-template <bool kProb, typename scalar_t>
-__device__ __forceinline__ acc_type<scalar_t> position_logit_shift(const XentParams<scalar_t>& p, const scalar_t* x) {
-  using acc_t = acc_type<scalar_t>;
-  return kProb || p.label_smoothing != acc_t(0) ? logit_shift<acc_t>(static_cast<acc_t>(x[0])) : acc_t(0);
-}
-
-// From the position's statistics, with log_sum = st.log_sum() and `shift` the one st.dot was taken with; `target`
-// is only read for class indices.
+// From the position's statistics, with log_sum = st.log_sum(), which is lse - finite_max(), the reference st.dot
+// is relative to; `target` is only read for class indices.
 template <bool kProb, typename acc_t>
 __device__ __forceinline__ PositionLoss<acc_t> position_loss(const IndexTarget<acc_t>& target,
-                                                             const RowStats<acc_t>& st, acc_t log_sum, acc_t shift,
+                                                             const RowStats<acc_t>& st, acc_t log_sum,
                                                              acc_t weight_sum, acc_t eps, int64_t num_classes) {
-  const acc_t lse_past_shift = shifted_lse<acc_t>(st.finite_max(), log_sum, shift);
   if constexpr (kProb) {
-    return {prob_target_loss<acc_t>(lse_past_shift, st.tsum, st.dot), acc_t(1)};
+    return {prob_target_loss<acc_t>(log_sum, st.tsum, st.dot), acc_t(1)};
   } else {
     if (target.kind == kTargetIgnored) return {acc_t(0), acc_t(0)};
     if (target.kind == kTargetInvalid) return {quiet_nan<acc_t>(), quiet_nan<acc_t>()};
     const auto k = index_target_coeffs<acc_t>(target.weight, eps, num_classes);
-    const acc_t loss = index_target_loss<acc_t>(
-        k, lse_past_shift, target_gap<acc_t>(st.finite_max(), log_sum, target.logit), weight_sum, st.dot);
+    const acc_t loss = index_target_loss<acc_t>(k, log_sum, target_gap<acc_t>(st.finite_max(), log_sum, target.logit),
+                                                weight_sum, st.dot);
     return {loss, target.weight};
   }
 }

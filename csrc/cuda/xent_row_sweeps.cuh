@@ -68,14 +68,12 @@ __device__ __forceinline__ void write_row_grad(const XentParams<scalar_t>& p, co
   }
 }
 
-// Statistics of classes [begin, end) of one position, this thread's share (not yet reduced over the group), with
-// its loss sums relative to `shift` (position_logit_shift). With `staged` set, the logits it loads are also copied
-// to staged[c] (an on-chip buffer with x's address phase).
+// Statistics of classes [begin, end) of one position, this thread's share (not yet reduced over the group). With
+// `staged` set, the logits it loads are also copied to staged[c] (an on-chip buffer with x's address phase).
 template <typename Group, bool kProb, typename scalar_t>
 __device__ __forceinline__ RowStats<acc_type<scalar_t>> thread_row_stats(const XentParams<scalar_t>& p,
                                                                          const scalar_t* x, const scalar_t* t,
                                                                          int64_t begin, int64_t end,
-                                                                         acc_type<scalar_t> shift,
                                                                          scalar_t* staged = nullptr) {
   using acc_t = acc_type<scalar_t>;
   const acc_t eps = p.label_smoothing;
@@ -90,18 +88,17 @@ __device__ __forceinline__ RowStats<acc_type<scalar_t>> thread_row_stats(const X
         acc_t xs[W];
 #pragma unroll
         for (int i = 0; i < W; ++i) xs[i] = static_cast<acc_t>(in.x.v[i]);
-        st.add_logits(xs);
+        const acc_t m = st.add_logits(xs);
         if constexpr (kProb) {
 #pragma unroll
           for (int i = 0; i < W; ++i) {
-            const acc_t wt = class_weight(p.weight, c + i) *
-                             smoothed_probability<acc_t>(static_cast<acc_t>(in.t.v[i]), eps, p.C);
-            st.tsum += wt;
-            st.dot += wt * (xs[i] - shift);
+            st.add_term(class_weight(p.weight, c + i) *
+                            smoothed_probability<acc_t>(static_cast<acc_t>(in.t.v[i]), eps, p.C),
+                        xs[i], m);
           }
         } else if (smoothing) {
 #pragma unroll
-          for (int i = 0; i < W; ++i) st.dot += class_weight(p.weight, c + i) * (xs[i] - shift);
+          for (int i = 0; i < W; ++i) st.add_term(class_weight(p.weight, c + i), xs[i], m);
         }
       });
   return st;

@@ -27,12 +27,11 @@ __global__ void __launch_bounds__(Group::kMaxThreads) rows_forward_kernel(const 
     IndexTarget<acc_t> target{kTargetValid, 0, acc_t(0), acc_t(1)};
     if constexpr (!kProb) target = read_index_target(p, r, x, 1);
 
-    const acc_t shift = position_logit_shift<kProb>(p, x);
-    const auto st = Group::allreduce(thread_row_stats<Group, kProb>(p, x, t, 0, p.C, shift), smem);
+    const auto st = Group::allreduce(thread_row_stats<Group, kProb>(p, x, t, 0, p.C), smem);
     const acc_t log_sum = st.log_sum();
     const acc_t lse = st.max + log_sum;
     if (Group::rank() == 0) {
-      const auto loss = position_loss<kProb>(target, st, log_sum, shift, weight_sum, eps, p.C);
+      const auto loss = position_loss<kProb>(target, st, log_sum, weight_sum, eps, p.C);
       record_position(p, r, lse, loss, loss_acc, weight_acc);
     }
 

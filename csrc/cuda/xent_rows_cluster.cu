@@ -62,8 +62,7 @@ __global__ void __launch_bounds__(kClusterThreads, 2)
     // Read by every block before the barrier below, after which any block may overwrite the row (in place).
     const auto target = read_index_target(p, r, x, 1);
 
-    const acc_t shift = position_logit_shift<false>(p, x);
-    const auto mine = thread_row_stats<BlockGroup, false, scalar_t>(p, x, nullptr, begin, end, shift, staged);
+    const auto mine = thread_row_stats<BlockGroup, false, scalar_t>(p, x, nullptr, begin, end, staged);
     const auto slice = BlockGroup::allreduce(mine, smem);
     if (threadIdx.x == 0) published[parity] = slice;
     cluster.sync();
@@ -74,7 +73,7 @@ __global__ void __launch_bounds__(kClusterThreads, 2)
     const acc_t log_sum = st.log_sum();
     const acc_t lse = st.max + log_sum;
     if (rank == 0 && threadIdx.x == 0) {
-      const auto loss = position_loss<false>(target, st, log_sum, shift, weight_sum, eps, p.C);
+      const auto loss = position_loss<false>(target, st, log_sum, weight_sum, eps, p.C);
       record_position(p, r, lse, loss, loss_acc, weight_acc);
     }
     const auto row =

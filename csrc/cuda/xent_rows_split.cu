@@ -27,7 +27,6 @@ __global__ void __launch_bounds__(BlockGroup::kMaxThreads)
     const scalar_t* x = p.logits + locate(p, r).offset;
     const int64_t begin = split * split_len;
     const int64_t end = begin + split_len < p.C ? begin + split_len : p.C;
-    const acc_t shift = position_logit_shift<false>(p, x);
 
     auto st = RowStats<acc_t>::empty();
     visit_classes<BlockGroup>(
@@ -37,10 +36,10 @@ __global__ void __launch_bounds__(BlockGroup::kMaxThreads)
           acc_t xs[W];
 #pragma unroll
           for (int i = 0; i < W; ++i) xs[i] = static_cast<acc_t>(xv.v[i]);
-          st.add_logits(xs);
+          const acc_t m = st.add_logits(xs);
           if (smoothing) {
 #pragma unroll
-            for (int i = 0; i < W; ++i) st.dot += class_weight(p.weight, c + i) * (xs[i] - shift);
+            for (int i = 0; i < W; ++i) st.add_term(class_weight(p.weight, c + i), xs[i], m);
           }
         });
     st = BlockGroup::allreduce(st, smem);
@@ -66,11 +65,9 @@ __global__ void __launch_bounds__(256) split_combine_kernel(const XentParams<sca
     const acc_t log_sum = st.log_sum();
     const acc_t lse = st.max + log_sum;
 
-    // The target logit and the shift are read here, before the gradient kernel that may overwrite the logits runs.
-    const scalar_t* x = p.logits + locate(p, r).offset;
-    const auto target = read_index_target(p, r, x, p.stride_c);
-    const auto loss = position_loss<false>(target, st, log_sum, position_logit_shift<false>(p, x), weight_sum, eps,
-                                           p.C);
+    // The target logit is read here, before the gradient kernel that may overwrite the logits runs.
+    const auto target = read_index_target(p, r, p.logits + locate(p, r).offset, p.stride_c);
+    const auto loss = position_loss<false>(target, st, log_sum, weight_sum, eps, p.C);
     record_position(p, r, lse, loss, loss_acc, weight_acc);
     if (p.lse_parts) {
       p.lse_parts[r] = st.finite_max();

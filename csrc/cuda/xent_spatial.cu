@@ -85,7 +85,6 @@ __global__ void __launch_bounds__(256) spatial_forward_kernel(const XentParams<s
     const scalar_t* t = kProb ? p.target_prob + pos.offset : nullptr;
     IndexTarget<acc_t> target{kTargetValid, 0, acc_t(0), acc_t(1)};
     if constexpr (!kProb) target = read_index_target(p, r, x, sc);
-    const acc_t shift = position_logit_shift<kProb>(p, x);
 
     auto st = RowStats<acc_t>::empty();
     for_class_chunks<kClassChunk<scalar_t>>(0, p.C, [&](auto width, int64_t c) {
@@ -93,24 +92,23 @@ __global__ void __launch_bounds__(256) spatial_forward_kernel(const XentParams<s
       acc_t xs[W];
 #pragma unroll
       for (int i = 0; i < W; ++i) xs[i] = static_cast<acc_t>(x[(c + i) * sc]);
-      st.add_logits(xs);
+      const acc_t m = st.add_logits(xs);
       if constexpr (kProb) {
 #pragma unroll
         for (int i = 0; i < W; ++i) {
-          const acc_t wt = class_weight(p.weight, c + i) *
-                           smoothed_probability<acc_t>(static_cast<acc_t>(t[(c + i) * sc]), eps, p.C);
-          st.tsum += wt;
-          st.dot += wt * (xs[i] - shift);
+          st.add_term(class_weight(p.weight, c + i) *
+                          smoothed_probability<acc_t>(static_cast<acc_t>(t[(c + i) * sc]), eps, p.C),
+                      xs[i], m);
         }
       } else if (smoothing) {
 #pragma unroll
-        for (int i = 0; i < W; ++i) st.dot += class_weight(p.weight, c + i) * (xs[i] - shift);
+        for (int i = 0; i < W; ++i) st.add_term(class_weight(p.weight, c + i), xs[i], m);
       }
     });
 
     const acc_t log_sum = st.log_sum();
     const acc_t lse = st.max + log_sum;
-    const auto loss = position_loss<kProb>(target, st, log_sum, shift, weight_sum, eps, p.C);
+    const auto loss = position_loss<kProb>(target, st, log_sum, weight_sum, eps, p.C);
     record_position(p, r, lse, loss, loss_acc, weight_acc);
 
     if (p.grad) {
@@ -138,17 +136,16 @@ __global__ void __launch_bounds__(256)
        item += int64_t(gridDim.x) * blockDim.x) {
     const SplitItem work = split_item(item, positions, split_len, p.C);
     const scalar_t* x = p.logits + locate(p, work.position).offset;
-    const acc_t shift = position_logit_shift<false>(p, x);
     auto st = RowStats<acc_t>::empty();
     for_class_chunks<kClassChunk<scalar_t>>(work.begin, work.end, [&](auto width, int64_t c) {
       constexpr int W = decltype(width)::value;
       acc_t xs[W];
 #pragma unroll
       for (int i = 0; i < W; ++i) xs[i] = static_cast<acc_t>(x[(c + i) * sc]);
-      st.add_logits(xs);
+      const acc_t m = st.add_logits(xs);
       if (smoothing) {
 #pragma unroll
-        for (int i = 0; i < W; ++i) st.dot += class_weight(p.weight, c + i) * (xs[i] - shift);
+        for (int i = 0; i < W; ++i) st.add_term(class_weight(p.weight, c + i), xs[i], m);
       }
     });
     split_stats[work.split * positions + work.position] = st;
