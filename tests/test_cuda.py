@@ -347,14 +347,15 @@ def test_loss_sums_at_offset_logits(shape):
     weight = (torch.rand(shape[1], generator=generator) + 0.5).cuda()
     probabilities = torch.softmax(torch.randn(shape, generator=generator) * 3, 1).cuda()
     ones = torch.ones(shape[:1] + shape[2:], device="cuda")
-    for x in (offset, masked):
+    # A sum holding a -1e9 term rounds by its float32 spacing (64), hence the masked case's wider rtol.
+    for x, rtol in ((offset, 2e-6), (masked, 1e-5)):
         classes = make_target(x, "index", -100, generator)
         for target, smoothing in ((probabilities, 0.2), (classes, 0.3)):
             expected, _ = reference(x, target, ones, weight=weight, label_smoothing=smoothing, reduction="none")
             for grad_mode in GRAD_MODES:
                 loss, _ = fused(x, target, ones, grad_mode, weight=weight, label_smoothing=smoothing,
                                 reduction="none")
-                torch.testing.assert_close(loss.double(), expected.double(), rtol=1e-5, atol=0,
+                torch.testing.assert_close(loss.double(), expected.double(), rtol=rtol, atol=0,
                                            msg=f"{grad_mode} {smoothing}")
 
 
