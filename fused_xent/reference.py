@@ -72,7 +72,10 @@ def _reduce(loss, total_weight, reduction, dtype):
     if reduction == REDUCTION_NONE:
         return _cast(loss, dtype)
     total = loss.sum()
-    return _cast(total / total_weight if reduction == REDUCTION_MEAN else total, dtype)
+    if reduction == REDUCTION_MEAN:
+        # Over zero target weight NaN, whatever the smoothing terms add: PyTorch's NLL part is 0/0.
+        total = torch.where(total_weight == 0, torch.nan, total / total_weight)
+    return _cast(total, dtype)
 
 
 def cross_entropy_fwd(logits, target, weight, reduction, ignore_index, label_smoothing):

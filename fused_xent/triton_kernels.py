@@ -723,7 +723,8 @@ def _reduce(loss_buffer, total_weight, reduction, dtype) -> torch.Tensor:
         return loss_buffer
     total = loss_buffer.sum()
     if reduction == REDUCTION_MEAN:
-        total = total / total_weight  # 0/0 = NaN when every target is ignored, as in PyTorch
+        # Over zero target weight NaN, whatever the smoothing terms add: PyTorch's NLL part is 0/0.
+        total = torch.where(total_weight == 0, torch.nan, total / total_weight)
     return total.to(dtype)
 
 

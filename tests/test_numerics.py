@@ -87,10 +87,12 @@ def test_loss_sums_at_offset_logits(backend, shape):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("shape", [(16, 1000), (3, 9000), (4, 300, 37), (2, 64, 16), (3, 20000, 5)], ids=str)
+@pytest.mark.parametrize("shape", [(16, 1000), (3, 9000), (2, 50257), (4, 300, 37), (2, 64, 16), (3, 20000, 5),
+                                   (1, 128256, 2)], ids=str)
 def test_loss_sums_with_a_masked_first_class(backend, shape):
     """Class 0 masked with a large finite value (a pad token at -1e4 or -1e9, a common idiom): the loss sums must not
-    be taken relative to it (or to any one logit) but to the max, or they cancel or overflow."""
+    be taken relative to it (or to any one logit) but to the max, or they cancel or overflow; and the lane holding
+    its term must not swallow the terms added after it (blocks, compensated)."""
     g = torch.Generator().manual_seed(10)
     num_classes = shape[1]
     for mask in (-1e4, -1e9):
@@ -103,7 +105,7 @@ def test_loss_sums_with_a_masked_first_class(backend, shape):
                                (classes, {"label_smoothing": 0.1})):
             loss = fused_xent.cross_entropy(logits, target, reduction="none", backend=backend, **kwargs)
             expected = torch_reference(logits, target, torch.ones(loss.shape), reduction="none", **kwargs)[0]
-            torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=0, msg=f"{mask} {kwargs}")
+            torch.testing.assert_close(loss.double(), expected, rtol=2e-6, atol=0, msg=f"{mask} {kwargs}")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

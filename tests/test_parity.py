@@ -137,3 +137,16 @@ def test_every_output_element_is_written():
     run = subprocess.run(args, env=env, capture_output=True, text=True)
     assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-2000:]
     assert " passed" in run.stdout
+
+
+@pytest.mark.parametrize("device,backend", BACKEND_CASES)
+def test_mean_over_zero_target_weight_is_nan(device, backend):
+    """Targets that are counted but weigh 0: PyTorch's mean is NaN (its NLL part is 0/0) even when label smoothing
+    adds a positive term; so is ours."""
+    logits = make_logits((3, 5), "contiguous", torch.float32, device)
+    weight = torch.tensor([0.0, 1.0, 1.0, 1.0, 1.0], device=device)
+    target = torch.zeros(3, dtype=torch.long, device=device)
+    for smoothing in (0.0, 0.1):
+        expected = F.cross_entropy(logits, target, weight=weight, label_smoothing=smoothing)
+        loss = fused_xent.cross_entropy(logits, target, weight=weight, label_smoothing=smoothing, backend=backend)
+        assert expected.isnan() and loss.isnan(), (smoothing, loss)

@@ -5,6 +5,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <limits>
 #include <tuple>
 #include <vector>
 
@@ -118,10 +119,15 @@ struct Launch {
 
 at::TensorOptions acc_options(const Problem& problem) { return problem.logits.options().dtype(problem.acc_dtype()); }
 
-// Writes the reduced loss (mean or sum) into the 0-d output; reduction none was written per position.
+// Writes the reduced loss (mean or sum) into the 0-d output; reduction none was written per position. A mean over
+// zero target weight is NaN whatever the smoothing terms add, as PyTorch's 0/0 NLL part makes it.
 void write_reduced_loss(const Problem& problem, at::Tensor& loss, double loss_sum, double total_weight) {
   if (problem.reduction == kReductionNone) return;
-  loss.fill_(problem.reduction == kReductionMean ? loss_sum / total_weight : loss_sum);
+  if (problem.reduction == kReductionSum) {
+    loss.fill_(loss_sum);
+  } else {
+    loss.fill_(total_weight == 0 ? std::numeric_limits<double>::quiet_NaN() : loss_sum / total_weight);
+  }
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_fwd(const at::Tensor& logits, const at::Tensor& target,

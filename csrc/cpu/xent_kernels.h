@@ -92,6 +92,21 @@ void store_vector(T* p, V v, bool streaming) {
   }
 }
 
+// A running sum that keeps what its additions round away (Knuth's two-sum, exact whatever the magnitudes): for the
+// loss sums, whose lanes may hold a class masked at -1e9 that would swallow every later block added to it.
+template <class V>
+struct CompensatedSum {
+  V sum{0}, error{0};
+  void add(V v) {
+    const V total = sum + v;
+    const V v_part = total - sum;
+    error = error + ((sum - (total - v_part)) + (v - v_part));
+    sum = total;
+  }
+  // With an infinite sum (a -inf logit under a positive weight) the error is NaN (inf - inf): the sum is the answer.
+  V value() const { return select(equal(sum - sum, V(0)), sum + error, sum); }
+};
+
 template <class V, class T>
 void fill_zero_row(T* g, int64_t count) {
   constexpr int W = V::kWidth;

@@ -15,8 +15,9 @@ constexpr int64_t kMaxGatherClasses = (int64_t{1} << 31) / kTilePositions - 1;
 // Lane blocks whose losses are summed in vector precision before the sum moves to the block's double.
 constexpr int kLaneBlocksPerFlush = 32;
 // Classes whose terms a lane sums in one chain before adding it to its total: a lane has one accumulator per sum,
-// so summing C terms in a row would round ~C times into it (1e-5 relative at 20000 classes); blocks keep it ~sqrt.
-constexpr int64_t kLaneSumClasses = 256;
+// so summing C terms in a row would round ~C times into it (1e-5 relative at 20000 classes, and a class masked at
+// -1e9 would swallow every later term).
+constexpr int64_t kLaneSumClasses = 64;
 
 // Loss and weight sums of a block's lane blocks, moved to the block's doubles every kLaneBlocksPerFlush adds.
 template <class V>
@@ -107,12 +108,14 @@ struct LaneTotals {
   V weights_seen{0};            // sum_c w[c] over the classes in weighted_logits
   V weighted_targets{0};        // sum_c w[c] t'[c] (probabilities)
   V weighted_target_logits{0};  // sum_c w[c] t'[c] (x[c] - reference) (probabilities)
+  // What adding blocks to the two loss sums rounded away (see CompensatedSum).
+  V logits_error{0}, target_logits_error{0};
 
   // Moves the loss sums to a new reference (xent_math.h): sum a (x - new) = sum a (x - old) + A (old - new).
   void rebase(V new_reference) {
     const V rise = reference - new_reference;
-    weighted_logits = fmadd(weights_seen, rise, weighted_logits);
-    weighted_target_logits = fmadd(weighted_targets, rise, weighted_target_logits);
+    add_compensated(weighted_logits, logits_error, weights_seen * rise);
+    add_compensated(weighted_target_logits, target_logits_error, weighted_targets * rise);
     reference = new_reference;
   }
 
@@ -124,11 +127,20 @@ struct LaneTotals {
   }
   void add(const LaneTotals& block) {
     sum = sum + block.sum;
-    weighted_logits = weighted_logits + block.weighted_logits;
+    add_compensated(weighted_logits, logits_error, block.weighted_logits);
     weights_seen = weights_seen + block.weights_seen;
     weighted_targets = weighted_targets + block.weighted_targets;
-    weighted_target_logits = weighted_target_logits + block.weighted_target_logits;
+    add_compensated(weighted_target_logits, target_logits_error, block.weighted_target_logits);
   }
+
+  static void add_compensated(V& total, V& error, V value) {
+    CompensatedSum<V> running{total, error};
+    running.add(value);
+    total = running.sum;
+    error = running.error;
+  }
+  V logits_value() const { return CompensatedSum<V>{weighted_logits, logits_error}.value(); }
+  V target_logits_value() const { return CompensatedSum<V>{weighted_target_logits, target_logits_error}.value(); }
 
   // The loss terms of class c, whose logits are xv and (probabilities) targets *t.
   template <class T>
@@ -157,12 +169,12 @@ IndexTargetCoeffs<V> record_lanes(const Typed<V, T>& a, int64_t position, int la
   const IndexTargetCoeffs<V> k = index_target_coeffs(targets.weight, V(a.label_smoothing), a.C);
   V loss;
   if (a.target_prob) {
-    loss = select(V::prefix(lanes), prob_target_loss(log_sum, totals.weighted_targets, totals.weighted_target_logits),
-                  V(0));
+    loss = select(V::prefix(lanes),
+                  prob_target_loss(log_sum, totals.weighted_targets, totals.target_logits_value()), V(0));
   } else {
     loss = index_target_loss_given_smoothing(a.smoothing, k, log_sum,
                                              target_gap(reference, log_sum, targets.logit), V(a.weight_sum),
-                                             totals.weighted_logits);
+                                             totals.logits_value());
     loss = select(targets.valid, loss, V(0));
   }
   sums.add(loss, targets.weight, result);

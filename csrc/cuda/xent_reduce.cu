@@ -46,8 +46,9 @@ __global__ void __launch_bounds__(kFinalizeThreads)
     denominator = *total_weight;
   }
   if (loss) {
-    // Mean over zero weight is 0/0 = NaN, as in PyTorch.
-    *loss = static_cast<scalar_t>(reduction == kReductionMean ? loss_sum / denominator : loss_sum);
+    // A mean over zero target weight is NaN whatever the smoothing terms add, as PyTorch's 0/0 NLL part makes it.
+    const acc_t mean = denominator == acc_t(0) ? quiet_nan<acc_t>() : loss_sum / denominator;
+    *loss = static_cast<scalar_t>(reduction == kReductionMean ? mean : loss_sum);
   }
 }
 
