@@ -228,16 +228,23 @@ void lanes_forward(const Typed<V, T>& a, int64_t position, int lanes, const type
 
   LaneTotals<V> totals;
   totals.reference = ref;  // the max, known before the sums here
-  for (int64_t c0 = 0; c0 < C; c0 += kLaneSumClasses) {
-    LaneTotals<V> block = totals.block();
-    for (int64_t c = c0; c < std::min(C, c0 + kLaneSumClasses); ++c) {
+  auto add_classes = [&](LaneTotals<V>& into, int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c) {
       const V xv = V::load(x + c * stride);
       const V e = vexp(xv - ref);
-      block.sum = block.sum + e;
+      into.sum = into.sum + e;
       if (exps) V::store(exps + c * W, e);
-      block.add_class(a, c, xv, t ? t + c * stride : nullptr);
+      into.add_class(a, c, xv, t ? t + c * stride : nullptr);
     }
-    totals.add(block);
+  };
+  if (C <= kLaneSumClasses) {  // one block: straight into the totals (segmentation's few classes)
+    add_classes(totals, 0, C);
+  } else {
+    for (int64_t c0 = 0; c0 < C; c0 += kLaneSumClasses) {
+      LaneTotals<V> block = totals.block();
+      add_classes(block, c0, std::min(C, c0 + kLaneSumClasses));
+      totals.add(block);
+    }
   }
   const IndexTargetCoeffs<V> k = record_lanes(a, position, lanes, targets, ref, totals, sums, result);
   if (!g) return;
