@@ -19,7 +19,7 @@ def empty_loss(logits: torch.Tensor, reduction: int) -> torch.Tensor:
 
 def fake_fwd(logits, target, weight, reduction, ignore_index, label_smoothing):
     acc = accumulation_dtype(logits.dtype)
-    lse = logits.new_empty((logits.shape[0], logits.shape[2]), dtype=acc)
+    lse = logits.new_empty((logits.shape[0], logits.shape[2], 2), dtype=acc)
     return empty_loss(logits, reduction), lse, logits.new_empty((), dtype=acc)
 
 

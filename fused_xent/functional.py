@@ -22,7 +22,8 @@ def _scaled_log_probs(grad_loss, logits, lse, total_weight, reduction):
         scale = scale / total_weight
     if reduction == REDUCTION_NONE:
         scale = scale.unsqueeze(1)
-    return scale * (logits.to(lse.dtype) - lse.unsqueeze(1))
+    shift, log_sum = (part.unsqueeze(1) for part in lse.unbind(-1))  # lse in two parts: see reference.log_softmax
+    return scale * ((logits.to(lse.dtype) - shift) - log_sum)
 
 
 def _target_grad(scaled_log_probs, weight, label_smoothing, dtype):
@@ -96,10 +97,10 @@ def _vmap_active() -> bool:
 class FusedCrossEntropyFunction(torch.autograd.Function):
     """Autograd for the fused kernels; inputs are the canonical views of fused_xent._validate.Problem.
 
-    grad_mode "recompute" keeps only the per-position log-sum-exp and recomputes the softmax in backward (one read
-    of the logits each way); "in_forward" writes the gradient into a fresh buffer during the forward;
-    "inplace" writes it over the logits, which must then not be used by anything else (autograd raises if they are
-    saved by another op, because the logits' version counter moves).
+    grad_mode "recompute" keeps only the per-position log-sum-exp (in two parts: see csrc/fused_xent.cpp) and
+    recomputes the softmax in backward (one read of the logits each way); "in_forward" writes the gradient into a
+    fresh buffer during the forward; "inplace" writes it over the logits, which must then not be used by anything
+    else (autograd raises if they are saved by another op, because the logits' version counter moves).
     """
 
     @staticmethod
@@ -152,7 +153,7 @@ class FusedCrossEntropyFunction(torch.autograd.Function):
             # gradient needs the log-sum-exp recomputed as well, so that it too carries a gradient.
             ops = _backends.backend_ops("torch")
             if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
-                lse = torch.logsumexp(logits.to(lse.dtype), dim=1)
+                lse = reference.log_softmax(logits.to(lse.dtype))[1]
         grad_logits = grad_target = grad_weight = None
         if ctx.needs_input_grad[0]:
             grad_logits = ops.bwd(

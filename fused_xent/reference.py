@@ -31,22 +31,24 @@ def _target_weights(target, w, ignore_index):
     return safe_target, torch.where(valid, target_weight, 0)
 
 
-def _log_softmax(x):
-    """(log-probabilities, lse) over dim 1. Shifted by the row max first: x - lse would carry the float32 rounding
-    of an lse of ~1e4 (~1e-3) into every log-probability, and torch.log_softmax sums 256K exps less accurately."""
+def log_softmax(x):
+    """(log-probabilities over dim 1, lse as the ops save it: (N, S, 2), each position's max (0 for a row of -inf)
+    and the log-sum-exp of its logits shifted by it). Shifted by the max first: x - lse would carry the float32
+    rounding of an lse of ~1e4 (~1e-3) into every log-probability, and torch.log_softmax sums 256K exps less
+    accurately."""
     row_max = x.amax(dim=1, keepdim=True)
     # A row of -inf stays -inf, not NaN, until the end; a +inf logit makes the row NaN, as in PyTorch.
     shift = torch.where(row_max == -torch.inf, 0, row_max)
     shifted = x - shift
     shifted_lse = torch.logsumexp(shifted, dim=1, keepdim=True)
-    return shifted - shifted_lse, (shift + shifted_lse).squeeze(1)
+    return shifted - shifted_lse, torch.stack((shift.squeeze(1), shifted_lse.squeeze(1)), dim=-1)
 
 
 def _per_position(logits, target, weight, ignore_index, label_smoothing):
-    """Per-position losses (N, S), lse (N, S), the mean's denominator, and what backward needs."""
+    """Per-position losses (N, S), lse (N, S, 2) and the mean's denominator."""
     x = logits.to(accumulation_dtype(logits.dtype))
     num_classes = x.shape[1]
-    log_probs, lse = _log_softmax(x)
+    log_probs, lse = log_softmax(x)
     w = _class_weights(weight, num_classes, x).view(1, num_classes, 1)
     if target.is_floating_point():
         smoothed = target.to(x.dtype) * (1.0 - label_smoothing) + label_smoothing / num_classes
@@ -86,7 +88,7 @@ def cross_entropy_fwd(logits, target, weight, reduction, ignore_index, label_smo
 def cross_entropy_bwd(grad_loss, logits, target, weight, lse, total_weight, reduction, ignore_index, label_smoothing):
     x = logits.to(lse.dtype)
     num_classes = x.shape[1]
-    probs = torch.exp(_log_softmax(x)[0])  # as in the forward, rather than exp(x - lse)
+    probs = torch.exp(log_softmax(x)[0])  # as in the forward, rather than from lse
     w = _class_weights(weight, num_classes, x).view(1, num_classes, 1)
     scale = grad_loss.to(x.dtype)
     if reduction == REDUCTION_MEAN:
@@ -113,7 +115,7 @@ def _unit_grad_loss(loss, reduction):
 def cross_entropy_fwd_grad(logits, target, weight, reduction, ignore_index, label_smoothing):
     loss, lse, total_weight = cross_entropy_fwd(logits, target, weight, reduction, ignore_index, label_smoothing)
     grad = cross_entropy_bwd(
-        _unit_grad_loss(lse, reduction), logits, target, weight, lse, total_weight, reduction, ignore_index,
+        _unit_grad_loss(lse[..., 0], reduction), logits, target, weight, lse, total_weight, reduction, ignore_index,
         label_smoothing,
     )
     return loss, grad

@@ -183,12 +183,18 @@ def _weighted_target_sum(target_ptr, weight_ptr, offset, in_range, C, stride_c, 
 
 @triton.jit
 def _lse_parts(running_max, scaled_sum):
-    """(reference, log_sum, lse) of the online-softmax state: lse = max + log(sum), with reference the max (0 while
-    it is -inf) that the sum is relative to. lse - x is taken as (x - reference) - log_sum wherever it matters: lse
-    itself is rounded to the spacing of floats around it, ~1e-3 at logits of 1e4 (xent_math.h target_gap)."""
-    log_sum = tl.log(scaled_sum)
-    reference = tl.where(running_max == float("-inf"), 0.0, running_max)
-    return reference, log_sum, running_max + log_sum
+    """(reference, log_sum) of the online-softmax state: lse = reference + log_sum, with reference the max (0 while
+    it is -inf) that the sum is relative to. They stay apart, in the saved lse too: lse - x is taken as
+    (x - reference) - log_sum, since lse itself is rounded to the spacing of floats around it, ~1e-3 at logits of
+    1e4 (xent_math.h target_gap and split_lse)."""
+    return tl.where(running_max == float("-inf"), 0.0, running_max), tl.log(scaled_sum)
+
+
+@triton.jit
+def _store_lse(lse_ptr, index, in_range, reference, log_sum):
+    """lse (positions, 2) as the ops save it: each position's reference and log_sum."""
+    tl.store(lse_ptr + 2 * index, reference, mask=in_range)
+    tl.store(lse_ptr + 2 * index + 1, log_sum, mask=in_range)
 
 
 @triton.jit
@@ -219,8 +225,7 @@ def _store_grad(logits_ptr, target_ptr, weight_ptr, grad_ptr, offset, in_range, 
                 BLOCK_C: tl.constexpr):
     """Second pass over the classes [c_begin, c_stop) (as in _range_statistics): read each logit once and write its
     gradient (grad_ptr may be logits_ptr: each element is read before it is overwritten, and nothing else of the
-    row is read afterwards), with p = exp((x - reference) - log_sum) (see _lse_parts; the backward, which has only
-    lse, passes reference = lse, log_sum = 0).
+    row is read afterwards), with p = exp((x - reference) - log_sum) (see _lse_parts).
       class indices:  prob_coef p[c] - class_coef w[c] - [c == y] target_coef
       probabilities:  prob_coef p[c] - class_coef w[c] t'[c]   (prob_coef = scale T, class_coef = scale)
     Positions that do not `keep` (ignored targets) get exactly 0, whatever their logits."""
@@ -267,9 +272,9 @@ def _forward_kernel(logits_ptr, target_ptr, weight_ptr, weight_sum_ptr, total_we
                     SPATIAL: tl.constexpr, PROB_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr,
                     HAS_SMOOTHING: tl.constexpr, REDUCTION: tl.constexpr, WRITE_GRAD: tl.constexpr,
                     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Per-position loss (into loss_ptr: the output for reduction none, else a float32/64 buffer) and lse; with
-    WRITE_GRAD, the gradient for grad_loss = 1 instead of lse (total_weight must then already hold the mean's
-    denominator)."""
+    """Per-position loss (into loss_ptr: the output for reduction none, else a float32/64 buffer) and lse
+    (_store_lse); with WRITE_GRAD, the gradient for grad_loss = 1 instead of lse (total_weight must then
+    already hold the mean's denominator)."""
     ACC = total_weight_ptr.dtype.element_ty
     label_smoothing = tl.cast(smoothing_hi, ACC) + tl.cast(smoothing_lo, ACC)
     _, _, index, offset, in_range = _position_block(num_positions, S, stride_n, stride_s, BLOCK_P, SPATIAL)
@@ -283,7 +288,7 @@ def _forward_kernel(logits_ptr, target_ptr, weight_ptr, weight_sum_ptr, total_we
         logits_ptr, target_ptr, weight_ptr, offset, in_range, 0, C, C, stride_c, label_smoothing, PROB_TARGET,
         HAS_WEIGHT, HAS_SMOOTHING, ACC, BLOCK_P, BLOCK_C)
     weight_sum = _class_weight_sum(weight_sum_ptr, C, HAS_WEIGHT, ACC)
-    reference, log_sum, lse = _lse_parts(running_max, scaled_sum)
+    reference, log_sum = _lse_parts(running_max, scaled_sum)
     if PROB_TARGET:
         # xent_math.h prob_target_loss: T log_sum - sum_c w[c] t'[c] (x[c] - reference), T = term_weights
         loss = term_weights * log_sum - relative_dot
@@ -309,7 +314,7 @@ def _forward_kernel(logits_ptr, target_ptr, weight_ptr, weight_sum_ptr, total_we
                         safe_y, prob_coef, class_coef, target_coef, 0, C, C, stride_c, label_smoothing,
                         PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING, ACC, BLOCK_C)
     else:
-        tl.store(lse_ptr + index, lse, mask=in_range)
+        _store_lse(lse_ptr, index, in_range, reference, log_sum)
 
 
 @triton.jit
@@ -339,10 +344,9 @@ def _split_statistics_kernel(logits_ptr, weight_ptr, stats_ptr, num_positions, S
 def _split_combine_kernel(stats_ptr, logits_ptr, target_ptr, weight_ptr, weight_sum_ptr, loss_ptr, lse_ptr,
                           num_positions, S, C, stride_n, stride_c, stride_s, ignore_index, smoothing_hi,
                           smoothing_lo, splits, HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
-                          LSE_PARTS: tl.constexpr, BLOCK: tl.constexpr):
+                          BLOCK: tl.constexpr):
     """Merges the ranges' states of each position in range order (bitwise reproducible), then lse and the loss as
-    in _forward_kernel. LSE_PARTS (for the gradient that follows): lse_ptr is (2, positions) and takes each
-    position's reference and log_sum apart (_lse_parts), not their rounded sum."""
+    in _forward_kernel."""
     ACC = stats_ptr.dtype.element_ty
     label_smoothing = tl.cast(smoothing_hi, ACC) + tl.cast(smoothing_lo, ACC)
     _, _, index, offset, in_range = _position_block(num_positions, S, stride_n, stride_s, BLOCK, False)
@@ -372,16 +376,12 @@ def _split_combine_kernel(stats_ptr, logits_ptr, target_ptr, weight_ptr, weight_
     safe_y, counted, weight_of_target = _class_target(target_ptr, weight_ptr, index, in_range, C, ignore_index,
                                                       HAS_WEIGHT, ACC)
     target_logit = tl.load(logits_ptr + offset + safe_y * stride_c, mask=counted, other=0.0).to(ACC)
-    reference, log_sum, lse = _lse_parts(running_max, scaled_sum)
+    reference, log_sum = _lse_parts(running_max, scaled_sum)
     weight_sum = _class_weight_sum(weight_sum_ptr, C, HAS_WEIGHT, ACC)
     loss = _index_target_loss(log_sum, (reference - target_logit) + log_sum, weight_of_target, weight_sum,
                               relative_dot, label_smoothing, C, HAS_SMOOTHING)
     tl.store(loss_ptr + index, tl.where(counted, loss, 0.0).to(loss_ptr.dtype.element_ty), mask=in_range)
-    if LSE_PARTS:
-        tl.store(lse_ptr + index, reference, mask=in_range)
-        tl.store(lse_ptr + num_positions + index, log_sum, mask=in_range)
-    else:
-        tl.store(lse_ptr + index, lse, mask=in_range)
+    _store_lse(lse_ptr, index, in_range, reference, log_sum)
 
 
 @triton.jit
@@ -390,10 +390,9 @@ def _backward_kernel(grad_loss_ptr, grad_loss_stride_n, grad_loss_stride_s, logi
                      num_positions, S, C, stride_n, stride_c, stride_s, ignore_index, smoothing_hi, smoothing_lo,
                      split_len, SPATIAL: tl.constexpr, PROB_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr,
                      HAS_SMOOTHING: tl.constexpr, REDUCTION: tl.constexpr, SPLIT: tl.constexpr,
-                     LSE_PARTS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Gradient from the saved lse (LSE_PARTS: from a split forward's reference and log_sum, see
-    _split_combine_kernel): one read of the logits (plus the targets) and one write. With SPLIT (class-index
-    targets), program (position block, k) writes classes [k split_len, (k+1) split_len)."""
+                     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Gradient from the saved lse (_store_lse): one read of the logits (plus the targets) and one write. With SPLIT
+    (class-index targets), program (position block, k) writes classes [k split_len, (k+1) split_len)."""
     ACC = total_weight_ptr.dtype.element_ty
     label_smoothing = tl.cast(smoothing_hi, ACC) + tl.cast(smoothing_lo, ACC)
     n, s, index, offset, in_range = _position_block(num_positions, S, stride_n, stride_s, BLOCK_P, SPATIAL)
@@ -403,11 +402,8 @@ def _backward_kernel(grad_loss_ptr, grad_loss_stride_n, grad_loss_stride_s, logi
     else:
         c_begin = 0
         c_stop = C
-    reference = tl.load(lse_ptr + index, mask=in_range, other=0.0)
-    if LSE_PARTS:
-        log_sum = tl.load(lse_ptr + num_positions + index, mask=in_range, other=0.0)
-    else:
-        log_sum = tl.zeros_like(reference)
+    reference = tl.load(lse_ptr + 2 * index, mask=in_range, other=0.0)
+    log_sum = tl.load(lse_ptr + 2 * index + 1, mask=in_range, other=0.0)
     # Upstream-gradient scale per position (xent_math.h grad_scale); grad_loss may be an expanded (stride 0) view.
     if REDUCTION == _NONE:
         scale = tl.load(grad_loss_ptr + n * grad_loss_stride_n + s * grad_loss_stride_s, mask=in_range,
@@ -660,13 +656,12 @@ def _launch_forward(p, total_weight, loss_buffer, lse, grad, reduction, ignore_i
         return
     if p.splits > 1:
         if grad is None:
-            _launch_split_forward(p, loss_buffer, lse, False, ignore_index, label_smoothing)
+            _launch_split_forward(p, loss_buffer, lse, ignore_index, label_smoothing)
             return
-        lse_parts = torch.empty(2, p.num_positions, dtype=p.acc_dtype, device=p.logits.device)
-        _launch_split_forward(p, loss_buffer, lse_parts, True, ignore_index, label_smoothing)
+        lse = _empty_lse(p)
+        _launch_split_forward(p, loss_buffer, lse, ignore_index, label_smoothing)
         one = torch.ones((), dtype=p.acc_dtype, device=p.logits.device)
-        _launch_backward(p, one, (0, 0), lse_parts, True, total_weight, grad, reduction, ignore_index,
-                         label_smoothing)
+        _launch_backward(p, one, (0, 0), lse, total_weight, grad, reduction, ignore_index, label_smoothing)
         return
     # Pointers a specialization never reads (no weight; lse when writing the gradient, or the gradient) are None.
     _launch(
@@ -679,9 +674,8 @@ def _launch_forward(p, total_weight, loss_buffer, lse, grad, reduction, ignore_i
     )
 
 
-def _launch_split_forward(p, loss_buffer, lse, lse_parts, ignore_index, label_smoothing):
-    """Per-position loss and lse (lse_parts: the (2, positions) parts the gradient takes) of split positions: range
-    statistics, then their combine."""
+def _launch_split_forward(p, loss_buffer, lse, ignore_index, label_smoothing):
+    """Per-position loss and lse of split positions: range statistics, then their combine."""
     has_smoothing = label_smoothing > 0
     stats = torch.empty((4 if has_smoothing else 2, p.splits, p.num_positions), dtype=p.acc_dtype,
                         device=p.logits.device)
@@ -694,20 +688,26 @@ def _launch_split_forward(p, loss_buffer, lse, lse_parts, ignore_index, label_sm
     _launch(
         _split_combine_kernel, (triton.cdiv(p.num_positions, block),), stats, p.logits, p.target, p.weight,
         p.weight_sum, loss_buffer, lse, *_shape_args(p), ignore_index, *_split_float(label_smoothing), p.splits,
-        HAS_WEIGHT=p.weight is not None, HAS_SMOOTHING=has_smoothing, LSE_PARTS=lse_parts, BLOCK=block, num_warps=4,
+        HAS_WEIGHT=p.weight is not None, HAS_SMOOTHING=has_smoothing, BLOCK=block, num_warps=4,
     )
 
 
-def _launch_backward(p, grad_loss, grad_loss_strides, lse, lse_parts, total_weight, grad, reduction, ignore_index,
+def _launch_backward(p, grad_loss, grad_loss_strides, lse, total_weight, grad, reduction, ignore_index,
                      label_smoothing):
     _launch(
         _backward_kernel, (p.position_programs, p.splits), grad_loss, *grad_loss_strides, p.logits, p.target,
         p.weight, p.weight_sum, lse, total_weight, grad, *_shape_args(p), ignore_index,
         *_split_float(label_smoothing), p.split_len,
         SPATIAL=p.spatial, PROB_TARGET=p.prob_target, HAS_WEIGHT=p.weight is not None,
-        HAS_SMOOTHING=label_smoothing > 0, REDUCTION=reduction, SPLIT=p.splits > 1, LSE_PARTS=lse_parts,
+        HAS_SMOOTHING=label_smoothing > 0, REDUCTION=reduction, SPLIT=p.splits > 1,
         BLOCK_P=p.tile.block_p, BLOCK_C=p.tile.block_c, num_warps=p.tile.num_warps,
     )
+
+
+def _empty_lse(p: _Problem) -> torch.Tensor:
+    """(N, S, 2): see _store_lse."""
+    N, _, S = p.logits.shape
+    return torch.empty((N, S, 2), dtype=p.acc_dtype, device=p.logits.device)
 
 
 def _loss_buffer(p: _Problem, reduction: int) -> torch.Tensor:
@@ -729,13 +729,12 @@ def _reduce(loss_buffer, total_weight, reduction, dtype) -> torch.Tensor:
 
 
 def cross_entropy_fwd(logits, target, weight, reduction, ignore_index, label_smoothing):
-    """-> (loss, lse, total_weight): loss (N, S) or 0-d in the logits dtype, lse (N, S) and total_weight 0-d in the
-    accumulation dtype."""
+    """-> (loss, lse, total_weight): loss (N, S) or 0-d in the logits dtype, lse (N, S, 2) and total_weight 0-d in
+    the accumulation dtype."""
     p = _problem(logits, target, weight, reduction)
-    N, _, S = p.logits.shape
     total_weight = _total_weight(p, ignore_index)
     loss_buffer = _loss_buffer(p, reduction)
-    lse = torch.empty((N, S), dtype=p.acc_dtype, device=p.logits.device)
+    lse = _empty_lse(p)
     _launch_forward(p, total_weight, loss_buffer, lse, None, reduction, ignore_index, label_smoothing)
     return _reduce(loss_buffer, total_weight, reduction, logits.dtype), lse, total_weight
 
@@ -748,11 +747,11 @@ def cross_entropy_bwd(grad_loss, logits, target, weight, lse, total_weight, redu
         return grad
     N, _, S = p.logits.shape
     expected = (N, S) if reduction == REDUCTION_NONE else ()
-    if tuple(grad_loss.shape) != expected or tuple(lse.shape) != (N, S) or lse.dtype != p.acc_dtype:
-        raise ValueError(f"fused_xent: grad_loss must be {expected} and lse ({N}, {S}) {p.acc_dtype}, got "
+    if tuple(grad_loss.shape) != expected or tuple(lse.shape) != (N, S, 2) or lse.dtype != p.acc_dtype:
+        raise ValueError(f"fused_xent: grad_loss must be {expected} and lse ({N}, {S}, 2) {p.acc_dtype}, got "
                          f"{tuple(grad_loss.shape)} and {tuple(lse.shape)} {lse.dtype}")
     grad_loss_strides = grad_loss.stride() if reduction == REDUCTION_NONE else (0, 0)
-    _launch_backward(p, grad_loss, grad_loss_strides, lse.contiguous(), False, total_weight.to(p.acc_dtype), grad,
+    _launch_backward(p, grad_loss, grad_loss_strides, lse.contiguous(), total_weight.to(p.acc_dtype), grad,
                      reduction, ignore_index, label_smoothing)
     return grad
 

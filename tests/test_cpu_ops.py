@@ -56,9 +56,11 @@ def check_all_ops(x, y, weight=None, reduction="mean", ignore_index=-100, smooth
     loss, lse, total_weight = ops.cross_entropy_fwd(x3, y3, w, red, ignore_index, smoothing)
     assert loss.dtype == dtype
     assert_close(loss, expected_loss, dtype, "forward loss")
+    # lse in two parts: each position's max and the log of its sum of exps relative to that max.
+    assert lse.dtype == (torch.float64 if dtype == torch.float64 else torch.float32) and lse.shape == (N, S, 2)
+    torch.testing.assert_close(lse[..., 0], x3.to(lse.dtype).amax(1), rtol=0, atol=0)
     lse_rtol = 1e-10 if dtype == torch.float64 else 1e-5
-    torch.testing.assert_close(lse.double(), torch.logsumexp(x3.double(), 1), rtol=lse_rtol, atol=lse_rtol)
-    assert lse.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    torch.testing.assert_close(lse.double().sum(-1), torch.logsumexp(x3.double(), 1), rtol=lse_rtol, atol=lse_rtol)
     if y.is_floating_point():
         expected_total = float(N * S)
     else:
@@ -197,7 +199,7 @@ def test_empty_batch():
     y = torch.zeros(0, 1, dtype=torch.long)
     for reduction, expected in [(0, None), (1, float("nan")), (2, 0.0)]:
         loss, lse, total_weight = ops.cross_entropy_fwd(x, y, None, reduction, -100, 0.0)
-        assert lse.shape == (0, 1) and total_weight.item() == 0
+        assert lse.shape == (0, 1, 2) and total_weight.item() == 0
         if expected is None:
             assert loss.shape == (0, 1)
         else:

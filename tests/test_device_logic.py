@@ -106,10 +106,10 @@ def test_hot_kernels_keep_their_occupancy_on_hopper():
             limit, stack_limit = 64, 0
         elif re.match(r"void spatial_forward_kernel<[^,]+, false", name):
             limit, stack_limit = 48, 0
-        elif re.match(r"void spatial_grad_kernel<[^,]+, false, false, false", name):
+        elif re.match(r"void spatial_grad_kernel<[^,]+, false, false>", name):
             limit, stack_limit = 40, 0  # six blocks per SM: the backward of segmentation
         else:
             continue
         checked += 1
         assert registers <= limit and stack <= stack_limit, (name, registers, stack)
-    assert checked >= 18, sorted(usage)
+    assert checked >= 15, sorted(usage)

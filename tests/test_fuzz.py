@@ -4,7 +4,6 @@ The budget fits CI; a longer run: FUSED_XENT_FUZZ_EXAMPLES=5000 pytest tests/tes
 backend on 2 cores).
 """
 
-import math
 import os
 
 import pytest
@@ -96,8 +95,4 @@ def test_fuzz_against_pytorch(device, backend, case):
     largest_logit = logits.detach().double().abs().nan_to_num(posinf=0).max().item() if logits.numel() else 1.0
     magnitude = largest_logit * (max(1.0, kwargs["weight"].double().max().item()) if "weight" in kwargs else 1.0)
     assert_close(loss, expected_loss, dtype, f"loss {case}", magnitude)
-    # |lse| <= max|x| + log(C): the float32 (float64) lse saved for the backward is rounded by that times eps.
-    lse_bound = largest_logit + math.log(max(num_classes, 2))
-    lse_rounding = 2 * lse_bound * torch.finfo(torch.float64 if dtype == torch.float64 else torch.float32).eps
-    assert_grad_close(grad, expected_grad, dtype, f"grad {case}", _gradient_terms(target, grad_output, kwargs),
-                      lse_rounding)
+    assert_grad_close(grad, expected_grad, dtype, f"grad {case}", _gradient_terms(target, grad_output, kwargs))

@@ -41,10 +41,9 @@ def test_huge_logits(backend, smoothing, shape):
 @pytest.mark.parametrize("shape", [(4, 300), (3, 5000), (2, 300, 5), (2, 700, 5), (2, 19, 3, 3)], ids=str)
 def test_near_ties_at_huge_logits(backend, shape):
     """Logits near 1.2e4 whose top classes lie within a unit of each other, so that the softmax is not one-hot.
-    The loss keeps float32 precision: lse - x[y] is taken as (max - x[y]) + log(sum), where lse itself is rounded
-    by up to |lse| * 2^-24 (~7e-4), and the smoothing sums relative to a logit of the position. The gradient made
-    in the forward keeps float32 precision too; the recomputing backward only has the saved float32 lse, so its
-    p = exp(x - lse) is off by up to that rounding, relatively (README, "Precision at huge logits")."""
+    Loss and gradient keep float32 precision in every grad_mode: lse - x[y] is taken as (max - x[y]) + log(sum),
+    where lse itself is rounded by up to |lse| * 2^-24 (~7e-4), the smoothing sums relative to the max, and the
+    recomputing backward takes p from the max and log(sum) it saved apart (README, "Precision at huge logits")."""
     g = torch.Generator().manual_seed(8)
     logits = torch.randn(shape, generator=g) * 10 + 12345.6
     logits[:, 7] = 12380.3
@@ -52,17 +51,32 @@ def test_near_ties_at_huge_logits(backend, shape):
     logits[:, 11] = 12380.8
     target = make_class_target(shape[:1] + shape[2:], shape[1], generator=g)
     target.view(-1)[::2] = 9
-    lse_rounding = 12381.0 * 2.0**-24
     for smoothing in (0.0, 0.1):
         expected_loss, expected_grad = torch_reference(logits, target, torch.ones(()), label_smoothing=smoothing)
         for grad_mode in ("recompute", "in_forward", "inplace"):
             what = f"{grad_mode}, label_smoothing={smoothing}"
             loss, grad = fused(logits, target, torch.ones(()), backend, grad_mode=grad_mode, label_smoothing=smoothing)
             torch.testing.assert_close(loss.double(), expected_loss, rtol=2e-6, atol=0, msg=f"loss {what}")
-            exact = grad_mode != "recompute" or backend == "torch"
-            rtol = 2e-6 if exact else 2 * lse_rounding
-            torch.testing.assert_close(grad.double(), expected_grad, rtol=rtol,
-                                       atol=rtol * expected_grad.abs().max().item(), msg=f"grad {what}")
+            torch.testing.assert_close(grad.double(), expected_grad, rtol=2e-6,
+                                       atol=2e-6 * expected_grad.abs().max().item(), msg=f"grad {what}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", [(4, 5), (3, 3000), (2, 5, 7), (2, 300, 5)], ids=str)
+def test_near_certain_target_at_huge_logits(backend, shape):
+    """A target 8 above every other class at logits of 1.2e4: its gradient p - 1 = -(C - 1) e^-8 (times the weight)
+    is smaller than the rounding of a float32 lse there (~7e-4). Every grad_mode gets it to float32 precision,
+    relative to the unit-sized p and 1 it is the difference of, as PyTorch does; p = exp(x - lse) from a saved lse
+    rounded to one float would give 0 or an error of up to 7e-4."""
+    g = torch.Generator().manual_seed(11)
+    logits = torch.rand(shape, generator=g) * 0.5 + 11992.0
+    target = make_class_target(shape[:1] + shape[2:], shape[1], generator=g)
+    logits.scatter_(1, target.unsqueeze(1), 12000.0)
+    for kwargs in ({}, {"label_smoothing": 0.05}, {"weight": torch.rand(shape[1], generator=g) + 0.5}):
+        expected_loss, expected_grad = torch_reference(logits, target, torch.ones(()), reduction="sum", **kwargs)
+        for grad_mode in ("recompute", "in_forward", "inplace"):
+            loss, grad = fused(logits, target, torch.ones(()), backend, reduction="sum", grad_mode=grad_mode, **kwargs)
+            torch.testing.assert_close(grad.double(), expected_grad, rtol=0, atol=1e-6, msg=f"{grad_mode} {kwargs}")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

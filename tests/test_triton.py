@@ -124,7 +124,7 @@ def triton_loss(x, target, weight, reduction, ignore_index, label_smoothing):
         logits, target_view, weight, REDUCTIONS[reduction], ignore_index, label_smoothing
     )
     assert lse.dtype == (torch.float64 if x.dtype == torch.float64 else torch.float32)
-    assert lse.shape == target_view.shape[:1] + target_view.shape[-1:]
+    assert lse.shape == target_view.shape[:1] + target_view.shape[-1:] + (2,)
     return loss.reshape((x.shape[0],) + tuple(x.shape[2:])) if reduction == "none" else loss
 
 
@@ -308,9 +308,8 @@ def test_extreme_logits(layout):
 @needs_kernels
 @pytest.mark.parametrize("layout", ["wide_rows", "nchw", "split_ncl"])
 def test_near_ties_at_huge_logits(layout):
-    """Logits near 1.2e4 with the top classes within a unit: the loss and the gradient made in the forward keep
-    float32 precision (lse - x taken from the max and log(sum) apart); the recomputing backward, which has only the
-    saved float32 lse, is off by at most its rounding, |lse| * 2^-24 relatively (tests/test_numerics.py)."""
+    """Logits near 1.2e4 with the top classes within a unit: the loss and both gradients keep float32 precision
+    (lse - x taken from the max and log(sum) apart, which the backward gets saved apart; tests/test_numerics.py)."""
     x = make_logits(layout, torch.float32).detach() * 3 + 12345.6
     with torch.no_grad():
         x[:, 1] = 12380.3
@@ -325,10 +324,26 @@ def test_near_ties_at_huge_logits(layout):
     _, grad = ops.triton_cross_entropy_fwd_grad(logits, target_view, None, 1, -100, 0.0)
     scale = expected_grad.abs().max().item()
     torch.testing.assert_close(grad.double(), expected_grad, rtol=2e-6, atol=2e-6 * scale)
-    rounding = 12381.0 * 2.0**-24
     (grad,) = torch.autograd.grad(triton_loss(x.requires_grad_(), target, None, "mean", -100, 0.0), x)
-    torch.testing.assert_close(grad.double(), expected_grad.reshape(x.shape), rtol=2 * rounding,
-                               atol=2 * rounding * scale)
+    torch.testing.assert_close(grad.double(), expected_grad.reshape(x.shape), rtol=2e-6, atol=2e-6 * scale)
+
+
+@needs_kernels
+@pytest.mark.parametrize("layout", ["rows", "wide_rows", "nchw", "split_rows", "split_ncl"])
+def test_near_certain_target_at_huge_logits(layout):
+    """A target 8 above every other class at logits of 1.2e4: its p - 1 = -(C - 1) e^-8, below the rounding of a
+    float32 lse there, keeps float32 precision in the recomputing backward and the fused gradient
+    (tests/test_numerics.py)."""
+    x = make_logits(layout, torch.float32).detach().abs() * 0.1 + 11992.0
+    target = class_target(x)
+    x = x.scatter(1, target.unsqueeze(1), 12000.0)
+    logits, target_view = op_views(x, target)
+    one = torch.ones((), device=DEVICE)
+    _, expected_grad = reference(logits, target_view, None, "sum", -100, 0.0, one)
+    _, grad = ops.triton_cross_entropy_fwd_grad(logits, target_view, None, 2, -100, 0.0)
+    torch.testing.assert_close(grad.double(), expected_grad, rtol=0, atol=1e-6)
+    (grad,) = torch.autograd.grad(triton_loss(x.requires_grad_(), target, None, "sum", -100, 0.0), x)
+    torch.testing.assert_close(grad.double(), expected_grad.reshape(x.shape), rtol=0, atol=1e-6)
 
 
 @needs_kernels
@@ -638,7 +653,7 @@ def test_every_specialization_compiles_for_hopper(monkeypatch):
         probabilities = torch.rand_like(logits)
         weight = torch.rand(C)
         acc = torch.float64 if dtype == torch.float64 else torch.float32
-        lse = torch.zeros(N, logits.shape[2], dtype=acc)
+        lse = torch.zeros(N, logits.shape[2], 2, dtype=acc)
         scalar, per_position = torch.ones((), dtype=dtype), torch.ones(N, logits.shape[2], dtype=dtype)
         total_weight = torch.ones((), dtype=acc)
         kernels.cross_entropy_fwd(logits, target, weight, 1, -100, 0.1)

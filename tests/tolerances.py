@@ -28,15 +28,15 @@ def assert_close(actual, expected, dtype, what="", magnitude=1.0):
     _compare(actual, expected, rtol, atol * max(1.0, float(magnitude)), what)
 
 
-def assert_grad_close(actual, expected, dtype, what="", terms=None, lse_rounding=0.0):
+def assert_grad_close(actual, expected, dtype, what="", terms=None):
     """Gradients. The absolute tolerance is a fraction of the size of the terms each entry is a difference of
     (`terms`, by default the largest expected entry): a mean over many positions makes every entry small (about
     p / N), below any fixed atol, so a fixed one would pass a gradient of zeros. Pass `terms` where entries cancel,
     as with full label smoothing over near-uniform probabilities, where W p[c] - w[c] ~ 0. An expected gradient of
-    exact zeros (one class: p - 1 = 0) keeps the fixed atol, for the rounding of p - 1. `lse_rounding`: the relative
-    error of p that a recomputing backward inherits from its saved float32 lse (|lse| * 2^-24, README "Precision at
-    huge logits"), which p - 1 of a near-certain target shows in full."""
+    exact zeros (one class: p - 1 = 0) keeps the fixed atol, for the rounding of p - 1. Never below the spacing of
+    the output dtype at 0 (float16: 6e-8): a value that lies halfway between two subnormals rounds either way."""
     rtol, atol = TOLERANCES[dtype]
     if terms is None:
         terms = expected.detach().abs().nan_to_num(0.0, 0.0, 0.0).max().item() if expected.numel() else 0.0
-    _compare(actual, expected, rtol, (max(atol, lse_rounding) * terms) if terms > 0 else atol, what)
+    info = torch.finfo(actual.dtype)
+    _compare(actual, expected, rtol, max(atol * terms if terms > 0 else atol, info.smallest_normal * info.eps), what)

@@ -107,6 +107,25 @@ XENT_HOST_DEVICE acc_t prob_target_grad(acc_t scale, acc_t weighted_target_sum, 
   return scale * (weighted_target_sum * prob - weighted_target);
 }
 
+// The saved statistics of a position, (reference, log_sum), as the recomputing backward takes them. Their float sum
+// lse is rounded by up to |lse| 2^-24 (~1e-3 at logits of 1e4), and p = exp(x - lse) would carry that error into
+// every probability, and into a near-certain target's p - 1 entirely. Instead lse = hi + lo exactly (Knuth's
+// two-sum, no cancellation for any magnitudes), p[c] = exp(x[c] - hi) * exp(-lo): x - hi is a difference of two
+// floats, rounded relative to itself, and exp(-lo), one per position, goes into the coefficient of p.
+// |lo| <= min(log_sum, spacing of hi / 2). Non-finite rows give a NaN lo, where p is NaN already.
+template <typename acc_t>
+struct SplitLse {
+  acc_t hi, lo;
+};
+
+template <typename acc_t>
+XENT_HOST_DEVICE SplitLse<acc_t> split_lse(acc_t reference, acc_t log_sum) {
+  const acc_t hi = reference + log_sum;
+  const acc_t reference_part = hi - log_sum;
+  const acc_t log_sum_part = hi - reference_part;
+  return {hi, (reference - reference_part) + (log_sum - log_sum_part)};
+}
+
 // Upstream-gradient scale shared by a whole position: grad_loss[i] for none, grad_loss / total_weight for mean.
 template <typename acc_t>
 XENT_HOST_DEVICE acc_t grad_scale(int64_t reduction, acc_t grad_loss, acc_t total_weight) {

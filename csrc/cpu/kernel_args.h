@@ -39,10 +39,10 @@ struct KernelArgs {
   double label_smoothing;
 
   void* loss;  // (N, S) contiguous per-position losses (reduction none), or nullptr
-  void* lse;   // (N, S) contiguous, accumulation dtype, or nullptr
+  void* lse;   // (N, S, 2) contiguous, accumulation dtype: each position's reference and log_sum; or nullptr
   void* grad;  // strides of logits; may be the logits themselves (in place)
 
-  const void* lse_in;        // backward: (N, S) contiguous, accumulation dtype
+  const void* lse_in;        // backward: lse as a forward wrote it
   const void* grad_loss;     // backward with reduction none: (N, S) contiguous, accumulation dtype; else nullptr
   double grad_loss_scalar;   // the upstream gradient when grad_loss is nullptr
   double total_weight;       // the mean's denominator (read only for reduction mean)

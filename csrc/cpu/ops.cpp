@@ -136,7 +136,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_fwd(const at::Tenso
                                                                  double label_smoothing) {
   const Problem problem = make_problem(logits, target, weight, reduction, ignore_index, label_smoothing);
   at::Tensor loss = empty_loss(problem);
-  at::Tensor lse = at::empty({problem.N, problem.S}, acc_options(problem));
+  at::Tensor lse = at::empty({problem.N, problem.S, 2}, acc_options(problem));
   Launch launch(problem);
   launch.args.lse = lse.data_ptr();
   launch.args.loss = reduction == kReductionNone ? loss.data_ptr() : nullptr;
@@ -151,8 +151,8 @@ at::Tensor cross_entropy_bwd(const at::Tensor& grad_loss, const at::Tensor& logi
                              const at::Tensor& total_weight, int64_t reduction, int64_t ignore_index,
                              double label_smoothing) {
   const Problem problem = make_problem(logits, target, weight, reduction, ignore_index, label_smoothing);
-  TORCH_CHECK(lse.sizes() == at::IntArrayRef({problem.N, problem.S}), "fused_xent: lse must be (N, S) = (",
-              problem.N, ", ", problem.S, "), got ", lse.sizes());
+  TORCH_CHECK(lse.sizes() == at::IntArrayRef({problem.N, problem.S, 2}), "fused_xent: lse must be (N, S, 2) = (",
+              problem.N, ", ", problem.S, ", 2), as cross_entropy_fwd returns it, got ", lse.sizes());
   TORCH_CHECK(total_weight.numel() == 1, "fused_xent: total_weight must have one element, got ",
               total_weight.sizes());
   const at::Tensor lse_acc = lse.to(problem.acc_dtype()).contiguous();

@@ -12,8 +12,9 @@
 // Forward + grad keeps each exp (in the accumulation dtype, in a per-thread buffer) and writes the gradient from it
 // while the row or lane block is still in cache: one exp per logit, one read of the logits, one write of the
 // gradient, which may be the logits themselves (everything read from a row is read before its gradient is written).
-// Backward recomputes p = exp(x - lse): one read, one write. The two layouts live in xent_rows.h and
-// xent_spatial.h; this file holds what they share and the multi-threaded driver.
+// Backward recomputes p = exp(x - lse) from the saved reference and log_sum (common/xent_math.h, split_lse): one
+// read, one write. The two layouts live in xent_rows.h and xent_spatial.h; this file holds what they share and the
+// multi-threaded driver.
 //
 // Included by kernels_<isa>.cpp inside namespace fused_xent::cpu::<isa>, after that instruction set's FloatVec and
 // ScalarVec. The shared per-position algebra (common/xent_math.h) is compiled for the instruction set there too, so
@@ -31,7 +32,7 @@ struct Typed {
   T* grad;
   const acc_t* weight;
   T* loss;
-  acc_t* lse;
+  acc_t* lse;  // forward: (N, S, 2), each position's reference and log_sum
   const acc_t* lse_in;
   const acc_t* grad_loss;
   int64_t C, S, stride_n, stride_c, stride_s;

@@ -14,14 +14,13 @@ struct RowStatistics {
   acc_t max;        // of the row (-inf when every logit is -inf)
   acc_t reference;  // what sum_exp is relative to: max, or 0 while max is -inf
   acc_t sum_exp;
-  acc_t log_sum;    // log(sum_exp)
-  acc_t lse;        // reference + log_sum
+  acc_t log_sum;    // log(sum_exp): lse = reference + log_sum
   acc_t weighted_logits;         // sum_c w[c] (x[c] - reference) (class-index targets with smoothing)
   acc_t weighted_targets;        // sum_c w[c] t'[c] (probability targets)
   acc_t weighted_target_logits;  // sum_c w[c] t'[c] (x[c] - reference) (probability targets)
 };
 
-// One read of a row: its max, sum of exps and lse, the dot products the loss needs, and, when exps is given, every
+// One read of a row: its max, sum of exps and log, the dot products the loss needs, and, when exps is given, every
 // exp(x - running max) with the running max of each chunk in chunk_max (so a later pass can rescale them).
 template <class V, class T>
 RowStatistics<typename V::value_type> row_statistics(const Typed<V, T>& a, const T* x, const T* t,
@@ -121,7 +120,6 @@ RowStatistics<typename V::value_type> row_statistics(const Typed<V, T>& a, const
           reference,
           sum,
           log_sum,
-          reference + log_sum,
           reduce_add(weighted_logits.value()),
           reduce_add(weighted_targets),
           reduce_add(weighted_target_logits.value())};
@@ -162,7 +160,10 @@ void row_forward(const Typed<V, T>& a, int64_t position, RowScratch<typename V::
 
   acc_t* exps = g ? scratch.exps.data() : nullptr;
   const RowStatistics<acc_t> st = row_statistics(a, x, t, exps, g ? scratch.chunk_max.data() : nullptr);
-  if (a.lse) a.lse[position] = st.lse;
+  if (a.lse) {
+    a.lse[2 * position] = st.reference;
+    a.lse[2 * position + 1] = st.log_sum;
+  }
   acc_t loss = 0;
   IndexTargetCoeffs<Scalar> k{};
   if (t) {
@@ -223,7 +224,8 @@ void row_forward(const Typed<V, T>& a, int64_t position, RowScratch<typename V::
   }
 }
 
-// Backward of one row: g = dloss/dx * grad_loss from p = exp(x - lse).
+// Backward of one row: g = dloss/dx * grad_loss from p = exp(x - lse.hi) exp(-lse.lo) (split_lse), the second
+// factor folded into the coefficient of p.
 template <class V, class T>
 void row_backward(const Typed<V, T>& a, int64_t position, BlockResult& result) {
   using acc_t = typename V::value_type;
@@ -235,7 +237,9 @@ void row_backward(const Typed<V, T>& a, int64_t position, BlockResult& result) {
   T* g = a.grad + offset;
   const acc_t scale =
       a.grad_loss ? grad_scale<Scalar>(a.reduction, a.grad_loss[position], a.total_weight).v : a.uniform_scale;
-  const V lse(a.lse_in[position]);
+  const SplitLse<acc_t> lse = split_lse(a.lse_in[2 * position], a.lse_in[2 * position + 1]);
+  const acc_t lse_factor = std::exp(-lse.lo);
+  const V lse_hi(lse.hi);
 
   auto for_each_vector = [&](auto&& body) {  // body(index, lanes)
     int64_t i = 0;
@@ -260,9 +264,9 @@ void row_backward(const Typed<V, T>& a, int64_t position, BlockResult& result) {
     for_each_vector([&](int64_t i, int lanes) {
       weighted_targets = weighted_targets + select(V::prefix(lanes), smoothed_weighted(i, lanes), V(0));
     });
-    const V prob_coef(scale * reduce_add(weighted_targets));
+    const V prob_coef(scale * reduce_add(weighted_targets) * lse_factor);
     for_each_vector([&](int64_t i, int lanes) {
-      const V p = vexp(load(x + i, lanes) - lse);
+      const V p = vexp(load(x + i, lanes) - lse_hi);
       store(g + i, prob_coef * p - V(scale) * smoothed_weighted(i, lanes), lanes);
     });
     return;
@@ -277,12 +281,13 @@ void row_backward(const Typed<V, T>& a, int64_t position, BlockResult& result) {
   const acc_t weight_of_target = a.weight_of(y);
   const IndexGradCoeffs<Scalar> gk = index_grad_coeffs<Scalar>(
       index_target_coeffs<Scalar>(weight_of_target, a.label_smoothing, a.C), a.weight_sum, scale);
-  const V prob_coef(gk.prob_coef.v), class_coef(gk.class_coef.v);
+  const acc_t prob_coef = gk.prob_coef.v * lse_factor;
+  const V prob_coef_vec(prob_coef), class_coef(gk.class_coef.v);
   for_each_vector([&](int64_t i, int lanes) {
-    V gv = prob_coef * vexp(load(x + i, lanes) - lse);
+    V gv = prob_coef_vec * vexp(load(x + i, lanes) - lse_hi);
     if (a.smoothing) gv = gv - class_coef * (a.weight ? load(a.weight + i, lanes) : V(1));
     store(g + i, gv, lanes);
   });
-  const acc_t p_y = std::exp(target_logit - a.lse_in[position]);
-  g[y] = static_cast<T>(gk.prob_coef.v * p_y - gk.class_coef.v * weight_of_target - gk.target_coef.v);
+  const acc_t p_y_unscaled = std::exp(target_logit - lse.hi);
+  g[y] = static_cast<T>(prob_coef * p_y_unscaled - gk.class_coef.v * weight_of_target - gk.target_coef.v);
 }

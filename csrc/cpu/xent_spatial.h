@@ -57,6 +57,18 @@ void store_lanes(Out* out, V v, int lanes) {
   }
 }
 
+// The (reference, log_sum) pairs of `lanes` positions, one per lane, into lse (N, S, 2) from the first's pair on.
+template <class V>
+void store_lse_lanes(typename V::value_type* lse, V reference, V log_sum, int lanes) {
+  typename V::value_type references[V::kWidth], log_sums[V::kWidth];
+  V::store(references, reference);
+  V::store(log_sums, log_sum);
+  for (int i = 0; i < lanes; ++i) {
+    lse[2 * i] = references[i];
+    lse[2 * i + 1] = log_sums[i];
+  }
+}
+
 // The targets of the `lanes` positions from `position` on, one lane at a time; logit_of(lane, y) reads x[y] of a
 // lane's position. Out-of-range classes are reported and treated as ignored.
 template <class V, class T, class LogitOf>
@@ -163,8 +175,7 @@ template <class V, class T>
 IndexTargetCoeffs<V> record_lanes(const Typed<V, T>& a, int64_t position, int lanes, const LaneTargets<V>& targets,
                                   V reference, const LaneTotals<V>& totals, LaneSums<V>& sums, BlockResult& result) {
   const V log_sum = vlog(totals.sum);
-  const V lse = reference + log_sum;
-  if (a.lse) store_lanes(a.lse + position, lse, lanes);
+  if (a.lse) store_lse_lanes(a.lse + 2 * position, reference, log_sum, lanes);
   // The loss sums are relative to `reference` (totals.reference), so lse - reference = log_sum.
   const IndexTargetCoeffs<V> k = index_target_coeffs(targets.weight, V(a.label_smoothing), a.C);
   V loss;
@@ -180,6 +191,24 @@ IndexTargetCoeffs<V> record_lanes(const Typed<V, T>& a, int64_t position, int la
   sums.add(loss, targets.weight, result);
   if (a.loss) store_lanes(a.loss + position, loss, lanes);
   return k;
+}
+
+// The saved lse of a lane block as a backward takes it (split_lse): p = exp(x - hi) * factor.
+template <class V>
+struct LaneLse {
+  V hi, factor;
+};
+
+template <class V, class T>
+LaneLse<V> saved_lane_lse(const Typed<V, T>& a, int64_t position, int lanes) {
+  using acc_t = typename V::value_type;
+  acc_t reference[V::kWidth] = {}, log_sum[V::kWidth] = {};
+  for (int i = 0; i < lanes; ++i) {
+    reference[i] = a.lse_in[2 * (position + i)];
+    log_sum[i] = a.lse_in[2 * (position + i) + 1];
+  }
+  const SplitLse<V> lse = split_lse(V::load(reference), V::load(log_sum));
+  return {lse.hi, vexp(V(0) - lse.lo)};
 }
 
 // The gradient of classes c0 .. c0 + classes - 1 of a lane block into g[c * g_stride], given p(c) = exp(x - lse)
@@ -268,22 +297,23 @@ void lanes_backward(const Typed<V, T>& a, int64_t position, int lanes, const typ
   constexpr int64_t stride = kTilePositions;
   const int64_t C = a.C;
   auto load_lanes = [&](const auto* p) { return lanes == W ? V::load(p) : V::load_partial(p, lanes, 0); };
-  const V lse = load_lanes(a.lse_in + position);
+  const LaneLse<V> lse = saved_lane_lse(a, position, lanes);
   const V scale = a.grad_loss ? grad_scale(a.reduction, load_lanes(a.grad_loss + position), V(a.total_weight))
                               : V(a.uniform_scale);
-  auto probability = [&](int64_t c) { return vexp(V::load(x + c * stride) - lse); };
+  auto probability = [&](int64_t c) { return vexp(V::load(x + c * stride) - lse.hi); };
   if (t) {
     V weighted_targets(0);
     for (int64_t c = 0; c < C; ++c) {
       weighted_targets = weighted_targets +
                          smoothed_probability(V::load(t + c * stride), V(a.label_smoothing), C) * a.weight_vec(c);
     }
-    prob_grad_lanes(a, scale * weighted_targets, scale, 0, C, t, stride, g, stride, probability);
+    prob_grad_lanes(a, scale * weighted_targets * lse.factor, scale, 0, C, t, stride, g, stride, probability);
     return;
   }
   const LaneTargets<V> targets = lane_targets(a, position, lanes, x, result);
-  const IndexGradCoeffs<V> gk = index_grad_coeffs(
+  IndexGradCoeffs<V> gk = index_grad_coeffs(
       index_target_coeffs(targets.weight, V(a.label_smoothing), C), V(a.weight_sum), scale);
+  gk.prob_coef = gk.prob_coef * lse.factor;
   index_grad_lanes(a, targets, gk, 0, C, g, stride, probability);
 }
 

@@ -183,7 +183,7 @@ void long_lanes_backward(const Typed<V, T>& a, int64_t position, int lanes,
   const bool prob = a.target_prob != nullptr;
   const LaneRuns<V> runs = lane_runs(a, position, lanes);
   auto load_lanes = [&](const acc_t* p) { return lanes == W ? V::load(p) : V::load_partial(p, lanes, 0); };
-  const V lse = load_lanes(a.lse_in + position);
+  const LaneLse<V> lse = saved_lane_lse(a, position, lanes);
   const V scale = a.grad_loss ? grad_scale(a.reduction, load_lanes(a.grad_loss + position), V(a.total_weight))
                               : V(a.uniform_scale);
   V prob_coef(0);
@@ -199,15 +199,16 @@ void long_lanes_backward(const Typed<V, T>& a, int64_t position, int lanes,
         weighted_targets = weighted_targets + smoothed_probability(tv, V(a.label_smoothing), C) * a.weight_vec(c0 + c);
       }
     }
-    prob_coef = scale * weighted_targets;
+    prob_coef = scale * weighted_targets * lse.factor;
   } else {
     targets = lane_targets_by_position(a, position, lanes, result, [&](int, int64_t) { return acc_t(0); });
     gk = index_grad_coeffs(index_target_coeffs(targets.weight, V(a.label_smoothing), C), V(a.weight_sum), scale);
+    gk.prob_coef = gk.prob_coef * lse.factor;
   }
   for (int64_t c0 = 0; c0 < C; c0 += kLaneChunkClasses) {
     const int64_t classes = std::min(kLaneChunkClasses, C - c0);
     load_lane_chunk(a.logits, a.stride_c, runs, lanes, c0, classes, s.x.data());
-    auto probability = [&](int64_t c) { return vexp(V::load(s.x.data() + c * W) - lse); };
+    auto probability = [&](int64_t c) { return vexp(V::load(s.x.data() + c * W) - lse.hi); };
     if (prob) {
       load_lane_chunk(a.target_prob, a.stride_c, runs, lanes, c0, classes, s.t.data());
       prob_grad_lanes(a, prob_coef, scale, c0, classes, s.t.data(), W, s.g.data(), W, probability);

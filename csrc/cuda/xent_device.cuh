@@ -41,8 +41,7 @@ struct XentParams {
   bool grad_in_phase;            // 16-byte stores: grad shares it too (a fresh gradient starts at phase 0)
 
   // Forward outputs.
-  acc_t* lse;                    // (N, S), or null
-  acc_t* lse_parts;              // (2, N, S): each position's max and log(sum) (see LseParts), or null
+  acc_t* lse;                    // (N, S, 2): each position's finite_max and log(sum) (saved_lse), or null
   scalar_t* loss_rows;           // (N, S) per-position loss (reduction none), or null
   acc_t* loss_partials;          // one per thread block (reduction mean/sum), or null
   acc_t* weight_partials;        // one per thread block: sum of weight[target] (class-index targets), or null
@@ -51,8 +50,7 @@ struct XentParams {
   const acc_t* total_weight;
   const acc_type<scalar_t>* grad_loss;  // in the accumulation dtype, as the CPU kernel reads it
   int64_t grad_loss_stride_n, grad_loss_stride_s;  // 0 for a 0-d grad_loss
-  const acc_t* lse_in;           // lse of every position, for the gradient-only kernels
-  const acc_t* lse_parts_in;     // lse_parts of a split forward, read instead of lse_in when set
+  const acc_t* lse_in;           // lse as a forward wrote it, for the gradient-only kernels
 };
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -409,13 +407,18 @@ struct PositionLoss {
   acc_t loss, counted_weight;
 };
 
-// The outputs of one position, by the thread that holds its result: lse and per-position loss where wanted, and its
-// share of this thread's running loss and target-weight sums (for store_block_partials).
+// The outputs of one position, by the thread that holds its result: lse (from its statistics, with
+// log_sum = st.log_sum()) and per-position loss where wanted, and its share of this thread's running loss and
+// target-weight sums (for store_block_partials).
 template <typename scalar_t>
-__device__ __forceinline__ void record_position(const XentParams<scalar_t>& p, int64_t r, acc_type<scalar_t> lse,
+__device__ __forceinline__ void record_position(const XentParams<scalar_t>& p, int64_t r,
+                                                const RowStats<acc_type<scalar_t>>& st, acc_type<scalar_t> log_sum,
                                                 const PositionLoss<acc_type<scalar_t>>& position,
                                                 acc_type<scalar_t>& loss_acc, acc_type<scalar_t>& weight_acc) {
-  if (p.lse) p.lse[r] = lse;
+  if (p.lse) {
+    p.lse[2 * r] = st.finite_max();
+    p.lse[2 * r + 1] = log_sum;
+  }
   if (p.loss_rows) p.loss_rows[r] = static_cast<scalar_t>(position.loss);
   loss_acc += position.loss;
   weight_acc += position.counted_weight;
@@ -468,7 +471,7 @@ __device__ __forceinline__ PositionLoss<acc_t> position_loss(const IndexTarget<a
 
 // lse as the gradient takes it, p[c] = exp((x[c] - reference) - log_sum): a forward passes its max (finite_max) and
 // log(sum) apart, so that p keeps float precision at logits of 1e4, where lse itself is rounded by ~1e-3 (see
-// target_gap); a backward has only the saved lse (log_sum 0).
+// target_gap); a backward passes the saved lse's hi with log_sum 0 (saved_lse).
 template <typename acc_t>
 struct LseParts {
   acc_t reference, log_sum;
@@ -479,21 +482,21 @@ __device__ __forceinline__ LseParts<acc_t> forward_lse(const RowStats<acc_t>& st
   return {st.finite_max(), log_sum};
 }
 
+// The saved lse of position r as the gradient-only kernels take it (split_lse): p = exp(x - hi) * factor, with
+// log_sum 0 at compile time (a run-time one took the sm_90 gradient sweep of 16-bit rows from 64 registers to 94,
+// one block of 512 threads per SM instead of two) and the factor folded into the row's coefficients of p
+// (with_lse_factor).
 template <typename acc_t>
-__device__ __forceinline__ LseParts<acc_t> saved_lse(acc_t lse) {
-  return {lse, acc_t(0)};
-}
+struct SavedLse {
+  LseParts<acc_t> lse;
+  acc_t factor;
+};
 
-// The lse of position r as the gradient-only kernels take it: the parts a split forward left (kLseParts), else the
-// saved lse. A compile-time choice: with log_sum a run-time value, the sm_90 gradient sweep of 16-bit rows took 94
-// registers instead of 64 (one block of 512 threads per SM instead of two).
-template <bool kLseParts, typename scalar_t>
-__device__ __forceinline__ LseParts<acc_type<scalar_t>> gradient_lse(const XentParams<scalar_t>& p, int64_t r) {
-  if constexpr (kLseParts) {
-    return {p.lse_parts_in[r], p.lse_parts_in[p.N * p.S + r]};
-  } else {
-    return saved_lse(p.lse_in[r]);
-  }
+template <typename scalar_t>
+__device__ __forceinline__ SavedLse<acc_type<scalar_t>> saved_lse(const XentParams<scalar_t>& p, int64_t r) {
+  using acc_t = acc_type<scalar_t>;
+  const SplitLse<acc_t> split = split_lse<acc_t>(p.lse_in[2 * r], p.lse_in[2 * r + 1]);
+  return {{split.hi, acc_t(0)}, exp_acc(-split.lo)};
 }
 
 // Everything the gradient of one position needs besides x[c] (and t[c]).
@@ -544,6 +547,15 @@ __device__ __forceinline__ GradRow<acc_t> forward_grad_row(const IndexTarget<acc
     return index_grad_row<acc_t>(target.kind, target.y, target.weight, forward_lse(st, log_sum), weight_sum, eps,
                                  num_classes, scale);
   }
+}
+
+// g with every coefficient of p multiplied by factor (saved_lse): prob_coef of class indices, T of probabilities
+// (the other one is 0).
+template <typename acc_t>
+__device__ __forceinline__ GradRow<acc_t> with_lse_factor(GradRow<acc_t> g, acc_t factor) {
+  g.index.prob_coef *= factor;
+  g.tsum *= factor;
+  return g;
 }
 
 template <typename acc_t>

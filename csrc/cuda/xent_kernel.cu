@@ -174,7 +174,7 @@ ForwardResult run_forward(const Problem& p, const at::Tensor& grad, bool want_ls
   const auto acc_options = p.logits.options().dtype(p.acc_dtype());
   ForwardResult out;
   out.loss = empty_loss(p);
-  out.lse = want_lse ? at::empty({p.N, p.S}, acc_options) : at::Tensor();
+  out.lse = want_lse ? at::empty({p.N, p.S, 2}, acc_options) : at::Tensor();
   out.total_weight = at::empty({}, acc_options);
   if (positions == 0) {  // launch nothing: empty sum 0, empty mean NaN
     out.total_weight.zero_();
@@ -223,18 +223,17 @@ ForwardResult run_forward(const Problem& p, const at::Tensor& grad, bool want_ls
     };
 
     // Split forward (class-index targets): statistics per split, combine per position (lse, loss, partials),
-    // reduce, then the gradient from the lse parts.
+    // reduce, then the gradient from the lse as a backward takes it.
     auto split_forward = [&](const LaunchShape& shape, auto&& launch_stats, auto&& launch_grad) {
       at::Tensor split_stats =
           at::empty({positions * shape.splits * int64_t(sizeof(RowStats<acc_t>) / sizeof(acc_t))}, acc_options);
       auto* split_stats_ptr = reinterpret_cast<RowStats<acc_t>*>(split_stats.data_ptr<acc_t>());
       launch_stats(q, shape, split_stats_ptr, stream);
 
-      // The gradient takes each position's max and log(sum) apart (LseParts), not their rounded sum.
-      at::Tensor lse_parts;
+      at::Tensor gradient_lse;
       if (fused) {
-        lse_parts = at::empty({2, positions}, acc_options);
-        q.lse_parts = lse_parts.data_ptr<acc_t>();
+        gradient_lse = at::empty({positions, 2}, acc_options);
+        q.lse = gradient_lse.data_ptr<acc_t>();
       }
       const LaunchShape combine = plan_per_position(positions, 256, sms);
       attach_partials(combine.grid, need_total_weight);
@@ -243,8 +242,7 @@ ForwardResult run_forward(const Problem& p, const at::Tensor& grad, bool want_ls
 
       if (fused) {
         XentParams<scalar_t> g = q;
-        g.lse_parts_in = q.lse_parts;
-        g.lse_parts = nullptr;
+        g.lse_in = q.lse;
         g.lse = nullptr;
         g.loss_rows = nullptr;
         g.loss_partials = nullptr;
@@ -342,8 +340,8 @@ at::Tensor cross_entropy_bwd_cuda(const at::Tensor& grad_loss, const at::Tensor&
               "fused_xent: grad_loss, lse and total_weight must be on the device of logits (", logits.device(), ")");
   TORCH_CHECK(reduction == kReductionNone ? grad_loss.numel() == positions : grad_loss.numel() == 1,
               "fused_xent: grad_loss must have the shape of the loss, got ", grad_loss.sizes());
-  TORCH_CHECK(lse.numel() == positions, "fused_xent: lse must have N * S = ", positions, " elements, got ",
-              lse.sizes());
+  TORCH_CHECK(lse.numel() == 2 * positions, "fused_xent: lse must be (N, S, 2) = (", p.N, ", ", p.S,
+              ", 2), as cross_entropy_fwd returns it, got ", lse.sizes());
   TORCH_CHECK(total_weight.numel() == 1, "fused_xent: total_weight must be a scalar, got ", total_weight.sizes());
 
   at::Tensor grad = empty_like_logits(p);
@@ -355,7 +353,7 @@ at::Tensor cross_entropy_bwd_cuda(const at::Tensor& grad_loss, const at::Tensor&
   upstream = reduction == kReductionNone ? upstream.reshape({p.N, p.S}) : upstream.reshape({});
   const int64_t upstream_stride_n = reduction == kReductionNone ? upstream.stride(0) : 0;
   const int64_t upstream_stride_s = reduction == kReductionNone ? upstream.stride(1) : 0;
-  const at::Tensor lse_acc = lse.to(acc_dtype).reshape({p.N, p.S}).contiguous();
+  const at::Tensor lse_acc = lse.to(acc_dtype).reshape({p.N, p.S, 2}).contiguous();
   const at::Tensor total_weight_acc = total_weight.to(acc_dtype).reshape({});
   const at::Tensor weight_sum = weight_sum_if_needed(p);
   const int64_t sms = multiprocessor_count(p.logits.device().index());

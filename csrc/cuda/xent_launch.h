@@ -38,8 +38,7 @@ template <typename scalar_t>
 void launch_rows_forward(const XentParams<scalar_t>& p, bool warp_per_row, const LaunchShape& shape,
                          cudaStream_t stream);
 
-// Gradient of rows from p.lse_in (p.lse_parts_in): backward, and the last step of a split forward. Splits only with
-// BlockGroup.
+// Gradient of rows from p.lse_in: backward, and the last step of a split forward. Splits only with BlockGroup.
 template <typename scalar_t>
 void launch_rows_grad(const XentParams<scalar_t>& p, bool warp_per_row, const LaunchShape& shape, cudaStream_t stream);
 

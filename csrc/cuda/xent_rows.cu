@@ -29,10 +29,9 @@ __global__ void __launch_bounds__(Group::kMaxThreads) rows_forward_kernel(const 
 
     const auto st = Group::allreduce(thread_row_stats<Group, kProb>(p, x, t, 0, p.C), smem);
     const acc_t log_sum = st.log_sum();
-    const acc_t lse = st.max + log_sum;
     if (Group::rank() == 0) {
       const auto loss = position_loss<kProb>(target, st, log_sum, weight_sum, eps, p.C);
-      record_position(p, r, lse, loss, loss_acc, weight_acc);
+      record_position(p, r, st, log_sum, loss, loss_acc, weight_acc);
     }
 
     if (p.grad) {
@@ -46,9 +45,8 @@ __global__ void __launch_bounds__(Group::kMaxThreads) rows_forward_kernel(const 
   store_block_partials(p, loss_acc, weight_acc);
 }
 
-// Work item = (position, split): classes [split * split_len, min(C, (split + 1) * split_len)). kLseParts: the last
-// step of a split forward (see gradient_lse).
-template <typename scalar_t, typename Group, bool kProb, bool kLseParts>
+// Work item = (position, split): classes [split * split_len, min(C, (split + 1) * split_len)).
+template <typename scalar_t, typename Group, bool kProb>
 __global__ void __launch_bounds__(Group::kMaxThreads)
     rows_grad_kernel(const XentParams<scalar_t> p, int64_t splits, int64_t split_len) {
   using acc_t = acc_type<scalar_t>;
@@ -65,7 +63,7 @@ __global__ void __launch_bounds__(Group::kMaxThreads)
     const int64_t end = begin + split_len < p.C ? begin + split_len : p.C;
     const scalar_t* x = p.logits + pos.offset;
     const scalar_t* t = kProb ? p.target_prob + pos.offset : nullptr;
-    const LseParts<acc_t> lse = gradient_lse<kLseParts>(p, r);
+    const SavedLse<acc_t> saved = saved_lse(p, r);
     const acc_t scale = upstream_scale(p, pos.n, pos.s);
 
     GradRow<acc_t> row{};
@@ -81,14 +79,14 @@ __global__ void __launch_bounds__(Group::kMaxThreads)
                          smoothed_probability<acc_t>(static_cast<acc_t>(tv.v[i]), eps, p.C);
             }
           });
-      row = prob_grad_row<acc_t>(lse, scale, Group::allreduce(st, smem).tsum);
+      row = prob_grad_row<acc_t>(saved.lse, scale, Group::allreduce(st, smem).tsum);
     } else {
       const int64_t y = p.target_index[r];
       const int kind = classify_target(y, p.ignore_index, p.C);
       const acc_t weight_of_target = kind == kTargetValid ? class_weight(p.weight, y) : acc_t(0);
-      row = index_grad_row<acc_t>(kind, y, weight_of_target, lse, weight_sum, eps, p.C, scale);
+      row = index_grad_row<acc_t>(kind, y, weight_of_target, saved.lse, weight_sum, eps, p.C, scale);
     }
-    write_row_grad<Group, kProb>(p, x, t, p.grad + pos.offset, begin, end, row);
+    write_row_grad<Group, kProb>(p, x, t, p.grad + pos.offset, begin, end, with_lse_factor(row, saved.factor));
   }
 }
 
@@ -110,13 +108,10 @@ template <typename scalar_t>
 void launch_rows_grad(const XentParams<scalar_t>& p, bool warp_per_row, const LaunchShape& shape,
                       cudaStream_t stream) {
   const bool prob = p.target_prob != nullptr;
-  // Split forwards (the only ones to leave lse parts) take a block per split, with class-index targets.
-  TORCH_INTERNAL_ASSERT(!p.lse_parts_in || (!warp_per_row && !prob), "lse parts from a forward that never splits");
-  auto kernel = p.lse_parts_in ? rows_grad_kernel<scalar_t, BlockGroup, false, true>
-                : warp_per_row ? (prob ? rows_grad_kernel<scalar_t, WarpGroup, true, false>
-                                       : rows_grad_kernel<scalar_t, WarpGroup, false, false>)
-                               : (prob ? rows_grad_kernel<scalar_t, BlockGroup, true, false>
-                                       : rows_grad_kernel<scalar_t, BlockGroup, false, false>);
+  auto kernel = warp_per_row ? (prob ? rows_grad_kernel<scalar_t, WarpGroup, true>
+                                     : rows_grad_kernel<scalar_t, WarpGroup, false>)
+                             : (prob ? rows_grad_kernel<scalar_t, BlockGroup, true>
+                                     : rows_grad_kernel<scalar_t, BlockGroup, false>);
   kernel<<<shape.grid, shape.threads, 0, stream>>>(p, shape.splits, shape.split_len);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }

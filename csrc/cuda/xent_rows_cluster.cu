@@ -71,10 +71,9 @@ __global__ void __launch_bounds__(kClusterThreads, 2)
     for (int k = 1; k < blocks; ++k) st.merge(*cluster.map_shared_rank(&published[parity], k));
 
     const acc_t log_sum = st.log_sum();
-    const acc_t lse = st.max + log_sum;
     if (rank == 0 && threadIdx.x == 0) {
       const auto loss = position_loss<false>(target, st, log_sum, weight_sum, eps, p.C);
-      record_position(p, r, lse, loss, loss_acc, weight_acc);
+      record_position(p, r, st, log_sum, loss, loss_acc, weight_acc);
     }
     const auto row =
         forward_grad_row<false>(target, st, log_sum, weight_sum, eps, p.C, upstream_scale(p, pos.n, pos.s));

@@ -63,16 +63,11 @@ __global__ void __launch_bounds__(256) split_combine_kernel(const XentParams<sca
     auto st = split_stats[r];
     for (int64_t k = 1; k < splits; ++k) st.merge(split_stats[k * positions + r]);
     const acc_t log_sum = st.log_sum();
-    const acc_t lse = st.max + log_sum;
 
     // The target logit is read here, before the gradient kernel that may overwrite the logits runs.
     const auto target = read_index_target(p, r, p.logits + locate(p, r).offset, p.stride_c);
     const auto loss = position_loss<false>(target, st, log_sum, weight_sum, eps, p.C);
-    record_position(p, r, lse, loss, loss_acc, weight_acc);
-    if (p.lse_parts) {
-      p.lse_parts[r] = st.finite_max();
-      p.lse_parts[positions + r] = log_sum;
-    }
+    record_position(p, r, st, log_sum, loss, loss_acc, weight_acc);
   }
 
   store_block_partials(p, loss_acc, weight_acc);

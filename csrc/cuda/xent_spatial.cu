@@ -107,9 +107,8 @@ __global__ void __launch_bounds__(256) spatial_forward_kernel(const XentParams<s
     });
 
     const acc_t log_sum = st.log_sum();
-    const acc_t lse = st.max + log_sum;
     const auto loss = position_loss<kProb>(target, st, log_sum, weight_sum, eps, p.C);
-    record_position(p, r, lse, loss, loss_acc, weight_acc);
+    record_position(p, r, st, log_sum, loss, loss_acc, weight_acc);
 
     if (p.grad) {
       const auto row =
@@ -153,10 +152,9 @@ __global__ void __launch_bounds__(256)
 }
 
 // One thread per position, or with kSplit per (position, class range); probability targets always come with one
-// range (all C classes), since every gradient element needs the whole row's target sum. kLseParts: the last step of
-// a split forward. kSplit is a compile-time choice: the split arithmetic took the sm_90 fp32 kernel from 40 to 46
-// registers, 5 blocks per SM instead of 6.
-template <typename scalar_t, bool kProb, bool kSplit, bool kLseParts>
+// range (all C classes), since every gradient element needs the whole row's target sum. kSplit is a compile-time
+// choice: the split arithmetic took the sm_90 fp32 kernel from 40 to 46 registers, 5 blocks per SM instead of 6.
+template <typename scalar_t, bool kProb, bool kSplit>
 __global__ void __launch_bounds__(256) spatial_grad_kernel(const XentParams<scalar_t> p, int64_t splits,
                                                            int64_t split_len) {
   using acc_t = acc_type<scalar_t>;
@@ -173,7 +171,7 @@ __global__ void __launch_bounds__(256) spatial_grad_kernel(const XentParams<scal
     const int64_t r = work.position;
     const Position pos = locate(p, r);
     const scalar_t* t = kProb ? p.target_prob + pos.offset : nullptr;
-    const LseParts<acc_t> lse = gradient_lse<kLseParts>(p, r);
+    const SavedLse<acc_t> saved = saved_lse(p, r);
     const acc_t scale = upstream_scale(p, pos.n, pos.s);
 
     GradRow<acc_t> row{};
@@ -182,15 +180,15 @@ __global__ void __launch_bounds__(256) spatial_grad_kernel(const XentParams<scal
       for (int64_t c = 0; c < p.C; ++c) {
         tsum += class_weight(p.weight, c) * smoothed_probability<acc_t>(static_cast<acc_t>(t[c * sc]), eps, p.C);
       }
-      row = prob_grad_row<acc_t>(lse, scale, tsum);
+      row = prob_grad_row<acc_t>(saved.lse, scale, tsum);
     } else {
       const int64_t y = p.target_index[r];
       const int kind = classify_target(y, p.ignore_index, p.C);
       const acc_t weight_of_target = kind == kTargetValid ? class_weight(p.weight, y) : acc_t(0);
-      row = index_grad_row<acc_t>(kind, y, weight_of_target, lse, weight_sum, eps, p.C, scale);
+      row = index_grad_row<acc_t>(kind, y, weight_of_target, saved.lse, weight_sum, eps, p.C, scale);
     }
-    write_position_grad<scalar_t, kProb>(p, p.logits + pos.offset, t, p.grad + pos.offset, row, work.begin,
-                                         work.end);
+    write_position_grad<scalar_t, kProb>(p, p.logits + pos.offset, t, p.grad + pos.offset,
+                                         with_lse_factor(row, saved.factor), work.begin, work.end);
   }
 }
 
@@ -215,11 +213,9 @@ template <typename scalar_t>
 void launch_spatial_grad(const XentParams<scalar_t>& p, const LaunchShape& shape, cudaStream_t stream) {
   const bool split = shape.splits > 1;
   TORCH_INTERNAL_ASSERT(!split || !p.target_prob, "split spatial gradient of probability targets");
-  TORCH_INTERNAL_ASSERT(!p.lse_parts_in || split, "lse parts from a forward that did not split");
-  auto kernel = p.lse_parts_in  ? spatial_grad_kernel<scalar_t, false, true, true>
-                : p.target_prob ? spatial_grad_kernel<scalar_t, true, false, false>
-                : split         ? spatial_grad_kernel<scalar_t, false, true, false>
-                                : spatial_grad_kernel<scalar_t, false, false, false>;
+  auto kernel = p.target_prob ? spatial_grad_kernel<scalar_t, true, false>
+                : split       ? spatial_grad_kernel<scalar_t, false, true>
+                              : spatial_grad_kernel<scalar_t, false, false>;
   kernel<<<shape.grid, shape.threads, 0, stream>>>(p, shape.splits, shape.split_len);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
