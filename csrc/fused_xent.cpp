@@ -12,8 +12,9 @@
 //   lse: (N, S, 2), float32 (float64 for float64 logits): each position's log-sum-exp in two parts, [..., 0] the
 //        reference its exps were taken against (the max; 0 when every logit is -inf) and [..., 1] the log of their
 //        sum. All backward needs besides the inputs; kept apart because their float sum is rounded by |lse| 2^-24,
-//        ~1e-3 at logits of 1e4, which p = exp(x - lse) would carry (see common/xent_math.h, split_lse). A pair per
-//        position, so that a kernel reads or writes it with one access.
+//        ~1e-3 at logits of 1e4, which p = exp(x - lse) would carry (see common/xent_math.h, split_lse). The two
+//        side by side, addressed from one offset: two (N, S) planes cost the sm_90 forward kernels registers and
+//        stack (the extra plane offset).
 //   total_weight: 0-d, float32 (float64): the mean's denominator. Class indices: the sum of weight[target] over
 //        positions that are not ignored (their count without weights). Probabilities: N * S.
 #include <Python.h>

@@ -385,8 +385,10 @@ def test_raw_op_outputs():
         target = make_target(x, "index_ignore", -100, generator)
         weight = make_weight(x, generator)
         _, lse, total_weight = torch.ops.fused_xent.cross_entropy_fwd(x, target, weight.to(acc), 1, -100, 0.0)
-        assert lse.dtype == acc and lse.shape == (6, 5) and total_weight.dtype == acc and total_weight.dim() == 0
-        torch.testing.assert_close(lse, torch.logsumexp(x.to(acc), dim=1), rtol=1e-5, atol=1e-5)
+        assert lse.dtype == acc and lse.shape == (6, 5, 2) and total_weight.dtype == acc and total_weight.dim() == 0
+        # lse in two parts: each position's max and the log of its sum of exps relative to that max.
+        torch.testing.assert_close(lse[..., 0], x.to(acc).amax(1), rtol=0, atol=0)
+        torch.testing.assert_close(lse.double().sum(-1), torch.logsumexp(x.double(), dim=1), rtol=1e-5, atol=1e-5)
         kept = target != -100
         expected_weight = weight.to(acc)[target[kept]].sum()
         torch.testing.assert_close(total_weight, expected_weight, rtol=1e-6, atol=1e-6)

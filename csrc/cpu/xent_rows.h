@@ -237,9 +237,9 @@ void row_backward(const Typed<V, T>& a, int64_t position, BlockResult& result) {
   T* g = a.grad + offset;
   const acc_t scale =
       a.grad_loss ? grad_scale<Scalar>(a.reduction, a.grad_loss[position], a.total_weight).v : a.uniform_scale;
-  const SplitLse<acc_t> lse = split_lse(a.lse_in[2 * position], a.lse_in[2 * position + 1]);
-  const acc_t lse_factor = std::exp(-lse.lo);
-  const V lse_hi(lse.hi);
+  const SplitLse<Scalar> lse = split_lse<Scalar>(a.lse_in[2 * position], a.lse_in[2 * position + 1]);
+  const acc_t lse_factor = std::exp(-lse.lo.v);
+  const V lse_hi(lse.hi.v);
 
   auto for_each_vector = [&](auto&& body) {  // body(index, lanes)
     int64_t i = 0;
@@ -288,6 +288,6 @@ void row_backward(const Typed<V, T>& a, int64_t position, BlockResult& result) {
     if (a.smoothing) gv = gv - class_coef * (a.weight ? load(a.weight + i, lanes) : V(1));
     store(g + i, gv, lanes);
   });
-  const acc_t p_y_unscaled = std::exp(target_logit - lse.hi);
+  const acc_t p_y_unscaled = std::exp(target_logit - lse.hi.v);
   g[y] = static_cast<T>(prob_coef * p_y_unscaled - gk.class_coef.v * weight_of_target - gk.target_coef.v);
 }

@@ -340,8 +340,8 @@ at::Tensor cross_entropy_bwd_cuda(const at::Tensor& grad_loss, const at::Tensor&
               "fused_xent: grad_loss, lse and total_weight must be on the device of logits (", logits.device(), ")");
   TORCH_CHECK(reduction == kReductionNone ? grad_loss.numel() == positions : grad_loss.numel() == 1,
               "fused_xent: grad_loss must have the shape of the loss, got ", grad_loss.sizes());
-  TORCH_CHECK(lse.numel() == 2 * positions, "fused_xent: lse must be (N, S, 2) = (", p.N, ", ", p.S,
-              ", 2), as cross_entropy_fwd returns it, got ", lse.sizes());
+  TORCH_CHECK(lse.sizes() == at::IntArrayRef({p.N, p.S, 2}), "fused_xent: lse must be (N, S, 2) = (", p.N, ", ",
+              p.S, ", 2), as cross_entropy_fwd returns it, got ", lse.sizes());
   TORCH_CHECK(total_weight.numel() == 1, "fused_xent: total_weight must be a scalar, got ", total_weight.sizes());
 
   at::Tensor grad = empty_like_logits(p);
@@ -353,7 +353,7 @@ at::Tensor cross_entropy_bwd_cuda(const at::Tensor& grad_loss, const at::Tensor&
   upstream = reduction == kReductionNone ? upstream.reshape({p.N, p.S}) : upstream.reshape({});
   const int64_t upstream_stride_n = reduction == kReductionNone ? upstream.stride(0) : 0;
   const int64_t upstream_stride_s = reduction == kReductionNone ? upstream.stride(1) : 0;
-  const at::Tensor lse_acc = lse.to(acc_dtype).reshape({p.N, p.S, 2}).contiguous();
+  const at::Tensor lse_acc = lse.to(acc_dtype).contiguous();
   const at::Tensor total_weight_acc = total_weight.to(acc_dtype).reshape({});
   const at::Tensor weight_sum = weight_sum_if_needed(p);
   const int64_t sms = multiprocessor_count(p.logits.device().index());
