@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 pytest.importorskip("triton")
-from helpers import assert_close, assert_grad_close, poison_cuda_cache  # noqa: E402
+from helpers import assert_close, assert_grad_close, poison_cuda_cache, torch_reference  # noqa: E402
 
 from fused_xent import _triton_ops  # noqa: E402 (after the importorskip)
 from fused_xent.triton_kernels import TileConfig  # noqa: E402
@@ -130,13 +130,8 @@ def triton_loss(x, target, weight, reduction, ignore_index, label_smoothing):
 
 def reference(x, target, weight, reduction, ignore_index, label_smoothing, grad_out):
     """float64 PyTorch loss and input gradient on the same values."""
-    x64 = x.detach().double().requires_grad_()
-    target64 = target.double() if target.is_floating_point() else target
-    weight64 = None if weight is None else weight.double()
-    loss = F.cross_entropy(x64, target64, weight=weight64, ignore_index=ignore_index, reduction=reduction,
+    return torch_reference(x, target, grad_out, weight=weight, reduction=reduction, ignore_index=ignore_index,
                            label_smoothing=label_smoothing)
-    (grad,) = torch.autograd.grad(loss, x64, grad_out.double())
-    return loss.detach(), grad
 
 
 def check_parity(x, target, weight, reduction, ignore_index, label_smoothing, grad_out=None):
