@@ -162,11 +162,12 @@ def test_layouts(dtype, layout, probabilities):
         check_all_ops(x, y, torch.rand(19) + 0.5, reduction, -100, 0.05)
 
 
-# Rows of at most 32 classes (kMaxLaneRowClasses in csrc/cpu/kernel_args.h) run the lane kernels on transposed
-# tiles: both sides of the threshold, partial tiles (200 rows = 3 tiles of 64 + 8), and channels_last rows, whose
+# Short rows run the lane kernels on tiles transposed in W x W blocks (uses_lane_kernels in csrc/cpu/kernel_args.h:
+# the forward up to 64 classes, the backward up to 16): both sides of each threshold, class counts that end in a
+# partial block of 16 and of 8, partial tiles (200 rows = 3 tiles of 64 + 8), and channels_last rows, whose
 # positions are C apart within a batch entry (9 * 15 = 135 positions: a partial tile at each entry's end).
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("C", [3, 31, 32, 33])
+@pytest.mark.parametrize("C", [3, 16, 17, 37, 64, 65])
 @pytest.mark.parametrize("layout", ["rows", "channels_last"])
 @pytest.mark.parametrize("probabilities", [False, True], ids=["index", "prob"])
 def test_short_rows(dtype, C, layout, probabilities):
@@ -303,11 +304,18 @@ def test_every_simd_level_agrees(tmp_path):
     made here: torch's own random generators also depend on ATEN_CPU_CAPABILITY."""
     torch.manual_seed(0)
     inputs = {}
-    for name, shape in [("rows", (64, 1000, 1)), ("spatial", (2, 19, 333)), ("spatial-long", (3, 700, 37))]:
+    # Short rows and channels_last (N, C, S) run lanes on transposed tiles where vectors are wider than one lane,
+    # rows in the scalar build: the levels compute them differently.
+    shapes = [("rows", (64, 1000, 1)), ("short-rows", (200, 13, 1)), ("short-rows-forward", (200, 37, 1)),
+              ("channels-last", (2, 37, 45)), ("spatial", (2, 19, 333)), ("spatial-long", (3, 700, 37))]
+    for name, shape in shapes:
         for dtype in DTYPES:
             target = torch.randint(0, shape[1], (shape[0], shape[2]))
             grad_loss = torch.rand(shape[0], shape[2]).to(dtype)
-            inputs[name, str(dtype)] = ((torch.randn(shape) * 3).to(dtype), target, grad_loss)
+            x = torch.randn(shape) * 3
+            if name == "channels-last":
+                x = x.transpose(1, 2).contiguous().transpose(1, 2)
+            inputs[name, str(dtype)] = (x.to(dtype), target, grad_loss)
     torch.save(inputs, tmp_path / "inputs.pt")
     script = f"""
 import sys, torch

@@ -29,7 +29,7 @@ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 int64_t positions_per_block(const Problem& problem) {
   const int64_t positions = std::max<int64_t>(1, kLogitsPerBlock / problem.C);
-  if (!uses_lane_kernels(problem.layout, problem.C)) return positions;
+  if (!may_use_lane_kernels(problem.layout, problem.C)) return positions;
   return ceil_div(positions, kLaneBlockMultiple) * kLaneBlockMultiple;
 }
 

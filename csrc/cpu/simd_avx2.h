@@ -63,6 +63,29 @@ struct FloatVec {
   }
 
   // base[index] in the lanes of mask, 0 elsewhere.
+  // rows[i] lane j <-> rows[j] lane i. Unpacks interleave pairs of rows, then quads, within each 128-bit lane;
+  // the 2x2 blocks of 128-bit lanes are then swapped with lane permutes.
+  static void transpose(FloatVec (&rows)[kWidth]) {
+    __m256 pairs[kWidth], quads[kWidth];
+    for (int i = 0; i < kWidth; i += 2) {
+      pairs[i] = _mm256_unpacklo_ps(rows[i].v, rows[i + 1].v);
+      pairs[i + 1] = _mm256_unpackhi_ps(rows[i].v, rows[i + 1].v);
+    }
+    // quads[4 m + j], 128-bit lane L: column 4 L + j of rows 4 m .. 4 m + 3.
+    for (int m = 0; m < 2; ++m) {
+      const __m256d a = _mm256_castps_pd(pairs[4 * m]), b = _mm256_castps_pd(pairs[4 * m + 1]);
+      const __m256d c = _mm256_castps_pd(pairs[4 * m + 2]), d = _mm256_castps_pd(pairs[4 * m + 3]);
+      quads[4 * m] = _mm256_castpd_ps(_mm256_unpacklo_pd(a, c));
+      quads[4 * m + 1] = _mm256_castpd_ps(_mm256_unpackhi_pd(a, c));
+      quads[4 * m + 2] = _mm256_castpd_ps(_mm256_unpacklo_pd(b, d));
+      quads[4 * m + 3] = _mm256_castpd_ps(_mm256_unpackhi_pd(b, d));
+    }
+    for (int j = 0; j < 4; ++j) {
+      rows[j] = _mm256_permute2f128_ps(quads[j], quads[4 + j], 0x20);
+      rows[4 + j] = _mm256_permute2f128_ps(quads[j], quads[4 + j], 0x31);
+    }
+  }
+
   static FloatVec gather(const float* base, Lanes index, Mask mask) {
     return _mm256_mask_i32gather_ps(_mm256_setzero_ps(), base, index.v, mask, 4);
   }

@@ -66,6 +66,35 @@ struct FloatVec {
     return _mm512_mask_i32gather_ps(_mm512_setzero_ps(), mask, index.v, base, 4);
   }
 
+  // rows[i] lane j <-> rows[j] lane i. Unpacks interleave pairs of rows, then quads, within each 128-bit lane;
+  // the 4x4 blocks of 128-bit lanes are then transposed with lane shuffles.
+  static void transpose(FloatVec (&rows)[kWidth]) {
+    __m512 pairs[kWidth], quads[kWidth];
+    for (int i = 0; i < kWidth; i += 2) {
+      pairs[i] = _mm512_unpacklo_ps(rows[i].v, rows[i + 1].v);
+      pairs[i + 1] = _mm512_unpackhi_ps(rows[i].v, rows[i + 1].v);
+    }
+    // quads[4 m + j], 128-bit lane L: column 4 L + j of rows 4 m .. 4 m + 3.
+    for (int m = 0; m < 4; ++m) {
+      const __m512d a = _mm512_castps_pd(pairs[4 * m]), b = _mm512_castps_pd(pairs[4 * m + 1]);
+      const __m512d c = _mm512_castps_pd(pairs[4 * m + 2]), d = _mm512_castps_pd(pairs[4 * m + 3]);
+      quads[4 * m] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, c));
+      quads[4 * m + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, c));
+      quads[4 * m + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(b, d));
+      quads[4 * m + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(b, d));
+    }
+    for (int j = 0; j < 4; ++j) {
+      const __m512 low01 = _mm512_shuffle_f32x4(quads[j], quads[4 + j], 0x44);
+      const __m512 high01 = _mm512_shuffle_f32x4(quads[j], quads[4 + j], 0xee);
+      const __m512 low23 = _mm512_shuffle_f32x4(quads[8 + j], quads[12 + j], 0x44);
+      const __m512 high23 = _mm512_shuffle_f32x4(quads[8 + j], quads[12 + j], 0xee);
+      rows[j] = _mm512_shuffle_f32x4(low01, low23, 0x88);
+      rows[4 + j] = _mm512_shuffle_f32x4(low01, low23, 0xdd);
+      rows[8 + j] = _mm512_shuffle_f32x4(high01, high23, 0x88);
+      rows[12 + j] = _mm512_shuffle_f32x4(high01, high23, 0xdd);
+    }
+  }
+
   static void store(float* p, FloatVec x) { _mm512_storeu_ps(p, x.v); }
   static void store(c10::Half* p, FloatVec x) {
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtps_ph(x.v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));

@@ -44,6 +44,7 @@ struct ScalarVec {
     return n > 0 ? load(p) : ScalarVec(fill);
   }
   static ScalarVec gather(const acc_t* base, Lanes index, Mask mask) { return mask ? base[index.v] : acc_t(0); }
+  static void transpose(ScalarVec (&)[kWidth]) {}
 
   template <typename T>
   static void store(T* p, ScalarVec x) {

@@ -6,9 +6,9 @@
 //    kRowChunk classes: the chunk's max (read from memory), then its exps relative to the running max (re-read from
 //    L1); the running sum is rescaled when the max grows, so rows of any length are read from memory once.
 //  - spatial (position stride 1: NCHW): V::kWidth consecutive positions at a time, one per lane, looping over the
-//    classes: no transpose, and every exp fills a whole vector. Rows of at most kMaxLaneRowClasses classes run
-//    these lane kernels too, on tiles transposed as they are copied in and out. Positions with many classes
-//    (see uses_long_lanes) take them in chunks with an online softmax, like rows (xent_spatial_long.h).
+//    classes: no transpose, and every exp fills a whole vector. Short rows (uses_lane_kernels in kernel_args.h) run
+//    these lane kernels too, on tiles transposed in registers as they are copied in and out. Positions with many
+//    classes (see uses_long_lanes) take them in chunks with an online softmax, like rows (xent_spatial_long.h).
 // Forward + grad keeps each exp (in the accumulation dtype, in a per-thread buffer) and writes the gradient from it
 // while the row or lane block is still in cache: one exp per logit, one read of the logits, one write of the
 // gradient, which may be the logits themselves (everything read from a row is read before its gradient is written).
@@ -142,7 +142,7 @@ void run_blocks(const KernelArgs& args, std::vector<BlockRange>& ranges, int64_t
   RowScratch<acc_t> rows;
   SpatialScratch<acc_t> spatial;
   LongLaneScratch<acc_t> long_lanes;
-  const bool lanes = uses_lane_kernels(args.layout, args.C);
+  const bool lanes = uses_lane_kernels(args.layout, args.C, backward, W);
   const bool chunked_lanes = uses_long_lanes(args);
   if (!lanes) {
     if (args.grad && !backward) {

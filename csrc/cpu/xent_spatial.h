@@ -6,7 +6,7 @@
 // the C lines of a lane block then fall in one cache set, of which L1 and L2 hold only 8 ways, so a second read of
 // the logits from the tensor (or prefetching them) would miss. The buffer is read instead, and its padding makes
 // partial tiles at the end of a batch entry ordinary vectors. The gradient is built in a buffer alike and copied
-// out. Short rows (class stride 1, see kMaxLaneRowClasses) use the same tiles: the copies transpose them.
+// out. Short rows (class stride 1, see uses_lane_kernels) use the same tiles: the copies transpose them.
 
 // Positions per tile (a multiple of every vector width).
 constexpr int64_t kTilePositions = 64;
@@ -323,23 +323,34 @@ struct SpatialScratch {
   std::vector<acc_t> x, t, g, exps;
 };
 
+// Calls body(i0, positions, c0, classes) for each W x W square of a tile of `count` short rows of C classes: from
+// position i0 and class c0 on, of which `positions` and `classes` lie inside.
+template <int W, class Body>
+void for_each_square(int64_t count, int64_t C, Body&& body) {
+  for (int64_t i0 = 0; i0 < count; i0 += W) {
+    const int positions = static_cast<int>(std::min<int64_t>(W, count - i0));
+    for (int64_t c0 = 0; c0 < C; c0 += W) body(i0, positions, c0, static_cast<int>(std::min<int64_t>(W, C - c0)));
+  }
+}
+
 // Copies `count` positions of each class from a tensor (classes class_stride apart, positions position_stride
 // apart) to a tile buffer, converting to the accumulation dtype and padding with zeros to whole vectors; or back
 // (without padding).
 template <class V, class T>
 void load_tile(const T* from, int64_t class_stride, int64_t position_stride, int64_t C, int64_t count,
                typename V::value_type* tile) {
-  using acc_t = typename V::value_type;
   constexpr int W = V::kWidth;
   constexpr int64_t kLine = 64 / sizeof(T);
-  if (position_stride != 1) {  // short rows: transpose
-    const int64_t padded = (count + W - 1) / W * W;
-    for (int64_t i = 0; i < count; ++i) {
-      for (int64_t c = 0; c < C; ++c) tile[c * kTilePositions + i] = static_cast<acc_t>(from[i * position_stride + c * class_stride]);
-    }
-    for (int64_t c = 0; c < C; ++c) {
-      for (int64_t i = count; i < padded; ++i) tile[c * kTilePositions + i] = 0;
-    }
+  if (position_stride != 1) {  // short rows (adjacent classes): transpose W x W blocks in registers
+    for_each_square<W>(count, C, [&](int64_t i0, int positions, int64_t c0, int classes) {
+      V block[W];
+      for (int r = 0; r < W; ++r) {  // positions past `count` pad the tile with zeros
+        const T* row = from + (i0 + r) * position_stride + c0;
+        block[r] = r >= positions ? V(0) : classes == W ? V::load(row) : V::load_partial(row, classes, 0);
+      }
+      V::transpose(block);
+      for (int k = 0; k < classes; ++k) V::store(tile + (c0 + k) * kTilePositions + i0, block[k]);
+    });
     return;
   }
   for (int64_t c = 0; c < C; ++c) {
@@ -362,10 +373,13 @@ template <class V, class T>
 void store_tile(const typename V::value_type* tile, int64_t C, int64_t count, T* to, int64_t class_stride,
                 int64_t position_stride, bool streaming) {
   constexpr int W = V::kWidth;
-  if (position_stride != 1) {  // short rows: transpose
-    for (int64_t i = 0; i < count; ++i) {
-      for (int64_t c = 0; c < C; ++c) to[i * position_stride + c * class_stride] = static_cast<T>(tile[c * kTilePositions + i]);
-    }
+  if (position_stride != 1) {  // short rows (adjacent classes): transpose W x W blocks in registers
+    for_each_square<W>(count, C, [&](int64_t i0, int positions, int64_t c0, int classes) {
+      V block[W];
+      for (int k = 0; k < W; ++k) block[k] = k < classes ? V::load(tile + (c0 + k) * kTilePositions + i0) : V(0);
+      V::transpose(block);
+      for (int r = 0; r < positions; ++r) store_lanes(to + (i0 + r) * position_stride + c0, block[r], classes);
+    });
     return;
   }
   for (int64_t c = 0; c < C; ++c) {
