@@ -51,7 +51,8 @@ RowStatistics<typename V::value_type> row_statistics(const Typed<V, T>& a, const
     if (tail) m1 = vmax(m1, V::load_partial(xc + full, tail, kNegInf));
     const acc_t new_max = reduce_max(vmax(vmax(m0, m1), vmax(m2, m3)));
     if (new_max > max) {
-      sum *= std::exp(max - new_max);
+      // sum is 0 until a logit above -inf: a row's first chunk needs no rescaling exp.
+      if (sum != 0) sum *= std::exp(max - new_max);
       max = new_max;
     }
     if (chunk_max) chunk_max[chunk] = max;
@@ -120,9 +121,9 @@ RowStatistics<typename V::value_type> row_statistics(const Typed<V, T>& a, const
           reference,
           sum,
           log_sum,
-          reduce_add(weighted_logits.value()),
-          reduce_add(weighted_targets),
-          reduce_add(weighted_target_logits.value())};
+          logit_dot ? reduce_add(weighted_logits.value()) : acc_t(0),
+          t ? reduce_add(weighted_targets) : acc_t(0),
+          t ? reduce_add(weighted_target_logits.value()) : acc_t(0)};
 }
 
 // Per-thread buffers of the row kernels.
