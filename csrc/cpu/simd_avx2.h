@@ -62,7 +62,6 @@ struct FloatVec {
     return _mm256_load_ps(lanes);
   }
 
-  // base[index] in the lanes of mask, 0 elsewhere.
   // rows[i] lane j <-> rows[j] lane i. Unpacks interleave pairs of rows, then quads, within each 128-bit lane;
   // the 2x2 blocks of 128-bit lanes are then swapped with lane permutes.
   static void transpose(FloatVec (&rows)[kWidth]) {
@@ -86,6 +85,7 @@ struct FloatVec {
     }
   }
 
+  // base[index] in the lanes of mask, 0 elsewhere.
   static FloatVec gather(const float* base, Lanes index, Mask mask) {
     return _mm256_mask_i32gather_ps(_mm256_setzero_ps(), base, index.v, mask, 4);
   }

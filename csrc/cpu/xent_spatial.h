@@ -345,8 +345,8 @@ void load_tile(const T* from, int64_t class_stride, int64_t position_stride, int
     for_each_square<W>(count, C, [&](int64_t i0, int positions, int64_t c0, int classes) {
       V block[W];
       for (int r = 0; r < W; ++r) {  // positions past `count` pad the tile with zeros
-        const T* row = from + (i0 + r) * position_stride + c0;
-        block[r] = r >= positions ? V(0) : classes == W ? V::load(row) : V::load_partial(row, classes, 0);
+        const T* row = r < positions ? from + (i0 + r) * position_stride + c0 : nullptr;
+        block[r] = !row ? V(0) : classes == W ? V::load(row) : V::load_partial(row, classes, 0);
       }
       V::transpose(block);
       for (int k = 0; k < classes; ++k) V::store(tile + (c0 + k) * kTilePositions + i0, block[k]);
