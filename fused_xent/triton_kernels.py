@@ -356,8 +356,8 @@ def _split_combine_kernel(stats_ptr, logits_ptr, target_ptr, weight_ptr, weight_
     term_weights = tl.zeros([BLOCK], ACC)
     relative_dot = tl.zeros([BLOCK], ACC)  # relative to the running reference, moved as in _range_statistics
     reference = tl.zeros([BLOCK], ACC)
-    for split in range(0, splits):
-        at = split * num_positions + index
+    at = index  # split k's entry: k * num_positions + index, advanced in int64 (the loop counter is int32)
+    for _ in range(0, splits):
         part_max = tl.load(stats_ptr + at, mask=in_range, other=float("-inf"))
         part_sum = tl.load(stats_ptr + plane + at, mask=in_range, other=0.0)
         new_max = tl.maximum(running_max, part_max)
@@ -373,6 +373,7 @@ def _split_combine_kernel(stats_ptr, logits_ptr, target_ptr, weight_ptr, weight_
                 part_dot + part_weights * (part_reference - shift))
             term_weights += part_weights
             reference = shift
+        at += num_positions
     safe_y, counted, weight_of_target = _class_target(target_ptr, weight_ptr, index, in_range, C, ignore_index,
                                                       HAS_WEIGHT, ACC)
     target_logit = tl.load(logits_ptr + offset + safe_y * stride_c, mask=counted, other=0.0).to(ACC)

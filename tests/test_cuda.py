@@ -129,9 +129,11 @@ def fused(x, target, grad_output, grad_mode, **kwargs):
 
 # Rows whose fused forward takes the cluster kernel on an H200 (sm_90, 50 MB L2): slices of one block, of three (rows
 # at every 4-byte phase; logits that start mid-vector, which only the in-place mode sends there, since a fresh
-# gradient starts at phase 0) and of eleven (above the portable cluster size of 8).
+# gradient starts at phase 0) and of eleven (above the portable cluster size of 8). Rows of 50257 bfloat16 move
+# their phase by 2 bytes from one to the next, so a cluster stages its consecutive positions at different phases.
 CLUSTER_CASES = [
     ((600, 32768), "contiguous", torch.bfloat16),
+    ((600, 50257), "contiguous", torch.bfloat16),
     ((300, 50001), "contiguous", torch.float32),
     ((300, 50000), "offset", torch.float32),
     ((40, 256000), "contiguous", torch.float32),

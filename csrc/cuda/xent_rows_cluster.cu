@@ -78,6 +78,9 @@ __global__ void __launch_bounds__(kClusterThreads, 2)
     const auto row =
         forward_grad_row<false>(target, st, log_sum, weight_sum, eps, p.C, upstream_scale(p, pos.n, pos.s));
     write_row_grad<BlockGroup, false, scalar_t, true>(p, staged, nullptr, p.grad + pos.offset, begin, end, row);
+    // The next position's slice may start at another address phase, which hands its classes (and their places in
+    // the buffer) to other threads: none may stage it while a slower one still reads this one.
+    BlockGroup::sync();
   }
   cluster.sync();  // no block exits while another may still read its published statistics
   store_block_partials(p, loss_acc, weight_acc);
@@ -113,9 +116,11 @@ int64_t slice_smem_bytes(int64_t slice_len) {
   return (slice_len + kVecWidth<scalar_t>) * int64_t(sizeof(scalar_t));
 }
 
-// How many clusters of `blocks` blocks fit on `device` at once; 0 if none or if the device refuses the kernel's
-// attributes. Asked once per (device, cluster shape) and remembered: the occupancy query is not free, and a kernel's
-// attributes (set here, the same values every time) persist on the device.
+// How many clusters of `blocks` blocks fit on `device` at once; 0 if none, if the device refuses the kernel's
+// attributes, or if the kernel's code for this device came from PTX older than sm_90, where its body compiled to
+// nothing (e.g. TORCH_CUDA_ARCH_LIST="8.0+PTX" on an H100). Asked once per (device, cluster shape) and remembered:
+// the occupancy query is not free, and a kernel's attributes (set here, the same values every time) persist on the
+// device.
 template <typename scalar_t>
 int resident_clusters(int device, int64_t blocks, int64_t slice_len) {
   static std::mutex mutex;
@@ -127,7 +132,9 @@ int resident_clusters(int device, int64_t blocks, int64_t slice_len) {
   const auto kernel = rows_cluster_kernel<scalar_t>;
   const ClusterLaunch launch(blocks, blocks, slice_smem_bytes<scalar_t>(slice_len), nullptr);
   int clusters = 0;
-  if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kMaxDynamicSmem) != cudaSuccess ||
+  cudaFuncAttributes compiled{};
+  if (cudaFuncGetAttributes(&compiled, kernel) != cudaSuccess || compiled.ptxVersion < 90 ||
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kMaxDynamicSmem) != cudaSuccess ||
       cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) != cudaSuccess ||
       cudaOccupancyMaxActiveClusters(&clusters, kernel, &launch.config) != cudaSuccess) {
     (void)cudaGetLastError();  // "not supported here" is an answer, not an error to leave pending
