@@ -70,8 +70,8 @@ def _liger(device: str) -> tuple[Provider | None, str]:
         return None, "liger: skipped on CPU (Triton kernels; the interpreter is not a performance peer)"
     try:
         from liger_kernel.transformers.functional import liger_cross_entropy
-    except ImportError as error:
-        return None, f"liger: not importable ({error})"
+    except Exception as error:  # its package imports others (peft, transformers), which can fail in other ways
+        return None, f"liger: not importable ({type(error).__name__}: {error})"
 
     def loss(logits, target):
         result = liger_cross_entropy(logits, target)

@@ -25,6 +25,11 @@ def _fail(message: str) -> int:
     return 2
 
 
+def first_line(error: Exception) -> str:
+    """The first line of an exception's message ('' for a bare assert)."""
+    return str(error).partition("\n")[0]
+
+
 def _check_choices(kind: str, chosen: list[str], allowed) -> str | None:
     unknown = [item for item in chosen if item not in allowed]
     return f"unknown {kind} {', '.join(unknown)}; choose from {', '.join(allowed)}" if unknown else None
@@ -84,7 +89,7 @@ class CaseRunner:
                     self._warm_up_compile(case, provider, logits, target)
                 verdict = correctness.check(provider, logits, target, reference, case.dtype_name)
             except Exception as error:  # a provider that crashes is reported, and the others still run
-                self._not_timed(provider, case, f"FAILED: {type(error).__name__}: {str(error).splitlines()[0]}")
+                self._not_timed(provider, case, f"FAILED: {type(error).__name__}: {first_line(error)}")
                 continue
             self._row(provider.name, case, "-", "loss_err", verdict.loss_err, unit="relative")
             if verdict.grad_err is not None:
@@ -122,7 +127,7 @@ class CaseRunner:
                                           self.budget_s)
             except Exception as error:
                 self._row(provider.name, case, mode, "verdict", float("nan"),
-                          note=f"FAILED: {type(error).__name__}: {str(error).splitlines()[0]}")
+                          note=f"FAILED: {type(error).__name__}: {first_line(error)}")
                 self.progress.update(1)
                 continue
             ms = [value * 1e3 for value in (stats.median, stats.p20, stats.p80)]

@@ -53,7 +53,7 @@ def _per_position(logits, target, weight, ignore_index, label_smoothing):
     if target.is_floating_point():
         smoothed = target.to(x.dtype) * (1.0 - label_smoothing) + label_smoothing / num_classes
         loss = -(w * smoothed * log_probs).sum(1)
-        total_weight = torch.tensor(float(loss.numel()), dtype=x.dtype, device=x.device)
+        total_weight = torch.full((), float(loss.numel()), dtype=x.dtype, device=x.device)  # no host-to-device copy
         return loss, lse, total_weight
     safe_target, target_weight = _target_weights(target, w.view(-1), ignore_index)
     nll = -target_weight * log_probs.gather(1, safe_target.unsqueeze(1)).squeeze(1)

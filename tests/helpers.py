@@ -59,13 +59,17 @@ def backend_cases():
 
 
 def poison_cuda_cache():
-    """Leave NaN bytes in the blocks PyTorch's CUDA caching allocator hands out next (its small pool, blocks of up
-    to 1 MiB, and its large pool), so an output element a kernel forgets to write stays NaN and fails the comparison
-    with PyTorch. A no-op without a GPU."""
+    """Leave NaN bytes in the blocks PyTorch's CUDA caching allocator hands out next (a whole 2 MiB segment of its
+    small pool, which serves blocks of up to 1 MiB, and 256 MiB of its large pool), so an output element a kernel
+    forgets to write stays NaN and fails the comparison with PyTorch. The cache is emptied first: the allocator
+    hands out the best-fitting cached block, which would otherwise often be a stale one from an earlier test. A no-op
+    without a GPU."""
     if not torch.cuda.is_available():
         return
-    for size in (1 << 20, 256 << 20):
-        torch.empty(size, dtype=torch.uint8, device="cuda").fill_(0xFF)  # 0xFF..FF is NaN in every float dtype
+    torch.cuda.empty_cache()
+    poisoned = [torch.empty(size, dtype=torch.uint8, device="cuda") for size in (1 << 20, 1 << 20, 256 << 20)]
+    for block in poisoned:
+        block.fill_(0xFF)  # 0xFF..FF is NaN in every float dtype
 
 
 def make_logits(shape, layout, dtype, device="cpu", generator=None, scale=3.0):

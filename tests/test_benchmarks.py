@@ -16,6 +16,8 @@ sys.path.insert(0, str(BENCHMARKS))
 
 import correctness  # noqa: E402  (benchmarks/ is a folder of scripts, not a package)
 import providers  # noqa: E402
+import report  # noqa: E402
+import runner  # noqa: E402
 import shapes  # noqa: E402
 
 needs_cpu_kernel = pytest.mark.skipif("cpu" not in fused_xent.available_backends(), reason="extension not built")
@@ -71,6 +73,26 @@ def test_gate_rejects_nan():
     reference = correctness.Reference(logits, target, with_grad=False)
     nan_loss = providers.Provider("nan", lambda x, t: F.cross_entropy(x, t) * float("nan"), traffic="recompute")
     assert not correctness.check(nan_loss, logits, target, reference, "fp32").ok
+
+
+class _NoProgress:
+    def update(self, steps):
+        pass
+
+
+def test_a_crashing_provider_is_reported_and_the_others_still_run():
+    """Even an exception without a message (a bare assert) becomes a FAILED verdict, not the end of the run."""
+    def crash(logits, target):
+        raise AssertionError()
+
+    results = report.Results()
+    case = shapes.Case("cls", (512, 10), "fp32")
+    case_runner = runner.CaseRunner("cpu", ["fwd"], repeats=3, budget_s=0.01, results=results, progress=_NoProgress())
+    case_runner.run(case, [providers.Provider("crash", crash, traffic="recompute"),
+                           providers.Provider("eager", F.cross_entropy, traffic="recompute")])
+    assert results.get("crash", case, "-", "verdict").note == "FAILED: AssertionError: "
+    assert results.get("eager", case, "-", "verdict").note == "ok"
+    assert results.value("eager", case, "fwd", "time") > 0
 
 
 def test_quick_provider_sets():

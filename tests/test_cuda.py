@@ -342,8 +342,7 @@ def test_near_certain_target_at_huge_logits(shape):
     generator = torch.Generator().manual_seed(11)
     x = torch.rand(shape, generator=generator) * 0.5 + 11992.0
     target = make_target(x, "index", -100, generator)
-    x = x.scatter(1, target.unsqueeze(1), 12000.0).cuda()
-    target = target.cuda()
+    x = x.cuda().scatter(1, target.unsqueeze(1), 12000.0)  # make_target returns CUDA targets
     one = torch.tensor(1.0, device="cuda")
     expected_loss, expected_grad = reference(x, target, one, reduction="sum")
     for grad_mode in GRAD_MODES:
