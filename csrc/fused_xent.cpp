@@ -22,6 +22,8 @@
 
 #include <string>
 
+#include "common/xent_schemas.h"
+
 namespace fused_xent {
 // The SIMD level the CPU kernels dispatch to: "avx512", "avx2" or "default" (defined in cpu/).
 std::string cpu_capability();
@@ -35,20 +37,12 @@ PyMODINIT_FUNC PyInit__C(void) {
 
 TORCH_LIBRARY(fused_xent, m) {
   m.def("cpu_capability() -> str", &fused_xent::cpu_capability);
-  m.def(
-      "cross_entropy_fwd(Tensor logits, Tensor target, Tensor? weight, int reduction, int ignore_index, "
-      "float label_smoothing) -> (Tensor loss, Tensor lse, Tensor total_weight)");
+  m.def(fused_xent::kForwardSchema);
   // grad_loss has the shape of loss (0-d unless reduction is none).
-  m.def(
-      "cross_entropy_bwd(Tensor grad_loss, Tensor logits, Tensor target, Tensor? weight, Tensor lse, "
-      "Tensor total_weight, int reduction, int ignore_index, float label_smoothing) -> Tensor");
+  m.def(fused_xent::kBackwardSchema);
   // Forward that also writes d(loss)/d(logits) for grad_loss = 1 (per position for reduction none) while each row
   // is on chip; backward then only scales it. The grad has the strides of logits.
-  m.def(
-      "cross_entropy_fwd_grad(Tensor logits, Tensor target, Tensor? weight, int reduction, int ignore_index, "
-      "float label_smoothing) -> (Tensor loss, Tensor grad)");
+  m.def(fused_xent::kForwardGradSchema);
   // Same, writing the gradient over the logits (opt-in, for logits that nothing else reads afterwards).
-  m.def(
-      "cross_entropy_fwd_grad_(Tensor(a!) logits, Tensor target, Tensor? weight, int reduction, "
-      "int ignore_index, float label_smoothing) -> Tensor loss");
+  m.def(fused_xent::kForwardGradInplaceSchema);
 }

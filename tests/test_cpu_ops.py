@@ -10,7 +10,7 @@ import sys
 
 import pytest
 import torch
-import torch.nn.functional as F
+from op_checks import REDUCTIONS, check_all_ops, reference
 from tolerances import assert_close, assert_grad_close
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -19,75 +19,6 @@ if not _LIBS:
     pytest.skip("fused_xent._C is not built", allow_module_level=True)
 torch.ops.load_library(_LIBS[0])
 ops = torch.ops.fused_xent
-
-REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}
-
-
-def as_ncs(x, y):
-    """The op view of an F.cross_entropy input: logits (N, C, S), class-index target (N, S) or probabilities."""
-    if x.dim() == 1:
-        return x.view(1, -1, 1), (y.view(1, -1, 1) if y.is_floating_point() else y.reshape(1, 1))
-    x3 = x.flatten(2) if x.dim() > 2 else x.unsqueeze(-1)
-    if y.is_floating_point():
-        return x3, (y.flatten(2) if y.dim() > 2 else y.unsqueeze(-1))
-    return x3, y.reshape(x3.shape[0], x3.shape[2])
-
-
-def reference(x, y, weight, reduction, ignore_index, smoothing):
-    """Loss and d(loss)/d(logits) for an upstream gradient of ones, in float64."""
-    xr = x.detach().double().requires_grad_()
-    yr = y.double() if y.is_floating_point() else y
-    w = weight.double() if weight is not None else None
-    loss = F.cross_entropy(xr, yr, weight=w, ignore_index=ignore_index, reduction=reduction, label_smoothing=smoothing)
-    (grad,) = torch.autograd.grad(loss, xr, torch.ones_like(loss))
-    return loss.detach(), grad
-
-
-def check_all_ops(x, y, weight=None, reduction="mean", ignore_index=-100, smoothing=0.0):
-    """Runs the four ops on x (any layout) and compares loss, lse, total_weight and gradients with PyTorch."""
-    dtype = x.dtype
-    w = weight.to(dtype) if weight is not None else None  # the weight the ops see, rounded to the logits' dtype
-    ref_loss, ref_grad = reference(x, y, w, reduction, ignore_index, smoothing)
-    x3, y3 = as_ncs(x, y)
-    N, C, S = x3.shape
-    red = REDUCTIONS[reduction]
-    expected_loss = ref_loss.reshape(N, S) if reduction == "none" else ref_loss
-
-    loss, lse, total_weight = ops.cross_entropy_fwd(x3, y3, w, red, ignore_index, smoothing)
-    assert loss.dtype == dtype
-    assert_close(loss, expected_loss, dtype, "forward loss")
-    # lse in two parts: each position's max and the log of its sum of exps relative to that max.
-    assert lse.dtype == (torch.float64 if dtype == torch.float64 else torch.float32) and lse.shape == (N, S, 2)
-    torch.testing.assert_close(lse[..., 0], x3.to(lse.dtype).amax(1), rtol=0, atol=0)
-    lse_rtol = 1e-10 if dtype == torch.float64 else 1e-5
-    torch.testing.assert_close(lse.double().sum(-1), torch.logsumexp(x3.double(), 1), rtol=lse_rtol, atol=lse_rtol)
-    if y.is_floating_point():
-        expected_total = float(N * S)
-    else:
-        kept = y3 != ignore_index
-        expected_total = (w.double()[y3[kept]].sum() if w is not None else kept.sum()).item()
-    assert total_weight.item() == pytest.approx(expected_total, rel=1e-6)
-
-    loss2, grad = ops.cross_entropy_fwd_grad(x3, y3, w, red, ignore_index, smoothing)
-    assert grad.dtype == dtype and grad.stride() == x3.stride()
-    assert_close(loss2, expected_loss, dtype, "fwd_grad loss")
-    assert_grad_close(grad.reshape(x.shape), ref_grad, dtype, "fwd_grad gradient")
-
-    overwritten = x.clone()
-    loss3 = ops.cross_entropy_fwd_grad_(as_ncs(overwritten, y)[0], y3, w, red, ignore_index, smoothing)
-    assert_close(loss3, expected_loss, dtype, "fwd_grad_ loss")
-    assert_grad_close(overwritten, ref_grad, dtype, "fwd_grad_ gradient (in place)")
-
-    if reduction == "none":
-        grad_loss = torch.rand(N, S, dtype=dtype)
-        scale = grad_loss.double().reshape(N, 1, *x.shape[2:]) if x.dim() > 1 else grad_loss.double().reshape(())
-    else:
-        grad_loss = torch.tensor(0.7, dtype=dtype)
-        scale = grad_loss.double()
-    grad_b = ops.cross_entropy_bwd(grad_loss, x3, y3, w, lse, total_weight, red, ignore_index, smoothing)
-    assert grad_b.dtype == dtype and grad_b.stride() == x3.stride()
-    assert_grad_close(grad_b.reshape(x.shape), ref_grad * scale, dtype, "backward gradient")
-
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 # NCHW with more than 256 classes and S < 64, or more than 8192 classes, takes them in chunks
@@ -128,7 +59,7 @@ def test_class_index_targets(dtype, shape, reduction, weighted, smoothing):
     C = shape[1] if len(shape) > 1 else shape[0]
     weight = torch.rand(C) + 0.5 if weighted else None
     x = make_logits(shape, dtype, "contiguous")
-    check_all_ops(x, make_index_target(shape, ignore_index), weight, reduction, ignore_index, smoothing)
+    check_all_ops(ops, x, make_index_target(shape, ignore_index), weight, reduction, ignore_index, smoothing)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -142,7 +73,7 @@ def test_probability_targets(dtype, shape, reduction, weighted, smoothing):
     weight = torch.rand(C) + 0.5 if weighted else None
     x = make_logits(shape, dtype, "contiguous")
     y = torch.softmax(torch.randn(shape), dim=1 if len(shape) > 1 else 0).to(dtype)
-    check_all_ops(x, y, weight, reduction, -100, smoothing)
+    check_all_ops(ops, x, y, weight, reduction, -100, smoothing)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -159,7 +90,7 @@ def test_layouts(dtype, layout, probabilities):
     else:
         y = make_index_target(shape, -100)
     for reduction in REDUCTIONS:
-        check_all_ops(x, y, torch.rand(19) + 0.5, reduction, -100, 0.05)
+        check_all_ops(ops, x, y, torch.rand(19) + 0.5, reduction, -100, 0.05)
 
 
 # Short rows run the lane kernels on tiles transposed in W x W blocks (uses_lane_kernels in csrc/cpu/kernel_args.h:
@@ -181,7 +112,7 @@ def test_short_rows(dtype, C, layout, probabilities):
     else:
         y = make_index_target(shape, -100)
     for reduction in REDUCTIONS:
-        check_all_ops(x, y, torch.rand(C) + 0.5, reduction, -100, 0.05)
+        check_all_ops(ops, x, y, torch.rand(C) + 0.5, reduction, -100, 0.05)
 
 
 def test_channels_last_is_not_copied():
@@ -271,7 +202,7 @@ def test_huge_class_count():
     x = torch.randn(3, 256 * 1024, 1)
     x[1, 100_000:, 0] += 5  # the max grows in a later chunk of the row
     y = torch.tensor([[5], [200_000], [-100]])
-    check_all_ops(x[:, :, 0], y[:, 0], None, "mean", -100, 0.1)
+    check_all_ops(ops, x[:, :, 0], y[:, 0], None, "mean", -100, 0.1)
 
 
 @pytest.mark.parametrize("shape", [(300, 1000, 1), (30000, 10, 1), (4, 19, 3000)],

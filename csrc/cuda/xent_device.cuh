@@ -264,9 +264,13 @@ __device__ __forceinline__ void store_pack(T* ptr, const Pack<kWidth, T>& in) {
     // the same addresses that precede it (the in-place op writes over the logits it has just read).
     uint4 raw;
     memcpy(&raw, &in, 16);
+#ifdef __CUDA_ARCH__
     asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};" ::"l"(ptr), "r"(raw.x), "r"(raw.y), "r"(raw.z),
                  "r"(raw.w)
                  : "memory");
+#else  // the host emulation (tests/host/emulated_cuda.h)
+    memcpy(ptr, &raw, 16);
+#endif
   } else {
     *reinterpret_cast<Pack<kWidth, T>*>(ptr) = in;
   }

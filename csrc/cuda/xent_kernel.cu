@@ -381,7 +381,15 @@ at::Tensor cross_entropy_bwd_cuda(const at::Tensor& grad_loss, const at::Tensor&
 }  // namespace cuda
 }  // namespace fused_xent
 
-TORCH_LIBRARY_IMPL(fused_xent, CUDA, m) {
+#ifdef FUSED_XENT_HOST_EMULATION
+// The host emulation (tests/host/emulated_cuda.h) serves CPU tensors as a library of its own, beside the extension.
+#define FUSED_XENT_CUDA_LIBRARY fused_xent_emulated
+#define FUSED_XENT_CUDA_KEY CPU
+#else
+#define FUSED_XENT_CUDA_LIBRARY fused_xent
+#define FUSED_XENT_CUDA_KEY CUDA
+#endif
+TORCH_LIBRARY_IMPL(FUSED_XENT_CUDA_LIBRARY, FUSED_XENT_CUDA_KEY, m) {
   m.impl("cross_entropy_fwd", &fused_xent::cuda::cross_entropy_fwd_cuda);
   m.impl("cross_entropy_bwd", &fused_xent::cuda::cross_entropy_bwd_cuda);
   m.impl("cross_entropy_fwd_grad", &fused_xent::cuda::cross_entropy_fwd_grad_cuda);

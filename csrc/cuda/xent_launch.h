@@ -2,14 +2,29 @@
 // Launchers only launch: the caller allocates every buffer the parameter block points to.
 #pragma once
 
+#include <c10/cuda/CUDAException.h>
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <utility>
 
 #include "cuda/xent_device.cuh"
 
 namespace fused_xent {
 namespace cuda {
+
+// Every plain launch goes through here: on `stream`, checked at once. Built with FUSED_XENT_HOST_EMULATION (tests/
+// host/emulated_cuda.h), the same kernels run on the host, a thread per CUDA thread, so the CPU-only CI executes
+// them.
+template <typename... Params, typename... Args>
+void launch_kernel(void (*kernel)(Params...), int64_t grid, int threads, cudaStream_t stream, Args&&... args) {
+#ifdef FUSED_XENT_HOST_EMULATION
+  emulated_launch(kernel, grid, threads, std::forward<Args>(args)...);
+#else
+  kernel<<<static_cast<unsigned>(grid), threads, 0, stream>>>(std::forward<Args>(args)...);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+#endif
+}
 
 struct LaunchShape {
   int64_t grid = 1;        // thread blocks (kernels loop over their work items with a grid stride)

@@ -1,8 +1,6 @@
 // Deterministic reductions: the main kernels leave one partial per thread block (no floating-point atomics); these
 // kernels sum them in a fixed order. Also the cheap pass over the targets that gives a fused forward its mean
 // denominator before the gradient is written.
-#include <c10/cuda/CUDAException.h>
-
 #include "cuda/xent_launch.h"
 
 namespace fused_xent {
@@ -57,18 +55,16 @@ __global__ void __launch_bounds__(kFinalizeThreads)
 template <typename acc_t>
 void launch_target_weight(const int64_t* target, int64_t positions, int64_t ignore_index, int64_t num_classes,
                           const acc_t* weight, acc_t* partials, const LaunchShape& shape, cudaStream_t stream) {
-  target_weight_kernel<acc_t>
-      <<<shape.grid, shape.threads, 0, stream>>>(target, positions, ignore_index, num_classes, weight, partials);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_kernel(target_weight_kernel<acc_t>, shape.grid, shape.threads, stream, target, positions, ignore_index,
+                num_classes, weight, partials);
 }
 
 template <typename scalar_t>
 void launch_finalize(const acc_type<scalar_t>* loss_partials, const acc_type<scalar_t>* weight_partials,
                      int64_t count, acc_type<scalar_t>* total_weight, scalar_t* loss, int64_t reduction,
                      cudaStream_t stream) {
-  finalize_kernel<scalar_t><<<1, kFinalizeThreads, 0, stream>>>(loss_partials, weight_partials, count, total_weight,
-                                                                 loss, reduction);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_kernel(finalize_kernel<scalar_t>, 1, kFinalizeThreads, stream, loss_partials, weight_partials, count,
+                total_weight, loss, reduction);
 }
 
 template void launch_target_weight<float>(const int64_t*, int64_t, int64_t, int64_t, const float*, float*,

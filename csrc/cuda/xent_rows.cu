@@ -2,8 +2,6 @@
 // with 16-byte vectors, computes max and sum of exp in one read (online softmax), and, for the fused forward,
 // writes the gradient in a second sweep that hits the cache the first one filled (rows too long for that go to the
 // cluster kernel of xent_rows_cluster.cu on sm_90+). The per-thread sweeps are in xent_row_sweeps.cuh.
-#include <c10/cuda/CUDAException.h>
-
 #include "cuda/xent_launch.h"
 #include "cuda/xent_row_sweeps.cuh"
 
@@ -100,8 +98,7 @@ void launch_rows_forward(const XentParams<scalar_t>& p, bool warp_per_row, const
                                      : rows_forward_kernel<scalar_t, WarpGroup, false>)
                              : (prob ? rows_forward_kernel<scalar_t, BlockGroup, true>
                                      : rows_forward_kernel<scalar_t, BlockGroup, false>);
-  kernel<<<shape.grid, shape.threads, 0, stream>>>(p);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_kernel(kernel, shape.grid, shape.threads, stream, p);
 }
 
 template <typename scalar_t>
@@ -112,8 +109,7 @@ void launch_rows_grad(const XentParams<scalar_t>& p, bool warp_per_row, const La
                                      : rows_grad_kernel<scalar_t, WarpGroup, false>)
                              : (prob ? rows_grad_kernel<scalar_t, BlockGroup, true>
                                      : rows_grad_kernel<scalar_t, BlockGroup, false>);
-  kernel<<<shape.grid, shape.threads, 0, stream>>>(p, shape.splits, shape.split_len);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_kernel(kernel, shape.grid, shape.threads, stream, p, shape.splits, shape.split_len);
 }
 
 #define INSTANTIATE(T)                                                                                         \

@@ -3,8 +3,6 @@
 // merges them per position in split order (fixed, hence bitwise reproducible) and finishes lse and loss. The fused
 // forward then writes the gradient with the row gradient kernel, split the same way. The combine also serves split
 // NCHW positions (xent_spatial.cu), whose statistics have the same layout.
-#include <c10/cuda/CUDAException.h>
-
 #include "cuda/xent_launch.h"
 
 namespace fused_xent {
@@ -78,16 +76,14 @@ __global__ void __launch_bounds__(256) split_combine_kernel(const XentParams<sca
 template <typename scalar_t>
 void launch_rows_split_stats(const XentParams<scalar_t>& p, const LaunchShape& shape,
                              RowStats<acc_type<scalar_t>>* split_stats, cudaStream_t stream) {
-  rows_split_stats_kernel<scalar_t>
-      <<<shape.grid, shape.threads, 0, stream>>>(p, shape.splits, shape.split_len, split_stats);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_kernel(rows_split_stats_kernel<scalar_t>, shape.grid, shape.threads, stream, p, shape.splits,
+                shape.split_len, split_stats);
 }
 
 template <typename scalar_t>
 void launch_split_combine(const XentParams<scalar_t>& p, const LaunchShape& shape, int64_t splits,
                           const RowStats<acc_type<scalar_t>>* split_stats, cudaStream_t stream) {
-  split_combine_kernel<scalar_t><<<shape.grid, shape.threads, 0, stream>>>(p, splits, split_stats);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_kernel(split_combine_kernel<scalar_t>, shape.grid, shape.threads, stream, p, splits, split_stats);
 }
 
 #define INSTANTIATE(T)                                                                                            \

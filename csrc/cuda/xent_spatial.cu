@@ -10,7 +10,7 @@
 // would leave most of the GPU idle and each thread walking all C classes one latency at a time, so their classes are
 // cut into ranges and a thread takes one (position, range): the split statistics are merged per position by the
 // combine of xent_rows_split.cu, and the gradient kernel writes one range per thread.
-#include <c10/cuda/CUDAException.h>
+#include <c10/util/Exception.h>
 
 #include <algorithm>
 
@@ -221,16 +221,14 @@ __global__ void __launch_bounds__(256) spatial_grad_kernel(const XentParams<scal
 template <typename scalar_t>
 void launch_spatial_forward(const XentParams<scalar_t>& p, const LaunchShape& shape, cudaStream_t stream) {
   auto kernel = p.target_prob ? spatial_forward_kernel<scalar_t, true> : spatial_forward_kernel<scalar_t, false>;
-  kernel<<<shape.grid, shape.threads, 0, stream>>>(p);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_kernel(kernel, shape.grid, shape.threads, stream, p);
 }
 
 template <typename scalar_t>
 void launch_spatial_split_stats(const XentParams<scalar_t>& p, const LaunchShape& shape,
                                 RowStats<acc_type<scalar_t>>* split_stats, cudaStream_t stream) {
-  spatial_split_stats_kernel<scalar_t>
-      <<<shape.grid, shape.threads, 0, stream>>>(p, shape.splits, shape.split_len, split_stats);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_kernel(spatial_split_stats_kernel<scalar_t>, shape.grid, shape.threads, stream, p, shape.splits,
+                shape.split_len, split_stats);
 }
 
 template <typename scalar_t>
@@ -240,8 +238,7 @@ void launch_spatial_grad(const XentParams<scalar_t>& p, const LaunchShape& shape
   auto kernel = p.target_prob ? spatial_grad_kernel<scalar_t, true, false>
                 : split       ? spatial_grad_kernel<scalar_t, false, true>
                               : spatial_grad_kernel<scalar_t, false, false>;
-  kernel<<<shape.grid, shape.threads, 0, stream>>>(p, shape.splits, shape.split_len);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_kernel(kernel, shape.grid, shape.threads, stream, p, shape.splits, shape.split_len);
 }
 
 #define INSTANTIATE(T)                                                                                           \

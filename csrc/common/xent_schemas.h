@@ -1,0 +1,20 @@
+// The schemas of the four cross-entropy ops (what each argument and output holds: csrc/fused_xent.cpp), shared with
+// the host emulation of the CUDA kernels (tests/host/emulated_ops.cpp), which defines them in a library of its own.
+#pragma once
+
+namespace fused_xent {
+
+inline constexpr const char* kForwardSchema =
+    "cross_entropy_fwd(Tensor logits, Tensor target, Tensor? weight, int reduction, int ignore_index, "
+    "float label_smoothing) -> (Tensor loss, Tensor lse, Tensor total_weight)";
+inline constexpr const char* kBackwardSchema =
+    "cross_entropy_bwd(Tensor grad_loss, Tensor logits, Tensor target, Tensor? weight, Tensor lse, "
+    "Tensor total_weight, int reduction, int ignore_index, float label_smoothing) -> Tensor";
+inline constexpr const char* kForwardGradSchema =
+    "cross_entropy_fwd_grad(Tensor logits, Tensor target, Tensor? weight, int reduction, int ignore_index, "
+    "float label_smoothing) -> (Tensor loss, Tensor grad)";
+inline constexpr const char* kForwardGradInplaceSchema =
+    "cross_entropy_fwd_grad_(Tensor(a!) logits, Tensor target, Tensor? weight, int reduction, "
+    "int ignore_index, float label_smoothing) -> Tensor loss";
+
+}  // namespace fused_xent

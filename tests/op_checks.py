@@ -1,0 +1,77 @@
+"""The four ops of a fused_xent kernel library called directly, against F.cross_entropy computed in float64: shared by
+the CPU kernel's tests (tests/test_cpu_ops.py) and those of the CUDA kernels' host emulation
+(tests/test_cuda_emulated.py)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from tolerances import assert_close, assert_grad_close
+
+REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}
+
+
+def as_ncs(x, y):
+    """The op view of an F.cross_entropy input: logits (N, C, S), class-index target (N, S) or probabilities."""
+    if x.dim() == 1:
+        return x.view(1, -1, 1), (y.view(1, -1, 1) if y.is_floating_point() else y.reshape(1, 1))
+    x3 = x.flatten(2) if x.dim() > 2 else x.unsqueeze(-1)
+    if y.is_floating_point():
+        return x3, (y.flatten(2) if y.dim() > 2 else y.unsqueeze(-1))
+    return x3, y.reshape(x3.shape[0], x3.shape[2])
+
+
+def reference(x, y, weight, reduction, ignore_index, smoothing):
+    """Loss and d(loss)/d(logits) for an upstream gradient of ones, in float64."""
+    xr = x.detach().double().requires_grad_()
+    yr = y.double() if y.is_floating_point() else y
+    w = weight.double() if weight is not None else None
+    loss = F.cross_entropy(xr, yr, weight=w, ignore_index=ignore_index, reduction=reduction, label_smoothing=smoothing)
+    (grad,) = torch.autograd.grad(loss, xr, torch.ones_like(loss))
+    return loss.detach(), grad
+
+
+def check_all_ops(ops, x, y, weight=None, reduction="mean", ignore_index=-100, smoothing=0.0):
+    """Runs the four ops of the library `ops` (torch.ops.fused_xent, or an emulation of it) on x (any layout) and
+    compares loss, lse, total_weight and gradients with PyTorch."""
+    dtype = x.dtype
+    w = weight.to(dtype) if weight is not None else None  # the weight the ops see, rounded to the logits' dtype
+    ref_loss, ref_grad = reference(x, y, w, reduction, ignore_index, smoothing)
+    x3, y3 = as_ncs(x, y)
+    N, C, S = x3.shape
+    red = REDUCTIONS[reduction]
+    expected_loss = ref_loss.reshape(N, S) if reduction == "none" else ref_loss
+
+    loss, lse, total_weight = ops.cross_entropy_fwd(x3, y3, w, red, ignore_index, smoothing)
+    assert loss.dtype == dtype
+    assert_close(loss, expected_loss, dtype, "forward loss")
+    # lse in two parts: each position's max and the log of its sum of exps relative to that max.
+    assert lse.dtype == (torch.float64 if dtype == torch.float64 else torch.float32) and lse.shape == (N, S, 2)
+    torch.testing.assert_close(lse[..., 0], x3.to(lse.dtype).amax(1), rtol=0, atol=0)
+    lse_rtol = 1e-10 if dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(lse.double().sum(-1), torch.logsumexp(x3.double(), 1), rtol=lse_rtol, atol=lse_rtol)
+    if y.is_floating_point():
+        expected_total = float(N * S)
+    else:
+        kept = y3 != ignore_index
+        expected_total = (w.double()[y3[kept]].sum() if w is not None else kept.sum()).item()
+    assert total_weight.item() == pytest.approx(expected_total, rel=1e-6)
+
+    loss2, grad = ops.cross_entropy_fwd_grad(x3, y3, w, red, ignore_index, smoothing)
+    assert grad.dtype == dtype and grad.stride() == x3.stride()
+    assert_close(loss2, expected_loss, dtype, "fwd_grad loss")
+    assert_grad_close(grad.reshape(x.shape), ref_grad, dtype, "fwd_grad gradient")
+
+    overwritten = x.clone()
+    loss3 = ops.cross_entropy_fwd_grad_(as_ncs(overwritten, y)[0], y3, w, red, ignore_index, smoothing)
+    assert_close(loss3, expected_loss, dtype, "fwd_grad_ loss")
+    assert_grad_close(overwritten, ref_grad, dtype, "fwd_grad_ gradient (in place)")
+
+    if reduction == "none":
+        grad_loss = torch.rand(N, S, dtype=dtype)
+        scale = grad_loss.double().reshape(N, 1, *x.shape[2:]) if x.dim() > 1 else grad_loss.double().reshape(())
+    else:
+        grad_loss = torch.tensor(0.7, dtype=dtype)
+        scale = grad_loss.double()
+    grad_b = ops.cross_entropy_bwd(grad_loss, x3, y3, w, lse, total_weight, red, ignore_index, smoothing)
+    assert grad_b.dtype == dtype and grad_b.stride() == x3.stride()
+    assert_grad_close(grad_b.reshape(x.shape), ref_grad * scale, dtype, "backward gradient")
