@@ -1,68 +1,23 @@
-"""The CUDA kernels (csrc/cuda/) run on the host, without a GPU: built with the host compiler against
-tests/host/emulated_cuda.h, which runs each launch's blocks one after another and each CUDA thread as a host thread
-(real barriers, real warp shuffles). Every kernel path the launcher plans (a thread, a warp or a block per row,
-rows split across blocks, NCHW positions with and without class ranges) is checked against F.cross_entropy in
-float64, through the same four ops as the CPU kernel. The emulated device has 2 multiprocessors, so small problems
-take the plans for few positions on a big GPU. Out of reach here: the sm_90 cluster kernel, timing, registers.
+"""The CUDA kernels (csrc/cuda/) run on the host, without a GPU (tests/emulated_kernels.py builds them): every
+kernel path the launcher plans (a thread, a warp or a block per row, rows split across blocks, NCHW positions with
+and without class ranges, channels_last) is checked against F.cross_entropy in float64, through the same four ops
+as the CPU kernel, and run under AddressSanitizer. Out of reach here: the sm_90 cluster kernel, timing, registers.
 """
 
-from pathlib import Path
+import os
+import subprocess
+import sys
 
+import emulated_kernels
 import pytest
 import torch
+from emulated_kernels import CASES, make_logits
 from op_checks import as_ncs, check_all_ops, reference
-from torch.utils import cpp_extension
-
-ROOT = Path(__file__).resolve().parent.parent
-HOST = ROOT / "tests" / "host"
-# The cluster kernel needs sm_90 hardware (tests/host/emulated_ops.cpp stands in for it).
-KERNEL_SOURCES = ["xent_kernel.cu", "xent_reduce.cu", "xent_rows.cu", "xent_rows_split.cu", "xent_spatial.cu"]
 
 
 @pytest.fixture(scope="module")
 def ops():
-    build = ROOT / "build" / "emulated_cuda"
-    build.mkdir(parents=True, exist_ok=True)
-    sources = [str(HOST / "emulated_ops.cpp"), str(ROOT / "csrc" / "common" / "xent_problem.cpp")]
-    for name in KERNEL_SOURCES:  # the host compiler takes them as C++ through a one-line wrapper each
-        wrapper = build / f"{Path(name).stem}_host.cpp"
-        text = f'#include "cuda/{name}"\n'
-        if not wrapper.exists() or wrapper.read_text() != text:
-            wrapper.write_text(text)
-        sources.append(str(wrapper))
-    cpp_extension.load(
-        "fused_xent_emulated_cuda", sources, is_python_module=False, build_directory=str(build),
-        extra_include_paths=[str(HOST / "emulated"), str(ROOT / "csrc")],
-        # Hidden symbols: the extension's own CUDA launchers, of the same names, must not stand in for these.
-        extra_cflags=["-std=c++20", "-O1", "-fvisibility=hidden", "-DFUSED_XENT_HOST_EMULATION"],
-        verbose=False,
-    )
-    return torch.ops.fused_xent_emulated
-
-
-# (shape, layout): the kernel path each takes on the emulated 2-multiprocessor device.
-CASES = [
-    ((37, 10), "contiguous"),           # a thread per row (C <= 32)
-    ((9, 423), "contiguous"),           # a warp per row
-    ((5, 2048), "offset"),              # a warp per row, rows that start mid-vector
-    ((32, 2100), "contiguous"),         # a block per row (enough rows: not split)
-    ((3, 12000), "contiguous"),         # rows split across blocks, combined in order
-    ((2, 9000), "offset"),              # split rows (512-thread blocks) that start mid-vector
-    ((2, 19, 8, 8), "contiguous"),      # NCHW, a thread per position (too few classes to cut)
-    ((2, 600, 13), "contiguous"),       # NCHW with many classes and few positions: class ranges per thread
-    ((2, 300, 32, 32), "contiguous"),   # NCHW with enough positions for a thread each
-    ((2, 19, 5, 7), "channels_last"),   # channels_last: rows of 19 classes, a thread per position
-    ((2, 40, 3, 5), "channels_last"),   # channels_last rows of 40 classes: a warp per position
-]
-
-
-def make_logits(shape, layout, dtype):
-    x = (torch.randn(shape, dtype=torch.float64) * 3).to(dtype)
-    if layout == "channels_last":
-        return x.contiguous(memory_format=torch.channels_last)
-    if layout == "offset":  # one element past an allocation's 16-byte alignment
-        return torch.empty(x.numel() + 1, dtype=dtype)[1:].view(shape).copy_(x)
-    return x
+    return emulated_kernels.build()
 
 
 def index_target(shape, ignore_index):
@@ -155,3 +110,15 @@ def test_loss_sums_at_offset_logits_and_with_a_masked_class(ops, shape):
             x3, y3 = as_ncs(x, target)
             loss = ops.cross_entropy_fwd(x3, y3, weight, 0, -100, smoothing)[0]
             torch.testing.assert_close(loss.double(), expected.reshape(loss.shape), rtol=rtol, atol=0)
+
+
+def test_no_access_outside_tensors_under_address_sanitizer():
+    """tests/emulated_memcheck.py in a process of its own, with AddressSanitizer's runtime preloaded."""
+    compiler = os.environ.get("CXX", "c++")
+    libasan = subprocess.run([compiler, "-print-file-name=libasan.so"], capture_output=True, text=True).stdout.strip()
+    if not os.path.isabs(libasan):
+        pytest.skip(f"{compiler} has no AddressSanitizer runtime")
+    env = dict(os.environ, LD_PRELOAD=libasan, ASAN_OPTIONS="detect_leaks=0:halt_on_error=1")
+    script = os.path.join(os.path.dirname(__file__), "emulated_memcheck.py")
+    run = subprocess.run([sys.executable, script], env=env, capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0 and "no AddressSanitizer report" in run.stdout, run.stdout[-2000:] + run.stderr[-4000:]

@@ -1,0 +1,41 @@
+"""Every op of the emulated CUDA kernels on every launch plan, in a build with AddressSanitizer: an access outside
+a tensor (past a row, past a split's range, at an out-of-range class index) ends the process with ASan's report,
+as compute-sanitizer's memcheck would on a GPU. Run by tests/test_cuda_emulated.py, with libasan preloaded:
+
+    LD_PRELOAD=$(c++ -print-file-name=libasan.so) ASAN_OPTIONS=detect_leaks=0 python tests/emulated_memcheck.py
+"""
+
+import itertools
+
+import emulated_kernels
+import torch
+from emulated_kernels import CASES, make_logits
+from op_checks import as_ncs
+
+
+def main():
+    ops = emulated_kernels.build("asan", ["-fsanitize=address", "-fno-omit-frame-pointer"])
+    torch.manual_seed(0)
+    calls = 0
+    for shape, layout in CASES:
+        logits = make_logits(shape, layout, torch.float32)
+        classes = torch.randint(0, shape[1], (shape[0], *shape[2:]))
+        classes.view(-1)[::5] = -100
+        out_of_range = classes.clone()
+        out_of_range.view(-1)[1::7] = shape[1]
+        out_of_range.view(-1)[2::11] = -5
+        probabilities = torch.softmax(torch.randn(shape), 1)
+        weight = torch.rand(shape[1]) + 0.5
+        for target, (w, reduction, smoothing) in itertools.product(
+                (classes, out_of_range, probabilities), ((None, 0, 0.0), (weight, 1, 0.1))):
+            x, y = as_ncs(logits, target)
+            loss, lse, total_weight = ops.cross_entropy_fwd(x, y, w, reduction, -100, smoothing)
+            ops.cross_entropy_bwd(torch.ones_like(loss), x, y, w, lse, total_weight, reduction, -100, smoothing)
+            ops.cross_entropy_fwd_grad(x, y, w, reduction, -100, smoothing)
+            ops.cross_entropy_fwd_grad_(x.clone(), y, w, reduction, -100, smoothing)
+            calls += 4
+    print(f"{calls} op calls, no AddressSanitizer report")
+
+
+if __name__ == "__main__":
+    main()
