@@ -1,5 +1,5 @@
 // Host emulation of the CUDA the fused_xent kernels use, so the CPU-only CI runs csrc/cuda/ as it is written
-// (tests/test_cuda_emulated.py builds them with the host compiler, -DFUSED_XENT_HOST_EMULATION, and
+// (tests/emulated_kernels.py builds them with the host compiler, -DFUSED_XENT_HOST_EMULATION, and
 // tests/host/emulated/ ahead of the include path: its cuda_runtime.h and c10/cuda/ headers lead here).
 // A launch runs its blocks one after another, each CUDA thread a fiber: __syncthreads and warp shuffles are real
 // rendezvous between them, so the kernels' partitioning of work, their reductions and their barriers execute as on
