@@ -15,8 +15,9 @@
 #
 # Every log and table is written to a work folder as the stages go. After each stage (and on exit, normal or not)
 # they are packed into $OUT/gpu_check.tgz, and the few files worth reading first are copied beside it: the device
-# tool brings back at most 8 files from $OUT, and what is there even when it stops a run at its limit. Wheels found in .whl/ (e.g. liger-kernel, for the benchmark's Liger peer) are installed
-# to a scratch folder first. pytest-xdist and pytest-timeout are used when the machine has them.
+# tool brings back at most 8 files from $OUT, and what is there even when it stops a run at its limit. Wheels found
+# in .whl/ (e.g. liger-kernel, for the benchmark's Liger peer) are installed to a scratch folder first.
+# pytest-xdist and pytest-timeout are used when the machine has them.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 

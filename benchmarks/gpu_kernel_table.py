@@ -5,11 +5,10 @@ The ops are called directly, so the numbers are kernel time without the front en
 GB/s counts the least traffic each mode needs: the forward reads the logits once (L); forward+backward reads them,
 and writes the gradient (2L) when the gradient is made in the forward; a recomputing backward reads the logits
 again (3L). Copy = dst.copy_(src) of the logits (2L), measured on the same tensor. Each timed call starts from a
-cold L2 (a 256 MiB buffer is overwritten before it, outside the timed region), as in benchmarks/timing.py.
+cold L2 (timing.CacheFlusher overwrites a 256 MiB buffer before it, outside the timed region).
 """
 
 import argparse
-import functools
 import statistics
 from pathlib import Path
 
@@ -18,6 +17,8 @@ import torch.nn.functional as F
 
 import fused_xent
 from fused_xent._backends import backend_ops
+
+import timing
 
 MEAN = 1
 
@@ -36,18 +37,13 @@ PROBLEMS = [
 ]
 
 
-@functools.cache
-def l2_flush_buffer():
-    return torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
-
-
-def median_ms(fn, repeats):
+def median_ms(fn, repeats, flusher):
     for _ in range(3):
         fn()
     times = []
     for _ in range(repeats):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        l2_flush_buffer().fill_(1)
+        flusher.flush()
         start.record()
         fn()
         end.record()
@@ -77,7 +73,7 @@ def mode_calls(ops, x3, t2, scratch, one):
     }
 
 
-def measure(label, shape, dtype, layout, repeats, backends):
+def measure(label, shape, dtype, layout, repeats, backends, flusher):
     """Rows of the table for one problem: each backend's four modes, eager, and the copy rate."""
     x = torch.randn(shape, device="cuda", dtype=dtype)
     if layout == "channels_last":
@@ -99,8 +95,8 @@ def measure(label, shape, dtype, layout, repeats, backends):
         leaf.grad = None
 
     copy_into = torch.empty_like(x)
-    copy_gbs = 2 * nbytes / median_ms(lambda: copy_into.copy_(x), repeats) / 1e6
-    eager = {"fwd": median_ms(eager_fwd, repeats), "fwd+bwd": median_ms(eager_fwd_bwd, repeats)}
+    copy_gbs = 2 * nbytes / median_ms(lambda: copy_into.copy_(x), repeats, flusher) / 1e6
+    eager = {"fwd": median_ms(eager_fwd, repeats, flusher), "fwd+bwd": median_ms(eager_fwd_bwd, repeats, flusher)}
     shape_text = "x".join(map(str, shape)) + (" (channels_last)" if layout == "channels_last" else "")
     rows = []
     for mode in ("fwd", "fwd+bwd recompute", "fwd+bwd in_forward", "fwd+bwd inplace"):
@@ -108,7 +104,7 @@ def measure(label, shape, dtype, layout, repeats, backends):
         for name, ops in backends.items():
             fn, passes = mode_calls(ops, x3, t2, scratch, one)[mode]
             try:
-                times[name] = (median_ms(fn, repeats), passes)
+                times[name] = (median_ms(fn, repeats, flusher), passes)
             except Exception as error:  # reported in the table; the other backends and problems still run
                 print(f"{name} {label} {shape} {mode}: {type(error).__name__}: {error}")
                 times[name] = (float("nan"), passes)
@@ -147,9 +143,10 @@ def main():
     if not backends:
         raise SystemExit(f"no GPU backend available here: {fused_xent.available_backends()}")
     args.out.mkdir(parents=True, exist_ok=True)
+    flusher = timing.CacheFlusher("cuda")
     rows = []
     for problem in PROBLEMS:
-        rows += measure(*problem, args.repeats, backends)
+        rows += measure(*problem, args.repeats, backends, flusher)
         torch.cuda.empty_cache()
         # Rewritten after each problem, so a run stopped by its time limit still leaves the rows it finished.
         text = render(rows, backends, args.repeats)

@@ -51,12 +51,3 @@ CASES = [
     ((2, 19, 5, 7), "channels_last"),   # channels_last: rows of 19 classes, a thread per position
     ((2, 40, 3, 5), "channels_last"),   # channels_last rows of 40 classes: a warp per position
 ]
-
-
-def make_logits(shape, layout, dtype):
-    x = (torch.randn(shape, dtype=torch.float64) * 3).to(dtype)
-    if layout == "channels_last":
-        return x.contiguous(memory_format=torch.channels_last)
-    if layout == "offset":  # one element past an allocation's 16-byte alignment
-        return torch.empty(x.numel() + 1, dtype=dtype)[1:].view(shape).copy_(x)
-    return x

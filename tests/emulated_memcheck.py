@@ -9,7 +9,8 @@ import itertools
 
 import emulated_kernels
 import torch
-from emulated_kernels import CASES, make_logits
+from emulated_kernels import CASES
+from helpers import make_class_target, make_logits, make_prob_target
 from op_checks import as_ncs
 
 
@@ -19,12 +20,11 @@ def main():
     calls = 0
     for shape, layout in CASES:
         logits = make_logits(shape, layout, torch.float32)
-        classes = torch.randint(0, shape[1], (shape[0], *shape[2:]))
-        classes.view(-1)[::5] = -100
+        classes = make_class_target((shape[0], *shape[2:]), shape[1], ignore_index=-100)
         out_of_range = classes.clone()
         out_of_range.view(-1)[1::7] = shape[1]
         out_of_range.view(-1)[2::11] = -5
-        probabilities = torch.softmax(torch.randn(shape), 1)
+        probabilities = make_prob_target(logits)
         weight = torch.rand(shape[1]) + 0.5
         for target, (w, reduction, smoothing) in itertools.product(
                 (classes, out_of_range, probabilities), ((None, 0, 0.0), (weight, 1, 0.1))):

@@ -1,5 +1,6 @@
 """Input builders and tolerances shared by the test modules."""
 
+import math
 
 import pytest
 import torch
@@ -87,6 +88,9 @@ def make_logits(shape, layout, dtype, device="cpu", generator=None, scale=3.0):
         x = randn(*wide)[:, ::2]
     elif layout == "channels_last":
         x = randn(*shape).contiguous(memory_format=torch.channels_last)
+    elif layout == "offset":  # contiguous, one element past the allocation's start (rows begin mid-vector)
+        storage = torch.empty(math.prod(shape) + 1, dtype=dtype, device=device)
+        return storage[1:].view(shape).copy_(randn(*shape))
     else:
         raise ValueError(layout)
     out = torch.empty_strided(x.shape, x.stride(), dtype=dtype, device=device)

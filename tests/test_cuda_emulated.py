@@ -11,7 +11,8 @@ import sys
 import emulated_kernels
 import pytest
 import torch
-from emulated_kernels import CASES, make_logits
+from emulated_kernels import CASES
+from helpers import make_class_target, make_logits, make_prob_target
 from op_checks import as_ncs, check_all_ops, reference
 
 
@@ -21,9 +22,7 @@ def ops():
 
 
 def index_target(shape, ignore_index):
-    y = torch.randint(0, shape[1], (shape[0], *shape[2:]))
-    y.view(-1)[::7] = ignore_index
-    return y
+    return make_class_target((shape[0], *shape[2:]), shape[1], ignore_index=ignore_index)
 
 
 def case_id(case):
@@ -47,8 +46,7 @@ def test_probability_targets(ops, case):
     torch.manual_seed(1)
     shape, layout = case
     x = make_logits(shape, layout, torch.float32)
-    y = torch.softmax(torch.randn(shape) * 2, 1)
-    check_all_ops(ops, x, y, torch.rand(shape[1]) + 0.5, "mean", -100, 0.1)
+    check_all_ops(ops, x, make_prob_target(x), torch.rand(shape[1]) + 0.5, "mean", -100, 0.1)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float16], ids=str)

@@ -13,9 +13,9 @@
 namespace fused_xent {
 namespace cuda {
 
-// Every plain launch goes through here: on `stream`, checked at once. Built with FUSED_XENT_HOST_EMULATION (tests/
-// host/emulated_cuda.h), the same kernels run on the host, a thread per CUDA thread, so the CPU-only CI executes
-// them.
+// Every plain launch goes through here: on `stream`, checked at once. Built with FUSED_XENT_HOST_EMULATION
+// (tests/host/emulated_cuda.h), the same kernels run on the host, a fiber per CUDA thread, so the CPU-only CI
+// executes them.
 template <typename... Params, typename... Args>
 void launch_kernel(void (*kernel)(Params...), int64_t grid, int threads, cudaStream_t stream, Args&&... args) {
 #ifdef FUSED_XENT_HOST_EMULATION
