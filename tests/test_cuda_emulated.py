@@ -90,24 +90,24 @@ def test_plans_change_with_the_multiprocessor_count_results_do_not(ops, monkeypa
     torch.testing.assert_close(losses["4"], losses["1"], rtol=2e-6, atol=0)
 
 
-@pytest.mark.parametrize("shape", [(16, 1000), (3, 12000), (4, 300, 37), (2, 3000, 5)], ids=str)
+@pytest.mark.parametrize("shape", [(16, 1000), (3, 12000), (4, 300, 37), (2, 3000, 5), (1, 64000, 8)], ids=str)
 def test_loss_sums_at_offset_logits_and_with_a_masked_class(ops, shape):
     """Label smoothing and probability targets at logits near 1.2e4, and with class 0 masked at -1e9: the kernels
-    sum relative to each position's max, merging ranges as the max rises, so float32 precision holds (the bounds
-    of test_cuda.py's GPU test of the same)."""
+    sum relative to each position's max, merging ranges as the max rises, so float32 precision holds. (1, 64000, 8)
+    cuts each position into 500 ranges, which the combine merges in two levels (one chain of 500 lost 1.1e-5)."""
     generator = torch.Generator().manual_seed(9)
     offset = torch.randn(shape, generator=generator) * 2 + 1.2e4
     masked = torch.randn(shape, generator=generator)
     masked[:, 0] = -1e9
     weight = torch.rand(shape[1], generator=generator) + 0.5
     probabilities = torch.softmax(torch.randn(shape, generator=generator) * 3, 1)
-    for x, rtol in ((offset, 2e-6), (masked, 1e-5)):
+    for x in (offset, masked):
         classes = torch.randint(1, shape[1], (shape[0], *shape[2:]), generator=generator)
         for target, smoothing in ((probabilities, 0.2), (classes, 0.3)):
             expected, _ = reference(x, target, weight, "none", -100, smoothing)
             x3, y3 = as_ncs(x, target)
             loss = ops.cross_entropy_fwd(x3, y3, weight, 0, -100, smoothing)[0]
-            torch.testing.assert_close(loss.double(), expected.reshape(loss.shape), rtol=rtol, atol=0)
+            torch.testing.assert_close(loss.double(), expected.reshape(loss.shape), rtol=2e-6, atol=0)
 
 
 def test_no_access_outside_tensors_under_address_sanitizer():

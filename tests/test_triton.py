@@ -63,6 +63,9 @@ LAYOUTS = {
     # interpreter (which counts as one multiprocessor); test_split_plan checks that they are.
     "split_rows": (2, 9000),
     "split_ncl": (2, 600, 16),
+    # 20 ranges of 256 classes per position on any GPU and under the interpreter: merged in groups (one full group
+    # of MERGE_GROUP ranges, one partial), then the groups.
+    "many_ranges_ncl": (1, 5120, 16),
 }
 SPLIT_LAYOUTS = ["split_rows", "split_ncl"]
 
@@ -342,7 +345,7 @@ def test_near_certain_target_at_huge_logits(layout):
 
 
 @needs_kernels
-@pytest.mark.parametrize("layout", ["wide_rows", "nchw", "split_ncl"])
+@pytest.mark.parametrize("layout", ["wide_rows", "nchw", "split_ncl", "many_ranges_ncl"])
 def test_loss_sums_at_offset_logits(layout):
     """Label smoothing and probability targets at logits far from 0, and with class 0 masked at -1e9, keep float32
     precision: their sums are taken relative to the position's max, in split ranges too (tests/test_numerics.py)."""
@@ -429,6 +432,16 @@ def test_split_layouts_are_split(monkeypatch, layout, multiprocessors):
     logits = torch.empty(shape).reshape(N, C, -1)
     problem = kernels._problem(logits, torch.zeros(N, logits.shape[2], dtype=torch.long), None, 1)
     assert (problem.splits, problem.split_len) == (2, 8192 if C == 9000 else 512)
+
+
+@pytest.mark.parametrize("multiprocessors", [1, 132])
+def test_many_ranges_layout_takes_more_ranges_than_a_merge_group(monkeypatch, multiprocessors):
+    kernels = _triton_ops.triton_kernels
+    monkeypatch.setattr(kernels, "multiprocessors", lambda device: multiprocessors)
+    monkeypatch.setattr(kernels, "check_device", lambda device: None)
+    N, C, S = LAYOUTS["many_ranges_ncl"]
+    problem = kernels._problem(torch.empty(N, C, S), torch.zeros(N, S, dtype=torch.long), None, 1)
+    assert problem.splits == 20 and kernels.MERGE_GROUP < problem.splits < 2 * kernels.MERGE_GROUP
 
 
 @pytest.mark.parametrize(
