@@ -68,6 +68,8 @@ def _options(reduction, ignore_index, label_smoothing) -> tuple[int, int, float]
         ignore_index = ignore_index.item()  # as PyTorch's argument parser takes it
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
         raise TypeError(f"fused_xent.cross_entropy: ignore_index must be an int, got {ignore_index!r}")
+    if not -(2**63) <= ignore_index < 2**63:
+        _fail(f"ignore_index must fit in int64 (class indices are int64), got {ignore_index}")
     if isinstance(label_smoothing, torch.Tensor) and label_smoothing.dim() == 0:
         label_smoothing = label_smoothing.item()
     if not isinstance(label_smoothing, numbers.Real) or not 0.0 <= label_smoothing <= 1.0:

@@ -91,8 +91,8 @@ def cross_entropy_bwd(grad_loss, logits, target, weight, lse, total_weight, redu
     probs = torch.exp(log_softmax(x)[0])  # as in the forward, rather than from lse
     w = _class_weights(weight, num_classes, x).view(1, num_classes, 1)
     scale = grad_loss.to(x.dtype)
-    if reduction == REDUCTION_MEAN:
-        scale = scale / total_weight
+    if reduction == REDUCTION_MEAN:  # NaN over zero target weight, as the forward (_reduce) and PyTorch's 0/0
+        scale = torch.where(total_weight == 0, torch.nan, scale / total_weight)
     scale = scale.view(x.shape[0], 1, x.shape[2]) if reduction == REDUCTION_NONE else scale
     if target.is_floating_point():
         smoothed = w * (target.to(x.dtype) * (1.0 - label_smoothing) + label_smoothing / num_classes)

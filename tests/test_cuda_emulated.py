@@ -66,6 +66,17 @@ def test_probability_targets_over_32000_classes(ops):
     check_all_ops(ops, x, torch.softmax(torch.randn(shape) * 3, 1), torch.rand(32000) + 0.5, "none", -100, 0.2)
 
 
+@pytest.mark.parametrize("shape", [(37, 10), (9, 423), (3, 12000), (2, 600, 13), (2, 19, 8, 8)], ids=str)
+def test_infinite_weight_of_an_absent_class(ops, shape):
+    """Inverse-frequency weights are inf for a class that no target names; without smoothing, as in PyTorch, the
+    loss and gradient stay finite (the sum of all weights is read only by the smoothing term)."""
+    torch.manual_seed(5)
+    target = make_class_target((shape[0], *shape[2:]), shape[1] - 1)  # the last class never occurs
+    weight = 1.0 / torch.bincount(target.flatten(), minlength=shape[1]).float()
+    assert weight.isinf().any()
+    check_all_ops(ops, make_logits(shape, "contiguous", torch.float32), target, weight, "mean", -100, 0.0)
+
+
 @pytest.mark.parametrize("shape", [(37, 10), (9, 423), (3, 12000), (2, 600, 13), (2, 300, 32, 32)], ids=str)
 def test_out_of_range_targets_give_nan(ops, shape):
     """Without the front end's check, a class index outside [0, C) gives NaN for its position and leaves the others

@@ -29,6 +29,8 @@ CASES = [
     ("integer logits", torch.randint(0, 5, (4, 3)), torch.tensor([0, 1, 2, 1]), {}, "must be float32"),
     ("float8 logits", _logits(4, 3).to(torch.float8_e4m3fn), torch.tensor([0, 1, 2, 1]), {}, "input.float()"),
     ("float ignore_index", _logits(4, 3), torch.tensor([0, 1, 2, 1]), {"ignore_index": 1.5}, "must be an int"),
+    ("ignore_index beyond int64", _logits(4, 3), torch.tensor([0, 1, 2, 1]), {"ignore_index": 2**63},
+     "must fit in int64"),
     ("index too large", _logits(4, 3), torch.tensor([0, 1, 3, 1]), {}, "out of range"),
     ("negative index", _logits(4, 3), torch.tensor([0, -2, 2, 1]), {}, "out of range"),
     ("weight of the wrong length", _logits(4, 3), torch.tensor([0, 1, 2, 1]), {"weight": torch.ones(4)},

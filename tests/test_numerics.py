@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from helpers import (
     assert_close,
     assert_grad_close,
+    backend_cases,
     backends_for,
     fused,
     make_class_target,
@@ -204,6 +205,28 @@ def test_huge_and_tiny_weights(backend):
         torch.testing.assert_close(grad.double(), expected_grad, rtol=0, atol=1e-6 * expected_grad.abs().max())
 
 
+@pytest.mark.parametrize("device,backend", backend_cases())
+@pytest.mark.parametrize("shape", [(6, 300), (64, 10), (3, 5000), (2, 19, 4, 4), (2, 300, 5)], ids=str)
+def test_infinite_weight_of_an_absent_class(device, backend, shape):
+    """Inverse-frequency weights (1 / class count) are inf for a class that never occurs. Without label smoothing
+    PyTorch never reads that weight, and its loss and gradient stay finite; the sum of all the weights, which only
+    the smoothing term needs, must not reach the gradient as 0 * inf = NaN."""
+    num_classes = shape[1]
+    target = make_class_target(shape[:1] + shape[2:], num_classes - 1, device=device)  # the last class never occurs
+    weight = 1.0 / torch.bincount(target.flatten(), minlength=num_classes).float()
+    assert weight.isinf().any()
+    logits = make_logits(shape, "contiguous", torch.float32, device=device)
+    for reduction in ("mean", "none"):
+        grad_output = torch.rand(() if reduction == "mean" else target.shape, device=device) + 0.5
+        expected_loss, expected_grad = torch_reference(logits, target, grad_output, weight=weight, reduction=reduction)
+        assert expected_grad.isfinite().all()
+        for grad_mode in ("recompute", "in_forward", "inplace"):
+            loss, grad = fused(logits, target, grad_output, backend, weight=weight, reduction=reduction,
+                               grad_mode=grad_mode)
+            assert_close(loss, expected_loss, torch.float32, f"loss, {grad_mode}")
+            assert_grad_close(grad, expected_grad, torch.float32, f"grad, {grad_mode}")
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_256k_classes(backend):
     logits = make_logits((3, 262144), "contiguous", torch.float32)
@@ -233,6 +256,29 @@ def test_deterministic_across_runs_and_threads(backend, grad_mode, shape):
     again = _loss_and_grad(backend, shape, grad_mode, label_smoothing=0.1)
     for a, b in [(first, again), (first, single)]:
         assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+@needs_extension
+def test_weight_sum_does_not_follow_the_thread_count():
+    """Label smoothing reads the sum of all class weights, in float64 for float64 logits. Summed in ranges that
+    follow the thread count, these weights (1.0, and one 1e17 that absorbs some of them) come out 32 apart: torch
+    2.14's sum gives 1.0000000000030003e17 on one thread and 1.000000000003e17 on two. (The pure-PyTorch backend
+    inherits that from PyTorch.)"""
+    num_classes = 300_000
+    weight = torch.ones(num_classes, dtype=torch.float64)
+    weight[num_classes // 2 + 5] = 1e17
+    logits = make_logits((4, num_classes), "contiguous", torch.float64)
+    target = make_class_target((4,), num_classes)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            results.append(fused(logits, target, torch.ones((), dtype=torch.float64), "cpu", weight=weight,
+                                 label_smoothing=0.1))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
 
 
 @needs_extension

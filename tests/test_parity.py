@@ -142,11 +142,13 @@ def test_every_output_element_is_written():
 @pytest.mark.parametrize("device,backend", BACKEND_CASES)
 def test_mean_over_zero_target_weight_is_nan(device, backend):
     """Targets that are counted but weigh 0: PyTorch's mean is NaN (its NLL part is 0/0) even when label smoothing
-    adds a positive term; so is ours."""
+    adds a positive term, and so is its gradient; so are ours."""
     logits = make_logits((3, 5), "contiguous", torch.float32, device)
     weight = torch.tensor([0.0, 1.0, 1.0, 1.0, 1.0], device=device)
     target = torch.zeros(3, dtype=torch.long, device=device)
     for smoothing in (0.0, 0.1):
-        expected = F.cross_entropy(logits, target, weight=weight, label_smoothing=smoothing)
-        loss = fused_xent.cross_entropy(logits, target, weight=weight, label_smoothing=smoothing, backend=backend)
-        assert expected.isnan() and loss.isnan(), (smoothing, loss)
+        kwargs = {"weight": weight, "label_smoothing": smoothing}
+        expected_loss, expected_grad = torch_reference(logits, target, torch.ones((), device=device), **kwargs)
+        loss, grad = fused(logits, target, torch.ones((), device=device), backend, **kwargs)
+        assert expected_loss.isnan() and loss.isnan(), (smoothing, loss)
+        assert expected_grad.isnan().all() and grad.isnan().all(), (smoothing, grad)

@@ -33,7 +33,7 @@ struct KernelArgs {
   const int64_t* target_index;  // (N, S) contiguous class indices, or nullptr for probability targets
   const void* target_prob;      // probabilities with the strides of logits, or nullptr
   const void* weight;           // (C,) in the accumulation dtype, or nullptr
-  double weight_sum;            // sum of weight (C without weights)
+  double weight_sum;            // W, read by label smoothing of class indices (C otherwise: smoothing_weight_sum)
   int64_t reduction;
   int64_t ignore_index;
   double label_smoothing;

@@ -27,6 +27,20 @@ constexpr int64_t kLaneBlockMultiple = 64;
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// W = sum of the class weights, which only the label-smoothing term of class-index targets reads (elsewhere C, read
+// by nothing). Not taken otherwise: inverse-frequency weights are inf for a class that never occurs, which PyTorch
+// never reads without smoothing, and 0 * W would be NaN. Summed serially: ATen's sum splits a long vector across
+// threads, and its last bits would follow the thread count.
+double smoothing_weight_sum(const Problem& p) {
+  if (!p.weight.defined() || p.prob_target || p.label_smoothing == 0.0) return static_cast<double>(p.C);
+  double sum = 0;
+  AT_DISPATCH_FLOATING_TYPES(p.weight.scalar_type(), "fused_xent_weight_sum", [&] {
+    const scalar_t* weight = p.weight.const_data_ptr<scalar_t>();
+    for (int64_t c = 0; c < p.C; ++c) sum += static_cast<double>(weight[c]);
+  });
+  return sum;
+}
+
 int64_t positions_per_block(const Problem& problem) {
   const int64_t positions = std::max<int64_t>(1, kLogitsPerBlock / problem.C);
   if (!may_use_lane_kernels(problem.layout, problem.C)) return positions;
@@ -91,7 +105,7 @@ struct Launch {
     args.target_index = p.prob_target ? nullptr : p.target.const_data_ptr<int64_t>();
     args.target_prob = p.prob_target ? p.target.const_data_ptr() : nullptr;
     args.weight = p.weight.defined() ? p.weight.const_data_ptr() : nullptr;
-    args.weight_sum = p.weight.defined() ? p.weight.sum(at::kDouble).item<double>() : static_cast<double>(p.C);
+    args.weight_sum = smoothing_weight_sum(p);
     args.reduction = p.reduction;
     args.ignore_index = p.ignore_index;
     args.label_smoothing = p.label_smoothing;
