@@ -23,9 +23,10 @@ ops = torch.ops.fused_xent
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 # NCHW with more than 256 classes and S < 64, or more than 8192 classes, takes them in chunks
 # (xent_spatial_long.h): one partial lane block spanning three batch entries, lane blocks across entry boundaries
-# with a short last chunk, a last chunk of one class, and whole tiles of positions with many classes.
+# with a short last chunk, a last chunk of one class, whole tiles of positions with many classes, and kernel blocks
+# of 16 positions (ops.cpp, positions_per_block) that start inside a batch entry.
 SHAPES = [(4, 1), (5, 2), (7, 423), (3, 32000), (3, 5, 3), (2, 19, 7, 9), (2, 3, 4, 5, 6), (3, 4, 70), (423,),
-          (3, 300, 5), (2, 700, 37), (2, 257, 3, 3), (1, 8200, 65)]
+          (3, 300, 5), (2, 700, 37), (2, 257, 3, 3), (1, 8200, 65), (7, 5000, 3)]
 
 
 def make_logits(shape, dtype, layout):

@@ -22,8 +22,6 @@ namespace {
 constexpr int64_t kLogitsPerBlock = int64_t{1} << 16;
 // Positions per block of the pass over class-index targets.
 constexpr int64_t kTargetsPerBlock = int64_t{1} << 15;
-// Blocks of the lane kernels hold whole vectors of positions (64 is a multiple of every vector width).
-constexpr int64_t kLaneBlockMultiple = 64;
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
@@ -44,7 +42,11 @@ double smoothing_weight_sum(const Problem& p) {
 int64_t positions_per_block(const Problem& problem) {
   const int64_t positions = std::max<int64_t>(1, kLogitsPerBlock / problem.C);
   if (!may_use_lane_kernels(problem.layout, problem.C)) return positions;
-  return ceil_div(positions, kLaneBlockMultiple) * kLaneBlockMultiple;
+  // Blocks of the lane kernels hold whole tiles, those of long lanes only whole vectors: a tile of 32000 classes
+  // holds 30 times a block's logits, and (N, C, T) problems of a few hundred positions would get a few blocks.
+  const int64_t multiple =
+      uses_long_lanes(problem.layout, problem.C, problem.S) ? kMaxVectorWidth : kTilePositions;
+  return ceil_div(positions, multiple) * multiple;
 }
 
 // Raises for the first out-of-range class index any block reported.

@@ -143,7 +143,7 @@ void run_blocks(const KernelArgs& args, std::vector<BlockRange>& ranges, int64_t
   SpatialScratch<acc_t> spatial;
   LongLaneScratch<acc_t> long_lanes;
   const bool lanes = uses_lane_kernels(args.layout, args.C, backward, W);
-  const bool chunked_lanes = uses_long_lanes(args);
+  const bool chunked_lanes = uses_long_lanes(args.layout, args.C, args.S);
   if (!lanes) {
     if (args.grad && !backward) {
       rows.exps.resize(args.C + W);

@@ -172,7 +172,7 @@ void row_forward(const Typed<V, T>& a, int64_t position, RowScratch<typename V::
   } else if (y >= 0) {
     k = index_target_coeffs<Scalar>(weight_of_target, a.label_smoothing, a.C);
     loss = index_target_loss_given_smoothing<Scalar>(a.smoothing, k, st.log_sum,
-                                                     target_gap(st.reference, st.log_sum, target_logit),
+                                                     target_gap<Scalar>(st.reference, st.log_sum, target_logit),
                                                      a.weight_sum, st.weighted_logits)
                .v;
     result.weight_sum += weight_of_target;

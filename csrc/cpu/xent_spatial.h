@@ -8,10 +8,9 @@
 // partial tiles at the end of a batch entry ordinary vectors. The gradient is built in a buffer alike and copied
 // out. Short rows (class stride 1, see uses_lane_kernels) use the same tiles: the copies transpose them.
 
-// Positions per tile (a multiple of every vector width).
-constexpr int64_t kTilePositions = 64;
-// Most classes for which offsets into a tile (class * kTilePositions + lane) fit the int32 lanes of a gather.
-constexpr int64_t kMaxGatherClasses = (int64_t{1} << 31) / kTilePositions - 1;
+// Offsets into a tile (class * kTilePositions + lane) fit the int32 lanes of a gather: tiles hold at most
+// kMaxTileClasses classes (kernel_args.h, uses_long_lanes).
+static_assert(kMaxTileClasses * kTilePositions < (int64_t{1} << 31));
 // Lane blocks whose losses are summed in vector precision before the sum moves to the block's double.
 constexpr int kLaneBlocksPerFlush = 32;
 // Classes whose terms a lane sums in one chain before adding it to its total: a lane has one accumulator per sum,
@@ -99,8 +98,7 @@ LaneTargets<V> lane_targets(const Typed<V, T>& a, int64_t position, int lanes, c
                             BlockResult& result) {
   constexpr int W = V::kWidth;
   LaneTargets<V> targets;
-  if (lanes == W && a.C <= kMaxGatherClasses &&
-      V::Lanes::load_classes(a.target_index + position, a.ignore_index, a.C, targets.cls)) {
+  if (lanes == W && V::Lanes::load_classes(a.target_index + position, a.ignore_index, a.C, targets.cls)) {
     targets.valid = targets.cls.valid();
     targets.weight = a.weight ? V::gather(a.weight, targets.cls, targets.valid) : select(targets.valid, V(1), V(0));
     targets.logit = V::gather(x, targets.cls.offsets(kTilePositions), targets.valid);

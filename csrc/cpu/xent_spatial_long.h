@@ -11,20 +11,9 @@
 // forward comes from the kept exps, each chunk's rescaled from the running max it was taken against (as in
 // row_forward), so the logits are read from memory once either way.
 
-constexpr int64_t kLaneChunkClasses = 256;
 // Class rows are stride_c apart, often a multiple of 4 KiB, which the hardware prefetchers do not follow: the copy
 // asks for the row this many classes ahead (a few hundred ns of work; 32 read 10-25% faster than 8 on the dev VM).
 constexpr int64_t kPrefetchClasses = 32;
-// With S of at least a tile, the tiles of xent_spatial.h read 64 positions (4 cache lines) per class row where a
-// lane block reads one, and they stay ahead while they fit in L2. On the 2-core dev VM (fp32, 2 threads, noisy):
-// at S >= 64 tiles were up to 1.6x faster for C <= 4000 and even at C = 8000; chunks were 1.5-2.5x faster for S < 64
-// and 2-20x faster for C of 32000 and 128256.
-constexpr int64_t kMaxTileClasses = 8192;
-
-inline bool uses_long_lanes(const KernelArgs& args) {
-  return args.layout == Layout::kSpatial && args.C > kLaneChunkClasses &&
-         (args.S < kTilePositions || args.C > kMaxTileClasses);
-}
 
 // Per-thread buffers: one chunk of logits, targets and gradient; the exps of a lane block and the running max after
 // each of its chunks (forward with gradient).
