@@ -1,4 +1,5 @@
-// Operator schemas of fused_xent. Kernels live in one file per backend (cpu/, cuda/), each with its own
+// The operators of fused_xent: their arguments and outputs (below) and their registration (the schema strings are
+// in common/xent_schemas.h). Kernels live in one directory per backend (cpu/, cuda/), each backend with its own
 // TORCH_LIBRARY_IMPL block; fake (meta) kernels and autograd are registered from Python (fused_xent/_ops.py).
 //
 // Every op sees logits as a 3-D view (N, C, S): N batch entries, C classes, S = d1*...*dk spatial positions

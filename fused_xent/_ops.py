@@ -1,5 +1,5 @@
 """Fake (meta) kernels and autograd for the compiled ops, so that they trace under torch.compile and pass
-torch.library.opcheck. The op schemas live in csrc/fused_xent.cpp."""
+torch.library.opcheck. The ops are declared in csrc/fused_xent.cpp."""
 
 import torch
 

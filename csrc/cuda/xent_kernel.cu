@@ -1,4 +1,4 @@
-// CUDA implementations of the fused_xent ops (schemas in csrc/fused_xent.cpp): argument handling, launch planning
+// CUDA implementations of the fused_xent ops (declared in csrc/fused_xent.cpp): argument handling, launch planning
 // and registration. The kernels are in xent_rows.cu, xent_rows_split.cu, xent_rows_cluster.cu, xent_spatial.cu and
 // xent_reduce.cu.
 //
