@@ -136,11 +136,6 @@ class FusedCrossEntropyFunction(torch.autograd.Function):
                     f"fused_xent: grad_mode={ctx.grad_mode!r} cannot be differentiated twice (create_graph=True): "
                     "use grad_mode='recompute'"
                 )
-            if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
-                raise RuntimeError(
-                    f"fused_xent: grad_mode={ctx.grad_mode!r} gives no gradient for the target or the weight; use "
-                    "grad_mode='recompute' to differentiate through probability targets and their weights"
-                )
             if _unit_grad_is_exact(grad_loss):
                 ctx.gradient_handed_out = True
                 return grad, None, None, None, None, None, None, None
@@ -192,6 +187,13 @@ def _grad_mode_to_run(grad_mode, input, weight, problem) -> str:
         )
     if not (grad_enabled and input.requires_grad):
         return "recompute"
+    # Refused here rather than in backward, where an inplace forward would already have overwritten the logits.
+    if grad_mode != "recompute" and (problem.target.requires_grad or (weight is not None and weight.requires_grad)):
+        raise RuntimeError(
+            f"fused_xent.cross_entropy: grad_mode={grad_mode!r} gives no gradient for the target or the weight, "
+            "which require grad here: use grad_mode='recompute' to differentiate through probability targets and "
+            "their weights (or pass target.detach() and weight.detach())"
+        )
     if grad_mode == "inplace" and any(isinstance(t, torch.nn.Parameter) for t in (input, input._base)):
         raise ValueError(
             "fused_xent.cross_entropy: grad_mode='inplace' would write the gradient over a Parameter, whose values "

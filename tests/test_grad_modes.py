@@ -139,6 +139,24 @@ def test_no_gradient_wanted_leaves_the_logits_alone(backend, grad_mode):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("grad_mode", ["in_forward", "inplace"])
+def test_target_or_weight_that_requires_grad_is_refused_before_the_forward(backend, grad_mode):
+    """These modes give no gradient for probability targets or their weights: the call says so, and leaves the
+    logits as they were (an inplace forward would otherwise have written the gradient over them before the backward
+    could refuse)."""
+    logits = make_logits((6, 11), "contiguous", torch.float32).requires_grad_(True)
+    target = make_prob_target(logits.detach())
+    weight = torch.rand(11) + 0.5
+    for requires in ("target", "weight"):
+        x = logits.clone()
+        t = target.clone().requires_grad_(requires == "target")
+        w = weight.clone().requires_grad_(requires == "weight")
+        with pytest.raises(RuntimeError, match="use grad_mode='recompute'"):
+            fused_xent.cross_entropy(x, t, weight=w, backend=backend, grad_mode=grad_mode)
+        assert torch.equal(x, logits), requires
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_inplace_refuses_parameters_and_overlapping_logits(backend):
     target = make_class_target((4,), 5)
     parameter = torch.nn.Parameter(torch.randn(4, 5))
