@@ -117,11 +117,8 @@ _DEVICE_OF_BACKEND = {"cpu": "cpu", "cuda": "cuda"}
 
 
 def _auto(device: torch.device) -> str:
-    candidates = {"cuda": ("cuda", "triton"), "cpu": ("cpu",)}.get(device.type, ())
-    for name in candidates:
-        if _why_unavailable(name) is None:
-            return name
-    return "torch"
+    """The fastest backend serving the device; never Triton's interpreter, which is for tests."""
+    return next(name for name in backends_serving(device.type) if device.type == "cuda" or name != "triton")
 
 
 def resolve(requested: str | None, device: torch.device) -> Backend:
