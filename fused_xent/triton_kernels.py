@@ -361,12 +361,13 @@ def _merge_range_states(max_a, sum_a, weights_a, dot_a, max_b, sum_b, weights_b,
     new_max = tl.maximum(max_a, max_b)
     shift = tl.where(new_max == float("-inf"), 0.0, new_max)  # as in _range_statistics
     merged_sum = sum_a * tl.exp2((max_a - shift) * LOG2E) + sum_b * tl.exp2((max_b - shift) * LOG2E)
+    merged_weights, merged_dot = weights_a, dot_a  # both 0 without smoothing
     if HAS_SMOOTHING:
         reference_a = tl.where(max_a == float("-inf"), 0.0, max_a)
         reference_b = tl.where(max_b == float("-inf"), 0.0, max_b)
-        dot_a = (dot_a + weights_a * (reference_a - shift)) + (dot_b + weights_b * (reference_b - shift))
-        weights_a += weights_b
-    return new_max, merged_sum, weights_a, dot_a
+        merged_dot = (dot_a + weights_a * (reference_a - shift)) + (dot_b + weights_b * (reference_b - shift))
+        merged_weights = weights_a + weights_b
+    return new_max, merged_sum, merged_weights, merged_dot
 
 
 @triton.jit
