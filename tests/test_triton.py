@@ -364,6 +364,19 @@ def test_loss_sums_at_offset_logits(layout):
 
 
 @needs_kernels
+@pytest.mark.parametrize("layout", ["rows", "wide_rows", "nchw", "split_ncl"])
+def test_infinite_weight_of_an_absent_class(layout):
+    """Inverse-frequency weights are inf for a class that no target names: without smoothing, as in PyTorch, the
+    loss and gradient stay finite (only the smoothing term reads the sum of all weights)."""
+    x = make_logits(layout, torch.float32)
+    target = class_target(x) % (x.shape[1] - 1)  # the last class never occurs
+    weight = 1.0 / torch.bincount(target.flatten(), minlength=x.shape[1]).float()
+    assert weight.isinf().any()
+    for reduction in ("mean", "none"):
+        check_parity(x, target, weight, reduction, -100, 0.0)
+
+
+@needs_kernels
 def test_out_of_range_target_gives_nan_without_reading_out_of_bounds():
     x = make_logits("rows", torch.float32).detach()
     target = class_target(x)
