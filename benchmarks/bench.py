@@ -4,7 +4,7 @@
 the fastest fused_xent backend in each grad mode (only its default one if that is the pure-PyTorch reference),
 eager and compile. `--full` sweeps every shape family, dtype, mode and provider. Each provider is checked against
 PyTorch in fp64 before it is timed; a wrong one is marked WRONG and not timed. Writes
-<out>/<device>-<date>[-full][-thp].{csv,md} and one PNG per shape sweep.
+<out>/<device>-<date>[-full][-ignoredNN][-thp].{csv,md} and one PNG per shape sweep.
 """
 
 import argparse
@@ -35,6 +35,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="timed steps per measurement (default: as many as fit in --budget, 3 to 50)")
     parser.add_argument("--budget", type=float, help="seconds of timed steps per measurement when --repeats is "
                                                       "not given (default: 1.5, --full: 3)")
+    parser.add_argument("--ignored", type=_fraction, default=0.0,
+                        help="fraction of the targets set to ignore_index (-100), as in a padded or prompt-masked "
+                             "batch; chosen at random per position (default: 0)")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads for the CPU run (default: torch's)")
     parser.add_argument("--thp", action="store_true",
                         help=f"rerun this command with {THP_ENV}=1 (huge pages in PyTorch's CPU allocator; it must "
@@ -45,6 +48,13 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def _csv_list(text: str) -> list[str]:
     return [item.strip() for item in text.split(",") if item.strip()]
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"{text}: a fraction in [0, 1) is needed (1 would leave no target)")
+    return value
 
 
 def reexec_with_thp():

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from shapes import IGNORE_INDEX
+
 # Relative error allowed: |loss - ref| / max(1, |ref|), and max |grad - ref| / max |ref| (the gradient is rounded to
 # the input dtype, so the bound is a few units in its last place).
 TOLERANCE = {"fp32": 1e-4, "fp16": 5e-3, "bf16": 2e-2}
@@ -21,15 +23,16 @@ def _row_chunks(shape: tuple[int, ...]):
 
 class Reference:
     """F.cross_entropy in float64 on the same (rounded) inputs, mean reduction, computed a slice of rows at a time
-    (sum per slice, divided by the total count) so that a 16 GB problem needs no 32 GB fp64 copy."""
+    (sum per slice, divided by the count of targets that are not ignored) so that a 16 GB problem needs no 32 GB
+    fp64 copy."""
 
     def __init__(self, logits: torch.Tensor, target: torch.Tensor, with_grad: bool):
-        count = target.numel()
+        count = int((target != IGNORE_INDEX).sum())
         total = torch.zeros((), dtype=torch.float64, device=logits.device)
         self.grad = torch.empty(logits.shape, dtype=torch.float32, device=logits.device) if with_grad else None
         for rows in _row_chunks(logits.shape):
             x = logits[rows].double().requires_grad_(with_grad)
-            loss = F.cross_entropy(x, target[rows], reduction="sum")
+            loss = F.cross_entropy(x, target[rows], reduction="sum", ignore_index=IGNORE_INDEX)
             if with_grad:
                 loss.backward()
                 self.grad[rows] = x.grad / count

@@ -42,8 +42,9 @@ def _memory_needed(case: shapes.Case, with_grad: bool) -> int:
 
 
 class CaseRunner:
-    def __init__(self, device, modes, repeats, budget_s, results: report.Results, progress):
+    def __init__(self, device, modes, repeats, budget_s, results: report.Results, progress, ignored=0.0):
         self.device, self.modes, self.repeats, self.budget_s = device, modes, repeats, budget_s
+        self.ignored = ignored
         self.results, self.progress = results, progress
         self.timer, self.flusher = timing.Timer(device), timing.CacheFlusher(device)
 
@@ -64,7 +65,7 @@ class CaseRunner:
                                                 f"{available / 1e9:.1f} GB available")
             self.progress.update(1)
             return
-        logits, target = shapes.make_inputs(case, self.device)
+        logits, target = shapes.make_inputs(case, self.device, ignored=self.ignored)
         live = self._gate(case, chosen, logits, target, with_grad)
         self._time_copy(case, logits)
         for provider in live:
@@ -215,9 +216,13 @@ def run(args) -> int:
     results = report.Results()
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / "-".join([device, datetime.date.today().isoformat()] + (["full"] if full else [])
+                               + ([f"ignored{round(100 * args.ignored)}"] if args.ignored else [])
                                + (["thp"] if env_info.thp_enabled() else []))
     names = [p.name for p in chosen]
     notes = _method_notes(device, modes, chosen, provider_notes, budget_s, args.repeats)
+    if args.ignored:
+        notes.insert(0, f"Targets: {args.ignored:.0%} of the positions, at random, hold ignore_index -100. Bandwidth "
+                        "still counts the bytes of every row.")
 
     def write_tables(done: list[shapes.Case]):
         report.write_csv(stem.with_suffix(".csv"), results, env)
@@ -226,7 +231,7 @@ def run(args) -> int:
 
     total = len(case_list) * (len(chosen) * len(modes) + 1)
     with progress_mod.progress_bar(total) as progress:
-        case_runner = CaseRunner(device, modes, args.repeats, budget_s, results, progress)
+        case_runner = CaseRunner(device, modes, args.repeats, budget_s, results, progress, args.ignored)
         for done, case in enumerate(case_list, start=1):
             progress.set_description(f"{case.family} {case.label} {case.dtype_name}")
             case_runner.run(case, chosen)

@@ -5,6 +5,7 @@ from dataclasses import dataclass
 import torch
 
 FAMILIES = ("llm", "seg", "cls", "seq")
+IGNORE_INDEX = -100  # F.cross_entropy's default, which every provider is called with
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -101,8 +102,9 @@ def cases(device: str, full: bool, families: list[str], dtypes: list[str]) -> li
     return [Case(family, shape, dtype) for dtype in dtypes for family in families for shape in table[family]]
 
 
-def make_inputs(case: Case, device: str, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Normal logits with standard deviation 3 (a peaked softmax, as in a trained model) and uniform targets."""
+def make_inputs(case: Case, device: str, seed: int = 0, ignored: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Normal logits with standard deviation 3 (a peaked softmax, as in a trained model) and uniform targets, of
+    which a fraction `ignored` (at random positions) is set to ignore_index -100."""
     generator = torch.Generator(device=device).manual_seed(seed)
     logits = torch.empty(case.shape, dtype=case.dtype, device=device)
     # Draw in float32 slices so that a huge bf16 case never needs a float32 copy of the whole tensor.
@@ -112,4 +114,6 @@ def make_inputs(case: Case, device: str, seed: int = 0) -> tuple[torch.Tensor, t
         block.copy_(torch.randn(block.shape, generator=generator, device=device).mul_(3.0))
     target_shape = case.shape[:1] + case.shape[2:]
     target = torch.randint(0, case.num_classes, target_shape, generator=generator, device=device)
+    if ignored:
+        target[torch.rand(target_shape, generator=generator, device=device) < ignored] = IGNORE_INDEX
     return logits, target

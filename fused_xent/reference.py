@@ -60,7 +60,10 @@ def _per_position(logits, target, weight, ignore_index, label_smoothing):
     loss = (1.0 - label_smoothing) * nll
     if label_smoothing > 0:
         loss = loss + (label_smoothing / num_classes) * -(w * log_probs).sum(1)
-    loss = torch.where(target != ignore_index, loss, 0)
+    kept = target != ignore_index
+    loss = torch.where(kept, loss, 0)
+    # The kernels do not read an ignored position's row: its lse is that of no classes.
+    lse = torch.where(kept.unsqueeze(-1), lse, lse.new_tensor([0.0, -torch.inf]))
     return loss, lse, target_weight.sum()
 
 

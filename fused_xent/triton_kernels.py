@@ -228,12 +228,12 @@ def _store_grad(logits_ptr, target_ptr, weight_ptr, grad_ptr, offset, in_range, 
     row is read afterwards), with p = exp((x - reference) - log_sum) (see _lse_parts).
       class indices:  prob_coef p[c] - class_coef w[c] - [c == y] target_coef
       probabilities:  prob_coef p[c] - class_coef w[c] t'[c]   (prob_coef = scale T, class_coef = scale)
-    Positions that do not `keep` (ignored targets) get exactly 0, whatever their logits."""
+    Positions that do not `keep` (ignored targets) get exactly 0, whatever their logits, which are not read."""
     for c0 in range(c_begin, c_stop, BLOCK_C):
         cols = c0 + tl.arange(0, BLOCK_C)
         mask = in_range[:, None] & (cols < C)[None, :]
         ptrs = offset[:, None] + cols.to(tl.int64)[None, :] * stride_c
-        x = tl.load(logits_ptr + ptrs, mask=mask, other=0.0).to(ACC)
+        x = tl.load(logits_ptr + ptrs, mask=mask & keep[:, None], other=0.0).to(ACC)
         grad = prob_coef[:, None] * tl.exp2(((x - reference[:, None]) - log_sum[:, None]) * LOG2E)
         if PROB_TARGET:
             weighted_target = _weighted_smoothed_target(target_ptr, weight_ptr, ptrs, mask, cols, label_smoothing, C,
@@ -279,13 +279,16 @@ def _forward_kernel(logits_ptr, target_ptr, weight_ptr, weight_sum_ptr, total_we
     label_smoothing = tl.cast(smoothing_hi, ACC) + tl.cast(smoothing_lo, ACC)
     _, _, index, offset, in_range = _position_block(num_positions, S, stride_n, stride_s, BLOCK_P, SPATIAL)
     safe_y = index  # only read for class-index targets
+    rows_read = in_range
     if not PROB_TARGET:
         safe_y, counted, weight_of_target = _class_target(target_ptr, weight_ptr, index, in_range, C, ignore_index,
                                                           HAS_WEIGHT, ACC)
         # Gathered before the row pass: when the gradient overwrites the logits, x[y] is gone by the second pass.
         target_logit = tl.load(logits_ptr + offset + safe_y * stride_c, mask=counted, other=0.0).to(ACC)
+        # An ignored position is not read: its lse is that of no classes, (0, -inf).
+        rows_read = counted
     running_max, scaled_sum, term_weights, relative_dot = _range_statistics(
-        logits_ptr, target_ptr, weight_ptr, offset, in_range, 0, C, C, stride_c, label_smoothing, PROB_TARGET,
+        logits_ptr, target_ptr, weight_ptr, offset, rows_read, 0, C, C, stride_c, label_smoothing, PROB_TARGET,
         HAS_WEIGHT, HAS_SMOOTHING, ACC, BLOCK_P, BLOCK_C)
     weight_sum = _class_weight_sum(weight_sum_ptr, C, HAS_WEIGHT, ACC)
     reference, log_sum = _lse_parts(running_max, scaled_sum)
@@ -318,18 +321,20 @@ def _forward_kernel(logits_ptr, target_ptr, weight_ptr, weight_sum_ptr, total_we
 
 
 @triton.jit
-def _split_statistics_kernel(logits_ptr, weight_ptr, stats_ptr, num_positions, S, C, stride_n, stride_c, stride_s,
-                             split_len, SPATIAL: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
-                             BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+def _split_statistics_kernel(logits_ptr, target_ptr, weight_ptr, stats_ptr, num_positions, S, C, stride_n, stride_c,
+                             stride_s, ignore_index, split_len, SPATIAL: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+                             HAS_SMOOTHING: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     """Program (position block, k): the online-softmax state of classes [k split_len, (k+1) split_len) of its
     positions (class-index targets) into stats[0 / 1 / 2 / 3, k, position] = running max, scaled sum, and with
-    smoothing sum_c w[c] and sum_c w[c] (x[c] - m), m the range's max (see _range_statistics)."""
+    smoothing sum_c w[c] and sum_c w[c] (x[c] - m), m the range's max (see _range_statistics). An ignored position
+    is not read: its state is that of no classes."""
     ACC = stats_ptr.dtype.element_ty
     _, _, index, offset, in_range = _position_block(num_positions, S, stride_n, stride_s, BLOCK_P, SPATIAL)
+    rows_read = in_range & (tl.load(target_ptr + index, mask=in_range, other=0) != ignore_index)
     split = tl.program_id(1).to(tl.int64)
     c_begin = split * split_len
     running_max, scaled_sum, term_weights, relative_dot = _range_statistics(
-        logits_ptr, None, weight_ptr, offset, in_range, c_begin, tl.minimum(c_begin + split_len, C), C, stride_c,
+        logits_ptr, None, weight_ptr, offset, rows_read, c_begin, tl.minimum(c_begin + split_len, C), C, stride_c,
         0.0, False, HAS_WEIGHT, HAS_SMOOTHING, ACC, BLOCK_P, BLOCK_C)
     plane = tl.num_programs(1).to(tl.int64) * num_positions
     at = split * num_positions + index
@@ -710,9 +715,9 @@ def _launch_split_forward(p, loss_buffer, lse, ignore_index, label_smoothing):
     stats = torch.empty((4 if has_smoothing else 2, p.splits, p.num_positions), dtype=p.acc_dtype,
                         device=p.logits.device)
     _launch(
-        _split_statistics_kernel, (p.position_programs, p.splits), p.logits, p.weight, stats, *_shape_args(p),
-        p.split_len, SPATIAL=p.spatial, HAS_WEIGHT=p.weight is not None, HAS_SMOOTHING=has_smoothing,
-        BLOCK_P=p.tile.block_p, BLOCK_C=p.tile.block_c, num_warps=p.tile.num_warps,
+        _split_statistics_kernel, (p.position_programs, p.splits), p.logits, p.target, p.weight, stats,
+        *_shape_args(p), ignore_index, p.split_len, SPATIAL=p.spatial, HAS_WEIGHT=p.weight is not None,
+        HAS_SMOOTHING=has_smoothing, BLOCK_P=p.tile.block_p, BLOCK_C=p.tile.block_c, num_warps=p.tile.num_warps,
     )
     block = 512
     _launch(

@@ -44,11 +44,16 @@ def check_all_ops(ops, x, y, weight=None, reduction="mean", ignore_index=-100, s
     loss, lse, total_weight = ops.cross_entropy_fwd(x3, y3, w, red, ignore_index, smoothing)
     assert loss.dtype == dtype
     assert_close(loss, expected_loss, dtype, "forward loss")
-    # lse in two parts: each position's max and the log of its sum of exps relative to that max.
+    # lse in two parts: each position's max and the log of its sum of exps relative to that max. An ignored
+    # position's row is not read: its lse is that of no classes, (0, -inf).
     assert lse.dtype == (torch.float64 if dtype == torch.float64 else torch.float32) and lse.shape == (N, S, 2)
-    torch.testing.assert_close(lse[..., 0], x3.to(lse.dtype).amax(1), rtol=0, atol=0)
+    expected_max, expected_lse = x3.to(lse.dtype).amax(1), torch.logsumexp(x3.double(), 1)
+    if not y.is_floating_point():
+        ignored = y3 == ignore_index
+        expected_max, expected_lse = expected_max.masked_fill(ignored, 0), expected_lse.masked_fill(ignored, -torch.inf)
+    torch.testing.assert_close(lse[..., 0], expected_max, rtol=0, atol=0)
     lse_rtol = 1e-10 if dtype == torch.float64 else 1e-5
-    torch.testing.assert_close(lse.double().sum(-1), torch.logsumexp(x3.double(), 1), rtol=lse_rtol, atol=lse_rtol)
+    torch.testing.assert_close(lse.double().sum(-1), expected_lse, rtol=lse_rtol, atol=lse_rtol)
     if y.is_floating_point():
         expected_total = float(N * S)
     else:

@@ -25,11 +25,12 @@ needs_cpu_kernel = pytest.mark.skipif("cpu" not in fused_xent.available_backends
 
 @needs_cpu_kernel
 def test_bench_runs_end_to_end(tmp_path):
+    """With a third of the targets ignored, which every provider's verdict must survive."""
     args = [sys.executable, str(BENCHMARKS / "bench.py"), "--families", "cls", "--providers", "fused-cpu,eager",
-            "--modes", "fwd,fwd+bwd", "--repeats", "3", "--out", str(tmp_path)]
+            "--modes", "fwd,fwd+bwd", "--repeats", "3", "--ignored", "0.3", "--out", str(tmp_path)]
     run = subprocess.run(args, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    (table,) = tmp_path.glob("cpu-*.csv")
+    (table,) = tmp_path.glob("cpu-*-ignored30.csv")
     rows = list(csv.DictReader(table.open()))
     assert {"provider", "shape", "dtype", "mode", "metric", "median", "p20", "p80", "device_name", "torch_version",
             "git_commit", "date"} <= set(rows[0])
@@ -50,6 +51,7 @@ def test_bench_runs_end_to_end(tmp_path):
     assert float(value("copy", "copy", "bandwidth")["median"]) > 0
     markdown = next(tmp_path.glob("cpu-*.md")).read_text()
     assert "| provider | mode | median ms | p20-p80 ms | vs eager |" in markdown and "65536x10" in markdown
+    assert "Targets: 30% of the positions" in markdown
     assert list(tmp_path.glob("cpu-*-cls-fp32.png"))
 
 
@@ -66,6 +68,18 @@ def test_gate_passes_pytorch_and_rejects_a_wrong_provider():
     off_by_a_bit = providers.Provider("wrong", lambda x, t: F.cross_entropy(x, t) * 1.001, traffic="recompute")
     verdict = correctness.check(off_by_a_bit, logits, target, reference, "fp32")
     assert not verdict.ok and "loss error" in verdict.message and "grad error" in verdict.message
+
+
+def test_gate_averages_over_the_targets_that_count():
+    case = shapes.Case("cls", (4096, 10), "fp32")
+    logits, target = shapes.make_inputs(case, "cpu", ignored=0.5)
+    assert 0.4 < (target == shapes.IGNORE_INDEX).float().mean() < 0.6
+    reference = correctness.Reference(logits, target, with_grad=True)
+    right = providers.Provider("right", F.cross_entropy, traffic="recompute")
+    assert correctness.check(right, logits, target, reference, "fp32").ok
+    over_every_position = providers.Provider(
+        "wrong", lambda x, t: F.cross_entropy(x, t, reduction="sum") / t.numel(), traffic="recompute")
+    assert not correctness.check(over_every_position, logits, target, reference, "fp32").ok
 
 
 def test_gate_rejects_nan():

@@ -387,10 +387,14 @@ def test_raw_op_outputs():
         weight = make_weight(x, generator)
         _, lse, total_weight = torch.ops.fused_xent.cross_entropy_fwd(x, target, weight.to(acc), 1, -100, 0.0)
         assert lse.dtype == acc and lse.shape == (6, 5, 2) and total_weight.dtype == acc and total_weight.dim() == 0
-        # lse in two parts: each position's max and the log of its sum of exps relative to that max.
-        torch.testing.assert_close(lse[..., 0], x.to(acc).amax(1), rtol=0, atol=0)
-        torch.testing.assert_close(lse.double().sum(-1), torch.logsumexp(x.double(), dim=1), rtol=1e-5, atol=1e-5)
+        # lse in two parts: each position's max and the log of its sum of exps relative to that max; an ignored
+        # position's row is not read, and its lse is that of no classes, (0, -inf).
         kept = target != -100
+        assert not kept.all()
+        expected_max = torch.where(kept, x.to(acc).amax(1), 0)
+        expected_lse = torch.where(kept, torch.logsumexp(x.double(), dim=1), -torch.inf)
+        torch.testing.assert_close(lse[..., 0], expected_max, rtol=0, atol=0)
+        torch.testing.assert_close(lse.double().sum(-1), expected_lse, rtol=1e-5, atol=1e-5)
         expected_weight = weight.to(acc)[target[kept]].sum()
         torch.testing.assert_close(total_weight, expected_weight, rtol=1e-6, atol=1e-6)
 

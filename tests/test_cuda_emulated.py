@@ -42,6 +42,19 @@ def test_class_index_targets(ops, case, dtype):
 
 
 @pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_ignored_positions_are_skipped(ops, case):
+    """Every other position ignored, the first included, so that every kernel path meets one: check_all_ops wants
+    the lse of no classes, (0, -inf), for those, which only a kernel that skips their logits reports."""
+    torch.manual_seed(3)
+    shape, layout = case
+    x = make_logits(shape, layout, torch.float32)
+    target = index_target(shape, None)
+    target.view(-1)[::2] = -100
+    for reduction, smoothing in (("mean", 0.0), ("none", 0.1)):
+        check_all_ops(ops, x, target, None, reduction, -100, smoothing)
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
 def test_probability_targets(ops, case):
     torch.manual_seed(1)
     shape, layout = case

@@ -128,7 +128,18 @@ def triton_loss(x, target, weight, reduction, ignore_index, label_smoothing):
     )
     assert lse.dtype == (torch.float64 if x.dtype == torch.float64 else torch.float32)
     assert lse.shape == target_view.shape[:1] + target_view.shape[-1:] + (2,)
+    if not torch.compiler.is_compiling():  # the compile tests trace this function
+        check_lse(lse, logits, target_view, ignore_index)
     return loss.reshape((x.shape[0],) + tuple(x.shape[2:])) if reduction == "none" else loss
+
+
+def check_lse(lse, logits, target, ignore_index):
+    """The saved lse: the log-sum-exp of each position's logits (its two parts summed), except that an ignored
+    position, whose logits the kernels skip, holds the lse of no classes, (0, -inf)."""
+    kept = torch.ones_like(lse[..., 0], dtype=torch.bool) if target.is_floating_point() else target != ignore_index
+    expected = torch.where(kept, torch.logsumexp(logits.detach().double(), 1), -torch.inf)
+    torch.testing.assert_close(lse.double().sum(-1), expected, rtol=1e-5, atol=1e-5, equal_nan=True)
+    assert (lse[..., 0][~kept] == 0).all()
 
 
 def reference(x, target, weight, reduction, ignore_index, label_smoothing, grad_out):

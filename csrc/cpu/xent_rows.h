@@ -152,7 +152,11 @@ void row_forward(const Typed<V, T>& a, int64_t position, RowScratch<typename V::
     if (y >= 0) {
       target_logit = static_cast<acc_t>(x[y]);  // before g (maybe x itself) is written
       weight_of_target = a.weight_of(y);
-    } else if (!a.lse) {  // ignored, and no lse to report: nothing to compute
+    } else {  // ignored: the row is not read, and its lse is that of no classes
+      if (a.lse) {
+        a.lse[2 * position] = 0;
+        a.lse[2 * position + 1] = -std::numeric_limits<acc_t>::infinity();
+      }
       if (g) fill_zero_row<V>(g, a.C);
       if (a.loss) a.loss[position] = static_cast<T>(0);
       return;

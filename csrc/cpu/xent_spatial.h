@@ -173,7 +173,12 @@ template <class V, class T>
 IndexTargetCoeffs<V> record_lanes(const Typed<V, T>& a, int64_t position, int lanes, const LaneTargets<V>& targets,
                                   V reference, const LaneTotals<V>& totals, LaneSums<V>& sums, BlockResult& result) {
   const V log_sum = vlog(totals.sum);
-  if (a.lse) store_lse_lanes(a.lse + 2 * position, reference, log_sum, lanes);
+  if (a.lse) {
+    // A position that is not valid reports the lse of no classes, (0, -inf), as the row kernel, which skips it, does.
+    const auto kept = a.target_prob ? V::prefix(lanes) : targets.valid;
+    const V no_classes(-std::numeric_limits<typename V::value_type>::infinity());
+    store_lse_lanes(a.lse + 2 * position, select(kept, reference, V(0)), select(kept, log_sum, no_classes), lanes);
+  }
   // The loss sums are relative to `reference` (totals.reference), so lse - reference = log_sum.
   const IndexTargetCoeffs<V> k = index_target_coeffs(targets.weight, V(a.label_smoothing), a.C);
   V loss;

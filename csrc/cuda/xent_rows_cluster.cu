@@ -28,8 +28,9 @@ constexpr int kClusterThreads = BlockGroup::kMaxThreads;
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// Class-index targets, gradient in the logits' address phase. Each cluster takes positions cluster_index, cluster_index + clusters, ...; every block of a
-// cluster visits the same positions, so they meet at the same barriers.
+// Class-index targets, gradient in the logits' address phase. Each cluster takes positions cluster_index,
+// cluster_index + clusters, ...; every block of a cluster visits the same positions, so they meet at the same
+// barriers.
 template <typename scalar_t>
 __global__ void __launch_bounds__(kClusterThreads, 2)
     rows_cluster_kernel(const XentParams<scalar_t> p, int64_t slice_len) {
@@ -62,7 +63,10 @@ __global__ void __launch_bounds__(kClusterThreads, 2)
     // Read by every block before the barrier below, after which any block may overwrite the row (in place).
     const auto target = read_index_target(p, r, x, 1);
 
-    const auto mine = thread_row_stats<BlockGroup, false, scalar_t>(p, x, nullptr, begin, end, staged);
+    // A position that is not valid is not read; its gradient is a fill that never reads the slice.
+    const auto mine = target.kind == kTargetValid
+                          ? thread_row_stats<BlockGroup, false, scalar_t>(p, x, nullptr, begin, end, staged)
+                          : RowStats<acc_t>::empty();
     const auto slice = BlockGroup::allreduce(mine, smem);
     if (threadIdx.x == 0) published[parity] = slice;
     cluster.sync();

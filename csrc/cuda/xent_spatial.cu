@@ -107,24 +107,28 @@ __global__ void __launch_bounds__(256) spatial_forward_kernel(const XentParams<s
     IndexTarget<acc_t> target{kTargetValid, 0, acc_t(0), acc_t(1)};
     if constexpr (!kProb) target = read_index_target(p, r, x, sc);
 
-    const auto st = class_range_stats<scalar_t>(0, p.C, [&](RowStats<acc_t>& part, auto width, int64_t c) {
-      constexpr int W = decltype(width)::value;
-      acc_t xs[W];
+    // A position that is not valid is not read: its lse is that of no classes.
+    auto st = RowStats<acc_t>::empty();
+    if (kProb || target.kind == kTargetValid) {
+      st = class_range_stats<scalar_t>(0, p.C, [&](RowStats<acc_t>& part, auto width, int64_t c) {
+        constexpr int W = decltype(width)::value;
+        acc_t xs[W];
 #pragma unroll
-      for (int i = 0; i < W; ++i) xs[i] = static_cast<acc_t>(x[(c + i) * sc]);
-      const acc_t m = part.add_logits(xs);
-      if constexpr (kProb) {
+        for (int i = 0; i < W; ++i) xs[i] = static_cast<acc_t>(x[(c + i) * sc]);
+        const acc_t m = part.add_logits(xs);
+        if constexpr (kProb) {
 #pragma unroll
-        for (int i = 0; i < W; ++i) {
-          part.add_term(class_weight(p.weight, c + i) *
-                            smoothed_probability<acc_t>(static_cast<acc_t>(t[(c + i) * sc]), eps, p.C),
-                        xs[i], m);
+          for (int i = 0; i < W; ++i) {
+            part.add_term(class_weight(p.weight, c + i) *
+                              smoothed_probability<acc_t>(static_cast<acc_t>(t[(c + i) * sc]), eps, p.C),
+                          xs[i], m);
+          }
+        } else if (smoothing) {
+#pragma unroll
+          for (int i = 0; i < W; ++i) part.add_term(class_weight(p.weight, c + i), xs[i], m);
         }
-      } else if (smoothing) {
-#pragma unroll
-        for (int i = 0; i < W; ++i) part.add_term(class_weight(p.weight, c + i), xs[i], m);
-      }
-    });
+      });
+    }
 
     const acc_t log_sum = st.log_sum();
     const auto loss = position_loss<kProb>(target, st, log_sum, weight_sum, eps, p.C);
@@ -155,8 +159,10 @@ __global__ void __launch_bounds__(256)
        item += int64_t(gridDim.x) * blockDim.x) {
     const SplitItem work = split_item(item, positions, split_len, p.C);
     const scalar_t* x = p.logits + locate(p, work.position).offset;
-    const auto st = class_range_stats<scalar_t>(work.begin, work.end, [&](RowStats<acc_t>& part, auto width,
-                                                                           int64_t c) {
+    // A position that is not valid is not read: the combine finds the lse of no classes.
+    const bool valid = classify_target(p.target_index[work.position], p.ignore_index, p.C) == kTargetValid;
+    const int64_t end = valid ? work.end : work.begin;
+    const auto st = class_range_stats<scalar_t>(work.begin, end, [&](RowStats<acc_t>& part, auto width, int64_t c) {
       constexpr int W = decltype(width)::value;
       acc_t xs[W];
 #pragma unroll
