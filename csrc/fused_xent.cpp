@@ -16,7 +16,7 @@
 //        ~1e-3 at logits of 1e4, which p = exp(x - lse) would carry (see common/xent_math.h, split_lse). The two
 //        side by side, addressed from one offset: two (N, S) planes cost the sm_90 forward kernels registers and
 //        stack (the extra plane offset). A position whose target is ignore_index holds (0, -inf), the lse of no
-//        classes: its gradient is 0 whatever its logits, so the row kernels skip its logits (a padded or
+//        classes: its gradient is 0 whatever its logits, so the kernels need not read them (a padded or
 //        prompt-masked batch of token logits is read only where it counts).
 //   total_weight: 0-d, float32 (float64): the mean's denominator. Class indices: the sum of weight[target] over
 //        positions that are not ignored (their count without weights). Probabilities: N * S.

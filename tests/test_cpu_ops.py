@@ -116,6 +116,24 @@ def test_short_rows(dtype, C, layout, probabilities):
         check_all_ops(ops, x, y, torch.rand(C) + 0.5, reduction, -100, 0.05)
 
 
+# Positions taken a tile (64) or a lane block (one vector) at a time: runs of ignored positions cover whole ones,
+# which are not read, beside partial ones. Short rows (rows and channels_last), NCHW tiles, and long lanes (NCHW with
+# many classes and few positions), whose lane blocks span batch entries.
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape, layout", [((300, 7), "contiguous"), ((2, 19, 9, 20), "contiguous"),
+                                           ((2, 19, 9, 20), "channels_last"), ((3, 700, 37), "contiguous"),
+                                           ((5, 300, 7), "contiguous")], ids=str)
+def test_ignored_runs_are_skipped(dtype, shape, layout):
+    torch.manual_seed(6)
+    x = make_logits(shape, dtype, layout)
+    y = make_index_target(shape, -100)
+    flat = y.view(-1)
+    flat[:150] = -100  # whole tiles and lane blocks of the first batch entries
+    flat[-40:] = -100  # the last lane blocks, and part of the last tile
+    for reduction, smoothing in (("mean", 0.0), ("none", 0.1), ("sum", 0.1)):
+        check_all_ops(ops, x, y, torch.rand(shape[1]) + 0.5, reduction, -100, smoothing)
+
+
 def test_channels_last_is_not_copied():
     x = torch.randn(2, 7, 4, 5).contiguous(memory_format=torch.channels_last)
     x3 = x.flatten(2)

@@ -398,6 +398,44 @@ void store_tile(const typename V::value_type* tile, int64_t C, int64_t count, T*
   }
 }
 
+// Whether every one of `count` positions from `position` on is ignored (class-index targets). Such a tile or lane
+// block is not read, as the row kernel skips an ignored row (a void border of a segmentation label, the padding of
+// a batch of sequences).
+template <class V, class T>
+bool all_ignored(const Typed<V, T>& a, int64_t position, int64_t count) {
+  if (a.target_prob) return false;
+  for (int64_t i = 0; i < count; ++i) {
+    if (a.target_index[position + i] != a.ignore_index) return false;
+  }
+  return true;
+}
+
+// The lse and loss of `count` ignored positions from `position` on: the lse of no classes, a zero loss.
+template <class V, class T>
+void record_ignored(const Typed<V, T>& a, int64_t position, int64_t count) {
+  for (int64_t i = position; i < position + count; ++i) {
+    if (a.lse) {
+      a.lse[2 * i] = 0;
+      a.lse[2 * i + 1] = -std::numeric_limits<typename V::value_type>::infinity();
+    }
+    if (a.loss) a.loss[i] = static_cast<T>(0);
+  }
+}
+
+// The outputs of a tile whose positions are all ignored, without reading its logits: record_ignored, and a zero
+// gradient laid out as store_tile lays a tile out.
+template <class V, class T>
+void skip_ignored_tile(const Typed<V, T>& a, int64_t position, int64_t count, int64_t offset,
+                       int64_t position_stride) {
+  record_ignored(a, position, count);
+  if (!a.grad) return;
+  if (position_stride == 1) {
+    for (int64_t c = 0; c < a.C; ++c) fill_zero_row<V>(a.grad + offset + c * a.stride_c, count);
+  } else {  // short rows: classes adjacent
+    for (int64_t i = 0; i < count; ++i) fill_zero_row<V>(a.grad + offset + i * position_stride, a.C);
+  }
+}
+
 template <class V, class T>
 void spatial_block(const Typed<V, T>& a, int64_t first, int64_t last, SpatialScratch<typename V::value_type>& scratch,
                    BlockResult& result) {
@@ -416,6 +454,10 @@ void spatial_block(const Typed<V, T>& a, int64_t first, int64_t last, SpatialScr
     for (int64_t offset = a.offset(position), count; position < run_end;
          position += count, offset += count * position_stride) {
       count = std::min(kTilePositions, run_end - position);
+      if (all_ignored(a, position, count)) {
+        skip_ignored_tile(a, position, count, offset, position_stride);
+        continue;
+      }
       // In place, a whole tile of a float gradient goes straight over its logits (they are in the x tile now): the
       // detour through the g tile cost a load and a store per vector, a tenth of the time.
       const bool direct = std::is_same_v<T, acc_t> && a.grad == a.logits && !backward && position_stride == 1 &&

@@ -208,6 +208,18 @@ void long_lanes_backward(const Typed<V, T>& a, int64_t position, int lanes,
   }
 }
 
+// The outputs of a lane block whose positions are all ignored, without reading its logits: record_ignored, and a
+// zero gradient.
+template <class V, class T>
+void skip_ignored_lanes(const Typed<V, T>& a, int64_t position, int lanes) {
+  record_ignored(a, position, lanes);
+  if (!a.grad) return;
+  const LaneRuns<V> runs = lane_runs(a, position, lanes);
+  for (int r = 0; r < runs.count; ++r) {
+    for (int64_t c = 0; c < a.C; ++c) V::store_partial(a.grad + runs.offset[r] + c * a.stride_c, V(0), runs.lanes[r]);
+  }
+}
+
 template <class V, class T>
 void long_lanes_block(const Typed<V, T>& a, int64_t first, int64_t last, LongLaneScratch<typename V::value_type>& s,
                       BlockResult& result) {
@@ -215,7 +227,9 @@ void long_lanes_block(const Typed<V, T>& a, int64_t first, int64_t last, LongLan
   LaneSums<V> sums;
   for (int64_t position = first; position < last; position += W) {
     const int lanes = static_cast<int>(std::min<int64_t>(W, last - position));
-    if (a.lse_in) {
+    if (all_ignored(a, position, lanes)) {
+      skip_ignored_lanes(a, position, lanes);
+    } else if (a.lse_in) {
       long_lanes_backward(a, position, lanes, s, result);
     } else {
       long_lanes_forward(a, position, lanes, s, sums, result);
