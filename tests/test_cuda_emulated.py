@@ -97,8 +97,10 @@ def test_out_of_range_targets_give_nan(ops, shape):
     torch.manual_seed(4)
     x, y = as_ncs(make_logits(shape, "contiguous", torch.float32), index_target(shape, -100))
     y[0, 0] = shape[1]
-    loss = ops.cross_entropy_fwd(x, y, None, 0, -100, 0.0)[0]
+    loss, lse = ops.cross_entropy_fwd(x, y, None, 0, -100, 0.0)[:2]
     assert loss[0, 0].isnan() and not loss.view(-1)[1:].isnan().any()
+    # Its row is read like any other (only ignored rows are skipped): the lse is that of its logits.
+    torch.testing.assert_close(lse[0, 0].sum(), torch.logsumexp(x[0, :, 0], 0), rtol=1e-5, atol=1e-5)
     grad = ops.cross_entropy_fwd_grad(x, y, None, 0, -100, 0.0)[1]
     assert grad[0, :, 0].isnan().all() and not grad[1:].isnan().any()
 

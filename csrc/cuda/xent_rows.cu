@@ -25,8 +25,8 @@ __global__ void __launch_bounds__(Group::kMaxThreads) rows_forward_kernel(const 
     IndexTarget<acc_t> target{kTargetValid, 0, acc_t(0), acc_t(1)};
     if constexpr (!kProb) target = read_index_target(p, r, x, 1);
 
-    // A position that is not valid is not read (the whole group agrees): its lse is that of no classes.
-    const auto st = kProb || target.kind == kTargetValid
+    // An ignored position is not read (the whole group agrees): its lse is that of no classes.
+    const auto st = kProb || target.kind != kTargetIgnored
                         ? Group::allreduce(thread_row_stats<Group, kProb>(p, x, t, 0, p.C), smem)
                         : RowStats<acc_t>::empty();
     const acc_t log_sum = st.log_sum();

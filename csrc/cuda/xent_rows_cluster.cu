@@ -63,8 +63,8 @@ __global__ void __launch_bounds__(kClusterThreads, 2)
     // Read by every block before the barrier below, after which any block may overwrite the row (in place).
     const auto target = read_index_target(p, r, x, 1);
 
-    // A position that is not valid is not read; its gradient is a fill that never reads the slice.
-    const auto mine = target.kind == kTargetValid
+    // An ignored position is not read; its gradient is a fill that never reads the slice.
+    const auto mine = target.kind != kTargetIgnored
                           ? thread_row_stats<BlockGroup, false, scalar_t>(p, x, nullptr, begin, end, staged)
                           : RowStats<acc_t>::empty();
     const auto slice = BlockGroup::allreduce(mine, smem);

@@ -29,8 +29,8 @@ __global__ void __launch_bounds__(BlockGroup::kMaxThreads)
     const int64_t end = begin + split_len < p.C ? begin + split_len : p.C;
 
     auto st = RowStats<acc_t>::empty();
-    // A position that is not valid is not read: the combine finds the lse of no classes.
-    if (classify_target(p.target_index[r], p.ignore_index, p.C) != kTargetValid) {
+    // An ignored position is not read: the combine finds the lse of no classes.
+    if (classify_target(p.target_index[r], p.ignore_index, p.C) == kTargetIgnored) {
       if (threadIdx.x == 0) split_stats[split * p.N * p.S + r] = st;
       continue;
     }

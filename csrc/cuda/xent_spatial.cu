@@ -107,9 +107,9 @@ __global__ void __launch_bounds__(256) spatial_forward_kernel(const XentParams<s
     IndexTarget<acc_t> target{kTargetValid, 0, acc_t(0), acc_t(1)};
     if constexpr (!kProb) target = read_index_target(p, r, x, sc);
 
-    // A position that is not valid is not read: its lse is that of no classes.
+    // An ignored position is not read: its lse is that of no classes.
     auto st = RowStats<acc_t>::empty();
-    if (kProb || target.kind == kTargetValid) {
+    if (kProb || target.kind != kTargetIgnored) {
       st = class_range_stats<scalar_t>(0, p.C, [&](RowStats<acc_t>& part, auto width, int64_t c) {
         constexpr int W = decltype(width)::value;
         acc_t xs[W];
@@ -159,9 +159,9 @@ __global__ void __launch_bounds__(256)
        item += int64_t(gridDim.x) * blockDim.x) {
     const SplitItem work = split_item(item, positions, split_len, p.C);
     const scalar_t* x = p.logits + locate(p, work.position).offset;
-    // A position that is not valid is not read: the combine finds the lse of no classes.
-    const bool valid = classify_target(p.target_index[work.position], p.ignore_index, p.C) == kTargetValid;
-    const int64_t end = valid ? work.end : work.begin;
+    // An ignored position is not read: the combine finds the lse of no classes.
+    const bool ignored = classify_target(p.target_index[work.position], p.ignore_index, p.C) == kTargetIgnored;
+    const int64_t end = ignored ? work.begin : work.end;
     const auto st = class_range_stats<scalar_t>(work.begin, end, [&](RowStats<acc_t>& part, auto width, int64_t c) {
       constexpr int W = decltype(width)::value;
       acc_t xs[W];
