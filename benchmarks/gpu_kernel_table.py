@@ -3,9 +3,10 @@ shapes that exercise each kernel path, and prints a short markdown table (also w
 The ops are called directly, so the numbers are kernel time without the front end's target check.
 
 GB/s counts the least traffic each mode needs: the forward reads the logits once (L); forward+backward reads them,
-and writes the gradient (2L) when the gradient is made in the forward; a recomputing backward reads the logits
-again (3L). Copy = dst.copy_(src) of the logits (2L), measured on the same tensor. Each timed call starts from a
-cold L2 (timing.CacheFlusher overwrites a 256 MiB buffer before it, outside the timed region).
+and writes the gradient (2L) when the gradient is made in the forward; a recomputing backward reads the logits again
+(3L); rows of ignored positions are counted too, so skipping them shows as a higher rate. Copy = dst.copy_(src) of
+the logits (2L), measured on the same tensor. Each timed call starts from a cold L2 (timing.CacheFlusher overwrites
+a 256 MiB buffer before it, outside the timed region).
 """
 
 import argparse
@@ -22,18 +23,20 @@ import timing
 
 MEAN = 1
 
-# (label, shape, dtype, layout): warp rows, block rows, split rows, spatial NCHW, NCHW with few positions (split
-# across threads: vocabulary logits laid out (N, C, T)), channels_last.
+# (label, shape, dtype, layout, fraction of targets ignored): warp rows, block rows, split rows, spatial NCHW, NCHW
+# with few positions (split across threads: vocabulary logits laid out (N, C, T)), channels_last; and block rows of
+# which half are ignored (a padded or prompt-masked batch), whose logits the kernels skip.
 PROBLEMS = [
-    ("rows warp", (16384, 1000), torch.float32, "contiguous"),
-    ("rows block", (4096, 32000), torch.bfloat16, "contiguous"),
-    ("rows block", (8192, 128256), torch.bfloat16, "contiguous"),
-    ("rows block", (4096, 256000), torch.bfloat16, "contiguous"),
-    ("rows split", (512, 256000), torch.bfloat16, "contiguous"),
-    ("spatial", (16, 19, 512, 1024), torch.float32, "contiguous"),
-    ("spatial", (16, 19, 512, 1024), torch.bfloat16, "contiguous"),
-    ("spatial split", (8, 32000, 256), torch.bfloat16, "contiguous"),
-    ("channels_last", (8, 19, 512, 512), torch.bfloat16, "channels_last"),
+    ("rows warp", (16384, 1000), torch.float32, "contiguous", 0.0),
+    ("rows block", (4096, 32000), torch.bfloat16, "contiguous", 0.0),
+    ("rows block", (8192, 128256), torch.bfloat16, "contiguous", 0.0),
+    ("rows block", (4096, 256000), torch.bfloat16, "contiguous", 0.0),
+    ("rows split", (512, 256000), torch.bfloat16, "contiguous", 0.0),
+    ("spatial", (16, 19, 512, 1024), torch.float32, "contiguous", 0.0),
+    ("spatial", (16, 19, 512, 1024), torch.bfloat16, "contiguous", 0.0),
+    ("spatial split", (8, 32000, 256), torch.bfloat16, "contiguous", 0.0),
+    ("channels_last", (8, 19, 512, 512), torch.bfloat16, "channels_last", 0.0),
+    ("rows block, half ignored", (8192, 128256), torch.bfloat16, "contiguous", 0.5),
 ]
 
 
@@ -73,12 +76,13 @@ def mode_calls(ops, x3, t2, scratch, one):
     }
 
 
-def measure(label, shape, dtype, layout, repeats, backends, flusher):
+def measure(label, shape, dtype, layout, ignored, repeats, backends, flusher):
     """Rows of the table for one problem: each backend's four modes, eager, and the copy rate."""
     x = torch.randn(shape, device="cuda", dtype=dtype)
     if layout == "channels_last":
         x = x.contiguous(memory_format=torch.channels_last)
     target = torch.randint(0, shape[1], shape[:1] + shape[2:], device="cuda")
+    target[torch.rand(target.shape, device="cuda") < ignored] = -100
     x3 = x.view(shape[0], shape[1], -1) if x.dim() > 2 else x.unsqueeze(2)
     t2 = target.view(shape[0], -1)
     scratch = x3.clone()
