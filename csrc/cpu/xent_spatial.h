@@ -174,7 +174,8 @@ IndexTargetCoeffs<V> record_lanes(const Typed<V, T>& a, int64_t position, int la
                                   V reference, const LaneTotals<V>& totals, LaneSums<V>& sums, BlockResult& result) {
   const V log_sum = vlog(totals.sum);
   if (a.lse) {
-    // A position that is not valid reports the lse of no classes, (0, -inf), as the row kernel, which skips it, does.
+    // An ignored position reports the lse of no classes, (0, -inf), as the row kernel, which skips it, does (an
+    // out-of-range one too, but the op raises then).
     const auto kept = a.target_prob ? V::prefix(lanes) : targets.valid;
     const V no_classes(-std::numeric_limits<typename V::value_type>::infinity());
     store_lse_lanes(a.lse + 2 * position, select(kept, reference, V(0)), select(kept, log_sum, no_classes), lanes);
