@@ -40,18 +40,16 @@ PROBLEMS = [
 ]
 
 
-def median_ms(fn, repeats, flusher):
+def median_ms(fn, repeats, flusher, timer):
     for _ in range(3):
         fn()
     times = []
     for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         flusher.flush()
-        start.record()
+        timer.sync()
+        timer.start()
         fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
+        times.append(1e3 * timer.stop())
     return statistics.median(times)
 
 
@@ -76,18 +74,20 @@ def mode_calls(ops, x3, t2, scratch, one):
     }
 
 
-def measure(label, shape, dtype, layout, ignored, repeats, backends, flusher):
-    """Rows of the table for one problem: each backend's four modes, eager, and the copy rate."""
-    x = torch.randn(shape, device="cuda", dtype=dtype)
+def measure(label, shape, dtype, layout, ignored, repeats, backends, device="cuda"):
+    """Rows of the table for one problem: each backend's four modes, eager, and the copy rate. (device="cpu" with
+    the CPU backend checks this script without a GPU: tests/test_benchmarks.py.)"""
+    flusher, timer = timing.CacheFlusher(device), timing.Timer(device)
+    x = torch.randn(shape, device=device, dtype=dtype)
     if layout == "channels_last":
         x = x.contiguous(memory_format=torch.channels_last)
-    target = torch.randint(0, shape[1], shape[:1] + shape[2:], device="cuda")
-    target[torch.rand(target.shape, device="cuda") < ignored] = -100
+    target = torch.randint(0, shape[1], shape[:1] + shape[2:], device=device)
+    target[torch.rand(target.shape, device=device) < ignored] = -100
     x3 = x.view(shape[0], shape[1], -1) if x.dim() > 2 else x.unsqueeze(2)
     t2 = target.view(shape[0], -1)
     scratch = x3.clone()
     leaf = x.detach().clone().requires_grad_(True)
-    one = torch.ones((), device="cuda", dtype=dtype)
+    one = torch.ones((), device=device, dtype=dtype)
     nbytes = x.numel() * x.element_size()
 
     def eager_fwd():
@@ -99,8 +99,9 @@ def measure(label, shape, dtype, layout, ignored, repeats, backends, flusher):
         leaf.grad = None
 
     copy_into = torch.empty_like(x)
-    copy_gbs = 2 * nbytes / median_ms(lambda: copy_into.copy_(x), repeats, flusher) / 1e6
-    eager = {"fwd": median_ms(eager_fwd, repeats, flusher), "fwd+bwd": median_ms(eager_fwd_bwd, repeats, flusher)}
+    copy_gbs = 2 * nbytes / median_ms(lambda: copy_into.copy_(x), repeats, flusher, timer) / 1e6
+    eager = {mode: median_ms(fn, repeats, flusher, timer) for mode, fn in (("fwd", eager_fwd),
+                                                                          ("fwd+bwd", eager_fwd_bwd))}
     shape_text = "x".join(map(str, shape)) + (" (channels_last)" if layout == "channels_last" else "")
     rows = []
     for mode in ("fwd", "fwd+bwd recompute", "fwd+bwd in_forward", "fwd+bwd inplace"):
@@ -108,7 +109,7 @@ def measure(label, shape, dtype, layout, ignored, repeats, backends, flusher):
         for name, ops in backends.items():
             fn, passes = mode_calls(ops, x3, t2, scratch, one)[mode]
             try:
-                times[name] = (median_ms(fn, repeats, flusher), passes)
+                times[name] = (median_ms(fn, repeats, flusher, timer), passes)
             except Exception as error:  # reported in the table; the other backends and problems still run
                 print(f"{name} {label} {shape} {mode}: {type(error).__name__}: {error}")
                 times[name] = (float("nan"), passes)
@@ -116,10 +117,10 @@ def measure(label, shape, dtype, layout, ignored, repeats, backends, flusher):
     return rows
 
 
-def render(rows, backends, repeats):
+def render(rows, backends, repeats, device_name):
     names = list(backends)
     lines = [
-        f"GPU kernels vs eager on {torch.cuda.get_device_name()} (median of {repeats}, mean reduction; the ops "
+        f"GPU kernels vs eager on {device_name} (median of {repeats}, mean reduction; the ops "
         "called directly, eager through F.cross_entropy and autograd, so the ratios favour the kernels on small "
         "problems (bench.py times both through the public API); GB/s = least traffic / time, see the docstring of "
         "benchmarks/gpu_kernel_table.py)",
@@ -149,13 +150,12 @@ def main():
     if not backends:
         raise SystemExit(f"no GPU backend available here: {fused_xent.available_backends()}")
     args.out.mkdir(parents=True, exist_ok=True)
-    flusher = timing.CacheFlusher("cuda")
     rows = []
     for problem in PROBLEMS:
-        rows += measure(*problem, args.repeats, backends, flusher)
+        rows += measure(*problem, args.repeats, backends)
         torch.cuda.empty_cache()
         # Rewritten after each problem, so a run stopped by its time limit still leaves the rows it finished.
-        text = render(rows, backends, args.repeats)
+        text = render(rows, backends, args.repeats, torch.cuda.get_device_name())
         (args.out / "gpu_kernel_table.md").write_text(text + "\n")
     print(text)
 

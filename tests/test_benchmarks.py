@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import torch.nn.functional as F
 
 import fused_xent
@@ -15,6 +16,7 @@ BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
 
 import correctness  # noqa: E402  (benchmarks/ is a folder of scripts, not a package)
+import gpu_kernel_table  # noqa: E402
 import providers  # noqa: E402
 import report  # noqa: E402
 import runner  # noqa: E402
@@ -140,6 +142,25 @@ def test_sanitizer_workload_runs_on_the_cpu_kernel():
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert "op calls, no error raised" in run.stdout
+
+
+@needs_cpu_kernel
+def test_gpu_kernel_table_runs_on_the_cpu_kernel():
+    """benchmarks/gpu_kernel_table.py (run by gpu_check.sh on a GPU) measures and renders its table; here through the
+    CPU kernel, on small problems like its own: rows, NCHW, channels_last, half the targets ignored."""
+    from fused_xent._backends import backend_ops
+
+    backends = {"cpu": backend_ops("cpu")}
+    problems = [("rows", (64, 3000), torch.bfloat16, "contiguous", 0.5), ("spatial", (2, 19, 8, 8), torch.float32,
+                "contiguous", 0.0), ("channels_last", (2, 19, 8, 8), torch.bfloat16, "channels_last", 0.0)]
+    rows = []
+    for problem in problems:
+        rows += gpu_kernel_table.measure(*problem, 3, backends, device="cpu")
+    assert [row[3] for row in rows[:4]] == ["fwd", "fwd+bwd recompute", "fwd+bwd in_forward", "fwd+bwd inplace"]
+    assert all(row[4]["cpu"][0] > 0 for row in rows)  # each mode timed, none failed (NaN)
+    table = gpu_kernel_table.render(rows, backends, 3, "the CPU").splitlines()
+    assert "vs eager on the CPU" in table[0] and len(table) == 4 + len(rows)  # title, blank, header, rule
+    assert "| channels_last | 2x19x8x8 (channels_last) | bfloat16 | fwd+bwd inplace |" in table[-1]
 
 
 def test_gpu_check_script_parses():
