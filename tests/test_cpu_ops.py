@@ -306,70 +306,11 @@ torch.save(out, sys.argv[2])
             assert_grad_close(fused_grad, expected_fused_grad, dtype, f"fused gradient {what}")
 
 
-# Run in a child process: a kernel that reads a protected page dies of SIGSEGV there, and the test reports it.
-_UNREADABLE_IGNORED_ROWS = """
-import ctypes, mmap, sys
-import numpy as np
-import torch
-torch.ops.load_library(sys.argv[1])
-ops = torch.ops.fused_xent
-libc = ctypes.CDLL(None)
-PAGE = mmap.PAGESIZE
-FLOATS_PER_PAGE = PAGE // 4
-
-
-def logits_with_unreadable_pages(shape, unreadable_pages):
-    \"\"\"float32 logits on fresh pages, of which those listed are then made unreadable (PROT_NONE).\"\"\"
-    count = int(np.prod(shape))
-    memory = mmap.mmap(-1, (count * 4 + PAGE - 1) // PAGE * PAGE)
-    x = torch.from_numpy(np.frombuffer(memory, dtype=np.float32, count=count)).view(shape)
-    x.copy_(torch.randn(shape) * 3)
-    base = ctypes.addressof(ctypes.c_char.from_buffer(memory))
-    for page in unreadable_pages:
-        assert libc.mprotect(ctypes.c_void_p(base + page * PAGE), ctypes.c_size_t(PAGE), 0) == 0
-    return x, memory
-
-
-def run_ops(x, y):
-    for smoothing in (0.0, 0.1):
-        loss, lse, total_weight = ops.cross_entropy_fwd(x, y, None, 1, -100, smoothing)
-        grad = ops.cross_entropy_bwd(torch.tensor(1.0), x, y, None, lse, total_weight, 1, -100, smoothing)
-        _, fused_grad = ops.cross_entropy_fwd_grad(x, y, None, 0, -100, smoothing)
-        assert torch.isfinite(loss) and torch.isfinite(grad).all() and torch.isfinite(fused_grad).all()
-        ignored = y == -100
-        assert grad.permute(0, 2, 1)[ignored].eq(0).all() and fused_grad.permute(0, 2, 1)[ignored].eq(0).all()
-
-
-# Rows of one page each: rows 1, 3 and 4 ignored and unreadable.
-x, _pages = logits_with_unreadable_pages((6, FLOATS_PER_PAGE, 1), [1, 3, 4])
-y = torch.randint(0, FLOATS_PER_PAGE, (6, 1))
-y[[1, 3, 4]] = -100
-run_ops(x, y)
-
-# NCHW, 19 classes of two pages of positions each: the first page of positions of every class unreadable, whose
-# positions are all ignored (whole tiles), the second page read.
-x, _pages = logits_with_unreadable_pages((1, 19, 2 * FLOATS_PER_PAGE), [2 * c for c in range(19)])
-y = torch.randint(0, 19, (1, 2 * FLOATS_PER_PAGE))
-y[:, :FLOATS_PER_PAGE] = -100
-run_ops(x, y)
-
-# NCHW with 16 positions and over 256 classes (the long-lane kernels, a lane block per batch entry, or two), each
-# entry on pages of its own: entries 0 and 2 ignored and unreadable, entry 1 read.
-classes = max(512, FLOATS_PER_PAGE // 16)
-pages_per_entry = classes * 16 // FLOATS_PER_PAGE
-x, _pages = logits_with_unreadable_pages((3, classes, 16), [*range(pages_per_entry),
-                                                          *range(2 * pages_per_entry, 3 * pages_per_entry)])
-y = torch.randint(0, classes, (3, 16))
-y[[0, 2]] = -100
-run_ops(x, y)
-print("ok")
-"""
-
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mprotect through ctypes")
 def test_ignored_logits_are_never_read():
-    """The logits of ignored positions lie on pages that cannot be read: the forward, backward and fused forward
-    of rows, NCHW tiles and long lanes all finish, so none of them touched those pages."""
-    run = subprocess.run([sys.executable, "-c", _UNREADABLE_IGNORED_ROWS, _LIBS[0]], capture_output=True, text=True,
-                         timeout=300)
+    """The logits of ignored positions lie on pages that cannot be read (tests/unread_ignored_logits.py): the
+    forward, backward and fused forward of rows, NCHW tiles and long lanes all finish, so none touched them."""
+    run = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "unread_ignored_logits.py"), _LIBS[0],
+                          "fused_xent"], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0 and run.stdout.strip() == "ok", (run.returncode, run.stderr[-2000:])

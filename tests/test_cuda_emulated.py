@@ -54,6 +54,17 @@ def test_ignored_positions_are_skipped(ops, case):
         check_all_ops(ops, x, target, None, reduction, -100, smoothing)
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mprotect through ctypes")
+def test_ignored_logits_are_never_read(ops):
+    """The logits of ignored positions lie on pages that cannot be read (tests/unread_ignored_logits.py): every
+    op on warp, block and split rows, NCHW positions and NCHW class ranges finishes, so no kernel touched them."""
+    (library,) = (emulated_kernels.ROOT / "build" / "emulated_cuda").glob("fused_xent_emulated_cuda*.so")
+    script = os.path.join(os.path.dirname(__file__), "unread_ignored_logits.py")
+    run = subprocess.run([sys.executable, script, str(library), "fused_xent_emulated"], capture_output=True,
+                         text=True, timeout=600)
+    assert run.returncode == 0 and run.stdout.strip() == "ok", (run.returncode, run.stderr[-2000:])
+
+
 @pytest.mark.parametrize("case", CASES, ids=case_id)
 def test_probability_targets(ops, case):
     torch.manual_seed(1)
