@@ -769,6 +769,17 @@ def test_inductor_can_re_emit_kernel_source(name, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
 
 
+@pytest.mark.skipif(not INTERPRETED or not sys.platform.startswith("linux"),
+                    reason="CPU tensors under the interpreter (test_interpreter_run's subprocess), mprotect")
+def test_ignored_logits_are_never_read():
+    """The logits of ignored positions lie on pages that cannot be read (tests/unread_ignored_logits.py): the
+    interpreter loads only the lanes a mask keeps, so every op of rows, split rows, NCHW and split NCHW finishing
+    shows that the kernels' masks leave those positions out."""
+    script = Path(__file__).resolve().parent / "unread_ignored_logits.py"
+    run = subprocess.run([sys.executable, str(script), "triton"], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0 and run.stdout.strip() == "ok", (run.returncode, run.stderr[-2000:])
+
+
 @pytest.mark.skipif(INTERPRETED or DEVICE is not None, reason="runs the interpreter subprocess only without a GPU")
 def test_interpreter_run():
     """Runs this file's kernel tests on CPU tensors under TRITON_INTERPRET=1, in a fresh process."""

@@ -1,12 +1,16 @@
 """Runs the ops of a kernel library on logits whose ignored positions lie on pages that cannot be read
 (PROT_NONE): a kernel that reads them dies of SIGSEGV. Prints "ok" when every op finished with zero gradients for
-those positions. Run as a child process, by tests/test_cpu_ops.py and tests/test_cuda_emulated.py:
+those positions. Run as a child process, by tests/test_cpu_ops.py, tests/test_cuda_emulated.py and
+tests/test_triton.py:
 
     python tests/unread_ignored_logits.py LIBRARY.so NAMESPACE     (NAMESPACE: fused_xent, fused_xent_emulated)
+    TRITON_INTERPRET=1 python tests/unread_ignored_logits.py triton   (the Triton ops, interpreted: its loads
+                                                                        touch only the lanes their mask keeps)
 
 The problems take each kernel path of the CPU kernel and of the CUDA kernels' host emulation (2 multiprocessors):
 rows (CPU row kernel; CUDA warp, block and split rows), NCHW (CPU tiles; a CUDA thread per position) and NCHW with
-few positions and many classes (CPU long lanes; CUDA class ranges per thread).
+few positions and many classes (CPU long lanes; CUDA class ranges per thread); in Triton, rows, NCHW and split
+NCHW.
 """
 
 import ctypes
@@ -16,8 +20,15 @@ import sys
 import numpy as np
 import torch
 
-torch.ops.load_library(sys.argv[1])
-ops = getattr(torch.ops, sys.argv[2])
+if sys.argv[1] == "triton":
+    import fused_xent._triton_ops  # noqa: F401  (registers fused_xent::triton_cross_entropy_*)
+
+    OP_PREFIX, ops = "triton_", torch.ops.fused_xent
+else:
+    torch.ops.load_library(sys.argv[1])
+    OP_PREFIX, ops = "", getattr(torch.ops, sys.argv[2])
+fwd, bwd, fwd_grad = (getattr(ops, OP_PREFIX + name) for name in ("cross_entropy_fwd", "cross_entropy_bwd",
+                                                                 "cross_entropy_fwd_grad"))
 libc = ctypes.CDLL(None)
 PAGE = mmap.PAGESIZE
 FLOATS_PER_PAGE = PAGE // 4
@@ -37,9 +48,9 @@ def logits_with_unreadable_pages(shape, unreadable_pages):
 
 def run_ops(x, y):
     for smoothing in (0.0, 0.1):
-        loss, lse, total_weight = ops.cross_entropy_fwd(x, y, None, 1, -100, smoothing)
-        grad = ops.cross_entropy_bwd(torch.tensor(1.0), x, y, None, lse, total_weight, 1, -100, smoothing)
-        _, fused_grad = ops.cross_entropy_fwd_grad(x, y, None, 0, -100, smoothing)
+        loss, lse, total_weight = fwd(x, y, None, 1, -100, smoothing)
+        grad = bwd(torch.tensor(1.0), x, y, None, lse, total_weight, 1, -100, smoothing)
+        _, fused_grad = fwd_grad(x, y, None, 0, -100, smoothing)
         assert torch.isfinite(loss) and torch.isfinite(grad).all() and torch.isfinite(fused_grad).all()
         ignored = y == -100
         assert grad.permute(0, 2, 1)[ignored].eq(0).all() and fused_grad.permute(0, 2, 1)[ignored].eq(0).all()
