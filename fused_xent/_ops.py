@@ -35,11 +35,14 @@ def fake_fwd_grad_(logits, target, weight, reduction, ignore_index, label_smooth
     return empty_loss(logits, reduction)
 
 
-def scale_unit_grad(grad: torch.Tensor, grad_loss: torch.Tensor, reduction: int) -> torch.Tensor:
-    """d(loss)/d(logits) for an upstream gradient, from the gradient computed for an upstream gradient of 1."""
-    if reduction == REDUCTION_NONE:
-        return grad * grad_loss.unsqueeze(1).to(grad.dtype)
-    return grad * grad_loss.to(grad.dtype)
+def scale_unit_grad(grad: torch.Tensor, grad_loss: torch.Tensor, target: torch.Tensor, ignore_index: int):
+    """d(loss)/d(logits) for an upstream gradient (0-d, or (N, S) for reduction none), from the gradient computed
+    for an upstream gradient of 1. An ignored position's gradient stays exactly 0 whatever its upstream gradient,
+    as in PyTorch, where nothing flows into it: 0 * inf or 0 * NaN (an overflowed loss scale) would be NaN."""
+    scale = grad_loss.to(grad.dtype)
+    if not target.is_floating_point():
+        scale = torch.where(target != ignore_index, scale, 0)
+    return grad * (scale.unsqueeze(1) if scale.dim() else scale)
 
 
 def register_autograd(prefix: str = ""):
@@ -61,13 +64,13 @@ def register_autograd(prefix: str = ""):
 
     def setup_fwd_grad(ctx, inputs, output):
         ctx.mark_non_differentiable(output[1])
-        ctx.save_for_backward(output[1])
-        ctx.reduction = inputs[3]
+        ctx.save_for_backward(output[1], inputs[1])
+        ctx.ignore_index = inputs[4]
 
     def backward_fwd_grad(ctx, grad_loss, grad_grad):
         # Never in place: backward may run more than once (retain_graph).
-        (grad,) = ctx.saved_tensors
-        return scale_unit_grad(grad, grad_loss, ctx.reduction), None, None, None, None, None
+        grad, target = ctx.saved_tensors
+        return scale_unit_grad(grad, grad_loss, target, ctx.ignore_index), None, None, None, None, None
 
     torch.library.register_autograd(f"{name}_fwd", backward_fwd, setup_context=setup_fwd)
     torch.library.register_autograd(f"{name}_fwd_grad", backward_fwd_grad, setup_context=setup_fwd_grad)

@@ -60,12 +60,12 @@ def _unit_grad_is_exact(grad_loss: torch.Tensor) -> bool:
     return bool(grad_loss == 1)
 
 
-def _gradient_made_in_forward(ctx) -> torch.Tensor:
-    """The gradient saved by an in_forward or inplace forward. A unit upstream gradient hands that very buffer to
-    autograd, which may make it a leaf's .grad and accumulate into it in place; a later backward over the same graph
-    (retain_graph=True) then finds it modified, and says so here in terms of the cause."""
+def _gradient_made_in_forward(ctx) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gradient saved by an in_forward or inplace forward, and the target. A unit upstream gradient hands that
+    very buffer to autograd, which may make it a leaf's .grad and accumulate into it in place; a later backward over
+    the same graph (retain_graph=True) then finds it modified, and says so here in terms of the cause."""
     try:
-        (grad,) = ctx.saved_tensors
+        return ctx.saved_tensors
     except RuntimeError as error:
         if getattr(ctx, "gradient_handed_out", False):
             raise RuntimeError(
@@ -75,7 +75,6 @@ def _gradient_made_in_forward(ctx) -> torch.Tensor:
                 "grad_mode='recompute'"
             ) from error
         raise
-    return grad
 
 
 def _function_transform_active(*tensors) -> bool:
@@ -114,7 +113,7 @@ class FusedCrossEntropyFunction(torch.autograd.Function):
             ctx.save_for_backward(logits, target, weight, lse, total_weight)
         elif grad_mode == "in_forward":
             loss, grad = ops.fwd_grad(logits, target, weight, reduction, ignore_index, label_smoothing)
-            ctx.save_for_backward(grad)
+            ctx.save_for_backward(grad, target)
         else:
             # Ops that reach their kernel past autograd do not bump the version counter; bump it so that any other
             # op that saved these logits fails loudly in backward instead of reading a gradient as logits. (A
@@ -123,14 +122,14 @@ class FusedCrossEntropyFunction(torch.autograd.Function):
             loss = ops.fwd_grad_(logits, target, weight, reduction, ignore_index, label_smoothing)
             if version is not None and logits._version == version:
                 torch.autograd.graph.increment_version(logits)
-            ctx.save_for_backward(logits)
+            ctx.save_for_backward(logits, target)
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
         reduction, ignore_index, label_smoothing = ctx.options
         if ctx.grad_mode != "recompute":
-            grad = _gradient_made_in_forward(ctx)
+            grad, target = _gradient_made_in_forward(ctx)
             if torch.is_grad_enabled():
                 raise RuntimeError(
                     f"fused_xent: grad_mode={ctx.grad_mode!r} cannot be differentiated twice (create_graph=True): "
@@ -139,7 +138,7 @@ class FusedCrossEntropyFunction(torch.autograd.Function):
             if _unit_grad_is_exact(grad_loss):
                 ctx.gradient_handed_out = True
                 return grad, None, None, None, None, None, None, None
-            return scale_unit_grad(grad, grad_loss, reduction), None, None, None, None, None, None, None
+            return scale_unit_grad(grad, grad_loss, target, ignore_index), None, None, None, None, None, None, None
         logits, target, weight, lse, total_weight = ctx.saved_tensors
         ops = _backends.backend_ops(ctx.backend)
         if torch.is_grad_enabled():

@@ -106,7 +106,10 @@ def cross_entropy_bwd(grad_loss, logits, target, weight, lse, total_weight, redu
     grad = (1.0 - label_smoothing) * target_weight * (probs - one_hot)
     if label_smoothing > 0:
         grad = grad + (label_smoothing / num_classes) * (w.sum() * probs - w)
-    return _cast(torch.where((target != ignore_index).unsqueeze(1), scale * grad, 0), logits.dtype)
+    kept = (target != ignore_index).unsqueeze(1)
+    # The scale of an ignored position is zeroed too, not only its gradient: a double backward differentiates
+    # scale * grad, where a NaN scale (a mean over zero target weight) would reach the ignored rows as NaN * 0.
+    return _cast(torch.where(kept, torch.where(kept, scale, 0) * grad, 0), logits.dtype)
 
 
 def _unit_grad_loss(loss, reduction):

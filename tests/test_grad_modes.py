@@ -53,6 +53,26 @@ def test_same_gradient_as_recompute(backend, grad_mode, shape, layout, dtype):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("grad_mode", ["recompute", "in_forward", "inplace"])
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+def test_ignored_rows_stay_zero_under_a_non_finite_upstream_gradient(backend, grad_mode, reduction):
+    """An overflowed loss scale (inf or NaN upstream): PyTorch sends nothing into an ignored row, so it stays 0;
+    the gradient made in the forward must not become 0 * inf = NaN there."""
+    g = torch.Generator().manual_seed(5)
+    x = make_logits((6, 9, 4), "contiguous", torch.float32, generator=g)
+    target = make_class_target((6, 4), 9, generator=g)
+    target[::2, 1:] = -100
+    for bad in (float("inf"), float("nan")):
+        grad_output = torch.full((6, 4) if reduction == "none" else (), bad)
+        xx = x.clone().requires_grad_(True)
+        logits = xx * 1 if grad_mode == "inplace" else xx
+        loss = fused_xent.cross_entropy(logits, target, reduction=reduction, backend=backend, grad_mode=grad_mode)
+        (grad,) = torch.autograd.grad(loss, xx, grad_output)
+        assert grad.permute(0, 2, 1)[target == -100].eq(0).all(), (bad, grad)
+        assert not grad.permute(0, 2, 1)[target != -100].isfinite().any()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_unit_upstream_gradient_is_returned_without_a_copy(backend):
     x = make_logits((8, 33), "contiguous", torch.float32).requires_grad_(True)
     target = make_class_target((8,), 33)

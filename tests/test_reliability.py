@@ -124,3 +124,25 @@ def test_double_backward_matches_pytorch(backend, kind):
     loss = fused_xent.cross_entropy(xx, t, backend=backend, grad_mode="in_forward")
     with pytest.raises(RuntimeError, match="cannot be differentiated twice"):
         torch.autograd.grad(loss, xx, create_graph=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("ignored", ["all", "zero_weight_rest"])
+def test_double_backward_over_zero_total_weight(backend, ignored):
+    """A mean over zero target weight is NaN (0/0): PyTorch's ignored rows still get exactly zero second-order
+    gradients, its kept rows (of zero weight) NaN."""
+    g = torch.Generator().manual_seed(4)
+    x = make_logits((5, 4), "contiguous", torch.float64, generator=g)
+    t = torch.tensor([-100, 1, -100, 3, 0]) if ignored == "zero_weight_rest" else torch.full((5,), -100)
+    w = torch.tensor([0.0, 0.0, 1.0, 0.0], dtype=torch.float64)  # every class a kept target names weighs 0
+    direction = torch.randn(5, 4, generator=g, dtype=torch.float64)
+    results = []
+    for fn in (lambda x: fused_xent.cross_entropy(x, t, weight=w, label_smoothing=0.1, backend=backend),
+               lambda x: F.cross_entropy(x, t, weight=w, label_smoothing=0.1)):
+        xx = x.clone().requires_grad_(True)
+        (grad,) = torch.autograd.grad(fn(xx), xx, create_graph=True)
+        (second,) = torch.autograd.grad((grad * direction).sum(), xx)
+        results.append((grad.detach(), second))
+    for ours, theirs in zip(*results, strict=True):
+        torch.testing.assert_close(ours, theirs, equal_nan=True)
+    assert results[0][1][t == -100].eq(0).all()
