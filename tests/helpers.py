@@ -97,6 +97,15 @@ def make_logits(shape, layout, dtype, device="cpu", generator=None, scale=3.0):
     return out.copy_(x)
 
 
+def expected_lse(logits, target, ignore_index, dtype):
+    """The lse an op saves for (N, C, S) logits, as (its max part in `dtype`, the log-sum-exp in float64, which
+    positions count): an ignored position's row is not read, and its lse is that of no classes, (0, -inf)."""
+    kept = torch.ones_like(logits[:, 0], dtype=torch.bool) if target.is_floating_point() else target != ignore_index
+    maximum = torch.where(kept, logits.detach().to(dtype).amax(1), 0)
+    log_sum_exp = torch.where(kept, torch.logsumexp(logits.detach().double(), 1), -torch.inf)
+    return maximum, log_sum_exp, kept
+
+
 def make_class_target(shape, num_classes, device="cpu", ignore_index=None, generator=None):
     """Class indices of `shape`; about a third of them set to ignore_index when one is given."""
     target = torch.randint(0, num_classes, shape, generator=generator)

@@ -25,7 +25,13 @@ import torch
 import torch.nn.functional as F
 
 pytest.importorskip("triton")
-from helpers import assert_close, assert_grad_close, poison_cuda_cache, torch_reference  # noqa: E402
+from helpers import (  # noqa: E402
+    assert_close,
+    assert_grad_close,
+    expected_lse,
+    poison_cuda_cache,
+    torch_reference,
+)
 
 from fused_xent import _triton_ops  # noqa: E402 (after the importorskip)
 from fused_xent.triton_kernels import TileConfig  # noqa: E402
@@ -136,8 +142,7 @@ def triton_loss(x, target, weight, reduction, ignore_index, label_smoothing):
 def check_lse(lse, logits, target, ignore_index):
     """The saved lse: the log-sum-exp of each position's logits (its two parts summed), except that an ignored
     position, whose logits the kernels skip, holds the lse of no classes, (0, -inf)."""
-    kept = torch.ones_like(lse[..., 0], dtype=torch.bool) if target.is_floating_point() else target != ignore_index
-    expected = torch.where(kept, torch.logsumexp(logits.detach().double(), 1), -torch.inf)
+    _, expected, kept = expected_lse(logits, target, ignore_index, lse.dtype)
     torch.testing.assert_close(lse.double().sum(-1), expected, rtol=1e-5, atol=1e-5, equal_nan=True)
     assert (lse[..., 0][~kept] == 0).all()
 

@@ -116,6 +116,31 @@ void fill_zero_row(T* g, int64_t count) {
   if (i < count) V::store_partial(g + i, V(0), static_cast<int>(count - i));
 }
 
+// Whether every one of `count` positions from `position` on is ignored (class-index targets). The row kernel skips
+// an ignored row, the lane kernels a tile or lane block of them (a void border of a segmentation label, the padding
+// of a batch of sequences): their gradient is 0 whatever their logits.
+template <class V, class T>
+bool all_ignored(const Typed<V, T>& a, int64_t position, int64_t count) {
+  if (a.target_prob) return false;
+  for (int64_t i = 0; i < count; ++i) {
+    if (a.target_index[position + i] != a.ignore_index) return false;
+  }
+  return true;
+}
+
+// The lse and loss of `count` ignored positions from `position` on, whose logits are not read: the lse of no
+// classes, (0, -inf), and a zero loss.
+template <class V, class T>
+void record_ignored(const Typed<V, T>& a, int64_t position, int64_t count) {
+  for (int64_t i = position; i < position + count; ++i) {
+    if (a.lse) {
+      a.lse[2 * i] = 0;
+      a.lse[2 * i + 1] = -std::numeric_limits<typename V::value_type>::infinity();
+    }
+    if (a.loss) a.loss[i] = static_cast<T>(0);
+  }
+}
+
 #include "cpu/xent_rows.h"
 #include "cpu/xent_spatial.h"
 #include "cpu/xent_spatial_long.h"

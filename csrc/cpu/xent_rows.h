@@ -152,13 +152,9 @@ void row_forward(const Typed<V, T>& a, int64_t position, RowScratch<typename V::
     if (y >= 0) {
       target_logit = static_cast<acc_t>(x[y]);  // before g (maybe x itself) is written
       weight_of_target = a.weight_of(y);
-    } else {  // ignored (or out of range: the op raises): the row is not read, its lse is that of no classes
-      if (a.lse) {
-        a.lse[2 * position] = 0;
-        a.lse[2 * position + 1] = -std::numeric_limits<acc_t>::infinity();
-      }
+    } else {  // ignored (or out of range: the op raises): the row is not read
+      record_ignored(a, position, 1);
       if (g) fill_zero_row<V>(g, a.C);
-      if (a.loss) a.loss[position] = static_cast<T>(0);
       return;
     }
   }

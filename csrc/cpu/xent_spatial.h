@@ -399,30 +399,6 @@ void store_tile(const typename V::value_type* tile, int64_t C, int64_t count, T*
   }
 }
 
-// Whether every one of `count` positions from `position` on is ignored (class-index targets). Such a tile or lane
-// block is not read, as the row kernel skips an ignored row (a void border of a segmentation label, the padding of
-// a batch of sequences).
-template <class V, class T>
-bool all_ignored(const Typed<V, T>& a, int64_t position, int64_t count) {
-  if (a.target_prob) return false;
-  for (int64_t i = 0; i < count; ++i) {
-    if (a.target_index[position + i] != a.ignore_index) return false;
-  }
-  return true;
-}
-
-// The lse and loss of `count` ignored positions from `position` on: the lse of no classes, a zero loss.
-template <class V, class T>
-void record_ignored(const Typed<V, T>& a, int64_t position, int64_t count) {
-  for (int64_t i = position; i < position + count; ++i) {
-    if (a.lse) {
-      a.lse[2 * i] = 0;
-      a.lse[2 * i + 1] = -std::numeric_limits<typename V::value_type>::infinity();
-    }
-    if (a.loss) a.loss[i] = static_cast<T>(0);
-  }
-}
-
 // The outputs of a tile whose positions are all ignored, without reading its logits: record_ignored, and a zero
 // gradient laid out as store_tile lays a tile out.
 template <class V, class T>
