@@ -85,12 +85,15 @@ def train(task, use_fused, args, device):
         inputs, target = (tensor.to(device) for tensor in make_batch(data))
         logits = model(inputs)
         cut = logits.detach().requires_grad_(True)
+        # grad_mode='inplace' refuses a leaf, as PyTorch's in-place ops do: it gets a copy made by an op, untimed,
+        # whose gradient reaches cut.grad without a copy.
+        loss_input = cut.clone() if use_fused and args.grad_mode == "inplace" else cut
         if use_fused:  # the same logits through PyTorch's loss, untimed: agreement without trajectory drift
             reference = F.cross_entropy(cut.detach(), target, **loss_kwargs).item()
         _sync(device)
         loss_started = time.perf_counter()
         if use_fused:
-            loss = fused_xent.cross_entropy(cut, target, backend=args.backend, grad_mode=args.grad_mode,
+            loss = fused_xent.cross_entropy(loss_input, target, backend=args.backend, grad_mode=args.grad_mode,
                                             **loss_kwargs)
         else:
             loss = F.cross_entropy(cut, target, **loss_kwargs)

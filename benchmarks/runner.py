@@ -8,7 +8,7 @@ import time
 
 import torch
 
-from fused_xent._validate import CHECK_VALUES_ENV
+from fused_xent._validate import CHECK_VALUES_ENV, value_checks_enabled
 
 import correctness
 import env_info
@@ -159,6 +159,9 @@ class CaseRunner:
 def _method_notes(device, modes, chosen, provider_notes, budget_s, repeats) -> list[str]:
     timer = "time.perf_counter" if device == "cpu" else "CUDA events, synchronized"
     count = f"{repeats} steps" if repeats else f"as many steps as fit in {budget_s:g} s (3 to 50)"
+    checks = "on (the default)"
+    if not value_checks_enabled():
+        checks = f"OFF ({CHECK_VALUES_ENV}={os.environ[CHECK_VALUES_ENV]})"
     return [
         f"Times: {timer}; median and p20/p80 over {count}, after an untimed warm-up step; a 64 MiB (GPU: 256 MiB) "
         "buffer is overwritten before each step so no problem is timed from a warm cache.",
@@ -177,8 +180,7 @@ def _method_notes(device, modes, chosen, provider_notes, budget_s, repeats) -> l
         + ", ".join(f"{k} {v:g}" for k, v in correctness.TOLERANCE.items())
         + ". WRONG providers are not timed.",
         "Every provider runs in one process under the same allocator settings (see 'allocator' above).",
-        "fused_xent's data-dependent input checks (on a GPU: one host sync per call) were "
-        + ("OFF (FUSED_XENT_CHECK_VALUES=0)." if os.environ.get(CHECK_VALUES_ENV, "1") == "0" else "on (the default)."),
+        f"fused_xent's data-dependent input checks (on a GPU: one host sync per call) were {checks}.",
     ] + [f"{p.name}: {p.note}" for p in chosen] + provider_notes
 
 

@@ -82,10 +82,13 @@ class Workload:
 
     def __init__(self, provider, logits: torch.Tensor, target: torch.Tensor):
         self.provider, self.pristine, self.target = provider, logits, target
-        self.x = (logits.clone() if provider.overwrites_logits else logits.detach()).requires_grad_(True)
+        self.leaf = logits.detach().requires_grad_(True)
+        # Logits to overwrite are a copy made by an op, as a model's logits are (fused_xent's 'inplace' refuses a
+        # leaf, as PyTorch's in-place ops do); clone() hands their gradient to the leaf without a copy.
+        self.x = self.leaf.clone() if provider.overwrites_logits else self.leaf
 
     def reset(self):
-        self.x.grad = None
+        self.leaf.grad = None
         if self.provider.overwrites_logits:
             with torch.no_grad():
                 self.x.copy_(self.pristine)

@@ -64,7 +64,7 @@ else:
 
 
 def _why_unavailable(name: str) -> str | None:
-    """None when the backend can run here, else the reason it cannot."""
+    """None when the backend (one of BACKEND_NAMES) can run here, else the reason it cannot."""
     if name == "torch":
         return None
     if name == "cpu":
@@ -81,7 +81,7 @@ def _why_unavailable(name: str) -> str | None:
                 return "TRITON_INTERPRET=1 was set after fused_xent was imported; set it before importing fused_xent"
             return NO_DEVICE_FOR_TRITON
         return _triton_ops.unavailable_reason()
-    raise ValueError(f"fused_xent: unknown backend {name!r}; choose one of {', '.join(BACKEND_NAMES)} or 'auto'")
+    raise AssertionError(f"not a backend: {name!r}")
 
 
 def available_backends() -> list[str]:
@@ -121,21 +121,31 @@ def _auto(device: torch.device) -> str:
     return next(name for name in backends_serving(device.type) if device.type == "cuda" or name != "triton")
 
 
+def check_backend_name(name: str, origin: str = ""):
+    if name != "auto" and name not in BACKEND_NAMES:
+        choices = ", ".join(BACKEND_NAMES)
+        raise ValueError(f"fused_xent: unknown backend {name!r}{origin}; choose one of {choices} or 'auto'")
+
+
 def resolve(requested: str | None, device: torch.device) -> Backend:
     """The backend for a call on `device`: the requested one, FUSED_XENT_BACKEND, or auto."""
-    name = requested or os.environ.get(BACKEND_ENV) or "auto"
+    if requested is None:
+        name, origin = os.environ.get(BACKEND_ENV) or "auto", f" (from {BACKEND_ENV})"
+    else:
+        name, origin = requested, ""
+    check_backend_name(name, origin)
     if name == "auto":
         return backend_ops(_auto(device))
     reason = _why_unavailable(name)
     if reason is not None:
         raise RuntimeError(
-            f"fused_xent: backend {name!r} is not available: {reason}. Available here: "
+            f"fused_xent: backend {name!r}{origin} is not available: {reason}. Available here: "
             f"{', '.join(available_backends())} (or 'auto')"
         )
     wanted_device = _DEVICE_OF_BACKEND.get(name)
     if wanted_device is not None and device.type != wanted_device:
         raise RuntimeError(
-            f"fused_xent: backend {name!r} runs on {wanted_device} tensors, but the input is on {device}: "
+            f"fused_xent: backend {name!r}{origin} runs on {wanted_device} tensors, but the input is on {device}: "
             "move the tensors or use backend='auto'"
         )
     if name == "triton":

@@ -4,10 +4,23 @@ Triton launchers and by the fake kernels (which must predict the compiled kernel
 import torch
 
 
+def _dims_by_stride(t: torch.Tensor) -> list[tuple[int, int]]:
+    """(stride, size) of each dimension of size > 1, by increasing stride. An insertion sort: torch.compile traces
+    its comparisons over symbolic strides (dynamic shapes), where it cannot trace sorted()."""
+    dims = []
+    for size, stride in zip(t.shape, t.stride(), strict=True):
+        if size != 1:
+            at = len(dims)
+            while at > 0 and dims[at - 1][0] > stride:
+                at -= 1
+            dims.insert(at, (stride, size))
+    return dims
+
+
 def is_dense(t: torch.Tensor) -> bool:
     """Non-overlapping and dense: the elements fill one contiguous range in some order of the dimensions."""
     expected_stride = 1
-    for stride, size in sorted((stride, size) for size, stride in zip(t.shape, t.stride(), strict=True) if size != 1):
+    for stride, size in _dims_by_stride(t):
         if stride != expected_stride:
             return False
         expected_stride *= size
@@ -18,7 +31,7 @@ def may_overlap(t: torch.Tensor) -> bool:
     """True unless the elements provably lie at distinct addresses: each dimension, in order of stride, steps past
     the whole extent of the ones below it (a conservative test; expanded or as_strided views fail it)."""
     extent = 1
-    for stride, size in sorted((stride, size) for size, stride in zip(t.shape, t.stride(), strict=True) if size != 1):
+    for stride, size in _dims_by_stride(t):
         if stride < extent:
             return True
         extent = stride * (size - 1) + extent

@@ -17,6 +17,8 @@ from .reference import REDUCTION_MEAN, REDUCTION_NONE, REDUCTION_SUM
 REDUCTIONS = {"none": REDUCTION_NONE, "mean": REDUCTION_MEAN, "sum": REDUCTION_SUM}
 LOGIT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 CHECK_VALUES_ENV = "FUSED_XENT_CHECK_VALUES"
+_SWITCH_VALUES = {"1": True, "true": True, "on": True, "yes": True, "0": False, "false": False, "off": False,
+                  "no": False}
 
 
 @dataclass
@@ -45,9 +47,16 @@ def _fail(message: str):
     raise ValueError(f"fused_xent.cross_entropy: {message}")
 
 
+def _check_dense(tensor, name):
+    """The kernels read strided memory; PyTorch's own loss refuses sparse logits and weights, and densifies nothing."""
+    if tensor.layout != torch.strided:
+        _fail(f"{name} must be a dense tensor, got layout {tensor.layout}: pass {name}.to_dense()")
+
+
 def _check_input(input):
     if not isinstance(input, torch.Tensor):
         _fail(f"input must be a torch.Tensor of logits, got {type(input).__name__}")
+    _check_dense(input, "input")
     if input.dtype not in LOGIT_DTYPES:
         _fail(
             f"input (logits) must be float32, float64, float16 or bfloat16, got {input.dtype}: convert it, e.g. "
@@ -71,6 +80,11 @@ def _options(reduction, ignore_index, label_smoothing) -> tuple[int, int, float]
     if not -(2**63) <= ignore_index < 2**63:
         _fail(f"ignore_index must fit in int64 (class indices are int64), got {ignore_index}")
     if isinstance(label_smoothing, torch.Tensor) and label_smoothing.dim() == 0:
+        if label_smoothing.requires_grad:  # PyTorch's argument parser refuses it too; its gradient would be lost
+            raise TypeError(
+                "fused_xent.cross_entropy: label_smoothing must be a float, got a tensor that requires grad (no "
+                "gradient flows to it): pass float(label_smoothing)"
+            )
         label_smoothing = label_smoothing.item()
     if not isinstance(label_smoothing, numbers.Real) or not 0.0 <= label_smoothing <= 1.0:
         _fail(f"label_smoothing must be a float in [0.0, 1.0], got {label_smoothing!r}")
@@ -82,6 +96,9 @@ def _check_weight(weight, input, num_classes, prob_target):
         return
     if not isinstance(weight, torch.Tensor):
         _fail(f"weight must be a 1-D tensor with one entry per class, got {type(weight).__name__}")
+    _check_dense(weight, "weight")
+    if weight.is_complex():
+        _fail(f"weight must be real, got {weight.dtype}")
     if weight.dim() != 1 or weight.numel() != num_classes:
         _fail(f"weight must be a 1-D tensor with one entry per class ({num_classes}), got shape {_shape(weight)}")
     if weight.device != input.device:
@@ -136,6 +153,15 @@ def _check_prob_target(target, input, ignore_index):
         )
 
 
+def value_checks_enabled() -> bool:
+    """FUSED_XENT_CHECK_VALUES: on unless set to 0 / false / off / no; a value that says neither is refused."""
+    setting = os.environ.get(CHECK_VALUES_ENV, "1")
+    enabled = _SWITCH_VALUES.get(setting.strip().lower())
+    if enabled is None:
+        raise ValueError(f"fused_xent: {CHECK_VALUES_ENV}={setting!r} is neither on (1) nor off (0)")
+    return enabled
+
+
 def check_values(problem: Problem, check_targets: bool):
     """Data-dependent checks: class indices in range (unless the kernel checks them itself) and no NaN weights.
 
@@ -143,7 +169,7 @@ def check_values(problem: Problem, check_targets: bool):
     and they are skipped under torch.compile and while a CUDA graph is being captured (where a synchronisation is
     not allowed); the kernels still never index out of bounds there (NaN instead).
     """
-    if os.environ.get(CHECK_VALUES_ENV, "1") == "0" or torch.compiler.is_compiling():
+    if not value_checks_enabled() or torch.compiler.is_compiling() or problem.logits.is_meta:
         return
     if problem.logits.is_cuda and torch.cuda.is_current_stream_capturing():
         return
@@ -182,12 +208,11 @@ def prepare(input, target, weight, ignore_index, reduction, label_smoothing) -> 
     original_input = input
     if not isinstance(target, torch.Tensor):
         _fail(f"target must be a torch.Tensor, got {type(target).__name__}")
+    _check_dense(target, "target")
     if target.device != input.device:
         _fail(f"target is on {target.device} but input is on {input.device}: move it with target.to(input.device)")
     class_dim = 0 if input.dim() == 1 else 1
     num_classes = input.shape[class_dim]
-    if num_classes == 0:
-        _fail(f"input {_shape(input)} has no classes")
     prob_target = target.shape == input.shape
     _check_weight(weight, input, num_classes, prob_target)
 

@@ -5,6 +5,7 @@ from torch._C._functorch import TransformType
 from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
 from torch.autograd import forward_ad
 from torch.nn import _reduction
+from torch.overrides import handle_torch_function, has_torch_function_variadic
 
 from . import _backends, reference
 from ._layout import may_overlap
@@ -13,6 +14,11 @@ from ._validate import check_values, prepare
 from .reference import REDUCTION_MEAN, REDUCTION_NONE
 
 GRAD_MODES = ("recompute", "in_forward", "inplace")
+
+
+def check_grad_mode(grad_mode):
+    if grad_mode not in GRAD_MODES:
+        raise ValueError(f"fused_xent.cross_entropy: grad_mode must be one of {GRAD_MODES}, got {grad_mode!r}")
 
 
 def _scaled_log_probs(grad_loss, logits, lse, total_weight, reduction):
@@ -48,12 +54,21 @@ def _autocast_to_float32(tensor):
     return tensor
 
 
+def _autocast_enabled(input) -> bool:
+    """Whether autocast is on for input's device. The meta device has no autocast state (asking raises); it is named
+    rather than found with torch.amp.is_autocast_available, which torch.compile cannot trace in torch 2.11."""
+    return isinstance(input, torch.Tensor) and not input.is_meta and torch.is_autocast_enabled(input.device.type)
+
+
 def _unit_grad_is_exact(grad_loss: torch.Tensor) -> bool:
     """True when grad_loss is the scalar 1 (loss.backward()): the gradient made in the forward is then the answer
     as it is. On a GPU this reads one value back (a host sync, as Liger-Kernel's backward does), far cheaper than
     the read and write of the whole gradient it saves. Not inside torch.compile or CUDA graph capture, where a sync
     is not allowed: there the gradient is always rescaled."""
     if grad_loss.numel() != 1 or grad_loss.device.type not in ("cpu", "cuda") or torch.compiler.is_compiling():
+        return False
+    # Upstream gradients batched by a transform (torch.func, or autograd.grad's is_grads_batched) differ per entry.
+    if torch._C._are_functorch_transforms_active() or torch._C._functorch.is_legacy_batchedtensor(grad_loss):
         return False
     if grad_loss.is_cuda and torch.cuda.is_current_stream_capturing():
         return False
@@ -175,6 +190,11 @@ def _loss_from_reference_ops(problem):
     return loss.view(problem.loss_shape) if problem.reduction == REDUCTION_NONE else loss
 
 
+def _is_leaf_that_requires_grad(tensor) -> bool:
+    base = tensor if tensor._base is None else tensor._base
+    return tensor.requires_grad and (tensor.is_leaf or (base.is_leaf and base.requires_grad))
+
+
 def _grad_mode_to_run(grad_mode, input, weight, problem) -> str:
     """grad_mode as the call will run it, after the checks of the gradients asked for: "recompute" when no gradient
     is wanted (evaluation, no_grad), where there is nothing to write and the logits must stay intact."""
@@ -193,10 +213,12 @@ def _grad_mode_to_run(grad_mode, input, weight, problem) -> str:
             "which require grad here: use grad_mode='recompute' to differentiate through probability targets and "
             "their weights (or pass target.detach() and weight.detach())"
         )
-    if grad_mode == "inplace" and any(isinstance(t, torch.nn.Parameter) for t in (input, input._base)):
+    if grad_mode == "inplace" and _is_leaf_that_requires_grad(input):
         raise ValueError(
-            "fused_xent.cross_entropy: grad_mode='inplace' would write the gradient over a Parameter, whose values "
-            "the optimizer still needs: use grad_mode='in_forward'"
+            "fused_xent.cross_entropy: grad_mode='inplace' would write the gradient over a leaf tensor that "
+            "requires grad (a Parameter, a tensor made with requires_grad=True, or a view of one), as PyTorch's "
+            "in-place ops refuse to: its .grad would be the tensor itself, and an optimizer would step from that. "
+            "Pass the output of an operation (e.g. the logits of an LM head), or use grad_mode='in_forward'"
         )
     if grad_mode == "inplace" and (not problem.logits_are_input or may_overlap(problem.logits)):
         raise ValueError(
@@ -225,13 +247,23 @@ def cross_entropy(
     grad_mode: "recompute" (default), "in_forward" (gradient computed during the forward into a new buffer) or
         "inplace" (gradient written over `input`, which must not be read afterwards; saves memory and time).
     """
+    if has_torch_function_variadic(input, target, weight):  # tensor subclasses see this call, as for PyTorch's
+        return handle_torch_function(
+            cross_entropy, (input, target, weight), input, target, weight=weight, size_average=size_average,
+            ignore_index=ignore_index, reduce=reduce, reduction=reduction, label_smoothing=label_smoothing,
+            backend=backend, grad_mode=grad_mode,
+        )
     if size_average is not None or reduce is not None:
         reduction = _reduction.legacy_get_string(size_average, reduce)
-    if grad_mode not in GRAD_MODES:
-        raise ValueError(f"fused_xent.cross_entropy: grad_mode must be one of {GRAD_MODES}, got {grad_mode!r}")
-    if isinstance(input, torch.Tensor) and torch.is_autocast_enabled(input.device.type):
+    check_grad_mode(grad_mode)
+    if _autocast_enabled(input):
         input, target, weight = (_autocast_to_float32(t) for t in (input, target, weight))
     problem = prepare(input, target, weight, ignore_index, reduction, label_smoothing)
+    if problem.logits.shape[1] == 0:
+        # No classes: no kernel work, and answers (empty, 0, NaN, or an out-of-bounds error) best left to PyTorch.
+        return torch.nn.functional.cross_entropy(
+            input, target, weight, ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing
+        )
     ops = _backends.resolve(backend, problem.logits.device)
     if _function_transform_active(problem.logits, problem.target, problem.weight):
         return _loss_from_reference_ops(problem)

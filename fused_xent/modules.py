@@ -2,7 +2,8 @@
 
 import torch
 
-from .functional import cross_entropy
+from ._backends import check_backend_name
+from .functional import check_grad_mode, cross_entropy
 
 
 class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
@@ -22,6 +23,9 @@ class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
         grad_mode="recompute",
     ):
         super().__init__(weight, size_average, ignore_index, reduce, reduction, label_smoothing)
+        if backend is not None:
+            check_backend_name(backend)
+        check_grad_mode(grad_mode)
         self.backend = backend
         self.grad_mode = grad_mode
 

@@ -135,10 +135,30 @@ def torch_reference(input, target, grad_output, **kwargs):
     return loss.detach(), grad
 
 
+def differentiable_copy(x, grad_mode="recompute"):
+    """(leaf, logits, logits_grad): a copy of x with its exact geometry (strides, gaps, storage offset, so that
+    misaligned rows stay misaligned) to pass as logits, the leaf to differentiate with respect to, and the map from
+    the leaf's gradient to the logits' shape. grad_mode='inplace' refuses leaves, as PyTorch's in-place ops do:
+    there the logits are a view of a clone of the leaf storage, which passes the gradient back without a copy."""
+    storage = torch.empty(x.untyped_storage().nbytes() // x.element_size(), dtype=x.dtype, device=x.device)
+
+    def geometry_of_x(flat):
+        return flat.as_strided(x.shape, x.stride(), x.storage_offset())
+
+    geometry_of_x(storage).copy_(x.detach())
+    if grad_mode != "inplace":
+        leaf = geometry_of_x(storage).detach().requires_grad_(True)
+        return leaf, leaf, lambda grad: grad
+    storage.requires_grad_(True)
+    return storage, geometry_of_x(storage.clone()), geometry_of_x
+
+
 def fused(input, target, grad_output, backend, **kwargs):
-    x = input.detach().clone().requires_grad_(True)
+    """fused_xent's loss and input gradient on a copy of input with its exact geometry."""
+    leaf, x, logits_grad = differentiable_copy(input, kwargs.get("grad_mode", "recompute"))
     if x.is_cuda:
         poison_cuda_cache()
     loss = fused_xent.cross_entropy(x, target, backend=backend, **kwargs)
-    (grad,) = torch.autograd.grad(loss, x, grad_output) if loss.numel() else (torch.zeros_like(x),)
-    return loss.detach(), grad
+    if not loss.numel():
+        return loss.detach(), torch.zeros_like(input)
+    return loss.detach(), logits_grad(torch.autograd.grad(loss, leaf, grad_output)[0])

@@ -183,3 +183,37 @@ def test_torch_compile_with_the_gradient_over_the_logits(backend):
     head.weight.grad = None
     F.cross_entropy(head(hidden), target).backward()
     torch.testing.assert_close(got, head.weight.grad)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("grad_mode", ["recompute", "in_forward", "inplace"])
+def test_torch_compile_with_dynamic_shapes(backend, grad_mode):
+    """Symbolic sizes and strides (dynamic=True; a changing class count recompiles with them by default): the layout
+    checks of the in-place mode compare them without sorting, which Dynamo cannot trace over symbols."""
+    torch._dynamo.reset()  # the same lambda in each case: start below the recompile limit
+    step = torch.compile(lambda x, t: fused_xent.cross_entropy(x * 2, t, grad_mode=grad_mode, backend=backend),
+                         fullgraph=True, dynamic=True, backend="aot_eager")
+    for shape in ((4, 7), (6, 9), (2, 11, 3), (3, 5, 4)):
+        g = torch.Generator().manual_seed(shape[1])
+        leaf = make_logits(shape, "contiguous", torch.float32, generator=g).requires_grad_(True)
+        target = make_class_target(shape[:1] + shape[2:], shape[1], generator=g)
+        step(leaf, target).backward()
+        (expected,) = torch.autograd.grad(F.cross_entropy(leaf * 2, target), leaf)
+        torch.testing.assert_close(leaf.grad, expected, msg=str(shape))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("grad_mode", ["recompute", "in_forward", "inplace"])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_batched_upstream_gradients(backend, grad_mode, reduction):
+    """autograd.grad(is_grads_batched=True), as jacobian(vectorize=True) uses it: the upstream gradient differs per
+    batch entry, so no mode may read it as one value."""
+    g = torch.Generator().manual_seed(2)
+    leaf = make_logits((4, 5), "contiguous", torch.float32, generator=g).requires_grad_(True)
+    target = make_class_target((4,), 5, generator=g)
+    grad_outputs = torch.rand((3,) if reduction == "mean" else (3, 4), generator=g) + 0.5
+    loss = fused_xent.cross_entropy(leaf * 1, target, reduction=reduction, backend=backend, grad_mode=grad_mode)
+    (got,) = torch.autograd.grad(loss, leaf, grad_outputs, is_grads_batched=True)
+    (expected,) = torch.autograd.grad(F.cross_entropy(leaf, target, reduction=reduction), leaf, grad_outputs,
+                                      is_grads_batched=True)
+    torch.testing.assert_close(got, expected)

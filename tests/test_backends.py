@@ -37,8 +37,12 @@ def test_environment_variable_forces_a_backend(monkeypatch):
     monkeypatch.setenv("FUSED_XENT_BACKEND", "torch")
     assert _backends.resolve(None, torch.device("cpu")).name == "torch"
     monkeypatch.setenv("FUSED_XENT_BACKEND", "nonsense")
-    with pytest.raises(ValueError, match="unknown backend"):
+    with pytest.raises(ValueError, match=r"unknown backend 'nonsense' \(from FUSED_XENT_BACKEND\)"):
         fused_xent.cross_entropy(torch.randn(2, 3), torch.tensor([0, 1]))
+    if "cuda" not in fused_xent.available_backends():
+        monkeypatch.setenv("FUSED_XENT_BACKEND", "cuda")
+        with pytest.raises(RuntimeError, match=r"backend 'cuda' \(from FUSED_XENT_BACKEND\) is not available"):
+            fused_xent.cross_entropy(torch.randn(2, 3), torch.tensor([0, 1]))
 
 
 def test_environment_report():

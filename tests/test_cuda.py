@@ -15,7 +15,7 @@ import zlib
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import assert_close, assert_grad_close, expected_lse, poison_cuda_cache
+from helpers import assert_close, assert_grad_close, differentiable_copy, expected_lse, poison_cuda_cache
 from helpers import torch_reference as reference
 
 import fused_xent
@@ -108,20 +108,13 @@ def make_weight(logits, generator):
     )
 
 
-def same_layout_copy(x):
-    """A copy with x's exact geometry (strides and storage offset, so misaligned rows stay misaligned)."""
-    storage = torch.empty(x.untyped_storage().nbytes() // x.element_size(), dtype=x.dtype, device=x.device)
-    return storage.as_strided(x.shape, x.stride(), x.storage_offset()).copy_(x.detach()).detach()
-
-
 def fused(x, target, grad_output, grad_mode, **kwargs):
-    leaf = same_layout_copy(x).requires_grad_(True)  # a fresh leaf each call: 'inplace' overwrites it
+    leaf, logits, logits_grad = differentiable_copy(x, grad_mode)  # fresh each call: 'inplace' overwrites it
     poison_cuda_cache()
-    loss = fused_xent.cross_entropy(leaf, target, backend="cuda", grad_mode=grad_mode, **kwargs)
+    loss = fused_xent.cross_entropy(logits, target, backend="cuda", grad_mode=grad_mode, **kwargs)
     if loss.numel() == 0:
         return loss.detach(), torch.zeros_like(x)
-    (grad,) = torch.autograd.grad(loss, leaf, grad_output)
-    return loss.detach(), grad
+    return loss.detach(), logits_grad(torch.autograd.grad(loss, leaf, grad_output)[0])
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -508,12 +501,13 @@ def test_cuda_graph_capture_and_replay(backend, grad_mode, shape):
         pytest.skip(f"backend {backend!r} not available here")
     generator = torch.Generator().manual_seed(19)
     kwargs = {"weight": None, "label_smoothing": 0.1}
-    logits = make_logits(shape, "contiguous", torch.float32, generator).requires_grad_(True)
+    leaf = make_logits(shape, "contiguous", torch.float32, generator).requires_grad_(True)
+    logits = leaf.clone()  # the output of an op, as 'inplace' wants; its gradient reaches leaf.grad uncopied
     target = make_target(logits, "index_ignore", -100, generator)
     kwargs["weight"] = make_weight(logits, generator)
 
     def step():
-        logits.grad = None
+        leaf.grad = None
         fused_xent.cross_entropy(logits, target, backend=backend, grad_mode=grad_mode, **kwargs).backward()
 
     side = torch.cuda.Stream()
@@ -523,7 +517,7 @@ def test_cuda_graph_capture_and_replay(backend, grad_mode, shape):
             step()
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
-    logits.grad = None
+    leaf.grad = None
     with torch.cuda.graph(graph):
         loss = fused_xent.cross_entropy(logits, target, backend=backend, grad_mode=grad_mode, **kwargs)
         loss.backward()
@@ -537,7 +531,7 @@ def test_cuda_graph_capture_and_replay(backend, grad_mode, shape):
         torch.cuda.synchronize()
         expected_loss, expected_grad = reference(fresh_logits, fresh_target, torch.tensor(1.0, device="cuda"), **kwargs)
         assert_close(loss, expected_loss, torch.float32, f"replayed loss ({grad_mode})")
-        assert_grad_close(logits.grad, expected_grad, torch.float32, f"replayed grad ({grad_mode})")
+        assert_grad_close(leaf.grad, expected_grad, torch.float32, f"replayed grad ({grad_mode})")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -560,17 +554,18 @@ def test_peak_memory_is_the_gradient_and_per_position_buffers(backend, shape, la
     per_position = 64 * (x.numel() // x.shape[1]) + (4 << 20)  # lse, loss, target checks, block partials
     for grad_mode, gradient_bytes in (("recompute", logits_bytes), ("in_forward", logits_bytes), ("inplace", 0)):
         leaf = x.detach().clone().requires_grad_(True)
+        logits = leaf.clone()  # the output of an op, as 'inplace' wants; its gradient reaches leaf.grad uncopied
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-        fused_xent.cross_entropy(leaf, target, backend=backend, grad_mode=grad_mode).backward()
+        fused_xent.cross_entropy(logits, target, backend=backend, grad_mode=grad_mode).backward()
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated() - base
         assert peak <= gradient_bytes + per_position, (
             f"{grad_mode}: peak {peak / 2**20:.1f} MiB above the inputs, allowed "
             f"{(gradient_bytes + per_position) / 2**20:.1f} MiB (logits are {logits_bytes / 2**20:.1f} MiB)"
         )
-        del leaf
+        del leaf, logits
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -48,6 +48,15 @@ CASES = [
     ("NaN in weights", _logits(4, 3), torch.tensor([0, 1, 2, 1]), {"weight": torch.tensor([1.0, float("nan"), 1.0])},
      "weight contains NaN (first at class 1)"),
     ("unknown grad_mode", _logits(4, 3), torch.tensor([0, 1, 2, 1]), {"grad_mode": "fast"}, "grad_mode"),
+    ("sparse logits", _logits(4, 3).to_sparse(), torch.tensor([0, 1, 2, 1]), {}, "input.to_dense()"),
+    ("sparse probability target", _logits(4, 3), torch.rand(4, 3).to_sparse(), {}, "target.to_dense()"),
+    ("sparse weight", _logits(4, 3), torch.tensor([0, 1, 2, 1]), {"weight": torch.ones(3).to_sparse()},
+     "weight.to_dense()"),
+    ("complex weight with probability targets", _logits(4, 3), torch.rand(4, 3),
+     {"weight": torch.ones(3, dtype=torch.complex64)}, "weight must be real"),
+    ("label_smoothing that requires grad", _logits(4, 3), torch.tensor([0, 1, 2, 1]),
+     {"label_smoothing": torch.tensor(0.1, requires_grad=True)}, "pass float(label_smoothing)"),
+    ("empty backend name", _logits(4, 3), torch.tensor([0, 1, 2, 1]), {"backend": ""}, "unknown backend ''"),
 ]
 
 
@@ -59,8 +68,9 @@ def _on(device, kwargs):
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 def test_bad_input_is_explained(device, backend, case):
     _, input, target, kwargs, fragment = case
+    kwargs = {"backend": backend, **kwargs}
     with pytest.raises(BAD) as info:
-        fused_xent.cross_entropy(input.to(device), target.to(device), backend=backend, **_on(device, kwargs))
+        fused_xent.cross_entropy(input.to(device), target.to(device), **_on(device, kwargs))
     assert fragment in str(info.value)
     if device == "cuda":
         torch.cuda.synchronize()  # no device-side assert is pending
@@ -101,12 +111,26 @@ def test_mismatched_devices(backend):
 
 
 @pytest.mark.parametrize("device,backend", BACKEND_CASES)
-def test_value_checks_can_be_switched_off(device, backend, monkeypatch):
+@pytest.mark.parametrize("setting", ["0", "off", " False"])
+def test_value_checks_can_be_switched_off(device, backend, setting, monkeypatch):
     """FUSED_XENT_CHECK_VALUES=0 skips the NaN-weight scan: the loss is NaN, as PyTorch's."""
-    monkeypatch.setenv("FUSED_XENT_CHECK_VALUES", "0")
+    monkeypatch.setenv("FUSED_XENT_CHECK_VALUES", setting)
     weight = torch.tensor([1.0, float("nan"), 1.0], device=device)
     assert torch.isnan(fused_xent.cross_entropy(_logits(4, 3).to(device), torch.tensor([0, 1, 2, 1], device=device),
                                                 weight=weight, backend=backend))
+
+
+def test_value_check_setting_that_says_neither_is_refused(monkeypatch):
+    monkeypatch.setenv("FUSED_XENT_CHECK_VALUES", "sometimes")
+    with pytest.raises(ValueError, match="FUSED_XENT_CHECK_VALUES='sometimes' is neither on"):
+        fused_xent.cross_entropy(_logits(4, 3), torch.tensor([0, 1, 2, 1]))
+
+
+def test_module_refuses_unknown_names_when_built():
+    with pytest.raises(ValueError, match="unknown backend 'tpu'"):
+        fused_xent.CrossEntropyLoss(backend="tpu")
+    with pytest.raises(ValueError, match="grad_mode must be one of"):
+        fused_xent.CrossEntropyLoss(grad_mode="fast")
 
 
 @pytest.mark.parametrize("device,backend", BACKEND_CASES)
@@ -134,7 +158,7 @@ def test_every_backend_says_the_same(case):
     said = {}
     for backend in BACKENDS:
         with pytest.raises(BAD) as info:
-            fused_xent.cross_entropy(input, target, backend=backend, **kwargs)
+            fused_xent.cross_entropy(input, target, **{"backend": backend, **kwargs})
         said[backend] = (type(info.value), str(info.value))
     assert len(set(said.values())) == 1, said
 

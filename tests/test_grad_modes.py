@@ -8,6 +8,7 @@ from helpers import (
     assert_close,
     assert_grad_close,
     backends_for,
+    differentiable_copy,
     fused,
     make_class_target,
     make_logits,
@@ -41,15 +42,14 @@ def test_same_gradient_as_recompute(backend, grad_mode, shape, layout, dtype):
         grad_output = grad_output.to(dtype)
         expected_loss, expected_grad = fused(logits, target, grad_output, "torch", **kwargs)
 
-        x = logits.detach().clone().requires_grad_(True)
-        buffer = x if grad_mode == "inplace" else None
+        leaf, x, logits_grad = differentiable_copy(logits, grad_mode)
         loss = fused_xent.cross_entropy(x, target, backend=backend, grad_mode=grad_mode, **kwargs)
-        (grad,) = torch.autograd.grad(loss, x, grad_output)
+        grad = logits_grad(torch.autograd.grad(loss, leaf, grad_output)[0])
         what = f"{kind} {kwargs}"
         assert_close(loss, expected_loss, dtype, f"loss {what}")
         assert_grad_close(grad, expected_grad, dtype, f"grad {what}")
-        if buffer is not None:  # the logits now hold the gradient for a unit upstream gradient
-            assert not torch.equal(buffer.detach(), logits)
+        if grad_mode == "inplace":  # the logits now hold the gradient for a unit upstream gradient
+            assert not torch.equal(x.detach(), logits)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -74,12 +74,13 @@ def test_ignored_rows_stay_zero_under_a_non_finite_upstream_gradient(backend, gr
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_unit_upstream_gradient_is_returned_without_a_copy(backend):
-    x = make_logits((8, 33), "contiguous", torch.float32).requires_grad_(True)
+    leaf = make_logits((8, 33), "contiguous", torch.float32).requires_grad_(True)
     target = make_class_target((8,), 33)
-    expected = fused(x, target, torch.ones(()), "torch")[1]
-    fused_xent.cross_entropy(x, target, backend=backend, grad_mode="inplace").backward()
-    assert_grad_close(x.grad, expected, torch.float32, "grad")
-    assert x.grad.data_ptr() == x.data_ptr()
+    expected = fused(leaf, target, torch.ones(()), "torch")[1]
+    logits = leaf.clone()  # the output of an op, as the logits of a model are
+    fused_xent.cross_entropy(logits, target, backend=backend, grad_mode="inplace").backward()
+    assert_grad_close(leaf.grad, expected, torch.float32, "grad")
+    assert leaf.grad.data_ptr() == logits.data_ptr()
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -177,12 +178,18 @@ def test_target_or_weight_that_requires_grad_is_refused_before_the_forward(backe
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_inplace_refuses_parameters_and_overlapping_logits(backend):
+def test_inplace_refuses_leaves_and_overlapping_logits(backend):
+    """A leaf that requires grad (a Parameter, or any tensor an optimizer may hold) or a view of one is refused, as
+    PyTorch refuses in-place ops on it: its .grad would be the tensor itself, and an optimizer would step from that."""
     target = make_class_target((4,), 5)
     parameter = torch.nn.Parameter(torch.randn(4, 5))
-    for logits in (parameter, parameter.view(4, 5), parameter[:]):
-        with pytest.raises(ValueError, match="over a Parameter"):
+    leaf = torch.randn(4, 5, requires_grad=True)
+    view_made_a_leaf = torch.randn(4, 5)[:].requires_grad_(True)
+    for logits in (parameter, parameter.view(4, 5), parameter[:], leaf, leaf[:, :], view_made_a_leaf):
+        before = logits.detach().clone()
+        with pytest.raises(ValueError, match="over a leaf tensor that requires grad"):
             fused_xent.cross_entropy(logits, target, backend=backend, grad_mode="inplace")
+        assert torch.equal(logits.detach(), before)
     buffer = torch.randn(20, requires_grad=True)
     overlapping = (buffer * 1).as_strided((4, 5), (2, 1))
     with pytest.raises(ValueError, match="do not overlap"):

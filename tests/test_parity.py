@@ -152,3 +152,21 @@ def test_mean_over_zero_target_weight_is_nan(device, backend):
         loss, grad = fused(logits, target, torch.ones((), device=device), backend, **kwargs)
         assert expected_loss.isnan() and loss.isnan(), (smoothing, loss)
         assert expected_grad.isnan().all() and grad.isnan().all(), (smoothing, grad)
+
+
+@pytest.mark.parametrize("device,backend", BACKEND_CASES)
+def test_no_classes(device, backend):
+    """Logits with a class dimension of 0 (empty batches, probability targets): PyTorch's empty, 0 or NaN, bit for
+    bit, with its gradient; an index into no classes is out of bounds."""
+    for shape, prob in (((0, 0), False), ((3, 0), True), ((0,), True), ((2, 0, 4), True)):
+        for reduction, smoothing in itertools.product(REDUCTIONS, (0.0, 0.1)):
+            logits = torch.randn(shape, device=device, requires_grad=True)
+            target = torch.rand(shape, device=device) if prob else torch.zeros(0, dtype=torch.long, device=device)
+            kwargs = {"reduction": reduction, "label_smoothing": smoothing}
+            expected = F.cross_entropy(logits, target, **kwargs)
+            got = fused_xent.cross_entropy(logits, target, backend=backend, **kwargs)
+            torch.testing.assert_close(got, expected, equal_nan=True, atol=0, rtol=0)
+            assert got.requires_grad and torch.autograd.grad(got.sum(), logits)[0].shape == shape
+    with pytest.raises(IndexError, match="out of bounds"):
+        fused_xent.cross_entropy(torch.randn(3, 0, device=device), torch.zeros(3, dtype=torch.long, device=device),
+                                 backend=backend)

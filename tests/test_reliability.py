@@ -146,3 +146,34 @@ def test_double_backward_over_zero_total_weight(backend, ignored):
     for ours, theirs in zip(*results, strict=True):
         torch.testing.assert_close(ours, theirs, equal_nan=True)
     assert results[0][1][t == -100].eq(0).all()
+
+
+@pytest.mark.parametrize("grad_mode", ["recompute", "in_forward", "inplace"])
+def test_meta_tensors_give_shapes(grad_mode):
+    """Shape inference on the meta device (models built there, FLOP counters): the loss and gradient come back as
+    meta tensors of PyTorch's shapes, with no data-dependent check to trip over."""
+    for shape, reduction in (((4, 7), "mean"), ((2, 7, 3, 5), "none"), ((7,), "sum")):
+        leaf = torch.randn(shape, device="meta", requires_grad=True)
+        target = torch.zeros(shape[:1] + shape[2:] if len(shape) > 1 else (), dtype=torch.long, device="meta")
+        loss = fused_xent.cross_entropy(leaf * 1, target, reduction=reduction, grad_mode=grad_mode)
+        expected = F.cross_entropy(leaf, target, reduction=reduction)
+        assert loss.is_meta and loss.shape == expected.shape
+        (grad,) = torch.autograd.grad(loss.sum(), leaf)
+        assert grad.is_meta and grad.shape == shape
+
+
+def test_tensor_subclasses_see_the_call():
+    """As with PyTorch's functions, a tensor subclass's __torch_function__ is handed the call, and the result keeps
+    its type."""
+    class Traced(torch.Tensor):
+        calls = []
+
+        @classmethod
+        def __torch_function__(cls, func, types, args=(), kwargs=None):
+            cls.calls.append(func)
+            return super().__torch_function__(func, types, args, kwargs or {})
+
+    logits, target = torch.randn(4, 5), torch.tensor([0, 4, 2, 1])
+    loss = fused_xent.cross_entropy(logits.as_subclass(Traced), target, label_smoothing=0.1)
+    assert Traced.calls[0] is fused_xent.cross_entropy and type(loss) is Traced
+    torch.testing.assert_close(loss.as_subclass(torch.Tensor), F.cross_entropy(logits, target, label_smoothing=0.1))
