@@ -30,6 +30,8 @@ def is_dense(t: torch.Tensor) -> bool:
 def may_overlap(t: torch.Tensor) -> bool:
     """True unless the elements provably lie at distinct addresses: each dimension, in order of stride, steps past
     the whole extent of the ones below it (a conservative test; expanded or as_strided views fail it)."""
+    if t.numel() == 0:  # no elements; its strides may tie (e.g. (5, 1, 1) for (4, 5, 0))
+        return False
     extent = 1
     for stride, size in _dims_by_stride(t):
         if stride < extent:

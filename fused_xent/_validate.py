@@ -17,8 +17,8 @@ from .reference import REDUCTION_MEAN, REDUCTION_NONE, REDUCTION_SUM
 REDUCTIONS = {"none": REDUCTION_NONE, "mean": REDUCTION_MEAN, "sum": REDUCTION_SUM}
 LOGIT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 CHECK_VALUES_ENV = "FUSED_XENT_CHECK_VALUES"
-_SWITCH_VALUES = {"1": True, "true": True, "on": True, "yes": True, "0": False, "false": False, "off": False,
-                  "no": False}
+_SWITCH_VALUES = {"": True, "1": True, "true": True, "on": True, "yes": True, "0": False, "false": False,
+                  "off": False, "no": False}
 
 
 @dataclass
@@ -47,16 +47,17 @@ def _fail(message: str):
     raise ValueError(f"fused_xent.cross_entropy: {message}")
 
 
-def _check_dense(tensor, name):
+def _check_strided(tensor, name):
     """The kernels read strided memory; PyTorch's own loss refuses sparse logits and weights, and densifies nothing."""
     if tensor.layout != torch.strided:
-        _fail(f"{name} must be a dense tensor, got layout {tensor.layout}: pass {name}.to_dense()")
+        hint = "" if tensor.is_nested else f": pass {name}.to_dense()"
+        _fail(f"{name} must be a dense tensor, got layout {tensor.layout}{hint}")
 
 
 def _check_input(input):
     if not isinstance(input, torch.Tensor):
         _fail(f"input must be a torch.Tensor of logits, got {type(input).__name__}")
-    _check_dense(input, "input")
+    _check_strided(input, "input")
     if input.dtype not in LOGIT_DTYPES:
         _fail(
             f"input (logits) must be float32, float64, float16 or bfloat16, got {input.dtype}: convert it, e.g. "
@@ -96,7 +97,7 @@ def _check_weight(weight, input, num_classes, prob_target):
         return
     if not isinstance(weight, torch.Tensor):
         _fail(f"weight must be a 1-D tensor with one entry per class, got {type(weight).__name__}")
-    _check_dense(weight, "weight")
+    _check_strided(weight, "weight")
     if weight.is_complex():
         _fail(f"weight must be real, got {weight.dtype}")
     if weight.dim() != 1 or weight.numel() != num_classes:
@@ -154,7 +155,8 @@ def _check_prob_target(target, input, ignore_index):
 
 
 def value_checks_enabled() -> bool:
-    """FUSED_XENT_CHECK_VALUES: on unless set to 0 / false / off / no; a value that says neither is refused."""
+    """FUSED_XENT_CHECK_VALUES: on unless set to 0 / false / off / no (empty is on); a value that says neither is
+    refused."""
     setting = os.environ.get(CHECK_VALUES_ENV, "1")
     enabled = _SWITCH_VALUES.get(setting.strip().lower())
     if enabled is None:
@@ -208,7 +210,7 @@ def prepare(input, target, weight, ignore_index, reduction, label_smoothing) -> 
     original_input = input
     if not isinstance(target, torch.Tensor):
         _fail(f"target must be a torch.Tensor, got {type(target).__name__}")
-    _check_dense(target, "target")
+    _check_strided(target, "target")
     if target.device != input.device:
         _fail(f"target is on {target.device} but input is on {input.device}: move it with target.to(input.device)")
     class_dim = 0 if input.dim() == 1 else 1

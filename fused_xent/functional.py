@@ -191,8 +191,14 @@ def _loss_from_reference_ops(problem):
 
 
 def _is_leaf_that_requires_grad(tensor) -> bool:
-    base = tensor if tensor._base is None else tensor._base
-    return tensor.requires_grad and (tensor.is_leaf or (base.is_leaf and base.requires_grad))
+    """A leaf that requires grad, or a view of one: what PyTorch's in-place ops refuse to write to."""
+    if not tensor.requires_grad:
+        return False
+    if tensor.is_leaf:
+        return True
+    base = tensor._base
+    # A view whose base needs no gradient took its own from a view that was made a leaf (base[:].requires_grad_()).
+    return base is not None and (base.is_leaf or not base.requires_grad)
 
 
 def _grad_mode_to_run(grad_mode, input, weight, problem) -> str:
@@ -259,12 +265,13 @@ def cross_entropy(
     if _autocast_enabled(input):
         input, target, weight = (_autocast_to_float32(t) for t in (input, target, weight))
     problem = prepare(input, target, weight, ignore_index, reduction, label_smoothing)
+    ops = _backends.resolve(backend, problem.logits.device)
     if problem.logits.shape[1] == 0:
         # No classes: no kernel work, and answers (empty, 0, NaN, or an out-of-bounds error) best left to PyTorch.
+        _grad_mode_to_run(grad_mode, input, weight, problem)  # its refusals hold here too
         return torch.nn.functional.cross_entropy(
             input, target, weight, ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing
         )
-    ops = _backends.resolve(backend, problem.logits.device)
     if _function_transform_active(problem.logits, problem.target, problem.weight):
         return _loss_from_reference_ops(problem)
     check_values(problem, check_targets=not ops.checks_targets)

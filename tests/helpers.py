@@ -140,12 +140,12 @@ def differentiable_copy(x, grad_mode="recompute"):
     misaligned rows stay misaligned) to pass as logits, the leaf to differentiate with respect to, and the map from
     the leaf's gradient to the logits' shape. grad_mode='inplace' refuses leaves, as PyTorch's in-place ops do:
     there the logits are a view of a clone of the leaf storage, which passes the gradient back without a copy."""
-    storage = torch.empty(x.untyped_storage().nbytes() // x.element_size(), dtype=x.dtype, device=x.device)
+    storage_size = x.untyped_storage().nbytes() // x.element_size()
+    storage = x.detach().as_strided((storage_size,), (1,), 0).clone()  # all of it: x's elements may overlap
 
     def geometry_of_x(flat):
         return flat.as_strided(x.shape, x.stride(), x.storage_offset())
 
-    geometry_of_x(storage).copy_(x.detach())
     if grad_mode != "inplace":
         leaf = geometry_of_x(storage).detach().requires_grad_(True)
         return leaf, leaf, lambda grad: grad

@@ -16,6 +16,7 @@ BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
 
 import correctness  # noqa: E402  (benchmarks/ is a folder of scripts, not a package)
+import e2e  # noqa: E402
 import gpu_kernel_table  # noqa: E402
 import providers  # noqa: E402
 import report  # noqa: E402
@@ -166,3 +167,15 @@ def test_gpu_kernel_table_runs_on_the_cpu_kernel():
 def test_gpu_check_script_parses():
     assert subprocess.run(["bash", "-n", str(BENCHMARKS / "gpu_check.sh")]).returncode == 0
 
+
+
+@needs_cpu_kernel
+@pytest.mark.parametrize("grad_mode", ["recompute", "in_forward", "inplace"])
+def test_end_to_end_training_check_runs(tmp_path, grad_mode):
+    """A few steps of each task: the fused loss agrees with PyTorch's on the same logits at every step."""
+    assert e2e.main(["--steps", "3", "--grad-mode", grad_mode, "--out", str(tmp_path)]) == 0
+    (table,) = tmp_path.glob("e2e-cpu-*.csv")
+    with open(table) as handle:
+        rows = list(csv.DictReader(handle))
+    assert {row["task"] for row in rows} == {"lm", "seg"} and len(rows) == 6
+    assert max(float(row["same_input_abs_diff"]) for row in rows) < 1e-4

@@ -120,7 +120,13 @@ def test_value_checks_can_be_switched_off(device, backend, setting, monkeypatch)
                                                 weight=weight, backend=backend))
 
 
-def test_value_check_setting_that_says_neither_is_refused(monkeypatch):
+def test_value_check_settings(monkeypatch):
+    """Empty (as shells and CI leave a variable) and the usual words for on keep the checks; nonsense is refused."""
+    nan_weight = torch.tensor([1.0, float("nan"), 1.0])
+    for setting in ("", "1", "on", "YES"):
+        monkeypatch.setenv("FUSED_XENT_CHECK_VALUES", setting)
+        with pytest.raises(ValueError, match="weight contains NaN"):
+            fused_xent.cross_entropy(_logits(4, 3), torch.tensor([0, 1, 2, 1]), weight=nan_weight)
     monkeypatch.setenv("FUSED_XENT_CHECK_VALUES", "sometimes")
     with pytest.raises(ValueError, match="FUSED_XENT_CHECK_VALUES='sometimes' is neither on"):
         fused_xent.cross_entropy(_logits(4, 3), torch.tensor([0, 1, 2, 1]))

@@ -130,6 +130,32 @@ def test_inplace_through_linear_head(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_inplace_on_empty_logits(backend):
+    """No positions: nothing to write, and the strides of an empty tensor may tie without any overlap."""
+    for shape in ((4, 5, 0), (2, 5, 0, 3), (0, 5)):
+        logits = torch.randn(shape, requires_grad=True) * 1
+        target = torch.zeros(shape[:1] + shape[2:], dtype=torch.long)
+        loss = fused_xent.cross_entropy(logits, target, reduction="sum", backend=backend, grad_mode="inplace")
+        assert loss.item() == 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_inplace_on_a_view_of_model_output(backend):
+    """(N, T, V) logits passed as the (N, V, T) view the loss wants: written through the view, differentiated with
+    respect to the tensor it views (README: after the overwrite the view refers to its new values)."""
+    g = torch.Generator().manual_seed(4)
+    hidden, head = torch.randn(6, 8, generator=g), torch.randn(10, 8, generator=g)
+    target = make_class_target((2, 3), 10, generator=g)
+    head.requires_grad_(True)
+    outputs = [hidden @ head.T for _ in range(2)]  # (N * T, V)
+    loss = fused_xent.cross_entropy(outputs[0].view(2, 3, 10).transpose(1, 2), target, backend=backend,
+                                    grad_mode="inplace")
+    expected = torch.nn.functional.cross_entropy(outputs[1].view(2, 3, 10).transpose(1, 2), target)
+    torch.testing.assert_close(loss, expected)
+    torch.testing.assert_close(torch.autograd.grad(loss, outputs[0])[0], torch.autograd.grad(expected, outputs[1])[0])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_inplace_on_views(backend):
     """A strided view is written through; logits whose positions cannot be flattened without a copy are refused."""
     wide = torch.randn(4, 10, requires_grad=True) * 1  # logits of some layer
@@ -185,7 +211,9 @@ def test_inplace_refuses_leaves_and_overlapping_logits(backend):
     parameter = torch.nn.Parameter(torch.randn(4, 5))
     leaf = torch.randn(4, 5, requires_grad=True)
     view_made_a_leaf = torch.randn(4, 5)[:].requires_grad_(True)
-    for logits in (parameter, parameter.view(4, 5), parameter[:], leaf, leaf[:, :], view_made_a_leaf):
+    no_classes = torch.randn(4, 0, requires_grad=True)
+    for logits in (parameter, parameter.view(4, 5), parameter[:], leaf, leaf[:, :], view_made_a_leaf,
+                   view_made_a_leaf[:, :], no_classes):
         before = logits.detach().clone()
         with pytest.raises(ValueError, match="over a leaf tensor that requires grad"):
             fused_xent.cross_entropy(logits, target, backend=backend, grad_mode="inplace")
