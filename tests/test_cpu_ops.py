@@ -314,3 +314,60 @@ def test_ignored_logits_are_never_read():
     run = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "unread_ignored_logits.py"), _LIBS[0],
                           "fused_xent"], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0 and run.stdout.strip() == "ok", (run.returncode, run.stderr[-2000:])
+
+
+_PRECISION_SCRIPT = f"""
+import math, sys, torch
+import torch.nn.functional as F
+torch.ops.load_library({_LIBS[0]!r})
+ops = torch.ops.fused_xent
+
+def fused_loss(x3, y):
+    return ops.cross_entropy_fwd(x3, y, None, 0, -100, 0.0)[0]
+
+errors = {{}}
+# Near-certain predictions (p_y = 1 - 8e-7): every other class's exp is below half an ulp of the max's 1.
+for num_classes in (10, 17, 40, 100, 3000):
+    x = torch.zeros(num_classes)
+    x[0] = 14 + math.log(num_classes)
+    exact = F.cross_entropy(x.double()[None], torch.tensor([0])).item()
+    rows, nchw = x[None].expand(64, num_classes), x[None, :, None].expand(2, num_classes, 64)
+    for layout, logits in (("rows", rows), ("nchw", nchw)):
+        logits = logits.contiguous()
+        target = torch.zeros(logits.shape[:1] + logits.shape[2:], dtype=torch.long)
+        ours = fused_loss(logits if layout == "nchw" else logits[..., None], target.view(logits.shape[0], -1))
+        theirs = F.cross_entropy(logits, target, reduction="none")
+        errors["near-certain", layout, num_classes] = (abs(ours.max().item() - exact), abs(theirs.max().item() - exact))
+# Probability targets, not normalised, with weights and smoothing: the recompute backward's sum of w t'.
+torch.manual_seed(0)
+for shape in ((4, 20000), (2, 20000, 3), (1, 100000, 2)):
+    x = torch.randn(shape) * 2
+    t = torch.softmax(torch.randn(shape) * 2, 1) * 3 - 0.5 / shape[1]
+    w = torch.rand(shape[1]) + 0.5
+    x3, t3 = x.view(shape[0], shape[1], -1), t.view(shape[0], shape[1], -1)
+    loss, lse, total = ops.cross_entropy_fwd(x3, t3, w, 2, -100, 0.1)
+    ours = ops.cross_entropy_bwd(torch.ones(()), x3, t3, w, lse, total, 2, -100, 0.1).view(shape)
+    grads = []
+    for dtype in (torch.float64, torch.float32):
+        leaf = x.to(dtype).requires_grad_()
+        loss = F.cross_entropy(leaf, t.to(dtype), weight=w.to(dtype), reduction="sum", label_smoothing=0.1)
+        grads.append(torch.autograd.grad(loss, leaf)[0])
+    errors["soft-target backward", shape] = ((ours.double() - grads[0]).abs().max().item(),
+                                             (grads[1].double() - grads[0]).abs().max().item())
+torch.save(errors, sys.argv[1])
+"""
+
+
+@pytest.mark.parametrize("level", SIMD_LEVELS)
+def test_never_less_precise_than_pytorch(level, tmp_path):
+    """Where float32 rounding decides: a near-certain prediction's tiny loss (a row's exps below half an ulp of the
+    max's 1 must not round away: the scalar rows and the short-row lanes keep them apart, as PyTorch's vectorized
+    rows do; NCHW lanes round as PyTorch's NCHW kernel does) and the recompute backward's sum of the probability
+    targets. At every SIMD level, no farther from float64 than PyTorch's float32 result."""
+    env = dict(os.environ, ATEN_CPU_CAPABILITY=level)
+    subprocess.run([sys.executable, "-c", _PRECISION_SCRIPT, str(tmp_path / "errors.pt")], env=env, check=True)
+    for case, (ours, theirs) in torch.load(tmp_path / "errors.pt").items():
+        slack = 3 if case[0] == "soft-target backward" else 1.05  # gradient entries: a few roundings either way
+        assert ours <= slack * theirs + 1e-12, (level, case, ours, theirs)
+        if case[0] == "near-certain" and case[1] == "rows" and case[2] <= 64:
+            assert ours < 1e-3 * 7.8e-7, (level, case, ours)  # short rows: the exact loss

@@ -108,6 +108,42 @@ struct CompensatedSum {
   V value() const { return select(equal(sum - sum, V(0)), sum + error, sum); }
 };
 
+// A position's sum of exps relative to its max. The max's own exp is exactly 1, and an accumulator holding it rounds
+// away every later exp below half an ulp of 1 (~6e-8): a near-certain prediction (p_y = 1 - 1e-6 over 17 classes)
+// would get a loss and a target gradient of 0. add() counts the exact 1s (the max and its ties) apart from the rest,
+// and the log of the total gets back what adding the two rounded off. That costs a compare and a select per exp:
+// the NCHW lane kernels, whose one accumulator per position is PyTorch's own for such logits, add_plain() instead
+// (and the AVX row kernels need neither: the max rounds away only its own lane's share of the small exps).
+template <class V>
+struct ExpSum {
+  V ones{0}, rest{0};
+
+  void add_plain(V e) { rest = rest + e; }
+  void add(V e) {
+    const auto one = equal(e, V(1));
+    ones = ones + select(one, V(1), V(0));
+    rest = rest + select(one, V(0), e);
+  }
+  void add(const ExpSum& other) {
+    ones = ones + other.ones;
+    rest = rest + other.rest;
+  }
+  // To a reference higher by -log(factor): the 1s are then no longer at the max (a factor of exactly 1 moved none).
+  void rescale(V factor) {
+    const auto same = equal(factor, V(1));
+    rest = select(same, rest, (ones + rest) * factor);
+    ones = select(same, ones, V(0));
+  }
+  V total() const { return ones + rest; }
+  // log(total) + dropped / total, dropped being what rounding the total took of rest (exact while rest <= ones:
+  // Fast2Sum); otherwise the correction is within an ulp anyway.
+  V log_total() const {
+    const V total = ones + rest;
+    const V dropped = rest - (total - ones);
+    return select(equal(dropped, V(0)), vlog(total), vlog(total) + dropped / total);
+  }
+};
+
 template <class V, class T>
 void fill_zero_row(T* g, int64_t count) {
   constexpr int W = V::kWidth;

@@ -26,10 +26,12 @@ template <class V, class T>
 RowStatistics<typename V::value_type> row_statistics(const Typed<V, T>& a, const T* x, const T* t,
                                                      typename V::value_type* exps, typename V::value_type* chunk_max) {
   using acc_t = typename V::value_type;
+  using Scalar = ScalarVec<acc_t>;
   constexpr int W = V::kWidth;
   constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
   const bool logit_dot = t == nullptr && a.smoothing;
-  acc_t max = kNegInf, sum = 0, previous_ref = 0;
+  acc_t max = kNegInf, previous_ref = 0;
+  ExpSum<Scalar> sum;
   // The loss sums are relative to the running reference (xent_math.h): moved when it rises, by their weights' sums.
   CompensatedSum<V> weighted_logits, weighted_target_logits;
   V weights_seen(0), weighted_targets(0);
@@ -52,7 +54,7 @@ RowStatistics<typename V::value_type> row_statistics(const Typed<V, T>& a, const
     const acc_t new_max = reduce_max(vmax(vmax(m0, m1), vmax(m2, m3)));
     if (new_max > max) {
       // sum is 0 until a logit above -inf: a row's first chunk needs no rescaling exp.
-      if (sum != 0) sum *= std::exp(max - new_max);
+      if (sum.total().v != 0) sum.rescale(std::exp(max - new_max));
       max = new_max;
     }
     if (chunk_max) chunk_max[chunk] = max;
@@ -65,7 +67,7 @@ RowStatistics<typename V::value_type> row_statistics(const Typed<V, T>& a, const
       if (t) weighted_target_logits.add(weighted_targets * rise);
       previous_ref = chunk_ref;
     }
-    V chunk_sum(0);
+    ExpSum<V> chunk_sum;
     // This block's loss terms (see kRowSumClasses), relative to the chunk's reference like the row's totals.
     V block_logits(0), block_weights(0), block_targets(0), block_target_logits(0);
     auto flush_block = [&] {
@@ -86,7 +88,11 @@ RowStatistics<typename V::value_type> row_statistics(const Typed<V, T>& a, const
         xv = V::load(xc + i);
         e = vexp(xv - ref);
       }
-      chunk_sum = chunk_sum + e;
+      if constexpr (W == 1) {  // one chain per row: keep the small exps apart from the max's 1 (ExpSum)
+        chunk_sum.add(e);
+      } else {
+        chunk_sum.add_plain(e);
+      }
       if (exps) V::store(exps + c0 + i, e);
       if (logit_dot) {
         V w(1);
@@ -113,14 +119,13 @@ RowStatistics<typename V::value_type> row_statistics(const Typed<V, T>& a, const
     }
     if (tail) step(full, std::true_type{});
     if (logit_dot || t) flush_block();
-    sum += reduce_add(chunk_sum);
+    sum.add(ExpSum<Scalar>{reduce_add(chunk_sum.ones), reduce_add(chunk_sum.rest)});
   }
   const acc_t reference = max == kNegInf ? acc_t(0) : max;
-  const acc_t log_sum = std::log(sum);
   return {max,
           reference,
-          sum,
-          log_sum,
+          sum.total().v,
+          sum.log_total().v,
           logit_dot ? reduce_add(weighted_logits.value()) : acc_t(0),
           t ? reduce_add(weighted_targets) : acc_t(0),
           t ? reduce_add(weighted_target_logits.value()) : acc_t(0)};
@@ -261,11 +266,12 @@ void row_backward(const Typed<V, T>& a, int64_t position, BlockResult& result) {
       V wt = smoothed_probability(load(t + i, lanes), V(a.label_smoothing), a.C);
       return a.weight ? wt * load(a.weight + i, lanes) : wt;
     };
-    V weighted_targets(0);
+    // T = sum_c w[c] t'[c], compensated: as accurate as the forward's blocked sum (a plain chain drifts by ~C ulps).
+    CompensatedSum<V> weighted_targets;
     for_each_vector([&](int64_t i, int lanes) {
-      weighted_targets = weighted_targets + select(V::prefix(lanes), smoothed_weighted(i, lanes), V(0));
+      weighted_targets.add(select(V::prefix(lanes), smoothed_weighted(i, lanes), V(0)));
     });
-    const V prob_coef(scale * reduce_add(weighted_targets) * lse_factor);
+    const V prob_coef(scale * reduce_add(weighted_targets.value()) * lse_factor);
     for_each_vector([&](int64_t i, int lanes) {
       const V p = vexp(load(x + i, lanes) - lse_hi);
       store(g + i, prob_coef * p - V(scale) * smoothed_weighted(i, lanes), lanes);

@@ -122,7 +122,7 @@ void long_lanes_forward(const Typed<V, T>& a, int64_t position, int lanes, LongL
     // Lanes whose logits are all -inf so far take exps relative to 0 (exp(-inf) = 0) instead of NaN. The running
     // sum moves to the new reference: exp(max - ref) <= 1, and 0 while max is -inf (when the sum is 0 too).
     const V ref = select(equal(chunk_max, V(kNegInf)), V(0), chunk_max);
-    totals.sum = totals.sum * vexp(max - ref);
+    totals.sum.rescale(vexp(max - ref));
     totals.rebase(ref);
     max = chunk_max;
     if (!s.chunk_max.empty()) V::store(s.chunk_max.data() + chunk * W, chunk_max);
@@ -131,7 +131,7 @@ void long_lanes_forward(const Typed<V, T>& a, int64_t position, int lanes, LongL
       for (int64_t c = b0; c < std::min(classes, b0 + kLaneSumClasses); ++c) {
         const V xv = V::load(s.x.data() + c * W);
         const V e = vexp(xv - ref);
-        block.sum = block.sum + e;
+        block.sum.add_plain(e);  // as the NCHW lanes (ExpSum); a 64-class block bounds what the max's 1 rounds off
         if (!s.exps.empty()) V::store(s.exps.data() + (c0 + c) * W, e);
         block.add_class(a, c0 + c, xv, prob ? s.t.data() + c * W : nullptr);
       }
@@ -147,7 +147,7 @@ void long_lanes_forward(const Typed<V, T>& a, int64_t position, int lanes, LongL
   const V scale(a.uniform_scale);
   const bool streaming = a.grad != a.logits;
   const IndexGradCoeffs<V> gk = index_grad_coeffs(k, V(a.weight_sum), scale);
-  const V inverse_sum = V(1) / totals.sum;
+  const V inverse_sum = V(1) / totals.sum.total();
   for (int64_t c0 = 0, chunk = 0; c0 < C; c0 += kLaneChunkClasses, ++chunk) {
     const int64_t classes = std::min(kLaneChunkClasses, C - c0);
     const V factor = vexp(V::load(s.chunk_max.data() + chunk * W) - max) * inverse_sum;
@@ -179,16 +179,16 @@ void long_lanes_backward(const Typed<V, T>& a, int64_t position, int lanes,
   LaneTargets<V> targets{};
   IndexGradCoeffs<V> gk{};
   if (prob) {  // T = sum_c w[c] t'[c] first: every gradient element needs it
-    V weighted_targets(0);
+    CompensatedSum<V> weighted_targets;  // as in row_backward
     for (int64_t c0 = 0; c0 < C; c0 += kLaneChunkClasses) {
       const int64_t classes = std::min(kLaneChunkClasses, C - c0);
       load_lane_chunk(a.target_prob, a.stride_c, runs, lanes, c0, classes, s.t.data());
       for (int64_t c = 0; c < classes; ++c) {
         const V tv = V::load(s.t.data() + c * W);
-        weighted_targets = weighted_targets + smoothed_probability(tv, V(a.label_smoothing), C) * a.weight_vec(c0 + c);
+        weighted_targets.add(smoothed_probability(tv, V(a.label_smoothing), C) * a.weight_vec(c0 + c));
       }
     }
-    prob_coef = scale * weighted_targets * lse.factor;
+    prob_coef = scale * weighted_targets.value() * lse.factor;
   } else {
     targets = lane_targets_by_position(a, position, lanes, result, [&](int, int64_t) { return acc_t(0); });
     gk = index_grad_coeffs(index_target_coeffs(targets.weight, V(a.label_smoothing), C), V(a.weight_sum), scale);
