@@ -331,18 +331,23 @@ for num_classes in (10, 17, 40, 100, 3000):
     x = torch.zeros(num_classes)
     x[0] = 14 + math.log(num_classes)
     exact = F.cross_entropy(x.double()[None], torch.tensor([0])).item()
-    rows, nchw = x[None].expand(64, num_classes), x[None, :, None].expand(2, num_classes, 64)
-    for layout, logits in (("rows", rows), ("nchw", nchw)):
-        logits = logits.contiguous()
+    nchw = x[None, :, None, None].expand(2, num_classes, 8, 8).contiguous()
+    layouts = {{"rows": x[None].expand(64, num_classes).contiguous(), "nchw": nchw,
+                "channels_last": nchw.contiguous(memory_format=torch.channels_last)}}
+    for layout, logits in layouts.items():
         target = torch.zeros(logits.shape[:1] + logits.shape[2:], dtype=torch.long)
-        ours = fused_loss(logits if layout == "nchw" else logits[..., None], target.view(logits.shape[0], -1))
+        ours = fused_loss(logits.flatten(2) if logits.dim() > 2 else logits[..., None],
+                          target.view(logits.shape[0], -1))
         theirs = F.cross_entropy(logits, target, reduction="none")
         errors["near-certain", layout, num_classes] = (abs(ours.max().item() - exact), abs(theirs.max().item() - exact))
-# Probability targets, not normalised, with weights and smoothing: the recompute backward's sum of w t'.
+# Probability targets, not normalised, with weights and smoothing: the recompute backward's sum T of w t', whose
+# drift reaches the gradient as T p (largest at a dominant class; the targets here sum to ~C).
 torch.manual_seed(0)
-for shape in ((4, 20000), (2, 20000, 3), (1, 100000, 2)):
+for shape in ((4, 20000), (2, 20000, 3), (1, 100000, 2), (2, 100000)):
     x = torch.randn(shape) * 2
     t = torch.softmax(torch.randn(shape) * 2, 1) * 3 - 0.5 / shape[1]
+    if shape == (2, 100000):
+        x[:, 0], t = 30, torch.rand(shape) + 0.5
     w = torch.rand(shape[1]) + 0.5
     x3, t3 = x.view(shape[0], shape[1], -1), t.view(shape[0], shape[1], -1)
     loss, lse, total = ops.cross_entropy_fwd(x3, t3, w, 2, -100, 0.1)
@@ -367,7 +372,9 @@ def test_never_less_precise_than_pytorch(level, tmp_path):
     env = dict(os.environ, ATEN_CPU_CAPABILITY=level)
     subprocess.run([sys.executable, "-c", _PRECISION_SCRIPT, str(tmp_path / "errors.pt")], env=env, check=True)
     for case, (ours, theirs) in torch.load(tmp_path / "errors.pt").items():
-        slack = 3 if case[0] == "soft-target backward" else 1.05  # gradient entries: a few roundings either way
-        assert ours <= slack * theirs + 1e-12, (level, case, ours, theirs)
-        if case[0] == "near-certain" and case[1] == "rows" and case[2] <= 64:
-            assert ours < 1e-3 * 7.8e-7, (level, case, ours)  # short rows: the exact loss
+        if case[0] == "soft-target backward":
+            assert ours <= 3 * theirs, (level, case, ours, theirs)  # gradient entries: a few roundings either way
+            continue
+        assert ours <= theirs + 1.2e-7, (level, case, ours, theirs)  # losses ~8e-7 on a grid of ulp(1)
+        if case[1] != "nchw" and (case[2] <= 64 or level == "default"):
+            assert ours < 1e-3 * 7.8e-7, (level, case, ours)  # short rows and scalar rows: the exact loss

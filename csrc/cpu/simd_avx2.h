@@ -137,6 +137,9 @@ inline FloatVec fmadd(FloatVec a, FloatVec b, FloatVec c) { return _mm256_fmadd_
 inline FloatVec vmax(FloatVec a, FloatVec b) { return _mm256_max_ps(a.v, b.v); }
 inline __m256 equal(FloatVec a, FloatVec b) { return _mm256_cmp_ps(a.v, b.v, _CMP_EQ_OQ); }
 inline FloatVec select(__m256 m, FloatVec a, FloatVec b) { return _mm256_blendv_ps(b.v, a.v, m); }
+// a + b in the lanes of m (add_where) or in the others (add_unless), a elsewhere.
+inline FloatVec add_where(__m256 m, FloatVec a, FloatVec b) { return _mm256_add_ps(a.v, _mm256_and_ps(m, b.v)); }
+inline FloatVec add_unless(__m256 m, FloatVec a, FloatVec b) { return _mm256_add_ps(a.v, _mm256_andnot_ps(m, b.v)); }
 inline float reduce_add(FloatVec a) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(a.v), _mm256_extractf128_ps(a.v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));

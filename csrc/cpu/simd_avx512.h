@@ -142,6 +142,11 @@ inline FloatVec fmadd(FloatVec a, FloatVec b, FloatVec c) { return _mm512_fmadd_
 inline FloatVec vmax(FloatVec a, FloatVec b) { return _mm512_max_ps(a.v, b.v); }
 inline __mmask16 equal(FloatVec a, FloatVec b) { return _mm512_cmp_ps_mask(a.v, b.v, _CMP_EQ_OQ); }
 inline FloatVec select(__mmask16 m, FloatVec a, FloatVec b) { return _mm512_mask_blend_ps(m, b.v, a.v); }
+// a + b in the lanes of m (add_where) or in the others (add_unless), a elsewhere: one masked add each.
+inline FloatVec add_where(__mmask16 m, FloatVec a, FloatVec b) { return _mm512_mask_add_ps(a.v, m, a.v, b.v); }
+inline FloatVec add_unless(__mmask16 m, FloatVec a, FloatVec b) {
+  return _mm512_mask_add_ps(a.v, static_cast<__mmask16>(~m), a.v, b.v);
+}
 inline float reduce_add(FloatVec a) { return _mm512_reduce_add_ps(a.v); }
 inline float reduce_max(FloatVec a) { return _mm512_reduce_max_ps(a.v); }
 

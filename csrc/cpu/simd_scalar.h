@@ -73,6 +73,8 @@ struct ScalarVec {
   friend ScalarVec vlog(ScalarVec a) { return std::log(a.v); }
   friend Mask equal(ScalarVec a, ScalarVec b) { return a.v == b.v; }
   friend ScalarVec select(Mask m, ScalarVec a, ScalarVec b) { return m ? a : b; }
+  friend ScalarVec add_where(Mask m, ScalarVec a, ScalarVec b) { return m ? a.v + b.v : a.v; }
+  friend ScalarVec add_unless(Mask m, ScalarVec a, ScalarVec b) { return m ? a.v : a.v + b.v; }
   friend acc_t reduce_add(ScalarVec a) { return a.v; }
   friend acc_t reduce_max(ScalarVec a) { return a.v; }
 };

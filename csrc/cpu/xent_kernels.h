@@ -111,7 +111,7 @@ struct CompensatedSum {
 // A position's sum of exps relative to its max. The max's own exp is exactly 1, and an accumulator holding it rounds
 // away every later exp below half an ulp of 1 (~6e-8): a near-certain prediction (p_y = 1 - 1e-6 over 17 classes)
 // would get a loss and a target gradient of 0. add() counts the exact 1s (the max and its ties) apart from the rest,
-// and the log of the total gets back what adding the two rounded off. That costs a compare and a select per exp:
+// and the log of the total gets back what adding the two rounded off. That costs a compare and a masked add per exp:
 // the NCHW lane kernels, whose one accumulator per position is PyTorch's own for such logits, add_plain() instead
 // (and the AVX row kernels need neither: the max rounds away only its own lane's share of the small exps).
 template <class V>
@@ -121,8 +121,8 @@ struct ExpSum {
   void add_plain(V e) { rest = rest + e; }
   void add(V e) {
     const auto one = equal(e, V(1));
-    ones = ones + select(one, V(1), V(0));
-    rest = rest + select(one, V(0), e);
+    ones = add_where(one, ones, V(1));
+    rest = add_unless(one, rest, e);
   }
   void add(const ExpSum& other) {
     ones = ones + other.ones;
