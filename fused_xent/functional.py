@@ -194,11 +194,9 @@ def _is_leaf_that_requires_grad(tensor) -> bool:
     """A leaf that requires grad, or a view of one: what PyTorch's in-place ops refuse to write to."""
     if not tensor.requires_grad:
         return False
-    if tensor.is_leaf:
-        return True
-    base = tensor._base
-    # A view whose base needs no gradient took its own from a view that was made a leaf (base[:].requires_grad_()).
-    return base is not None and (base.is_leaf or not base.requires_grad)
+    # A view of a leaf: one that requires grad, or one that needs none, whose view was made a leaf before this view
+    # of it was taken (base[:].requires_grad_()[:]). A view of an op's output has a non-leaf base.
+    return tensor.is_leaf or (tensor._base is not None and tensor._base.is_leaf)
 
 
 def _grad_mode_to_run(grad_mode, input, weight, problem) -> str:
