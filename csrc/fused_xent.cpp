@@ -9,7 +9,9 @@
 //   weight: optional (C,) per-class weights.
 //   reduction: 0 = none, 1 = mean, 2 = sum (PyTorch's at::Reduction values).
 // Outputs:
-//   loss: (N, S) for reduction none, else a 0-d tensor; dtype of logits.
+//   loss: (N, S) for reduction none, else a 0-d tensor; float32 (float64 for float64 logits), as computed. The
+//        caller rounds it to the logits' dtype, or keeps float32 under autocast (fused_xent/functional.py): one
+//        kernel serves both without an upcast copy of half-precision logits.
 //   lse: (N, S, 2), float32 (float64 for float64 logits): each position's log-sum-exp in two parts, [..., 0] the
 //        reference its exps were taken against (the max; 0 when every logit is -inf) and [..., 1] the log of their
 //        sum. All backward needs besides the inputs; kept apart because their float sum is rounded by |lse| 2^-24,

@@ -13,8 +13,9 @@ def kernel_strides_like(logits: torch.Tensor) -> torch.Tensor:
 
 
 def empty_loss(logits: torch.Tensor, reduction: int) -> torch.Tensor:
+    """The ops' loss: (N, S) or 0-d, in the accumulation dtype (see csrc/fused_xent.cpp)."""
     shape = (logits.shape[0], logits.shape[2]) if reduction == REDUCTION_NONE else ()
-    return logits.new_empty(shape)
+    return logits.new_empty(shape, dtype=accumulation_dtype(logits.dtype))
 
 
 def fake_fwd(logits, target, weight, reduction, ignore_index, label_smoothing):

@@ -92,7 +92,7 @@ def _options(reduction, ignore_index, label_smoothing) -> tuple[int, int, float]
     return REDUCTIONS[reduction], int(ignore_index), float(label_smoothing)
 
 
-def _check_weight(weight, input, num_classes, prob_target):
+def _check_weight(weight, input, logits_dtype, num_classes, prob_target):
     if weight is None:
         return
     if not isinstance(weight, torch.Tensor):
@@ -104,9 +104,9 @@ def _check_weight(weight, input, num_classes, prob_target):
         _fail(f"weight must be a 1-D tensor with one entry per class ({num_classes}), got shape {_shape(weight)}")
     if weight.device != input.device:
         _fail(f"weight is on {weight.device} but input is on {input.device}: move it with weight.to(input.device)")
-    if weight.dtype != input.dtype and not prob_target:
+    if weight.dtype != logits_dtype and not prob_target:
         _fail(
-            f"weight dtype {weight.dtype} differs from input dtype {input.dtype} (PyTorch requires them to match): "
+            f"weight dtype {weight.dtype} differs from input dtype {logits_dtype} (PyTorch requires them to match): "
             "pass weight.to(input.dtype)"
         )
 
@@ -204,7 +204,10 @@ def _flattens_to_a_view(input) -> bool:
                for (_, outer_stride), (inner_size, inner_stride) in zip(spatial, spatial[1:], strict=False))
 
 
-def prepare(input, target, weight, ignore_index, reduction, label_smoothing) -> Problem:
+def prepare(input, target, weight, ignore_index, reduction, label_smoothing, float32_logits=False) -> Problem:
+    """float32_logits: half-precision logits stand for their float32 values (autocast: see functional.py), so the
+    weight is checked against float32, and a float32 weight joins no dtype promotion (the kernels read weights in
+    float32 whatever their dtype)."""
     _check_input(input)
     reduction, ignore_index, label_smoothing = _options(reduction, ignore_index, label_smoothing)
     original_input = input
@@ -216,17 +219,17 @@ def prepare(input, target, weight, ignore_index, reduction, label_smoothing) -> 
     class_dim = 0 if input.dim() == 1 else 1
     num_classes = input.shape[class_dim]
     prob_target = target.shape == input.shape
-    _check_weight(weight, input, num_classes, prob_target)
+    _check_weight(weight, input, torch.float32 if float32_logits else input.dtype, num_classes, prob_target)
 
     if prob_target:
         _check_prob_target(target, input, ignore_index)
         # PyTorch multiplies probabilities, weights and log-probabilities with type promotion; the kernels want one
         # dtype, so promote up front (a no-op in the usual case of matching dtypes).
         common = torch.promote_types(input.dtype, target.dtype)
-        if weight is not None:
+        if weight is not None and not float32_logits:
             common = torch.promote_types(common, weight.dtype)
+            weight = weight.to(common)
         input, target = input.to(common), target.to(common)
-        weight = None if weight is None else weight.to(common)
     else:
         if input.dim() == 1 and target.shape == (1,):
             target = target.view(())  # PyTorch accepts it for an unbatched input

@@ -47,11 +47,31 @@ def _weight_grad(scaled_log_probs, target, label_smoothing, dtype):
     return -(smoothed * scaled_log_probs).sum((0, 2)).to(dtype)
 
 
+_HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
 def _autocast_to_float32(tensor):
     """PyTorch's autocast runs cross entropy in float32: each float16/bfloat16 argument is cast, others are not."""
-    if isinstance(tensor, torch.Tensor) and tensor.dtype in (torch.float16, torch.bfloat16):
+    if isinstance(tensor, torch.Tensor) and tensor.dtype in _HALF_DTYPES:
         return tensor.float()
     return tensor
+
+
+def _autocast_arguments(input, target, weight):
+    """The arguments under autocast -> (input, target, weight, float32_logits). PyTorch casts each half-precision
+    argument to float32. Half-precision logits, and a probability target of their dtype, are left as they are
+    (float32_logits): every such value is exact in float32 and the kernels compute in float32, so the loss and
+    gradient are those of the cast arguments, without the float32 copy of the logits and its float32 gradient
+    (three times the logits' memory). Any other mix is cast as PyTorch casts it."""
+    weight = _autocast_to_float32(weight)
+    reads_logits_as_they_are = (
+        isinstance(input, torch.Tensor) and input.dtype in _HALF_DTYPES
+        and isinstance(target, torch.Tensor) and (not target.is_floating_point() or target.dtype == input.dtype)
+        and (not isinstance(weight, torch.Tensor) or weight.dtype == torch.float32)
+    )
+    if reads_logits_as_they_are:
+        return input, target, weight, True
+    return _autocast_to_float32(input), _autocast_to_float32(target), weight, False
 
 
 def _autocast_enabled(input) -> bool:
@@ -118,7 +138,7 @@ class FusedCrossEntropyFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, logits, target, weight, reduction, ignore_index, label_smoothing, backend, grad_mode):
+    def forward(ctx, logits, target, weight, reduction, ignore_index, label_smoothing, backend, grad_mode, loss_dtype):
         ops = _backends.backend_ops(backend)
         ctx.options = (reduction, ignore_index, label_smoothing)
         ctx.backend = backend
@@ -138,7 +158,7 @@ class FusedCrossEntropyFunction(torch.autograd.Function):
             if version is not None and logits._version == version:
                 torch.autograd.graph.increment_version(logits)
             ctx.save_for_backward(logits, target)
-        return loss
+        return reference.cast(loss, loss_dtype)  # the ops return the loss as computed, in float32 or float64
 
     @staticmethod
     def backward(ctx, grad_loss):
@@ -152,8 +172,8 @@ class FusedCrossEntropyFunction(torch.autograd.Function):
                 )
             if _unit_grad_is_exact(grad_loss):
                 ctx.gradient_handed_out = True
-                return grad, None, None, None, None, None, None, None
-            return scale_unit_grad(grad, grad_loss, target, ignore_index), None, None, None, None, None, None, None
+                return grad, None, None, None, None, None, None, None, None
+            return (scale_unit_grad(grad, grad_loss, target, ignore_index),) + (None,) * 8
         logits, target, weight, lse, total_weight = ctx.saved_tensors
         ops = _backends.backend_ops(ctx.backend)
         if torch.is_grad_enabled():
@@ -174,10 +194,10 @@ class FusedCrossEntropyFunction(torch.autograd.Function):
                 grad_target = _target_grad(scaled_log_probs, weight, label_smoothing, target.dtype)
             if ctx.needs_input_grad[2]:
                 grad_weight = _weight_grad(scaled_log_probs, target, label_smoothing, weight.dtype)
-        return grad_logits, grad_target, grad_weight, None, None, None, None, None
+        return grad_logits, grad_target, grad_weight, None, None, None, None, None, None
 
 
-def _loss_from_reference_ops(problem):
+def _loss_from_reference_ops(problem, loss_dtype):
     """The loss under a function transform, which needs rules (batching, forward derivatives) for every op it meets:
     the fused kernels have none, the reference implementation's PyTorch ops have them all. The value checks branch
     on data, which vmap cannot: under vmap an out-of-range class gives NaN instead."""
@@ -187,6 +207,7 @@ def _loss_from_reference_ops(problem):
         problem.logits, problem.target, problem.weight, problem.reduction, problem.ignore_index,
         problem.label_smoothing,
     )[0]
+    loss = reference.cast(loss, loss_dtype)
     return loss.view(problem.loss_shape) if problem.reduction == REDUCTION_NONE else loss
 
 
@@ -260,9 +281,11 @@ def cross_entropy(
     if size_average is not None or reduce is not None:
         reduction = _reduction.legacy_get_string(size_average, reduce)
     check_grad_mode(grad_mode)
+    float32_logits = False
     if _autocast_enabled(input):
-        input, target, weight = (_autocast_to_float32(t) for t in (input, target, weight))
-    problem = prepare(input, target, weight, ignore_index, reduction, label_smoothing)
+        input, target, weight, float32_logits = _autocast_arguments(input, target, weight)
+    problem = prepare(input, target, weight, ignore_index, reduction, label_smoothing, float32_logits)
+    loss_dtype = torch.float32 if float32_logits else problem.logits.dtype
     ops = _backends.resolve(backend, problem.logits.device)
     if problem.logits.shape[1] == 0:
         # No classes: no kernel work, and answers (empty, 0, NaN, or an out-of-bounds error) best left to PyTorch.
@@ -271,11 +294,11 @@ def cross_entropy(
             input, target, weight, ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing
         )
     if _function_transform_active(problem.logits, problem.target, problem.weight):
-        return _loss_from_reference_ops(problem)
+        return _loss_from_reference_ops(problem, loss_dtype)
     check_values(problem, check_targets=not ops.checks_targets)
     grad_mode = _grad_mode_to_run(grad_mode, input, weight, problem)
     loss = FusedCrossEntropyFunction.apply(
         problem.logits, problem.target, problem.weight, problem.reduction, problem.ignore_index,
-        problem.label_smoothing, ops.name, grad_mode,
+        problem.label_smoothing, ops.name, grad_mode, loss_dtype,
     )
     return loss.view(problem.loss_shape) if problem.reduction == REDUCTION_NONE else loss

@@ -67,25 +67,26 @@ def _per_position(logits, target, weight, ignore_index, label_smoothing):
     return loss, lse, target_weight.sum()
 
 
-def _cast(result, dtype):
+def cast(result, dtype):
     """result in dtype, never as an alias of itself: torch 2.11's torch.compile drops the gradient of an
     autograd.Function whose output is a same-dtype .to() of an intermediate (it returns zeros)."""
     return result if result.dtype == dtype else result.to(dtype)
 
 
-def _reduce(loss, total_weight, reduction, dtype):
+def _reduce(loss, total_weight, reduction):
     if reduction == REDUCTION_NONE:
-        return _cast(loss, dtype)
+        return loss
     total = loss.sum()
     if reduction == REDUCTION_MEAN:
         # Over zero target weight NaN, whatever the smoothing terms add: PyTorch's NLL part is 0/0.
         total = torch.where(total_weight == 0, torch.nan, total / total_weight)
-    return _cast(total, dtype)
+    return total
 
 
 def cross_entropy_fwd(logits, target, weight, reduction, ignore_index, label_smoothing):
+    """-> (loss, lse, total_weight), all in the accumulation dtype, as the ops return them."""
     loss, lse, total_weight = _per_position(logits, target, weight, ignore_index, label_smoothing)
-    return _reduce(loss, total_weight, reduction, logits.dtype), lse, total_weight
+    return _reduce(loss, total_weight, reduction), lse, total_weight
 
 
 def cross_entropy_bwd(grad_loss, logits, target, weight, lse, total_weight, reduction, ignore_index, label_smoothing):
@@ -100,7 +101,7 @@ def cross_entropy_bwd(grad_loss, logits, target, weight, lse, total_weight, redu
     if target.is_floating_point():
         smoothed = w * (target.to(x.dtype) * (1.0 - label_smoothing) + label_smoothing / num_classes)
         grad = smoothed.sum(1, keepdim=True) * probs - smoothed
-        return _cast(scale * grad, logits.dtype)
+        return cast(scale * grad, logits.dtype)
     safe_target, target_weight = (t.unsqueeze(1) for t in _target_weights(target, w.view(-1), ignore_index))
     one_hot = torch.zeros_like(x).scatter_(1, safe_target, 1.0)
     grad = (1.0 - label_smoothing) * target_weight * (probs - one_hot)
@@ -109,7 +110,7 @@ def cross_entropy_bwd(grad_loss, logits, target, weight, lse, total_weight, redu
     kept = (target != ignore_index).unsqueeze(1)
     # The scale of an ignored position is zeroed too, not only its gradient: a double backward differentiates
     # scale * grad, where a NaN scale (a mean over zero target weight) would reach the ignored rows as NaN * 0.
-    return _cast(torch.where(kept, torch.where(kept, scale, 0) * grad, 0), logits.dtype)
+    return cast(torch.where(kept, torch.where(kept, scale, 0) * grad, 0), logits.dtype)
 
 
 def _unit_grad_loss(loss, reduction):

@@ -272,9 +272,9 @@ def _forward_kernel(logits_ptr, target_ptr, weight_ptr, weight_sum_ptr, total_we
                     SPATIAL: tl.constexpr, PROB_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr,
                     HAS_SMOOTHING: tl.constexpr, REDUCTION: tl.constexpr, WRITE_GRAD: tl.constexpr,
                     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Per-position loss (into loss_ptr: the output for reduction none, else a float32/64 buffer) and lse
-    (_store_lse); with WRITE_GRAD, the gradient for grad_loss = 1 instead of lse (total_weight must then
-    already hold the mean's denominator)."""
+    """Per-position loss (into loss_ptr, in the accumulation dtype: the output for reduction none, else what
+    _reduce sums) and lse (_store_lse); with WRITE_GRAD, the gradient for grad_loss = 1 instead of lse
+    (total_weight must then already hold the mean's denominator)."""
     ACC = total_weight_ptr.dtype.element_ty
     label_smoothing = tl.cast(smoothing_hi, ACC) + tl.cast(smoothing_lo, ACC)
     _, _, index, offset, in_range = _position_block(num_positions, S, stride_n, stride_s, BLOCK_P, SPATIAL)
@@ -299,7 +299,7 @@ def _forward_kernel(logits_ptr, target_ptr, weight_ptr, weight_sum_ptr, total_we
         loss = _index_target_loss(log_sum, (reference - target_logit) + log_sum, weight_of_target, weight_sum,
                                   relative_dot, label_smoothing, C, HAS_SMOOTHING)
         loss = tl.where(counted, loss, 0.0)  # stays NaN for an out-of-range target: its weight is NaN
-    tl.store(loss_ptr + index, loss.to(loss_ptr.dtype.element_ty), mask=in_range)
+    tl.store(loss_ptr + index, loss, mask=in_range)
 
     if WRITE_GRAD:
         scale = tl.full([BLOCK_P], 1.0, ACC)
@@ -413,7 +413,7 @@ def _split_combine_kernel(stats_ptr, logits_ptr, target_ptr, weight_ptr, weight_
     weight_sum = _class_weight_sum(weight_sum_ptr, C, HAS_WEIGHT, ACC)
     loss = _index_target_loss(log_sum, (reference - target_logit) + log_sum, weight_of_target, weight_sum,
                               relative_dot, label_smoothing, C, HAS_SMOOTHING)
-    tl.store(loss_ptr + index, tl.where(counted, loss, 0.0).to(loss_ptr.dtype.element_ty), mask=in_range)
+    tl.store(loss_ptr + index, tl.where(counted, loss, 0.0), mask=in_range)
     _store_lse(lse_ptr, index, in_range, reference, log_sum)
 
 
@@ -746,33 +746,32 @@ def _empty_lse(p: _Problem) -> torch.Tensor:
     return torch.empty((N, S, 2), dtype=p.acc_dtype, device=p.logits.device)
 
 
-def _loss_buffer(p: _Problem, reduction: int) -> torch.Tensor:
-    """Where the kernel writes per-position losses: the output itself for reduction none, else a buffer in the
-    accumulation dtype that _reduce sums."""
+def _loss_buffer(p: _Problem) -> torch.Tensor:
+    """Where the kernel writes per-position losses, in the accumulation dtype: the output itself for reduction
+    none, else what _reduce sums."""
     N, _, S = p.logits.shape
-    dtype = p.logits.dtype if reduction == REDUCTION_NONE else p.acc_dtype
-    return torch.empty((N, S), dtype=dtype, device=p.logits.device)
+    return torch.empty((N, S), dtype=p.acc_dtype, device=p.logits.device)
 
 
-def _reduce(loss_buffer, total_weight, reduction, dtype) -> torch.Tensor:
+def _reduce(loss_buffer, total_weight, reduction) -> torch.Tensor:
     if reduction == REDUCTION_NONE:
         return loss_buffer
     total = loss_buffer.sum()
     if reduction == REDUCTION_MEAN:
         # Over zero target weight NaN, whatever the smoothing terms add: PyTorch's NLL part is 0/0.
         total = torch.where(total_weight == 0, torch.nan, total / total_weight)
-    return total.to(dtype)
+    return total
 
 
 def cross_entropy_fwd(logits, target, weight, reduction, ignore_index, label_smoothing):
-    """-> (loss, lse, total_weight): loss (N, S) or 0-d in the logits dtype, lse (N, S, 2) and total_weight 0-d in
-    the accumulation dtype."""
+    """-> (loss, lse, total_weight), all in the accumulation dtype: loss (N, S) or 0-d, lse (N, S, 2) and
+    total_weight 0-d."""
     p = _problem(logits, target, weight, reduction)
     total_weight = _total_weight(p, ignore_index)
-    loss_buffer = _loss_buffer(p, reduction)
+    loss_buffer = _loss_buffer(p)
     lse = _empty_lse(p)
     _launch_forward(p, total_weight, loss_buffer, lse, None, reduction, ignore_index, label_smoothing)
-    return _reduce(loss_buffer, total_weight, reduction, logits.dtype), lse, total_weight
+    return _reduce(loss_buffer, total_weight, reduction), lse, total_weight
 
 
 def cross_entropy_bwd(grad_loss, logits, target, weight, lse, total_weight, reduction, ignore_index, label_smoothing):
@@ -799,9 +798,9 @@ def _forward_with_grad(p, grad, reduction, ignore_index, label_smoothing):
         total_weight = _total_weight(p, ignore_index)
     else:
         total_weight = torch.empty((), dtype=p.acc_dtype, device=p.logits.device)
-    loss_buffer = _loss_buffer(p, reduction)
+    loss_buffer = _loss_buffer(p)
     _launch_forward(p, total_weight, loss_buffer, None, grad, reduction, ignore_index, label_smoothing)
-    return _reduce(loss_buffer, total_weight, reduction, p.logits.dtype)
+    return _reduce(loss_buffer, total_weight, reduction)
 
 
 def cross_entropy_fwd_grad(logits, target, weight, reduction, ignore_index, label_smoothing):

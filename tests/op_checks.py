@@ -35,6 +35,7 @@ def check_all_ops(ops, x, y, weight=None, reduction="mean", ignore_index=-100, s
     """Runs the four ops of the library `ops` (torch.ops.fused_xent, or an emulation of it) on x (any layout) and
     compares loss, lse, total_weight and gradients with PyTorch."""
     dtype = x.dtype
+    acc_dtype = torch.float64 if dtype == torch.float64 else torch.float32
     w = weight.to(dtype) if weight is not None else None  # the weight the ops see, rounded to the logits' dtype
     ref_loss, ref_grad = reference(x, y, w, reduction, ignore_index, smoothing)
     x3, y3 = as_ncs(x, y)
@@ -42,12 +43,14 @@ def check_all_ops(ops, x, y, weight=None, reduction="mean", ignore_index=-100, s
     red = REDUCTIONS[reduction]
     expected_loss = ref_loss.reshape(N, S) if reduction == "none" else ref_loss
 
+    # The loss as computed, in the accumulation dtype and to its precision, whatever the logits' dtype (the front end
+    # rounds it, or keeps float32 under autocast).
     loss, lse, total_weight = ops.cross_entropy_fwd(x3, y3, w, red, ignore_index, smoothing)
-    assert loss.dtype == dtype
-    assert_close(loss, expected_loss, dtype, "forward loss")
+    assert loss.dtype == acc_dtype
+    assert_close(loss, expected_loss, acc_dtype, "forward loss")
     # lse in two parts: each position's max and the log of its sum of exps relative to that max. An ignored
     # position's row is not read: its lse is that of no classes, (0, -inf).
-    assert lse.dtype == (torch.float64 if dtype == torch.float64 else torch.float32) and lse.shape == (N, S, 2)
+    assert lse.dtype == acc_dtype and lse.shape == (N, S, 2)
     expected_max, expected_lse, _ = expected_lse_of(x3, y3, ignore_index, lse.dtype)
     torch.testing.assert_close(lse[..., 0], expected_max, rtol=0, atol=0)
     lse_rtol = 1e-10 if dtype == torch.float64 else 1e-5
@@ -61,12 +64,14 @@ def check_all_ops(ops, x, y, weight=None, reduction="mean", ignore_index=-100, s
 
     loss2, grad = ops.cross_entropy_fwd_grad(x3, y3, w, red, ignore_index, smoothing)
     assert grad.dtype == dtype and grad.stride() == x3.stride()
-    assert_close(loss2, expected_loss, dtype, "fwd_grad loss")
+    assert loss2.dtype == acc_dtype
+    assert_close(loss2, expected_loss, acc_dtype, "fwd_grad loss")
     assert_grad_close(grad.reshape(x.shape), ref_grad, dtype, "fwd_grad gradient")
 
     overwritten = x.clone()
     loss3 = ops.cross_entropy_fwd_grad_(as_ncs(overwritten, y)[0], y3, w, red, ignore_index, smoothing)
-    assert_close(loss3, expected_loss, dtype, "fwd_grad_ loss")
+    assert loss3.dtype == acc_dtype
+    assert_close(loss3, expected_loss, acc_dtype, "fwd_grad_ loss")
     assert_grad_close(overwritten, ref_grad, dtype, "fwd_grad_ gradient (in place)")
 
     if reduction == "none":

@@ -7,7 +7,16 @@ import threading
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import backends_for, make_class_target, make_logits
+from helpers import (
+    assert_close,
+    assert_grad_close,
+    backend_cases,
+    backends_for,
+    make_class_target,
+    make_logits,
+    make_prob_target,
+    poison_cuda_cache,
+)
 
 import fused_xent
 
@@ -75,20 +84,42 @@ def test_inputs_without_grad(backend):
     torch.testing.assert_close(loss, F.cross_entropy(x, t))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("device,backend", backend_cases())
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-def test_autocast_computes_in_float32_like_pytorch(backend, dtype):
-    x = make_logits((6, 33), "contiguous", torch.bfloat16).requires_grad_(True)
-    t = make_class_target((6,), 33)
-    with torch.autocast("cpu", dtype=dtype):
-        loss = fused_xent.cross_entropy(x, t, backend=backend)
-        expected = F.cross_entropy(x, t)
+@pytest.mark.parametrize("grad_mode", ["recompute", "in_forward", "inplace"])
+@pytest.mark.parametrize("case", ["index", "index-weight", "half-weight-none", "probs", "float32-probs"])
+def test_autocast_computes_in_float32_like_pytorch(device, backend, dtype, grad_mode, case):
+    """Autocast runs cross entropy in float32 (float32 loss; the gradient of half-precision logits in their dtype).
+    fused_xent reads half-precision logits as they are, without PyTorch's float32 copy: the loss must be float32 to
+    float32's precision, and the gradient PyTorch's float32 gradient rounded once. A probability target of another
+    dtype takes PyTorch's casts."""
+    g = torch.Generator().manual_seed(11)
+    leaf = make_logits((6, 4, 3, 11), "channels_last", dtype, device, generator=g).requires_grad_(True)
+    kwargs = {"label_smoothing": 0.1, "reduction": "none" if case == "half-weight-none" else "mean"}
+    if case == "probs":
+        target = make_prob_target(leaf, generator=g)
+    elif case == "float32-probs":
+        target = make_prob_target(leaf.float(), generator=g)
+    else:
+        target = make_class_target((6, 3, 11), 4, device, ignore_index=-100, generator=g)
+    if "weight" in case:
+        weight = torch.rand(4, generator=g) + 0.5
+        kwargs["weight"] = weight.to(device, dtype if case.startswith("half") else torch.float32)
+    logits = leaf.clone() if grad_mode == "inplace" else leaf  # inplace refuses leaves
+    poison_cuda_cache()
+    with torch.autocast(device, dtype=dtype):
+        loss = fused_xent.cross_entropy(logits, target, backend=backend, grad_mode=grad_mode, **kwargs)
+        expected = F.cross_entropy(leaf, target, **kwargs)
     assert loss.dtype == expected.dtype == torch.float32
-    torch.testing.assert_close(loss, expected)
-    (grad,) = torch.autograd.grad(loss, x)
-    (expected_grad,) = torch.autograd.grad(expected, x)
-    assert grad.dtype == torch.bfloat16
-    torch.testing.assert_close(grad, expected_grad)
+    upstream = (torch.rand(loss.shape, generator=g) + 0.5).to(device)
+    (grad,) = torch.autograd.grad(loss, leaf, upstream)
+    (expected_grad,) = torch.autograd.grad(expected, leaf, upstream)
+    assert grad.dtype == dtype
+    float64_kwargs = dict(kwargs, weight=kwargs["weight"].double()) if "weight" in kwargs else kwargs
+    float64_loss = F.cross_entropy(leaf.double(), target.double() if target.is_floating_point() else target,
+                                   **float64_kwargs)
+    assert_close(loss, float64_loss, torch.float32, "loss")
+    assert_grad_close(grad, expected_grad.double(), dtype, "gradient")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

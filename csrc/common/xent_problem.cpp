@@ -75,7 +75,7 @@ at::Tensor empty_like_logits(const Problem& problem) {
 }
 
 at::Tensor empty_loss(const Problem& problem) {
-  auto options = problem.logits.options();
+  auto options = problem.logits.options().dtype(problem.acc_dtype());
   return problem.reduction == kReductionNone ? at::empty({problem.N, problem.S}, options) : at::empty({}, options);
 }
 

@@ -39,7 +39,7 @@ Problem make_problem(const at::Tensor& logits, const at::Tensor& target, const c
 // An uninitialized tensor of the shape and strides of problem.logits, for the gradient.
 at::Tensor empty_like_logits(const Problem& problem);
 
-// The loss output: (N, S) for reduction none, 0-d otherwise, in the dtype of logits.
+// The loss output: (N, S) for reduction none, 0-d otherwise, in the accumulation dtype (see csrc/fused_xent.cpp).
 at::Tensor empty_loss(const Problem& problem);
 
 }  // namespace fused_xent

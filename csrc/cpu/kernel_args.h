@@ -24,7 +24,7 @@ struct BlockResult {
 //   forward + grad:   grad != nullptr, lse_in == nullptr (grad for grad_loss = grad_loss_scalar)
 //   backward:         grad != nullptr, lse_in != nullptr
 struct KernelArgs {
-  at::ScalarType dtype;  // of logits, probability targets, loss and grad
+  at::ScalarType dtype;  // of logits, probability targets and grad
   Layout layout;
   int64_t N, C, S;
   int64_t stride_n, stride_c, stride_s;  // of logits, and of probability targets and grad, which share them
@@ -38,7 +38,7 @@ struct KernelArgs {
   int64_t ignore_index;
   double label_smoothing;
 
-  void* loss;  // (N, S) contiguous per-position losses (reduction none), or nullptr
+  void* loss;  // (N, S) contiguous per-position losses (reduction none), accumulation dtype; or nullptr
   void* lse;   // (N, S, 2) contiguous, accumulation dtype: each position's reference and log_sum; or nullptr
   void* grad;  // strides of logits; may be the logits themselves (in place)
 

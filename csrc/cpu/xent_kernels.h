@@ -31,7 +31,7 @@ struct Typed {
   const int64_t* target_index;
   T* grad;
   const acc_t* weight;
-  T* loss;
+  acc_t* loss;
   acc_t* lse;  // forward: (N, S, 2), each position's reference and log_sum
   const acc_t* lse_in;
   const acc_t* grad_loss;
@@ -47,7 +47,7 @@ struct Typed {
         target_index(a.target_index),
         grad(static_cast<T*>(a.grad)),
         weight(static_cast<const acc_t*>(a.weight)),
-        loss(static_cast<T*>(a.loss)),
+        loss(static_cast<acc_t*>(a.loss)),
         lse(static_cast<acc_t*>(a.lse)),
         lse_in(static_cast<const acc_t*>(a.lse_in)),
         grad_loss(static_cast<const acc_t*>(a.grad_loss)),
@@ -173,7 +173,7 @@ void record_ignored(const Typed<V, T>& a, int64_t position, int64_t count) {
       a.lse[2 * i] = 0;
       a.lse[2 * i + 1] = -std::numeric_limits<typename V::value_type>::infinity();
     }
-    if (a.loss) a.loss[i] = static_cast<T>(0);
+    if (a.loss) a.loss[i] = 0;
   }
 }
 

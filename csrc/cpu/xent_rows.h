@@ -183,7 +183,7 @@ void row_forward(const Typed<V, T>& a, int64_t position, RowScratch<typename V::
     result.weight_sum += weight_of_target;
   }
   result.loss_sum += loss;
-  if (a.loss) a.loss[position] = static_cast<T>(loss);
+  if (a.loss) a.loss[position] = loss;
   if (!g) return;
 
   // Gradient: p[c] = exps[c] * exp(chunk_max - max) / sum_exp, one factor per chunk.

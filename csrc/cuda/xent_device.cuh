@@ -42,7 +42,7 @@ struct XentParams {
 
   // Forward outputs.
   acc_t* lse;                    // (N, S, 2): each position's finite_max and log(sum) (saved_lse), or null
-  scalar_t* loss_rows;           // (N, S) per-position loss (reduction none), or null
+  acc_t* loss_rows;              // (N, S) per-position loss (reduction none), or null
   acc_t* loss_partials;          // one per thread block (reduction mean/sum), or null
   acc_t* weight_partials;        // one per thread block: sum of weight[target] (class-index targets), or null
 
@@ -423,7 +423,7 @@ __device__ __forceinline__ void record_position(const XentParams<scalar_t>& p, i
     p.lse[2 * r] = st.finite_max();
     p.lse[2 * r + 1] = log_sum;
   }
-  if (p.loss_rows) p.loss_rows[r] = static_cast<scalar_t>(position.loss);
+  if (p.loss_rows) p.loss_rows[r] = position.loss;
   loss_acc += position.loss;
   weight_acc += position.counted_weight;
 }

@@ -196,8 +196,8 @@ ForwardResult run_forward(const Problem& p, const at::Tensor& grad, bool want_ls
     acc_t* total_weight = out.total_weight.data_ptr<acc_t>();
     q.total_weight = total_weight;
     q.lse = want_lse ? out.lse.data_ptr<acc_t>() : nullptr;
-    q.loss_rows = p.reduction == kReductionNone ? out.loss.data_ptr<scalar_t>() : nullptr;
-    scalar_t* reduced_loss = p.reduction == kReductionNone ? nullptr : out.loss.data_ptr<scalar_t>();
+    q.loss_rows = p.reduction == kReductionNone ? out.loss.data_ptr<acc_t>() : nullptr;
+    acc_t* reduced_loss = p.reduction == kReductionNone ? nullptr : out.loss.data_ptr<acc_t>();
 
     // Points q at fresh per-block partials for a kernel of `grid` blocks; true if the main kernel sums the weights.
     at::Tensor partials;
@@ -208,8 +208,8 @@ ForwardResult run_forward(const Problem& p, const at::Tensor& grad, bool want_ls
     };
     auto finalize = [&](int64_t grid) {
       if (q.loss_partials || q.weight_partials) {
-        launch_finalize<scalar_t>(q.loss_partials, q.weight_partials, grid, total_weight, reduced_loss, p.reduction,
-                                  stream);
+        launch_finalize<acc_t>(q.loss_partials, q.weight_partials, grid, total_weight, reduced_loss, p.reduction,
+                               stream);
       }
     };
     // A fused mean needs total_weight before its gradient: one cheap pass over the class indices first.
@@ -218,8 +218,8 @@ ForwardResult run_forward(const Problem& p, const at::Tensor& grad, bool want_ls
       at::Tensor weight_partials = at::empty({shape.grid}, acc_options);
       launch_target_weight<acc_t>(q.target_index, positions, p.ignore_index, p.C, q.weight,
                                   weight_partials.data_ptr<acc_t>(), shape, stream);
-      launch_finalize<scalar_t>(nullptr, weight_partials.data_ptr<acc_t>(), shape.grid, total_weight, nullptr,
-                                p.reduction, stream);
+      launch_finalize<acc_t>(nullptr, weight_partials.data_ptr<acc_t>(), shape.grid, total_weight, nullptr,
+                             p.reduction, stream);
     };
 
     // Split forward (class-index targets): statistics per split, combine per position (lse, loss, partials),

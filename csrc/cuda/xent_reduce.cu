@@ -24,11 +24,10 @@ __global__ void __launch_bounds__(256)
   if (threadIdx.x == 0) partials[blockIdx.x] = total;
 }
 
-template <typename scalar_t>
+template <typename acc_t>
 __global__ void __launch_bounds__(kFinalizeThreads)
-    finalize_kernel(const acc_type<scalar_t>* loss_partials, const acc_type<scalar_t>* weight_partials,
-                    int64_t count, acc_type<scalar_t>* total_weight, scalar_t* loss, int64_t reduction) {
-  using acc_t = acc_type<scalar_t>;
+    finalize_kernel(const acc_t* loss_partials, const acc_t* weight_partials, int64_t count, acc_t* total_weight,
+                    acc_t* loss, int64_t reduction) {
   acc_t loss_sum = 0, weight_sum = 0;
   for (int64_t i = threadIdx.x; i < count; i += blockDim.x) {
     if (loss_partials) loss_sum += loss_partials[i];
@@ -46,7 +45,7 @@ __global__ void __launch_bounds__(kFinalizeThreads)
   if (loss) {
     // A mean over zero target weight is NaN whatever the smoothing terms add, as PyTorch's 0/0 NLL part makes it.
     const acc_t mean = denominator == acc_t(0) ? quiet_nan<acc_t>() : loss_sum / denominator;
-    *loss = static_cast<scalar_t>(reduction == kReductionMean ? mean : loss_sum);
+    *loss = reduction == kReductionMean ? mean : loss_sum;
   }
 }
 
@@ -59,11 +58,10 @@ void launch_target_weight(const int64_t* target, int64_t positions, int64_t igno
                 num_classes, weight, partials);
 }
 
-template <typename scalar_t>
-void launch_finalize(const acc_type<scalar_t>* loss_partials, const acc_type<scalar_t>* weight_partials,
-                     int64_t count, acc_type<scalar_t>* total_weight, scalar_t* loss, int64_t reduction,
-                     cudaStream_t stream) {
-  launch_kernel(finalize_kernel<scalar_t>, 1, kFinalizeThreads, stream, loss_partials, weight_partials, count,
+template <typename acc_t>
+void launch_finalize(const acc_t* loss_partials, const acc_t* weight_partials, int64_t count, acc_t* total_weight,
+                     acc_t* loss, int64_t reduction, cudaStream_t stream) {
+  launch_kernel(finalize_kernel<acc_t>, 1, kFinalizeThreads, stream, loss_partials, weight_partials, count,
                 total_weight, loss, reduction);
 }
 
@@ -71,11 +69,9 @@ template void launch_target_weight<float>(const int64_t*, int64_t, int64_t, int6
                                           const LaunchShape&, cudaStream_t);
 template void launch_target_weight<double>(const int64_t*, int64_t, int64_t, int64_t, const double*, double*,
                                            const LaunchShape&, cudaStream_t);
-#define INSTANTIATE(T)                                                                                           \
-  template void launch_finalize<T>(const acc_type<T>*, const acc_type<T>*, int64_t, acc_type<T>*, T*, int64_t, \
-                                   cudaStream_t);
-FUSED_XENT_FOR_EACH_SCALAR(INSTANTIATE)
-#undef INSTANTIATE
+template void launch_finalize<float>(const float*, const float*, int64_t, float*, float*, int64_t, cudaStream_t);
+template void launch_finalize<double>(const double*, const double*, int64_t, double*, double*, int64_t,
+                                      cudaStream_t);
 
 }  // namespace cuda
 }  // namespace fused_xent
