@@ -187,6 +187,30 @@ def test_torch_compile_with_the_gradient_over_the_logits(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("grad_mode", ["recompute", "in_forward", "inplace"])
+def test_torch_compile_under_autocast(backend, grad_mode):
+    """A bfloat16 LM head under autocast, compiled whole: the loss is float32 (the kernels read the bfloat16 logits
+    as they are) and matches eager PyTorch, and so do the head's gradients."""
+    torch._dynamo.reset()
+    head = torch.nn.Linear(16, 40).to(torch.bfloat16)
+    hidden, target = torch.randn(12, 16, dtype=torch.bfloat16), torch.randint(0, 40, (12,))
+
+    def step(loss_fn, **kwargs):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return loss_fn(head(hidden), target, label_smoothing=0.1, **kwargs)
+
+    compiled = torch.compile(lambda: step(fused_xent.cross_entropy, grad_mode=grad_mode, backend=backend),
+                             fullgraph=True, backend="aot_eager")
+    loss = compiled()
+    got = torch.autograd.grad(loss, head.weight)[0]
+    expected_loss = step(F.cross_entropy)
+    expected = torch.autograd.grad(expected_loss, head.weight)[0]
+    assert loss.dtype == expected_loss.dtype == torch.float32
+    torch.testing.assert_close(loss, expected_loss)
+    torch.testing.assert_close(got, expected)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("grad_mode", ["recompute", "in_forward", "inplace"])
 def test_torch_compile_with_dynamic_shapes(backend, grad_mode):
     """Symbolic sizes and strides (dynamic=True; a changing class count recompiles with them by default): the layout
     checks of the in-place mode compare them without sorting, which Dynamo cannot trace over symbols."""
