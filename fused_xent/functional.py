@@ -57,15 +57,21 @@ def _autocast_to_float32(tensor):
     return tensor
 
 
-def _autocast_arguments(input, target, weight):
+def _autocast_arguments(input, target, weight, grad_mode):
     """The arguments under autocast -> (input, target, weight, float32_logits). PyTorch casts each half-precision
     argument to float32. Half-precision logits, and a probability target of their dtype, are left as they are
     (float32_logits): every such value is exact in float32 and the kernels compute in float32, so the loss and
     gradient are those of the cast arguments, without the float32 copy of the logits and its float32 gradient
-    (three times the logits' memory). Any other mix is cast as PyTorch casts it."""
+    (four times the memory of bfloat16 logits). Any other mix is cast as PyTorch casts it.
+
+    Not for in_forward and inplace when the logits need a gradient: they would store the gradient for an upstream
+    gradient of 1 in half precision and scale it in backward, where mixed precision's loss scale (GradScaler's
+    65536, a loss divided by the accumulation steps) then scales a rounded gradient, in float16 one whose small
+    entries have underflowed to 0. On the float32 copy they scale a float32 gradient, as PyTorch does."""
     weight = _autocast_to_float32(weight)
+    gradient_made_in_forward = grad_mode != "recompute" and torch.is_grad_enabled() and input.requires_grad
     reads_logits_as_they_are = (
-        isinstance(input, torch.Tensor) and input.dtype in _HALF_DTYPES
+        isinstance(input, torch.Tensor) and input.dtype in _HALF_DTYPES and not gradient_made_in_forward
         and isinstance(target, torch.Tensor) and (not target.is_floating_point() or target.dtype == input.dtype)
         and (not isinstance(weight, torch.Tensor) or weight.dtype == torch.float32)
     )
@@ -283,7 +289,7 @@ def cross_entropy(
     check_grad_mode(grad_mode)
     float32_logits = False
     if _autocast_enabled(input):
-        input, target, weight, float32_logits = _autocast_arguments(input, target, weight)
+        input, target, weight, float32_logits = _autocast_arguments(input, target, weight, grad_mode)
     problem = prepare(input, target, weight, ignore_index, reduction, label_smoothing, float32_logits)
     loss_dtype = torch.float32 if float32_logits else problem.logits.dtype
     ops = _backends.resolve(backend, problem.logits.device)

@@ -31,12 +31,14 @@ def reference(x, y, weight, reduction, ignore_index, smoothing):
     return loss.detach(), grad
 
 
-def check_all_ops(ops, x, y, weight=None, reduction="mean", ignore_index=-100, smoothing=0.0):
+def check_all_ops(ops, x, y, weight=None, reduction="mean", ignore_index=-100, smoothing=0.0, weight_dtype=None):
     """Runs the four ops of the library `ops` (torch.ops.fused_xent, or an emulation of it) on x (any layout) and
-    compares loss, lse, total_weight and gradients with PyTorch."""
+    compares loss, lse, total_weight and gradients with PyTorch. The ops see the weight in weight_dtype: by default
+    the logits' dtype, as PyTorch requires of class-index targets; float32 with half-precision logits is what the
+    front end passes under autocast."""
     dtype = x.dtype
     acc_dtype = torch.float64 if dtype == torch.float64 else torch.float32
-    w = weight.to(dtype) if weight is not None else None  # the weight the ops see, rounded to the logits' dtype
+    w = weight.to(weight_dtype or dtype) if weight is not None else None
     ref_loss, ref_grad = reference(x, y, w, reduction, ignore_index, smoothing)
     x3, y3 = as_ncs(x, y)
     N, C, S = x3.shape

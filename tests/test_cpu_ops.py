@@ -92,6 +92,7 @@ def test_layouts(dtype, layout, probabilities):
         y = make_index_target(shape, -100)
     for reduction in REDUCTIONS:
         check_all_ops(ops, x, y, torch.rand(19) + 0.5, reduction, -100, 0.05)
+    check_all_ops(ops, x, y, torch.rand(19) + 0.5, "mean", -100, 0.05, weight_dtype=torch.float32)  # as autocast
 
 
 # Short rows run the lane kernels on tiles transposed in W x W blocks (uses_lane_kernels in csrc/cpu/kernel_args.h:

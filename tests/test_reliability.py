@@ -122,6 +122,35 @@ def test_autocast_computes_in_float32_like_pytorch(device, backend, dtype, grad_
     assert_grad_close(grad, expected_grad.double(), dtype, "gradient")
 
 
+@pytest.mark.parametrize("device,backend", backend_cases())
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("grad_mode", ["recompute", "in_forward", "inplace"])
+@pytest.mark.parametrize("upstream", [65536.0, 1 / 3], ids=["loss-scale", "accumulation"])
+def test_autocast_gradient_under_a_loss_scale(device, backend, dtype, grad_mode, upstream):
+    """Mixed precision scales the loss: GradScaler by 65536 (past float16's largest value), gradient accumulation by
+    1/steps (not a half-precision number). PyTorch multiplies the float32 gradient by the float32 scale and rounds
+    once; so must every grad_mode. A gradient stored in half precision for an upstream gradient of 1 would come back
+    inf (float16 65536), without its underflowed small entries, or biased by the rounded scale (bfloat16 1/3 is
+    0.19% large)."""
+    g = torch.Generator().manual_seed(5)
+    leaf = make_logits((512, 1000), "contiguous", dtype, device, generator=g).requires_grad_(True)
+    target = make_class_target((512,), 1000, device, generator=g)
+    gradients = []
+    for loss_fn in (F.cross_entropy, lambda x, t: fused_xent.cross_entropy(x, t, backend=backend, grad_mode=grad_mode)):
+        logits = leaf * 1  # inplace refuses leaves
+        with torch.autocast(device, dtype=dtype):
+            loss = loss_fn(logits, target)
+        gradients.append(torch.autograd.grad(loss * upstream, leaf)[0].double())
+    expected, got = gradients
+    assert got.isfinite().all()
+    assert (got == 0).sum() <= (expected == 0).sum() + 10, "entries underflowed to 0"
+    nonzero = expected != 0
+    bias = ((got - expected)[nonzero] / expected[nonzero]).mean().item()
+    assert abs(bias) < 2e-4, f"mean relative deviation {bias:.2e}"
+    info = torch.finfo(dtype)  # within an ulp; among subnormals, within their spacing
+    torch.testing.assert_close(got, expected, rtol=info.eps, atol=info.smallest_normal * info.eps)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("grad_mode", ["recompute", "in_forward"])
 def test_gradient_accumulates_into_grad(backend, grad_mode):
