@@ -181,23 +181,30 @@ class FusedCrossEntropyFunction(torch.autograd.Function):
                 return grad, None, None, None, None, None, None, None, None
             return (scale_unit_grad(grad, grad_loss, target, ignore_index),) + (None,) * 8
         logits, target, weight, lse, total_weight = ctx.saved_tensors
+        logits_dtype, target_dtype = logits.dtype, target.dtype
         ops = _backends.backend_ops(ctx.backend)
         if torch.is_grad_enabled():
             # create_graph=True (double backward, gradient penalties): build the gradients from differentiable
             # PyTorch ops instead of the kernel. The reference recomputes the softmax from the logits; the target's
-            # gradient needs the log-sum-exp recomputed as well, so that it too carries a gradient.
+            # gradient needs the log-sum-exp recomputed as well, so that it too carries a gradient. Half-precision
+            # logits and probabilities (autocast) are read in the accumulation dtype once, so that the second-order
+            # terms of the paths below meet in float32 and are rounded once, as through PyTorch's float32 copy.
             ops = _backends.backend_ops("torch")
+            logits = logits.to(lse.dtype)
+            if target.is_floating_point():
+                target = target.to(lse.dtype)
             if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
-                lse = reference.log_softmax(logits.to(lse.dtype))[1]
+                lse = reference.log_softmax(logits)[1]
         grad_logits = grad_target = grad_weight = None
         if ctx.needs_input_grad[0]:
             grad_logits = ops.bwd(
                 grad_loss, logits, target, weight, lse, total_weight, reduction, ignore_index, label_smoothing
             )
+            grad_logits = reference.cast(grad_logits, logits_dtype)
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:  # probability targets only (see cross_entropy)
             scaled_log_probs = _scaled_log_probs(grad_loss, logits, lse, total_weight, reduction)
             if ctx.needs_input_grad[1]:
-                grad_target = _target_grad(scaled_log_probs, weight, label_smoothing, target.dtype)
+                grad_target = _target_grad(scaled_log_probs, weight, label_smoothing, target_dtype)
             if ctx.needs_input_grad[2]:
                 grad_weight = _weight_grad(scaled_log_probs, target, label_smoothing, weight.dtype)
         return grad_logits, grad_target, grad_weight, None, None, None, None, None, None

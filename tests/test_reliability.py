@@ -152,6 +152,33 @@ def test_autocast_gradient_under_a_loss_scale(device, backend, dtype, grad_mode,
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_autocast_double_backward_rounds_once(backend, dtype):
+    """create_graph=True under autocast, through the logits, a probability target and a weight: the second-order
+    terms of every path must meet in float32 and be rounded to the half dtype once, as through PyTorch's float32
+    copy (each path casting the logits apart rounded each term, then added them in half precision)."""
+    g = torch.Generator().manual_seed(1)
+    logits = (torch.randn(16, 12, generator=g) * 2).to(dtype)
+    probs = torch.softmax(torch.randn(16, 12, generator=g), 1).to(dtype)
+    weight, probe = torch.rand(12, generator=g) + 0.5, torch.randn(16, 12, generator=g)
+    results = []
+
+    def fused(*args, **kwargs):
+        return fused_xent.cross_entropy(*args, backend=backend, **kwargs)
+
+    for loss_fn in (F.cross_entropy, fused):
+        x, t, w = logits.clone().requires_grad_(), probs.clone().requires_grad_(), weight.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=dtype):
+            loss = loss_fn(x, t, weight=w, label_smoothing=0.1)
+        gx, gt, gw = torch.autograd.grad(loss, (x, t, w), create_graph=True)
+        penalty = (gx.double() * probe).sum() + gt.double().pow(2).sum() + gw.double().pow(2).sum()
+        results.append(torch.autograd.grad(penalty, (x, t, w)))
+    for name, got, expected in zip(("logits", "target", "weight"), results[1], results[0], strict=True):
+        assert got.dtype == expected.dtype, name
+        torch.testing.assert_close(got, expected, msg=name)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("grad_mode", ["recompute", "in_forward"])
 def test_gradient_accumulates_into_grad(backend, grad_mode):
     x = make_logits((4, 7), "contiguous", torch.float64).requires_grad_(True)
