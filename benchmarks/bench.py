@@ -4,7 +4,7 @@
 the fastest fused_xent backend in each grad mode (only its default one if that is the pure-PyTorch reference),
 eager and compile. `--full` sweeps every shape family, dtype, mode and provider. Each provider is checked against
 PyTorch in fp64 before it is timed; a wrong one is marked WRONG and not timed. Writes
-<out>/<device>-<date>[-full][-ignoredNN][-thp].{csv,md} and one PNG per shape sweep.
+<out>/<device>-<date>[-full][-ignoredNN][-autocast][-thp].{csv,md} and one PNG per shape sweep.
 """
 
 import argparse
@@ -38,6 +38,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--ignored", type=_fraction, default=0.0,
                         help="fraction of the targets set to ignore_index (-100), as in a padded or prompt-masked "
                              "batch; chosen at random per position (default: 0)")
+    parser.add_argument("--autocast", action="store_true",
+                        help="every provider's loss runs under torch.autocast in the logits' dtype, as in mixed-"
+                             "precision training (use with --dtypes bf16 or fp16: PyTorch then computes in float32)")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads for the CPU run (default: torch's)")
     parser.add_argument("--thp", action="store_true",
                         help=f"rerun this command with {THP_ENV}=1 (huge pages in PyTorch's CPU allocator; it must "

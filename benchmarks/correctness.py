@@ -53,7 +53,7 @@ def check(provider, logits: torch.Tensor, target: torch.Tensor, reference: Refer
     """One call of the provider on fresh logits (plus backward when the reference has a gradient)."""
     with_grad = reference.grad is not None
     x = logits.detach().requires_grad_(True)
-    loss = provider.loss(x.clone() if provider.overwrites_logits else x, target)  # a copy to overwrite (see timing)
+    loss = provider(x.clone() if provider.overwrites_logits else x, target)  # a copy to overwrite (see timing)
     loss_err = abs(loss.double().item() - reference.loss) / max(1.0, abs(reference.loss))
     grad_err = None
     if with_grad:

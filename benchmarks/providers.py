@@ -23,6 +23,16 @@ class Provider:
     compiles: bool = False  # needs a warm-up call whose time is compile time, reported apart
     note: str = ""
     start_case: Callable[[], None] = field(default=lambda: None)  # called once before each new shape/dtype
+    autocast: bool = False  # --autocast: every call runs under torch.autocast (see __call__)
+
+    def __call__(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """The loss, under torch.autocast when asked: in the logits' half-precision dtype (bfloat16 for float32
+        logits, which autocast leaves as they are), as a mixed-precision training step computes its loss."""
+        if not self.autocast:
+            return self.loss(logits, target)
+        dtype = logits.dtype if logits.dtype in (torch.float16, torch.bfloat16) else torch.bfloat16
+        with torch.autocast(logits.device.type, dtype=dtype):
+            return self.loss(logits, target)
 
 
 def fused_backends(device: str) -> list[str]:

@@ -219,12 +219,19 @@ def run(args) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / "-".join([device, datetime.date.today().isoformat()] + (["full"] if full else [])
                                + ([f"ignored{round(100 * args.ignored)}"] if args.ignored else [])
+                               + (["autocast"] if args.autocast else [])
                                + (["thp"] if env_info.thp_enabled() else []))
     names = [p.name for p in chosen]
     notes = _method_notes(device, modes, chosen, provider_notes, budget_s, args.repeats)
     if args.ignored:
         notes.insert(0, f"Targets: {args.ignored:.0%} of the positions, at random, hold ignore_index -100. Bandwidth "
                         "still counts the bytes of every row.")
+    if args.autocast:
+        for provider in chosen:
+            provider.autocast = True
+        notes.insert(0, "Every loss runs under torch.autocast in the logits' dtype: PyTorch computes cross entropy "
+                        "in float32 from a float32 copy of half-precision logits; fused_xent's default grad_mode "
+                        "reads them as they are. Bandwidth counts the bytes of the logits as stored.")
 
     def write_tables(done: list[shapes.Case]):
         report.write_csv(stem.with_suffix(".csv"), results, env)

@@ -94,7 +94,7 @@ class Workload:
                 self.x.copy_(self.pristine)
 
     def forward(self) -> torch.Tensor:
-        return self.provider.loss(self.x, self.target)
+        return self.provider(self.x, self.target)
 
     def step(self, mode: str):
         """The whole step of a mode, untimed (bwd needs its forward)."""

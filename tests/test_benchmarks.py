@@ -85,6 +85,20 @@ def test_gate_averages_over_the_targets_that_count():
     assert not correctness.check(over_every_position, logits, target, reference, "fp32").ok
 
 
+@needs_cpu_kernel
+def test_autocast_providers_compute_under_autocast():
+    """--autocast: every call runs under torch.autocast in the logits' dtype (PyTorch's loss is then float32), and
+    the gate still passes each provider."""
+    logits, target = _cls_problem()
+    logits = logits.bfloat16()
+    reference = correctness.Reference(logits, target, True)
+    for provider in (providers._eager(), providers._fused("cpu", "recompute"), providers._fused("cpu", "inplace")):
+        provider.autocast = True
+        x = logits.clone().requires_grad_(True) * 1
+        assert provider(x, target).dtype == torch.float32, provider.name
+        assert correctness.check(provider, logits, target, reference, "bf16").ok, provider.name
+
+
 def test_gate_rejects_nan():
     logits, target = _cls_problem()
     reference = correctness.Reference(logits, target, with_grad=False)
