@@ -57,6 +57,11 @@ def _autocast_to_float32(tensor):
     return tensor
 
 
+def _logits_need_grad(input) -> bool:
+    """Whether this call will compute a gradient for the logits (otherwise every grad_mode runs as "recompute")."""
+    return torch.is_grad_enabled() and input.requires_grad
+
+
 def _autocast_arguments(input, target, weight, grad_mode):
     """The arguments under autocast -> (input, target, weight, float32_logits). PyTorch casts each half-precision
     argument to float32. Half-precision logits, and a probability target of their dtype, are left as they are
@@ -69,7 +74,7 @@ def _autocast_arguments(input, target, weight, grad_mode):
     65536, a loss divided by the accumulation steps) then scales a rounded gradient, in float16 one whose small
     entries have underflowed to 0. On the float32 copy they scale a float32 gradient, as PyTorch does."""
     weight = _autocast_to_float32(weight)
-    gradient_made_in_forward = grad_mode != "recompute" and torch.is_grad_enabled() and input.requires_grad
+    gradient_made_in_forward = grad_mode != "recompute" and _logits_need_grad(input)
     reads_logits_as_they_are = (
         isinstance(input, torch.Tensor) and input.dtype in _HALF_DTYPES and not gradient_made_in_forward
         and isinstance(target, torch.Tensor) and (not target.is_floating_point() or target.dtype == input.dtype)
@@ -236,13 +241,12 @@ def _is_leaf_that_requires_grad(tensor) -> bool:
 def _grad_mode_to_run(grad_mode, input, weight, problem) -> str:
     """grad_mode as the call will run it, after the checks of the gradients asked for: "recompute" when no gradient
     is wanted (evaluation, no_grad), where there is nothing to write and the logits must stay intact."""
-    grad_enabled = torch.is_grad_enabled()
-    if grad_enabled and weight is not None and weight.requires_grad and not problem.prob_target:
+    if torch.is_grad_enabled() and weight is not None and weight.requires_grad and not problem.prob_target:
         raise RuntimeError(
             "fused_xent.cross_entropy: the loss of class-index targets is not differentiable with respect to weight "
             "(as in PyTorch): pass weight.detach() (probability targets do give weight a gradient)"
         )
-    if not (grad_enabled and input.requires_grad):
+    if not _logits_need_grad(input):
         return "recompute"
     # Refused here rather than in backward, where an inplace forward would already have overwritten the logits.
     if grad_mode != "recompute" and (problem.target.requires_grad or (weight is not None and weight.requires_grad)):
