@@ -168,8 +168,8 @@ def test_near_certain_rows_keep_their_small_loss(ops, num_classes):
     """p_y = 1 - 8e-7: every other class's exp is below half an ulp of the max's 1. PyTorch's CUDA kernel sums a
     short row over a warp's lanes, in a tree where the small exps meet before they meet the 1, so the loss, the
     target's gradient p_y - 1 and the backward's lse keep them; a thread that owns a row (C <= 32) keeps the exact
-    1s apart from the rest for the same result. NCHW positions round as PyTorch's NCHW kernel, one running sum each,
-    does: no worse than it."""
+    1s apart from the rest for the same result. NCHW positions round as PyTorch's NCHW kernels on the CPU and (for
+    images of over 64 positions) on the GPU do, one running sum each: no worse than the CPU's."""
     x = torch.zeros(num_classes)
     x[0] = 14 + math.log(num_classes)
     exact = F.cross_entropy(x.double()[None], torch.tensor([0])).item()

@@ -56,8 +56,9 @@ __device__ __forceinline__ RowStats<acc_type<scalar_t>> class_range_stats(int64_
 // and its ties) counted apart from the rest, as ExpSum does on the CPU (csrc/cpu/xent_kernels.h). In one running sum
 // the max's 1 rounds away every later exp below half its ulp (~6e-8): a near-certain prediction (p_y = 1 - 1e-6
 // over 17 classes) would get a loss, and a target gradient p_y - 1, of 0. PyTorch sums such a row over a warp's
-// lanes, in a tree where the small exps meet each other before the 1, and keeps them. NCHW positions need no such
-// care: PyTorch's NCHW kernel rounds in one running sum per position too. stats.sum holds the rest.
+// lanes, in a tree where the small exps meet each other before the 1, and keeps them. NCHW positions keep one
+// running sum per block of classes: so does PyTorch's NCHW kernel wherever an image has over 64 positions (with
+// fewer, and 64 classes or more, it spreads a position's classes over threads). stats.sum holds the rest.
 template <typename acc_t>
 struct ShortRowStats {
   RowStats<acc_t> stats;
