@@ -23,8 +23,7 @@ _SWITCH_VALUES = {"": True, "1": True, "true": True, "on": True, "yes": True, "0
 
 @dataclass
 class Problem:
-    """Validated arguments, with logits as (N, C, S) and target as (N, S) or (N, C, S) (a column-major (N, C) input
-    as (1, C, N))."""
+    """Validated arguments, with logits as (N, C, S) and target as (N, S) or (N, C, S)."""
 
     logits: torch.Tensor
     target: torch.Tensor
@@ -205,11 +204,6 @@ def _flattens_to_a_view(input) -> bool:
                for (_, outer_stride), (inner_size, inner_stride) in zip(spatial, spatial[1:], strict=False))
 
 
-def _is_column_major(input) -> bool:
-    """(N, C) logits whose batch dimension has unit stride and whose classes do not."""
-    return input.dim() == 2 and min(input.shape) > 1 and input.stride(0) == 1 and input.stride(1) != 1
-
-
 def prepare(input, target, weight, ignore_index, reduction, label_smoothing, float32_logits=False) -> Problem:
     """float32_logits: half-precision logits stand for their float32 values (autocast: see functional.py), so the
     weight is checked against float32, and a float32 weight joins no dtype promotion (the kernels read weights in
@@ -243,18 +237,12 @@ def prepare(input, target, weight, ignore_index, reduction, label_smoothing, flo
         target = target.long()
 
     logits_are_input = input is original_input and _flattens_to_a_view(input)
-    if _is_column_major(input):
-        # (N, C) stored class by class (e.g. the transpose of a (C, N) matmul) is (1, C, N) with unit position
-        # stride: the spatial kernels read it as it is, where the row view would need a transposed copy.
-        logits = input.t().unsqueeze(0)
-        target = target.t().unsqueeze(0) if target.is_floating_point() else target.unsqueeze(0)
+    batch = 1 if input.dim() == 1 else input.shape[0]
+    positions = math.prod(input.shape[2:])
+    logits = input.reshape(batch, num_classes, positions)
+    if target.is_floating_point():
+        target = target.reshape(batch, num_classes, positions)
     else:
-        batch = 1 if input.dim() == 1 else input.shape[0]
-        positions = math.prod(input.shape[2:])
-        logits = input.reshape(batch, num_classes, positions)
-        if target.is_floating_point():
-            target = target.reshape(batch, num_classes, positions)
-        else:
-            target = target.reshape(batch, positions)
+        target = target.reshape(batch, positions)
     loss_shape = tuple(input.shape[:class_dim]) + tuple(input.shape[class_dim + 1:])
     return Problem(logits, target, weight, reduction, ignore_index, label_smoothing, loss_shape, logits_are_input)

@@ -71,7 +71,7 @@ def make_logits(shape, layout, dtype, generator, scale=3.0, masked=False):
         )
     elif layout == "offset":  # one element past a 16-byte boundary: every row needs a scalar head
         out = torch.empty(numel + 1, dtype=dtype, device="cuda")[1:].view(shape)
-    elif layout == "transposed":  # (N, C) stored column-major: read as (1, C, N), NCHW
+    elif layout == "transposed":  # (N, C) stored column-major: the kernel sees a copy
         out = torch.empty(tuple(reversed(shape)), dtype=dtype, device="cuda").t()
     elif layout == "sliced":  # every other class of a wider tensor: not dense, copied
         wide = list(shape)
