@@ -8,7 +8,7 @@ from torch.nn import _reduction
 from torch.overrides import handle_torch_function, has_torch_function_variadic
 
 from . import _backends, reference
-from ._layout import may_overlap
+from ._layout import kernel_logits, may_overlap
 from ._ops import scale_unit_grad
 from ._validate import check_values, prepare
 from .reference import REDUCTION_MEAN, REDUCTION_NONE
@@ -314,8 +314,13 @@ def cross_entropy(
         return _loss_from_reference_ops(problem, loss_dtype)
     check_values(problem, check_targets=not ops.checks_targets)
     grad_mode = _grad_mode_to_run(grad_mode, input, weight, problem)
+    logits = problem.logits
+    if grad_mode == "recompute":
+        # Logits the kernels cannot read as they are (a column-major (N, C), a view with gaps) are copied by each
+        # op that reads them; copied here instead, the copy is what the backward reads, and it is made only once.
+        logits = kernel_logits(logits)[0]
     loss = FusedCrossEntropyFunction.apply(
-        problem.logits, problem.target, problem.weight, problem.reduction, problem.ignore_index,
-        problem.label_smoothing, ops.name, grad_mode, loss_dtype,
+        logits, problem.target, problem.weight, problem.reduction, problem.ignore_index, problem.label_smoothing,
+        ops.name, grad_mode, loss_dtype,
     )
     return loss.view(problem.loss_shape) if problem.reduction == REDUCTION_NONE else loss

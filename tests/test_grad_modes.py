@@ -222,3 +222,24 @@ def test_inplace_refuses_leaves_and_overlapping_logits(backend):
     overlapping = (buffer * 1).as_strided((4, 5), (2, 1))
     with pytest.raises(ValueError, match="do not overlap"):
         fused_xent.cross_entropy(overlapping, target, backend=backend, grad_mode="inplace")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_recompute_saves_the_logits_as_the_kernels_read_them(backend):
+    """Logits the kernels cannot read as they are (a column-major (N, C), a view with gaps) are copied once, in the
+    forward, and the recompute backward reads that copy instead of copying them again; the gradient still reaches
+    the tensor they view."""
+    g = torch.Generator().manual_seed(6)
+    views = {"column-major": lambda t: t.t(), "with gaps": lambda t: t[:, ::2]}
+    for name, view in views.items():
+        values = torch.randn(64, 100, generator=g)
+        leaf, reference = values.clone().requires_grad_(), values.clone().requires_grad_()
+        logits = view(leaf * 1)  # an op's output, viewed
+        target = make_class_target(logits.shape[:1], logits.shape[1], generator=g)
+        loss = fused_xent.cross_entropy(logits, target, backend=backend)
+        saved = loss.grad_fn.saved_tensors[0]
+        assert saved.is_contiguous(), (name, logits.stride(), saved.stride())
+        expected = torch.nn.functional.cross_entropy(view(reference), target)
+        assert_close(loss, expected, torch.float32, f"loss {name}")
+        expected.backward()
+        assert_grad_close(torch.autograd.grad(loss, leaf)[0], reference.grad, torch.float32, f"gradient {name}")
