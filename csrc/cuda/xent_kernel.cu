@@ -261,7 +261,7 @@ ForwardResult run_forward(const Problem& p, const at::Tensor& grad, bool want_ls
       const bool weights_first = fused && p.reduction == kReductionMean && !p.prob_target;
       if (weights_first) total_weight_first();
       attach_partials(shape.grid, need_total_weight && !p.prob_target && !weights_first);
-      launch_spatial_forward<scalar_t>(q, shape, /*short_rows=*/p.layout == Layout::kRows, stream);
+      launch_spatial_forward<scalar_t>(q, shape, stream);
       finalize(shape.grid);
       return;
     }

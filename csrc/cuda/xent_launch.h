@@ -77,11 +77,10 @@ LaunchShape plan_rows_cluster(const XentParams<scalar_t>& p, int device);
 template <typename scalar_t>
 void launch_rows_cluster(const XentParams<scalar_t>& p, const LaunchShape& shape, cudaStream_t stream);
 
-// One thread per position, looping over the classes with any strides: NCHW inputs, and rows with C <= 32
-// (short_rows). The gradient takes a thread per (position, split) when shape.splits > 1 (class-index targets only).
+// One thread per position, looping over the classes with any strides: NCHW inputs, and rows with C <= 32.
+// The gradient takes a thread per (position, split) when shape.splits > 1 (class-index targets only).
 template <typename scalar_t>
-void launch_spatial_forward(const XentParams<scalar_t>& p, const LaunchShape& shape, bool short_rows,
-                            cudaStream_t stream);
+void launch_spatial_forward(const XentParams<scalar_t>& p, const LaunchShape& shape, cudaStream_t stream);
 template <typename scalar_t>
 void launch_spatial_grad(const XentParams<scalar_t>& p, const LaunchShape& shape, cudaStream_t stream);
 

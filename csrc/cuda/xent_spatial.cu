@@ -1,11 +1,10 @@
 // One thread per position, looping over its C classes with any strides. Built for NCHW (position stride 1):
 // consecutive threads own consecutive positions, so every class step is a coalesced warp-wide load. Also used for
 // rows with very few classes (C <= 32, e.g. channels_last segmentation), where a thread's classes are contiguous
-// and neighbouring threads' rows share cache lines (their sums of exps keep the max's exact 1s apart:
-// ShortRowStats). The class loops take a chunk of classes at a time (16 bytes of logits: 4 fp32 or 8 bf16/fp16),
-// issuing all of its loads before using them, so that each thread keeps several loads in flight (one thread per
-// position leaves little other parallelism to hide memory latency) and the online softmax rescales once per chunk
-// at most.
+// and neighbouring threads' rows share cache lines. The class loops take a chunk of classes at a time (16 bytes of
+// logits: 4 fp32 or 8 bf16/fp16), issuing all of its loads before using them, so that each thread keeps several
+// loads in flight (one thread per position leaves little other parallelism to hide memory latency) and the online
+// softmax rescales once per chunk at most.
 //
 // NCHW inputs with few positions and many classes (say (8, 32000, 512), vocabulary logits laid out as (N, C, T))
 // would leave most of the GPU idle and each thread walking all C classes one latency at a time, so their classes are
@@ -52,66 +51,6 @@ __device__ __forceinline__ RowStats<acc_type<scalar_t>> class_range_stats(int64_
   return total;
 }
 
-// The statistics of a short row (C <= 32) that one thread sums alone, with the exact 1s of its sum of exps (the max
-// and its ties) counted apart from the rest, as ExpSum does on the CPU (csrc/cpu/xent_kernels.h). In one running sum
-// the max's 1 rounds away every later exp below half its ulp (~6e-8): a near-certain prediction (p_y = 1 - 1e-6
-// over 17 classes) would get a loss, and a target gradient p_y - 1, of 0. PyTorch sums such a row over a warp's
-// lanes, in a tree where the small exps meet each other before the 1, and keeps them. NCHW positions keep one
-// running sum per block of classes: so does PyTorch's NCHW kernel wherever an image has over 64 positions (with
-// fewer, and 64 classes or more, it spreads a position's classes over threads). stats.sum holds the rest.
-template <typename acc_t>
-struct ShortRowStats {
-  RowStats<acc_t> stats;
-  acc_t ones;
-
-  __device__ __forceinline__ static ShortRowStats empty() { return {RowStats<acc_t>::empty(), acc_t(0)}; }
-
-  // RowStats::add_logits, with the exps of 1 counted in `ones`.
-  template <int kWidth>
-  __device__ __forceinline__ acc_t add_logits(const acc_t (&x)[kWidth]) {
-    acc_t chunk_max = x[0];
-#pragma unroll
-    for (int i = 1; i < kWidth; ++i) chunk_max = x[i] > chunk_max ? x[i] : chunk_max;
-    if (chunk_max > stats.max) {
-      const acc_t previous = stats.finite_max();
-      const acc_t factor = exp_acc(stats.max - chunk_max);  // 0 on the first chunk
-      if (factor != acc_t(1)) {  // a rise too small to change any exp leaves the 1s at the max
-        stats.sum = (ones + stats.sum) * factor;
-        ones = 0;
-      }
-      stats.max = chunk_max;
-      stats.dot += stats.tsum * (previous - stats.max);
-    }
-    const acc_t m = stats.finite_max();
-#pragma unroll
-    for (int i = 0; i < kWidth; ++i) {
-      const acc_t e = exp_acc(x[i] - m);
-      if (e == acc_t(1)) {
-        ones += acc_t(1);
-      } else {
-        stats.sum += e;
-      }
-    }
-    return m;
-  }
-
-  __device__ __forceinline__ void add_term(acc_t a, acc_t x, acc_t m) { stats.add_term(a, x, m); }
-
-  // As RowStats, whose sum counts every exp.
-  __device__ __forceinline__ RowStats<acc_t> row_stats() const {
-    RowStats<acc_t> s = stats;
-    s.sum += ones;
-    return s;
-  }
-
-  // log(ones + rest), plus what adding the two rounded off of rest (exact while rest <= ones: Fast2Sum).
-  __device__ __forceinline__ acc_t log_sum() const {
-    const acc_t total = ones + stats.sum;
-    const acc_t dropped = stats.sum - (total - ones);
-    return dropped == acc_t(0) ? log_acc(total) : log_acc(total) + dropped / total;
-  }
-};
-
 // The gradient of classes [begin, end) of one position.
 template <typename scalar_t, bool kProb>
 __device__ __forceinline__ void write_position_grad(const XentParams<scalar_t>& p, const scalar_t* x,
@@ -150,8 +89,7 @@ __device__ __forceinline__ void write_position_grad(const XentParams<scalar_t>& 
   });
 }
 
-// kShortRows: rows of C <= 32 classes (class stride 1), summed with ShortRowStats.
-template <typename scalar_t, bool kProb, bool kShortRows>
+template <typename scalar_t, bool kProb>
 __global__ void __launch_bounds__(256) spatial_forward_kernel(const XentParams<scalar_t> p) {
   using acc_t = acc_type<scalar_t>;
   const int64_t positions = p.N * p.S;
@@ -169,40 +107,30 @@ __global__ void __launch_bounds__(256) spatial_forward_kernel(const XentParams<s
     IndexTarget<acc_t> target{kTargetValid, 0, acc_t(0), acc_t(1)};
     if constexpr (!kProb) target = read_index_target(p, r, x, sc);
 
-    // Adds classes c .. c+width-1 to `part` (RowStats or ShortRowStats).
-    auto add_chunk = [&](auto& part, auto width, int64_t c) {
-      constexpr int W = decltype(width)::value;
-      acc_t xs[W];
-#pragma unroll
-      for (int i = 0; i < W; ++i) xs[i] = static_cast<acc_t>(x[(c + i) * sc]);
-      const acc_t m = part.add_logits(xs);
-      if constexpr (kProb) {
-#pragma unroll
-        for (int i = 0; i < W; ++i) {
-          part.add_term(class_weight(p.weight, c + i) *
-                            smoothed_probability<acc_t>(static_cast<acc_t>(t[(c + i) * sc]), eps, p.C),
-                        xs[i], m);
-        }
-      } else if (smoothing) {
-#pragma unroll
-        for (int i = 0; i < W; ++i) part.add_term(class_weight(p.weight, c + i), xs[i], m);
-      }
-    };
     // An ignored position is not read: its lse is that of no classes.
-    const bool read = kProb || target.kind != kTargetIgnored;
     auto st = RowStats<acc_t>::empty();
-    acc_t log_sum;
-    if constexpr (kShortRows) {
-      auto row = ShortRowStats<acc_t>::empty();
-      if (read) {
-        for_class_chunks<kClassChunk<scalar_t>>(0, p.C, [&](auto width, int64_t c) { add_chunk(row, width, c); });
-      }
-      st = row.row_stats();
-      log_sum = row.log_sum();
-    } else {
-      if (read) st = class_range_stats<scalar_t>(0, p.C, add_chunk);
-      log_sum = st.log_sum();
+    if (kProb || target.kind != kTargetIgnored) {
+      st = class_range_stats<scalar_t>(0, p.C, [&](RowStats<acc_t>& part, auto width, int64_t c) {
+        constexpr int W = decltype(width)::value;
+        acc_t xs[W];
+#pragma unroll
+        for (int i = 0; i < W; ++i) xs[i] = static_cast<acc_t>(x[(c + i) * sc]);
+        const acc_t m = part.add_logits(xs);
+        if constexpr (kProb) {
+#pragma unroll
+          for (int i = 0; i < W; ++i) {
+            part.add_term(class_weight(p.weight, c + i) *
+                              smoothed_probability<acc_t>(static_cast<acc_t>(t[(c + i) * sc]), eps, p.C),
+                          xs[i], m);
+          }
+        } else if (smoothing) {
+#pragma unroll
+          for (int i = 0; i < W; ++i) part.add_term(class_weight(p.weight, c + i), xs[i], m);
+        }
+      });
     }
+
+    const acc_t log_sum = st.log_sum();
     const auto loss = position_loss<kProb>(target, st, log_sum, weight_sum, eps, p.C);
     record_position(p, r, st, log_sum, loss, loss_acc, weight_acc);
 
@@ -297,12 +225,8 @@ __global__ void __launch_bounds__(256) spatial_grad_kernel(const XentParams<scal
 }  // namespace
 
 template <typename scalar_t>
-void launch_spatial_forward(const XentParams<scalar_t>& p, const LaunchShape& shape, bool short_rows,
-                            cudaStream_t stream) {
-  auto kernel = p.target_prob ? (short_rows ? spatial_forward_kernel<scalar_t, true, true>
-                                            : spatial_forward_kernel<scalar_t, true, false>)
-                              : (short_rows ? spatial_forward_kernel<scalar_t, false, true>
-                                            : spatial_forward_kernel<scalar_t, false, false>);
+void launch_spatial_forward(const XentParams<scalar_t>& p, const LaunchShape& shape, cudaStream_t stream) {
+  auto kernel = p.target_prob ? spatial_forward_kernel<scalar_t, true> : spatial_forward_kernel<scalar_t, false>;
   launch_kernel(kernel, shape.grid, shape.threads, stream, p);
 }
 
@@ -324,7 +248,7 @@ void launch_spatial_grad(const XentParams<scalar_t>& p, const LaunchShape& shape
 }
 
 #define INSTANTIATE(T)                                                                                           \
-  template void launch_spatial_forward<T>(const XentParams<T>&, const LaunchShape&, bool, cudaStream_t);          \
+  template void launch_spatial_forward<T>(const XentParams<T>&, const LaunchShape&, cudaStream_t);                \
   template void launch_spatial_split_stats<T>(const XentParams<T>&, const LaunchShape&, RowStats<acc_type<T>>*,   \
                                               cudaStream_t);                                                     \
   template void launch_spatial_grad<T>(const XentParams<T>&, const LaunchShape&, cudaStream_t);
