@@ -20,6 +20,7 @@ import fused_xent
 BACKENDS = backends_for("cpu")
 SHAPES = [
     ((6, 11), "contiguous"), ((3, 423), "contiguous"), ((2, 5, 4, 3), "contiguous"), ((2, 5, 4, 3), "channels_last"),
+    ((6, 10), "transposed"), ((5, 12), "sliced"),  # copied by the ops: inplace writes the gradient back
 ]
 
 

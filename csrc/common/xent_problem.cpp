@@ -84,6 +84,18 @@ at::Tensor empty_like_logits(const Problem& problem) {
   return at::empty_strided(problem.logits.sizes(), problem.logits.strides(), problem.logits.options());
 }
 
+void copy_back(at::Tensor& logits, const at::Tensor& grad) {
+  if (grad.is_same(logits)) return;
+  // A column-major (N, C) destination is written through its transpose, a contiguous matrix: PyTorch copies a
+  // transposed matrix in blocks only into a contiguous one (10 ms against 17 for 8192x1000 fp32 on the CPU).
+  if (logits.size(2) == 1 && logits.size(0) > 1 && logits.size(1) > 1 && logits.stride(0) == 1 &&
+      logits.stride(1) == logits.size(0)) {
+    logits.squeeze(2).t().copy_(grad.squeeze(2).t());
+  } else {
+    logits.copy_(grad);
+  }
+}
+
 at::Tensor empty_loss(const Problem& problem) {
   auto options = problem.logits.options().dtype(problem.acc_dtype());
   return problem.reduction == kReductionNone ? at::empty({problem.N, problem.S}, options) : at::empty({}, options);

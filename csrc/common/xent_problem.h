@@ -42,4 +42,8 @@ at::Tensor empty_like_logits(const Problem& problem);
 // The loss output: (N, S) for reduction none, 0-d otherwise, in the accumulation dtype (see csrc/fused_xent.cpp).
 at::Tensor empty_loss(const Problem& problem);
 
+// The in-place ops' gradient, written into make_problem's copy of the logits, copied back into the caller's logits
+// (a no-op when the kernel wrote them directly).
+void copy_back(at::Tensor& logits, const at::Tensor& grad);
+
 }  // namespace fused_xent

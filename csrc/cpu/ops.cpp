@@ -221,8 +221,7 @@ at::Tensor cross_entropy_fwd_grad_(at::Tensor& logits, const at::Tensor& target,
   const Problem problem = make_problem(logits, target, weight, reduction, ignore_index, label_smoothing);
   at::Tensor grad = problem.logits;
   at::Tensor loss = forward_with_grad(problem, grad);
-  // make_problem copies logits it cannot read in place (e.g. overlapping strides): copy the gradient back.
-  if (!grad.is_same(logits)) logits.copy_(grad);
+  copy_back(logits, grad);  // make_problem copies logits it cannot read in place (e.g. column-major)
   return loss;
 }
 

@@ -323,8 +323,7 @@ at::Tensor cross_entropy_fwd_grad_inplace_cuda(at::Tensor& logits, const at::Ten
   const Problem p = make_problem(logits, target, weight, reduction, ignore_index, label_smoothing);
   // The kernels read everything a position needs (including x[target]) before overwriting it.
   ForwardResult out = run_forward(p, p.logits, /*want_lse=*/false);
-  // make_problem copies logits it cannot stride through; the gradient must still land in the caller's tensor.
-  if (!p.logits.is_same(logits)) logits.copy_(p.logits);
+  copy_back(logits, p.logits);  // make_problem copies logits it cannot stride through
   return out.loss;
 }
 
