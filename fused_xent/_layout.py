@@ -53,6 +53,8 @@ def kernel_logits(logits: torch.Tensor) -> tuple[torch.Tensor, bool]:
     rows (unit class stride). Only logits with neither unit stride, or with gaps, are copied (xent_problem.cpp
     copies them the same way)."""
     _, num_classes, positions = logits.shape
+    if logits.is_contiguous():  # the usual case, decided without the stride walk of is_dense: called on every loss
+        return logits, num_classes != 1 and positions > 1
     work = logits if is_dense(logits) else _contiguous(logits)
     if num_classes == 1 or work.stride(1) == 1:
         return work, False
