@@ -69,6 +69,9 @@ def _check_input(input):
 
 def _options(reduction, ignore_index, label_smoothing) -> tuple[int, int, float]:
     """(reduction code, ignore_index, label_smoothing) as the ops take them; what PyTorch accepts, accepted here."""
+    if type(ignore_index) is int and type(label_smoothing) is float and reduction in REDUCTIONS:
+        if -(2**63) <= ignore_index < 2**63 and 0.0 <= label_smoothing <= 1.0:  # the usual call: skip the ABC checks
+            return REDUCTIONS[reduction], ignore_index, label_smoothing
     if reduction == "elementwise_mean":
         warnings.warn("reduction='elementwise_mean' is deprecated, please use reduction='mean' instead", stacklevel=4)
         reduction = "mean"
@@ -199,6 +202,8 @@ def check_values(problem: Problem, check_targets: bool):
 
 def _flattens_to_a_view(input) -> bool:
     """Whether reshaping input to (N, C, S) is a view: the spatial dims (those of size > 1) must nest."""
+    if input.dim() <= 3:  # at most one spatial dim
+        return True
     spatial = [(size, stride) for size, stride in zip(input.shape[2:], input.stride()[2:], strict=True) if size != 1]
     return all(outer_stride == inner_size * inner_stride
                for (_, outer_stride), (inner_size, inner_stride) in zip(spatial, spatial[1:], strict=False))

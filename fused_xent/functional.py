@@ -1,5 +1,7 @@
 """`cross_entropy`: a drop-in for torch.nn.functional.cross_entropy backed by a fused kernel."""
 
+import contextlib
+
 import torch
 from torch._C._functorch import TransformType
 from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
@@ -139,6 +141,15 @@ def _vmap_active() -> bool:
     return any(level.key() == TransformType.Vmap for level in retrieve_all_functorch_interpreters())
 
 
+def _below_autograd():
+    """This Function is the autograd of the ops it calls: calling them below autograd skips the Python autograd
+    kernel that torch.library registered on them (5 us a call), which would only find grad mode off and pass the call
+    on. torch.compile traces the plain call."""
+    if torch.compiler.is_compiling():
+        return contextlib.nullcontext()
+    return torch._C._AutoDispatchBelowAutograd()
+
+
 class FusedCrossEntropyFunction(torch.autograd.Function):
     """Autograd for the fused kernels; inputs are the canonical views of fused_xent._validate.Problem.
 
@@ -155,10 +166,12 @@ class FusedCrossEntropyFunction(torch.autograd.Function):
         ctx.backend = backend
         ctx.grad_mode = grad_mode
         if grad_mode == "recompute":
-            loss, lse, total_weight = ops.fwd(logits, target, weight, reduction, ignore_index, label_smoothing)
+            with _below_autograd():
+                loss, lse, total_weight = ops.fwd(logits, target, weight, reduction, ignore_index, label_smoothing)
             ctx.save_for_backward(logits, target, weight, lse, total_weight)
         elif grad_mode == "in_forward":
-            loss, grad = ops.fwd_grad(logits, target, weight, reduction, ignore_index, label_smoothing)
+            with _below_autograd():
+                loss, grad = ops.fwd_grad(logits, target, weight, reduction, ignore_index, label_smoothing)
             ctx.save_for_backward(grad, target)
         else:
             # Ops that reach their kernel past autograd do not bump the version counter; bump it so that any other

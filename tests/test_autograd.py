@@ -1,6 +1,8 @@
 """float64 gradcheck over the argument grid, torch.library.opcheck of every op, and torch.compile(fullgraph=True)."""
 
 import itertools
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -103,6 +105,24 @@ def test_torch_compile_fullgraph(backend, compiler):
     expected.backward()
     torch.testing.assert_close(got, expected)
     torch.testing.assert_close(model.head.weight.grad, reference.head.weight.grad)
+
+
+def test_torch_compile_traces_the_loss_once():
+    """Compiled as the first call of a process, the loss is traced once: the front end keeps nothing that changes
+    between calls (a cache filled on first use would be a global change that recompiles the second call)."""
+    script = (
+        "import torch, torch._dynamo.testing, fused_xent\n"
+        "counter = torch._dynamo.testing.CompileCounter()\n"
+        "loss = torch.compile(fused_xent.cross_entropy, backend=counter, fullgraph=True)\n"
+        "for _ in range(3):\n"
+        "    logits = torch.randn(6, 5, requires_grad=True)\n"
+        "    loss(logits, torch.randint(0, 5, (6,))).backward()\n"
+        "    assert logits.grad is not None\n"
+        "print(counter.frame_count)\n"
+    )
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split() == ["1"]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
