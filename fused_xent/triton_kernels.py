@@ -59,13 +59,14 @@ _MEAN = tl.constexpr(REDUCTION_MEAN)
 
 
 @triton.jit
-def _position_block(num_positions, S, stride_n, stride_s, BLOCK_P: tl.constexpr, SPATIAL: tl.constexpr):
-    """This program's BLOCK_P positions: their (n, s), flat index n*S + s into (N, S) buffers, the element offset of
+def _position_block(pid, num_positions, S, stride_n, stride_s, BLOCK_P: tl.constexpr, SPATIAL: tl.constexpr):
+    """Program pid's BLOCK_P positions: their (n, s), flat index n*S + s into (N, S) buffers, the element offset of
     their first logit, and which of them exist. All in int64, so offsets never wrap past 2**31 elements."""
-    pid = tl.program_id(0).to(tl.int64)
+    pid = pid.to(tl.int64)
     if SPATIAL:
-        # One n per program and consecutive s, so offsets along the block stay contiguous (stride_s == 1).
-        blocks_per_n = tl.cdiv(S, BLOCK_P)
+        # One n per program and consecutive s, so offsets along the block stay contiguous (stride_s == 1). Not
+        # tl.cdiv: S below 2**31 arrives as int32, where S + BLOCK_P - 1 wraps for S within BLOCK_P of 2**31.
+        blocks_per_n = (S - 1) // BLOCK_P + 1
         n = pid // blocks_per_n
         s = (pid % blocks_per_n) * BLOCK_P + tl.arange(0, BLOCK_P)
         in_range = s < S
@@ -277,7 +278,9 @@ def _forward_kernel(logits_ptr, target_ptr, weight_ptr, weight_sum_ptr, total_we
     (total_weight must then already hold the mean's denominator)."""
     ACC = total_weight_ptr.dtype.element_ty
     label_smoothing = tl.cast(smoothing_hi, ACC) + tl.cast(smoothing_lo, ACC)
-    _, _, index, offset, in_range = _position_block(num_positions, S, stride_n, stride_s, BLOCK_P, SPATIAL)
+    _, _, index, offset, in_range = _position_block(
+        tl.program_id(0), num_positions, S, stride_n, stride_s, BLOCK_P, SPATIAL
+    )
     safe_y = index  # only read for class-index targets
     rows_read = in_range
     if not PROB_TARGET:
@@ -329,7 +332,9 @@ def _split_statistics_kernel(logits_ptr, target_ptr, weight_ptr, stats_ptr, num_
     smoothing sum_c w[c] and sum_c w[c] (x[c] - m), m the range's max (see _range_statistics). An ignored position
     is not read: its state is that of no classes."""
     ACC = stats_ptr.dtype.element_ty
-    _, _, index, offset, in_range = _position_block(num_positions, S, stride_n, stride_s, BLOCK_P, SPATIAL)
+    _, _, index, offset, in_range = _position_block(
+        tl.program_id(0), num_positions, S, stride_n, stride_s, BLOCK_P, SPATIAL
+    )
     rows_read = in_range & (tl.load(target_ptr + index, mask=in_range, other=0) != ignore_index)
     split = tl.program_id(1).to(tl.int64)
     c_begin = split * split_len
@@ -385,7 +390,9 @@ def _split_combine_kernel(stats_ptr, logits_ptr, target_ptr, weight_ptr, weight_
     the loss as in _forward_kernel."""
     ACC = stats_ptr.dtype.element_ty
     label_smoothing = tl.cast(smoothing_hi, ACC) + tl.cast(smoothing_lo, ACC)
-    _, _, index, offset, in_range = _position_block(num_positions, S, stride_n, stride_s, BLOCK, False)
+    _, _, index, offset, in_range = _position_block(
+        tl.program_id(0), num_positions, S, stride_n, stride_s, BLOCK, False
+    )
     plane = splits.to(tl.int64) * num_positions
     running_max = tl.full([BLOCK], float("-inf"), ACC)
     scaled_sum = tl.zeros([BLOCK], ACC)
@@ -428,7 +435,9 @@ def _backward_kernel(grad_loss_ptr, grad_loss_stride_n, grad_loss_stride_s, logi
     (class-index targets), program (position block, k) writes classes [k split_len, (k+1) split_len)."""
     ACC = total_weight_ptr.dtype.element_ty
     label_smoothing = tl.cast(smoothing_hi, ACC) + tl.cast(smoothing_lo, ACC)
-    n, s, index, offset, in_range = _position_block(num_positions, S, stride_n, stride_s, BLOCK_P, SPATIAL)
+    n, s, index, offset, in_range = _position_block(
+        tl.program_id(0), num_positions, S, stride_n, stride_s, BLOCK_P, SPATIAL
+    )
     if SPLIT:
         c_begin = tl.program_id(1).to(tl.int64) * split_len
         c_stop = tl.minimum(c_begin + split_len, C)
@@ -473,12 +482,16 @@ def _backward_kernel(grad_loss_ptr, grad_loss_stride_n, grad_loss_stride_s, logi
 # piece of every row of the tile and that row's running state: at most 4 rows per thread (the old 4096-element
 # multi-row tiles held 16-32, took 255 registers on sm_90 and spilled).
 ROW_TILE = 4096  # float32 elements per loop step; 16-bit logits take twice as many classes
-ROW_ELEMENTS_PER_THREAD = 16
+ROW_ELEMENTS_PER_THREAD = 16  # 8 float64 values (16 spilled on sm_90 with Triton 3.6)
 MAX_ROW_STATES_PER_THREAD = 4
-# Spatial: a program takes up to 4 warps' worth of 16-byte vectors of consecutive positions and walks the classes a
-# few at a time; every thread holds all the classes of its positions, so the per-position reductions stay inside
-# one thread (no shared memory, no barriers).
-MAX_SPATIAL_WARPS = 4
+# Spatial: a program takes up to 128 16-byte vectors of consecutive positions and walks the classes a few at a time;
+# every thread holds all the classes of its positions, so the per-position reductions stay inside one thread (no
+# shared memory, no barriers). Warps are added until each thread holds 32 float32 registers of logits (16 float64
+# values): 64 16-bit values per thread took 255 registers and spilled up to 412 bytes on sm_90 with Triton 3.6
+# (probability targets, the split statistics with smoothing).
+SPATIAL_POSITION_VECTORS = 128
+SPATIAL_REGISTERS_PER_THREAD = 32
+MAX_SPATIAL_WARPS = 8
 SPATIAL_TILE = 4096
 MIN_SPATIAL_CLASSES = 8
 # Class ranges (few positions, many classes): never shorter than this nor than one column block, so that a range's
@@ -505,21 +518,21 @@ def tile_config(num_classes: int, positions_per_n: int, spatial: bool, element_s
     next_pow2 = triton.next_power_of_2
     if spatial:
         vector = max(1, 16 // element_size)  # positions per 16-byte load
-        block_p = min(next_pow2(positions_per_n), 32 * vector * MAX_SPATIAL_WARPS)
+        block_p = min(next_pow2(positions_per_n), SPATIAL_POSITION_VECTORS * vector)
         # Few positions (small S) take more classes per step instead.
         block_c = min(next_pow2(num_classes), max(MIN_SPATIAL_CLASSES, SPATIAL_TILE // block_p))
-        # 32 elements per thread for float32, 64 for 16-bit (181 registers, no spills on sm_90); with one warp,
-        # small S once gave 4096-element tiles = 128 per thread (spills).
-        num_warps = max(1, min(MAX_SPATIAL_WARPS, block_p * block_c // (32 * 32)))
+        values_per_thread = SPATIAL_REGISTERS_PER_THREAD // max(1, element_size // 4)
+        num_warps = max(1, min(MAX_SPATIAL_WARPS, block_p * block_c // (32 * values_per_thread)))
         return TileConfig(block_p, block_c, num_warps)
     block_c = min(next_pow2(num_classes), ROW_TILE * max(1, 4 // element_size))
     lanes_per_warp = 32
-    if block_c >= lanes_per_warp * ROW_ELEMENTS_PER_THREAD:
-        return TileConfig(1, block_c, min(16, block_c // (lanes_per_warp * ROW_ELEMENTS_PER_THREAD)))
+    values_per_thread = ROW_ELEMENTS_PER_THREAD // max(1, element_size // 4)
+    if block_c >= lanes_per_warp * values_per_thread:
+        return TileConfig(1, block_c, min(16, block_c // (lanes_per_warp * values_per_thread)))
     # One warp. A row of fewer than 32 classes takes block_c lanes, so 32 // block_c rows sit side by side in it;
     # longer rows each span all 32 lanes, and every lane holds a piece of every row.
     rows_side_by_side = max(1, lanes_per_warp // block_c)
-    block_p = min(lanes_per_warp * ROW_ELEMENTS_PER_THREAD // block_c, MAX_ROW_STATES_PER_THREAD * rows_side_by_side)
+    block_p = min(lanes_per_warp * values_per_thread // block_c, MAX_ROW_STATES_PER_THREAD * rows_side_by_side)
     return TileConfig(block_p, block_c, 1)
 
 

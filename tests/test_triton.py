@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 
 pytest.importorskip("triton")
+import triton  # noqa: E402 (after the importorskip)
+import triton.language as tl  # noqa: E402
 from helpers import (  # noqa: E402
     assert_close,
     assert_grad_close,
@@ -33,8 +35,8 @@ from helpers import (  # noqa: E402
     torch_reference,
 )
 
-from fused_xent import _triton_ops  # noqa: E402 (after the importorskip)
-from fused_xent.triton_kernels import TileConfig  # noqa: E402
+from fused_xent import _triton_ops  # noqa: E402
+from fused_xent.triton_kernels import TileConfig, _position_block  # noqa: E402
 
 ops = torch.ops.fused_xent
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -520,6 +522,32 @@ def test_more_than_2_pow_31_elements():
         del logits, view, loss
 
 
+@triton.jit
+def _position_block_probe(out_ptr, pid, num_positions, S, stride_n, BLOCK_P: tl.constexpr):
+    """Stores what _position_block gives program `pid` of a spatial problem: n, its first s, flat index and logit
+    offset, and how many of its positions exist."""
+    n, s, index, offset, in_range = _position_block(pid, num_positions, S, stride_n, 1, BLOCK_P, True)
+    tl.store(out_ptr, n)
+    tl.store(out_ptr + 1, tl.min(s, axis=0))
+    tl.store(out_ptr + 2, tl.min(index, axis=0))
+    tl.store(out_ptr + 3, tl.min(offset, axis=0))
+    tl.store(out_ptr + 4, tl.sum(in_range.to(tl.int64), axis=0))
+
+
+@needs_kernels
+@pytest.mark.parametrize("block_p", [256, 512, 1024])
+def test_position_block_of_a_spatial_size_just_below_2_pow_31(block_p):
+    """The last program of N = 2 batch entries of S = 2**31 - 1 positions, S arriving as int32 (tl.cdiv(S, BLOCK_P)
+    wrapped there, sending the program to n = -1). The probe runs only the index arithmetic, for the program id
+    it is given: no tensor of that size is needed."""
+    N, C, S = 2, 3, 2**31 - 1
+    blocks_per_n = -(-S // block_p)
+    last_pid, first_s = N * blocks_per_n - 1, (blocks_per_n - 1) * block_p
+    out = torch.full((5,), -1, dtype=torch.int64, device=DEVICE)
+    _position_block_probe[(1,)](out, last_pid, N * S, S, C * S, BLOCK_P=block_p)
+    assert out.tolist() == [N - 1, first_s, (N - 1) * S + first_s, (N - 1) * C * S + first_s, S - first_s]
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # torch.library integration
 # ---------------------------------------------------------------------------------------------------------------
@@ -750,6 +778,34 @@ def test_row_tiles_fit_in_registers(monkeypatch, tmp_path, dtype, num_classes):
     registers, spilled = ptxas_usage(forward.asm["ptx"], tmp_path)
     assert spilled == 0 and registers <= 128, (kernels.tile_config(num_classes, 1, False, dtype.itemsize), registers,
                                                 spilled)
+
+
+@pytest.mark.skipif(INTERPRETED or DEVICE is not None, reason="without a GPU only (with one, the kernels run)")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("target_kind,num_classes,label_smoothing", [
+    ("index", 5, 0.1), ("index", 1000, 0.1), ("probabilities", 1000, 0.0), ("probabilities", 1000, 0.1),
+])
+def test_spatial_tiles_do_not_spill(monkeypatch, tmp_path, dtype, target_kind, num_classes, label_smoothing):
+    """Every kernel of an (N, C, S) problem compiled for sm_90 (fused forward, forward, backward; with 1000 class
+    indices the positions are few enough for class ranges: split statistics and combine): no spills. Tiles of 64
+    bfloat16 values per thread took 255 registers and spilled (8-16 bytes with Triton 3.8, up to 412 with 3.6)."""
+    compile_only = _CompileOnly()
+    kernels = _triton_ops.triton_kernels
+    monkeypatch.setattr(kernels, "_launch", compile_only)
+    monkeypatch.setattr(kernels, "check_device", lambda device: None)
+    N, C, S = 1, num_classes, 1000
+    logits = torch.randn(N, C, S, dtype=dtype)
+    target = torch.rand_like(logits) if target_kind == "probabilities" else torch.randint(0, C, (N, S))
+    weight = torch.rand(C) if label_smoothing else None
+    kernels.cross_entropy_fwd_grad(logits, target, weight, 1, -100, label_smoothing)
+    kernels.cross_entropy_fwd(logits, target, weight, 1, -100, label_smoothing)
+    lse, total_weight, grad_loss = torch.zeros(N, S, 2), torch.ones(()), torch.ones(N, S, dtype=dtype)
+    kernels.cross_entropy_bwd(grad_loss, logits, target, weight, lse, total_weight, 0, -100, label_smoothing)
+    usage = {key[0]: ptxas_usage(kernel.asm["ptx"], tmp_path) for key, kernel in compile_only.compiled.items()}
+    assert "_backward_kernel" in usage
+    assert ("_split_statistics_kernel" in usage) == (target_kind == "index" and C == 1000), usage
+    spilling = {name: used for name, used in usage.items() if used[1] > 0}
+    assert not spilling, (kernels.tile_config(C, S, True, dtype.itemsize), spilling)
 
 
 @pytest.mark.skipif(INTERPRETED, reason="the interpreter's kernels are not what Inductor re-emits")

@@ -133,6 +133,8 @@ int resident_clusters(int device, int64_t blocks, int64_t slice_len) {
   const auto key = std::make_tuple(device, blocks, slice_len);
   if (const auto it = known.find(key); it != known.end()) return it->second;
 
+  // An error left pending by an earlier launch is reported as such, not taken for this query's answer (and cached).
+  C10_CUDA_CHECK(cudaGetLastError());
   const auto kernel = rows_cluster_kernel<scalar_t>;
   const ClusterLaunch launch(blocks, blocks, slice_smem_bytes<scalar_t>(slice_len), nullptr);
   int clusters = 0;
