@@ -6,6 +6,7 @@ tensors) but got targets of dimension: 4"); each error here says what was wrong 
 
 import math
 import numbers
+import operator
 import os
 import warnings
 from dataclasses import dataclass
@@ -71,9 +72,12 @@ def _index_option(ignore_index):
     """ignore_index given as other than a plain int: what PyTorch's argument parser takes as one, else TypeError."""
     if isinstance(ignore_index, torch.Tensor) and ignore_index.numel() == 1 and not ignore_index.is_floating_point():
         ignore_index = ignore_index.item()
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
-        raise TypeError(f"fused_xent.cross_entropy: ignore_index must be an int, got {ignore_index!r}")
-    return ignore_index
+    if not isinstance(ignore_index, bool):
+        try:
+            return operator.index(ignore_index)  # int subclasses, numpy integers and 0-d integer arrays
+        except TypeError:
+            pass
+    raise TypeError(f"fused_xent.cross_entropy: ignore_index must be an int, got {ignore_index!r}")
 
 
 def _smoothing_option(label_smoothing):

@@ -251,14 +251,19 @@ def _is_leaf_that_requires_grad(tensor) -> bool:
     return tensor.is_leaf or (tensor._base is not None and tensor._base.is_leaf)
 
 
-def _grad_mode_to_run(grad_mode, input, weight, problem) -> str:
-    """grad_mode as the call will run it, after the checks of the gradients asked for: "recompute" when no gradient
-    is wanted (evaluation, no_grad), where there is nothing to write and the logits must stay intact."""
+def _check_weight_grad(weight, problem):
+    """PyTorch refuses a gradient for the weight of class-index targets, under torch.func transforms too."""
     if torch.is_grad_enabled() and weight is not None and weight.requires_grad and not problem.prob_target:
         raise RuntimeError(
             "fused_xent.cross_entropy: the loss of class-index targets is not differentiable with respect to weight "
             "(as in PyTorch): pass weight.detach() (probability targets do give weight a gradient)"
         )
+
+
+def _grad_mode_to_run(grad_mode, input, weight, problem) -> str:
+    """grad_mode as the call will run it, after the checks of the gradients asked for: "recompute" when no gradient
+    is wanted (evaluation, no_grad), where there is nothing to write and the logits must stay intact."""
+    _check_weight_grad(weight, problem)
     if not _logits_need_grad(input):
         return "recompute"
     # Refused here rather than in backward, where an inplace forward would already have overwritten the logits.
@@ -324,6 +329,7 @@ def cross_entropy(
             input, target, weight, ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing
         )
     if _function_transform_active(problem.logits, problem.target, problem.weight):
+        _check_weight_grad(weight, problem)
         return _loss_from_reference_ops(problem, loss_dtype)
     check_values(problem, check_targets=not ops.checks_targets)
     grad_mode = _grad_mode_to_run(grad_mode, input, weight, problem)

@@ -147,10 +147,12 @@ def test_legacy_size_average_and_reduce(backend):
         )
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")  # raised inside torch.func
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_weight_gradient_of_probability_targets(backend):
     """PyTorch differentiates the loss of probability targets with respect to weight; so do we (float64 gradcheck
-    of logits, target and weight together). For class indices both refuse a weight that requires grad."""
+    of logits, target and weight together). For class indices both refuse a weight that requires grad, under
+    torch.func.grad and forward-mode AD too (whose loss comes from another path, which once gave a gradient)."""
     g = torch.Generator().manual_seed(4)
     logits = make_logits((3, 5, 2), "contiguous", torch.float64, generator=g).requires_grad_(True)
     target = make_prob_target(logits, generator=g).requires_grad_(True)
@@ -161,8 +163,14 @@ def test_weight_gradient_of_probability_targets(backend):
                                             backend=backend)
 
         assert torch.autograd.gradcheck(loss, (logits, target, weight))
+    class_index = torch.tensor([[0, 1], [2, 3], [4, 0]])
     with pytest.raises(RuntimeError, match="not differentiable with respect to weight"):
-        fused_xent.cross_entropy(logits, torch.tensor([[0, 1], [2, 3], [4, 0]]), weight=weight, backend=backend)
+        fused_xent.cross_entropy(logits, class_index, weight=weight, backend=backend)
+    with pytest.raises(RuntimeError, match="not differentiable with respect to weight"):
+        torch.func.grad(lambda w: fused_xent.cross_entropy(logits.detach(), class_index, w, backend=backend))(weight)
+    with torch.autograd.forward_ad.dual_level(), pytest.raises(RuntimeError, match="not differentiable"):
+        dual = torch.autograd.forward_ad.make_dual(logits.detach(), torch.ones_like(logits))
+        fused_xent.cross_entropy(dual, class_index, weight=weight, backend=backend)
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")  # raised inside torch.func

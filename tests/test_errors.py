@@ -29,6 +29,9 @@ CASES = [
     ("integer logits", torch.randint(0, 5, (4, 3)), torch.tensor([0, 1, 2, 1]), {}, "must be float32"),
     ("float8 logits", _logits(4, 3).to(torch.float8_e4m3fn), torch.tensor([0, 1, 2, 1]), {}, "input.float()"),
     ("float ignore_index", _logits(4, 3), torch.tensor([0, 1, 2, 1]), {"ignore_index": 1.5}, "must be an int"),
+    ("bool ignore_index", _logits(4, 3), torch.tensor([0, 1, 2, 1]), {"ignore_index": np.True_}, "must be an int"),
+    ("float array ignore_index", _logits(4, 3), torch.tensor([0, 1, 2, 1]), {"ignore_index": np.array(1.0)},
+     "must be an int"),
     ("ignore_index beyond int64", _logits(4, 3), torch.tensor([0, 1, 2, 1]), {"ignore_index": 2**63},
      "must fit in int64"),
     ("index too large", _logits(4, 3), torch.tensor([0, 1, 3, 1]), {}, "out of range"),
@@ -181,6 +184,8 @@ def test_what_pytorch_accepts_is_accepted(backend):
         ((x, t), {"reduction": "elementwise_mean"}),
         ((x, t), {"ignore_index": torch.tensor(1)}),
         ((x, t), {"ignore_index": torch.tensor([2], dtype=torch.int32)}),
+        ((x, t), {"ignore_index": np.int32(3)}),
+        ((x, t), {"ignore_index": np.array(1)}),  # a 0-d integer array, as numpy indexing gives
     ]
     for args, kwargs in forms:
         expected = torch.nn.functional.cross_entropy(*args, **kwargs)

@@ -206,6 +206,30 @@ def test_huge_and_tiny_weights(backend):
 
 
 @pytest.mark.parametrize("device,backend", backend_cases())
+@pytest.mark.parametrize("shape", [(6, 300), (64, 10), (2, 19, 4, 4), (2, 300, 5)], ids=str)
+def test_float32_losses_past_the_float32_range(device, backend, shape):
+    """Targets on logits masked at -3e38: each position's loss is finite, their float32 sum is not, and PyTorch
+    returns inf for the sum and the mean (and for per-position losses of weight 3e38, whose sum of target weights
+    overflows too). The CPU kernel, which sums
+    in double, once raised there instead ('value cannot be converted to type float without overflow'), and in
+    grad_mode='inplace' after it had written the gradient over the logits. The gradients stay finite."""
+    target = make_class_target(shape[:1] + shape[2:], shape[1], device=device)
+    logits = make_logits(shape, "contiguous", torch.float32, device=device)
+    logits.scatter_(1, target.unsqueeze(1), -3e38)
+    heavy = torch.full((shape[1],), 3e38, device=device)
+    cases = [{"reduction": "sum"}, {"reduction": "mean"}, {"reduction": "none", "weight": heavy}]
+    for kwargs in cases:
+        expected = F.cross_entropy(logits, target, **kwargs)
+        assert expected.isinf().any(), kwargs
+        grad_output = torch.ones_like(expected)
+        expected_grad = torch_reference(logits, target, grad_output, **kwargs)[1]
+        for grad_mode in ("recompute", "in_forward", "inplace"):
+            loss, grad = fused(logits, target, grad_output, backend, grad_mode=grad_mode, **kwargs)
+            torch.testing.assert_close(loss, expected, msg=f"{kwargs}, {grad_mode}")
+            assert_grad_close(grad, expected_grad, torch.float32, f"grad, {kwargs}, {grad_mode}")
+
+
+@pytest.mark.parametrize("device,backend", backend_cases())
 @pytest.mark.parametrize("shape", [(6, 300), (64, 10), (3, 5000), (2, 19, 4, 4), (2, 300, 5)], ids=str)
 def test_infinite_weight_of_an_absent_class(device, backend, shape):
     """Inverse-frequency weights (1 / class count) are inf for a class that never occurs. Without label smoothing

@@ -135,14 +135,23 @@ struct Launch {
 
 at::TensorOptions acc_options(const Problem& problem) { return problem.logits.options().dtype(problem.acc_dtype()); }
 
-// Writes the reduced loss (mean or sum) into the 0-d output; reduction none was written per position. A mean over
-// zero target weight is NaN whatever the smoothing terms add, as PyTorch's 0/0 NLL part makes it.
+// A sum accumulated in double, rounded to the accumulation dtype: past float32's range it is inf, as the sums of
+// PyTorch and of the other backends are (a double beyond the range would make fill_ raise instead).
+double in_acc_dtype(const Problem& problem, double value) {
+  return problem.acc_dtype() == at::kFloat ? static_cast<double>(static_cast<float>(value)) : value;
+}
+
+// Writes the reduced loss (mean or sum) into the 0-d output; reduction none was written per position. The mean is
+// that of the rounded sums. A mean over zero target weight is NaN whatever the smoothing terms add, as PyTorch's
+// 0/0 NLL part makes it.
 void write_reduced_loss(const Problem& problem, at::Tensor& loss, double loss_sum, double total_weight) {
   if (problem.reduction == kReductionNone) return;
+  const double sum = in_acc_dtype(problem, loss_sum);
   if (problem.reduction == kReductionSum) {
-    loss.fill_(loss_sum);
+    loss.fill_(sum);
   } else {
-    loss.fill_(total_weight == 0 ? std::numeric_limits<double>::quiet_NaN() : loss_sum / total_weight);
+    const double denominator = in_acc_dtype(problem, total_weight);
+    loss.fill_(denominator == 0 ? std::numeric_limits<double>::quiet_NaN() : in_acc_dtype(problem, sum / denominator));
   }
 }
 
@@ -159,7 +168,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_fwd(const at::Tenso
   const double loss_sum = launch.run(problem);
   const double total = problem.prob_target ? static_cast<double>(problem.positions()) : launch.weight_sum();
   write_reduced_loss(problem, loss, loss_sum, total);
-  return {loss, lse, at::scalar_tensor(total, acc_options(problem))};
+  return {loss, lse, at::scalar_tensor(in_acc_dtype(problem, total), acc_options(problem))};
 }
 
 at::Tensor cross_entropy_bwd(const at::Tensor& grad_loss, const at::Tensor& logits, const at::Tensor& target,

@@ -111,9 +111,10 @@ struct CompensatedSum {
 // A position's sum of exps relative to its max. The max's own exp is exactly 1, and an accumulator holding it rounds
 // away every later exp below half an ulp of 1 (~6e-8): a near-certain prediction (p_y = 1 - 1e-6 over 17 classes)
 // would get a loss and a target gradient of 0. add() counts the exact 1s (the max and its ties) apart from the rest,
-// and the log of the total gets back what adding the two rounded off. That costs a compare and a masked add per exp:
-// the NCHW lane kernels, whose one accumulator per position is PyTorch's own for such logits, add_plain() instead
-// (and the AVX row kernels need neither: the max rounds away only its own lane's share of the small exps).
+// and the log of the total gets back what adding the two rounded off. That costs a compare and a masked add per exp,
+// which rows pay (a vector of a row's exps is summed across its lanes at the end of a chunk, and the max's 1 would
+// round away there what its lanes kept apart). The NCHW lane kernels, whose one accumulator per position is PyTorch's
+// own for such logits, add_plain() instead: counting apart would cost them a fifth of their time.
 template <class V>
 struct ExpSum {
   V ones{0}, rest{0};

@@ -88,11 +88,7 @@ RowStatistics<typename V::value_type> row_statistics(const Typed<V, T>& a, const
         xv = V::load(xc + i);
         e = vexp(xv - ref);
       }
-      if constexpr (W == 1) {  // one chain per row: keep the small exps apart from the max's 1 (ExpSum)
-        chunk_sum.add(e);
-      } else {
-        chunk_sum.add_plain(e);
-      }
+      chunk_sum.add(e);  // the small exps kept apart from the max's 1 (ExpSum)
       if (exps) V::store(exps + c0 + i, e);
       if (logit_dot) {
         V w(1);
