@@ -6,6 +6,7 @@
 #   OUT=/path/to/results bash benchmarks/gpu_check.sh           (or: make gpu-check)
 #   STAGES="build tests" OUT=... bash benchmarks/gpu_check.sh    (a rerun of some stages; build is needed once)
 #   GIT_COMMIT=$(git rev-parse --short HEAD) ...                  (recorded in the results; the copy has no .git)
+#   GPU_TESTS_K="..." GPU_TESTS_CAP_S=300 ...                      (the tests stage's -k selection and time cap)
 #
 # Stages: env wheels build tests kernels bench sanitize (the default, in this order) and e2e (the end-to-end
 # training comparison on the GPU; not in the default set). GPU_CHECK_BUDGET_S (default 540) bounds the whole run:
@@ -136,7 +137,7 @@ if runs tests; then
   WORKERS=$(( $(nproc) - 2 ))
   has_module xdist && (( WORKERS > 1 )) && PYTEST_ARGS+=(-n "$WORKERS")
   has_module pytest_timeout && PYTEST_ARGS+=(--timeout=120)
-  OMP_NUM_THREADS=1 TORCHINDUCTOR_COMPILE_THREADS=1 capped "$(allowance 180)" "$PYTHON" -m pytest \
+  OMP_NUM_THREADS=1 TORCHINDUCTOR_COMPILE_THREADS=1 capped "$(allowance "${GPU_TESTS_CAP_S:-180}")" "$PYTHON" -m pytest \
     "${PYTEST_ARGS[@]}" > "$WORK/gpu_tests.log" 2>&1
   TEST_RC=$?
   grep -E "^(FAILED|ERROR) |^[=]* ?[0-9]+ [a-z]+.* in [0-9.]+s" "$WORK/gpu_tests.log" | cut -c1-200 | tail -20
@@ -146,8 +147,10 @@ fi
 
 if runs kernels; then
   step "kernel table (benchmarks/gpu_kernel_table.py)"
-  capped "$(allowance 75)" "$PYTHON" benchmarks/gpu_kernel_table.py --out "$WORK" > "$WORK/kernel_table.log" 2>&1 \
-    || echo "gpu_kernel_table.py exited with $? (see kernel_table.log)"
+  capped "$(allowance 75)" "$PYTHON" benchmarks/gpu_kernel_table.py --out "$WORK" > "$WORK/kernel_table.log" 2>&1
+  KERNELS_RC=$?
+  (( KERNELS_RC != 0 )) && echo "gpu_kernel_table.py exited with $KERNELS_RC (see kernel_table.log)" | tee -a "$WORK/skipped.txt"
+  record_failure "$KERNELS_RC"
 fi
 
 if runs e2e; then
@@ -164,7 +167,10 @@ if runs bench; then
   # peer). BENCH_ARGS="" brings the default set back (or e.g. "--full").
   read -r -a BENCH_EXTRA <<< "${BENCH_ARGS---providers fused-cuda*,fused-triton,eager,liger}"
   capped "$(allowance 150)" "$PYTHON" benchmarks/bench.py --device cuda --budget 0.5 --out "$WORK" \
-    "${BENCH_EXTRA[@]}" > "$WORK/bench.log" 2>&1 || echo "bench.py exited with $? (see bench.log)"
+    "${BENCH_EXTRA[@]}" > "$WORK/bench.log" 2>&1
+  BENCH_RC=$?
+  (( BENCH_RC != 0 )) && echo "bench.py exited with $BENCH_RC (see bench.log)" | tee -a "$WORK/skipped.txt"
+  record_failure "$BENCH_RC"
   tail -12 "$WORK/bench.log"
 fi
 

@@ -212,6 +212,11 @@ def check_values(problem: Problem, check_targets: bool):
               "weights are computed, e.g. a division by a zero class count")
     position = int(invalid.flatten().nonzero()[0])
     value = int(target.flatten()[position])
+    if num_classes == 0:
+        raise IndexError(
+            f"fused_xent.cross_entropy: target {value} at position {position} is out of range: the input has no "
+            f"classes (C = 0), so every target must be ignore_index={problem.ignore_index}"
+        )
     raise IndexError(
         f"fused_xent.cross_entropy: target {value} at position {position} is out of range for "
         f"{num_classes} classes (valid: 0..{num_classes - 1}, or ignore_index={problem.ignore_index})"

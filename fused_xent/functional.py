@@ -242,6 +242,16 @@ def _loss_from_reference_ops(problem, loss_dtype):
     return loss.view(problem.loss_shape) if problem.reduction == REDUCTION_NONE else loss
 
 
+def _as_pytorch_on_cuda(loss, input, problem):
+    """PyTorch's CUDA kernel for one unbatched position gives a mean of 0 when its target is ignore_index, where its
+    CPU kernel and every batched kernel give 0/0 = NaN (with label smoothing the smoothing term's 0/0 makes it NaN
+    on CUDA too): the same here, on the device, without reading the target on the host."""
+    if (input.dim() != 1 or not loss.is_cuda or problem.reduction != REDUCTION_MEAN or problem.label_smoothing != 0
+            or problem.prob_target):
+        return loss
+    return torch.where(problem.target.reshape(()) == problem.ignore_index, torch.zeros_like(loss), loss)
+
+
 def _is_leaf_that_requires_grad(tensor) -> bool:
     """A leaf that requires grad, or a view of one: what PyTorch's in-place ops refuse to write to."""
     if not tensor.requires_grad:
@@ -323,14 +333,16 @@ def cross_entropy(
     loss_dtype = torch.float32 if float32_logits else problem.logits.dtype
     ops = _backends.resolve(backend, problem.logits.device)
     if problem.logits.shape[1] == 0:
-        # No classes: no kernel work, and answers (empty, 0, NaN, or an out-of-bounds error) best left to PyTorch.
+        # No classes: no kernel work, and answers (empty, 0 or NaN) best left to PyTorch; but a class index, which
+        # is out of bounds there, is refused first (PyTorch's CUDA kernel would stop the process at a device assert).
+        check_values(problem, check_targets=True)
         _grad_mode_to_run(grad_mode, input, weight, problem)  # its refusals hold here too
         return torch.nn.functional.cross_entropy(
             input, target, weight, ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing
         )
     if _function_transform_active(problem.logits, problem.target, problem.weight):
         _check_weight_grad(weight, problem)
-        return _loss_from_reference_ops(problem, loss_dtype)
+        return _as_pytorch_on_cuda(_loss_from_reference_ops(problem, loss_dtype), input, problem)
     check_values(problem, check_targets=not ops.checks_targets)
     grad_mode = _grad_mode_to_run(grad_mode, input, weight, problem)
     logits = problem.logits
@@ -342,4 +354,6 @@ def cross_entropy(
         logits, problem.target, problem.weight, problem.reduction, problem.ignore_index, problem.label_smoothing,
         ops.name, grad_mode, loss_dtype,
     )
-    return loss.view(problem.loss_shape) if problem.reduction == REDUCTION_NONE else loss
+    if problem.reduction == REDUCTION_NONE:
+        return loss.view(problem.loss_shape)
+    return _as_pytorch_on_cuda(loss, input, problem)

@@ -91,8 +91,9 @@ def test_inputs_without_grad(backend):
 def test_autocast_computes_in_float32_like_pytorch(device, backend, dtype, grad_mode, case):
     """Autocast runs cross entropy in float32 (float32 loss; the gradient of half-precision logits in their dtype).
     fused_xent reads half-precision logits as they are, without PyTorch's float32 copy: the loss must be float32 to
-    float32's precision, and the gradient PyTorch's float32 gradient rounded once. A probability target of another
-    dtype takes PyTorch's casts."""
+    float32's precision, and the gradient the exact one rounded once (the float64 gradient, cast to the logits'
+    dtype: PyTorch's own autocast gradient on CUDA is a rounding off it where the terms of the probability-target
+    gradient cancel). A probability target of another dtype takes PyTorch's casts."""
     g = torch.Generator().manual_seed(11)
     leaf = make_logits((6, 4, 3, 11), "channels_last", dtype, device, generator=g).requires_grad_(True)
     kwargs = {"label_smoothing": 0.1, "reduction": "none" if case == "half-weight-none" else "mean"}
@@ -113,13 +114,13 @@ def test_autocast_computes_in_float32_like_pytorch(device, backend, dtype, grad_
     assert loss.dtype == expected.dtype == torch.float32
     upstream = (torch.rand(loss.shape, generator=g) + 0.5).to(device)
     (grad,) = torch.autograd.grad(loss, leaf, upstream)
-    (expected_grad,) = torch.autograd.grad(expected, leaf, upstream)
     assert grad.dtype == dtype
     float64_kwargs = dict(kwargs, weight=kwargs["weight"].double()) if "weight" in kwargs else kwargs
     float64_loss = F.cross_entropy(leaf.double(), target.double() if target.is_floating_point() else target,
                                    **float64_kwargs)
+    (exact_grad,) = torch.autograd.grad(float64_loss, leaf, upstream.double())  # rounded once, to dtype
     assert_close(loss, float64_loss, torch.float32, "loss")
-    assert_grad_close(grad, expected_grad.double(), dtype, "gradient")
+    assert_grad_close(grad, exact_grad.double(), dtype, "gradient")
 
 
 @pytest.mark.parametrize("device,backend", backend_cases())
@@ -135,13 +136,13 @@ def test_autocast_gradient_under_a_loss_scale(device, backend, dtype, grad_mode,
     g = torch.Generator().manual_seed(5)
     leaf = make_logits((512, 1000), "contiguous", dtype, device, generator=g).requires_grad_(True)
     target = make_class_target((512,), 1000, device, generator=g)
-    gradients = []
-    for loss_fn in (F.cross_entropy, lambda x, t: fused_xent.cross_entropy(x, t, backend=backend, grad_mode=grad_mode)):
-        logits = leaf * 1  # inplace refuses leaves
-        with torch.autocast(device, dtype=dtype):
-            loss = loss_fn(logits, target)
-        gradients.append(torch.autograd.grad(loss * upstream, leaf)[0].double())
-    expected, got = gradients
+    logits = leaf * 1  # inplace refuses leaves
+    with torch.autocast(device, dtype=dtype):
+        loss = fused_xent.cross_entropy(logits, target, backend=backend, grad_mode=grad_mode)
+    got = torch.autograd.grad(loss * upstream, leaf)[0].double()
+    # The exact gradient rounded once: PyTorch's own on CPU; on the H200 its autocast gradient differed from this and
+    # from ours by a mean 0.05-0.2% (bfloat16 rounding of 1/3 is 0.19%).
+    expected = torch.autograd.grad(F.cross_entropy(leaf.double(), target) * upstream, leaf)[0].double()
     assert got.isfinite().all()
     assert (got == 0).sum() <= (expected == 0).sum() + 10, "entries underflowed to 0"
     nonzero = expected != 0
