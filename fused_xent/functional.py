@@ -335,8 +335,8 @@ def cross_entropy(
     if problem.logits.shape[1] == 0:
         # No classes: no kernel work, and answers (empty, 0 or NaN) best left to PyTorch; but a class index, which
         # is out of bounds there, is refused first (PyTorch's CUDA kernel would stop the process at a device assert).
-        check_values(problem, check_targets=True)
         _grad_mode_to_run(grad_mode, input, weight, problem)  # its refusals hold here too
+        check_values(problem, check_targets=True)
         return torch.nn.functional.cross_entropy(
             input, target, weight, ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing
         )
