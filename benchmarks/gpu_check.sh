@@ -45,7 +45,7 @@ runs() {
   wants "$1" || return 1
   pack
   (( $(allowance 20) >= 20 )) && return 0
-  echo "=== $1: skipped, the budget is spent (t=$(elapsed)s)" | tee -a "$WORK/skipped.txt"
+  echo "=== $1: skipped, the budget is spent (t=$(elapsed)s)" | tee -a "$WORK/stage_notes.txt"
   return 1
 }
 # A stage's exit status, kept if it is the first failure; a stage stopped by its cap counts as 4.
@@ -61,7 +61,7 @@ has_module() { "$PYTHON" -c "import $1" 2>/dev/null; }
 
 summary() {
   echo "GPU check $(date -u +%FT%TZ), commit ${GIT_COMMIT:-unknown}, stages: $STAGES, $(elapsed)s"
-  cat "$WORK/skipped.txt" 2>/dev/null
+  cat "$WORK/stage_notes.txt" 2>/dev/null
   if [ -f "$WORK/gpu_tests.log" ]; then
     echo "GPU tests: $(grep -E '^[=]* ?[0-9]+ [a-z]+.* in [0-9.]+s' "$WORK/gpu_tests.log" | tail -1)"
     grep -E "^(FAILED|ERROR) " "$WORK/gpu_tests.log" | cut -c1-200 | head -15
@@ -114,7 +114,7 @@ elif [ -d /tmp/site ]; then
   export PYTHONPATH="$PYTHONPATH:/tmp/site"  # installed by an earlier run on this machine
 fi
 
-rm -f "$WORK/skipped.txt"
+rm -f "$WORK/stage_notes.txt"
 if runs build; then
   step "build (sm_90 only)"
   if ! capped "$(allowance 240)" "$PYTHON" setup.py build_ext --inplace > "$WORK/build.log" 2>&1; then
@@ -149,7 +149,7 @@ if runs kernels; then
   step "kernel table (benchmarks/gpu_kernel_table.py)"
   capped "$(allowance 75)" "$PYTHON" benchmarks/gpu_kernel_table.py --out "$WORK" > "$WORK/kernel_table.log" 2>&1
   KERNELS_RC=$?
-  (( KERNELS_RC != 0 )) && echo "gpu_kernel_table.py exited with $KERNELS_RC (see kernel_table.log)" | tee -a "$WORK/skipped.txt"
+  (( KERNELS_RC != 0 )) && echo "gpu_kernel_table.py exited with $KERNELS_RC (see kernel_table.log)" | tee -a "$WORK/stage_notes.txt"
   record_failure "$KERNELS_RC"
 fi
 
@@ -169,7 +169,7 @@ if runs bench; then
   capped "$(allowance 150)" "$PYTHON" benchmarks/bench.py --device cuda --budget 0.5 --out "$WORK" \
     "${BENCH_EXTRA[@]}" > "$WORK/bench.log" 2>&1
   BENCH_RC=$?
-  (( BENCH_RC != 0 )) && echo "bench.py exited with $BENCH_RC (see bench.log)" | tee -a "$WORK/skipped.txt"
+  (( BENCH_RC != 0 )) && echo "bench.py exited with $BENCH_RC (see bench.log)" | tee -a "$WORK/stage_notes.txt"
   record_failure "$BENCH_RC"
   tail -12 "$WORK/bench.log"
 fi

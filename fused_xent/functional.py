@@ -242,7 +242,7 @@ def _loss_from_reference_ops(problem, loss_dtype):
     return loss.view(problem.loss_shape) if problem.reduction == REDUCTION_NONE else loss
 
 
-def _as_pytorch_on_cuda(loss, input, problem):
+def _unbatched_ignored_mean_as_pytorch(loss, input, problem):
     """PyTorch's CUDA kernel for one unbatched position gives a mean of 0 when its target is ignore_index, where its
     CPU kernel and every batched kernel give 0/0 = NaN (with label smoothing the smoothing term's 0/0 makes it NaN
     on CUDA too): the same here, on the device, without reading the target on the host."""
@@ -342,7 +342,7 @@ def cross_entropy(
         )
     if _function_transform_active(problem.logits, problem.target, problem.weight):
         _check_weight_grad(weight, problem)
-        return _as_pytorch_on_cuda(_loss_from_reference_ops(problem, loss_dtype), input, problem)
+        return _unbatched_ignored_mean_as_pytorch(_loss_from_reference_ops(problem, loss_dtype), input, problem)
     check_values(problem, check_targets=not ops.checks_targets)
     grad_mode = _grad_mode_to_run(grad_mode, input, weight, problem)
     logits = problem.logits
@@ -356,4 +356,4 @@ def cross_entropy(
     )
     if problem.reduction == REDUCTION_NONE:
         return loss.view(problem.loss_shape)
-    return _as_pytorch_on_cuda(loss, input, problem)
+    return _unbatched_ignored_mean_as_pytorch(loss, input, problem)

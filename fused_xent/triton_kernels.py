@@ -513,6 +513,11 @@ class TileConfig:
     num_warps: int
 
 
+def _values_per_thread(float32_values: int, element_size: int) -> int:
+    """Values of a dtype that take the registers of float32_values float32 values (float64 half as many)."""
+    return float32_values // max(1, element_size // 4)
+
+
 def tile_config(num_classes: int, positions_per_n: int, spatial: bool, element_size: int) -> TileConfig:
     """Block sizes and warps from C, S (positions per batch entry), the layout and the dtype width."""
     next_pow2 = triton.next_power_of_2
@@ -521,12 +526,12 @@ def tile_config(num_classes: int, positions_per_n: int, spatial: bool, element_s
         block_p = min(next_pow2(positions_per_n), SPATIAL_POSITION_VECTORS * vector)
         # Few positions (small S) take more classes per step instead.
         block_c = min(next_pow2(num_classes), max(MIN_SPATIAL_CLASSES, SPATIAL_TILE // block_p))
-        values_per_thread = SPATIAL_REGISTERS_PER_THREAD // max(1, element_size // 4)
+        values_per_thread = _values_per_thread(SPATIAL_REGISTERS_PER_THREAD, element_size)
         num_warps = max(1, min(MAX_SPATIAL_WARPS, block_p * block_c // (32 * values_per_thread)))
         return TileConfig(block_p, block_c, num_warps)
     block_c = min(next_pow2(num_classes), ROW_TILE * max(1, 4 // element_size))
     lanes_per_warp = 32
-    values_per_thread = ROW_ELEMENTS_PER_THREAD // max(1, element_size // 4)
+    values_per_thread = _values_per_thread(ROW_ELEMENTS_PER_THREAD, element_size)
     if block_c >= lanes_per_warp * values_per_thread:
         return TileConfig(1, block_c, min(16, block_c // (lanes_per_warp * values_per_thread)))
     # One warp. A row of fewer than 32 classes takes block_c lanes, so 32 // block_c rows sit side by side in it;
