@@ -1,5 +1,6 @@
 """What a result depends on besides the code: machine, versions, commit, threads, memory allocator regime, load."""
 
+import contextlib
 import datetime
 import os
 import platform
@@ -12,6 +13,21 @@ import fused_xent
 
 THP_ENV = "THP_MEM_ALLOC_ENABLE"
 REPO = Path(__file__).resolve().parents[1]
+
+
+@contextlib.contextmanager
+def environment_variable(name: str, value: str | None):
+    """The environment variable `name` set to `value` (None: as it is) inside the block, restored after it."""
+    previous = os.environ.get(name)
+    if value is not None:
+        os.environ[name] = value
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = previous
 
 
 def _read(path: str) -> str:

@@ -19,9 +19,13 @@ import torch.nn.functional as F
 import fused_xent
 from fused_xent._backends import backend_ops
 
+import env_info
 import timing
 
 MEAN = 1
+# The fused forward of long rows once more with thread-block clusters of up to 16 blocks allowed (by default a
+# cluster is one block: csrc/cuda/xent_rows_cluster.cu), so that one run compares the two plans.
+CLUSTER_MODE = "fwd+bwd in_forward, clusters <= 16"
 
 # (label, shape, dtype, layout, fraction of targets ignored): warp rows, block rows, split rows, spatial NCHW, NCHW
 # with few positions (split across threads: vocabulary logits laid out (N, C, T)), channels_last; and block rows of
@@ -104,12 +108,20 @@ def measure(label, shape, dtype, layout, ignored, repeats, backends, device="cud
                                                                           ("fwd+bwd", eager_fwd_bwd))}
     shape_text = "x".join(map(str, shape)) + (" (channels_last)" if layout == "channels_last" else "")
     rows = []
-    for mode in ("fwd", "fwd+bwd recompute", "fwd+bwd in_forward", "fwd+bwd inplace"):
+    modes = ["fwd", "fwd+bwd recompute", "fwd+bwd in_forward", "fwd+bwd inplace"]
+    if label.startswith("rows") and shape[1] > 2048 and "cuda" in backends:
+        modes.append(CLUSTER_MODE)
+    for mode in modes:
         times = {}
         for name, ops in backends.items():
-            fn, passes = mode_calls(ops, x3, t2, scratch, one)[mode]
+            if mode == CLUSTER_MODE and name != "cuda":
+                times[name] = (float("nan"), 2)
+                continue
+            fn, passes = mode_calls(ops, x3, t2, scratch, one)[mode.split(",")[0]]
+            max_cluster_blocks = "16" if mode == CLUSTER_MODE else None
             try:
-                times[name] = (median_ms(fn, repeats, flusher, timer), passes)
+                with env_info.environment_variable("FUSED_XENT_MAX_CLUSTER_BLOCKS", max_cluster_blocks):
+                    times[name] = (median_ms(fn, repeats, flusher, timer), passes)
             except Exception as error:  # reported in the table; the other backends and problems still run
                 print(f"{name} {label} {shape} {mode}: {type(error).__name__}: {error}")
                 times[name] = (float("nan"), passes)

@@ -9,6 +9,9 @@ import torch.nn.functional as F
 
 import fused_xent
 from fused_xent._backends import backends_serving
+from fused_xent._validate import CHECK_VALUES_ENV
+
+import env_info
 
 GRAD_MODE_SUFFIX = {"recompute": "", "in_forward": "-in_forward", "inplace": "-inplace"}
 
@@ -53,6 +56,22 @@ def _fused(backend: str, grad_mode: str) -> Provider:
         f"fused-{backend}{GRAD_MODE_SUFFIX[grad_mode]}", loss, traffic=grad_mode,
         overwrites_logits=grad_mode == "inplace", note=f"fused_xent backend={backend!r}: {notes[grad_mode]}",
     )
+
+
+def _unchecked(backend: str) -> Provider:
+    """The default grad mode with the data-dependent checks off (FUSED_XENT_CHECK_VALUES=0, set around each call):
+    what the checks' host sync costs on a GPU, beside the default provider."""
+    provider = _fused(backend, "recompute")
+    checked_loss = provider.loss
+
+    def loss(logits, target):
+        with env_info.environment_variable(CHECK_VALUES_ENV, "0"):
+            return checked_loss(logits, target)
+
+    provider.name += "-unchecked"
+    provider.loss = loss
+    provider.note = provider.note.split(":")[0] + f": as fused-{backend}, with {CHECK_VALUES_ENV}=0 (no host sync)"
+    return provider
 
 
 def _eager() -> Provider:
@@ -101,6 +120,8 @@ def all_providers(device: str) -> tuple[list[Provider], list[str]]:
     if backends:
         # The other grad modes only for the fastest backend: they differ in traffic, not in kernel quality.
         providers += [_fused(backends[0], mode) for mode in ("in_forward", "inplace")]
+    if device == "cuda" and backends:
+        providers.append(_unchecked(backends[0]))
     providers += [_eager(), _compiled()]
     liger, note = _liger(device)
     providers += [liger] if liger else []
@@ -128,4 +149,5 @@ def select(providers: list[Provider], device: str, full: bool, patterns: list[st
         modes = GRAD_MODE_SUFFIX.values() if fastest != "torch" else [""]
         wanted |= {f"fused-{fastest}{suffix}" for suffix in modes}
         wanted |= {f"fused-{name}" for name in backends[1:] if name != "torch"}
+        wanted.add(f"fused-{fastest}-unchecked")
     return [p for p in providers if p.name in wanted]

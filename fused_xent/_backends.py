@@ -38,6 +38,9 @@ class Backend:
     fwd_grad: Callable
     fwd_grad_: Callable
     checks_targets: bool  # raises on out-of-range class indices itself, so the front end need not
+    # Meets an out-of-range class index without reading or writing out of bounds (a NaN loss instead), so the front
+    # end's check of the targets may be read after the kernels are queued (fused_xent._validate.ValueCheck).
+    bad_targets_are_nan: bool = False
 
 
 def _compiled_ops():
@@ -100,12 +103,12 @@ def backends_serving(device_type: str, available_only: bool = True) -> list[str]
 
 def _make_backend(name: str) -> Backend:
     if name in ("cpu", "cuda"):
-        return Backend(name, *_compiled_ops(), checks_targets=name == "cpu")
+        return Backend(name, *_compiled_ops(), checks_targets=name == "cpu", bad_targets_are_nan=name == "cuda")
     if name == "triton":
         ops = torch.ops.fused_xent
         return Backend(
             name, ops.triton_cross_entropy_fwd, ops.triton_cross_entropy_bwd, ops.triton_cross_entropy_fwd_grad,
-            ops.triton_cross_entropy_fwd_grad_, checks_targets=False,
+            ops.triton_cross_entropy_fwd_grad_, checks_targets=False, bad_targets_are_nan=True,
         )
     return Backend(
         "torch", reference.cross_entropy_fwd, reference.cross_entropy_bwd, reference.cross_entropy_fwd_grad,

@@ -185,42 +185,78 @@ def value_checks_enabled() -> bool:
     return enabled
 
 
-def check_values(problem: Problem, check_targets: bool):
-    """Data-dependent checks: class indices in range (unless the kernel checks them itself) and no NaN weights.
+class ValueCheck:
+    """The data-dependent checks of one call, computed on the logits' device: class indices in range (unless the
+    kernel checks them itself) and no NaN weights. raise_if_failed() reads the verdict and raises what it found.
 
-    They cost a pass over the targets and one host synchronisation on GPUs; FUSED_XENT_CHECK_VALUES=0 skips them,
-    and they are skipped under torch.compile and while a CUDA graph is being captured (where a synchronisation is
-    not allowed); the kernels still never index out of bounds there (NaN instead).
+    On a GPU the verdict is copied to pinned host memory behind an event as soon as it is computed, so a caller may
+    queue the loss kernels first and read it while they run: the host then waits only for the check itself, and the
+    GPU, busy with the kernels, does not wait for the host (reading it at once would leave the GPU idle while the
+    host goes on to launch them). Only kernels that meet a bad class index without reading or writing out of bounds
+    (NaN instead) may be queued ahead of the verdict, and none that writes over an input.
     """
-    if not value_checks_enabled() or torch.compiler.is_compiling() or problem.logits.is_meta:
-        return
-    if problem.logits.is_cuda and torch.cuda.is_current_stream_capturing():
-        return
-    check_targets = check_targets and not problem.prob_target
-    flags = []
-    if problem.weight is not None:
-        flags.append(torch.isnan(problem.weight).any())
-    if check_targets:
-        target, num_classes = problem.target, problem.logits.shape[1]
-        invalid = ((target < 0) | (target >= num_classes)) & (target != problem.ignore_index)
-        flags.append(invalid.any())
-    if not flags or not bool(torch.stack(flags).any()):
-        return
-    if problem.weight is not None and bool(flags[0]):
-        bad_class = int(torch.isnan(problem.weight).nonzero()[0])
-        _fail(f"weight contains NaN (first at class {bad_class}), which would make the loss NaN: check how the "
-              "weights are computed, e.g. a division by a zero class count")
-    position = int(invalid.flatten().nonzero()[0])
-    value = int(target.flatten()[position])
-    if num_classes == 0:
+
+    def __init__(self, problem: Problem, check_targets: bool):
+        self._problem = problem
+        self._weight_has_nan = torch.isnan(problem.weight).any() if problem.weight is not None else None
+        self._invalid = None
+        if check_targets and not problem.prob_target:
+            target = problem.target
+            self._invalid = ((target < 0) | (target >= problem.logits.shape[1])) & (target != problem.ignore_index)
+        flags = [self._weight_has_nan] if self._weight_has_nan is not None else []
+        if self._invalid is not None:
+            flags.append(self._invalid.any())
+        self._failed = (flags[0] if len(flags) == 1 else torch.stack(flags).any()) if flags else None
+        self._ready = None
+        if self._failed is not None and self._failed.is_cuda:
+            verdict = torch.empty((), dtype=torch.bool, pin_memory=True)
+            verdict.copy_(self._failed, non_blocking=True)
+            self._failed, self._ready = verdict, torch.cuda.Event()
+            self._ready.record()
+
+    def raise_if_failed(self):
+        if self._failed is None:
+            return
+        if self._ready is not None:
+            self._ready.synchronize()
+        if not bool(self._failed):
+            return
+        problem = self._problem
+        if self._weight_has_nan is not None and bool(self._weight_has_nan):
+            bad_class = int(torch.isnan(problem.weight).nonzero()[0])
+            _fail(f"weight contains NaN (first at class {bad_class}), which would make the loss NaN: check how the "
+                  "weights are computed, e.g. a division by a zero class count")
+        position = int(self._invalid.flatten().nonzero()[0])
+        value = int(problem.target.flatten()[position])
+        num_classes = problem.logits.shape[1]
+        if num_classes == 0:
+            raise IndexError(
+                f"fused_xent.cross_entropy: target {value} at position {position} is out of range: the input has no "
+                f"classes (C = 0), so every target must be ignore_index={problem.ignore_index}"
+            )
         raise IndexError(
-            f"fused_xent.cross_entropy: target {value} at position {position} is out of range: the input has no "
-            f"classes (C = 0), so every target must be ignore_index={problem.ignore_index}"
+            f"fused_xent.cross_entropy: target {value} at position {position} is out of range for "
+            f"{num_classes} classes (valid: 0..{num_classes - 1}, or ignore_index={problem.ignore_index})"
         )
-    raise IndexError(
-        f"fused_xent.cross_entropy: target {value} at position {position} is out of range for "
-        f"{num_classes} classes (valid: 0..{num_classes - 1}, or ignore_index={problem.ignore_index})"
-    )
+
+
+def start_value_check(problem: Problem, check_targets: bool) -> ValueCheck | None:
+    """The checks of ValueCheck, started; None when they are off. They cost a pass over the targets and one host
+    synchronisation on GPUs; FUSED_XENT_CHECK_VALUES=0 skips them, and they are skipped under torch.compile and while
+    a CUDA graph is being captured (where a synchronisation is not allowed); the kernels still never index out of
+    bounds there (NaN instead)."""
+    if not value_checks_enabled() or torch.compiler.is_compiling() or problem.logits.is_meta:
+        return None
+    if problem.logits.is_cuda and torch.cuda.is_current_stream_capturing():
+        return None
+    return ValueCheck(problem, check_targets)
+
+
+def check_values(problem: Problem, check_targets: bool):
+    """start_value_check, and its verdict at once."""
+    check = start_value_check(problem, check_targets)
+    if check is not None:
+        check.raise_if_failed()
 
 
 def _flattens_to_a_view(input) -> bool:

@@ -12,7 +12,7 @@ from torch.overrides import handle_torch_function, has_torch_function_variadic
 from . import _backends, reference
 from ._layout import kernel_logits, may_overlap
 from ._ops import scale_unit_grad
-from ._validate import check_values, prepare
+from ._validate import check_values, prepare, start_value_check
 from .reference import REDUCTION_MEAN, REDUCTION_NONE
 
 GRAD_MODES = ("recompute", "in_forward", "inplace")
@@ -343,8 +343,14 @@ def cross_entropy(
     if _function_transform_active(problem.logits, problem.target, problem.weight):
         _check_weight_grad(weight, problem)
         return _unbatched_ignored_mean_as_pytorch(_loss_from_reference_ops(problem, loss_dtype), input, problem)
-    check_values(problem, check_targets=not ops.checks_targets)
+    value_check = start_value_check(problem, check_targets=not ops.checks_targets)
+    if value_check is not None and not ops.bad_targets_are_nan:
+        value_check.raise_if_failed()
+        value_check = None
     grad_mode = _grad_mode_to_run(grad_mode, input, weight, problem)
+    if value_check is not None and grad_mode == "inplace":  # its forward writes over the logits
+        value_check.raise_if_failed()
+        value_check = None
     logits = problem.logits
     if grad_mode == "recompute":
         # Logits the kernels cannot read as they are (a column-major (N, C), a view with gaps) are copied by each
@@ -354,6 +360,8 @@ def cross_entropy(
         logits, problem.target, problem.weight, problem.reduction, problem.ignore_index, problem.label_smoothing,
         ops.name, grad_mode, loss_dtype,
     )
+    if value_check is not None:  # read while the kernels run (see ValueCheck)
+        value_check.raise_if_failed()
     if problem.reduction == REDUCTION_NONE:
         return loss.view(problem.loss_shape)
     return _unbatched_ignored_mean_as_pytorch(loss, input, problem)

@@ -193,3 +193,16 @@ def test_end_to_end_training_check_runs(tmp_path, grad_mode):
         rows = list(csv.DictReader(handle))
     assert {row["task"] for row in rows} == {"lm", "seg"} and len(rows) == 6
     assert max(float(row["same_input_abs_diff"]) for row in rows) < 1e-4
+
+
+def test_unchecked_provider_skips_the_value_checks_only_in_its_calls(monkeypatch):
+    """The "-unchecked" provider (on a GPU: what the checks' host sync costs) runs with FUSED_XENT_CHECK_VALUES=0
+    during its call, so an out-of-range class gives NaN instead of an IndexError, and leaves the setting as it was."""
+    monkeypatch.setenv("FUSED_XENT_CHECK_VALUES", "1")
+    provider = providers._unchecked("torch")
+    assert provider.name == "fused-torch-unchecked"
+    logits, target = torch.randn(4, 3), torch.tensor([0, 1, 2, 5])
+    assert provider(logits, target).isnan()
+    assert fused_xent._validate.value_checks_enabled()
+    with pytest.raises(IndexError, match="target 5 at position 3"):
+        providers._fused("torch", "recompute")(logits, target)

@@ -121,7 +121,8 @@ def fused(x, target, grad_output, grad_mode, **kwargs):
 # ----------------------------------------------------------------------------------------------------------------
 # Parity over the argument grid
 
-# Rows whose fused forward takes the cluster kernel on an H200 (sm_90, 50 MB L2): slices of one block, of three (rows
+# Rows whose fused forward takes the cluster kernel on an H200 (sm_90, 50 MB L2) when clusters of up to 16 blocks are
+# allowed (FUSED_XENT_MAX_CLUSTER_BLOCKS=16; by default only the first, one block): slices of one block, of three (rows
 # at every 4-byte phase; logits that start mid-vector, which only the in-place mode sends there, since a fresh
 # gradient starts at phase 0) and of eleven (above the portable cluster size of 8). Rows of 50257 bfloat16 move
 # their phase by 2 bytes from one to the next, so a cluster stages its consecutive positions at different phases.
@@ -199,6 +200,21 @@ OPTIONS = [
 @pytest.mark.cuda
 @needs_gpu
 def test_parity(shape, layout, dtype):
+    check_parity(shape, layout, dtype)
+
+
+@pytest.mark.parametrize("shape,layout,dtype", CLUSTER_CASES, ids=str)
+@pytest.mark.cuda
+@needs_gpu
+def test_parity_of_clusters_of_several_blocks(shape, layout, dtype, monkeypatch):
+    """The cluster kernel with clusters of up to 16 blocks (FUSED_XENT_MAX_CLUSTER_BLOCKS; by default only rows one
+    block holds take it)."""
+    monkeypatch.setenv("FUSED_XENT_MAX_CLUSTER_BLOCKS", "16")
+    check_parity(shape, layout, dtype)
+
+
+def check_parity(shape, layout, dtype):
+    """Loss and gradient of every option and grad_mode against PyTorch in float64."""
     # crc32, not hash(): string hashes change from process to process, and a failure must replay with its inputs.
     generator = torch.Generator().manual_seed(zlib.crc32(repr((shape, layout, dtype)).encode()))
     x = make_logits(shape, layout, dtype, generator)
@@ -234,10 +250,11 @@ def launched_kernels(fn, *args):
 @pytest.mark.parametrize("shape,layout,dtype", CLUSTER_CASES, ids=str)
 @pytest.mark.cuda
 @needs_gpu
-def test_cluster_kernel_serves_the_fused_forward_of_long_rows(shape, layout, dtype):
+def test_cluster_kernel_serves_the_fused_forward_of_long_rows(shape, layout, dtype, monkeypatch):
     """test_parity covers these shapes; this checks that on sm_90+ they really reach the cluster kernel (the rule of
     xent_kernel.cu: the rows a block-per-row kernel keeps in flight exceed half of L2, and the gradient shares the
-    logits' address phase), and only when fused."""
+    logits' address phase), and only when fused: with clusters of up to 16 blocks allowed, every such row; by
+    default, only rows that one block's 96 KiB slice holds."""
     props = torch.cuda.get_device_properties(0)
     if props.major < 9:
         pytest.skip("thread-block clusters need sm_90")
@@ -248,12 +265,22 @@ def test_cluster_kernel_serves_the_fused_forward_of_long_rows(shape, layout, dty
     x = make_logits(shape, layout, dtype, generator)
     target = make_target(x, "index_ignore", -100, generator)
     one = torch.ones((), device="cuda", dtype=dtype)
-    for grad_mode in ("in_forward", "inplace"):
-        kernels = launched_kernels(fused, x, target, one, grad_mode)
-        clustered = any("rows_cluster_kernel" in name for name in kernels)
-        assert clustered == (grad_mode == "inplace" or layout != "offset"), (grad_mode, kernels)
-    kernels = launched_kernels(fused, x, target, one, "recompute")
-    assert not any("rows_cluster_kernel" in name for name in kernels), kernels
+    fits_one_block = shape[1] * dtype.itemsize <= 96 * 1024
+    for max_blocks in ("16", None):
+        if max_blocks is None:
+            monkeypatch.delenv("FUSED_XENT_MAX_CLUSTER_BLOCKS", raising=False)
+        else:
+            monkeypatch.setenv("FUSED_XENT_MAX_CLUSTER_BLOCKS", max_blocks)
+        for grad_mode in ("in_forward", "inplace"):
+            kernels = launched_kernels(fused, x, target, one, grad_mode)
+            clustered = any("rows_cluster_kernel" in name for name in kernels)
+            expected = (grad_mode == "inplace" or layout != "offset") and (max_blocks is not None or fits_one_block)
+            assert clustered == expected, (max_blocks, grad_mode, kernels)
+        kernels = launched_kernels(fused, x, target, one, "recompute")
+        assert not any("rows_cluster_kernel" in name for name in kernels), kernels
+    monkeypatch.setenv("FUSED_XENT_MAX_CLUSTER_BLOCKS", "17")
+    with pytest.raises(RuntimeError, match="FUSED_XENT_MAX_CLUSTER_BLOCKS=17 is not a whole number from 0 to 16"):
+        fused(x, target, one, "in_forward")
 
 
 @pytest.mark.parametrize("shape,layout,dtype", SPATIAL_SPLIT_CASES, ids=str)

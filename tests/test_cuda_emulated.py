@@ -129,6 +129,22 @@ def test_plans_change_with_the_multiprocessor_count_results_do_not(ops, monkeypa
     torch.testing.assert_close(losses["4"], losses["1"], rtol=2e-6, atol=0)
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_threads_that_take_several_positions(ops, monkeypatch, layout):
+    """On one emulated multiprocessor the grid holds 16384 threads (8 waves of 8 blocks of 256), fewer than these
+    18432 positions: threads of the thread-per-position kernels walk two positions each, and read the next one's
+    target a position ahead. Ignored targets here and there, weights, smoothing, probability targets."""
+    torch.manual_seed(5)
+    monkeypatch.setenv("FUSED_XENT_EMULATED_SMS", "1")
+    shape = (2, 19, 96, 96)
+    x = make_logits(shape, layout, torch.float32)
+    target = index_target(shape, -100)
+    weight = torch.rand(19) + 0.5
+    check_all_ops(ops, x, target, weight, "mean", -100, 0.1)
+    check_all_ops(ops, x, target, None, "none", -100, 0.0)
+    check_all_ops(ops, x, make_prob_target(x), weight, "sum", -100, 0.2)
+
+
 @pytest.mark.parametrize("shape", [(16, 1000), (3, 12000), (4, 300, 37), (2, 3000, 5), (1, 64000, 8)], ids=str)
 def test_loss_sums_at_offset_logits_and_with_a_masked_class(ops, shape):
     """Label smoothing and probability targets at logits near 1.2e4, and with class 0 masked at -1e9: the kernels

@@ -1,11 +1,15 @@
 """Bad input gets a clear Python exception that names the problem and the fix, on every backend."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
 from helpers import backend_cases, backends_for
 
 import fused_xent
+from fused_xent import _backends
+from fused_xent._validate import ValueCheck
 
 BACKENDS = backends_for("cpu")
 BACKEND_CASES = backend_cases()
@@ -121,6 +125,46 @@ def test_value_checks_can_be_switched_off(device, backend, setting, monkeypatch)
     weight = torch.tensor([1.0, float("nan"), 1.0], device=device)
     assert torch.isnan(fused_xent.cross_entropy(_logits(4, 3).to(device), torch.tensor([0, 1, 2, 1], device=device),
                                                 weight=weight, backend=backend))
+
+
+@pytest.mark.parametrize("device,backend", BACKEND_CASES)
+@pytest.mark.parametrize("grad_mode", ["recompute", "in_forward", "inplace"])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_out_of_range_target_raises_in_every_grad_mode(device, backend, grad_mode, reduction):
+    """Wherever the check is read (after the kernels are queued, or before an inplace forward writes over the
+    logits), the call raises, and the logits are left as they were."""
+    logits = (_logits(5, 4).to(device).requires_grad_(True) * 1)  # an op's output: what inplace may write over
+    before = logits.detach().clone()
+    target = torch.tensor([0, 3, 4, -100, 1], device=device)
+    with pytest.raises(IndexError, match="target 4 at position 2 is out of range for 4 classes"):
+        fused_xent.cross_entropy(logits, target, reduction=reduction, backend=backend, grad_mode=grad_mode)
+    assert torch.equal(logits.detach(), before)
+
+
+@pytest.mark.parametrize("grad_mode,order", [("recompute", ["fwd", "verdict"]), ("in_forward", ["fwd", "verdict"]),
+                                             ("inplace", ["verdict", "fwd"])])
+def test_the_value_check_is_read_after_the_kernels_are_queued(monkeypatch, grad_mode, order):
+    """For backends whose kernels meet bad class indices safely (cuda, triton), the front end reads the check's
+    verdict after it calls the forward op (on a GPU the host then waits on the check while the kernels run), except
+    before an inplace forward, which writes over the logits. The PyTorch ops stand in for such a backend here."""
+    calls = []
+    reference = _backends.backend_ops("torch")
+
+    def logged(op):
+        def call(*args):
+            calls.append("fwd")
+            return op(*args)
+        return call
+
+    stand_in = dataclasses.replace(reference, fwd=logged(reference.fwd), fwd_grad=logged(reference.fwd_grad),
+                                   fwd_grad_=logged(reference.fwd_grad_), bad_targets_are_nan=True)
+    monkeypatch.setattr(_backends, "resolve", lambda backend, device: stand_in)
+    monkeypatch.setattr(_backends, "backend_ops", lambda name: stand_in)
+    read_verdict = ValueCheck.raise_if_failed
+    monkeypatch.setattr(ValueCheck, "raise_if_failed", lambda check: (calls.append("verdict"), read_verdict(check)))
+    logits = _logits(6, 5).requires_grad_(True) * 1
+    fused_xent.cross_entropy(logits, torch.tensor([0, 1, 4, 2, 3, 0]), grad_mode=grad_mode)
+    assert calls == order
 
 
 def test_value_check_settings(monkeypatch):

@@ -393,10 +393,10 @@ struct IndexTarget {
 };
 
 template <typename scalar_t>
-__device__ __forceinline__ IndexTarget<acc_type<scalar_t>> read_index_target(const XentParams<scalar_t>& p, int64_t r,
+__device__ __forceinline__ IndexTarget<acc_type<scalar_t>> read_index_target(const XentParams<scalar_t>& p, int64_t y,
                                                                              const scalar_t* x, int64_t class_stride) {
   using acc_t = acc_type<scalar_t>;
-  IndexTarget<acc_t> target{kTargetValid, p.target_index[r], acc_t(0), acc_t(1)};
+  IndexTarget<acc_t> target{kTargetValid, y, acc_t(0), acc_t(1)};
   target.kind = classify_target(target.y, p.ignore_index, p.C);
   if (target.kind == kTargetValid) {
     target.logit = static_cast<acc_t>(x[target.y * class_stride]);

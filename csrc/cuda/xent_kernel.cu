@@ -34,9 +34,10 @@ constexpr int kTargetWeightThreads = 256;
 // A split never covers fewer classes than this: below, the per-split overhead is not worth the extra parallelism.
 constexpr int64_t kMinSplitLen = 4096;
 // The same for a thread's range of an NCHW position: its 16-byte statistics written and read back stay a few percent
-// of the logits it reads. Ranges are whole 16-byte class chunks of the spatial loops (8 classes of 16-bit logits).
+// of the logits it reads. Ranges are whole chunks of the spatial statistics loop (32 classes; xent_spatial.cu), so
+// that only a position's last range ends in a partial chunk.
 constexpr int64_t kMinSpatialSplitLen = 128;
-constexpr int64_t kSpatialSplitGranularity = 8;
+constexpr int64_t kSpatialSplitGranularity = 32;
 // At most this many ranges per position: the combine merges a position's ranges one after another (~30 ns each), so
 // a 256K vocabulary over two positions would spend longer merging 2000 ranges than reading the logits.
 constexpr int64_t kMaxSpatialSplits = 512;
@@ -89,7 +90,8 @@ RowsPlan plan_rows(const Problem& p, int64_t sms) {
 }
 
 // The block-per-row fused forward reads a row a second time for its gradient. That read hits L2 while the rows in
-// flight fit in about half of it; beyond, the cluster kernel (one read, the row kept on chip) is the better plan.
+// flight fit in about half of it; beyond, the cluster kernel (one read, the row kept on chip) takes the rows its
+// clusters may hold (plan_rows_cluster).
 bool row_rereads_miss_l2(const Problem& p, int64_t sms) {
   if (p.C <= kWarpPerRowMaxClasses) return false;
   int l2_bytes = 0;

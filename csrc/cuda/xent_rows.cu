@@ -23,7 +23,7 @@ __global__ void __launch_bounds__(Group::kMaxThreads) rows_forward_kernel(const 
     const scalar_t* x = p.logits + pos.offset;
     const scalar_t* t = kProb ? p.target_prob + pos.offset : nullptr;
     IndexTarget<acc_t> target{kTargetValid, 0, acc_t(0), acc_t(1)};
-    if constexpr (!kProb) target = read_index_target(p, r, x, 1);
+    if constexpr (!kProb) target = read_index_target(p, p.target_index[r], x, 1);
 
     // An ignored position is not read (the whole group agrees): its lse is that of no classes.
     const auto st = kProb || target.kind != kTargetIgnored

@@ -2,11 +2,13 @@
 // blocks one slice of the row, which it keeps in shared memory while the blocks combine their slice statistics
 // through distributed shared memory. The gradient is then computed from the on-chip copy, so the logits are read
 // from HBM exactly once at any vocabulary size. The block-per-row kernel's second sweep relies on L2 instead, which
-// stops working once the rows in flight outgrow it (a few hundred rows of 128K-256K classes).
+// stops working once the rows in flight outgrow it (a few hundred rows of 128K-256K classes). By default a cluster is
+// one block, so only rows that one block's shared memory holds come here (kDefaultMaxClusterBlocks says why).
 #include <c10/cuda/CUDAException.h>
 #include <cooperative_groups.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <map>
 #include <mutex>
 #include <tuple>
@@ -25,8 +27,25 @@ namespace cg = cooperative_groups;
 constexpr int64_t kSliceBytes = 96 * 1024;
 constexpr int64_t kMaxClusterBlocks = 16;  // the most that sm_90 allows (above 8 is "non-portable")
 constexpr int kClusterThreads = BlockGroup::kMaxThreads;
+// Clusters of one block by default: the H200 measured them 9% faster than recompute's two kernels on 4096 x 32000
+// bfloat16 rows, but clusters of 3 and 6 blocks (128256 and 256000 classes) 30-40% slower than recompute (see
+// benchmarks/RESULTS.md), so those rows take the block-per-row kernel's two sweeps instead.
+constexpr int64_t kDefaultMaxClusterBlocks = 1;
+constexpr const char* kMaxClusterBlocksEnv = "FUSED_XENT_MAX_CLUSTER_BLOCKS";
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// The most blocks a cluster may have: FUSED_XENT_MAX_CLUSTER_BLOCKS (0 turns the cluster kernel off), read at every
+// plan so that a benchmark can compare the plans in one process.
+int64_t max_cluster_blocks() {
+  const char* setting = std::getenv(kMaxClusterBlocksEnv);
+  if (setting == nullptr || *setting == '\0') return kDefaultMaxClusterBlocks;
+  char* end = nullptr;
+  const long long value = std::strtoll(setting, &end, 10);
+  TORCH_CHECK(*end == '\0' && value >= 0 && value <= kMaxClusterBlocks, "fused_xent: ", kMaxClusterBlocksEnv, "=",
+              setting, " is not a whole number from 0 to ", kMaxClusterBlocks);
+  return value;
+}
 
 // Class-index targets, gradient in the logits' address phase. Each cluster takes positions cluster_index,
 // cluster_index + clusters, ...; every block of a cluster visits the same positions, so they meet at the same
@@ -61,7 +80,7 @@ __global__ void __launch_bounds__(kClusterThreads, 2)
     const int64_t phase = p.vectorize ? (reinterpret_cast<uintptr_t>(x + begin) & 15) / sizeof(scalar_t) : 0;
     scalar_t* staged = reinterpret_cast<scalar_t*>(slice_bytes) + phase - begin;
     // Read by every block before the barrier below, after which any block may overwrite the row (in place).
-    const auto target = read_index_target(p, r, x, 1);
+    const auto target = read_index_target(p, p.target_index[r], x, 1);
 
     // An ignored position is not read; its gradient is a fill that never reads the slice.
     const auto mine = target.kind != kTargetIgnored
@@ -161,7 +180,7 @@ LaunchShape plan_rows_cluster(const XentParams<scalar_t>& p, int device) {
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
   if (major < 9) return shape;
   const int64_t blocks_needed = ceil_div(p.C * int64_t(sizeof(scalar_t)), kSliceBytes);
-  if (blocks_needed > kMaxClusterBlocks) return shape;
+  if (blocks_needed > max_cluster_blocks()) return shape;
   const int64_t slice_len = ceil_div(ceil_div(p.C, blocks_needed), 64) * 64;
   const int64_t blocks = ceil_div(p.C, slice_len);
   const int clusters = resident_clusters<scalar_t>(device, blocks, slice_len);

@@ -81,7 +81,7 @@ __global__ void __launch_bounds__(256) split_combine_kernel(const XentParams<sca
     const acc_t log_sum = st.log_sum();
 
     // The target logit is read here, before the gradient kernel that may overwrite the logits runs.
-    const auto target = read_index_target(p, r, p.logits + locate(p, r).offset, p.stride_c);
+    const auto target = read_index_target(p, p.target_index[r], p.logits + locate(p, r).offset, p.stride_c);
     const auto loss = position_loss<false>(target, st, log_sum, weight_sum, eps, p.C);
     record_position(p, r, st, log_sum, loss, loss_acc, weight_acc);
   }
