@@ -49,9 +49,10 @@ class Verdict:
     message: str
 
 
-def check(provider, logits: torch.Tensor, target: torch.Tensor, reference: Reference, dtype_name: str) -> Verdict:
-    """One call of the provider on fresh logits (plus backward when the reference has a gradient)."""
-    with_grad = reference.grad is not None
+def check(provider, logits: torch.Tensor, target: torch.Tensor, reference: Reference, dtype_name: str,
+          with_grad: bool) -> Verdict:
+    """One call of the provider on fresh logits, plus backward and a check of the gradient if `with_grad` (the
+    reference must then have one)."""
     x = logits.detach().requires_grad_(True)
     loss = provider(x.clone() if provider.overwrites_logits else x, target)  # a copy to overwrite (see timing)
     loss_err = abs(loss.double().item() - reference.loss) / max(1.0, abs(reference.loss))

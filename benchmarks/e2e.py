@@ -19,8 +19,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import fused_xent
+from fused_xent._backends import backends_serving
 
 import env_info
+from bench import positive_int
 
 SEG_IGNORE = 255  # Cityscapes' "void" label
 
@@ -114,19 +116,28 @@ def _sync(device):
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=300, help="training steps per run (default: 300)")
+    parser.add_argument("--steps", type=positive_int, default=300, help="training steps per run, >= 1 (default: 300)")
     parser.add_argument("--tasks", default="lm,seg", help="comma list of lm, seg (default: both)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    parser.add_argument("--backend", help="fused_xent backend (default: auto)")
+    parser.add_argument("--backend", help="fused_xent backend that runs on --device here (default: auto)")
     parser.add_argument("--grad-mode", default="recompute", choices=("recompute", "in_forward", "inplace"))
-    parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--threads", type=positive_int, help="torch.set_num_threads, >= 1 (default: torch's)")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     args = parser.parse_args(argv)
     device = args.device
+    # Checked here, not by the first training step: a bad value is an argparse error (status 2), not a traceback.
+    tasks = [task.strip() for task in args.tasks.split(",") if task.strip()]
+    if not tasks or any(task not in TASKS for task in tasks):
+        parser.error(f"--tasks {args.tasks!r}: a comma list of {', '.join(TASKS)} is needed")
+    if device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is visible")
+    backends = backends_serving(device)
+    if args.backend not in (None, "auto", *backends):
+        parser.error(f"--backend {args.backend}: choose one that runs on {device} tensors here: "
+                     f"{', '.join(backends)} or auto")
     if args.threads:
         torch.set_num_threads(args.threads)
     env = env_info.describe(device)
-    tasks = [task for task in args.tasks.split(",") if task]
     rows, summary = [], []
     for task in tasks:
         fused_losses, same_input, fused_loss_s, fused_total_s = train(task, True, args, device)

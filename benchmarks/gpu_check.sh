@@ -9,12 +9,16 @@
 #   GPU_TESTS_K="..." GPU_TESTS_CAP_S=300 ...                      (the tests stage's -k selection and time cap)
 #
 # Stages: env wheels build tests kernels bench sanitize (the default, in this order) and e2e (the end-to-end
-# training comparison on the GPU; not in the default set). GPU_CHECK_BUDGET_S (default 540) bounds the whole run:
-# each stage gets its own cap or what is left, whichever is less, and a stage left with under 20 s is skipped; a
-# stage stopped by its cap gets SIGINT first, so pytest still writes its report. Exit status: 0, or the first
-# failing stage's (a stage stopped by its cap gives 4, never the 124/137 that reads as the whole run timing out).
+# training comparison on the GPU, run after kernels; not in the default set). GPU_CHECK_BUDGET_S (default 540) bounds
+# the whole run: before each timed stage, the time left is split among it and the selected stages still to come in
+# proportion to their caps (build 240 s, tests GPU_TESTS_CAP_S, kernels 75, e2e 150, bench 150, sanitize 90; see
+# gpu_check_budget.sh), each at most its cap, so the stages never add up to more than the budget and time one leaves
+# unused goes to the later ones; a stage whose share is under 20 s is skipped. A stage stopped at its share gets
+# SIGINT first, so pytest still writes its report. Exit status: 0, or the first failing stage's (a stage stopped by
+# its share gives 4, never the 124/137 that reads as the whole run timing out).
 #
-# Every log and table is written to a work folder as the stages go. After each stage (and on exit, normal or not)
+# Every log and table is written to a work folder (GPU_CHECK_WORK, default /tmp/gpu_check, emptied at the start of
+# each run, so that a rerun packs and summarizes its own logs only) as the stages go. After each stage (and on exit)
 # they are packed into $OUT/gpu_check.tgz, and the few files worth reading first are copied beside it: the device
 # tool brings back at most 8 files from $OUT, and what is there even when it stops a run at its limit. Wheels found
 # in .whl/ (e.g. liger-kernel, for the benchmark's Liger peer) are installed to a scratch folder first.
@@ -25,30 +29,28 @@ export PYTHONUNBUFFERED=1
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu_check_out}
 WORK=${GPU_CHECK_WORK:-/tmp/gpu_check}
+# A rerun on the same machine starts clean: no log or table of an earlier run is packed, copied or summarized as its
+# own (in $OUT, only the files that pack writes there are removed).
+rm -rf "$WORK"
 mkdir -p "$OUT" "$WORK"
+rm -f "$OUT"/{gpu_check.tgz,summary.txt,gpu_tests.log,gpu_kernel_table.md,sanitize.log,env.txt} "$OUT"/cuda-*.md
 PYTHON=${PYTHON:-python3}  # the lent GPU image has python3 only
 STAGES=${STAGES:-env wheels build tests kernels bench sanitize}
 BUDGET=${GPU_CHECK_BUDGET_S:-540}
 START=$(date +%s)
 STATUS=0
+source benchmarks/gpu_check_budget.sh  # CAP, elapsed, wants, allowance
 
-elapsed() { echo $(( $(date +%s) - START )); }
 step() { echo; echo "=== $* (t=$(elapsed)s)"; }
-wants() { [[ " $STAGES " == *" $1 "* ]]; }
-# Seconds a stage may run: its cap, or the budget left minus a reserve for the summary and packing.
-allowance() {
-  local left=$(( BUDGET - $(elapsed) - 15 ))
-  (( left < $1 )) && echo "$left" || echo "$1"
-}
-# Whether a stage is selected and has at least 20 s of the budget left (else it says so and is skipped).
+# Whether a stage is selected and its share of the budget is at least 20 s (else it says so and is skipped).
 runs() {
   wants "$1" || return 1
   pack
-  (( $(allowance 20) >= 20 )) && return 0
-  echo "=== $1: skipped, the budget is spent (t=$(elapsed)s)" | tee -a "$WORK/stage_notes.txt"
+  (( $(allowance "$1") >= 20 )) && return 0
+  echo "=== $1: skipped, its share of the budget left is under 20 s (t=$(elapsed)s)" | tee -a "$WORK/stage_notes.txt"
   return 1
 }
-# A stage's exit status, kept if it is the first failure; a stage stopped by its cap counts as 4.
+# A stage's exit status, kept if it is the first failure; a stage stopped at its allowance counts as 4.
 record_failure() {
   local rc=$1
   (( rc == 124 || rc == 137 )) && rc=4
@@ -114,10 +116,9 @@ elif [ -d /tmp/site ]; then
   export PYTHONPATH="$PYTHONPATH:/tmp/site"  # installed by an earlier run on this machine
 fi
 
-rm -f "$WORK/stage_notes.txt"
 if runs build; then
   step "build (sm_90 only)"
-  if ! capped "$(allowance 240)" "$PYTHON" setup.py build_ext --inplace > "$WORK/build.log" 2>&1; then
+  if ! capped "$(allowance build)" "$PYTHON" setup.py build_ext --inplace > "$WORK/build.log" 2>&1; then
     tail -40 "$WORK/build.log"
     echo "BUILD FAILED"
     exit 1
@@ -137,7 +138,7 @@ if runs tests; then
   WORKERS=$(( $(nproc) - 2 ))
   has_module xdist && (( WORKERS > 1 )) && PYTEST_ARGS+=(-n "$WORKERS")
   has_module pytest_timeout && PYTEST_ARGS+=(--timeout=120)
-  OMP_NUM_THREADS=1 TORCHINDUCTOR_COMPILE_THREADS=1 capped "$(allowance "${GPU_TESTS_CAP_S:-180}")" "$PYTHON" -m pytest \
+  OMP_NUM_THREADS=1 TORCHINDUCTOR_COMPILE_THREADS=1 capped "$(allowance tests)" "$PYTHON" -m pytest \
     "${PYTEST_ARGS[@]}" > "$WORK/gpu_tests.log" 2>&1
   TEST_RC=$?
   grep -E "^(FAILED|ERROR) |^[=]* ?[0-9]+ [a-z]+.* in [0-9.]+s" "$WORK/gpu_tests.log" | cut -c1-200 | tail -20
@@ -147,7 +148,7 @@ fi
 
 if runs kernels; then
   step "kernel table (benchmarks/gpu_kernel_table.py)"
-  capped "$(allowance 75)" "$PYTHON" benchmarks/gpu_kernel_table.py --out "$WORK" > "$WORK/kernel_table.log" 2>&1
+  capped "$(allowance kernels)" "$PYTHON" benchmarks/gpu_kernel_table.py --out "$WORK" > "$WORK/kernel_table.log" 2>&1
   KERNELS_RC=$?
   (( KERNELS_RC != 0 )) && echo "gpu_kernel_table.py exited with $KERNELS_RC (see kernel_table.log)" | tee -a "$WORK/stage_notes.txt"
   record_failure "$KERNELS_RC"
@@ -155,7 +156,7 @@ fi
 
 if runs e2e; then
   step "end-to-end training, fused vs PyTorch loss (benchmarks/e2e.py --device cuda)"
-  capped "$(allowance 150)" "$PYTHON" benchmarks/e2e.py --device cuda --out "$WORK" > "$WORK/e2e.log" 2>&1 \
+  capped "$(allowance e2e)" "$PYTHON" benchmarks/e2e.py --device cuda --out "$WORK" > "$WORK/e2e.log" 2>&1 \
     || echo "e2e.py exited with $? (see e2e.log)"
   tail -8 "$WORK/e2e.log"
 fi
@@ -166,7 +167,7 @@ if runs bench; then
   # problems; the targets are against eager and Liger. So is the pure-PyTorch fused backend (a reference, not a
   # peer). BENCH_ARGS="" brings the default set back (or e.g. "--full").
   read -r -a BENCH_EXTRA <<< "${BENCH_ARGS---providers fused-cuda*,fused-triton,eager,liger}"
-  capped "$(allowance 150)" "$PYTHON" benchmarks/bench.py --device cuda --budget 0.5 --out "$WORK" \
+  capped "$(allowance bench)" "$PYTHON" benchmarks/bench.py --device cuda --budget 0.5 --out "$WORK" \
     "${BENCH_EXTRA[@]}" > "$WORK/bench.log" 2>&1
   BENCH_RC=$?
   (( BENCH_RC != 0 )) && echo "bench.py exited with $BENCH_RC (see bench.log)" | tee -a "$WORK/stage_notes.txt"
@@ -181,7 +182,7 @@ if runs sanitize; then
     # Without PyTorch's caching allocator every tensor is its own allocation, so an access past a tensor's end is
     # an access past an allocation, which memcheck sees. Only memory errors count (not CUDA API errors that torch
     # handles), and only in this process (not in the compilers it starts).
-    PYTORCH_NO_CUDA_MEMORY_CACHING=1 capped "$(allowance 90)" "$SANITIZER" --tool memcheck --error-exitcode 3 \
+    PYTORCH_NO_CUDA_MEMORY_CACHING=1 capped "$(allowance sanitize)" "$SANITIZER" --tool memcheck --error-exitcode 3 \
       --report-api-errors no --target-processes application-only --print-limit 20 \
       "$PYTHON" benchmarks/gpu_sanitize.py --backends "${SANITIZE_BACKENDS:-cuda}" > "$WORK/sanitize.log" 2>&1
     SANITIZE_RC=$?

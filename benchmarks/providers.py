@@ -1,6 +1,7 @@
 """The cross-entropy implementations the benchmark compares, each as loss(logits, target) -> scalar mean loss."""
 
 import fnmatch
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -24,6 +25,7 @@ class Provider:
     overwrites_logits: bool = False  # writes the gradient over its input, so every call needs fresh logits
     rows_only: bool = False  # takes (N, C) logits only, no spatial dimensions
     compiles: bool = False  # needs a warm-up call whose time is compile time, reported apart
+    triton: bool = False  # runs Triton kernels, which TRITON_INTERPRET turns into Python (see triton_interpreted)
     note: str = ""
     start_case: Callable[[], None] = field(default=lambda: None)  # called once before each new shape/dtype
     autocast: bool = False  # --autocast: every call runs under torch.autocast (see __call__)
@@ -36,6 +38,16 @@ class Provider:
         dtype = logits.dtype if logits.dtype in (torch.float16, torch.bfloat16) else torch.bfloat16
         with torch.autocast(logits.device.type, dtype=dtype):
             return self.loss(logits, target)
+
+    @property
+    def grad_in_forward(self) -> bool:
+        """Computes the gradient in the forward (in_forward, inplace, Liger), so even a fwd-only run makes one."""
+        return self.traffic != "recompute"
+
+
+def triton_interpreted() -> bool:
+    """Whether Triton runs kernels in its Python interpreter: TRITON_INTERPRET read as Triton reads it (getBoolEnv)."""
+    return os.environ.get("TRITON_INTERPRET", "").lower() in ("1", "true", "on", "yes", "y")
 
 
 def fused_backends(device: str) -> list[str]:
@@ -54,7 +66,8 @@ def _fused(backend: str, grad_mode: str) -> Provider:
     }
     return Provider(
         f"fused-{backend}{GRAD_MODE_SUFFIX[grad_mode]}", loss, traffic=grad_mode,
-        overwrites_logits=grad_mode == "inplace", note=f"fused_xent backend={backend!r}: {notes[grad_mode]}",
+        overwrites_logits=grad_mode == "inplace", triton=backend == "triton",
+        note=f"fused_xent backend={backend!r}: {notes[grad_mode]}",
     )
 
 
@@ -78,9 +91,10 @@ def _eager() -> Provider:
     return Provider("eager", F.cross_entropy, traffic="recompute", note="torch.nn.functional.cross_entropy")
 
 
-def _compiled() -> Provider:
+def _compiled(device: str) -> Provider:
+    # Inductor generates Triton kernels for CUDA tensors (C++ for CPU ones).
     provider = Provider(
-        "compile", F.cross_entropy, traffic="recompute", compiles=True,
+        "compile", F.cross_entropy, traffic="recompute", compiles=True, triton=device == "cuda",
         note="torch.compile(F.cross_entropy, dynamic=False), recompiled per shape; compile time excluded",
     )
 
@@ -107,7 +121,7 @@ def _liger(device: str) -> tuple[Provider | None, str]:
         return result if isinstance(result, torch.Tensor) else result[0]
 
     provider = Provider(
-        "liger", loss, traffic="inplace", overwrites_logits=True, rows_only=True,
+        "liger", loss, traffic="inplace", overwrites_logits=True, rows_only=True, triton=True,
         note="Liger-Kernel liger_cross_entropy (writes the gradient over the logits in the forward)",
     )
     return provider, ""
@@ -122,7 +136,7 @@ def all_providers(device: str) -> tuple[list[Provider], list[str]]:
         providers += [_fused(backends[0], mode) for mode in ("in_forward", "inplace")]
     if device == "cuda" and backends:
         providers.append(_unchecked(backends[0]))
-    providers += [_eager(), _compiled()]
+    providers += [_eager(), _compiled(device)]
     liger, note = _liger(device)
     providers += [liger] if liger else []
     notes = [note] if note else []

@@ -21,7 +21,7 @@ from report import Row
 
 
 def _fail(message: str) -> int:
-    print(f"bench.py: {message}", file=sys.stderr)
+    print(f"bench.py: error: {message}", file=sys.stderr)
     return 2
 
 
@@ -57,7 +57,9 @@ class CaseRunner:
         self.progress.update(len(self.modes))
 
     def run(self, case: shapes.Case, chosen: list):
-        with_grad = any(mode != "fwd" for mode in self.modes)
+        backward = any(mode != "fwd" for mode in self.modes)
+        # A provider that makes its gradient in the forward makes it in a fwd-only run too, so it is checked too.
+        with_grad = backward or any(provider.grad_in_forward for provider in chosen)
         needed, available = _memory_needed(case, with_grad), env_info.available_memory(self.device)
         if needed > 0.8 * available:
             for provider in chosen:
@@ -66,7 +68,7 @@ class CaseRunner:
             self.progress.update(1)
             return
         logits, target = shapes.make_inputs(case, self.device, ignored=self.ignored)
-        live = self._gate(case, chosen, logits, target, with_grad)
+        live = self._gate(case, chosen, logits, target, with_grad, backward)
         self._time_copy(case, logits)
         for provider in live:
             self._measure(case, provider, logits, target)
@@ -76,8 +78,9 @@ class CaseRunner:
         if self.device == "cuda":
             torch.cuda.empty_cache()
 
-    def _gate(self, case, chosen, logits, target, with_grad) -> list:
-        """Providers whose loss (and gradient) match PyTorch in fp64 on this problem; the others get a verdict."""
+    def _gate(self, case, chosen, logits, target, with_grad, backward) -> list:
+        """Providers whose loss, and gradient wherever the run computes one (a mode with backward, or a provider
+        that makes it in the forward), match PyTorch in fp64 on this problem; the others get a verdict."""
         reference = correctness.Reference(logits, target, with_grad)
         live = []
         for provider in chosen:
@@ -88,7 +91,8 @@ class CaseRunner:
                 provider.start_case()
                 if provider.compiles:
                     self._warm_up_compile(case, provider, logits, target)
-                verdict = correctness.check(provider, logits, target, reference, case.dtype_name)
+                verdict = correctness.check(provider, logits, target, reference, case.dtype_name,
+                                            backward or provider.grad_in_forward)
             except Exception as error:  # a provider that crashes is reported, and the others still run
                 self._not_timed(provider, case, f"FAILED: {type(error).__name__}: {first_line(error)}")
                 continue
@@ -156,7 +160,7 @@ class CaseRunner:
                                   note=f"{baseline} median / {provider.name} median")
 
 
-def _method_notes(device, modes, chosen, provider_notes, budget_s, repeats) -> list[str]:
+def _method_notes(device, chosen, provider_notes, budget_s, repeats) -> list[str]:
     timer = "time.perf_counter" if device == "cpu" else "CUDA events, synchronized"
     count = f"{repeats} steps" if repeats else f"as many steps as fit in {budget_s:g} s (3 to 50)"
     checks = "on (the default)"
@@ -175,13 +179,28 @@ def _method_notes(device, modes, chosen, provider_notes, budget_s, repeats) -> l
         "faster.",
         timing.BYTE_MODEL,
         timing.GPU_MEMORY_METHOD if device == "cuda" else timing.CPU_MEMORY_METHOD,
-        f"Correctness gate: before timing, each provider's mean loss and gradient (modes {', '.join(modes)}) on "
-        "the benchmark's inputs against F.cross_entropy in float64; relative tolerance "
+        "Correctness gate: before timing, each provider's mean loss, and its gradient wherever the run computes one "
+        "(fwd+bwd and bwd modes; in the fwd mode too for in_forward / inplace / Liger, which make it in the "
+        "forward), on the benchmark's inputs against F.cross_entropy in float64; relative tolerance "
         + ", ".join(f"{k} {v:g}" for k, v in correctness.TOLERANCE.items())
         + ". WRONG providers are not timed.",
         "Every provider runs in one process under the same allocator settings (see 'allocator' above).",
         f"fused_xent's data-dependent input checks (on a GPU: one host sync per call) were {checks}.",
     ] + [f"{p.name}: {p.note}" for p in chosen] + provider_notes
+
+
+def file_stem(device: str, full: bool, selection: list[tuple[list[str], list[str]]], ignored: float,
+              autocast: bool, thp: bool) -> str:
+    """<device>-<date>[-full][-<selection>][-ignoredNN][-autocast][-thp]. `selection` pairs what this run chose
+    (families, dtypes, modes, providers) with what the default run (quick or --full) chooses; each that differs is
+    named, its items joined by commas, so a partial run never overwrites the same day's default tables (or those of
+    another selection)."""
+    parts = [device, datetime.date.today().isoformat()] + (["full"] if full else [])
+    parts += [",".join(chosen) for chosen, default in selection if set(chosen) != set(default)]
+    parts += [f"ignored{round(100 * ignored)}"] if ignored else []
+    parts += ["autocast"] if autocast else []
+    parts += ["thp"] if thp else []
+    return "-".join(parts)
 
 
 def run(args) -> int:
@@ -190,9 +209,10 @@ def run(args) -> int:
         return _fail("--device cuda: no CUDA device is visible")
     if args.threads:
         torch.set_num_threads(args.threads)
+    default_modes = list(timing.MODES) if full else ["fwd", "fwd+bwd"]
     families = args.families or list(shapes.FAMILIES)
     dtypes = args.dtypes or shapes.default_dtypes(device, full)
-    modes = args.modes or (list(timing.MODES) if full else ["fwd", "fwd+bwd"])
+    modes = args.modes or default_modes
     for kind, chosen_items, allowed in (("family", families, shapes.FAMILIES), ("dtype", dtypes, shapes.DTYPES),
                                         ("mode", modes, timing.MODES)):
         if error := _check_choices(kind, chosen_items, allowed):
@@ -201,12 +221,24 @@ def run(args) -> int:
     chosen = providers_mod.select(candidates, device, full, args.providers)
     if not chosen:
         return _fail(f"no provider matches {args.providers}; here: {', '.join(p.name for p in candidates)}")
+    interpreted = [p.name for p in chosen if p.triton] if providers_mod.triton_interpreted() else []
+    if interpreted:
+        # The interpreter runs each kernel as Python on the host: its times say nothing about the Triton kernels.
+        return _fail(f"TRITON_INTERPRET={os.environ['TRITON_INTERPRET']} runs Triton's kernels in its Python "
+                     f"interpreter, which would be timed as {', '.join(interpreted)}; unset TRITON_INTERPRET, or "
+                     "leave those out with --providers")
     case_list = shapes.cases(device, full, families, dtypes)
     budget_s = args.budget or (3.0 if full else 1.5)
+    names = [p.name for p in chosen]
+    default_names = [p.name for p in providers_mod.select(candidates, device, full, None)]
+    selection = [(families, list(shapes.FAMILIES)), (dtypes, shapes.default_dtypes(device, full)),
+                 (modes, default_modes), (names, default_names)]
+    stem = args.out / file_stem(device, full, selection, args.ignored, args.autocast, env_info.thp_enabled())
     if args.list:
-        print("providers:", ", ".join(p.name for p in chosen))
+        print("providers:", ", ".join(names))
         print("problems:", ", ".join(f"{c.family} {c.label} {c.dtype_name}" for c in case_list))
         print("modes:", ", ".join(modes))
+        print("files:", f"{stem}.csv, {stem}.md, {stem}-<plot group>-<dtype>.png")
         return 0
 
     env = env_info.describe(device)
@@ -217,12 +249,7 @@ def run(args) -> int:
     print("providers:", ", ".join(p.name for p in chosen), "|", "; ".join(provider_notes) or "")
     results = report.Results()
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / "-".join([device, datetime.date.today().isoformat()] + (["full"] if full else [])
-                               + ([f"ignored{round(100 * args.ignored)}"] if args.ignored else [])
-                               + (["autocast"] if args.autocast else [])
-                               + (["thp"] if env_info.thp_enabled() else []))
-    names = [p.name for p in chosen]
-    notes = _method_notes(device, modes, chosen, provider_notes, budget_s, args.repeats)
+    notes = _method_notes(device, chosen, provider_notes, budget_s, args.repeats)
     if args.ignored:
         notes.insert(0, f"Targets: {args.ignored:.0%} of the positions, at random, hold ignore_index -100. Bandwidth "
                         "still counts the bytes of every row.")

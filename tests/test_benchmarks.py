@@ -2,6 +2,8 @@
 a wrong provider out of the timings. (The GPU path runs in benchmarks/gpu_check.sh on a lent GPU.)"""
 
 import csv
+import datetime
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +17,7 @@ import fused_xent
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
 
+import bench  # noqa: E402
 import correctness  # noqa: E402  (benchmarks/ is a folder of scripts, not a package)
 import e2e  # noqa: E402
 import gpu_kernel_table  # noqa: E402
@@ -33,7 +36,7 @@ def test_bench_runs_end_to_end(tmp_path):
             "--modes", "fwd,fwd+bwd", "--repeats", "3", "--ignored", "0.3", "--out", str(tmp_path)]
     run = subprocess.run(args, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    (table,) = tmp_path.glob("cpu-*-ignored30.csv")
+    (table,) = tmp_path.glob("cpu-*-cls-fused-cpu,eager-ignored30.csv")  # a partial run: its selection is named
     rows = list(csv.DictReader(table.open()))
     assert {"provider", "shape", "dtype", "mode", "metric", "median", "p20", "p80", "device_name", "torch_version",
             "git_commit", "date"} <= set(rows[0])
@@ -67,9 +70,9 @@ def test_gate_passes_pytorch_and_rejects_a_wrong_provider():
     logits, target = _cls_problem()
     reference = correctness.Reference(logits, target, with_grad=True)
     right = providers.Provider("right", F.cross_entropy, traffic="recompute")
-    assert correctness.check(right, logits, target, reference, "fp32").ok
+    assert correctness.check(right, logits, target, reference, "fp32", with_grad=True).ok
     off_by_a_bit = providers.Provider("wrong", lambda x, t: F.cross_entropy(x, t) * 1.001, traffic="recompute")
-    verdict = correctness.check(off_by_a_bit, logits, target, reference, "fp32")
+    verdict = correctness.check(off_by_a_bit, logits, target, reference, "fp32", with_grad=True)
     assert not verdict.ok and "loss error" in verdict.message and "grad error" in verdict.message
 
 
@@ -79,10 +82,10 @@ def test_gate_averages_over_the_targets_that_count():
     assert 0.4 < (target == shapes.IGNORE_INDEX).float().mean() < 0.6
     reference = correctness.Reference(logits, target, with_grad=True)
     right = providers.Provider("right", F.cross_entropy, traffic="recompute")
-    assert correctness.check(right, logits, target, reference, "fp32").ok
+    assert correctness.check(right, logits, target, reference, "fp32", with_grad=True).ok
     over_every_position = providers.Provider(
         "wrong", lambda x, t: F.cross_entropy(x, t, reduction="sum") / t.numel(), traffic="recompute")
-    assert not correctness.check(over_every_position, logits, target, reference, "fp32").ok
+    assert not correctness.check(over_every_position, logits, target, reference, "fp32", with_grad=True).ok
 
 
 @needs_cpu_kernel
@@ -96,14 +99,14 @@ def test_autocast_providers_compute_under_autocast():
         provider.autocast = True
         x = logits.clone().requires_grad_(True) * 1
         assert provider(x, target).dtype == torch.float32, provider.name
-        assert correctness.check(provider, logits, target, reference, "bf16").ok, provider.name
+        assert correctness.check(provider, logits, target, reference, "bf16", with_grad=True).ok, provider.name
 
 
 def test_gate_rejects_nan():
     logits, target = _cls_problem()
     reference = correctness.Reference(logits, target, with_grad=False)
     nan_loss = providers.Provider("nan", lambda x, t: F.cross_entropy(x, t) * float("nan"), traffic="recompute")
-    assert not correctness.check(nan_loss, logits, target, reference, "fp32").ok
+    assert not correctness.check(nan_loss, logits, target, reference, "fp32", with_grad=False).ok
 
 
 class _NoProgress:
@@ -124,6 +127,91 @@ def test_a_crashing_provider_is_reported_and_the_others_still_run():
     assert results.get("crash", case, "-", "verdict").note == "FAILED: AssertionError: "
     assert results.get("eager", case, "-", "verdict").note == "ok"
     assert results.value("eager", case, "fwd", "time") > 0
+
+
+def test_a_fwd_only_run_checks_the_gradient_made_in_the_forward():
+    """in_forward / inplace (and Liger) compute the gradient in the forward, so even `--modes fwd` times a gradient:
+    the gate checks it. A recompute provider makes none in a fwd-only run, so its gradient is not judged there."""
+    def skewed_grad(logits, target):  # the right loss, a gradient off by 1e-3 everywhere
+        return F.cross_entropy(logits, target) + (logits.sum() - logits.sum().detach()) * 1e-3
+
+    results = report.Results()
+    case = shapes.Case("cls", (512, 10), "fp32")
+    case_runner = runner.CaseRunner("cpu", ["fwd"], repeats=3, budget_s=0.01, results=results, progress=_NoProgress())
+    case_runner.run(case, [providers.Provider("skewed-in_forward", skewed_grad, traffic="in_forward"),
+                           providers.Provider("skewed-recompute", skewed_grad, traffic="recompute"),
+                           providers.Provider("eager-in_forward", F.cross_entropy, traffic="in_forward")])
+    assert results.get("skewed-in_forward", case, "-", "verdict").note.startswith("WRONG: grad error")
+    assert results.get("skewed-recompute", case, "-", "verdict").note == "ok"
+    assert results.get("eager-in_forward", case, "-", "verdict").note == "ok"
+    assert results.value("eager-in_forward", case, "-", "grad_err") < 1e-6
+
+
+def test_bench_refuses_to_time_triton_s_interpreter():
+    """Under TRITON_INTERPRET, Triton's kernels run as Python: a run that would time one stops with a usage error
+    (also --list, which shows what a run would do); a run without Triton providers goes on."""
+    pytest.importorskip("triton")
+
+    def bench_list(*args):
+        return subprocess.run([sys.executable, str(BENCHMARKS / "bench.py"), "--list", *args], capture_output=True,
+                              text=True, timeout=300, env={**os.environ, "TRITON_INTERPRET": "1"})
+
+    refused = bench_list()  # the quick set has fused-triton beside fused-cpu when Triton is interpreted
+    assert refused.returncode == 2, refused.stdout[-3000:] + refused.stderr[-3000:]
+    assert "bench.py: error: TRITON_INTERPRET=1" in refused.stderr and "fused-triton" in refused.stderr
+    without_triton = bench_list("--providers", "eager")
+    assert without_triton.returncode == 0, without_triton.stderr[-3000:]
+    assert providers._compiled("cuda").triton and not providers._compiled("cpu").triton  # Inductor's GPU code
+
+
+def _result_file(capsys, *args) -> str:
+    """The file stem a bench.py run with these arguments writes (from --list)."""
+    assert runner.run(bench.parse_args(["--list", "--out", "results", *args])) == 0
+    (line,) = [line for line in capsys.readouterr().out.splitlines() if line.startswith("files: ")]
+    return line.removeprefix("files: ").partition(".csv")[0]
+
+
+def test_a_partial_run_does_not_overwrite_the_full_tables(capsys):
+    """Each choice that differs from the default run's is in the file name; the default and --full names (which the
+    README and RESULTS.md link) stay as they were."""
+    day = datetime.date.today().isoformat()
+    expected = {
+        (): f"cpu-{day}",
+        ("--full",): f"cpu-{day}-full",
+        ("--modes", "fwd+bwd,fwd"): f"cpu-{day}",  # the default modes in another order
+        ("--families", "cls"): f"cpu-{day}-cls",
+        ("--full", "--families", "seq"): f"cpu-{day}-full-seq",
+        ("--full", "--dtypes", "fp32", "--modes", "fwd+bwd"): f"cpu-{day}-full-fp32-fwd+bwd",
+        ("--providers", "eager,compile", "--ignored", "0.5"): f"cpu-{day}-eager,compile-ignored50",
+    }
+    for args, stem in expected.items():
+        assert _result_file(capsys, *args) == str(Path("results") / stem), args
+
+
+@pytest.mark.parametrize("argv", [["--threads", "-1"], ["--threads", "0"], ["--repeats", "-1"], ["--repeats", "0"],
+                                  ["--budget", "0"], ["--budget", "-2"]])
+def test_bad_bench_flag_values_are_usage_errors(argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        bench.parse_args(argv)
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert f"error: argument {argv[0]}: {argv[1]}: " in error and ("integer >= 1" in error or "number > 0" in error)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--steps", "0"], "argument --steps: 0: an integer >= 1 is needed"),
+    (["--steps", "-5"], "argument --steps: -5: an integer >= 1 is needed"),
+    (["--threads", "-1"], "argument --threads: -1: an integer >= 1 is needed"),
+    (["--tasks", "lm,mt"], "--tasks 'lm,mt': a comma list of lm, seg is needed"),
+    (["--tasks", ","], "--tasks ',': a comma list of lm, seg is needed"),
+    (["--backend", "nope"], "--backend nope: choose one that runs on cpu tensors here"),
+])
+def test_bad_e2e_arguments_are_usage_errors(argv, message, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        e2e.main([*argv, "--out", str(tmp_path)])
+    assert exit_info.value.code == 2
+    assert f"error: {message}" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
 
 
 def test_quick_provider_sets():
@@ -179,7 +267,69 @@ def test_gpu_kernel_table_runs_on_the_cpu_kernel():
 
 
 def test_gpu_check_script_parses():
-    assert subprocess.run(["bash", "-n", str(BENCHMARKS / "gpu_check.sh")]).returncode == 0
+    for script in ("gpu_check.sh", "gpu_check_budget.sh"):
+        assert subprocess.run(["bash", "-n", str(BENCHMARKS / script)]).returncode == 0
+
+
+def _gpu_check_allowances(stages: str, budget: int, **env) -> tuple[dict[str, int], int]:
+    """Each stage's allowance in gpu_check.sh's budget split when every stage runs to it and 15 s past it (the kill
+    after SIGINT), and the time when the last stage is done."""
+    script = """
+        source benchmarks/gpu_check_budget.sh
+        T=0
+        elapsed() { echo "$T"; }
+        for stage in "${STAGE_ORDER[@]}"; do
+          wants "$stage" || continue
+          seconds=$(allowance "$stage")
+          echo "$stage $seconds"
+          (( seconds >= 20 )) && (( T += seconds + 15 ))  # under 20 s the stage is skipped
+        done
+        echo "end $T"
+    """
+    run = subprocess.run(["bash", "-c", script], cwd=BENCHMARKS.parent, capture_output=True, text=True, check=True,
+                         env={**os.environ, "STAGES": stages, "BUDGET": str(budget), **env})
+    allowances = dict((name, int(value)) for name, value in (line.split() for line in run.stdout.splitlines()))
+    return allowances, allowances.pop("end")
+
+
+CAPS = {"build": 240, "tests": 180, "kernels": 75, "e2e": 150, "bench": 150, "sanitize": 90}
+
+
+@pytest.mark.parametrize("stages, budget", [("build tests kernels bench sanitize", 540),
+                                            ("build tests kernels e2e bench sanitize", 540),
+                                            ("build tests kernels e2e bench sanitize", 900),
+                                            ("tests bench", 240), ("build tests", 120)])
+def test_gpu_check_stages_share_the_budget(stages, budget):
+    """The stages' caps add up to more than the budget (735 s of 540 by default): each selected stage gets a share
+    of what is left, in proportion to its cap and never over it, so even stages that all run to their share (and
+    15 s past it) leave the last 15 s for the summary and packing, and none is crowded out."""
+    allowances, end = _gpu_check_allowances(stages, budget)
+    assert list(allowances) == stages.split()
+    assert all(20 <= seconds <= CAPS[stage] for stage, seconds in allowances.items()), allowances
+    assert end <= budget - 15, allowances
+    if sum(CAPS[stage] + 15 for stage in allowances) <= budget - 30:  # room for every cap: each gets all of it
+        assert allowances == {stage: CAPS[stage] for stage in allowances}
+
+
+def test_gpu_check_tests_cap_is_the_tests_stage_cap():
+    assert _gpu_check_allowances("tests", 540, GPU_TESTS_CAP_S="300")[0] == {"tests": 300}
+    assert _gpu_check_allowances("tests", 200, GPU_TESTS_CAP_S="300")[0] == {"tests": 170}
+
+
+def test_gpu_check_rerun_starts_from_a_clean_work_folder(tmp_path):
+    """No stage selected (no GPU needed): the work folder and the files an earlier run packed into $OUT are gone,
+    so that a rerun never reports an earlier run's logs as its own."""
+    work, out = tmp_path / "work", tmp_path / "out"
+    work.mkdir(), out.mkdir()
+    (work / "gpu_tests.log").write_text("= 1 failed in 1.0s\n")
+    for name in ("sanitize.log", "cuda-2026-01-01.md", "mine.txt"):
+        (out / name).write_text("an earlier run's\n")
+    env = {**os.environ, "STAGES": "none", "OUT": str(out), "GPU_CHECK_WORK": str(work), "PYTHON": sys.executable}
+    run = subprocess.run(["bash", str(BENCHMARKS / "gpu_check.sh")], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert not (work / "gpu_tests.log").exists() and "GPU tests:" not in run.stdout
+    assert sorted(path.name for path in out.iterdir()) == ["env.txt", "gpu_check.tgz", "mine.txt", "summary.txt"]
 
 
 
