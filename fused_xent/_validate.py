@@ -133,7 +133,8 @@ def _check_weight(weight, input, logits_dtype, num_classes, prob_target):
 
 
 def _check_class_target(target, input, num_classes):
-    expected = input.shape[:1] + input.shape[2:] if input.dim() > 1 else torch.Size([])
+    shape = tuple(input.shape)  # slicing a tuple costs a fraction of slicing a torch.Size, on every call
+    expected = shape[:1] + shape[2:] if len(shape) > 1 else ()
     if target.dtype not in (torch.int64, torch.uint8):
         if target.is_floating_point():
             _fail(
@@ -142,7 +143,7 @@ def _check_class_target(target, input, num_classes):
                 "target.long()"
             )
         _fail(f"class-index target must be int64 (or uint8), got {target.dtype}: use target.long()")
-    if target.shape == expected:
+    if tuple(target.shape) == expected:
         return
     squeezable = (
         input.dim() > 2 and target.dim() == input.dim() and target.shape[1] == 1
@@ -189,46 +190,54 @@ class ValueCheck:
     """The data-dependent checks of one call, computed on the logits' device: class indices in range (unless the
     kernel checks them itself) and no NaN weights. raise_if_failed() reads the verdict and raises what it found.
 
-    On a GPU the verdict is copied to pinned host memory behind an event as soon as it is computed, so a caller may
-    queue the loss kernels first and read it while they run: the host then waits only for the check itself, and the
-    GPU, busy with the kernels, does not wait for the host (reading it at once would leave the GPU idle while the
-    host goes on to launch them). Only kernels that meet a bad class index without reading or writing out of bounds
-    (NaN instead) may be queued ahead of the verdict, and none that writes over an input.
+    The device computes a few numbers (the least and greatest class index other than ignore_index, and whether the
+    weight has a NaN: four small ops on a GPU) that the host judges. On a GPU they are copied to pinned host memory
+    behind an event, so a caller may queue the loss kernels first and read them while the kernels run: the host then
+    waits only for the check itself, and the GPU, busy with the kernels, does not wait for the host (reading them at
+    once would leave the GPU idle while the host goes on to launch the kernels). Only kernels that meet a bad class
+    index without reading or writing out of bounds (NaN instead) may be queued ahead of the verdict, and none that
+    writes over an input.
     """
 
     def __init__(self, problem: Problem, check_targets: bool):
         self._problem = problem
-        self._weight_has_nan = torch.isnan(problem.weight).any() if problem.weight is not None else None
-        self._invalid = None
-        if check_targets and not problem.prob_target:
-            target = problem.target
-            self._invalid = ((target < 0) | (target >= problem.logits.shape[1])) & (target != problem.ignore_index)
-        flags = [self._weight_has_nan] if self._weight_has_nan is not None else []
-        if self._invalid is not None:
-            flags.append(self._invalid.any())
-        self._failed = (flags[0] if len(flags) == 1 else torch.stack(flags).any()) if flags else None
+        target = problem.target
+        self._check_targets = check_targets and not problem.prob_target and target.numel() > 0
+        summary = []
+        if self._check_targets:
+            # Ignored positions count as class 0, which is in range whenever any class is (C = 0 is judged exactly).
+            summary += target.masked_fill(target == problem.ignore_index, 0).aminmax()
+        if problem.weight is not None:
+            summary.append(torch.isnan(problem.weight).any().long())
+        self._summary = torch.stack(summary) if summary else None
         self._ready = None
-        if self._failed is not None and self._failed.is_cuda:
-            verdict = torch.empty((), dtype=torch.bool, pin_memory=True)
-            verdict.copy_(self._failed, non_blocking=True)
-            self._failed, self._ready = verdict, torch.cuda.Event()
-            self._ready.record()
+        if self._summary is not None and self._summary.is_cuda:
+            on_host = torch.empty(self._summary.shape, dtype=self._summary.dtype, pin_memory=True)
+            on_host.copy_(self._summary, non_blocking=True)
+            self._summary, self._ready = on_host, torch.cuda.Event()
+            # On the stream the copy ran on: the logits' device's, which need not be the current device.
+            self._ready.record(torch.cuda.current_stream(problem.logits.device))
 
     def raise_if_failed(self):
-        if self._failed is None:
+        if self._summary is None:
             return
         if self._ready is not None:
             self._ready.synchronize()
-        if not bool(self._failed):
-            return
+        summary = self._summary.tolist()
         problem = self._problem
-        if self._weight_has_nan is not None and bool(self._weight_has_nan):
+        if problem.weight is not None and summary[-1]:
             bad_class = int(torch.isnan(problem.weight).nonzero()[0])
             _fail(f"weight contains NaN (first at class {bad_class}), which would make the loss NaN: check how the "
                   "weights are computed, e.g. a division by a zero class count")
-        position = int(self._invalid.flatten().nonzero()[0])
-        value = int(problem.target.flatten()[position])
         num_classes = problem.logits.shape[1]
+        if not self._check_targets or (summary[0] >= 0 and summary[1] < num_classes):
+            return
+        target = problem.target.flatten()
+        invalid = ((target < 0) | (target >= num_classes)) & (target != problem.ignore_index)
+        if not bool(invalid.any()):
+            return  # no classes (C = 0), and every target ignored
+        position = int(invalid.nonzero()[0])
+        value = int(target[position])
         if num_classes == 0:
             raise IndexError(
                 f"fused_xent.cross_entropy: target {value} at position {position} is out of range: the input has no "
@@ -301,12 +310,13 @@ def prepare(input, target, weight, ignore_index, reduction, label_smoothing, flo
         target = target.long()
 
     logits_are_input = input is original_input and _flattens_to_a_view(input)
-    batch = 1 if input.dim() == 1 else input.shape[0]
-    positions = math.prod(input.shape[2:])
+    shape = tuple(input.shape)
+    batch = 1 if len(shape) == 1 else shape[0]
+    positions = math.prod(shape[2:])
     logits = input.reshape(batch, num_classes, positions)
     if target.is_floating_point():
         target = target.reshape(batch, num_classes, positions)
     else:
         target = target.reshape(batch, positions)
-    loss_shape = tuple(input.shape[:class_dim]) + tuple(input.shape[class_dim + 1:])
+    loss_shape = shape[:class_dim] + shape[class_dim + 1:]
     return Problem(logits, target, weight, reduction, ignore_index, label_smoothing, loss_shape, logits_are_input)
