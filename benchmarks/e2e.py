@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 import fused_xent
 from fused_xent._backends import backends_serving
+from fused_xent._triton_env import triton_interpreter_requested
 
 import env_info
 from bench import positive_int
@@ -135,6 +136,11 @@ def main(argv=None) -> int:
     if args.backend not in (None, "auto", *backends):
         parser.error(f"--backend {args.backend}: choose one that runs on {device} tensors here: "
                      f"{', '.join(backends)} or auto")
+    chosen = args.backend if args.backend not in (None, "auto") else backends[0]
+    if chosen == "triton" and triton_interpreter_requested():
+        # The loss time per step is what this check reports; the interpreter's says nothing about the kernels.
+        parser.error("TRITON_INTERPRET is set: the triton backend would run in Triton's Python interpreter and be "
+                     "timed as its kernels; unset TRITON_INTERPRET or choose another --backend")
     if args.threads:
         torch.set_num_threads(args.threads)
     env = env_info.describe(device)

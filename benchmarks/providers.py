@@ -1,7 +1,6 @@
 """The cross-entropy implementations the benchmark compares, each as loss(logits, target) -> scalar mean loss."""
 
 import fnmatch
-import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -10,6 +9,7 @@ import torch.nn.functional as F
 
 import fused_xent
 from fused_xent._backends import backends_serving
+from fused_xent._triton_env import triton_interpreter_requested
 from fused_xent._validate import CHECK_VALUES_ENV
 
 import env_info
@@ -46,8 +46,8 @@ class Provider:
 
 
 def triton_interpreted() -> bool:
-    """Whether Triton runs kernels in its Python interpreter: TRITON_INTERPRET read as Triton reads it (getBoolEnv)."""
-    return os.environ.get("TRITON_INTERPRET", "").lower() in ("1", "true", "on", "yes", "y")
+    """Whether Triton runs kernels in its Python interpreter (TRITON_INTERPRET, read as Triton reads it)."""
+    return triton_interpreter_requested()
 
 
 def fused_backends(device: str) -> list[str]:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from . import reference
+from ._triton_env import triton_interpreter_requested
 
 BACKEND_ENV = "FUSED_XENT_BACKEND"
 BACKEND_NAMES = ("cuda", "triton", "cpu", "torch")
@@ -59,7 +60,7 @@ TRITON_CPU_HINT = (
     "(slow, for tests)"
 )
 NO_DEVICE_FOR_TRITON = f"no CUDA device is visible ({TRITON_CPU_HINT})"
-TRITON_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+TRITON_INTERPRETED = triton_interpreter_requested()
 if torch.cuda.is_available() or TRITON_INTERPRETED:
     from . import _triton_ops  # never raises: it records why Triton is unusable instead
 else:
@@ -80,7 +81,7 @@ def _why_unavailable(name: str) -> str | None:
         return None if torch.cuda.is_available() else "no CUDA device is visible"
     if name == "triton":
         if _triton_ops is None:
-            if os.environ.get("TRITON_INTERPRET") == "1":
+            if triton_interpreter_requested():
                 return "TRITON_INTERPRET=1 was set after fused_xent was imported; set it before importing fused_xent"
             return NO_DEVICE_FOR_TRITON
         return _triton_ops.unavailable_reason()

@@ -28,7 +28,6 @@ per-position buffers (fixed order), never atomics. No host synchronization happe
 """
 
 import functools
-import os
 from dataclasses import dataclass
 
 import torch
@@ -37,10 +36,11 @@ import triton.language as tl
 from torch.library import wrap_triton
 
 from ._layout import kernel_logits
+from ._triton_env import triton_interpreter_requested
 from .reference import REDUCTION_MEAN, REDUCTION_NONE, REDUCTION_SUM
 
 # Read once, like Triton itself: the interpreter must be chosen before the kernels below are decorated.
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+INTERPRET = triton_interpreter_requested()
 
 # Constants the kernels read (Triton kernels may only read globals that are constexpr).
 # Float constants are written as float("...") inside the kernels: Inductor re-emits constexpr globals as

@@ -57,3 +57,14 @@ def test_triton_without_a_gpu_says_how_to_interpret(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1 was set after fused_xent was imported"):
         fused_xent.cross_entropy(torch.randn(2, 3), torch.tensor([0, 1]), backend="triton")
+
+
+@pytest.mark.parametrize("setting", ["1", "true", "TRUE", "on", "Yes", "y", "0", "false", "", " 1", "2"])
+def test_triton_interpret_is_read_as_triton_reads_it(setting, monkeypatch):
+    """fused_xent decides whether Triton will interpret its kernels from TRITON_INTERPRET: it must agree with
+    Triton's own reading of the variable, or it would launch interpreted kernels as compiled ones (or refuse them)."""
+    libtriton = pytest.importorskip("triton._C.libtriton")
+    from fused_xent._triton_env import triton_interpreter_requested
+
+    monkeypatch.setenv("TRITON_INTERPRET", setting)
+    assert triton_interpreter_requested() == libtriton.getenv_bool("TRITON_INTERPRET", False)

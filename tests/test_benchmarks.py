@@ -356,3 +356,18 @@ def test_unchecked_provider_skips_the_value_checks_only_in_its_calls(monkeypatch
     assert fused_xent._validate.value_checks_enabled()
     with pytest.raises(IndexError, match="target 5 at position 3"):
         providers._fused("torch", "recompute")(logits, target)
+
+
+@pytest.mark.parametrize("backend", ["triton", None])
+def test_e2e_refuses_to_time_triton_s_interpreter(backend, monkeypatch, tmp_path, capsys):
+    """With TRITON_INTERPRET set (where fused_xent was imported under it, Triton serves CPU tensors), e2e.py would
+    report the interpreter's time as the triton backend's loss time: a usage error instead, whether triton is named
+    or is what auto would pick."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(e2e, "backends_serving", lambda device: ["triton", "torch"])
+    argv = ["--steps", "1", "--out", str(tmp_path)] + (["--backend", backend] if backend else [])
+    with pytest.raises(SystemExit) as exit_info:
+        e2e.main(argv)
+    assert exit_info.value.code == 2
+    assert "error: TRITON_INTERPRET is set: the triton backend would run in Triton's Python interpreter" in \
+        capsys.readouterr().err

@@ -28,9 +28,6 @@ namespace {
 constexpr int64_t kThreadPerPositionMaxClasses = 32;
 // Up to this many classes a warp owns a position of a row layout (eight per block); above, a block does.
 constexpr int64_t kWarpPerRowMaxClasses = 2048;
-constexpr int kWarpRowsThreads = 256;
-constexpr int kSpatialThreads = 256;
-constexpr int kTargetWeightThreads = 256;
 // A split never covers fewer classes than this: below, the per-split overhead is not worth the extra parallelism.
 constexpr int64_t kMinSplitLen = 4096;
 // The same for a thread's range of an NCHW position: its 16-byte statistics written and read back stay a few percent
@@ -45,8 +42,6 @@ constexpr int64_t kMaxSpatialSplits = 512;
 // is lower than assumed, few enough to keep the per-block partials short.
 constexpr int64_t kMaxWaves = 8;
 constexpr int64_t kThreadsPerSm = 2048;
-
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 int64_t multiprocessor_count(c10::DeviceIndex device) {
   int count = 0;
@@ -73,13 +68,13 @@ RowsPlan plan_rows(const Problem& p, int64_t sms) {
   RowsPlan plan{};
   if (p.C <= kWarpPerRowMaxClasses) {
     plan.warp_per_row = true;
-    plan.shape.threads = kWarpRowsThreads;
-    plan.shape.grid = grid_for(ceil_div(positions, kWarpRowsThreads / 32), kWarpRowsThreads, sms);
+    plan.shape.threads = WarpGroup::kMaxThreads;
+    plan.shape.grid = grid_for(ceil_div(positions, WarpGroup::kMaxThreads / 32), WarpGroup::kMaxThreads, sms);
     plan.shape.split_len = p.C;
     return plan;
   }
   plan.warp_per_row = false;
-  plan.shape.threads = p.C <= 8192 ? 256 : 512;
+  plan.shape.threads = p.C <= 8192 ? BlockGroup::kMaxThreads / 2 : BlockGroup::kMaxThreads;
   const int64_t resident = sms * (kThreadsPerSm / plan.shape.threads);
   const int64_t wanted = !p.prob_target && positions < 2 * resident ? ceil_div(2 * resident, positions) : 1;
   const ClassSplits split = split_classes(p.C, wanted, kMinSplitLen, 64);
@@ -120,7 +115,7 @@ LaunchShape plan_spatial(const Problem& p, int64_t sms) {
       p.layout == Layout::kSpatial && !p.prob_target && positions > 0 && 2 * positions < resident_threads;
   const int64_t wanted = split ? std::min(ceil_div(2 * resident_threads, positions), kMaxSpatialSplits) : 1;
   const ClassSplits classes = split_classes(p.C, wanted, kMinSpatialSplitLen, kSpatialSplitGranularity);
-  LaunchShape shape = plan_per_position(positions * classes.splits, kSpatialThreads, sms);
+  LaunchShape shape = plan_per_position(positions * classes.splits, kPerPositionThreads, sms);
   shape.splits = classes.splits;
   shape.split_len = classes.split_len;
   return shape;
@@ -216,7 +211,7 @@ ForwardResult run_forward(const Problem& p, const at::Tensor& grad, bool want_ls
     };
     // A fused mean needs total_weight before its gradient: one cheap pass over the class indices first.
     auto total_weight_first = [&] {
-      const LaunchShape shape = plan_per_position(positions, kTargetWeightThreads, sms);
+      const LaunchShape shape = plan_per_position(positions, kPerPositionThreads, sms);
       at::Tensor weight_partials = at::empty({shape.grid}, acc_options);
       launch_target_weight<acc_t>(q.target_index, positions, p.ignore_index, p.C, q.weight,
                                   weight_partials.data_ptr<acc_t>(), shape, stream);
@@ -237,7 +232,7 @@ ForwardResult run_forward(const Problem& p, const at::Tensor& grad, bool want_ls
         gradient_lse = at::empty({positions, 2}, acc_options);
         q.lse = gradient_lse.data_ptr<acc_t>();
       }
-      const LaunchShape combine = plan_per_position(positions, 256, sms);
+      const LaunchShape combine = plan_per_position(positions, kPerPositionThreads, sms);
       attach_partials(combine.grid, need_total_weight);
       launch_split_combine<scalar_t>(q, combine, shape.splits, split_stats_ptr, stream);
       finalize(combine.grid);

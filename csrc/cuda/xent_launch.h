@@ -26,6 +26,13 @@ void launch_kernel(void (*kernel)(Params...), int64_t grid, int threads, cudaStr
 #endif
 }
 
+// Threads per block of the thread-per-position kernels (spatial, the split combine, the target-weight pass): one
+// constant for the plans in xent_kernel.cu and the kernels' __launch_bounds__, so a plan never asks a kernel for more
+// threads than it was compiled for. Row kernels take theirs from WarpGroup / BlockGroup (xent_device.cuh).
+constexpr int kPerPositionThreads = 256;
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
 struct LaunchShape {
   int64_t grid = 1;        // thread blocks (kernels loop over their work items with a grid stride)
   int threads = 256;       // threads per block, a multiple of 32

@@ -10,7 +10,7 @@ namespace {
 constexpr int kFinalizeThreads = 1024;
 
 template <typename acc_t>
-__global__ void __launch_bounds__(256)
+__global__ void __launch_bounds__(kPerPositionThreads)
     target_weight_kernel(const int64_t* target, int64_t positions, int64_t ignore_index, int64_t num_classes,
                          const acc_t* weight, acc_t* partials) {
   acc_t total = 0, unused = 0;

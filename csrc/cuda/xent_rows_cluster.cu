@@ -33,8 +33,6 @@ constexpr int kClusterThreads = BlockGroup::kMaxThreads;
 constexpr int64_t kDefaultMaxClusterBlocks = 1;
 constexpr const char* kMaxClusterBlocksEnv = "FUSED_XENT_MAX_CLUSTER_BLOCKS";
 
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
 // The most blocks a cluster may have: FUSED_XENT_MAX_CLUSTER_BLOCKS (0 turns the cluster kernel off), read at every
 // plan so that a benchmark can compare the plans in one process.
 int64_t max_cluster_blocks() {

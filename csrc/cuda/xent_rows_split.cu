@@ -59,8 +59,9 @@ constexpr int64_t kMergeGroup = 16;
 
 // One thread per position, any layout.
 template <typename scalar_t>
-__global__ void __launch_bounds__(256) split_combine_kernel(const XentParams<scalar_t> p, int64_t splits,
-                                                                 const RowStats<acc_type<scalar_t>>* split_stats) {
+__global__ void __launch_bounds__(kPerPositionThreads)
+    split_combine_kernel(const XentParams<scalar_t> p, int64_t splits,
+                         const RowStats<acc_type<scalar_t>>* split_stats) {
   using acc_t = acc_type<scalar_t>;
   const int64_t positions = p.N * p.S;
   const acc_t eps = p.label_smoothing;

@@ -127,7 +127,7 @@ __device__ __forceinline__ int64_t prefetch_target(const XentParams<scalar_t>& p
 // kGrad: the fused forward, which also writes the gradient (p.grad). A compile-time choice: the gradient's live
 // values on top of the statistics' took the sm_90 kernel from 79 registers to 121, for every forward.
 template <typename scalar_t, bool kProb, bool kGrad>
-__global__ void __launch_bounds__(256) spatial_forward_kernel(const XentParams<scalar_t> p) {
+__global__ void __launch_bounds__(kPerPositionThreads) spatial_forward_kernel(const XentParams<scalar_t> p) {
   using acc_t = acc_type<scalar_t>;
   constexpr int K = kStatsChunk<scalar_t, kProb>;
   const int64_t positions = p.N * p.S;
@@ -188,7 +188,7 @@ __global__ void __launch_bounds__(256) spatial_forward_kernel(const XentParams<s
 
 // Statistics of one class range of a position per thread (class-index targets), for the combine.
 template <typename scalar_t>
-__global__ void __launch_bounds__(256)
+__global__ void __launch_bounds__(kPerPositionThreads)
     spatial_split_stats_kernel(const XentParams<scalar_t> p, int64_t splits, int64_t split_len,
                                RowStats<acc_type<scalar_t>>* split_stats) {
   using acc_t = acc_type<scalar_t>;
@@ -216,10 +216,11 @@ __global__ void __launch_bounds__(256)
 
 // One thread per position, or with kSplit per (position, class range); probability targets always come with one
 // range (all C classes), since every gradient element needs the whole row's target sum. kSplit is a compile-time
-// choice: the split arithmetic took the sm_90 fp32 kernel from 40 to 46 registers, 5 blocks per SM instead of 6.
+// choice: the split arithmetic took the sm_90 fp32 kernel from 40 to 46 registers, 5 blocks per SM instead of 6
+// (before the chunked class loops, which hold 63-64 registers either way).
 template <typename scalar_t, bool kProb, bool kSplit>
-__global__ void __launch_bounds__(256) spatial_grad_kernel(const XentParams<scalar_t> p, int64_t splits,
-                                                           int64_t split_len) {
+__global__ void __launch_bounds__(kPerPositionThreads)
+    spatial_grad_kernel(const XentParams<scalar_t> p, int64_t splits, int64_t split_len) {
   using acc_t = acc_type<scalar_t>;
   const int64_t positions = p.N * p.S;
   const int64_t items = positions * splits;
