@@ -128,23 +128,28 @@ def _weighted_smoothed_target(target_ptr, weight_ptr, ptrs, mask, cols, label_sm
 
 
 @triton.jit
-def _range_statistics(logits_ptr, target_ptr, weight_ptr, offset, in_range, c_begin, c_stop, C, stride_c,
+def _range_statistics(logits_ptr, target_ptr, weight_ptr, offset, read, counted, c_begin, c_stop, C, stride_c,
                       label_smoothing, PROB_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr,
-                      HAS_SMOOTHING: tl.constexpr, ACC, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+                      HAS_SMOOTHING: tl.constexpr, READS_UNCOUNTED: tl.constexpr, ACC, BLOCK_P: tl.constexpr,
+                      BLOCK_C: tl.constexpr):
     """One pass over the classes [c_begin, c_stop) of a block of positions (online softmax; c_stop - c_begin is a
     multiple of BLOCK_C or reaches C). Returns the running max, sum_c exp(x[c] - max), and with a[c] = w[c] t'[c]
     (probability targets) or w[c] (class indices with smoothing) A = sum_c a[c] and sum_c a[c] (x[c] - m), m the
     max (0 while -inf): relative to it, the loss adds two non-negative parts (xent_math.h); moved by A (m - m')
-    whenever the max rises to m'."""
+    whenever the max rises to m'. The positions `read` (_positions_read) are loaded; those that do not count keep
+    the state of no classes (with READS_UNCOUNTED: read holds more positions than counted)."""
     running_max = tl.full([BLOCK_P], float("-inf"), ACC)
     scaled_sum = tl.zeros([BLOCK_P], ACC)  # sum_c exp(x[c] - running_max)
     term_weights = tl.zeros([BLOCK_P], ACC)  # A
     relative_dot = tl.zeros([BLOCK_P], ACC)
     for c0 in range(c_begin, c_stop, BLOCK_C):
         cols = c0 + tl.arange(0, BLOCK_C)
-        mask = in_range[:, None] & (cols < C)[None, :]
+        mask = read[:, None] & (cols < C)[None, :]
         ptrs = offset[:, None] + cols.to(tl.int64)[None, :] * stride_c
         x = tl.load(logits_ptr + ptrs, mask=mask, other=float("-inf")).to(ACC)
+        if READS_UNCOUNTED:
+            mask = counted[:, None] & (cols < C)[None, :]
+            x = tl.where(mask, x, float("-inf"))
         new_max = tl.maximum(running_max, tl.max(x, axis=1))
         # While a row has seen only -inf, shift by 0 instead: exp(-inf - -inf) would be NaN.
         previous_shift = tl.where(running_max == float("-inf"), 0.0, running_max)
@@ -180,6 +185,17 @@ def _weighted_target_sum(target_ptr, weight_ptr, offset, in_range, C, stride_c, 
         total += tl.sum(_weighted_smoothed_target(target_ptr, weight_ptr, ptrs, mask, cols, label_smoothing, C,
                                                   HAS_WEIGHT, HAS_SMOOTHING, ACC), axis=1)
     return total
+
+
+@triton.jit
+def _positions_read(counted, in_range, SPATIAL: tl.constexpr):
+    """The positions of a block whose logits a program loads. Rows: those that count (an ignored row is not read).
+    Spatial: every position of the block when any counts, none when none does. A load mask that changes from one
+    position to the next keeps Triton from vectorizing loads along the positions (its sm_90 PTX then loads 2-4 bytes
+    per instruction instead of 16), so a spatial block skips its ignored positions only when all are ignored."""
+    if SPATIAL:
+        return in_range & (tl.max(counted.to(tl.int32), axis=0) > 0)
+    return counted
 
 
 @triton.jit
@@ -220,7 +236,7 @@ def _index_grad_coeffs(weight_of_target, weight_sum, scale, label_smoothing, C, 
 
 
 @triton.jit
-def _store_grad(logits_ptr, target_ptr, weight_ptr, grad_ptr, offset, in_range, keep, reference, log_sum, safe_y,
+def _store_grad(logits_ptr, target_ptr, weight_ptr, grad_ptr, offset, in_range, keep, read, reference, log_sum, safe_y,
                 prob_coef, class_coef, target_coef, c_begin, c_stop, C, stride_c, label_smoothing,
                 PROB_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr, ACC,
                 BLOCK_C: tl.constexpr):
@@ -229,12 +245,13 @@ def _store_grad(logits_ptr, target_ptr, weight_ptr, grad_ptr, offset, in_range, 
     row is read afterwards), with p = exp((x - reference) - log_sum) (see _lse_parts).
       class indices:  prob_coef p[c] - class_coef w[c] - [c == y] target_coef
       probabilities:  prob_coef p[c] - class_coef w[c] t'[c]   (prob_coef = scale T, class_coef = scale)
-    Positions that do not `keep` (ignored targets) get exactly 0, whatever their logits, which are not read."""
+    Positions that do not `keep` (ignored targets) get exactly 0, whatever their logits, which are loaded only
+    where `read` (_positions_read) says."""
     for c0 in range(c_begin, c_stop, BLOCK_C):
         cols = c0 + tl.arange(0, BLOCK_C)
         mask = in_range[:, None] & (cols < C)[None, :]
         ptrs = offset[:, None] + cols.to(tl.int64)[None, :] * stride_c
-        x = tl.load(logits_ptr + ptrs, mask=mask & keep[:, None], other=0.0).to(ACC)
+        x = tl.load(logits_ptr + ptrs, mask=mask & read[:, None], other=0.0).to(ACC)
         grad = prob_coef[:, None] * tl.exp2(((x - reference[:, None]) - log_sum[:, None]) * LOG2E)
         if PROB_TARGET:
             weighted_target = _weighted_smoothed_target(target_ptr, weight_ptr, ptrs, mask, cols, label_smoothing, C,
@@ -282,17 +299,18 @@ def _forward_kernel(logits_ptr, target_ptr, weight_ptr, weight_sum_ptr, total_we
         tl.program_id(0), num_positions, S, stride_n, stride_s, BLOCK_P, SPATIAL
     )
     safe_y = index  # only read for class-index targets
-    rows_read = in_range
+    rows_counted = in_range
     if not PROB_TARGET:
         safe_y, counted, weight_of_target = _class_target(target_ptr, weight_ptr, index, in_range, C, ignore_index,
                                                           HAS_WEIGHT, ACC)
         # Gathered before the row pass: when the gradient overwrites the logits, x[y] is gone by the second pass.
         target_logit = tl.load(logits_ptr + offset + safe_y * stride_c, mask=counted, other=0.0).to(ACC)
-        # An ignored position is not read: its lse is that of no classes, (0, -inf).
-        rows_read = counted
+        # An ignored position counts no classes: its lse is that of none, (0, -inf).
+        rows_counted = counted
+    read = _positions_read(rows_counted, in_range, SPATIAL)
     running_max, scaled_sum, term_weights, relative_dot = _range_statistics(
-        logits_ptr, target_ptr, weight_ptr, offset, rows_read, 0, C, C, stride_c, label_smoothing, PROB_TARGET,
-        HAS_WEIGHT, HAS_SMOOTHING, ACC, BLOCK_P, BLOCK_C)
+        logits_ptr, target_ptr, weight_ptr, offset, read, rows_counted, 0, C, C, stride_c, label_smoothing,
+        PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING, SPATIAL and not PROB_TARGET, ACC, BLOCK_P, BLOCK_C)
     weight_sum = _class_weight_sum(weight_sum_ptr, C, HAS_WEIGHT, ACC)
     reference, log_sum = _lse_parts(running_max, scaled_sum)
     if PROB_TARGET:
@@ -310,14 +328,14 @@ def _forward_kernel(logits_ptr, target_ptr, weight_ptr, weight_sum_ptr, total_we
             scale = scale / tl.load(total_weight_ptr).to(ACC)
         if PROB_TARGET:
             # (prob_coef, class_coef) = (scale T, scale); safe_y and target_coef are not read for probabilities.
-            _store_grad(logits_ptr, target_ptr, weight_ptr, grad_ptr, offset, in_range, in_range, reference, log_sum,
-                        safe_y, scale * term_weights, scale, scale, 0, C, C, stride_c, label_smoothing,
+            _store_grad(logits_ptr, target_ptr, weight_ptr, grad_ptr, offset, in_range, in_range, in_range, reference,
+                        log_sum, safe_y, scale * term_weights, scale, scale, 0, C, C, stride_c, label_smoothing,
                         PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING, ACC, BLOCK_C)
         else:
             prob_coef, class_coef, target_coef = _index_grad_coeffs(weight_of_target, weight_sum, scale,
                                                                     label_smoothing, C, HAS_SMOOTHING)
-            _store_grad(logits_ptr, target_ptr, weight_ptr, grad_ptr, offset, in_range, counted, reference, log_sum,
-                        safe_y, prob_coef, class_coef, target_coef, 0, C, C, stride_c, label_smoothing,
+            _store_grad(logits_ptr, target_ptr, weight_ptr, grad_ptr, offset, in_range, counted, read, reference,
+                        log_sum, safe_y, prob_coef, class_coef, target_coef, 0, C, C, stride_c, label_smoothing,
                         PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING, ACC, BLOCK_C)
     else:
         _store_lse(lse_ptr, index, in_range, reference, log_sum)
@@ -335,12 +353,13 @@ def _split_statistics_kernel(logits_ptr, target_ptr, weight_ptr, stats_ptr, num_
     _, _, index, offset, in_range = _position_block(
         tl.program_id(0), num_positions, S, stride_n, stride_s, BLOCK_P, SPATIAL
     )
-    rows_read = in_range & (tl.load(target_ptr + index, mask=in_range, other=0) != ignore_index)
+    counted = in_range & (tl.load(target_ptr + index, mask=in_range, other=0) != ignore_index)
     split = tl.program_id(1).to(tl.int64)
     c_begin = split * split_len
     running_max, scaled_sum, term_weights, relative_dot = _range_statistics(
-        logits_ptr, None, weight_ptr, offset, rows_read, c_begin, tl.minimum(c_begin + split_len, C), C, stride_c,
-        0.0, False, HAS_WEIGHT, HAS_SMOOTHING, ACC, BLOCK_P, BLOCK_C)
+        logits_ptr, None, weight_ptr, offset, _positions_read(counted, in_range, SPATIAL), counted, c_begin,
+        tl.minimum(c_begin + split_len, C), C, stride_c, 0.0, False, HAS_WEIGHT, HAS_SMOOTHING, SPATIAL, ACC, BLOCK_P,
+        BLOCK_C)
     plane = tl.num_programs(1).to(tl.int64) * num_positions
     at = split * num_positions + index
     tl.store(stats_ptr + at, running_max, mask=in_range)
@@ -458,17 +477,18 @@ def _backward_kernel(grad_loss_ptr, grad_loss_stride_n, grad_loss_stride_s, logi
         weighted_target_sum = _weighted_target_sum(target_ptr, weight_ptr, offset, in_range, C, stride_c,
                                                    label_smoothing, HAS_WEIGHT, HAS_SMOOTHING, ACC, BLOCK_P, BLOCK_C)
         # As in the forward: (prob_coef, class_coef) = (scale T, scale); safe_y and target_coef are not read.
-        _store_grad(logits_ptr, target_ptr, weight_ptr, grad_ptr, offset, in_range, in_range, reference, log_sum,
-                    index, scale * weighted_target_sum, scale, scale, c_begin, c_stop, C, stride_c, label_smoothing,
-                    PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING, ACC, BLOCK_C)
+        _store_grad(logits_ptr, target_ptr, weight_ptr, grad_ptr, offset, in_range, in_range, in_range, reference,
+                    log_sum, index, scale * weighted_target_sum, scale, scale, c_begin, c_stop, C, stride_c,
+                    label_smoothing, PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING, ACC, BLOCK_C)
     else:
         safe_y, counted, weight_of_target = _class_target(target_ptr, weight_ptr, index, in_range, C, ignore_index,
                                                           HAS_WEIGHT, ACC)
         weight_sum = _class_weight_sum(weight_sum_ptr, C, HAS_WEIGHT, ACC)
         prob_coef, class_coef, target_coef = _index_grad_coeffs(weight_of_target, weight_sum, scale, label_smoothing,
                                                                 C, HAS_SMOOTHING)
-        _store_grad(logits_ptr, target_ptr, weight_ptr, grad_ptr, offset, in_range, counted, reference, log_sum,
-                    safe_y, prob_coef, class_coef, target_coef, c_begin, c_stop, C, stride_c, label_smoothing,
+        _store_grad(logits_ptr, target_ptr, weight_ptr, grad_ptr, offset, in_range, counted,
+                    _positions_read(counted, in_range, SPATIAL), reference, log_sum, safe_y, prob_coef, class_coef,
+                    target_coef, c_begin, c_stop, C, stride_c, label_smoothing,
                     PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING, ACC, BLOCK_C)
 
 

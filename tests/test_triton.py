@@ -808,6 +808,32 @@ def test_spatial_tiles_do_not_spill(monkeypatch, tmp_path, dtype, target_kind, n
     assert not spilling, (kernels.tile_config(C, S, True, dtype.itemsize), spilling)
 
 
+@pytest.mark.skipif(INTERPRETED or DEVICE is not None, reason="without a GPU only (with one, the kernels run)")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_spatial_logits_are_loaded_in_16_byte_vectors(monkeypatch, dtype):
+    """NCHW logits are contiguous along the positions, so the forward and backward compiled for sm_90 load them 16
+    bytes (4-8 positions) at a time. A load mask that changes from one position to the next (each position's own
+    ignore test) made Triton load them one element per instruction: 36 2-4 byte loads per thread for 19 classes, a
+    third of the H200's copy bandwidth in the bfloat16 forward."""
+    import re
+
+    compile_only = _CompileOnly()
+    kernels = _triton_ops.triton_kernels
+    monkeypatch.setattr(kernels, "_launch", compile_only)
+    monkeypatch.setattr(kernels, "check_device", lambda device: None)
+    logits = torch.randn(2, 19, 4096, dtype=dtype)
+    target = torch.randint(0, 19, (2, 4096))
+    kernels.cross_entropy_fwd(logits, target, None, 1, -100, 0.0)
+    lse, total_weight = torch.zeros(2, 4096, 2), torch.ones(())
+    kernels.cross_entropy_bwd(torch.ones((), dtype=dtype), logits, target, None, lse, total_weight, 1, -100, 0.0)
+    element_load = "ld.global.b16" if dtype == torch.bfloat16 else "ld.global.b32"
+    for key, kernel in compile_only.compiled.items():
+        if key[0] in ("_forward_kernel", "_backward_kernel"):
+            loads = re.findall(r"ld\.global[.\w]*", kernel.asm["ptx"])
+            # A few element loads remain: the target, its logit, the saved lse and the upstream gradient.
+            assert "ld.global.v4.b32" in loads and loads.count(element_load) < 19, (key[0], sorted(set(loads)))
+
+
 @pytest.mark.skipif(INTERPRETED, reason="the interpreter's kernels are not what Inductor re-emits")
 @pytest.mark.parametrize("name", ["_target_weight_kernel", "_forward_kernel", "_backward_kernel",
                                   "_split_statistics_kernel", "_split_combine_kernel"])
