@@ -30,10 +30,16 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu_check_out}
 WORK=${GPU_CHECK_WORK:-/tmp/gpu_check}
 # A rerun on the same machine starts clean: no log or table of an earlier run is packed, copied or summarized as its
-# own (in $OUT, only the files that pack writes there are removed).
+# own. Only a work folder this script made (it leaves a marker file there) is emptied, and in $OUT only the files
+# pack writes there are removed (OUT may well be benchmarks/results, with committed tables beside them).
+if [ -d "$WORK" ] && [ ! -e "$WORK/.gpu_check_work" ] && [ -n "$(ls -A "$WORK")" ]; then
+  echo "gpu_check.sh: GPU_CHECK_WORK=$WORK is a folder this script did not make; name a new or empty one" >&2
+  exit 2
+fi
 rm -rf "$WORK"
 mkdir -p "$OUT" "$WORK"
-rm -f "$OUT"/{gpu_check.tgz,summary.txt,gpu_tests.log,gpu_kernel_table.md,sanitize.log,env.txt} "$OUT"/cuda-*.md
+touch "$WORK/.gpu_check_work"
+rm -f "$OUT"/{gpu_check.tgz,summary.txt,gpu_tests.log,gpu_kernel_table.md,sanitize.log,env.txt,bench.md}
 PYTHON=${PYTHON:-python3}  # the lent GPU image has python3 only
 STAGES=${STAGES:-env wheels build tests kernels bench sanitize}
 BUDGET=${GPU_CHECK_BUDGET_S:-540}
@@ -81,7 +87,7 @@ pack() {
   done
   local bench_md
   bench_md=$(ls -t "$WORK"/cuda-*.md 2>/dev/null | head -1)
-  [ -n "$bench_md" ] && cp "$bench_md" "$OUT/"
+  [ -n "$bench_md" ] && cp "$bench_md" "$OUT/bench.md"
 }
 trap pack EXIT
 

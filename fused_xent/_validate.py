@@ -190,13 +190,13 @@ class ValueCheck:
     """The data-dependent checks of one call, computed on the logits' device: class indices in range (unless the
     kernel checks them itself) and no NaN weights. raise_if_failed() reads the verdict and raises what it found.
 
-    The device computes a few numbers (the least and greatest class index other than ignore_index, and whether the
-    weight has a NaN: four small ops on a GPU) that the host judges. On a GPU they are copied to pinned host memory
-    behind an event, so a caller may queue the loss kernels first and read them while the kernels run: the host then
-    waits only for the check itself, and the GPU, busy with the kernels, does not wait for the host (reading them at
-    once would leave the GPU idle while the host goes on to launch the kernels). Only kernels that meet a bad class
-    index without reading or writing out of bounds (NaN instead) may be queued ahead of the verdict, and none that
-    writes over an input.
+    The device computes a few numbers (the least and greatest class index, ignore_index counted as class 0, and
+    whether the weight has a NaN: a handful of small ops, one pass over the targets) that the host judges. On a GPU
+    they are copied to pinned host memory behind an event, so a caller may queue the loss kernels first and read
+    them while the kernels run: the host then waits only for the check itself, and the GPU, busy with the kernels,
+    does not wait for the host (reading them at once would leave the GPU idle while the host goes on to launch the
+    kernels). Only kernels that meet a bad class index without reading or writing out of bounds (NaN instead) may be
+    queued ahead of the verdict, and none that writes over an input.
     """
 
     def __init__(self, problem: Problem, check_targets: bool):

@@ -361,7 +361,11 @@ def cross_entropy(
         ops.name, grad_mode, loss_dtype,
     )
     if value_check is not None:  # read while the kernels run (see ValueCheck)
-        value_check.raise_if_failed()
+        try:
+            value_check.raise_if_failed()
+        except BaseException:
+            del loss  # a kept traceback holds this frame: not the graph and gradient buffer of a refused call
+            raise
     if problem.reduction == REDUCTION_NONE:
         return loss.view(problem.loss_shape)
     return _unbatched_ignored_mean_as_pytorch(loss, input, problem)

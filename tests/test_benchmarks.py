@@ -317,19 +317,30 @@ def test_gpu_check_tests_cap_is_the_tests_stage_cap():
 
 
 def test_gpu_check_rerun_starts_from_a_clean_work_folder(tmp_path):
-    """No stage selected (no GPU needed): the work folder and the files an earlier run packed into $OUT are gone,
-    so that a rerun never reports an earlier run's logs as its own."""
+    """No stage selected (no GPU needed): the work folder an earlier run made and the files it packed into $OUT are
+    gone, so that a rerun never reports an earlier run's logs as its own; other files in $OUT (it may be
+    benchmarks/results, with committed tables) stay, and a work folder the script did not make is refused, not
+    emptied."""
     work, out = tmp_path / "work", tmp_path / "out"
     work.mkdir(), out.mkdir()
     (work / "gpu_tests.log").write_text("= 1 failed in 1.0s\n")
-    for name in ("sanitize.log", "cuda-2026-01-01.md", "mine.txt"):
+    for name in ("sanitize.log", "bench.md", "cuda-2026-01-01.md", "mine.txt"):
         (out / name).write_text("an earlier run's\n")
     env = {**os.environ, "STAGES": "none", "OUT": str(out), "GPU_CHECK_WORK": str(work), "PYTHON": sys.executable}
-    run = subprocess.run(["bash", str(BENCHMARKS / "gpu_check.sh")], env=env, capture_output=True, text=True,
-                         timeout=300)
+
+    def gpu_check():
+        return subprocess.run(["bash", str(BENCHMARKS / "gpu_check.sh")], env=env, capture_output=True, text=True,
+                              timeout=300)
+
+    refused = gpu_check()
+    assert refused.returncode == 2 and "is a folder this script did not make" in refused.stderr, refused.stderr
+    assert (work / "gpu_tests.log").exists() and (out / "sanitize.log").exists()
+    (work / ".gpu_check_work").touch()  # as an earlier run leaves it
+    run = gpu_check()
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert not (work / "gpu_tests.log").exists() and "GPU tests:" not in run.stdout
-    assert sorted(path.name for path in out.iterdir()) == ["env.txt", "gpu_check.tgz", "mine.txt", "summary.txt"]
+    assert sorted(path.name for path in out.iterdir()) == ["cuda-2026-01-01.md", "env.txt", "gpu_check.tgz",
+                                                           "mine.txt", "summary.txt"]
 
 
 

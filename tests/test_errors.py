@@ -141,19 +141,17 @@ def test_out_of_range_target_raises_in_every_grad_mode(device, backend, grad_mod
     assert torch.equal(logits.detach(), before)
 
 
-@pytest.mark.parametrize("grad_mode,order", [("recompute", ["fwd", "verdict"]), ("in_forward", ["fwd", "verdict"]),
-                                             ("inplace", ["verdict", "fwd"])])
-def test_the_value_check_is_read_after_the_kernels_are_queued(monkeypatch, grad_mode, order):
-    """For backends whose kernels meet bad class indices safely (cuda, triton), the front end reads the check's
-    verdict after it calls the forward op (on a GPU the host then waits on the check while the kernels run), except
-    before an inplace forward, which writes over the logits. The PyTorch ops stand in for such a backend here."""
-    calls = []
+def _stand_in_for_a_safe_backend(monkeypatch, calls):
+    """The PyTorch ops as a backend whose kernels meet bad class indices safely (as cuda's and triton's do, which
+    this machine may lack): out-of-range targets are handed to them as ignore_index. Each forward call is logged in
+    `calls`, and so is each reading of the value check's verdict."""
     reference = _backends.backend_ops("torch")
 
     def logged(op):
-        def call(*args):
+        def call(logits, target, weight, reduction, ignore_index, *rest):
             calls.append("fwd")
-            return op(*args)
+            safe = target.masked_fill((target < 0) | (target >= logits.shape[1]), ignore_index)
+            return op(logits, safe, weight, reduction, ignore_index, *rest)
         return call
 
     stand_in = dataclasses.replace(reference, fwd=logged(reference.fwd), fwd_grad=logged(reference.fwd_grad),
@@ -162,9 +160,38 @@ def test_the_value_check_is_read_after_the_kernels_are_queued(monkeypatch, grad_
     monkeypatch.setattr(_backends, "backend_ops", lambda name: stand_in)
     read_verdict = ValueCheck.raise_if_failed
     monkeypatch.setattr(ValueCheck, "raise_if_failed", lambda check: (calls.append("verdict"), read_verdict(check)))
+
+
+@pytest.mark.parametrize("grad_mode,order", [("recompute", ["fwd", "verdict"]), ("in_forward", ["fwd", "verdict"]),
+                                             ("inplace", ["verdict", "fwd"])])
+def test_the_value_check_is_read_after_the_kernels_are_queued(monkeypatch, grad_mode, order):
+    """For backends whose kernels meet bad class indices safely (cuda, triton), the front end reads the check's
+    verdict after it calls the forward op (on a GPU the host then waits on the check while the kernels run), except
+    before an inplace forward, which writes over the logits."""
+    calls = []
+    _stand_in_for_a_safe_backend(monkeypatch, calls)
     logits = _logits(6, 5).requires_grad_(True) * 1
     fused_xent.cross_entropy(logits, torch.tensor([0, 1, 4, 2, 3, 0]), grad_mode=grad_mode)
     assert calls == order
+
+
+@pytest.mark.parametrize("grad_mode", ["recompute", "in_forward", "inplace"])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_a_verdict_read_after_the_forward_still_refuses_the_call(monkeypatch, grad_mode, reduction):
+    """A bad class index found after the forward ran raises all the same, leaves the logits as they were, and keeps
+    nothing of the refused forward in the traceback (whose frames a notebook or a retry loop may hold on to: the
+    autograd graph, and with in_forward a gradient the size of the logits)."""
+    calls = []
+    _stand_in_for_a_safe_backend(monkeypatch, calls)
+    logits = _logits(5, 4).requires_grad_(True) * 1
+    before = logits.detach().clone()
+    target = torch.tensor([0, 3, 4, -100, 1])
+    with pytest.raises(IndexError, match="target 4 at position 2 is out of range for 4 classes") as info:
+        fused_xent.cross_entropy(logits, target, reduction=reduction, grad_mode=grad_mode)
+    assert calls == (["verdict"] if grad_mode == "inplace" else ["fwd", "verdict"])
+    assert torch.equal(logits.detach(), before)
+    frames = [entry.frame for entry in info.traceback if entry.frame.code.name == "cross_entropy"]
+    assert frames and all("loss" not in frame.f_locals for frame in frames)
 
 
 def test_value_check_settings(monkeypatch):

@@ -173,12 +173,13 @@ template <typename scalar_t>
 LaunchShape plan_rows_cluster(const XentParams<scalar_t>& p, int device) {
   LaunchShape shape;
   shape.grid = 0;
+  const int64_t max_blocks = max_cluster_blocks();  // first: a bad setting is an error wherever the plan is asked
   if (!p.grad_in_phase) return shape;
   int major = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
   if (major < 9) return shape;
   const int64_t blocks_needed = ceil_div(p.C * int64_t(sizeof(scalar_t)), kSliceBytes);
-  if (blocks_needed > max_cluster_blocks()) return shape;
+  if (blocks_needed > max_blocks) return shape;
   const int64_t slice_len = ceil_div(ceil_div(p.C, blocks_needed), 64) * 64;
   const int64_t blocks = ceil_div(p.C, slice_len);
   const int clusters = resident_clusters<scalar_t>(device, blocks, slice_len);

@@ -33,6 +33,16 @@ constexpr int kStatsChunk = (kProb ? 16 : 32) / (sizeof(scalar_t) == 8 ? 2 : 1);
 template <typename scalar_t, bool kProb>
 constexpr int kGradChunk = kStatsChunk<scalar_t, kProb> / 2;
 
+// Blocks per multiprocessor each kernel is built for (its __launch_bounds__). Left to itself, ptxas held some
+// variants to 64-80 registers and spilled (sm_90, nvcc 13): the hot ones (class indices, float32 and 16-bit) fit
+// these bounds without spilling; probability targets and float64 get all the registers they ask for instead.
+template <typename scalar_t, bool kProb>
+constexpr bool kHeavyPosition = kProb || sizeof(scalar_t) == 8;
+template <typename scalar_t, bool kProb, bool kGrad = false>
+constexpr int kStatsMinBlocks = kHeavyPosition<scalar_t, kProb> ? 1 : kGrad ? 2 : 3;
+template <typename scalar_t, bool kProb, bool kSplit>
+constexpr int kGradMinBlocks = kHeavyPosition<scalar_t, kProb> ? 1 : kSplit ? 3 : 4;
+
 // Calls body(c, width) for classes c .. c+width-1 of [begin, end): full chunks of kChunk, then one shorter chunk.
 template <int kChunk, typename Body>
 __device__ __forceinline__ void for_class_chunks(int64_t begin, int64_t end, Body&& body) {
@@ -127,7 +137,8 @@ __device__ __forceinline__ int64_t prefetch_target(const XentParams<scalar_t>& p
 // kGrad: the fused forward, which also writes the gradient (p.grad). A compile-time choice: the gradient's live
 // values on top of the statistics' took the sm_90 kernel from 79 registers to 121, for every forward.
 template <typename scalar_t, bool kProb, bool kGrad>
-__global__ void __launch_bounds__(kPerPositionThreads) spatial_forward_kernel(const XentParams<scalar_t> p) {
+__global__ void __launch_bounds__(kPerPositionThreads, (kStatsMinBlocks<scalar_t, kProb, kGrad>))
+    spatial_forward_kernel(const XentParams<scalar_t> p) {
   using acc_t = acc_type<scalar_t>;
   constexpr int K = kStatsChunk<scalar_t, kProb>;
   const int64_t positions = p.N * p.S;
@@ -188,7 +199,7 @@ __global__ void __launch_bounds__(kPerPositionThreads) spatial_forward_kernel(co
 
 // Statistics of one class range of a position per thread (class-index targets), for the combine.
 template <typename scalar_t>
-__global__ void __launch_bounds__(kPerPositionThreads)
+__global__ void __launch_bounds__(kPerPositionThreads, (kStatsMinBlocks<scalar_t, false>))
     spatial_split_stats_kernel(const XentParams<scalar_t> p, int64_t splits, int64_t split_len,
                                RowStats<acc_type<scalar_t>>* split_stats) {
   using acc_t = acc_type<scalar_t>;
@@ -219,7 +230,7 @@ __global__ void __launch_bounds__(kPerPositionThreads)
 // choice: the split arithmetic took the sm_90 fp32 kernel from 40 to 46 registers, 5 blocks per SM instead of 6
 // (before the chunked class loops, which hold 63-64 registers either way).
 template <typename scalar_t, bool kProb, bool kSplit>
-__global__ void __launch_bounds__(kPerPositionThreads)
+__global__ void __launch_bounds__(kPerPositionThreads, (kGradMinBlocks<scalar_t, kProb, kSplit>))
     spatial_grad_kernel(const XentParams<scalar_t> p, int64_t splits, int64_t split_len) {
   using acc_t = acc_type<scalar_t>;
   const int64_t positions = p.N * p.S;
