@@ -10,8 +10,10 @@ a 256 MiB buffer before it, outside the timed region).
 """
 
 import argparse
+import contextlib
 import statistics
 from pathlib import Path
+from unittest import mock
 
 import torch
 import torch.nn.functional as F
@@ -23,9 +25,27 @@ import env_info
 import timing
 
 MEAN = 1
-# The fused forward of long rows once more with thread-block clusters of up to 16 blocks allowed (by default a
-# cluster is one block: csrc/cuda/xent_rows_cluster.cu), so that one run compares the two plans.
-CLUSTER_MODE = "fwd+bwd in_forward, clusters <= 16"
+
+
+def _variants(label, shape, element_size):
+    """{mode: (backend, plan)}: modes timed once more under another plan of one backend, so that one run compares
+    the plans: long rows' fused forward with thread-block clusters of up to 16 blocks (by default a cluster is one
+    block, csrc/cuda/xent_rows_cluster.cu; the setting changes the plan only for rows longer than its 96 KiB), and
+    Triton's row statistics with their loads pipelined (triton_kernels.STATS_LOAD_STAGES)."""
+    if not label.startswith("rows"):
+        return {}
+    variants = {"fwd+bwd recompute, Triton loads pipelined": (
+        "triton", lambda: mock.patch.object(triton_kernels(), "STATS_LOAD_STAGES", 3))}
+    if shape[1] * element_size > 96 * 1024:
+        variants["fwd+bwd in_forward, clusters <= 16"] = (
+            "cuda", lambda: env_info.environment_variable("FUSED_XENT_MAX_CLUSTER_BLOCKS", "16"))
+    return variants
+
+
+def triton_kernels():
+    from fused_xent import triton_kernels as module  # imports Triton: only where a variant of it is timed
+
+    return module
 
 # (label, shape, dtype, layout, fraction of targets ignored): warp rows, block rows, split rows, spatial NCHW, NCHW
 # with few positions (split across threads: vocabulary logits laid out (N, C, T)), channels_last; and block rows of
@@ -108,24 +128,23 @@ def measure(label, shape, dtype, layout, ignored, repeats, backends, device="cud
                                                                           ("fwd+bwd", eager_fwd_bwd))}
     shape_text = "x".join(map(str, shape)) + (" (channels_last)" if layout == "channels_last" else "")
     rows = []
-    modes = ["fwd", "fwd+bwd recompute", "fwd+bwd in_forward", "fwd+bwd inplace"]
-    if label.startswith("rows") and shape[1] * x.element_size() > 96 * 1024 and "cuda" in backends:
-        modes.append(CLUSTER_MODE)  # rows longer than one block's slice: the knob changes the plan only there
-    for mode in modes:
+    variants = {mode: plan for mode, plan in _variants(label, shape, x.element_size()).items() if plan[0] in backends}
+    for mode in ["fwd", "fwd+bwd recompute", "fwd+bwd in_forward", "fwd+bwd inplace", *variants]:
         times = {}
         for name, ops in backends.items():
-            if mode == CLUSTER_MODE and name != "cuda":
-                times[name] = (float("nan"), 2)
-                continue
             fn, passes = mode_calls(ops, x3, t2, scratch, one)[mode.split(",")[0]]
-            max_cluster_blocks = "16" if mode == CLUSTER_MODE else None
+            if mode in variants and name != variants[mode][0]:
+                times[name] = (float("nan"), passes)
+                continue
+            plan = variants[mode][1]() if mode in variants else contextlib.nullcontext()
             try:
-                with env_info.environment_variable("FUSED_XENT_MAX_CLUSTER_BLOCKS", max_cluster_blocks):
+                with plan:
                     times[name] = (median_ms(fn, repeats, flusher, timer), passes)
             except Exception as error:  # reported in the table; the other backends and problems still run
                 print(f"{name} {label} {shape} {mode}: {type(error).__name__}: {error}")
                 times[name] = (float("nan"), passes)
-        rows.append((label, shape_text, str(dtype)[6:], mode, times, eager[mode.split(" ")[0]], nbytes, copy_gbs))
+        eager_mode = mode.split(",")[0].split(" ")[0]  # "fwd" or "fwd+bwd"
+        rows.append((label, shape_text, str(dtype)[6:], mode, times, eager[eager_mode], nbytes, copy_gbs))
     return rows
 
 

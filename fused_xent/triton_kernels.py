@@ -131,18 +131,19 @@ def _weighted_smoothed_target(target_ptr, weight_ptr, ptrs, mask, cols, label_sm
 def _range_statistics(logits_ptr, target_ptr, weight_ptr, offset, read, counted, c_begin, c_stop, C, stride_c,
                       label_smoothing, PROB_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr,
                       HAS_SMOOTHING: tl.constexpr, READS_UNCOUNTED: tl.constexpr, ACC, BLOCK_P: tl.constexpr,
-                      BLOCK_C: tl.constexpr):
+                      BLOCK_C: tl.constexpr, LOAD_STAGES: tl.constexpr):
     """One pass over the classes [c_begin, c_stop) of a block of positions (online softmax; c_stop - c_begin is a
     multiple of BLOCK_C or reaches C). Returns the running max, sum_c exp(x[c] - max), and with a[c] = w[c] t'[c]
     (probability targets) or w[c] (class indices with smoothing) A = sum_c a[c] and sum_c a[c] (x[c] - m), m the
     max (0 while -inf): relative to it, the loss adds two non-negative parts (xent_math.h); moved by A (m - m')
     whenever the max rises to m'. The positions `read` (_positions_read) are loaded; those that do not count keep
-    the state of no classes (with READS_UNCOUNTED: read holds more positions than counted)."""
+    the state of no classes (with READS_UNCOUNTED: read holds more positions than counted). LOAD_STAGES: column
+    blocks in flight (STATS_LOAD_STAGES)."""
     running_max = tl.full([BLOCK_P], float("-inf"), ACC)
     scaled_sum = tl.zeros([BLOCK_P], ACC)  # sum_c exp(x[c] - running_max)
     term_weights = tl.zeros([BLOCK_P], ACC)  # A
     relative_dot = tl.zeros([BLOCK_P], ACC)
-    for c0 in range(c_begin, c_stop, BLOCK_C):
+    for c0 in tl.range(c_begin, c_stop, BLOCK_C, num_stages=LOAD_STAGES):
         cols = c0 + tl.arange(0, BLOCK_C)
         mask = read[:, None] & (cols < C)[None, :]
         ptrs = offset[:, None] + cols.to(tl.int64)[None, :] * stride_c
@@ -289,7 +290,7 @@ def _forward_kernel(logits_ptr, target_ptr, weight_ptr, weight_sum_ptr, total_we
                     num_positions, S, C, stride_n, stride_c, stride_s, ignore_index, smoothing_hi, smoothing_lo,
                     SPATIAL: tl.constexpr, PROB_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr,
                     HAS_SMOOTHING: tl.constexpr, REDUCTION: tl.constexpr, WRITE_GRAD: tl.constexpr,
-                    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+                    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, STATS_LOAD_STAGES: tl.constexpr):
     """Per-position loss (into loss_ptr, in the accumulation dtype: the output for reduction none, else what
     _reduce sums) and lse (_store_lse); with WRITE_GRAD, the gradient for grad_loss = 1 instead of lse
     (total_weight must then already hold the mean's denominator)."""
@@ -310,7 +311,7 @@ def _forward_kernel(logits_ptr, target_ptr, weight_ptr, weight_sum_ptr, total_we
     read = _positions_read(rows_counted, in_range, SPATIAL)
     running_max, scaled_sum, term_weights, relative_dot = _range_statistics(
         logits_ptr, target_ptr, weight_ptr, offset, read, rows_counted, 0, C, C, stride_c, label_smoothing,
-        PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING, SPATIAL and not PROB_TARGET, ACC, BLOCK_P, BLOCK_C)
+        PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING, SPATIAL and not PROB_TARGET, ACC, BLOCK_P, BLOCK_C, STATS_LOAD_STAGES)
     weight_sum = _class_weight_sum(weight_sum_ptr, C, HAS_WEIGHT, ACC)
     reference, log_sum = _lse_parts(running_max, scaled_sum)
     if PROB_TARGET:
@@ -344,7 +345,8 @@ def _forward_kernel(logits_ptr, target_ptr, weight_ptr, weight_sum_ptr, total_we
 @triton.jit
 def _split_statistics_kernel(logits_ptr, target_ptr, weight_ptr, stats_ptr, num_positions, S, C, stride_n, stride_c,
                              stride_s, ignore_index, split_len, SPATIAL: tl.constexpr, HAS_WEIGHT: tl.constexpr,
-                             HAS_SMOOTHING: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+                             HAS_SMOOTHING: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+                             STATS_LOAD_STAGES: tl.constexpr):
     """Program (position block, k): the online-softmax state of classes [k split_len, (k+1) split_len) of its
     positions (class-index targets) into stats[0 / 1 / 2 / 3, k, position] = running max, scaled sum, and with
     smoothing sum_c w[c] and sum_c w[c] (x[c] - m), m the range's max (see _range_statistics). An ignored position
@@ -359,7 +361,7 @@ def _split_statistics_kernel(logits_ptr, target_ptr, weight_ptr, stats_ptr, num_
     running_max, scaled_sum, term_weights, relative_dot = _range_statistics(
         logits_ptr, None, weight_ptr, offset, _positions_read(counted, in_range, SPATIAL), counted, c_begin,
         tl.minimum(c_begin + split_len, C), C, stride_c, 0.0, False, HAS_WEIGHT, HAS_SMOOTHING, SPATIAL, ACC, BLOCK_P,
-        BLOCK_C)
+        BLOCK_C, STATS_LOAD_STAGES)
     plane = tl.num_programs(1).to(tl.int64) * num_positions
     at = split * num_positions + index
     tl.store(stats_ptr + at, running_max, mask=in_range)
@@ -524,6 +526,11 @@ WARPS_PER_MULTIPROCESSOR = 64
 # _split_combine_kernel): one chain of 500 merges lost 1e-5 of the loss with smoothing and a class masked at -1e9.
 MAX_SPLITS = 512
 MERGE_GROUP = 16
+# Column blocks a statistics loop keeps in flight (its tl.range num_stages). 1 is the plain loop: each block's loads
+# wait for the previous block's cross-warp reductions, so a row program has one block (16 KB) in flight, with no
+# cp.async in its sm_90 PTX. 3 has Triton pipeline the loads through shared memory (cp.async, two blocks ahead).
+# Not yet measured on a GPU: benchmarks/gpu_kernel_table.py times both, reading this at each launch.
+STATS_LOAD_STAGES = 1
 
 
 @dataclass(frozen=True)
@@ -743,7 +750,7 @@ def _launch_forward(p, total_weight, loss_buffer, lse, grad, reduction, ignore_i
         *_shape_args(p), ignore_index, *_split_float(label_smoothing),
         SPATIAL=p.spatial, PROB_TARGET=p.prob_target, HAS_WEIGHT=p.weight is not None,
         HAS_SMOOTHING=label_smoothing > 0, REDUCTION=reduction, WRITE_GRAD=grad is not None,
-        BLOCK_P=p.tile.block_p, BLOCK_C=p.tile.block_c, num_warps=p.tile.num_warps,
+        BLOCK_P=p.tile.block_p, BLOCK_C=p.tile.block_c, STATS_LOAD_STAGES=STATS_LOAD_STAGES, num_warps=p.tile.num_warps,
     )
 
 
@@ -755,7 +762,8 @@ def _launch_split_forward(p, loss_buffer, lse, ignore_index, label_smoothing):
     _launch(
         _split_statistics_kernel, (p.position_programs, p.splits), p.logits, p.target, p.weight, stats,
         *_shape_args(p), ignore_index, p.split_len, SPATIAL=p.spatial, HAS_WEIGHT=p.weight is not None,
-        HAS_SMOOTHING=has_smoothing, BLOCK_P=p.tile.block_p, BLOCK_C=p.tile.block_c, num_warps=p.tile.num_warps,
+        HAS_SMOOTHING=has_smoothing, BLOCK_P=p.tile.block_p, BLOCK_C=p.tile.block_c,
+        STATS_LOAD_STAGES=STATS_LOAD_STAGES, num_warps=p.tile.num_warps,
     )
     block = 512
     _launch(

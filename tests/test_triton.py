@@ -782,6 +782,26 @@ def test_row_tiles_fit_in_registers(monkeypatch, tmp_path, dtype, num_classes):
 
 @pytest.mark.skipif(INTERPRETED or DEVICE is not None, reason="without a GPU only (with one, the kernels run)")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_pipelined_row_statistics_compile_for_hopper(monkeypatch, tmp_path, dtype):
+    """triton_kernels.STATS_LOAD_STAGES = 3, which benchmarks/gpu_kernel_table.py times against the default 1: the
+    row forward compiles for sm_90 with its loads pipelined (cp.async in the PTX, none by default), without spills."""
+    compile_only = _CompileOnly()
+    kernels = _triton_ops.triton_kernels
+    monkeypatch.setattr(kernels, "_launch", compile_only)
+    monkeypatch.setattr(kernels, "check_device", lambda device: None)
+    logits = torch.randn(16, 128256, 1, dtype=dtype)
+    target = torch.randint(0, 128256, (16, 1))
+    for stages in (1, 3):
+        monkeypatch.setattr(kernels, "STATS_LOAD_STAGES", stages)
+        compile_only.compiled.clear()
+        kernels.cross_entropy_fwd(logits, target, None, 1, -100, 0.0)
+        (forward,) = [kernel for key, kernel in compile_only.compiled.items() if key[0] == "_forward_kernel"]
+        assert ("cp.async" in forward.asm["ptx"]) == (stages > 1)
+        assert ptxas_usage(forward.asm["ptx"], tmp_path)[1] == 0
+
+
+@pytest.mark.skipif(INTERPRETED or DEVICE is not None, reason="without a GPU only (with one, the kernels run)")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("target_kind,num_classes,label_smoothing", [
     ("index", 5, 0.1), ("index", 1000, 0.1), ("probabilities", 1000, 0.0), ("probabilities", 1000, 0.1),
 ])
