@@ -1,5 +1,6 @@
 """The cross-entropy implementations the benchmark compares, each as loss(logits, target) -> scalar mean loss."""
 
+import dataclasses
 import fnmatch
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -81,10 +82,10 @@ def _unchecked(backend: str) -> Provider:
         with env_info.environment_variable(CHECK_VALUES_ENV, "0"):
             return checked_loss(logits, target)
 
-    provider.name += "-unchecked"
-    provider.loss = loss
-    provider.note = provider.note.split(":")[0] + f": as fused-{backend}, with {CHECK_VALUES_ENV}=0 (no host sync)"
-    return provider
+    return dataclasses.replace(
+        provider, name=f"{provider.name}-unchecked", loss=loss,
+        note=f"fused_xent backend={backend!r}: as {provider.name}, with {CHECK_VALUES_ENV}=0 (no host sync)",
+    )
 
 
 def _eager() -> Provider:

@@ -344,11 +344,9 @@ def cross_entropy(
         _check_weight_grad(weight, problem)
         return _unbatched_ignored_mean_as_pytorch(_loss_from_reference_ops(problem, loss_dtype), input, problem)
     value_check = start_value_check(problem, check_targets=not ops.checks_targets)
-    if value_check is not None and not ops.bad_targets_are_nan:
-        value_check.raise_if_failed()
-        value_check = None
-    grad_mode = _grad_mode_to_run(grad_mode, input, weight, problem)
-    if value_check is not None and grad_mode == "inplace":  # its forward writes over the logits
+    grad_mode = _grad_mode_to_run(grad_mode, input, weight, problem)  # its refusals first, as without classes
+    if value_check is not None and (grad_mode == "inplace" or not ops.bad_targets_are_nan):
+        # Read before a forward that writes over the logits, or whose kernels would index with a bad class.
         value_check.raise_if_failed()
         value_check = None
     logits = problem.logits
