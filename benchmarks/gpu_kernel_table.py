@@ -28,17 +28,21 @@ MEAN = 1
 
 
 def _variants(label, shape, element_size):
-    """{mode: (backend, plan)}: modes timed once more under another plan of one backend, so that one run compares
-    the plans: long rows' fused forward with thread-block clusters of up to 16 blocks (by default a cluster is one
-    block, csrc/cuda/xent_rows_cluster.cu; the setting changes the plan only for rows longer than its 96 KiB), and
-    Triton's row statistics with their loads pipelined (triton_kernels.STATS_LOAD_STAGES)."""
+    """{mode: (backends, plan)}: modes timed once more under another plan, for the backends that plan concerns, so
+    that one run compares the plans: Triton's row statistics with their loads pipelined
+    (triton_kernels.STATS_LOAD_STAGES); and, for rows longer than 96 KiB (the LLM vocabularies), the fused forward
+    with thread-block clusters of up to 16 blocks (by default a cluster is one block, csrc/cuda/xent_rows_cluster.cu;
+    the setting changes the plan only for such rows) and the fused forward's L2-resident plan on both backends (rows
+    in flight held to half of L2, the gradient sweep streaming: FUSED_XENT_L2_RESIDENT_ROWS_PERCENT)."""
     if not label.startswith("rows"):
         return {}
     variants = {"fwd+bwd recompute, Triton loads pipelined": (
-        "triton", lambda: mock.patch.object(triton_kernels(), "STATS_LOAD_STAGES", 3))}
+        ("triton",), lambda: mock.patch.object(triton_kernels(), "STATS_LOAD_STAGES", 3))}
     if shape[1] * element_size > 96 * 1024:
         variants["fwd+bwd in_forward, clusters <= 16"] = (
-            "cuda", lambda: env_info.environment_variable("FUSED_XENT_MAX_CLUSTER_BLOCKS", "16"))
+            ("cuda",), lambda: env_info.environment_variable("FUSED_XENT_MAX_CLUSTER_BLOCKS", "16"))
+        variants["fwd+bwd in_forward, rows in flight <= L2/2"] = (
+            ("cuda", "triton"), lambda: env_info.environment_variable("FUSED_XENT_L2_RESIDENT_ROWS_PERCENT", "50"))
     return variants
 
 
@@ -128,12 +132,13 @@ def measure(label, shape, dtype, layout, ignored, repeats, backends, device="cud
                                                                           ("fwd+bwd", eager_fwd_bwd))}
     shape_text = "x".join(map(str, shape)) + (" (channels_last)" if layout == "channels_last" else "")
     rows = []
-    variants = {mode: plan for mode, plan in _variants(label, shape, x.element_size()).items() if plan[0] in backends}
+    variants = {mode: plan for mode, plan in _variants(label, shape, x.element_size()).items()
+                if set(plan[0]) & set(backends)}
     for mode in ["fwd", "fwd+bwd recompute", "fwd+bwd in_forward", "fwd+bwd inplace", *variants]:
         times = {}
         for name, ops in backends.items():
             fn, passes = mode_calls(ops, x3, t2, scratch, one)[mode.split(",")[0]]
-            if mode in variants and name != variants[mode][0]:
+            if mode in variants and name not in variants[mode][0]:
                 times[name] = (float("nan"), passes)
                 continue
             plan = variants[mode][1]() if mode in variants else contextlib.nullcontext()

@@ -40,6 +40,29 @@ def may_overlap(t: torch.Tensor) -> bool:
     return False
 
 
+def shares_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether a and b may have an element in common: the same storage and intersecting address ranges (a
+    conservative test; interleaved views that share no element pass it too)."""
+    if a.numel() == 0 or b.numel() == 0 or a.is_meta or b.is_meta:
+        return False
+    if a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
+        return False
+    a_begin, a_end = _byte_range(a)
+    b_begin, b_end = _byte_range(b)
+    return a_begin < b_end and b_begin < a_end
+
+
+def _byte_range(t: torch.Tensor) -> tuple[int, int]:
+    """[first, last + 1) bytes of t's elements within its storage (negative strides included)."""
+    low = high = t.storage_offset()
+    for size, stride in zip(t.shape, t.stride(), strict=True):
+        if stride >= 0:
+            high += stride * (size - 1)
+        else:
+            low += stride * (size - 1)
+    return low * t.element_size(), (high + 1) * t.element_size()
+
+
 def _contiguous(logits: torch.Tensor) -> torch.Tensor:
     """A contiguous copy of (N, C, S) logits. With S == 1 it is made as a matrix: PyTorch copies a transposed matrix
     (column-major (N, C) logits) in blocks, 2.4x as fast as the same copy through the (N, C, 1) view."""

@@ -48,6 +48,11 @@ def _fail(message: str):
     raise ValueError(f"fused_xent.cross_entropy: {message}")
 
 
+def _type_fail(message: str):
+    """An argument of the wrong type: TypeError, as PyTorch's argument parser raises."""
+    raise TypeError(f"fused_xent.cross_entropy: {message}")
+
+
 def _check_strided(tensor, name):
     """The kernels read strided memory; PyTorch's own loss refuses sparse logits and weights, and densifies nothing."""
     if tensor.layout != torch.strided:
@@ -57,7 +62,7 @@ def _check_strided(tensor, name):
 
 def _check_input(input):
     if not isinstance(input, torch.Tensor):
-        _fail(f"input must be a torch.Tensor of logits, got {type(input).__name__}")
+        _type_fail(f"input must be a torch.Tensor of logits, got {type(input).__name__}")
     _check_strided(input, "input")
     if input.dtype not in LOGIT_DTYPES:
         _fail(
@@ -90,7 +95,7 @@ def _smoothing_option(label_smoothing):
             )
         label_smoothing = label_smoothing.item()
     if not isinstance(label_smoothing, numbers.Real):
-        _fail(f"label_smoothing must be a float in [0.0, 1.0], got {label_smoothing!r}")
+        _type_fail(f"label_smoothing must be a float in [0.0, 1.0], got {label_smoothing!r}")
     return label_smoothing
 
 
@@ -117,7 +122,7 @@ def _check_weight(weight, input, logits_dtype, num_classes, prob_target):
     if weight is None:
         return
     if not isinstance(weight, torch.Tensor):
-        _fail(f"weight must be a 1-D tensor with one entry per class, got {type(weight).__name__}")
+        _type_fail(f"weight must be a 1-D tensor with one entry per class, got {type(weight).__name__}")
     _check_strided(weight, "weight")
     if weight.is_complex():
         _fail(f"weight must be real, got {weight.dtype}")
@@ -226,9 +231,11 @@ class ValueCheck:
         summary = self._summary.tolist()
         problem = self._problem
         if problem.weight is not None and summary[-1]:
-            bad_class = int(torch.isnan(problem.weight).nonzero()[0])
-            _fail(f"weight contains NaN (first at class {bad_class}), which would make the loss NaN: check how the "
-                  "weights are computed, e.g. a division by a zero class count")
+            # A weight batched by vmap (its plain tensor, see functional.py) has more dimensions: no class to name.
+            nan_classes = torch.isnan(problem.weight).nonzero()
+            where = f" (first at class {int(nan_classes[0])})" if problem.weight.dim() == 1 else ""
+            _fail(f"weight contains NaN{where}, which would make the loss NaN: check how the weights are computed, "
+                  "e.g. a division by a zero class count")
         num_classes = problem.logits.shape[1]
         if not self._check_targets or (summary[0] >= 0 and summary[1] < num_classes):
             return
@@ -285,7 +292,7 @@ def prepare(input, target, weight, ignore_index, reduction, label_smoothing, flo
     reduction, ignore_index, label_smoothing = _options(reduction, ignore_index, label_smoothing)
     original_input = input
     if not isinstance(target, torch.Tensor):
-        _fail(f"target must be a torch.Tensor, got {type(target).__name__}")
+        _type_fail(f"target must be a torch.Tensor, got {type(target).__name__}")
     _check_strided(target, "target")
     if target.device != input.device:
         _fail(f"target is on {target.device} but input is on {input.device}: move it with target.to(input.device)")

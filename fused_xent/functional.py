@@ -1,6 +1,7 @@
 """`cross_entropy`: a drop-in for torch.nn.functional.cross_entropy backed by a fused kernel."""
 
 import contextlib
+import dataclasses
 
 import torch
 from torch._C._functorch import TransformType
@@ -10,7 +11,7 @@ from torch.nn import _reduction
 from torch.overrides import handle_torch_function, has_torch_function_variadic
 
 from . import _backends, reference
-from ._layout import kernel_logits, may_overlap
+from ._layout import kernel_logits, may_overlap, shares_memory
 from ._ops import scale_unit_grad
 from ._validate import check_values, prepare, start_value_check
 from .reference import REDUCTION_MEAN, REDUCTION_NONE
@@ -228,11 +229,22 @@ class FusedCrossEntropyFunction(torch.autograd.Function):
         return grad_logits, grad_target, grad_weight, None, None, None, None, None, None
 
 
+def _functorch_unwrapped(tensor):
+    """The plain tensor under every torch.func wrapper of `tensor` (vmap's batch dimensions included)."""
+    while tensor is not None and torch._C._functorch.is_functorch_wrapped_tensor(tensor):
+        tensor = torch._C._functorch.get_unwrapped(tensor)
+    return tensor
+
+
 def _loss_from_reference_ops(problem, loss_dtype):
     """The loss under a function transform, which needs rules (batching, forward derivatives) for every op it meets:
-    the fused kernels have none, the reference implementation's PyTorch ops have them all. The value checks branch
-    on data, which vmap cannot: under vmap an out-of-range class gives NaN instead."""
-    if not _vmap_active():
+    the fused kernels have none, the reference implementation's PyTorch ops have them all. The value checks read
+    their verdict on the host, which vmap does not allow of its batched tensors: under vmap they read the plain
+    tensors beneath (every batch entry at once), so a bad class raises there as in PyTorch."""
+    if _vmap_active():
+        check_values(dataclasses.replace(problem, target=_functorch_unwrapped(problem.target),
+                                         weight=_functorch_unwrapped(problem.weight)), check_targets=True)
+    else:
         check_values(problem, check_targets=True)
     loss = reference.cross_entropy_fwd(
         problem.logits, problem.target, problem.weight, problem.reduction, problem.ignore_index,
@@ -295,6 +307,14 @@ def _grad_mode_to_run(grad_mode, input, weight, problem) -> str:
             "fused_xent.cross_entropy: grad_mode='inplace' needs logits that can be viewed as (N, C, S) without a "
             "copy and whose elements do not overlap (and of the dtype of the target, for probability targets)"
         )
+    if grad_mode == "inplace" and not torch.compiler.is_compiling():
+        for name, tensor in (("weight", problem.weight), ("target", problem.target)):
+            if tensor is not None and shares_memory(problem.logits, tensor):
+                raise ValueError(
+                    f"fused_xent.cross_entropy: grad_mode='inplace' writes the gradient over the logits, but the "
+                    f"{name} shares memory with them and would be read after it was overwritten: pass "
+                    f"{name}.clone(), or use grad_mode='in_forward'"
+                )
     return grad_mode
 
 

@@ -200,6 +200,31 @@ def test_function_transforms(kwargs):
         torch.func.grad(ours)(x, bad)
 
 
+def test_bad_values_under_vmap_raise_as_in_pytorch():
+    """vmap lets no Python branch read its batched values, so the value checks read the plain tensors beneath:
+    an out-of-range class raises (PyTorch's gather raises too) instead of giving NaN for its batch entry, and a NaN
+    weight raises as it does outside vmap, batched or not; targets equal to ignore_index pass."""
+    g = torch.Generator().manual_seed(8)
+    x = make_logits((2, 3, 5), "contiguous", torch.float32, generator=g)
+    t = torch.tensor([[0, 1, 2], [1, 9, 0]])
+    with pytest.raises(RuntimeError):
+        torch.vmap(F.cross_entropy)(x, t)
+    with pytest.raises(IndexError, match="target 9 at position 4 is out of range for 5 classes"):
+        torch.vmap(fused_xent.cross_entropy)(x, t)
+    with pytest.raises(IndexError, match="target 9 .* is out of range"):
+        torch.func.jacrev(fused_xent.cross_entropy)(x[1], t[1])
+    ignoring = lambda x, t: fused_xent.cross_entropy(x, t, ignore_index=9)  # noqa: E731
+    torch.testing.assert_close(torch.vmap(ignoring)(x, t), torch.vmap(F.cross_entropy)(x, t.where(t != 9, -100)))
+    weight = torch.ones(5)
+    weight[2] = float("nan")
+    with pytest.raises(ValueError, match=r"weight contains NaN \(first at class 2\)"):
+        torch.vmap(lambda x, t: fused_xent.cross_entropy(x, t, weight=weight))(x, t.clamp(max=4))
+    batched_weight = torch.ones(2, 5)
+    batched_weight[1, 3] = float("nan")
+    with pytest.raises(ValueError, match="weight contains NaN, which"):
+        torch.vmap(lambda x, t, w: fused_xent.cross_entropy(x, t, weight=w))(x, t.clamp(max=4), batched_weight)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_torch_compile_with_the_gradient_over_the_logits(backend):
     head = torch.nn.Linear(8, 6)

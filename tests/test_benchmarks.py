@@ -281,14 +281,15 @@ def test_gpu_kernel_table_times_a_variant_under_its_plan_for_its_backend_only(mo
         yield
 
     variants = gpu_kernel_table._variants
-    monkeypatch.setattr(gpu_kernel_table, "_variants", lambda label, shape, size: {"fwd, a plan": ("cpu", plan)})
+    monkeypatch.setattr(gpu_kernel_table, "_variants", lambda label, shape, size: {"fwd, a plan": (("cpu",), plan)})
     backends = {"cpu": backend_ops("cpu"), "torch": backend_ops("torch")}
     rows = gpu_kernel_table.measure("rows", (16, 300), torch.float32, "contiguous", 0.0, 3, backends, device="cpu")
     (variant,) = [row for row in rows if row[3] == "fwd, a plan"]
     assert entered and variant[4]["cpu"][0] > 0 and variant[4]["torch"][0] != variant[4]["torch"][0]
     assert variant[5] == rows[0][5]  # against eager's forward
     assert variants("rows block", (8192, 128256), 2).keys() == {
-        "fwd+bwd recompute, Triton loads pipelined", "fwd+bwd in_forward, clusters <= 16"}
+        "fwd+bwd recompute, Triton loads pipelined", "fwd+bwd in_forward, clusters <= 16",
+        "fwd+bwd in_forward, rows in flight <= L2/2"}
     assert variants("rows block", (4096, 32000), 2).keys() == {"fwd+bwd recompute, Triton loads pipelined"}
     assert not variants("spatial", (16, 19, 512, 1024), 4)
 

@@ -213,6 +213,16 @@ def test_parity_of_clusters_of_several_blocks(shape, layout, dtype, monkeypatch)
     check_parity(shape, layout, dtype)
 
 
+@pytest.mark.parametrize("shape,layout,dtype", CLUSTER_CASES, ids=str)
+@pytest.mark.cuda
+@needs_gpu
+def test_parity_of_the_l2_resident_plan(shape, layout, dtype, monkeypatch):
+    """The fused forward's L2-resident plan (FUSED_XENT_L2_RESIDENT_ROWS_PERCENT: fewer blocks, each walking many
+    rows, the gradient sweep streaming), at a share of L2 that leaves a few rows in flight."""
+    monkeypatch.setenv("FUSED_XENT_L2_RESIDENT_ROWS_PERCENT", "1")
+    check_parity(shape, layout, dtype)
+
+
 def check_parity(shape, layout, dtype):
     """Loss and gradient of every option and grad_mode against PyTorch in float64."""
     # crc32, not hash(): string hashes change from process to process, and a failure must replay with its inputs.

@@ -129,6 +129,54 @@ def test_plans_change_with_the_multiprocessor_count_results_do_not(ops, monkeypa
     torch.testing.assert_close(losses["4"], losses["1"], rtol=2e-6, atol=0)
 
 
+def launches(log):
+    """(grid, threads) of each launch the emulation logged (FUSED_XENT_EMULATED_LAUNCH_LOG), then a fresh log."""
+    shapes = [tuple(map(int, line.split())) for line in log.read_text().splitlines()] if log.exists() else []
+    log.unlink(missing_ok=True)
+    return shapes
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_l2_resident_plan_of_the_fused_forward(ops, monkeypatch, tmp_path, dtype):
+    """FUSED_XENT_L2_RESIDENT_ROWS_PERCENT caps the block-per-row fused forward's grid at that share of L2 in rows
+    (here 25% of an emulated 48 KiB L2: one row of 3000 float32 classes, two of bfloat16) and hints its gradient
+    sweep; every block then walks several rows. The gradient is bitwise that of the plain plan, the loss PyTorch's;
+    other plans and ops keep their grids, and a bad setting is an error that names the variable."""
+    torch.manual_seed(11)
+    x = make_logits((16, 3000), "offset", dtype)
+    y = make_class_target((16,), 3000, ignore_index=-100)
+    weight = torch.rand(3000) + 0.5
+    log = tmp_path / "launches"
+    monkeypatch.setenv("FUSED_XENT_EMULATED_LAUNCH_LOG", str(log))
+    monkeypatch.setenv("FUSED_XENT_EMULATED_L2_BYTES", str(48 * 1024))
+    x3, y3 = as_ncs(x, y)
+    w = weight.to(dtype)
+    plain = ops.cross_entropy_fwd_grad(x3, y3, w, 2, -100, 0.1)
+    assert launches(log)[0] == (16, 256)  # a block per row
+    plain_in_place = x3.clone()
+    ops.cross_entropy_fwd_grad_(plain_in_place, y3, w, 2, -100, 0.1)
+    launches(log)
+
+    monkeypatch.setenv("FUSED_XENT_L2_RESIDENT_ROWS_PERCENT", "25")
+    capped = ops.cross_entropy_fwd_grad(x3, y3, w, 2, -100, 0.1)
+    assert launches(log)[0] == (48 * 1024 // 4 // (3000 * x.element_size()), 256)
+    assert torch.equal(capped[1], plain[1])
+    torch.testing.assert_close(capped[0], plain[0], rtol=1e-6, atol=0)
+    in_place = x3.clone()
+    torch.testing.assert_close(ops.cross_entropy_fwd_grad_(in_place, y3, w, 2, -100, 0.1), plain[0], rtol=1e-6, atol=0)
+    assert torch.equal(in_place, plain_in_place)
+    check_all_ops(ops, x, y, weight, "mean", -100, 0.1)
+
+    launches(log)
+    ops.cross_entropy_fwd(x3, y3, w, 2, -100, 0.1)  # no gradient in the forward: the plain grid
+    assert launches(log)[0] == (16, 256)
+
+    for bad in ("101", "-1", "half"):
+        monkeypatch.setenv("FUSED_XENT_L2_RESIDENT_ROWS_PERCENT", bad)
+        with pytest.raises(RuntimeError, match=f"FUSED_XENT_L2_RESIDENT_ROWS_PERCENT={bad} is not a whole number"):
+            ops.cross_entropy_fwd_grad(x3, y3, w, 2, -100, 0.1)
+
+
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def test_threads_that_take_several_positions(ops, monkeypatch, layout):
     """On one emulated multiprocessor the grid holds 16384 threads (8 waves of 8 blocks of 256), fewer than these

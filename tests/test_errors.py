@@ -83,6 +83,27 @@ def test_bad_input_is_explained(device, backend, case):
         torch.cuda.synchronize()  # no device-side assert is pending
 
 
+WRONG_TYPES = [
+    ("label_smoothing as a string", {"label_smoothing": "0.1"}),
+    ("label_smoothing None", {"label_smoothing": None}),
+    ("label_smoothing as a 1-element tensor", {"label_smoothing": torch.tensor([0.3])}),
+    ("label_smoothing as a numpy array", {"label_smoothing": np.array(0.3)}),
+    ("weight as a list", {"weight": [1.0, 2.0, 3.0]}),
+    ("target as a list", {"target": [0, 1, 2, 1]}),
+    ("input as a list", {"input": _logits(4, 3).tolist()}),
+]
+
+
+@pytest.mark.parametrize("case", WRONG_TYPES, ids=[c[0] for c in WRONG_TYPES])
+def test_arguments_of_the_wrong_type_raise_type_error_as_in_pytorch(case):
+    """Code that catches PyTorch's TypeError for an argument of the wrong type catches ours too."""
+    arguments = {"input": _logits(4, 3), "target": torch.tensor([0, 1, 2, 1]), **case[1]}
+    with pytest.raises(TypeError):
+        torch.nn.functional.cross_entropy(**arguments)
+    with pytest.raises(TypeError, match="fused_xent.cross_entropy: "):
+        fused_xent.cross_entropy(**arguments)
+
+
 @pytest.mark.parametrize("device,backend", BACKEND_CASES)
 def test_out_of_range_with_ignore_index_is_accepted(device, backend):
     """A value equal to ignore_index is never out of range, even when negative or >= C."""

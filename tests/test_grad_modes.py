@@ -226,6 +226,28 @@ def test_inplace_refuses_leaves_and_overlapping_logits(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_inplace_refuses_a_weight_or_target_in_the_logits_memory(backend):
+    """The inplace forward writes the gradient over the logits while later rows still read the weight and the
+    target: one that lives in the logits' memory would be read overwritten (a wrong loss, silently). Refused, as
+    PyTorch's in-place ops refuse an input that overlaps their output; the logits are left as they were."""
+    torch.manual_seed(12)
+    buffer = torch.randn(301, 300, requires_grad=True) * 1
+    logits = buffer[:300]
+    cases = {
+        "weight": dict(target=make_class_target((300,), 300), weight=buffer[0].detach()),
+        "target": dict(target=buffer[1:].detach(), reduction="sum"),
+    }
+    for name, arguments in cases.items():
+        before = logits.detach().clone()
+        with pytest.raises(ValueError, match=f"the {name} shares memory with them"):
+            fused_xent.cross_entropy(logits, backend=backend, grad_mode="inplace", **arguments)
+        assert torch.equal(logits.detach(), before)
+        fused_xent.cross_entropy(logits, backend=backend, grad_mode="in_forward", **arguments)
+    apart = {"target": make_class_target((300,), 300), "weight": buffer.detach()[300].clone()}
+    fused_xent.cross_entropy(logits, backend=backend, grad_mode="inplace", **apart)  # no memory in common
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_recompute_saves_the_logits_as_the_kernels_read_them(backend):
     """Logits the kernels cannot read as they are (a column-major (N, C), a view with gaps) are copied once, in the
     forward, and the recompute backward reads that copy instead of copying them again; the gradient still reaches

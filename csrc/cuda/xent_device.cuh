@@ -244,11 +244,28 @@ struct alignas(sizeof(T) * kWidth) Pack {
   T v[kWidth];
 };
 
-template <int kWidth, typename T>
+// What a 16-byte access asks of the caches. kStreaming (ld/st.global.cs: evict first) marks a last use, so that L2
+// keeps the lines still to be read again in its place: the second sweep of the fused forward's L2-resident plan
+// (xent_kernel.cu, FUSED_XENT_L2_RESIDENT_ROWS_PERCENT) reads each logit for the last time and writes a gradient that
+// nothing rereads soon. Narrower accesses (a row's scalar head and tail) ignore it.
+enum class CacheHint { kNormal, kStreaming };
+
+template <int kWidth, typename T, CacheHint kHint = CacheHint::kNormal>
 __device__ __forceinline__ Pack<kWidth, T> load_pack(const T* ptr) {
   Pack<kWidth, T> out;
   if constexpr (sizeof(Pack<kWidth, T>) == 16) {
-    const uint4 raw = *reinterpret_cast<const uint4*>(ptr);  // one LDG.128
+    uint4 raw;  // one LDG.128
+#ifdef __CUDA_ARCH__
+    if constexpr (kHint == CacheHint::kStreaming) {
+      asm("ld.global.cs.v4.b32 {%0, %1, %2, %3}, [%4];"
+          : "=r"(raw.x), "=r"(raw.y), "=r"(raw.z), "=r"(raw.w)
+          : "l"(ptr));
+    } else {
+      raw = *reinterpret_cast<const uint4*>(ptr);
+    }
+#else  // the host emulation (tests/host/emulated_cuda.h): no caches to hint
+    raw = *reinterpret_cast<const uint4*>(ptr);
+#endif
     memcpy(&out, &raw, 16);
   } else {
     out = *reinterpret_cast<const Pack<kWidth, T>*>(ptr);
@@ -256,7 +273,7 @@ __device__ __forceinline__ Pack<kWidth, T> load_pack(const T* ptr) {
   return out;
 }
 
-template <int kWidth, typename T>
+template <int kWidth, typename T, CacheHint kHint = CacheHint::kNormal>
 __device__ __forceinline__ void store_pack(T* ptr, const Pack<kWidth, T>& in) {
   if constexpr (sizeof(Pack<kWidth, T>) == 16) {
     // Spelled out: in the block-per-row kernels nvcc 13 splits a plain uint4 store into four 32-bit STGs (seen in
@@ -265,9 +282,15 @@ __device__ __forceinline__ void store_pack(T* ptr, const Pack<kWidth, T>& in) {
     uint4 raw;
     memcpy(&raw, &in, 16);
 #ifdef __CUDA_ARCH__
-    asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};" ::"l"(ptr), "r"(raw.x), "r"(raw.y), "r"(raw.z),
-                 "r"(raw.w)
-                 : "memory");
+    if constexpr (kHint == CacheHint::kStreaming) {
+      asm volatile("st.global.cs.v4.b32 [%0], {%1, %2, %3, %4};" ::"l"(ptr), "r"(raw.x), "r"(raw.y), "r"(raw.z),
+                   "r"(raw.w)
+                   : "memory");
+    } else {
+      asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};" ::"l"(ptr), "r"(raw.x), "r"(raw.y), "r"(raw.z),
+                   "r"(raw.w)
+                   : "memory");
+    }
 #else  // the host emulation (tests/host/emulated_cuda.h)
     memcpy(ptr, &raw, 16);
 #endif
@@ -347,11 +370,11 @@ struct ClassData {
   Pack<W, T> x, t;
 };
 
-template <bool kWithTarget, int W, typename T>
+template <bool kWithTarget, int W, typename T, CacheHint kHint = CacheHint::kNormal>
 __device__ __forceinline__ ClassData<W, T> load_class_data(const T* x, const T* t, int64_t c) {
   ClassData<W, T> d;
-  d.x = load_pack<W>(x + c);
-  if constexpr (kWithTarget) d.t = load_pack<W>(t + c);
+  d.x = load_pack<W, T, kHint>(x + c);
+  if constexpr (kWithTarget) d.t = load_pack<W, T, kHint>(t + c);
   return d;
 }
 

@@ -84,15 +84,32 @@ RowsPlan plan_rows(const Problem& p, int64_t sms) {
   return plan;
 }
 
+int64_t l2_cache_bytes(const Problem& p) {
+  int bytes = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&bytes, cudaDevAttrL2CacheSize, p.logits.device().index()));
+  return bytes;
+}
+
 // The block-per-row fused forward reads a row a second time for its gradient. That read hits L2 while the rows in
 // flight fit in about half of it; beyond, the cluster kernel (one read, the row kept on chip) takes the rows its
 // clusters may hold (plan_rows_cluster).
 bool row_rereads_miss_l2(const Problem& p, int64_t sms) {
   if (p.C <= kWarpPerRowMaxClasses) return false;
-  int l2_bytes = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&l2_bytes, cudaDevAttrL2CacheSize, p.logits.device().index()));
   const int64_t rows_in_flight = std::min(p.positions(), sms * (kThreadsPerSm / BlockGroup::kMaxThreads));
-  return rows_in_flight * p.C * p.logits.element_size() > l2_bytes / 2;
+  return rows_in_flight * p.C * p.logits.element_size() > l2_cache_bytes(p) / 2;
+}
+
+// The L2-resident plan of the block-per-row fused forward (class indices), a tuning knob for the benchmarks that
+// FUSED_XENT_L2_RESIDENT_ROWS_PERCENT (1-100; 0 or unset: off) turns on. The grid holds at most that percent of L2
+// in rows (each block walks its share of them) and the gradient sweep marks its reads and stores evict-first
+// (CacheHint), so that a row's second read should find it in L2: 2L of traffic instead of the 3L of rows that
+// outgrow L2, at the price of fewer rows in flight. Not yet measured on a GPU.
+void plan_l2_resident_rows(const Problem& p, LaunchShape& shape) {
+  const int64_t percent = plan_setting("FUSED_XENT_L2_RESIDENT_ROWS_PERCENT", 0, 100);
+  if (percent == 0) return;
+  const int64_t rows_that_fit = l2_cache_bytes(p) * percent / 100 / (p.C * p.logits.element_size());
+  shape.grid = std::max<int64_t>(1, std::min(shape.grid, rows_that_fit));
+  shape.streaming_second_sweep = true;
 }
 
 LaunchShape plan_per_position(int64_t positions, int threads, int64_t sms) {
@@ -274,8 +291,9 @@ ForwardResult run_forward(const Problem& p, const at::Tensor& grad, bool want_ls
       }
     }
 
-    const RowsPlan plan = plan_rows(p, sms);
+    RowsPlan plan = plan_rows(p, sms);
     if (plan.shape.splits == 1) {
+      if (fused && !p.prob_target && !plan.warp_per_row) plan_l2_resident_rows(p, plan.shape);
       const bool weights_first = fused && p.reduction == kReductionMean && !p.prob_target;
       if (weights_first) total_weight_first();
       attach_partials(plan.shape.grid, need_total_weight && !p.prob_target && !weights_first);

@@ -3,9 +3,11 @@
 #pragma once
 
 #include <c10/cuda/CUDAException.h>
+#include <c10/util/Exception.h>
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <cstdlib>
 #include <utility>
 
 #include "cuda/xent_device.cuh"
@@ -33,11 +35,26 @@ constexpr int kPerPositionThreads = 256;
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// A tuning knob of the launch plans: the whole number from 0 to `most` in environment variable `name`, `fallback`
+// when it is unset or empty; anything else is an error that names the variable. Read at every plan, so that a
+// benchmark can time two plans in one process.
+inline int64_t plan_setting(const char* name, int64_t fallback, int64_t most) {
+  const char* setting = std::getenv(name);
+  if (setting == nullptr || *setting == '\0') return fallback;
+  char* end = nullptr;
+  const long long value = std::strtoll(setting, &end, 10);
+  TORCH_CHECK(*end == '\0' && value >= 0 && value <= most, "fused_xent: ", name, "=", setting,
+              " is not a whole number from 0 to ", most);
+  return value;
+}
+
 struct LaunchShape {
   int64_t grid = 1;        // thread blocks (kernels loop over their work items with a grid stride)
   int threads = 256;       // threads per block, a multiple of 32
   int64_t splits = 1;      // parts of one position's classes: blocks (rows, cluster) or threads (spatial)
   int64_t split_len = 0;   // classes per split
+  // Block-per-row fused forward: the gradient sweep's loads and stores hint L2 to evict them first (CacheHint).
+  bool streaming_second_sweep = false;
 };
 
 // Cuts C classes into at most `wanted` consecutive ranges of at least min_len classes each (one range if C is

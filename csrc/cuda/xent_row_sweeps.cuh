@@ -8,8 +8,8 @@ namespace fused_xent {
 namespace cuda {
 
 // dloss/dx of a valid position for classes [begin, end): write_row_grad's sweep, with 16-byte stores when
-// kVectorStores (g has x's address phase), else one element at a time.
-template <typename Group, bool kProb, bool kVectorStores, typename scalar_t>
+// kVectorStores (g has x's address phase), else one element at a time; kHint for its 16-byte loads and stores.
+template <typename Group, bool kProb, bool kVectorStores, CacheHint kHint, typename scalar_t>
 __device__ __forceinline__ void sweep_row_grad(const XentParams<scalar_t>& p, const scalar_t* x, const scalar_t* t,
                                                scalar_t* g, int64_t begin, int64_t end,
                                                const GradRow<acc_type<scalar_t>>& row) {
@@ -17,7 +17,9 @@ __device__ __forceinline__ void sweep_row_grad(const XentParams<scalar_t>& p, co
   const acc_t eps = p.label_smoothing;
   visit_classes<Group>(
       x, begin, end, p.vectorize,
-      [&](auto width, int64_t c) { return load_class_data<kProb, decltype(width)::value>(x, t, c); },
+      [&](auto width, int64_t c) {
+        return load_class_data<kProb, decltype(width)::value, scalar_t, kHint>(x, t, c);
+      },
       [&](auto width, int64_t c, const auto& in) {
         constexpr int W = decltype(width)::value;
         Pack<W, scalar_t> out;
@@ -32,7 +34,7 @@ __device__ __forceinline__ void sweep_row_grad(const XentParams<scalar_t>& p, co
           }
         }
         if constexpr (kVectorStores || W == 1) {
-          store_pack<W>(g + c, out);
+          store_pack<W, scalar_t, kHint>(g + c, out);
         } else {
 #pragma unroll
           for (int i = 0; i < W; ++i) store_pack<1>(g + c + i, Pack<1, scalar_t>{{out.v[i]}});
@@ -44,8 +46,9 @@ __device__ __forceinline__ void sweep_row_grad(const XentParams<scalar_t>& p, co
 // cluster kernel's on-chip copy of it (same address phase, so the same thread visits the same classes). x may alias
 // g (in-place forward): each element is read and then written by the same thread, and the caller has already read
 // x[target]. A g out of x's phase (!p.grad_in_phase) is written element by element, unless the caller knows it is
-// not (kGradInPhase); the fill of a position that is not valid visits g alone, aligned to g.
-template <typename Group, bool kProb, typename scalar_t, bool kGradInPhase = false>
+// not (kGradInPhase); the fill of a position that is not valid visits g alone, aligned to g. kHint: see CacheHint.
+template <typename Group, bool kProb, typename scalar_t, bool kGradInPhase = false,
+          CacheHint kHint = CacheHint::kNormal>
 __device__ __forceinline__ void write_row_grad(const XentParams<scalar_t>& p, const scalar_t* x, const scalar_t* t,
                                                scalar_t* g, int64_t begin, int64_t end,
                                                const GradRow<acc_type<scalar_t>>& row) {
@@ -62,9 +65,9 @@ __device__ __forceinline__ void write_row_grad(const XentParams<scalar_t>& p, co
           store_pack<W>(g + c, out);
         });
   } else if (kGradInPhase || p.grad_in_phase) {
-    sweep_row_grad<Group, kProb, true>(p, x, t, g, begin, end, row);
+    sweep_row_grad<Group, kProb, true, kHint>(p, x, t, g, begin, end, row);
   } else {
-    sweep_row_grad<Group, kProb, false>(p, x, t, g, begin, end, row);
+    sweep_row_grad<Group, kProb, false, kHint>(p, x, t, g, begin, end, row);
   }
 }
 

@@ -9,8 +9,13 @@ namespace fused_xent {
 namespace cuda {
 namespace {
 
-template <typename scalar_t, typename Group, bool kProb>
-__global__ void __launch_bounds__(Group::kMaxThreads) rows_forward_kernel(const XentParams<scalar_t> p) {
+// kSecondSweep: the cache hint of the gradient sweep (LaunchShape::streaming_second_sweep). The streaming variant is
+// built for two blocks per SM, where ptxas puts the plain one by itself (64 registers; a minimum of 0 blocks leaves
+// the choice to ptxas): left to choose, it took 93 registers in bfloat16, one block per SM, half the loads in flight
+// of a plan that already keeps fewer rows in flight.
+template <typename scalar_t, typename Group, bool kProb, CacheHint kSecondSweep = CacheHint::kNormal>
+__global__ void __launch_bounds__(Group::kMaxThreads, kSecondSweep == CacheHint::kStreaming ? 2 : 0)
+    rows_forward_kernel(const XentParams<scalar_t> p) {
   using acc_t = acc_type<scalar_t>;
   __shared__ RowStats<acc_t> smem[32];
   const int64_t positions = p.N * p.S;
@@ -39,7 +44,7 @@ __global__ void __launch_bounds__(Group::kMaxThreads) rows_forward_kernel(const 
       Group::sync();  // every read of this row happens before any write of its gradient (in-place aliasing)
       const auto row =
           forward_grad_row<kProb>(target, st, log_sum, weight_sum, eps, p.C, upstream_scale(p, pos.n, pos.s));
-      write_row_grad<Group, kProb>(p, x, t, p.grad + pos.offset, 0, p.C, row);
+      write_row_grad<Group, kProb, scalar_t, false, kSecondSweep>(p, x, t, p.grad + pos.offset, 0, p.C, row);
     }
   }
 
@@ -97,8 +102,11 @@ template <typename scalar_t>
 void launch_rows_forward(const XentParams<scalar_t>& p, bool warp_per_row, const LaunchShape& shape,
                          cudaStream_t stream) {
   const bool prob = p.target_prob != nullptr;
+  // The streaming variant is built for the one case its plan takes: block rows of class indices.
+  const bool streaming = shape.streaming_second_sweep && !warp_per_row && !prob;
   auto kernel = warp_per_row ? (prob ? rows_forward_kernel<scalar_t, WarpGroup, true>
                                      : rows_forward_kernel<scalar_t, WarpGroup, false>)
+                : streaming  ? rows_forward_kernel<scalar_t, BlockGroup, false, CacheHint::kStreaming>
                              : (prob ? rows_forward_kernel<scalar_t, BlockGroup, true>
                                      : rows_forward_kernel<scalar_t, BlockGroup, false>);
   launch_kernel(kernel, shape.grid, shape.threads, stream, p);

@@ -8,7 +8,6 @@
 #include <cooperative_groups.h>
 
 #include <algorithm>
-#include <cstdlib>
 #include <map>
 #include <mutex>
 #include <tuple>
@@ -31,18 +30,10 @@ constexpr int kClusterThreads = BlockGroup::kMaxThreads;
 // bfloat16 rows, but clusters of 3 and 6 blocks (128256 and 256000 classes) 30-40% slower than recompute (see
 // benchmarks/RESULTS.md), so those rows take the block-per-row kernel's two sweeps instead.
 constexpr int64_t kDefaultMaxClusterBlocks = 1;
-constexpr const char* kMaxClusterBlocksEnv = "FUSED_XENT_MAX_CLUSTER_BLOCKS";
 
-// The most blocks a cluster may have: FUSED_XENT_MAX_CLUSTER_BLOCKS (0 turns the cluster kernel off), read at every
-// plan so that a benchmark can compare the plans in one process.
+// The most blocks a cluster may have: FUSED_XENT_MAX_CLUSTER_BLOCKS (0 turns the cluster kernel off).
 int64_t max_cluster_blocks() {
-  const char* setting = std::getenv(kMaxClusterBlocksEnv);
-  if (setting == nullptr || *setting == '\0') return kDefaultMaxClusterBlocks;
-  char* end = nullptr;
-  const long long value = std::strtoll(setting, &end, 10);
-  TORCH_CHECK(*end == '\0' && value >= 0 && value <= kMaxClusterBlocks, "fused_xent: ", kMaxClusterBlocksEnv, "=",
-              setting, " is not a whole number from 0 to ", kMaxClusterBlocks);
-  return value;
+  return plan_setting("FUSED_XENT_MAX_CLUSTER_BLOCKS", kDefaultMaxClusterBlocks, kMaxClusterBlocks);
 }
 
 // Class-index targets, gradient in the logits' address phase. Each cluster takes positions cluster_index,

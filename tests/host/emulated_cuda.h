@@ -44,12 +44,13 @@ enum cudaDeviceAttr { cudaDevAttrMultiProcessorCount, cudaDevAttrL2CacheSize, cu
 
 // A small sm_80-like device: few multiprocessors, so that small test problems already take the plans meant for
 // few positions on a big GPU (rows and NCHW positions split across blocks and threads). FUSED_XENT_EMULATED_SMS
-// sets another count.
+// and FUSED_XENT_EMULATED_L2_BYTES set another multiprocessor count and L2 size.
 inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attribute, int) {
   const char* sms = std::getenv("FUSED_XENT_EMULATED_SMS");
+  const char* l2_bytes = std::getenv("FUSED_XENT_EMULATED_L2_BYTES");
   switch (attribute) {
     case cudaDevAttrMultiProcessorCount: *value = sms ? std::atoi(sms) : 2; break;
-    case cudaDevAttrL2CacheSize: *value = 40 << 20; break;
+    case cudaDevAttrL2CacheSize: *value = l2_bytes ? std::atoi(l2_bytes) : 40 << 20; break;
     case cudaDevAttrComputeCapabilityMajor: *value = 8; break;
   }
   return cudaSuccess;
@@ -203,13 +204,21 @@ T __shfl_down_sync(unsigned, T v, unsigned delta, int = 32) {
 }
 inline float __expf(float x) { return std::exp(x); }
 
-// kernel<<<grid, threads>>>(args...), refused where a GPU would refuse it; its blocks run one after another.
+// kernel<<<grid, threads>>>(args...), refused where a GPU would refuse it; its blocks run one after another. With
+// FUSED_XENT_EMULATED_LAUNCH_LOG set, each launch appends "<grid> <threads>" to that file, so that tests can see a
+// plan that changes only the launch shape.
 template <typename... Params, typename... Args>
 void emulated_launch(void (*kernel)(Params...), int64_t grid, int threads, Args&&... args) {
   using namespace fused_xent_emulation;
   if (grid < 1 || grid > 0x7fffffff || threads < kWarpSize || threads > 1024 || threads % kWarpSize != 0) {
     throw std::invalid_argument("invalid launch: grid " + std::to_string(grid) + ", " + std::to_string(threads) +
                                 " threads per block");
+  }
+  if (const char* log_path = std::getenv("FUSED_XENT_EMULATED_LAUNCH_LOG")) {
+    if (std::FILE* log = std::fopen(log_path, "a")) {
+      std::fprintf(log, "%lld %d\n", static_cast<long long>(grid), threads);
+      std::fclose(log);
+    }
   }
   Scheduler launch;
   launch.fibers.resize(threads);
