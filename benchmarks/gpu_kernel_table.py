@@ -11,6 +11,7 @@ a 256 MiB buffer before it, outside the timed region).
 
 import argparse
 import contextlib
+import functools
 import statistics
 from pathlib import Path
 from unittest import mock
@@ -32,8 +33,9 @@ def _variants(label, shape, element_size):
     that one run compares the plans: Triton's row statistics with their loads pipelined
     (triton_kernels.STATS_LOAD_STAGES); and, for rows longer than 96 KiB (the LLM vocabularies), the fused forward
     with thread-block clusters of up to 16 blocks (by default a cluster is one block, csrc/cuda/xent_rows_cluster.cu;
-    the setting changes the plan only for such rows) and the fused forward's L2-resident plan on both backends (rows
-    in flight held to half of L2, the gradient sweep streaming: FUSED_XENT_L2_RESIDENT_ROWS_PERCENT)."""
+    the setting changes the plan only for such rows) and, on the block-per-row shapes (not split across blocks), the
+    fused forward's L2-resident plan on both backends (rows in flight held to half of L2, and to all of it, the
+    gradient sweep streaming: FUSED_XENT_L2_RESIDENT_ROWS_PERCENT)."""
     if not label.startswith("rows"):
         return {}
     variants = {"fwd+bwd recompute, Triton loads pipelined": (
@@ -41,8 +43,11 @@ def _variants(label, shape, element_size):
     if shape[1] * element_size > 96 * 1024:
         variants["fwd+bwd in_forward, clusters <= 16"] = (
             ("cuda",), lambda: env_info.environment_variable("FUSED_XENT_MAX_CLUSTER_BLOCKS", "16"))
-        variants["fwd+bwd in_forward, rows in flight <= L2/2"] = (
-            ("cuda", "triton"), lambda: env_info.environment_variable("FUSED_XENT_L2_RESIDENT_ROWS_PERCENT", "50"))
+        if label.startswith("rows block"):
+            for share, percent in (("L2/2", "50"), ("L2", "100")):
+                variants[f"fwd+bwd in_forward, rows in flight <= {share}"] = (
+                    ("cuda", "triton"), functools.partial(
+                        env_info.environment_variable, "FUSED_XENT_L2_RESIDENT_ROWS_PERCENT", percent))
     return variants
 
 

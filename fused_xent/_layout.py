@@ -40,27 +40,26 @@ def may_overlap(t: torch.Tensor) -> bool:
     return False
 
 
-def shares_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Whether a and b may have an element in common: the same storage and intersecting address ranges (a
-    conservative test; interleaved views that share no element pass it too)."""
-    if a.numel() == 0 or b.numel() == 0 or a.is_meta or b.is_meta:
+def may_share_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether a and b may have an element in common: their address ranges intersect (a conservative test: views
+    that interleave without a common element pass it too; memory reached through another storage, e.g. a NumPy
+    view, is caught). False for tensors without memory of their own to compare: fake, meta, or a wrapper subclass
+    (DTensor and the like), for which the in-place ops' own check (csrc/common/xent_problem.h) remains."""
+    if not (_has_plain_memory(a) and _has_plain_memory(b)) or a.numel() == 0 or b.numel() == 0:
         return False
-    if a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
-        return False
-    a_begin, a_end = _byte_range(a)
-    b_begin, b_end = _byte_range(b)
+    a_begin, a_end = _address_range(a)
+    b_begin, b_end = _address_range(b)
     return a_begin < b_end and b_begin < a_end
 
 
-def _byte_range(t: torch.Tensor) -> tuple[int, int]:
-    """[first, last + 1) bytes of t's elements within its storage (negative strides included)."""
-    low = high = t.storage_offset()
-    for size, stride in zip(t.shape, t.stride(), strict=True):
-        if stride >= 0:
-            high += stride * (size - 1)
-        else:
-            low += stride * (size - 1)
-    return low * t.element_size(), (high + 1) * t.element_size()
+def _has_plain_memory(t: torch.Tensor) -> bool:
+    return type(t) in (torch.Tensor, torch.nn.Parameter) and not t.is_meta
+
+
+def _address_range(t: torch.Tensor) -> tuple[int, int]:
+    """[first, last + 1) addresses of t's elements (strides are never negative in PyTorch)."""
+    last = sum(stride * (size - 1) for size, stride in zip(t.shape, t.stride(), strict=True))
+    return t.data_ptr(), t.data_ptr() + (last + 1) * t.element_size()
 
 
 def _contiguous(logits: torch.Tensor) -> torch.Tensor:

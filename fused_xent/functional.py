@@ -11,7 +11,7 @@ from torch.nn import _reduction
 from torch.overrides import handle_torch_function, has_torch_function_variadic
 
 from . import _backends, reference
-from ._layout import kernel_logits, may_overlap, shares_memory
+from ._layout import kernel_logits, may_overlap, may_share_memory
 from ._ops import scale_unit_grad
 from ._validate import check_values, prepare, start_value_check
 from .reference import REDUCTION_MEAN, REDUCTION_NONE
@@ -242,8 +242,12 @@ def _loss_from_reference_ops(problem, loss_dtype):
     their verdict on the host, which vmap does not allow of its batched tensors: under vmap they read the plain
     tensors beneath (every batch entry at once), so a bad class raises there as in PyTorch."""
     if _vmap_active():
-        check_values(dataclasses.replace(problem, target=_functorch_unwrapped(problem.target),
-                                         weight=_functorch_unwrapped(problem.weight)), check_targets=True)
+        beneath = dataclasses.replace(problem, target=_functorch_unwrapped(problem.target),
+                                      weight=_functorch_unwrapped(problem.weight))
+        try:
+            check_values(beneath, check_targets=True)
+        except IndexError as error:
+            raise IndexError(f"{error}; under vmap, positions count the targets of all batch entries") from None
     else:
         check_values(problem, check_targets=True)
     loss = reference.cross_entropy_fwd(
@@ -307,13 +311,13 @@ def _grad_mode_to_run(grad_mode, input, weight, problem) -> str:
             "fused_xent.cross_entropy: grad_mode='inplace' needs logits that can be viewed as (N, C, S) without a "
             "copy and whose elements do not overlap (and of the dtype of the target, for probability targets)"
         )
-    if grad_mode == "inplace" and not torch.compiler.is_compiling():
+    if grad_mode == "inplace" and not torch.compiler.is_compiling():  # traced tensors have no memory to compare
         for name, tensor in (("weight", problem.weight), ("target", problem.target)):
-            if tensor is not None and shares_memory(problem.logits, tensor):
+            if tensor is not None and may_share_memory(problem.logits, tensor):
                 raise ValueError(
-                    f"fused_xent.cross_entropy: grad_mode='inplace' writes the gradient over the logits, but the "
-                    f"{name} shares memory with them and would be read after it was overwritten: pass "
-                    f"{name}.clone(), or use grad_mode='in_forward'"
+                    f"fused_xent.cross_entropy: grad_mode='inplace' writes the gradient over the logits while it "
+                    f"still reads the {name}, whose memory lies within theirs (it may be overwritten before it is "
+                    f"read): pass {name}.clone(), or use grad_mode='in_forward'"
                 )
     return grad_mode
 

@@ -209,7 +209,7 @@ def test_bad_values_under_vmap_raise_as_in_pytorch():
     t = torch.tensor([[0, 1, 2], [1, 9, 0]])
     with pytest.raises(RuntimeError):
         torch.vmap(F.cross_entropy)(x, t)
-    with pytest.raises(IndexError, match="target 9 at position 4 is out of range for 5 classes"):
+    with pytest.raises(IndexError, match="target 9 at position 4 is out of range for 5 classes.* all batch entries"):
         torch.vmap(fused_xent.cross_entropy)(x, t)
     with pytest.raises(IndexError, match="target 9 .* is out of range"):
         torch.func.jacrev(fused_xent.cross_entropy)(x[1], t[1])

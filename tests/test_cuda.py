@@ -213,13 +213,30 @@ def test_parity_of_clusters_of_several_blocks(shape, layout, dtype, monkeypatch)
     check_parity(shape, layout, dtype)
 
 
-@pytest.mark.parametrize("shape,layout,dtype", CLUSTER_CASES, ids=str)
+# Rows that take the block-per-row fused forward on an H200 and are many enough not to be split across blocks
+# (more than twice the 528 resident 512-thread blocks), so that FUSED_XENT_L2_RESIDENT_ROWS_PERCENT applies: one
+# row too long for a cluster of one block, one that starts mid-vector (clusters off).
+L2_RESIDENT_CASES = [
+    ((1100, 50257), "contiguous", torch.bfloat16),
+    ((1100, 9000), "offset", torch.float32),
+]
+
+
+@pytest.mark.parametrize("shape,layout,dtype", L2_RESIDENT_CASES, ids=str)
 @pytest.mark.cuda
 @needs_gpu
 def test_parity_of_the_l2_resident_plan(shape, layout, dtype, monkeypatch):
-    """The fused forward's L2-resident plan (FUSED_XENT_L2_RESIDENT_ROWS_PERCENT: fewer blocks, each walking many
-    rows, the gradient sweep streaming), at a share of L2 that leaves a few rows in flight."""
+    """The fused forward's L2-resident plan (fewer blocks, each walking many rows, the gradient sweep streaming) at
+    1% of L2, a few rows in flight: it is the kernel that runs, and its losses and gradients are PyTorch's."""
     monkeypatch.setenv("FUSED_XENT_L2_RESIDENT_ROWS_PERCENT", "1")
+    monkeypatch.setenv("FUSED_XENT_MAX_CLUSTER_BLOCKS", "0")
+    generator = torch.Generator().manual_seed(19)
+    x = make_logits(shape, layout, dtype, generator)
+    target = make_target(x, "index", -100, generator)
+    one = torch.ones((), device="cuda", dtype=dtype)
+    for grad_mode in ("in_forward", "inplace"):
+        kernels = launched_kernels(fused, x, target, one, grad_mode)
+        assert any("rows_forward_kernel" in name and "CacheHint)1" in name for name in kernels), kernels
     check_parity(shape, layout, dtype)
 
 
@@ -289,7 +306,7 @@ def test_cluster_kernel_serves_the_fused_forward_of_long_rows(shape, layout, dty
         kernels = launched_kernels(fused, x, target, one, "recompute")
         assert not any("rows_cluster_kernel" in name for name in kernels), kernels
     monkeypatch.setenv("FUSED_XENT_MAX_CLUSTER_BLOCKS", "17")
-    with pytest.raises(RuntimeError, match="FUSED_XENT_MAX_CLUSTER_BLOCKS=17 is not a whole number from 0 to 16"):
+    with pytest.raises(ValueError, match="FUSED_XENT_MAX_CLUSTER_BLOCKS=17 is not a whole number from 0 to 16"):
         fused(x, target, one, "in_forward")
 
 

@@ -16,6 +16,7 @@ from helpers import (
 )
 
 import fused_xent
+from fused_xent import _backends
 
 BACKENDS = backends_for("cpu")
 SHAPES = [
@@ -228,23 +229,33 @@ def test_inplace_refuses_leaves_and_overlapping_logits(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_inplace_refuses_a_weight_or_target_in_the_logits_memory(backend):
     """The inplace forward writes the gradient over the logits while later rows still read the weight and the
-    target: one that lives in the logits' memory would be read overwritten (a wrong loss, silently). Refused, as
-    PyTorch's in-place ops refuse an input that overlaps their output; the logits are left as they were."""
+    target: one that lives in the logits' memory would be read overwritten (a wrong loss, silently). Refused by the
+    front end, also for memory reached through another storage (a NumPy view), and by the in-place ops themselves
+    for a call the front end does not see; the logits are left as they were. A weight in the same buffer, outside
+    the logits' range, is accepted."""
     torch.manual_seed(12)
-    buffer = torch.randn(301, 300, requires_grad=True) * 1
+    buffer = torch.randn(302, 300, requires_grad=True) * 1
     logits = buffer[:300]
-    cases = {
-        "weight": dict(target=make_class_target((300,), 300), weight=buffer[0].detach()),
-        "target": dict(target=buffer[1:].detach(), reduction="sum"),
-    }
-    for name, arguments in cases.items():
+    numpy_view = torch.from_numpy(buffer.detach().numpy()[1])
+    cases = [
+        ("weight", dict(target=make_class_target((300,), 300), weight=buffer[0].detach())),
+        ("target", dict(target=buffer[1:301].detach(), reduction="sum")),
+        ("weight", dict(target=make_class_target((300,), 300), weight=numpy_view)),
+    ]
+    for name, arguments in cases:
         before = logits.detach().clone()
-        with pytest.raises(ValueError, match=f"the {name} shares memory with them"):
+        with pytest.raises(ValueError, match=f"still reads the {name}, whose memory lies within theirs"):
             fused_xent.cross_entropy(logits, backend=backend, grad_mode="inplace", **arguments)
         assert torch.equal(logits.detach(), before)
         fused_xent.cross_entropy(logits, backend=backend, grad_mode="in_forward", **arguments)
-    apart = {"target": make_class_target((300,), 300), "weight": buffer.detach()[300].clone()}
-    fused_xent.cross_entropy(logits, backend=backend, grad_mode="inplace", **apart)  # no memory in common
+    apart = {"target": make_class_target((300,), 300), "weight": buffer.detach()[301]}
+    fused_xent.cross_entropy(logits, backend=backend, grad_mode="inplace", **apart)
+
+    if backend in ("cpu", "cuda"):  # the compiled ops check the overlap themselves
+        op = _backends.backend_ops(backend).fwd_grad_
+        x, weight = logits.detach().unsqueeze(-1), buffer.detach()[0]
+        with pytest.raises(ValueError, match="the weight shares memory with them"):
+            op(x, make_class_target((300, 1), 300), weight, 1, -100, 0.1)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

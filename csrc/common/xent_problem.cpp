@@ -1,6 +1,9 @@
 #include "xent_problem.h"
 
 #include <ATen/ATen.h>
+#include <ATen/MemoryOverlap.h>
+
+#include <utility>
 
 #include "xent_math.h"
 
@@ -82,6 +85,19 @@ Problem make_problem(const at::Tensor& logits, const at::Tensor& target, const c
 
 at::Tensor empty_like_logits(const Problem& problem) {
   return at::empty_strided(problem.logits.sizes(), problem.logits.strides(), problem.logits.options());
+}
+
+void check_inputs_apart_from_logits(const Problem& problem) {
+  const std::pair<const char*, const at::Tensor*> inputs[] = {{"weight", &problem.weight},
+                                                               {"target", &problem.target}};
+  for (const auto& [name, input] : inputs) {
+    if (!input->defined()) continue;
+    const at::MemOverlapStatus overlap = at::get_overlap_status(problem.logits, *input);
+    TORCH_CHECK_VALUE(overlap != at::MemOverlapStatus::Full && overlap != at::MemOverlapStatus::Partial,
+                      "fused_xent: the in-place op writes the gradient over the logits, but the ", name,
+                      " shares memory with them and would be read after it was overwritten: pass ", name,
+                      ".clone(), or use the op that returns the gradient (grad_mode='in_forward')");
+  }
 }
 
 void copy_back(at::Tensor& logits, const at::Tensor& grad) {

@@ -42,6 +42,12 @@ at::Tensor empty_like_logits(const Problem& problem);
 // The loss output: (N, S) for reduction none, 0-d otherwise, in the accumulation dtype (see csrc/fused_xent.cpp).
 at::Tensor empty_loss(const Problem& problem);
 
+// The in-place ops write the gradient over problem.logits while they still read the weight and the target, so
+// neither may share memory with it: refused as PyTorch's in-place ops refuse an input that overlaps their output
+// (at::get_overlap_status). The Python front end checks first; this also holds for calls it does not see, such as
+// the op inside a graph that torch.compile built.
+void check_inputs_apart_from_logits(const Problem& problem);
+
 // The in-place ops' gradient, written into make_problem's copy of the logits, copied back into the caller's logits
 // (a no-op when the kernel wrote them directly).
 void copy_back(at::Tensor& logits, const at::Tensor& grad);

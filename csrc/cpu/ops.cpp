@@ -228,6 +228,7 @@ at::Tensor cross_entropy_fwd_grad_(at::Tensor& logits, const at::Tensor& target,
                                    const std::optional<at::Tensor>& weight, int64_t reduction, int64_t ignore_index,
                                    double label_smoothing) {
   const Problem problem = make_problem(logits, target, weight, reduction, ignore_index, label_smoothing);
+  check_inputs_apart_from_logits(problem);
   at::Tensor grad = problem.logits;
   at::Tensor loss = forward_with_grad(problem, grad);
   copy_back(logits, grad);  // make_problem copies logits it cannot read in place (e.g. column-major)

@@ -336,6 +336,7 @@ at::Tensor cross_entropy_fwd_grad_inplace_cuda(at::Tensor& logits, const at::Ten
                                                int64_t ignore_index, double label_smoothing) {
   const c10::cuda::CUDAGuard guard(logits.device());
   const Problem p = make_problem(logits, target, weight, reduction, ignore_index, label_smoothing);
+  check_inputs_apart_from_logits(p);
   // The kernels read everything a position needs (including x[target]) before overwriting it.
   ForwardResult out = run_forward(p, p.logits, /*want_lse=*/false);
   copy_back(logits, p.logits);  // make_problem copies logits it cannot stride through

@@ -35,16 +35,17 @@ constexpr int kPerPositionThreads = 256;
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// A tuning knob of the launch plans: the whole number from 0 to `most` in environment variable `name`, `fallback`
-// when it is unset or empty; anything else is an error that names the variable. Read at every plan, so that a
-// benchmark can time two plans in one process.
+// A tuning knob of the launch plans: the whole number from 0 to `most` (decimal digits only) in environment
+// variable `name`, `fallback` when it is unset or empty; anything else is a ValueError that names the variable, as
+// the Triton launchers raise. Read at every plan, so that a benchmark can time two plans in one process.
 inline int64_t plan_setting(const char* name, int64_t fallback, int64_t most) {
   const char* setting = std::getenv(name);
   if (setting == nullptr || *setting == '\0') return fallback;
-  char* end = nullptr;
-  const long long value = std::strtoll(setting, &end, 10);
-  TORCH_CHECK(*end == '\0' && value >= 0 && value <= most, "fused_xent: ", name, "=", setting,
-              " is not a whole number from 0 to ", most);
+  int64_t value = 0;
+  for (const char* digit = setting; *digit != '\0' && value <= most; ++digit) {
+    value = *digit >= '0' && *digit <= '9' ? value * 10 + (*digit - '0') : most + 1;
+  }
+  TORCH_CHECK_VALUE(value <= most, "fused_xent: ", name, "=", setting, " is not a whole number from 0 to ", most);
   return value;
 }
 

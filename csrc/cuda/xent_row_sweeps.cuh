@@ -62,7 +62,7 @@ __device__ __forceinline__ void write_row_grad(const XentParams<scalar_t>& p, co
           Pack<W, scalar_t> out;
 #pragma unroll
           for (int i = 0; i < W; ++i) out.v[i] = fill;
-          store_pack<W>(g + c, out);
+          store_pack<W, scalar_t, kHint>(g + c, out);
         });
   } else if (kGradInPhase || p.grad_in_phase) {
     sweep_row_grad<Group, kProb, true, kHint>(p, x, t, g, begin, end, row);
