@@ -316,8 +316,8 @@ def _grad_mode_to_run(grad_mode, input, weight, problem) -> str:
             if tensor is not None and may_share_memory(problem.logits, tensor):
                 raise ValueError(
                     f"fused_xent.cross_entropy: grad_mode='inplace' writes the gradient over the logits while it "
-                    f"still reads the {name}, whose memory lies within theirs (it may be overwritten before it is "
-                    f"read): pass {name}.clone(), or use grad_mode='in_forward'"
+                    f"still reads the {name}, whose memory range intersects theirs (it could be overwritten before "
+                    f"it is read): pass {name}.clone(), or use grad_mode='in_forward'"
                 )
     return grad_mode
 

@@ -36,7 +36,7 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from ._layout import kernel_logits
+from ._layout import kernel_logits, may_share_memory
 from ._triton_env import triton_interpreter_requested
 from .reference import REDUCTION_MEAN, REDUCTION_NONE, REDUCTION_SUM
 
@@ -922,7 +922,14 @@ def cross_entropy_fwd_grad(logits, target, weight, reduction, ignore_index, labe
 
 
 def cross_entropy_fwd_grad_(logits, target, weight, reduction, ignore_index, label_smoothing):
-    """-> loss; the gradient of cross_entropy_fwd_grad is written over `logits`."""
+    """-> loss; the gradient of cross_entropy_fwd_grad is written over `logits`, so neither the weight nor the
+    target may share memory with them (the compiled ops' check_inputs_apart_from_logits; here only where the tensors
+    have memory to compare, not on the fake tensors a torch.compile trace runs this on)."""
+    for name, tensor in (("weight", weight), ("target", target)):
+        if tensor is not None and may_share_memory(logits, tensor):
+            raise ValueError(f"fused_xent: the in-place op writes the gradient over the logits, but the {name}'s "
+                             "memory range intersects theirs (it could be read after it was overwritten): pass "
+                             f"{name}.clone(), or use the op that returns the gradient (grad_mode='in_forward')")
     p = _problem(logits, target, weight, reduction)
     loss = _forward_with_grad(p, p.logits, reduction, ignore_index, label_smoothing)
     if p.logits is not logits:  # the kernel worked on a dense copy

@@ -130,6 +130,26 @@ def test_plans_change_with_the_multiprocessor_count_results_do_not(ops, monkeypa
     torch.testing.assert_close(losses["4"], losses["1"], rtol=2e-6, atol=0)
 
 
+def test_in_place_op_refuses_inputs_in_the_logits_memory(ops):
+    """The CUDA in-place op (check_inputs_apart_from_logits) refuses a weight or target whose memory range
+    intersects the logits', through the same storage or another (a NumPy view), and leaves the logits as they were;
+    a weight in the same buffer past the logits is accepted."""
+    buffer = torch.randn(33, 40)
+    x = buffer[:32].unsqueeze(-1)
+    classes = torch.randint(0, 40, (32, 1))
+    for name, target, weight in [
+        ("weight", classes, buffer[0]),
+        ("weight", classes, torch.from_numpy(buffer.numpy()[5])),
+        ("target", buffer[1:33].unsqueeze(-1), None),
+    ]:
+        before = x.clone()
+        with pytest.raises(ValueError, match=f"the {name}'s memory range intersects theirs"):
+            ops.cross_entropy_fwd_grad_(x, target, weight, 1, -100, 0.1)
+        assert torch.equal(x, before)
+    expected = ops.cross_entropy_fwd(x.clone(), classes, buffer[32].clone(), 1, -100, 0.1)[0]
+    torch.testing.assert_close(ops.cross_entropy_fwd_grad_(x, classes, buffer[32], 1, -100, 0.1), expected)
+
+
 def launches(log):
     """(grid, threads) of each launch the emulation logged (FUSED_XENT_EMULATED_LAUNCH_LOG), then a fresh log."""
     shapes = [tuple(map(int, line.split())) for line in log.read_text().splitlines()] if log.exists() else []

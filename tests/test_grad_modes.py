@@ -244,7 +244,7 @@ def test_inplace_refuses_a_weight_or_target_in_the_logits_memory(backend):
     ]
     for name, arguments in cases:
         before = logits.detach().clone()
-        with pytest.raises(ValueError, match=f"still reads the {name}, whose memory lies within theirs"):
+        with pytest.raises(ValueError, match=f"still reads the {name}, whose memory range intersects theirs"):
             fused_xent.cross_entropy(logits, backend=backend, grad_mode="inplace", **arguments)
         assert torch.equal(logits.detach(), before)
         fused_xent.cross_entropy(logits, backend=backend, grad_mode="in_forward", **arguments)
@@ -253,9 +253,16 @@ def test_inplace_refuses_a_weight_or_target_in_the_logits_memory(backend):
 
     if backend in ("cpu", "cuda"):  # the compiled ops check the overlap themselves
         op = _backends.backend_ops(backend).fwd_grad_
-        x, weight = logits.detach().unsqueeze(-1), buffer.detach()[0]
-        with pytest.raises(ValueError, match="the weight shares memory with them"):
-            op(x, make_class_target((300, 1), 300), weight, 1, -100, 0.1)
+        x = logits.detach().unsqueeze(-1)
+        for name, target, weight in [
+            ("weight", make_class_target((300, 1), 300), buffer.detach()[0]),
+            ("weight", make_class_target((300, 1), 300), numpy_view),
+            ("target", buffer.detach()[1:301].unsqueeze(-1), None),
+        ]:
+            before = x.clone()
+            with pytest.raises(ValueError, match=f"the {name}'s memory range intersects theirs"):
+                op(x, target, weight, 1, -100, 0.1)
+            assert torch.equal(x, before)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -323,6 +323,9 @@ def test_l2_resident_plan_of_the_fused_forward(monkeypatch, dtype):
     ops.triton_cross_entropy_fwd_grad(*op_views(nchw, class_target(nchw)), None, 1, -100, 0.0)
     assert all(not l2_resident for name, _, l2_resident in launched if name == "_forward_kernel"), launched
 
+    monkeypatch.delenv(kernels.L2_RESIDENT_ROWS_ENV)
+    with pytest.raises(ValueError, match="the weight's memory range intersects theirs"):  # as the compiled ops
+        ops.triton_cross_entropy_fwd_grad_(overwritten, target_view, overwritten[0, :, 0], 1, 0, 0.1)
     for bad in ("101", "-1", "half", " 50", "+50", "99999999999999999999"):
         monkeypatch.setenv(kernels.L2_RESIDENT_ROWS_ENV, bad)
         with pytest.raises(ValueError, match=re.escape(f"ROWS_PERCENT={bad} is not a whole")):

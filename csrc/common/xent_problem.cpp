@@ -1,8 +1,8 @@
 #include "xent_problem.h"
 
 #include <ATen/ATen.h>
-#include <ATen/MemoryOverlap.h>
 
+#include <cstdint>
 #include <utility>
 
 #include "xent_math.h"
@@ -87,16 +87,29 @@ at::Tensor empty_like_logits(const Problem& problem) {
   return at::empty_strided(problem.logits.sizes(), problem.logits.strides(), problem.logits.options());
 }
 
+namespace {
+
+// [first, last + 1) addresses of t's elements (strides are never negative).
+std::pair<uintptr_t, uintptr_t> address_range(const at::Tensor& t) {
+  int64_t last = 0;
+  for (int64_t d = 0; d < t.dim(); ++d) last += (t.size(d) - 1) * t.stride(d);
+  const auto first = reinterpret_cast<uintptr_t>(t.data_ptr());
+  return {first, first + static_cast<uintptr_t>((last + 1) * t.element_size())};
+}
+
+}  // namespace
+
 void check_inputs_apart_from_logits(const Problem& problem) {
   const std::pair<const char*, const at::Tensor*> inputs[] = {{"weight", &problem.weight},
                                                                {"target", &problem.target}};
+  const auto [logits_begin, logits_end] = address_range(problem.logits);
   for (const auto& [name, input] : inputs) {
-    if (!input->defined()) continue;
-    const at::MemOverlapStatus overlap = at::get_overlap_status(problem.logits, *input);
-    TORCH_CHECK_VALUE(overlap != at::MemOverlapStatus::Full && overlap != at::MemOverlapStatus::Partial,
-                      "fused_xent: the in-place op writes the gradient over the logits, but the ", name,
-                      " shares memory with them and would be read after it was overwritten: pass ", name,
-                      ".clone(), or use the op that returns the gradient (grad_mode='in_forward')");
+    if (!input->defined() || input->numel() == 0 || problem.logits.numel() == 0) continue;
+    const auto [begin, end] = address_range(*input);
+    TORCH_CHECK_VALUE(end <= logits_begin || logits_end <= begin, "fused_xent: the in-place op writes the gradient ",
+                      "over the logits, but the ", name, "'s memory range intersects theirs (it could be read after ",
+                      "it was overwritten): pass ", name, ".clone(), or use the op that returns the gradient ",
+                      "(grad_mode='in_forward')");
   }
 }
 

@@ -43,9 +43,9 @@ at::Tensor empty_like_logits(const Problem& problem);
 at::Tensor empty_loss(const Problem& problem);
 
 // The in-place ops write the gradient over problem.logits while they still read the weight and the target, so
-// neither may share memory with it: refused as PyTorch's in-place ops refuse an input that overlaps their output
-// (at::get_overlap_status). The Python front end checks first; this also holds for calls it does not see, such as
-// the op inside a graph that torch.compile built.
+// neither may share memory with it: refused when their address ranges intersect (a conservative test, which also
+// sees memory reached through another storage, such as a NumPy view). The Python front end checks first; this also
+// holds for calls it does not see, such as the op inside a graph that torch.compile built.
 void check_inputs_apart_from_logits(const Problem& problem);
 
 // The in-place ops' gradient, written into make_problem's copy of the logits, copied back into the caller's logits
