@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 import fused_xent
+from fused_xent._backends import environment_settings
 
 THP_ENV = "THP_MEM_ALLOC_ENABLE"
 REPO = Path(__file__).resolve().parents[1]
@@ -109,6 +110,7 @@ def describe(device: str) -> dict[str, str]:
         "device": device_name(device),
         "torch": torch.__version__ + (f" (CUDA {torch.version.cuda})" if device == "cuda" else ""),
         "fused_xent": f"{fused_xent.__version__}, backends available: {', '.join(fused_xent.available_backends())}",
+        "fused_xent settings": environment_settings(),
         "commit": git_commit(),
         "threads": str(torch.get_num_threads()) if device == "cpu" else "n/a",
         "allocator": allocator_regime(device),

@@ -39,6 +39,7 @@ def main():
         _line(f"backend {name}", "available" if reason is None else f"unavailable: {reason}")
     _line("available backends", ", ".join(_backends.available_backends()))
     _line(_backends.BACKEND_ENV, os.environ.get(_backends.BACKEND_ENV, "(unset: auto)"))
+    _line("FUSED_XENT_* settings", _backends.environment_settings())
 
 
 if __name__ == "__main__":

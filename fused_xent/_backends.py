@@ -88,6 +88,13 @@ def _why_unavailable(name: str) -> str | None:
     raise AssertionError(f"not a backend: {name!r}")
 
 
+def environment_settings() -> str:
+    """The FUSED_XENT_* environment variables that are set, as NAME=value: what changes the kernels' behaviour or
+    plans, for bug reports and benchmark records."""
+    settings = [f"{name}={value}" for name, value in sorted(os.environ.items()) if name.startswith("FUSED_XENT_")]
+    return ", ".join(settings) or "(none set)"
+
+
 def available_backends() -> list[str]:
     """Backends that can run on this machine, fastest first, e.g. ["cpu", "torch"] without a GPU."""
     return [name for name in BACKEND_NAMES if _why_unavailable(name) is None]

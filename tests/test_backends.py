@@ -46,8 +46,15 @@ def test_environment_variable_forces_a_backend(monkeypatch):
 
 
 def test_environment_report():
-    out = subprocess.run([sys.executable, "-m", "fused_xent"], check=True, capture_output=True, text=True).stdout
-    assert "available backends" in out and "torch" in out
+    """`python -m fused_xent` says what can run, and which FUSED_XENT_* settings are in force."""
+    environment = {name: value for name, value in os.environ.items() if not name.startswith("FUSED_XENT_")}
+    out = subprocess.run([sys.executable, "-m", "fused_xent"], check=True, capture_output=True, text=True,
+                         env=environment).stdout
+    assert "available backends" in out and "torch" in out and "FUSED_XENT_* settings  (none set)" in out
+    environment.update(FUSED_XENT_CHECK_VALUES="0", FUSED_XENT_L2_RESIDENT_ROWS_PERCENT="50")
+    out = subprocess.run([sys.executable, "-m", "fused_xent"], check=True, capture_output=True, text=True,
+                         env=environment).stdout
+    assert "FUSED_XENT_CHECK_VALUES=0, FUSED_XENT_L2_RESIDENT_ROWS_PERCENT=50" in out
 
 
 @pytest.mark.skipif(_backends._triton_ops is not None, reason="Triton was set up at import (GPU or interpreter)")
