@@ -40,6 +40,15 @@ def may_overlap(t: torch.Tensor) -> bool:
     return False
 
 
+def input_in_logits_memory(logits: torch.Tensor, weight, target) -> str | None:
+    """"weight" or "target" when that input may share memory with the logits (may_share_memory), else None: what
+    an in-place forward, which writes over the logits while it still reads both, must refuse."""
+    for name, tensor in (("weight", weight), ("target", target)):
+        if tensor is not None and may_share_memory(logits, tensor):
+            return name
+    return None
+
+
 def may_share_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Whether a and b may have an element in common: their address ranges intersect (a conservative test: views
     that interleave without a common element pass it too; memory reached through another storage, e.g. a NumPy

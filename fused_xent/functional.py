@@ -11,7 +11,7 @@ from torch.nn import _reduction
 from torch.overrides import handle_torch_function, has_torch_function_variadic
 
 from . import _backends, reference
-from ._layout import kernel_logits, may_overlap, may_share_memory
+from ._layout import input_in_logits_memory, kernel_logits, may_overlap
 from ._ops import scale_unit_grad
 from ._validate import check_values, prepare, start_value_check
 from .reference import REDUCTION_MEAN, REDUCTION_NONE
@@ -311,14 +311,16 @@ def _grad_mode_to_run(grad_mode, input, weight, problem) -> str:
             "fused_xent.cross_entropy: grad_mode='inplace' needs logits that can be viewed as (N, C, S) without a "
             "copy and whose elements do not overlap (and of the dtype of the target, for probability targets)"
         )
-    if grad_mode == "inplace" and not torch.compiler.is_compiling():  # traced tensors have no memory to compare
-        for name, tensor in (("weight", problem.weight), ("target", problem.target)):
-            if tensor is not None and may_share_memory(problem.logits, tensor):
-                raise ValueError(
-                    f"fused_xent.cross_entropy: grad_mode='inplace' writes the gradient over the logits while it "
-                    f"still reads the {name}, whose memory range intersects theirs (it could be overwritten before "
-                    f"it is read): pass {name}.clone(), or use grad_mode='in_forward'"
-                )
+    # Here in the user's terms (the in-place ops check again); traced tensors have no memory to compare.
+    shared = None
+    if grad_mode == "inplace" and not torch.compiler.is_compiling():
+        shared = input_in_logits_memory(problem.logits, problem.weight, problem.target)
+    if shared is not None:
+        raise ValueError(
+            f"fused_xent.cross_entropy: grad_mode='inplace' writes the gradient over the logits while it still reads "
+            f"the {shared}, whose memory range intersects theirs (it could be overwritten before it is read): pass "
+            f"{shared}.clone(), or use grad_mode='in_forward'"
+        )
     return grad_mode
 
 

@@ -36,7 +36,7 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from ._layout import kernel_logits, may_share_memory
+from ._layout import input_in_logits_memory, kernel_logits
 from ._triton_env import triton_interpreter_requested
 from .reference import REDUCTION_MEAN, REDUCTION_NONE, REDUCTION_SUM
 
@@ -354,7 +354,8 @@ def _forward_kernel(logits_ptr, target_ptr, weight_ptr, weight_sum_ptr, total_we
     _reduce sums) and lse (_store_lse); with WRITE_GRAD, the gradient for grad_loss = 1 instead of lse
     (total_weight must then already hold the mean's denominator). A program takes one block of positions; with
     L2_RESIDENT (row layouts, the launcher's L2-resident plan) the grid is smaller and each program walks every
-    num_programs-th block, its gradient sweep streaming (_store_grad)."""
+    num_programs-th block, its gradient sweep streaming (_store_grad). The default keeps its loop-free body: the
+    code the H200 measured."""
     if L2_RESIDENT:
         for pid in range(tl.program_id(0), (num_positions - 1) // BLOCK_P + 1, tl.num_programs(0)):
             _forward_block(pid, logits_ptr, target_ptr, weight_ptr, weight_sum_ptr, total_weight_ptr, loss_ptr,
@@ -613,12 +614,16 @@ def multiprocessors(device: torch.device) -> int:
     """Streaming multiprocessors of a CUDA device; the interpreter's CPU counts as one."""
     if device.type != "cuda":
         return 1
-    return _cuda_multiprocessors(device.index if device.index is not None else torch.cuda.current_device())
+    return _cuda_properties(device).multi_processor_count
+
+
+def _cuda_properties(device: torch.device):
+    return _cuda_properties_of(device.index if device.index is not None else torch.cuda.current_device())
 
 
 @functools.cache
-def _cuda_multiprocessors(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
+def _cuda_properties_of(index: int):
+    return torch.cuda.get_device_properties(index)
 
 
 def check_device(device: torch.device) -> None:
@@ -810,12 +815,7 @@ def _l2_resident_programs(p: _Problem) -> int | None:
 def l2_cache_bytes(device: torch.device) -> int:
     if device.type != "cuda":
         return INTERPRETED_L2_BYTES
-    return _cuda_l2_cache_bytes(device.index if device.index is not None else torch.cuda.current_device())
-
-
-@functools.cache
-def _cuda_l2_cache_bytes(index: int) -> int:
-    return torch.cuda.get_device_properties(index).L2_cache_size
+    return _cuda_properties(device).L2_cache_size
 
 
 def _launch_split_forward(p, loss_buffer, lse, ignore_index, label_smoothing):
@@ -925,11 +925,11 @@ def cross_entropy_fwd_grad_(logits, target, weight, reduction, ignore_index, lab
     """-> loss; the gradient of cross_entropy_fwd_grad is written over `logits`, so neither the weight nor the
     target may share memory with them (the compiled ops' check_inputs_apart_from_logits; here only where the tensors
     have memory to compare, not on the fake tensors a torch.compile trace runs this on)."""
-    for name, tensor in (("weight", weight), ("target", target)):
-        if tensor is not None and may_share_memory(logits, tensor):
-            raise ValueError(f"fused_xent: the in-place op writes the gradient over the logits, but the {name}'s "
-                             "memory range intersects theirs (it could be read after it was overwritten): pass "
-                             f"{name}.clone(), or use the op that returns the gradient (grad_mode='in_forward')")
+    shared = input_in_logits_memory(logits, weight, target)
+    if shared is not None:
+        raise ValueError(f"fused_xent: the in-place op writes the gradient over the logits, but the {shared}'s memory "
+                         f"range intersects theirs (it could be read after it was overwritten): pass {shared}.clone(), "
+                         "or use the op that returns the gradient (grad_mode='in_forward')")
     p = _problem(logits, target, weight, reduction)
     loss = _forward_with_grad(p, p.logits, reduction, ignore_index, label_smoothing)
     if p.logits is not logits:  # the kernel worked on a dense copy
