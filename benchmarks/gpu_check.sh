@@ -11,7 +11,7 @@
 # Stages: env wheels build tests kernels bench sanitize (the default, in this order) and e2e (the end-to-end
 # training comparison on the GPU, run after kernels; not in the default set). GPU_CHECK_BUDGET_S (default 540) bounds
 # the whole run: before each timed stage, the time left is split among it and the selected stages still to come in
-# proportion to their caps (build 240 s, tests GPU_TESTS_CAP_S, kernels 75, e2e 150, bench 150, sanitize 90; see
+# proportion to their caps (build 240 s, tests GPU_TESTS_CAP_S, kernels 120, e2e 150, bench 150, sanitize 90; see
 # gpu_check_budget.sh), each at most its cap, so the stages never add up to more than the budget and time one leaves
 # unused goes to the later ones; a stage whose share is under 20 s is skipped. A stage stopped at its share gets
 # SIGINT first, so pytest still writes its report. Exit status: 0, or the first failing stage's (a stage stopped by

@@ -3,7 +3,7 @@
 # seconds) and STAGES (the selected stages).
 
 # Each timed stage's cap in seconds, which is also its weight when the budget is split (see allowance).
-declare -A CAP=([build]=240 [tests]=${GPU_TESTS_CAP_S:-180} [kernels]=75 [e2e]=150 [bench]=150 [sanitize]=90)
+declare -A CAP=([build]=240 [tests]=${GPU_TESTS_CAP_S:-180} [kernels]=120 [e2e]=150 [bench]=150 [sanitize]=90)
 STAGE_ORDER=(build tests kernels e2e bench sanitize)  # the order gpu_check.sh runs them in
 # Kept back from the stages: a capped stage may run 15 s past its SIGINT (see capped), then the summary and packing.
 RESERVE=30
