@@ -609,7 +609,8 @@ def test_position_block_of_a_spatial_size_just_below_2_pow_31(block_p):
 
 # The interpreter cannot be captured into a graph (torch.library.wrap_triton leaves interpreted kernels unwrapped),
 # so on CPU opcheck skips its aot_autograd test; on CUDA it runs them all.
-OPCHECK_UTILS = ("test_schema", "test_autograd_registration", "test_faketensor") if INTERPRETED else None
+OPCHECK_UTILS = ("test_schema", "test_autograd_registration", "test_faketensor") if INTERPRETED else (
+    "test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
 
 
 @needs_kernels

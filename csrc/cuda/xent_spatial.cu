@@ -1,18 +1,15 @@
 // One thread per position, looping over its C classes with any strides. Built for NCHW (position stride 1):
 // consecutive threads own consecutive positions, so every class step is a coalesced warp-wide load. Also used for
 // rows with very few classes (C <= 32, e.g. channels_last segmentation), where a thread's classes are contiguous
-// and neighbouring threads' rows share cache lines.
-//
-// One thread per position leaves little parallelism besides a thread's own loads to hide memory latency, so the
-// class loops take a chunk of up to 32 classes at a time and issue all of its loads before using any (a partial
-// last chunk is predicated, not looped): a segmentation position of 19 classes is one round trip to memory, 150
-// are five. (Chunks of 4-8 classes with single-class tails took 5-8 dependent round trips for 19 classes: the
-// H200 measured 1.9 TB/s for the float32 forward, 1.1 TB/s for bfloat16.) The next position's class index is
-// fetched a position ahead for the same reason: the loads of a position wait for its target (an ignored position is
-// not read).
+// and neighbouring threads' rows share cache lines. The class loops take a chunk of classes at a time (16 bytes of
+// logits: 4 fp32 or 8 bf16/fp16), issuing all of its loads before using them, so that each thread keeps several
+// loads in flight (one thread per position leaves little other parallelism to hide memory latency) and the online
+// softmax rescales once per chunk at most. Occupancy, not a thread's own loads, hides most of the latency here:
+// chunks of up to 32 classes, all loads issued before any use (one round trip for a 19-class position), took these
+// kernels from 40-48 registers to 64-124 and measured 20-100% slower on an H200 (2026-11-30, benchmarks/RESULTS.md).
 //
 // NCHW inputs with few positions and many classes (say (8, 32000, 512), vocabulary logits laid out as (N, C, T))
-// would leave most of the GPU idle and each thread walking all C classes one chunk at a time, so their classes are
+// would leave most of the GPU idle and each thread walking all C classes one latency at a time, so their classes are
 // cut into ranges and a thread takes one (position, range): the split statistics are merged per position by the
 // combine of xent_rows_split.cu, and the gradient kernel writes one range per thread.
 #include <c10/util/Exception.h>
@@ -25,37 +22,16 @@ namespace fused_xent {
 namespace cuda {
 namespace {
 
-// Classes per chunk: for the statistics, and for the gradient (whose loop also holds its store addresses and the
-// position's coefficients: at 32 classes it took 117 registers on sm_90, at 16 it takes 63). Probability targets
-// load a target per class as well; float64 takes two registers a value.
-template <typename scalar_t, bool kProb>
-constexpr int kStatsChunk = (kProb ? 16 : 32) / (sizeof(scalar_t) == 8 ? 2 : 1);
-template <typename scalar_t, bool kProb>
-constexpr int kGradChunk = kStatsChunk<scalar_t, kProb> / 2;
+template <typename scalar_t>
+constexpr int kClassChunk = sizeof(scalar_t) >= 4 ? 4 : 8;
 
-// Blocks per multiprocessor each kernel is built for (its __launch_bounds__). Left to itself, ptxas held some
-// variants to 64-80 registers and spilled (sm_90, nvcc 13): the hot ones (class indices, float32 and 16-bit) fit
-// these bounds without spilling; probability targets and float64 get all the registers they ask for instead.
-template <typename scalar_t, bool kProb>
-constexpr bool kHeavyPosition = kProb || sizeof(scalar_t) == 8;
-template <typename scalar_t, bool kProb, bool kGrad = false>
-constexpr int kStatsMinBlocks = kHeavyPosition<scalar_t, kProb> ? 1 : kGrad ? 2 : 3;
-template <typename scalar_t, bool kProb, bool kSplit>
-constexpr int kGradMinBlocks = kHeavyPosition<scalar_t, kProb> ? 1 : kSplit ? 3 : 4;
-
-// Calls body(c, width) for classes c .. c+width-1 of [begin, end): full chunks of kChunk, then one shorter chunk.
+// Calls body(std::integral_constant<int, W>{}, c) for classes c .. c+W-1 of [begin, end): chunks of kChunk, then
+// single classes.
 template <int kChunk, typename Body>
 __device__ __forceinline__ void for_class_chunks(int64_t begin, int64_t end, Body&& body) {
-  for (int64_t c = begin; c < end; c += kChunk) body(c, static_cast<int>(std::min<int64_t>(kChunk, end - c)));
-}
-
-// Classes c .. c+width-1 of x (class stride sc) into v[0 .. width-1], every load issued before any value is used;
-// v[width ..] = fill.
-template <int kChunk, typename scalar_t, typename acc_t>
-__device__ __forceinline__ void load_chunk(acc_t (&v)[kChunk], const scalar_t* x, int64_t sc, int64_t c, int width,
-                                           acc_t fill) {
-#pragma unroll
-  for (int i = 0; i < kChunk; ++i) v[i] = i < width ? static_cast<acc_t>(x[(c + i) * sc]) : fill;
+  int64_t c = begin;
+  for (; c + kChunk <= end; c += kChunk) body(std::integral_constant<int, kChunk>{}, c);
+  for (; c < end; ++c) body(std::integral_constant<int, 1>{}, c);
 }
 
 // One thread sums all the classes of its position (or range), so it takes them in blocks of kStatsBlock, each into
@@ -63,32 +39,18 @@ __device__ __forceinline__ void load_chunk(acc_t (&v)[kChunk], const scalar_t* x
 // its value, blocks of 256 keep it near float32 rounding. The merge costs two exps per block.
 constexpr int64_t kStatsBlock = 256;
 
-// Statistics of classes [begin, end) of one position: add_chunk(stats, c, width) adds classes c .. c+width-1.
-template <int kChunk, typename acc_t, typename AddChunk>
-__device__ __forceinline__ RowStats<acc_t> class_range_stats(int64_t begin, int64_t end, AddChunk&& add_chunk) {
-  static_assert(kStatsBlock % kChunk == 0, "a statistics block is whole chunks");
-  auto total = RowStats<acc_t>::empty();
+// Statistics of classes [begin, end) of one position: add_chunk(stats, width, c) adds classes c .. c+width-1.
+template <typename scalar_t, typename AddChunk>
+__device__ __forceinline__ RowStats<acc_type<scalar_t>> class_range_stats(int64_t begin, int64_t end,
+                                                                          AddChunk&& add_chunk) {
+  auto total = RowStats<acc_type<scalar_t>>::empty();
   for (int64_t block = begin; block < end; block += kStatsBlock) {
-    auto part = RowStats<acc_t>::empty();
-    for_class_chunks<kChunk>(block, std::min(block + kStatsBlock, end),
-                             [&](int64_t c, int width) { add_chunk(part, c, width); });
+    auto part = RowStats<acc_type<scalar_t>>::empty();
+    for_class_chunks<kClassChunk<scalar_t>>(block, std::min(block + kStatsBlock, end),
+                                            [&](auto width, int64_t c) { add_chunk(part, width, c); });
     total.merge(part);
   }
   return total;
-}
-
-// Adds logit chunk xs (padded with -inf, which adds exp(-inf) = 0) of classes c .. c+width-1 to part, with the
-// smoothing terms of class-index targets (weight_sum_terms) when asked.
-template <int kChunk, typename acc_t>
-__device__ __forceinline__ void add_index_chunk(RowStats<acc_t>& part, const acc_t (&xs)[kChunk], const acc_t* weight,
-                                                int64_t c, int width, bool smoothing) {
-  const acc_t m = part.add_logits(xs);
-  if (smoothing) {
-#pragma unroll
-    for (int i = 0; i < kChunk; ++i) {
-      if (i < width) part.add_term(class_weight(weight, c + i), xs[i], m);
-    }
-  }
 }
 
 // The gradient of classes [begin, end) of one position.
@@ -98,7 +60,6 @@ __device__ __forceinline__ void write_position_grad(const XentParams<scalar_t>& 
                                                     const GradRow<acc_type<scalar_t>>& row, int64_t begin,
                                                     int64_t end) {
   using acc_t = acc_type<scalar_t>;
-  constexpr int K = kGradChunk<scalar_t, kProb>;
   const int64_t sc = p.stride_c;
   if (row.kind != kTargetValid) {
     const auto fill = static_cast<scalar_t>(fill_value<acc_t>(row.kind));
@@ -108,14 +69,17 @@ __device__ __forceinline__ void write_position_grad(const XentParams<scalar_t>& 
   const acc_t eps = p.label_smoothing;
   // g may alias x (the in-place op), so the compiler cannot move a load above an earlier store: load the whole
   // chunk first, then store it. The same thread reads x[c] before writing g[c], which keeps aliasing safe.
-  for_class_chunks<K>(begin, end, [&](int64_t c, int width) {
-    acc_t xs[K];
-    [[maybe_unused]] acc_t ts[K];  // probability targets only
-    load_chunk(xs, x, sc, c, width, acc_t(0));
-    if constexpr (kProb) load_chunk(ts, t, sc, c, width, acc_t(0));
+  for_class_chunks<kClassChunk<scalar_t>>(begin, end, [&](auto width, int64_t c) {
+    constexpr int W = decltype(width)::value;
+    acc_t xs[W];
+    [[maybe_unused]] acc_t ts[W];  // probability targets only
 #pragma unroll
-    for (int i = 0; i < K; ++i) {
-      if (i >= width) break;
+    for (int i = 0; i < W; ++i) {
+      xs[i] = static_cast<acc_t>(x[(c + i) * sc]);
+      if constexpr (kProb) ts[i] = static_cast<acc_t>(t[(c + i) * sc]);
+    }
+#pragma unroll
+    for (int i = 0; i < W; ++i) {
       acc_t d;
       if constexpr (kProb) {
         d = prob_grad_at<acc_t>(row, p.weight, c + i, xs[i], ts[i], eps, p.C);
@@ -127,58 +91,43 @@ __device__ __forceinline__ void write_position_grad(const XentParams<scalar_t>& 
   });
 }
 
-// The class index of position r for the thread that takes it next, read a position ahead (see the top): -1 stands
-// in past the end, where nothing reads it.
-template <typename scalar_t>
-__device__ __forceinline__ int64_t prefetch_target(const XentParams<scalar_t>& p, int64_t r, int64_t positions) {
-  return r < positions ? p.target_index[r] : -1;
-}
-
-// kGrad: the fused forward, which also writes the gradient (p.grad). A compile-time choice: the gradient's live
-// values on top of the statistics' took the sm_90 kernel from 79 registers to 121, for every forward.
-template <typename scalar_t, bool kProb, bool kGrad>
-__global__ void __launch_bounds__(kPerPositionThreads, (kStatsMinBlocks<scalar_t, kProb, kGrad>))
-    spatial_forward_kernel(const XentParams<scalar_t> p) {
+template <typename scalar_t, bool kProb>
+__global__ void __launch_bounds__(kPerPositionThreads) spatial_forward_kernel(const XentParams<scalar_t> p) {
   using acc_t = acc_type<scalar_t>;
-  constexpr int K = kStatsChunk<scalar_t, kProb>;
   const int64_t positions = p.N * p.S;
   const int64_t sc = p.stride_c;
   const acc_t eps = p.label_smoothing;
   const bool smoothing = eps != acc_t(0);
   const acc_t weight_sum = weight_sum_or_count(p);
-  const int64_t stride = int64_t(gridDim.x) * blockDim.x;
   acc_t loss_acc = 0, weight_acc = 0;
 
-  int64_t r = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  [[maybe_unused]] int64_t y_next = kProb ? 0 : prefetch_target(p, r, positions);
-  for (; r < positions; r += stride) {
+  for (int64_t r = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; r < positions;
+       r += int64_t(gridDim.x) * blockDim.x) {
     const Position pos = locate(p, r);
     const scalar_t* x = p.logits + pos.offset;
     const scalar_t* t = kProb ? p.target_prob + pos.offset : nullptr;
     IndexTarget<acc_t> target{kTargetValid, 0, acc_t(0), acc_t(1)};
-    if constexpr (!kProb) {
-      target = read_index_target(p, y_next, x, sc);
-      y_next = prefetch_target(p, r + stride, positions);
-    }
+    if constexpr (!kProb) target = read_index_target(p, p.target_index[r], x, sc);
 
     // An ignored position is not read: its lse is that of no classes.
     auto st = RowStats<acc_t>::empty();
     if (kProb || target.kind != kTargetIgnored) {
-      st = class_range_stats<K, acc_t>(0, p.C, [&](RowStats<acc_t>& part, int64_t c, int width) {
-        acc_t xs[K];
-        load_chunk(xs, x, sc, c, width, neg_infinity<acc_t>());
-        if constexpr (kProb) {
-          acc_t ts[K];
-          load_chunk(ts, t, sc, c, width, acc_t(0));
-          const acc_t m = part.add_logits(xs);
+      st = class_range_stats<scalar_t>(0, p.C, [&](RowStats<acc_t>& part, auto width, int64_t c) {
+        constexpr int W = decltype(width)::value;
+        acc_t xs[W];
 #pragma unroll
-          for (int i = 0; i < K; ++i) {
-            if (i < width) {
-              part.add_term(class_weight(p.weight, c + i) * smoothed_probability<acc_t>(ts[i], eps, p.C), xs[i], m);
-            }
+        for (int i = 0; i < W; ++i) xs[i] = static_cast<acc_t>(x[(c + i) * sc]);
+        const acc_t m = part.add_logits(xs);
+        if constexpr (kProb) {
+#pragma unroll
+          for (int i = 0; i < W; ++i) {
+            part.add_term(class_weight(p.weight, c + i) *
+                              smoothed_probability<acc_t>(static_cast<acc_t>(t[(c + i) * sc]), eps, p.C),
+                          xs[i], m);
           }
-        } else {
-          add_index_chunk(part, xs, p.weight, c, width, smoothing);
+        } else if (smoothing) {
+#pragma unroll
+          for (int i = 0; i < W; ++i) part.add_term(class_weight(p.weight, c + i), xs[i], m);
         }
       });
     }
@@ -187,7 +136,7 @@ __global__ void __launch_bounds__(kPerPositionThreads, (kStatsMinBlocks<scalar_t
     const auto loss = position_loss<kProb>(target, st, log_sum, weight_sum, eps, p.C);
     record_position(p, r, st, log_sum, loss, loss_acc, weight_acc);
 
-    if constexpr (kGrad) {
+    if (p.grad) {
       const auto row =
           forward_grad_row<kProb>(target, st, log_sum, weight_sum, eps, p.C, upstream_scale(p, pos.n, pos.s));
       write_position_grad<scalar_t, kProb>(p, x, t, p.grad + pos.offset, row, 0, p.C);
@@ -199,11 +148,10 @@ __global__ void __launch_bounds__(kPerPositionThreads, (kStatsMinBlocks<scalar_t
 
 // Statistics of one class range of a position per thread (class-index targets), for the combine.
 template <typename scalar_t>
-__global__ void __launch_bounds__(kPerPositionThreads, (kStatsMinBlocks<scalar_t, false>))
+__global__ void __launch_bounds__(kPerPositionThreads)
     spatial_split_stats_kernel(const XentParams<scalar_t> p, int64_t splits, int64_t split_len,
                                RowStats<acc_type<scalar_t>>* split_stats) {
   using acc_t = acc_type<scalar_t>;
-  constexpr int K = kStatsChunk<scalar_t, false>;
   const int64_t positions = p.N * p.S;
   const int64_t items = positions * splits;
   const int64_t sc = p.stride_c;
@@ -216,10 +164,16 @@ __global__ void __launch_bounds__(kPerPositionThreads, (kStatsMinBlocks<scalar_t
     // An ignored position is not read: the combine finds the lse of no classes.
     const bool ignored = classify_target(p.target_index[work.position], p.ignore_index, p.C) == kTargetIgnored;
     const int64_t end = ignored ? work.begin : work.end;
-    const auto st = class_range_stats<K, acc_t>(work.begin, end, [&](RowStats<acc_t>& part, int64_t c, int width) {
-      acc_t xs[K];
-      load_chunk(xs, x, sc, c, width, neg_infinity<acc_t>());
-      add_index_chunk(part, xs, p.weight, c, width, smoothing);
+    const auto st = class_range_stats<scalar_t>(work.begin, end, [&](RowStats<acc_t>& part, auto width, int64_t c) {
+      constexpr int W = decltype(width)::value;
+      acc_t xs[W];
+#pragma unroll
+      for (int i = 0; i < W; ++i) xs[i] = static_cast<acc_t>(x[(c + i) * sc]);
+      const acc_t m = part.add_logits(xs);
+      if (smoothing) {
+#pragma unroll
+        for (int i = 0; i < W; ++i) part.add_term(class_weight(p.weight, c + i), xs[i], m);
+      }
     });
     split_stats[work.split * positions + work.position] = st;
   }
@@ -227,10 +181,9 @@ __global__ void __launch_bounds__(kPerPositionThreads, (kStatsMinBlocks<scalar_t
 
 // One thread per position, or with kSplit per (position, class range); probability targets always come with one
 // range (all C classes), since every gradient element needs the whole row's target sum. kSplit is a compile-time
-// choice: the split arithmetic took the sm_90 fp32 kernel from 40 to 46 registers, 5 blocks per SM instead of 6
-// (before the chunked class loops, which hold 63-64 registers either way).
+// choice: the split arithmetic took the sm_90 fp32 kernel from 40 to 46 registers, 5 blocks per SM instead of 6.
 template <typename scalar_t, bool kProb, bool kSplit>
-__global__ void __launch_bounds__(kPerPositionThreads, (kGradMinBlocks<scalar_t, kProb, kSplit>))
+__global__ void __launch_bounds__(kPerPositionThreads)
     spatial_grad_kernel(const XentParams<scalar_t> p, int64_t splits, int64_t split_len) {
   using acc_t = acc_type<scalar_t>;
   const int64_t positions = p.N * p.S;
@@ -239,13 +192,8 @@ __global__ void __launch_bounds__(kPerPositionThreads, (kGradMinBlocks<scalar_t,
   const acc_t eps = p.label_smoothing;
   const acc_t weight_sum = weight_sum_or_count(p);
 
-  const int64_t stride = int64_t(gridDim.x) * blockDim.x;
-  // The position of work item `item`, for the target read a position ahead.
-  const auto position_of = [&](int64_t item) { return kSplit ? item % positions : item; };
-
-  int64_t item = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  [[maybe_unused]] int64_t y_next = kProb || item >= items ? 0 : p.target_index[position_of(item)];
-  for (; item < items; item += stride) {
+  for (int64_t item = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; item < items;
+       item += int64_t(gridDim.x) * blockDim.x) {
     SplitItem work{item, 0, 0, p.C};
     if constexpr (kSplit) work = split_item(item, positions, split_len, p.C);
     const int64_t r = work.position;
@@ -256,24 +204,17 @@ __global__ void __launch_bounds__(kPerPositionThreads, (kGradMinBlocks<scalar_t,
 
     GradRow<acc_t> row{};
     if constexpr (kProb) {
-      constexpr int K = kStatsChunk<scalar_t, true>;
-      acc_t tsum = 0;  // in blocks, each summed in class order: the forward's statistics, bit for bit
+      acc_t tsum = 0;  // in blocks, as the forward's statistics
       for (int64_t block = 0; block < p.C; block += kStatsBlock) {
         acc_t part = 0;
-        for_class_chunks<K>(block, std::min(block + kStatsBlock, p.C), [&](int64_t c, int width) {
-          acc_t ts[K];
-          load_chunk(ts, t, sc, c, width, acc_t(0));
-#pragma unroll
-          for (int i = 0; i < K; ++i) {
-            if (i < width) part += class_weight(p.weight, c + i) * smoothed_probability<acc_t>(ts[i], eps, p.C);
-          }
-        });
+        for (int64_t c = block; c < std::min(block + kStatsBlock, p.C); ++c) {
+          part += class_weight(p.weight, c) * smoothed_probability<acc_t>(static_cast<acc_t>(t[c * sc]), eps, p.C);
+        }
         tsum += part;
       }
       row = prob_grad_row<acc_t>(saved.lse, scale, tsum);
     } else {
-      const int64_t y = y_next;
-      y_next = item + stride < items ? p.target_index[position_of(item + stride)] : 0;
+      const int64_t y = p.target_index[r];
       const int kind = classify_target(y, p.ignore_index, p.C);
       const acc_t weight_of_target = kind == kTargetValid ? class_weight(p.weight, y) : acc_t(0);
       row = index_grad_row<acc_t>(kind, y, weight_of_target, saved.lse, weight_sum, eps, p.C, scale);
@@ -287,10 +228,7 @@ __global__ void __launch_bounds__(kPerPositionThreads, (kGradMinBlocks<scalar_t,
 
 template <typename scalar_t>
 void launch_spatial_forward(const XentParams<scalar_t>& p, const LaunchShape& shape, cudaStream_t stream) {
-  const auto kernel = p.target_prob ? (p.grad ? spatial_forward_kernel<scalar_t, true, true>
-                                               : spatial_forward_kernel<scalar_t, true, false>)
-                     : p.grad     ? spatial_forward_kernel<scalar_t, false, true>
-                                  : spatial_forward_kernel<scalar_t, false, false>;
+  auto kernel = p.target_prob ? spatial_forward_kernel<scalar_t, true> : spatial_forward_kernel<scalar_t, false>;
   launch_kernel(kernel, shape.grid, shape.threads, stream, p);
 }
 
