@@ -34,8 +34,9 @@ def _variants(label, shape, element_size):
     (triton_kernels.STATS_LOAD_STAGES); and, for rows longer than 96 KiB (the LLM vocabularies), the fused forward
     with thread-block clusters of up to 16 blocks (by default a cluster is one block, csrc/cuda/xent_rows_cluster.cu;
     the setting changes the plan only for such rows) and, on the block-per-row shapes (not split across blocks), the
-    fused forward's L2-resident plan on both backends (rows in flight held to half of L2, and to all of it, the
-    gradient sweep streaming: FUSED_XENT_L2_RESIDENT_ROWS_PERCENT)."""
+    fused forward's L2-resident plan on both backends (rows in flight held to all of L2, and to four times it, which
+    leaves the grid of these shapes as it is: the gradient sweep's evict-first hints alone;
+    FUSED_XENT_L2_RESIDENT_ROWS_PERCENT)."""
     if not label.startswith("rows"):
         return {}
     variants = {"fwd+bwd recompute, Triton loads pipelined": (
@@ -44,7 +45,7 @@ def _variants(label, shape, element_size):
         variants["fwd+bwd in_forward, clusters <= 16"] = (
             ("cuda",), lambda: env_info.environment_variable("FUSED_XENT_MAX_CLUSTER_BLOCKS", "16"))
         if label.startswith("rows block"):
-            for share, percent in (("L2/2", "50"), ("L2", "100")):
+            for share, percent in (("L2", "100"), ("4 L2", "400")):
                 variants[f"fwd+bwd in_forward, rows in flight <= {share}"] = (
                     ("cuda", "triton"), functools.partial(
                         env_info.environment_variable, "FUSED_XENT_L2_RESIDENT_ROWS_PERCENT", percent))

@@ -289,9 +289,9 @@ def test_gpu_kernel_table_times_a_variant_under_its_plan_for_its_backend_only(mo
     assert variant[5] == rows[0][5]  # against eager's forward
     assert variants("rows block", (8192, 128256), 2).keys() == {
         "fwd+bwd recompute, Triton loads pipelined", "fwd+bwd in_forward, clusters <= 16",
-        "fwd+bwd in_forward, rows in flight <= L2/2", "fwd+bwd in_forward, rows in flight <= L2"}
+        "fwd+bwd in_forward, rows in flight <= L2", "fwd+bwd in_forward, rows in flight <= 4 L2"}
     assert "fwd+bwd in_forward, rows in flight <= L2" not in variants("rows split", (512, 256000), 2)
-    for share, percent in (("L2/2", "50"), ("L2", "100")):
+    for share, percent in (("L2", "100"), ("4 L2", "400")):
         with variants("rows block", (8192, 128256), 2)[f"fwd+bwd in_forward, rows in flight <= {share}"][1]():
             assert os.environ["FUSED_XENT_L2_RESIDENT_ROWS_PERCENT"] == percent
     assert variants("rows block", (4096, 32000), 2).keys() == {"fwd+bwd recompute, Triton loads pipelined"}
