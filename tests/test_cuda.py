@@ -227,8 +227,9 @@ L2_RESIDENT_CASES = [
 @needs_gpu
 def test_parity_of_the_l2_resident_plan(shape, layout, dtype, monkeypatch):
     """The fused forward's L2-resident plan (fewer blocks, each walking many rows, the gradient sweep streaming) at
-    1% of L2, a few rows in flight: it is the kernel that runs, and its losses and gradients are PyTorch's."""
-    monkeypatch.setenv("FUSED_XENT_L2_RESIDENT_ROWS_PERCENT", "1")
+    10% of L2 (on an H200, 60 rows of 50257 bfloat16 classes in flight; at 1%, six blocks, it had not finished when
+    the GPU check's test stage ended, twice): it is the kernel that runs, and its losses and gradients are PyTorch's."""
+    monkeypatch.setenv("FUSED_XENT_L2_RESIDENT_ROWS_PERCENT", "10")
     monkeypatch.setenv("FUSED_XENT_MAX_CLUSTER_BLOCKS", "0")
     generator = torch.Generator().manual_seed(19)
     x = make_logits(shape, layout, dtype, generator)

@@ -192,7 +192,7 @@ def test_l2_resident_plan_of_the_fused_forward(ops, monkeypatch, tmp_path, dtype
     ops.cross_entropy_fwd(x3, y3, w, 2, -100, 0.1)  # no gradient in the forward: the plain grid
     assert launches(log)[0] == (16, 256)
 
-    for bad in ("401", "-1", "half", " 50", "+50", "99999999999999999999"):
+    for bad in ("101", "-1", "half", " 50", "+50", "99999999999999999999"):
         monkeypatch.setenv("FUSED_XENT_L2_RESIDENT_ROWS_PERCENT", bad)
         with pytest.raises(ValueError, match=re.escape(f"ROWS_PERCENT={bad} is not a whole")):
             ops.cross_entropy_fwd_grad(x3, y3, w, 2, -100, 0.1)

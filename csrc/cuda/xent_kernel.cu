@@ -99,14 +99,15 @@ bool row_rereads_miss_l2(const Problem& p, int64_t sms) {
 }
 
 // The L2-resident plan of the block-per-row fused forward (class indices), a tuning knob for the benchmarks that
-// FUSED_XENT_L2_RESIDENT_ROWS_PERCENT (1-400; 0 or unset: off) turns on. The grid holds at most that percent of L2
+// FUSED_XENT_L2_RESIDENT_ROWS_PERCENT (1-100; 0 or unset: off) turns on. The grid holds at most that percent of L2
 // in rows (each block walks its share of them) and the gradient sweep marks its reads and stores evict-first
 // (CacheHint), so that a row's second read should find it in L2: 2L of traffic instead of the 3L of rows that
-// outgrow L2, at the price of fewer rows in flight. On an H200 (2026-11-30) 100% took 8192 x 128256 bf16 from 1.64
-// to 1.54 ms but 4096 x 256000 (fewer rows than SMs in flight) from 1.58 to 1.87; above 100% the cap binds less
-// (at 400% not at all on those shapes: the evict-first hints alone).
+// outgrow L2, at the price of fewer rows in flight. Off by default: on an H200 (2026-11-30) 100% took 8192 x 128256
+// bf16 in_forward from 1.64-1.70 to 1.54-1.56 ms, but 4096 x 256000 (fewer rows in L2 than SMs) from 1.58 to 1.87,
+// and the same 128256 rows half ignored from 1.11-1.17 to 1.21-1.23; the hints alone, without the cap, changed
+// nothing beyond noise.
 void plan_l2_resident_rows(const Problem& p, LaunchShape& shape) {
-  const int64_t percent = plan_setting("FUSED_XENT_L2_RESIDENT_ROWS_PERCENT", 0, 400);
+  const int64_t percent = plan_setting("FUSED_XENT_L2_RESIDENT_ROWS_PERCENT", 0, 100);
   if (percent == 0) return;
   const int64_t rows_that_fit = l2_cache_bytes(p) * percent / 100 / (p.C * p.logits.element_size());
   shape.grid = std::max<int64_t>(1, std::min(shape.grid, rows_that_fit));
