@@ -21,6 +21,7 @@ import bench  # noqa: E402
 import correctness  # noqa: E402  (benchmarks/ is a folder of scripts, not a package)
 import e2e  # noqa: E402
 import gpu_kernel_table  # noqa: E402
+import host_overhead  # noqa: E402
 import providers  # noqa: E402
 import report  # noqa: E402
 import runner  # noqa: E402
@@ -264,6 +265,30 @@ def test_gpu_kernel_table_runs_on_the_cpu_kernel():
     table = gpu_kernel_table.render(rows, backends, 3, "the CPU").splitlines()
     assert "vs eager on the CPU" in table[0] and len(table) == 4 + len(rows)  # title, blank, header, rule
     assert "| channels_last | 2x19x8x8 (channels_last) | bfloat16 | fwd+bwd inplace |" in table[-1]
+
+
+@needs_cpu_kernel
+def test_host_overhead_report_runs_on_the_cpu_kernel(tmp_path):
+    """benchmarks/host_overhead.py (run by gpu_check.sh on a GPU) times every call and phase it lists, and leaves the
+    front end as it found it (its phase timers wrap module functions and the autograd Function's apply)."""
+    import fused_xent.functional as functional
+
+    apply, prepare = functional.FusedCrossEntropyFunction.apply, functional.prepare
+    run = subprocess.run([sys.executable, str(BENCHMARKS / "host_overhead.py"), "--device", "cpu", "--shape", "16x40",
+                          "--dtype", "float32", "--repeats", "3", "--out", str(tmp_path)],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    report = (tmp_path / "host_overhead.md").read_text()
+    for row in ("| op fwd |", "| API in_forward fwd+bwd, checks off |", "| eager fwd+bwd |", "| prepare |",
+                "| apply |", "| start_value_check |", "| raise_if_failed |", "| ValueCheck, started and read |"):
+        assert row in report, report
+
+    phases = {}
+    with host_overhead.phase_timers(phases):
+        fused_xent.cross_entropy(torch.randn(4, 5, requires_grad=True), torch.tensor([0, 1, -100, 4]))
+    assert {"prepare", "apply", "start_value_check"} <= phases.keys()
+    assert functional.FusedCrossEntropyFunction.apply == apply and functional.prepare is prepare
+    assert "apply" not in functional.FusedCrossEntropyFunction.__dict__
 
 
 def test_gpu_kernel_table_times_a_variant_under_its_plan_for_its_backend_only(monkeypatch):
