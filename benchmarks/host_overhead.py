@@ -21,6 +21,7 @@ import torch.nn.functional as F
 import fused_xent
 import fused_xent._validate as validate
 import fused_xent.functional as functional
+import fused_xent.reference as reference
 from fused_xent._backends import backend_ops
 
 import env_info
@@ -56,8 +57,9 @@ class Probe:
 
 @contextlib.contextmanager
 def phase_timers(phases: dict[str, list[float]]):
-    """Host time of each front-end phase (PHASES, ValueCheck.raise_if_failed, the autograd Function), recorded into
-    `phases` while the block runs."""
+    """Host time of each front-end phase (PHASES, ValueCheck.raise_if_failed; the autograd Function's apply, and
+    within it its forward, and within that the cast of the loss to the logits' dtype), recorded into `phases` while
+    the block runs."""
 
     def timed(name, original):
         def wrapper(*args, **kwargs):
@@ -69,7 +71,8 @@ def phase_timers(phases: dict[str, list[float]]):
         return wrapper
 
     patches = [(functional, name) for name in PHASES]
-    patches += [(validate.ValueCheck, "raise_if_failed"), (functional.FusedCrossEntropyFunction, "apply")]
+    patches += [(validate.ValueCheck, "raise_if_failed"), (functional.FusedCrossEntropyFunction, "apply"),
+                (functional.FusedCrossEntropyFunction, "forward"), (reference, "cast")]
     # apply is inherited (a classmethod of autograd.Function): the wrapper, set on the class, calls it bound, and
     # deleting the wrapper brings it back.
     own = [(owner, name, owner.__dict__.get(name)) for owner, name in patches]

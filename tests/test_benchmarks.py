@@ -286,9 +286,10 @@ def test_host_overhead_report_runs_on_the_cpu_kernel(tmp_path):
     phases = {}
     with host_overhead.phase_timers(phases):
         fused_xent.cross_entropy(torch.randn(4, 5, requires_grad=True), torch.tensor([0, 1, -100, 4]))
-    assert {"prepare", "apply", "start_value_check"} <= phases.keys()
+    assert {"prepare", "apply", "forward", "start_value_check"} <= phases.keys()
     assert functional.FusedCrossEntropyFunction.apply == apply and functional.prepare is prepare
     assert "apply" not in functional.FusedCrossEntropyFunction.__dict__
+    assert isinstance(functional.FusedCrossEntropyFunction.__dict__["forward"], staticmethod)
 
 
 def test_gpu_kernel_table_times_a_variant_under_its_plan_for_its_backend_only(monkeypatch):
