@@ -5,9 +5,10 @@
 Each op of each GPU backend runs on rows with a warp per position, a block per position, rows split across blocks,
 a cluster per position, NCHW and channels_last positions, misaligned rows, probability targets, weights,
 smoothing, every reduction, and out-of-range class indices (which must give NaN without touching memory out of
-bounds). The sanitizer reports any out-of-bounds or misaligned access; this script only checks that the results
-are finite where they should be. `--device cpu` runs the same calls through the CPU kernel (which raises on
-out-of-range indices instead, so those are left out): a check of this script itself, without a GPU.
+bounds); so does the CUDA backend's value check. The sanitizer reports any out-of-bounds or misaligned access; this
+script only checks that the results are finite where they should be. `--device cpu` runs the same calls through
+the CPU kernel (which raises on out-of-range indices instead, so those are left out): a check of this script
+itself, without a GPU.
 """
 
 import argparse
@@ -84,6 +85,16 @@ def run_backend(ops, device):
             elif reduction == 0:
                 assert loss.view(-1)[1::7].isnan().all(), case
             calls += 4
+        if ops.name == "cuda":
+            # The front end's value check (csrc/cuda/xent_checks.cu): targets with and without bad classes, the
+            # weight with and without a NaN.
+            nan_weight = weight.clone()
+            nan_weight[-1] = float("nan")
+            for target, w in ((index_target, None), (bad_target, weight), (None, nan_weight)):
+                flags = torch.ops.fused_xent.value_check(target, w, -100, c)
+                torch.cuda.synchronize()
+                assert flags.tolist() == [int(target is bad_target), int(w is nan_weight)], case
+                calls += 1
     if device == "cuda":
         torch.cuda.synchronize()
     return calls

@@ -14,6 +14,7 @@ import contextlib
 import statistics
 import time
 from pathlib import Path
+from unittest import mock
 
 import torch
 import torch.nn.functional as F
@@ -123,7 +124,8 @@ def calls(x, target, backend):
 
 
 def value_check_ops(x, target):
-    """{label: fn}: the ops the default value check runs (fused_xent._validate.ValueCheck), one at a time."""
+    """{label: fn}: the value check (fused_xent._validate.ValueCheck) whole, and the ops it runs one at a time: on a
+    GPU the extension's one-kernel op, else (and for comparison) a handful of PyTorch ops."""
     flat = target.view(-1)
     filled = flat.masked_fill(flat == -100, 0)
     extrema = list(filled.aminmax())
@@ -143,6 +145,15 @@ def value_check_ops(x, target):
     }
     if summary.is_cuda:
         table["event, made and recorded"] = lambda: torch.cuda.Event().record()
+    kernel = validate.VALUE_CHECK_KERNELS.get(target.device.type)
+    if kernel is not None:
+        table["value_check op (one kernel, csrc/cuda/xent_checks.cu)"] = lambda: kernel(target, None, -100, x.shape[1])
+
+        def with_python_ops():
+            with mock.patch.dict(validate.VALUE_CHECK_KERNELS, clear=True):
+                validate.ValueCheck(problem, True).raise_if_failed()
+
+        table["ValueCheck with PyTorch ops instead"] = with_python_ops
     return table
 
 

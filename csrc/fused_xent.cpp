@@ -50,4 +50,8 @@ TORCH_LIBRARY(fused_xent, m) {
   m.def(fused_xent::kForwardGradSchema);
   // Same, writing the gradient over the logits (opt-in, for logits that nothing else reads afterwards).
   m.def(fused_xent::kForwardGradInplaceSchema);
+  // The front end's value check as one kernel, CUDA only (the CPU kernel checks its targets itself): int64 flags
+  // [a target neither ignore_index nor in [0, num_classes), a NaN in weight] in pinned host memory, valid once the
+  // current stream has passed the call. No fake kernel: the check is skipped while tracing.
+  m.def(fused_xent::kValueCheckSchema);
 }

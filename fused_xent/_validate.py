@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import _backends
 from .reference import REDUCTION_MEAN, REDUCTION_NONE, REDUCTION_SUM
 
 REDUCTIONS = {"none": REDUCTION_NONE, "mean": REDUCTION_MEAN, "sum": REDUCTION_SUM}
@@ -191,54 +192,88 @@ def value_checks_enabled() -> bool:
     return enabled
 
 
+# The check as one kernel of the compiled extension (csrc/cuda/xent_checks.cu), by device type: on a GPU one launch
+# and one copy instead of a handful of ops, each of which cost 14-17 us of host time on the H200 machine of
+# 2026-11-30 (benchmarks/RESULTS.md). It returns the verdict itself, flags [a bad class index, a NaN weight].
+VALUE_CHECK_KERNELS = {"cuda": torch.ops.fused_xent.value_check} if _backends.HAS_VALUE_CHECK_KERNEL else {}
+
+
+def _plain(tensor) -> bool:
+    """A tensor the compiled check may read directly: no subclass (fake tensors, DTensor), no torch.func wrapper."""
+    return tensor is None or (type(tensor) is torch.Tensor
+                              and not torch._C._functorch.is_functorch_wrapped_tensor(tensor))
+
+
 class ValueCheck:
     """The data-dependent checks of one call, computed on the logits' device: class indices in range (unless the
     kernel checks them itself) and no NaN weights. raise_if_failed() reads the verdict and raises what it found.
 
-    The device computes a few numbers (the least and greatest class index, ignore_index counted as class 0, and
-    whether the weight has a NaN: a handful of small ops, one pass over the targets) that the host judges. On a GPU
-    they are copied to pinned host memory behind an event, so a caller may queue the loss kernels first and read
-    them while the kernels run: the host then waits only for the check itself, and the GPU, busy with the kernels,
-    does not wait for the host (reading them at once would leave the GPU idle while the host goes on to launch the
-    kernels). Only kernels that meet a bad class index without reading or writing out of bounds (NaN instead) may be
-    queued ahead of the verdict, and none that writes over an input.
+    The device finds whether any class index is out of range (ignore_index aside) and whether the weight has a NaN:
+    one kernel of the extension on a GPU (VALUE_CHECK_KERNELS), elsewhere a handful of small ops giving the least and
+    greatest class index (ignore_index counted as class 0) for the host to judge. On a GPU the result is copied to
+    pinned host memory behind an event, so a caller may queue the loss kernels first and read it while the kernels
+    run: the host then waits only for the check itself, and the GPU, busy with the kernels, does not wait for the
+    host (reading it at once would leave the GPU idle while the host goes on to launch the kernels). Only kernels
+    that meet a bad class index without reading or writing out of bounds (NaN instead) may be queued ahead of the
+    verdict, and none that writes over an input. Where a check finds a bad class index, the host looks for the first
+    one (a sync, on the error path only) to name it.
     """
 
     def __init__(self, problem: Problem, check_targets: bool):
         self._problem = problem
         target = problem.target
         self._check_targets = check_targets and not problem.prob_target and target.numel() > 0
+        self._flags = self._summary = self._ready = None
+        checked_target = target if self._check_targets else None
+        if checked_target is None and problem.weight is None:
+            return
+        kernel = VALUE_CHECK_KERNELS.get(problem.logits.device.type)
+        if kernel is not None and _plain(checked_target) and _plain(problem.weight):
+            self._flags = kernel(checked_target, problem.weight, problem.ignore_index, problem.logits.shape[1])
+            if problem.logits.is_cuda:
+                self._ready = torch.cuda.Event()
+                self._ready.record(torch.cuda.current_stream(problem.logits.device))
+            return
         summary = []
         if self._check_targets:
             # Ignored positions count as class 0, which is in range whenever any class is (C = 0 is judged exactly).
             summary += target.masked_fill(target == problem.ignore_index, 0).aminmax()
         if problem.weight is not None:
             summary.append(torch.isnan(problem.weight).any().long())
-        self._summary = torch.stack(summary) if summary else None
-        self._ready = None
-        if self._summary is not None and self._summary.is_cuda:
+        self._summary = torch.stack(summary)
+        if self._summary.is_cuda:
             on_host = torch.empty(self._summary.shape, dtype=self._summary.dtype, pin_memory=True)
             on_host.copy_(self._summary, non_blocking=True)
             self._summary, self._ready = on_host, torch.cuda.Event()
             # On the stream the copy ran on: the logits' device's, which need not be the current device.
             self._ready.record(torch.cuda.current_stream(problem.logits.device))
 
-    def raise_if_failed(self):
-        if self._summary is None:
-            return
+    def _verdict(self) -> tuple[bool, bool]:
+        """(a class index may be out of range, the weight has a NaN)."""
         if self._ready is not None:
             self._ready.synchronize()
+        if self._flags is not None:
+            bad_target, nan_weight = self._flags.tolist()
+            return bool(bad_target), bool(nan_weight)
         summary = self._summary.tolist()
+        nan_weight = self._problem.weight is not None and bool(summary[-1])
+        num_classes = self._problem.logits.shape[1]
+        return self._check_targets and not (summary[0] >= 0 and summary[1] < num_classes), nan_weight
+
+    def raise_if_failed(self):
+        if self._flags is None and self._summary is None:
+            return
+        bad_target, nan_weight = self._verdict()
         problem = self._problem
-        if problem.weight is not None and summary[-1]:
+        if nan_weight:
             # A weight batched by vmap (its plain tensor, see functional.py) has more dimensions: no class to name.
             nan_classes = torch.isnan(problem.weight).nonzero()
             where = f" (first at class {int(nan_classes[0])})" if problem.weight.dim() == 1 else ""
             _fail(f"weight contains NaN{where}, which would make the loss NaN: check how the weights are computed, "
                   "e.g. a division by a zero class count")
-        num_classes = problem.logits.shape[1]
-        if not self._check_targets or (summary[0] >= 0 and summary[1] < num_classes):
+        if not bad_target:
             return
+        num_classes = problem.logits.shape[1]
         target = problem.target.flatten()
         invalid = ((target < 0) | (target >= num_classes)) & (target != problem.ignore_index)
         if not bool(invalid.any()):

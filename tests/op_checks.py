@@ -1,6 +1,6 @@
 """The four ops of a fused_xent kernel library called directly, against F.cross_entropy computed in float64: shared by
 the CPU kernel's tests (tests/test_cpu_ops.py) and those of the CUDA kernels' host emulation
-(tests/test_cuda_emulated.py)."""
+(tests/test_cuda_emulated.py); and the cases of the CUDA value check op (there and in tests/test_cuda.py)."""
 
 import pytest
 import torch
@@ -85,3 +85,35 @@ def check_all_ops(ops, x, y, weight=None, reduction="mean", ignore_index=-100, s
     grad_b = ops.cross_entropy_bwd(grad_loss, x3, y3, w, lse, total_weight, red, ignore_index, smoothing)
     assert grad_b.dtype == dtype and grad_b.stride() == x3.stride()
     assert_grad_close(grad_b.reshape(x.shape), ref_grad * scale, dtype, "backward gradient")
+
+
+def value_check_cases(device):
+    """(target or None, weight or None, ignore_index, num_classes, expected flags) for the value_check op: class
+    indices in int64 and uint8, ignore_index below, inside and above the classes, a bad index at a random place (one
+    or many), targets long enough for every block of the grid to loop, no classes at all, and weights of every
+    dtype with and without a NaN."""
+    generator = torch.Generator().manual_seed(7)
+    cases = []
+    for count, classes, ignore_index in ((1, 5, -100), (1000, 19, 255), (300_000, 50, -100), (4099, 7, 3),
+                                          (10, 0, -100)):
+        target = torch.randint(0, max(classes, 1), (count,), generator=generator)
+        target[torch.rand(count, generator=generator) < 0.3] = ignore_index
+        if classes == 0:
+            target.fill_(ignore_index)
+        cases.append((target, None, ignore_index, classes, [0, 0]))
+        for bad in (-1, classes, -101, 1 << 40):
+            wrong = target.clone()
+            wrong[int(torch.randint(0, count, (), generator=generator))] = bad
+            cases.append((wrong, None, ignore_index, classes, [int(bad != ignore_index), 0]))
+    every_other = torch.randint(0, 10, (5000,), generator=generator)
+    every_other[::2] = 10
+    cases.append((every_other, None, -100, 10, [1, 0]))
+    small = torch.randint(0, 200, (777,), generator=generator, dtype=torch.uint8)
+    cases += [(small, None, 255, 200, [0, 0]), (small, None, 255, 150, [int(bool((small >= 150).any())), 0])]
+    for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
+        weight = torch.rand(1000, generator=generator).to(dtype)
+        cases += [(None, weight, -100, 1000, [0, 0]), (cases[0][0], weight, -100, 5, [0, 0])]
+        with_nan = weight.clone()
+        with_nan[int(torch.randint(0, 1000, (), generator=generator))] = float("nan")
+        cases += [(None, with_nan, -100, 1000, [0, 1]), (cases[1][0], with_nan, -100, 5, [1, 1])]
+    return [(t if t is None else t.to(device), w if w is None else w.to(device), i, c, e) for t, w, i, c, e in cases]

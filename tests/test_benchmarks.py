@@ -268,7 +268,7 @@ def test_gpu_kernel_table_runs_on_the_cpu_kernel():
 
 
 @needs_cpu_kernel
-def test_host_overhead_report_runs_on_the_cpu_kernel(tmp_path):
+def test_host_overhead_report_runs_on_the_cpu_kernel(tmp_path, monkeypatch):
     """benchmarks/host_overhead.py (run by gpu_check.sh on a GPU) times every call and phase it lists, and leaves the
     front end as it found it (its phase timers wrap module functions and the autograd Function's apply)."""
     import fused_xent.functional as functional
@@ -290,6 +290,19 @@ def test_host_overhead_report_runs_on_the_cpu_kernel(tmp_path):
     assert functional.FusedCrossEntropyFunction.apply == apply and functional.prepare is prepare
     assert "apply" not in functional.FusedCrossEntropyFunction.__dict__
     assert isinstance(functional.FusedCrossEntropyFunction.__dict__["forward"], staticmethod)
+
+    # Where the extension's one-kernel check serves the device (a GPU), its op and the PyTorch ops it replaces are
+    # both timed: here a stand-in kernel serving the CPU.
+    import fused_xent._validate as validate
+
+    monkeypatch.setitem(validate.VALUE_CHECK_KERNELS, "cpu", lambda *args: torch.zeros(2, dtype=torch.long))
+    x, target = torch.randn(8, 5), torch.tensor([0, 1, -100, 4, 2, 2, 3, 0])
+    timed = host_overhead.value_check_ops(x, target)
+    assert "ValueCheck with PyTorch ops instead" in timed
+    assert "value_check op (one kernel, csrc/cuda/xent_checks.cu)" in timed
+    for fn in timed.values():
+        fn()
+    assert "cpu" in validate.VALUE_CHECK_KERNELS  # the stand-in is back after the PyTorch-ops timing
 
 
 def test_gpu_kernel_table_times_a_variant_under_its_plan_for_its_backend_only(monkeypatch):

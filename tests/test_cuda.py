@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from helpers import assert_close, assert_grad_close, differentiable_copy, expected_lse, poison_cuda_cache
 from helpers import torch_reference as reference
+from op_checks import value_check_cases
 
 import fused_xent
 
@@ -36,7 +37,8 @@ def _extension_path():
 
 
 def test_cuda_kernel_registered():
-    """Needs no GPU: a CUDA build of the extension registers all four ops for the CUDA dispatch key."""
+    """Needs no GPU: a CUDA build of the extension registers its ops (the four of the loss and the value check) for
+    the CUDA dispatch key."""
     if torch.version.cuda is None:
         pytest.skip("torch is a CPU-only build")
     path = _extension_path()
@@ -47,8 +49,21 @@ def test_cuda_kernel_registered():
         built_with_cuda = b"cudaLaunchKernel" in library.read()
     if not built_with_cuda and os.environ.get("FUSED_XENT_CUDA") != "1":
         pytest.skip("the extension was built without CUDA (FUSED_XENT_CUDA=1 forces it)")
-    for op in OPS:
+    for op in (*OPS, "value_check"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"fused_xent::{op}", "CUDA"), op
+
+
+@pytest.mark.cuda
+@needs_gpu
+def test_value_check_kernel():
+    """The front end's value check as one kernel (csrc/cuda/xent_checks.cu): flags [a bad class index, a NaN weight]
+    in pinned host memory, right on every case once the stream has passed the call."""
+    for target, weight, ignore_index, classes, expected in value_check_cases("cuda"):
+        flags = torch.ops.fused_xent.value_check(target, weight, ignore_index, classes)
+        assert flags.device.type == "cpu" and flags.is_pinned()
+        torch.cuda.current_stream().synchronize()
+        assert flags.tolist() == expected, (None if target is None else (target.dtype, target.numel()), ignore_index,
+                                            classes)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ import pytest
 import torch
 from emulated_kernels import CASES
 from helpers import make_class_target, make_logits, make_prob_target
-from op_checks import as_ncs, check_all_ops, reference
+from op_checks import as_ncs, check_all_ops, reference, value_check_cases
 
 
 @pytest.fixture(scope="module")
@@ -244,3 +244,42 @@ def test_no_access_outside_tensors_under_address_sanitizer():
     script = os.path.join(os.path.dirname(__file__), "emulated_memcheck.py")
     run = subprocess.run([sys.executable, script], env=env, capture_output=True, text=True, timeout=900)
     assert run.returncode == 0 and "no AddressSanitizer report" in run.stdout, run.stdout[-2000:] + run.stderr[-4000:]
+
+
+def test_value_check_kernel(ops):
+    """csrc/cuda/xent_checks.cu: flags [a class index neither ignore_index nor in range, a NaN weight] on every case,
+    long targets looping over the whole grid included."""
+    for target, weight, ignore_index, classes, expected in value_check_cases("cpu"):
+        assert ops.value_check(target, weight, ignore_index, classes).tolist() == expected, (
+            None if target is None else (target.dtype, target.numel()), weight is not None and weight.dtype,
+            ignore_index, classes)
+
+
+def test_front_end_reads_the_value_check_kernel(ops, monkeypatch):
+    """fused_xent._validate.ValueCheck with the kernel serving CPU tensors (as it serves CUDA tensors on a GPU): it is
+    what runs for plain tensors, and its verdict gives PyTorch's loss, the IndexError that names the first bad
+    target, and the NaN-weight error."""
+    import fused_xent
+    import fused_xent._validate as validate
+
+    calls = []
+
+    def kernel(*args):
+        calls.append(args)
+        return ops.value_check(*args)
+
+    monkeypatch.setitem(validate.VALUE_CHECK_KERNELS, "cpu", kernel)
+    x = torch.randn(64, 7, dtype=torch.float64)
+    target = torch.randint(0, 7, (64,))
+    target[::5] = -100
+    weight = torch.rand(7, dtype=torch.float64) + 0.5
+    loss = fused_xent.cross_entropy(x, target, weight, backend="torch")
+    torch.testing.assert_close(loss, torch.nn.functional.cross_entropy(x, target, weight))
+    assert len(calls) == 1 and calls[0][2:] == (-100, 7)
+    target[17] = 7
+    with pytest.raises(IndexError, match="target 7 at position 17 is out of range for 7 classes"):
+        fused_xent.cross_entropy(x, target, backend="torch")
+    weight[3] = float("nan")
+    with pytest.raises(ValueError, match=r"weight contains NaN \(first at class 3\)"):
+        fused_xent.cross_entropy(x, target.clamp(0, 6), weight, backend="torch")
+    assert len(calls) == 3

@@ -1,5 +1,6 @@
-// The schemas of the four cross-entropy ops (what each argument and output holds: csrc/fused_xent.cpp), shared with
-// the host emulation of the CUDA kernels (tests/host/emulated_ops.cpp), which defines them in a library of its own.
+// The schemas of the four cross-entropy ops and of the value check (what each argument and output holds:
+// csrc/fused_xent.cpp), shared with the host emulation of the CUDA kernels (tests/host/emulated_ops.cpp), which
+// defines them in a library of its own.
 #pragma once
 
 namespace fused_xent {
@@ -16,5 +17,9 @@ inline constexpr const char* kForwardGradSchema =
 inline constexpr const char* kForwardGradInplaceSchema =
     "cross_entropy_fwd_grad_(Tensor(a!) logits, Tensor target, Tensor? weight, int reduction, "
     "int ignore_index, float label_smoothing) -> Tensor loss";
+// The front end's value check on a GPU (csrc/cuda/xent_checks.cu): flags [a class index out of range, a NaN weight],
+// int64 in pinned host memory, written by a copy queued behind the check's kernel.
+inline constexpr const char* kValueCheckSchema =
+    "value_check(Tensor? target, Tensor? weight, int ignore_index, int num_classes) -> Tensor";
 
 }  // namespace fused_xent

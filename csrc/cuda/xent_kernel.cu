@@ -1,6 +1,6 @@
 // CUDA implementations of the fused_xent ops (declared in csrc/fused_xent.cpp): argument handling, launch planning
 // and registration. The kernels are in xent_rows.cu, xent_rows_split.cu, xent_rows_cluster.cu, xent_spatial.cu and
-// xent_reduce.cu.
+// xent_reduce.cu; the front end's value check, an op of its own, is in xent_checks.cu.
 //
 // No op synchronizes with the host. Class indices outside [0, C) (other than ignore_index) are the front end's to
 // reject; the kernels turn them into NaN losses and gradients instead of faulting (see xent_device.cuh).
@@ -398,14 +398,6 @@ at::Tensor cross_entropy_bwd_cuda(const at::Tensor& grad_loss, const at::Tensor&
 }  // namespace cuda
 }  // namespace fused_xent
 
-#ifdef FUSED_XENT_HOST_EMULATION
-// The host emulation (tests/host/emulated_cuda.h) serves CPU tensors as a library of its own, beside the extension.
-#define FUSED_XENT_CUDA_LIBRARY fused_xent_emulated
-#define FUSED_XENT_CUDA_KEY CPU
-#else
-#define FUSED_XENT_CUDA_LIBRARY fused_xent
-#define FUSED_XENT_CUDA_KEY CUDA
-#endif
 TORCH_LIBRARY_IMPL(FUSED_XENT_CUDA_LIBRARY, FUSED_XENT_CUDA_KEY, m) {
   m.impl("cross_entropy_fwd", &fused_xent::cuda::cross_entropy_fwd_cuda);
   m.impl("cross_entropy_bwd", &fused_xent::cuda::cross_entropy_bwd_cuda);

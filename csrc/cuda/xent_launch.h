@@ -12,6 +12,16 @@
 
 #include "cuda/xent_device.cuh"
 
+// The library and dispatch key the CUDA ops register under (TORCH_LIBRARY_IMPL). The host emulation
+// (tests/host/emulated_cuda.h) serves CPU tensors as a library of its own, beside the extension.
+#ifdef FUSED_XENT_HOST_EMULATION
+#define FUSED_XENT_CUDA_LIBRARY fused_xent_emulated
+#define FUSED_XENT_CUDA_KEY CPU
+#else
+#define FUSED_XENT_CUDA_LIBRARY fused_xent
+#define FUSED_XENT_CUDA_KEY CUDA
+#endif
+
 namespace fused_xent {
 namespace cuda {
 

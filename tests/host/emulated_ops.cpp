@@ -13,6 +13,7 @@ TORCH_LIBRARY(fused_xent_emulated, m) {
   m.def(fused_xent::kBackwardSchema);
   m.def(fused_xent::kForwardGradSchema);
   m.def(fused_xent::kForwardGradInplaceSchema);
+  m.def(fused_xent::kValueCheckSchema);
 }
 
 namespace fused_xent {
