@@ -11,10 +11,8 @@ a 256 MiB buffer before it, outside the timed region).
 
 import argparse
 import contextlib
-import functools
 import statistics
 from pathlib import Path
-from unittest import mock
 
 import torch
 import torch.nn.functional as F
@@ -30,32 +28,21 @@ MEAN = 1
 
 def _variants(label, shape, element_size):
     """{mode: (backends, plan)}: modes timed once more under another plan, for the backends that plan concerns, so
-    that one run compares the plans: Triton's row statistics with their loads pipelined
-    (triton_kernels.STATS_LOAD_STAGES); and, for rows longer than 96 KiB (the LLM vocabularies), the fused forward
-    with thread-block clusters of up to 16 blocks (by default a cluster is one block, csrc/cuda/xent_rows_cluster.cu;
-    the setting changes the plan only for such rows) and, on the block-per-row shapes (not split across blocks), the
-    fused forward's L2-resident plan on both backends (rows in flight held to all of L2, and to four times it, which
-    leaves the grid of these shapes as it is: the gradient sweep's evict-first hints alone;
-    FUSED_XENT_L2_RESIDENT_ROWS_PERCENT)."""
-    if not label.startswith("rows"):
-        return {}
-    variants = {"fwd+bwd recompute, Triton loads pipelined": (
-        ("triton",), lambda: mock.patch.object(triton_kernels(), "STATS_LOAD_STAGES", 3))}
-    if shape[1] * element_size > 96 * 1024:
+    that one run compares the plans: for rows longer than 96 KiB (the LLM vocabularies), the CUDA fused forward with
+    thread-block clusters of up to 16 blocks (by default a cluster is one block, csrc/cuda/xent_rows_cluster.cu; the
+    setting changes the plan only for such rows) and, on the block-per-row shapes (not split across blocks), its
+    L2-resident plan (rows in flight held to L2, the gradient sweep streaming: FUSED_XENT_L2_RESIDENT_ROWS_PERCENT;
+    on the H200 half of L2, and the hints alone, were slower still). Triton's versions of the L2-resident plan and
+    of pipelined row-statistics loads did not pay on the H200 and were removed."""
+    variants = {}
+    if label.startswith("rows") and shape[1] * element_size > 96 * 1024:
         variants["fwd+bwd in_forward, clusters <= 16"] = (
             ("cuda",), lambda: env_info.environment_variable("FUSED_XENT_MAX_CLUSTER_BLOCKS", "16"))
         if label.startswith("rows block"):
-            for share, percent in (("L2", "100"), ("4 L2", "400")):
-                variants[f"fwd+bwd in_forward, rows in flight <= {share}"] = (
-                    ("cuda", "triton"), functools.partial(
-                        env_info.environment_variable, "FUSED_XENT_L2_RESIDENT_ROWS_PERCENT", percent))
+            variants["fwd+bwd in_forward, rows in flight <= L2"] = (
+                ("cuda",), lambda: env_info.environment_variable("FUSED_XENT_L2_RESIDENT_ROWS_PERCENT", "100"))
     return variants
 
-
-def triton_kernels():
-    from fused_xent import triton_kernels as module  # imports Triton: only where a variant of it is timed
-
-    return module
 
 # (label, shape, dtype, layout, fraction of targets ignored): warp rows, block rows, split rows, spatial NCHW, NCHW
 # with few positions (split across threads: vocabulary logits laid out (N, C, T)), channels_last; and block rows of

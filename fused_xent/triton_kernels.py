@@ -28,7 +28,6 @@ per-position buffers (fixed order), never atomics. No host synchronization happe
 """
 
 import functools
-import os
 from dataclasses import dataclass
 
 import torch
@@ -63,7 +62,7 @@ _MEAN = tl.constexpr(REDUCTION_MEAN)
 def _position_block(pid, num_positions, S, stride_n, stride_s, BLOCK_P: tl.constexpr, SPATIAL: tl.constexpr):
     """Program pid's BLOCK_P positions: their (n, s), flat index n*S + s into (N, S) buffers, the element offset of
     their first logit, and which of them exist. All in int64, so offsets never wrap past 2**31 elements."""
-    pid = tl.cast(pid, tl.int64)  # a tensor, or under the interpreter a loop's int
+    pid = pid.to(tl.int64)
     if SPATIAL:
         # One n per program and consecutive s, so offsets along the block stay contiguous (stride_s == 1). Not
         # tl.cdiv: S below 2**31 arrives as int32, where S + BLOCK_P - 1 wraps for S within BLOCK_P of 2**31.
@@ -132,19 +131,20 @@ def _weighted_smoothed_target(target_ptr, weight_ptr, ptrs, mask, cols, label_sm
 def _range_statistics(logits_ptr, target_ptr, weight_ptr, offset, read, counted, c_begin, c_stop, C, stride_c,
                       label_smoothing, PROB_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr,
                       HAS_SMOOTHING: tl.constexpr, READS_UNCOUNTED: tl.constexpr, ACC, BLOCK_P: tl.constexpr,
-                      BLOCK_C: tl.constexpr, LOAD_STAGES: tl.constexpr):
+                      BLOCK_C: tl.constexpr):
     """One pass over the classes [c_begin, c_stop) of a block of positions (online softmax; c_stop - c_begin is a
     multiple of BLOCK_C or reaches C). Returns the running max, sum_c exp(x[c] - max), and with a[c] = w[c] t'[c]
     (probability targets) or w[c] (class indices with smoothing) A = sum_c a[c] and sum_c a[c] (x[c] - m), m the
     max (0 while -inf): relative to it, the loss adds two non-negative parts (xent_math.h); moved by A (m - m')
     whenever the max rises to m'. The positions `read` (_positions_read) are loaded; those that do not count keep
-    the state of no classes (with READS_UNCOUNTED: read holds more positions than counted). LOAD_STAGES: column
-    blocks in flight (STATS_LOAD_STAGES)."""
+    the state of no classes (with READS_UNCOUNTED: read holds more positions than counted).
+    One column block in flight (num_stages=1, no cp.async in the sm_90 PTX): each block's loads wait for the
+    previous block's cross-warp reductions. Loads pipelined three stages deep measured no faster on the H200."""
     running_max = tl.full([BLOCK_P], float("-inf"), ACC)
     scaled_sum = tl.zeros([BLOCK_P], ACC)  # sum_c exp(x[c] - running_max)
     term_weights = tl.zeros([BLOCK_P], ACC)  # A
     relative_dot = tl.zeros([BLOCK_P], ACC)
-    for c0 in tl.range(c_begin, c_stop, BLOCK_C, num_stages=LOAD_STAGES):
+    for c0 in tl.range(c_begin, c_stop, BLOCK_C, num_stages=1):
         cols = c0 + tl.arange(0, BLOCK_C)
         mask = read[:, None] & (cols < C)[None, :]
         ptrs = offset[:, None] + cols.to(tl.int64)[None, :] * stride_c
@@ -241,21 +241,19 @@ def _index_grad_coeffs(weight_of_target, weight_sum, scale, label_smoothing, C, 
 def _store_grad(logits_ptr, target_ptr, weight_ptr, grad_ptr, offset, in_range, keep, read, reference, log_sum, safe_y,
                 prob_coef, class_coef, target_coef, c_begin, c_stop, C, stride_c, label_smoothing,
                 PROB_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr, ACC,
-                BLOCK_C: tl.constexpr, STREAMING: tl.constexpr = False):
+                BLOCK_C: tl.constexpr):
     """Second pass over the classes [c_begin, c_stop) (as in _range_statistics): read each logit once and write its
     gradient (grad_ptr may be logits_ptr: each element is read before it is overwritten, and nothing else of the
     row is read afterwards), with p = exp((x - reference) - log_sum) (see _lse_parts).
       class indices:  prob_coef p[c] - class_coef w[c] - [c == y] target_coef
       probabilities:  prob_coef p[c] - class_coef w[c] t'[c]   (prob_coef = scale T, class_coef = scale)
     Positions that do not `keep` (ignored targets) get exactly 0, whatever their logits, which are loaded only
-    where `read` (_positions_read) says. STREAMING (the L2-resident fused forward, _forward_kernel): the loads are
-    the logits' last use and nothing rereads the gradient soon, so both ask L2 to evict them first."""
+    where `read` (_positions_read) says."""
     for c0 in range(c_begin, c_stop, BLOCK_C):
         cols = c0 + tl.arange(0, BLOCK_C)
         mask = in_range[:, None] & (cols < C)[None, :]
         ptrs = offset[:, None] + cols.to(tl.int64)[None, :] * stride_c
-        x = tl.load(logits_ptr + ptrs, mask=mask & read[:, None], other=0.0,
-                    eviction_policy="evict_first" if STREAMING else "").to(ACC)
+        x = tl.load(logits_ptr + ptrs, mask=mask & read[:, None], other=0.0).to(ACC)
         grad = prob_coef[:, None] * tl.exp2(((x - reference[:, None]) - log_sum[:, None]) * LOG2E)
         if PROB_TARGET:
             weighted_target = _weighted_smoothed_target(target_ptr, weight_ptr, ptrs, mask, cols, label_smoothing, C,
@@ -269,8 +267,7 @@ def _store_grad(logits_ptr, target_ptr, weight_ptr, grad_ptr, offset, in_range, 
                     grad -= class_coef[:, None]
             grad -= tl.where(cols[None, :] == safe_y.to(tl.int32)[:, None], target_coef[:, None], 0.0)
         grad = tl.where(keep[:, None], grad, 0.0)
-        tl.store(grad_ptr + ptrs, grad.to(grad_ptr.dtype.element_ty), mask=mask,
-                 cache_modifier=".cs" if STREAMING else "")
+        tl.store(grad_ptr + ptrs, grad.to(grad_ptr.dtype.element_ty), mask=mask)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -290,13 +287,15 @@ def _target_weight_kernel(target_ptr, weight_ptr, position_weight_ptr, num_posit
 
 
 @triton.jit
-def _forward_block(pid, logits_ptr, target_ptr, weight_ptr, weight_sum_ptr, total_weight_ptr, loss_ptr, lse_ptr,
-                   grad_ptr, num_positions, S, C, stride_n, stride_c, stride_s, ignore_index, smoothing_hi,
-                   smoothing_lo, SPATIAL: tl.constexpr, PROB_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr,
-                   HAS_SMOOTHING: tl.constexpr, REDUCTION: tl.constexpr, WRITE_GRAD: tl.constexpr,
-                   BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, STATS_LOAD_STAGES: tl.constexpr,
-                   STREAMING: tl.constexpr):
-    """_forward_kernel's work on the positions of block pid."""
+def _forward_kernel(logits_ptr, target_ptr, weight_ptr, weight_sum_ptr, total_weight_ptr, loss_ptr, lse_ptr, grad_ptr,
+                    num_positions, S, C, stride_n, stride_c, stride_s, ignore_index, smoothing_hi, smoothing_lo,
+                    SPATIAL: tl.constexpr, PROB_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+                    HAS_SMOOTHING: tl.constexpr, REDUCTION: tl.constexpr, WRITE_GRAD: tl.constexpr,
+                    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Per-position loss (into loss_ptr, in the accumulation dtype: the output for reduction none, else what
+    _reduce sums) and lse (_store_lse); with WRITE_GRAD, the gradient for grad_loss = 1 instead of lse
+    (total_weight must then already hold the mean's denominator). A program takes one block of positions."""
+    pid = tl.program_id(0)
     ACC = total_weight_ptr.dtype.element_ty
     label_smoothing = tl.cast(smoothing_hi, ACC) + tl.cast(smoothing_lo, ACC)
     _, _, index, offset, in_range = _position_block(pid, num_positions, S, stride_n, stride_s, BLOCK_P, SPATIAL)
@@ -312,7 +311,7 @@ def _forward_block(pid, logits_ptr, target_ptr, weight_ptr, weight_sum_ptr, tota
     read = _positions_read(rows_counted, in_range, SPATIAL)
     running_max, scaled_sum, term_weights, relative_dot = _range_statistics(
         logits_ptr, target_ptr, weight_ptr, offset, read, rows_counted, 0, C, C, stride_c, label_smoothing,
-        PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING, SPATIAL and not PROB_TARGET, ACC, BLOCK_P, BLOCK_C, STATS_LOAD_STAGES)
+        PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING, SPATIAL and not PROB_TARGET, ACC, BLOCK_P, BLOCK_C)
     weight_sum = _class_weight_sum(weight_sum_ptr, C, HAS_WEIGHT, ACC)
     reference, log_sum = _lse_parts(running_max, scaled_sum)
     if PROB_TARGET:
@@ -332,48 +331,21 @@ def _forward_block(pid, logits_ptr, target_ptr, weight_ptr, weight_sum_ptr, tota
             # (prob_coef, class_coef) = (scale T, scale); safe_y and target_coef are not read for probabilities.
             _store_grad(logits_ptr, target_ptr, weight_ptr, grad_ptr, offset, in_range, in_range, in_range, reference,
                         log_sum, safe_y, scale * term_weights, scale, scale, 0, C, C, stride_c, label_smoothing,
-                        PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING, ACC, BLOCK_C, STREAMING)
+                        PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING, ACC, BLOCK_C)
         else:
             prob_coef, class_coef, target_coef = _index_grad_coeffs(weight_of_target, weight_sum, scale,
                                                                     label_smoothing, C, HAS_SMOOTHING)
             _store_grad(logits_ptr, target_ptr, weight_ptr, grad_ptr, offset, in_range, counted, read, reference,
                         log_sum, safe_y, prob_coef, class_coef, target_coef, 0, C, C, stride_c, label_smoothing,
-                        PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING, ACC, BLOCK_C, STREAMING)
+                        PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING, ACC, BLOCK_C)
     else:
         _store_lse(lse_ptr, index, in_range, reference, log_sum)
 
 
 @triton.jit
-def _forward_kernel(logits_ptr, target_ptr, weight_ptr, weight_sum_ptr, total_weight_ptr, loss_ptr, lse_ptr, grad_ptr,
-                    num_positions, S, C, stride_n, stride_c, stride_s, ignore_index, smoothing_hi, smoothing_lo,
-                    SPATIAL: tl.constexpr, PROB_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr,
-                    HAS_SMOOTHING: tl.constexpr, REDUCTION: tl.constexpr, WRITE_GRAD: tl.constexpr,
-                    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, STATS_LOAD_STAGES: tl.constexpr,
-                    L2_RESIDENT: tl.constexpr = False):
-    """Per-position loss (into loss_ptr, in the accumulation dtype: the output for reduction none, else what
-    _reduce sums) and lse (_store_lse); with WRITE_GRAD, the gradient for grad_loss = 1 instead of lse
-    (total_weight must then already hold the mean's denominator). A program takes one block of positions; with
-    L2_RESIDENT (row layouts, the launcher's L2-resident plan) the grid is smaller and each program walks every
-    num_programs-th block, its gradient sweep streaming (_store_grad). The default keeps its loop-free body: the
-    code the H200 measured."""
-    if L2_RESIDENT:
-        for pid in range(tl.program_id(0), (num_positions - 1) // BLOCK_P + 1, tl.num_programs(0)):
-            _forward_block(pid, logits_ptr, target_ptr, weight_ptr, weight_sum_ptr, total_weight_ptr, loss_ptr,
-                           lse_ptr, grad_ptr, num_positions, S, C, stride_n, stride_c, stride_s, ignore_index,
-                           smoothing_hi, smoothing_lo, SPATIAL, PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING, REDUCTION,
-                           WRITE_GRAD, BLOCK_P, BLOCK_C, STATS_LOAD_STAGES, True)
-    else:
-        _forward_block(tl.program_id(0), logits_ptr, target_ptr, weight_ptr, weight_sum_ptr, total_weight_ptr,
-                       loss_ptr, lse_ptr, grad_ptr, num_positions, S, C, stride_n, stride_c, stride_s, ignore_index,
-                       smoothing_hi, smoothing_lo, SPATIAL, PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING, REDUCTION,
-                       WRITE_GRAD, BLOCK_P, BLOCK_C, STATS_LOAD_STAGES, False)
-
-
-@triton.jit
 def _split_statistics_kernel(logits_ptr, target_ptr, weight_ptr, stats_ptr, num_positions, S, C, stride_n, stride_c,
                              stride_s, ignore_index, split_len, SPATIAL: tl.constexpr, HAS_WEIGHT: tl.constexpr,
-                             HAS_SMOOTHING: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
-                             STATS_LOAD_STAGES: tl.constexpr):
+                             HAS_SMOOTHING: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     """Program (position block, k): the online-softmax state of classes [k split_len, (k+1) split_len) of its
     positions (class-index targets) into stats[0 / 1 / 2 / 3, k, position] = running max, scaled sum, and with
     smoothing sum_c w[c] and sum_c w[c] (x[c] - m), m the range's max (see _range_statistics). An ignored position
@@ -388,7 +360,7 @@ def _split_statistics_kernel(logits_ptr, target_ptr, weight_ptr, stats_ptr, num_
     running_max, scaled_sum, term_weights, relative_dot = _range_statistics(
         logits_ptr, None, weight_ptr, offset, _positions_read(counted, in_range, SPATIAL), counted, c_begin,
         tl.minimum(c_begin + split_len, C), C, stride_c, 0.0, False, HAS_WEIGHT, HAS_SMOOTHING, SPATIAL, ACC, BLOCK_P,
-        BLOCK_C, STATS_LOAD_STAGES)
+        BLOCK_C)
     plane = tl.num_programs(1).to(tl.int64) * num_positions
     at = split * num_positions + index
     tl.store(stats_ptr + at, running_max, mask=in_range)
@@ -553,11 +525,6 @@ WARPS_PER_MULTIPROCESSOR = 64
 # _split_combine_kernel): one chain of 500 merges lost 1e-5 of the loss with smoothing and a class masked at -1e9.
 MAX_SPLITS = 512
 MERGE_GROUP = 16
-# Column blocks a statistics loop keeps in flight (its tl.range num_stages). 1 is the plain loop: each block's loads
-# wait for the previous block's cross-warp reductions, so a row program has one block (16 KB) in flight, with no
-# cp.async in its sm_90 PTX. 3 has Triton pipeline the loads through shared memory (cp.async, two blocks ahead).
-# Not yet measured on a GPU: benchmarks/gpu_kernel_table.py times both, reading this at each launch.
-STATS_LOAD_STAGES = 1
 
 
 @dataclass(frozen=True)
@@ -774,48 +741,15 @@ def _launch_forward(p, total_weight, loss_buffer, lse, grad, reduction, ignore_i
         one = torch.ones((), dtype=p.acc_dtype, device=p.logits.device)
         _launch_backward(p, one, (0, 0), lse, total_weight, grad, reduction, ignore_index, label_smoothing)
         return
-    programs = p.position_programs
-    l2_resident_programs = _l2_resident_programs(p) if grad is not None and not p.prob_target else None
-    l2_resident = l2_resident_programs is not None
-    if l2_resident:
-        programs = min(programs, l2_resident_programs)
     # Pointers a specialization never reads (no weight; lse when writing the gradient, or the gradient) are None.
     _launch(
-        _forward_kernel, (programs,), p.logits, p.target, p.weight, p.weight_sum, total_weight, loss_buffer,
+        _forward_kernel, (p.position_programs,), p.logits, p.target, p.weight, p.weight_sum, total_weight, loss_buffer,
         lse, grad,
         *_shape_args(p), ignore_index, *_split_float(label_smoothing),
         SPATIAL=p.spatial, PROB_TARGET=p.prob_target, HAS_WEIGHT=p.weight is not None,
         HAS_SMOOTHING=label_smoothing > 0, REDUCTION=reduction, WRITE_GRAD=grad is not None,
-        BLOCK_P=p.tile.block_p, BLOCK_C=p.tile.block_c, STATS_LOAD_STAGES=STATS_LOAD_STAGES, L2_RESIDENT=l2_resident,
-        num_warps=p.tile.num_warps,
+        BLOCK_P=p.tile.block_p, BLOCK_C=p.tile.block_c, num_warps=p.tile.num_warps,
     )
-
-
-L2_RESIDENT_ROWS_ENV = "FUSED_XENT_L2_RESIDENT_ROWS_PERCENT"
-# L2 of the device the interpreter stands in for (an sm_80-like 40 MiB, as in the CUDA kernels' host emulation).
-INTERPRETED_L2_BYTES = 40 << 20
-
-
-def _l2_resident_programs(p: _Problem) -> int | None:
-    """The grid of the L2-resident plan of a fused forward over rows, a tuning knob for the benchmarks that
-    FUSED_XENT_L2_RESIDENT_ROWS_PERCENT (1-100; 0 or unset: off) turns on, as for the CUDA kernel: at most that
-    percent of L2 in rows in flight, so that the gradient sweep should reread each row from L2 (2L of traffic instead
-    of the 3L of rows that outgrow it). None where it does not apply (off, or NCHW logits). Not measured yet."""
-    setting = os.environ.get(L2_RESIDENT_ROWS_ENV, "")
-    if setting == "":
-        return None
-    if not (setting.isascii() and setting.isdigit() and int(setting) <= 100):
-        raise ValueError(f"fused_xent: {L2_RESIDENT_ROWS_ENV}={setting} is not a whole number from 0 to 100")
-    if int(setting) == 0 or p.spatial:
-        return None
-    row_bytes = p.logits.shape[1] * p.logits.element_size() * p.tile.block_p
-    return max(1, l2_cache_bytes(p.logits.device) * int(setting) // 100 // row_bytes)
-
-
-def l2_cache_bytes(device: torch.device) -> int:
-    if device.type != "cuda":
-        return INTERPRETED_L2_BYTES
-    return _cuda_properties(device).L2_cache_size
 
 
 def _launch_split_forward(p, loss_buffer, lse, ignore_index, label_smoothing):
@@ -826,8 +760,7 @@ def _launch_split_forward(p, loss_buffer, lse, ignore_index, label_smoothing):
     _launch(
         _split_statistics_kernel, (p.position_programs, p.splits), p.logits, p.target, p.weight, stats,
         *_shape_args(p), ignore_index, p.split_len, SPATIAL=p.spatial, HAS_WEIGHT=p.weight is not None,
-        HAS_SMOOTHING=has_smoothing, BLOCK_P=p.tile.block_p, BLOCK_C=p.tile.block_c,
-        STATS_LOAD_STAGES=STATS_LOAD_STAGES, num_warps=p.tile.num_warps,
+        HAS_SMOOTHING=has_smoothing, BLOCK_P=p.tile.block_p, BLOCK_C=p.tile.block_c, num_warps=p.tile.num_warps,
     )
     block = 512
     _launch(

@@ -16,7 +16,6 @@ the output dtype, since the kernels accumulate in float32.
 import itertools
 import math
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -279,57 +278,15 @@ def test_fwd_grad_and_in_place(layout, reduction):
 
 
 @needs_kernels
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_l2_resident_plan_of_the_fused_forward(monkeypatch, dtype):
-    """FUSED_XENT_L2_RESIDENT_ROWS_PERCENT (a benchmark knob): the fused forward over rows launches the programs
-    whose rows fit in that share of L2 (here 50% of an L2 of five rows: two programs for 12 rows of 423 classes),
-    each walking every other row with its gradient sweep streaming; loss and gradient as the plain plan's and
-    PyTorch's, written fresh or over the logits. NCHW logits and the plain forward keep their grids; a bad setting
-    is an error that names the variable."""
-    kernels = _triton_ops.triton_kernels
-    generator = torch.Generator().manual_seed(7)
-    x = (torch.randn(12, 423, generator=generator) * 3).to(DEVICE, dtype)
-    target = class_target(x, ignore_index=0)
-    weight = class_weight(423)
-    logits, target_view = op_views(x, target)
-    plain = ops.triton_cross_entropy_fwd_grad(logits, target_view, weight, 1, 0, 0.1)
-
-    launched = []
-    launch = kernels._launch
-
-    def logged_launch(kernel, grid, *args, **kwargs):
-        launched.append((kernel.fn.__name__ if hasattr(kernel, "fn") else kernel.__name__, grid,
-                         kwargs.get("L2_RESIDENT")))
-        launch(kernel, grid, *args, **kwargs)
-
-    monkeypatch.setattr(kernels, "_launch", logged_launch)
-    monkeypatch.setattr(kernels, "l2_cache_bytes", lambda device: 5 * 423 * x.element_size())
-    monkeypatch.setenv(kernels.L2_RESIDENT_ROWS_ENV, "50")
-    capped = ops.triton_cross_entropy_fwd_grad(logits, target_view, weight, 1, 0, 0.1)
-    assert ("_forward_kernel", (2,), True) in launched, launched
-    torch.testing.assert_close(capped[0], plain[0], rtol=1e-6, atol=0)
-    torch.testing.assert_close(capped[1], plain[1], rtol=1e-6, atol=0)
-    expected_loss, expected_grad = reference(x, target, weight, "mean", 0, 0.1, torch.ones((), device=DEVICE))
-    assert_close(capped[0], expected_loss, dtype)
-    assert_grad_close(capped[1].reshape(x.shape), expected_grad, dtype)
+def test_in_place_op_refuses_a_weight_in_the_logits_memory():
+    """The in-place op writes the gradient over the logits, so in eager calls it refuses a weight that shares their
+    memory (as the compiled ops do), before it writes anything."""
+    x = (torch.randn(12, 423, generator=torch.Generator().manual_seed(7)) * 3).to(DEVICE)
+    logits, target_view = op_views(x, class_target(x, ignore_index=0))
     overwritten = logits.clone()
-    torch.testing.assert_close(ops.triton_cross_entropy_fwd_grad_(overwritten, target_view, weight, 1, 0, 0.1),
-                               plain[0], rtol=1e-6, atol=0)
-    torch.testing.assert_close(overwritten, plain[1], rtol=1e-6, atol=0)
-
-    launched.clear()
-    ops.triton_cross_entropy_fwd(logits, target_view, weight, 1, 0, 0.1)
-    nchw = make_logits("nchw", dtype).detach()
-    ops.triton_cross_entropy_fwd_grad(*op_views(nchw, class_target(nchw)), None, 1, -100, 0.0)
-    assert all(not l2_resident for name, _, l2_resident in launched if name == "_forward_kernel"), launched
-
-    monkeypatch.delenv(kernels.L2_RESIDENT_ROWS_ENV)
-    with pytest.raises(ValueError, match="the weight's memory range intersects theirs"):  # as the compiled ops
+    with pytest.raises(ValueError, match="the weight's memory range intersects theirs"):
         ops.triton_cross_entropy_fwd_grad_(overwritten, target_view, overwritten[0, :, 0], 1, 0, 0.1)
-    for bad in ("101", "-1", "half", " 50", "+50", "99999999999999999999"):
-        monkeypatch.setenv(kernels.L2_RESIDENT_ROWS_ENV, bad)
-        with pytest.raises(ValueError, match=re.escape(f"ROWS_PERCENT={bad} is not a whole")):
-            ops.triton_cross_entropy_fwd_grad(logits, target_view, weight, 1, 0, 0.1)
+    assert torch.equal(overwritten, logits)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -842,38 +799,17 @@ def test_row_tiles_fit_in_registers(monkeypatch, tmp_path, dtype, num_classes):
 
 @pytest.mark.skipif(INTERPRETED or DEVICE is not None, reason="without a GPU only (with one, the kernels run)")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_pipelined_row_statistics_compile_for_hopper(monkeypatch, tmp_path, dtype):
-    """triton_kernels.STATS_LOAD_STAGES = 3, which benchmarks/gpu_kernel_table.py times against the default 1: the
-    row forward compiles for sm_90 with its loads pipelined (cp.async in the PTX, none by default), without spills."""
+def test_row_statistics_loads_are_not_pipelined(monkeypatch, tmp_path, dtype):
+    """The row forward's statistics loop keeps one column block in flight (num_stages=1): no cp.async in its sm_90
+    PTX, no spills. Loads pipelined three stages deep measured no faster on the H200 (1.87 vs 1.81 ms at
+    8192x128256 bfloat16)."""
     compile_only, kernels = compile_for_hopper(monkeypatch)
     logits = torch.randn(16, 128256, 1, dtype=dtype)
     target = torch.randint(0, 128256, (16, 1))
-    for stages in (1, 3):
-        monkeypatch.setattr(kernels, "STATS_LOAD_STAGES", stages)
-        compile_only.compiled.clear()
-        kernels.cross_entropy_fwd(logits, target, None, 1, -100, 0.0)
-        (forward,) = [kernel for key, kernel in compile_only.compiled.items() if key[0] == "_forward_kernel"]
-        assert ("cp.async" in forward.asm["ptx"]) == (stages > 1)
-        assert ptxas_usage(forward.asm["ptx"], tmp_path)[1] == 0
-
-
-@pytest.mark.skipif(INTERPRETED or DEVICE is not None, reason="without a GPU only (with one, the kernels run)")
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_l2_resident_fused_forward_compiles_for_hopper(monkeypatch, tmp_path, dtype):
-    """The L2-resident plan's fused forward (test_l2_resident_plan_of_the_fused_forward), which
-    benchmarks/gpu_kernel_table.py times against the default: compiled for sm_90, its gradient sweep loads with an
-    evict-first L2 policy and stores with .cs (the default's PTX has neither), without spills."""
-    compile_only, kernels = compile_for_hopper(monkeypatch)
-    logits = torch.empty(512, 128256, 1, dtype=dtype)
-    target = torch.zeros(512, 1, dtype=torch.long)
-    for setting in ("", "50"):
-        monkeypatch.setenv(kernels.L2_RESIDENT_ROWS_ENV, setting)
-        compile_only.compiled.clear()
-        kernels.cross_entropy_fwd_grad(logits, target, None, 1, -100, 0.0)
-        (forward,) = [kernel for key, kernel in compile_only.compiled.items() if key[0] == "_forward_kernel"]
-        ptx = forward.asm["ptx"]
-        assert ("st.global.cs" in ptx and "evict_first" in ptx) == (setting != ""), setting
-        assert ptxas_usage(ptx, tmp_path)[1] == 0
+    kernels.cross_entropy_fwd(logits, target, None, 1, -100, 0.0)
+    (forward,) = [kernel for key, kernel in compile_only.compiled.items() if key[0] == "_forward_kernel"]
+    assert "cp.async" not in forward.asm["ptx"]
+    assert ptxas_usage(forward.asm["ptx"], tmp_path)[1] == 0
 
 
 @pytest.mark.skipif(INTERPRETED or DEVICE is not None, reason="without a GPU only (with one, the kernels run)")
