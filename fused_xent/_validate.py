@@ -198,9 +198,15 @@ def value_checks_enabled() -> bool:
 VALUE_CHECK_KERNELS = {"cuda": torch.ops.fused_xent.value_check} if _backends.HAS_VALUE_CHECK_KERNEL else {}
 
 
+# nn.Parameter is a plain tensor to the dispatcher (no __torch_function__ or __torch_dispatch__ of its own): class
+# weights held as a frozen Parameter, or learned ones of probability targets, take the one-kernel check too.
+_PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
+
+
 def _plain(tensor) -> bool:
-    """A tensor the compiled check may read directly: no subclass (fake tensors, DTensor), no torch.func wrapper."""
-    return tensor is None or (type(tensor) is torch.Tensor
+    """A tensor the compiled check may read directly: no subclass (fake tensors, DTensor) but nn.Parameter, no
+    torch.func wrapper."""
+    return tensor is None or (type(tensor) in _PLAIN_TYPES
                               and not torch._C._functorch.is_functorch_wrapped_tensor(tensor))
 
 

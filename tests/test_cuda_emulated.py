@@ -283,3 +283,38 @@ def test_front_end_reads_the_value_check_kernel(ops, monkeypatch):
     with pytest.raises(ValueError, match=r"weight contains NaN \(first at class 3\)"):
         fused_xent.cross_entropy(x, target.clamp(0, 6), weight, backend="torch")
     assert len(calls) == 3
+
+
+def test_front_end_reads_the_value_check_kernel_for_parameter_weights(ops, monkeypatch):
+    """Class weights held as an nn.Parameter (frozen, for class indices; learned, for probabilities) are plain tensors
+    to the dispatcher: the one-kernel check serves them (with the targets) rather than the PyTorch ops, and finds a
+    NaN in them."""
+    import fused_xent
+    import fused_xent._validate as validate
+
+    calls = []
+
+    def kernel(*args):
+        calls.append(args)
+        return ops.value_check(*args)
+
+    monkeypatch.setitem(validate.VALUE_CHECK_KERNELS, "cpu", kernel)
+    x = torch.randn(16, 5, dtype=torch.float64)
+    target = torch.randint(0, 5, (16,))
+    frozen = torch.nn.Parameter(torch.rand(5, dtype=torch.float64) + 0.5, requires_grad=False)
+    loss = fused_xent.cross_entropy(x, target, frozen, backend="torch")
+    torch.testing.assert_close(loss, torch.nn.functional.cross_entropy(x, target, frozen))
+    assert len(calls) == 1 and calls[0][0] is not None
+    target[9] = 5
+    with pytest.raises(IndexError, match="target 5 at position 9 is out of range for 5 classes"):
+        fused_xent.cross_entropy(x, target, frozen, backend="torch")
+    learned = torch.nn.Parameter(torch.rand(5, dtype=torch.float64) + 0.5)
+    probabilities = torch.rand(16, 5, dtype=torch.float64).softmax(1)
+    loss = fused_xent.cross_entropy(x, probabilities, learned, backend="torch")
+    torch.testing.assert_close(loss, torch.nn.functional.cross_entropy(x, probabilities, learned))
+    assert len(calls) == 3 and calls[2][0] is None
+    with torch.no_grad():
+        learned[2] = float("nan")
+    with pytest.raises(ValueError, match=r"weight contains NaN \(first at class 2\)"):
+        fused_xent.cross_entropy(x, probabilities, learned, backend="torch")
+    assert len(calls) == 4
