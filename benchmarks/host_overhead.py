@@ -123,9 +123,10 @@ def calls(x, target, backend):
     return table
 
 
-def value_check_ops(x, target):
-    """{label: fn}: the value check (fused_xent._validate.ValueCheck) whole, and the ops it runs one at a time: on a
-    GPU the extension's one-kernel op, else (and for comparison) a handful of PyTorch ops."""
+def value_check_ops(x, target, backend):
+    """{label: fn}: the value check (fused_xent._validate.ValueCheck) of `backend`'s calls whole, and the ops it
+    runs one at a time: for the CUDA backend the extension's one-kernel op, else (and for comparison) a handful of
+    PyTorch ops."""
     flat = target.view(-1)
     filled = flat.masked_fill(flat == -100, 0)
     extrema = list(filled.aminmax())
@@ -141,17 +142,17 @@ def value_check_ops(x, target):
         "empty (pinned on a GPU)": lambda: torch.empty(summary.shape, dtype=summary.dtype, pin_memory=pinned),
         "copy to host": lambda: on_host.copy_(summary, non_blocking=pinned),
         "prepare": lambda: validate.prepare(x, target, None, -100, "mean", 0.0, False),
-        "ValueCheck, started and read": lambda: validate.ValueCheck(problem, True).raise_if_failed(),
+        "ValueCheck, started and read": lambda: validate.ValueCheck(problem, True, backend).raise_if_failed(),
     }
     if summary.is_cuda:
         table["event, made and recorded"] = lambda: torch.cuda.Event().record()
-    kernel = validate.VALUE_CHECK_KERNELS.get(target.device.type)
+    kernel = validate.VALUE_CHECK_KERNELS.get(backend)
     if kernel is not None:
         table["value_check op (one kernel, csrc/cuda/xent_checks.cu)"] = lambda: kernel(target, None, -100, x.shape[1])
 
         def with_python_ops():
             with mock.patch.dict(validate.VALUE_CHECK_KERNELS, clear=True):
-                validate.ValueCheck(problem, True).raise_if_failed()
+                validate.ValueCheck(problem, True, backend).raise_if_failed()
 
         table["ValueCheck with PyTorch ops instead"] = with_python_ops
     return table
@@ -193,7 +194,7 @@ def main():
     lines += [f"| {name} | {statistics.median(values):.0f} |" for name, values in phases.items()]
 
     lines += ["", "The value check's ops, one at a time:", "", "| op | host us |", "|---|--:|"]
-    for label, fn in value_check_ops(x, target).items():
+    for label, fn in value_check_ops(x, target, backend).items():
         lines.append(f"| {label} | {probe.measure(fn)[1]:.0f} |")
     text = "\n".join(lines)
     print(text)

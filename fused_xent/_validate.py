@@ -192,9 +192,11 @@ def value_checks_enabled() -> bool:
     return enabled
 
 
-# The check as one kernel of the compiled extension (csrc/cuda/xent_checks.cu), by device type: on a GPU one launch
-# and one copy instead of a handful of ops, each of which cost 14-17 us of host time on the H200 machine of
-# 2026-11-30 (benchmarks/RESULTS.md). It returns the verdict itself, flags [a bad class index, a NaN weight].
+# The check as one kernel of the compiled extension (csrc/cuda/xent_checks.cu), by the backend whose calls it serves:
+# on a GPU one launch and one copy instead of a handful of ops, each of which cost 14-17 us of host time on the H200
+# machine of 2026-11-30 (benchmarks/RESULTS.md). It returns the verdict itself, flags [a bad class index, a NaN
+# weight]. Only calls of the CUDA backend take it: they run the extension's kernels on that GPU anyway, where a call
+# of the Triton or PyTorch backend may be on a GPU the extension was not built for.
 VALUE_CHECK_KERNELS = {"cuda": torch.ops.fused_xent.value_check} if _backends.HAS_VALUE_CHECK_KERNEL else {}
 
 
@@ -215,17 +217,17 @@ class ValueCheck:
     kernel checks them itself) and no NaN weights. raise_if_failed() reads the verdict and raises what it found.
 
     The device finds whether any class index is out of range (ignore_index aside) and whether the weight has a NaN:
-    one kernel of the extension on a GPU (VALUE_CHECK_KERNELS), elsewhere a handful of small ops giving the least and
-    greatest class index (ignore_index counted as class 0) for the host to judge. On a GPU the result is copied to
-    pinned host memory behind an event, so a caller may queue the loss kernels first and read it while the kernels
-    run: the host then waits only for the check itself, and the GPU, busy with the kernels, does not wait for the
-    host (reading it at once would leave the GPU idle while the host goes on to launch the kernels). Only kernels
-    that meet a bad class index without reading or writing out of bounds (NaN instead) may be queued ahead of the
-    verdict, and none that writes over an input. Where a check finds a bad class index, the host looks for the first
-    one (a sync, on the error path only) to name it.
+    one kernel of the extension for calls of the CUDA backend (VALUE_CHECK_KERNELS), otherwise a handful of small ops
+    giving the least and greatest class index (ignore_index counted as class 0) for the host to judge. On a GPU the
+    result is copied to pinned host memory behind an event, so a caller may queue the loss kernels first and read it
+    while the kernels run: the host then waits only for the check itself, and the GPU, busy with the kernels, does
+    not wait for the host (reading it at once would leave the GPU idle while the host goes on to launch the kernels).
+    Only kernels that meet a bad class index without reading or writing out of bounds (NaN instead) may be queued
+    ahead of the verdict, and none that writes over an input. Where a check finds a bad class index, the host looks
+    for the first one (a sync, on the error path only) to name it.
     """
 
-    def __init__(self, problem: Problem, check_targets: bool):
+    def __init__(self, problem: Problem, check_targets: bool, backend: str | None = None):
         self._problem = problem
         target = problem.target
         self._check_targets = check_targets and not problem.prob_target and target.numel() > 0
@@ -233,7 +235,7 @@ class ValueCheck:
         checked_target = target if self._check_targets else None
         if checked_target is None and problem.weight is None:
             return
-        kernel = VALUE_CHECK_KERNELS.get(problem.logits.device.type)
+        kernel = VALUE_CHECK_KERNELS.get(backend)
         if kernel is not None and _plain(checked_target) and _plain(problem.weight):
             self._flags = kernel(checked_target, problem.weight, problem.ignore_index, problem.logits.shape[1])
             if problem.logits.is_cuda:
@@ -297,16 +299,16 @@ class ValueCheck:
         )
 
 
-def start_value_check(problem: Problem, check_targets: bool) -> ValueCheck | None:
+def start_value_check(problem: Problem, check_targets: bool, backend: str | None = None) -> ValueCheck | None:
     """The checks of ValueCheck, started; None when they are off. They cost a pass over the targets and one host
     synchronisation on GPUs; FUSED_XENT_CHECK_VALUES=0 skips them, and they are skipped under torch.compile and while
     a CUDA graph is being captured (where a synchronisation is not allowed); the kernels still never index out of
-    bounds there (NaN instead)."""
+    bounds there (NaN instead). `backend`: the backend that serves the call, when the check may use its kernels."""
     if not value_checks_enabled() or torch.compiler.is_compiling() or problem.logits.is_meta:
         return None
     if problem.logits.is_cuda and torch.cuda.is_current_stream_capturing():
         return None
-    return ValueCheck(problem, check_targets)
+    return ValueCheck(problem, check_targets, backend)
 
 
 def check_values(problem: Problem, check_targets: bool):

@@ -369,7 +369,7 @@ def cross_entropy(
     if _function_transform_active(problem.logits, problem.target, problem.weight):
         _check_weight_grad(weight, problem)
         return _unbatched_ignored_mean_as_pytorch(_loss_from_reference_ops(problem, loss_dtype), input, problem)
-    value_check = start_value_check(problem, check_targets=not ops.checks_targets)
+    value_check = start_value_check(problem, check_targets=not ops.checks_targets, backend=ops.name)
     grad_mode = _grad_mode_to_run(grad_mode, input, weight, problem)  # its refusals first, as without classes
     if value_check is not None and (grad_mode == "inplace" or not ops.bad_targets_are_nan):
         # Read before a forward that writes over the logits, or whose kernels would index with a bad class.

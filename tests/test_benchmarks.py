@@ -297,7 +297,7 @@ def test_host_overhead_report_runs_on_the_cpu_kernel(tmp_path, monkeypatch):
 
     monkeypatch.setitem(validate.VALUE_CHECK_KERNELS, "cpu", lambda *args: torch.zeros(2, dtype=torch.long))
     x, target = torch.randn(8, 5), torch.tensor([0, 1, -100, 4, 2, 2, 3, 0])
-    timed = host_overhead.value_check_ops(x, target)
+    timed = host_overhead.value_check_ops(x, target, "cpu")
     assert "ValueCheck with PyTorch ops instead" in timed
     assert "value_check op (one kernel, csrc/cuda/xent_checks.cu)" in timed
     for fn in timed.values():

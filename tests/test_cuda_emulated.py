@@ -256,9 +256,9 @@ def test_value_check_kernel(ops):
 
 
 def test_front_end_reads_the_value_check_kernel(ops, monkeypatch):
-    """fused_xent._validate.ValueCheck with the kernel serving CPU tensors (as it serves CUDA tensors on a GPU): it is
-    what runs for plain tensors, and its verdict gives PyTorch's loss, the IndexError that names the first bad
-    target, and the NaN-weight error."""
+    """fused_xent._validate.ValueCheck with the kernel serving the torch backend's calls on CPU tensors (as it serves
+    the CUDA backend's on a GPU): it is what runs for plain tensors, and only for that backend's calls, and its
+    verdict gives PyTorch's loss, the IndexError that names the first bad target, and the NaN-weight error."""
     import fused_xent
     import fused_xent._validate as validate
 
@@ -268,7 +268,7 @@ def test_front_end_reads_the_value_check_kernel(ops, monkeypatch):
         calls.append(args)
         return ops.value_check(*args)
 
-    monkeypatch.setitem(validate.VALUE_CHECK_KERNELS, "cpu", kernel)
+    monkeypatch.setitem(validate.VALUE_CHECK_KERNELS, "torch", kernel)
     x = torch.randn(64, 7, dtype=torch.float64)
     target = torch.randint(0, 7, (64,))
     target[::5] = -100
@@ -276,6 +276,12 @@ def test_front_end_reads_the_value_check_kernel(ops, monkeypatch):
     loss = fused_xent.cross_entropy(x, target, weight, backend="torch")
     torch.testing.assert_close(loss, torch.nn.functional.cross_entropy(x, target, weight))
     assert len(calls) == 1 and calls[0][2:] == (-100, 7)
+    # Only the calls of the backend it is registered for take it (on a GPU, the CUDA backend's).
+    monkeypatch.delitem(validate.VALUE_CHECK_KERNELS, "torch")
+    monkeypatch.setitem(validate.VALUE_CHECK_KERNELS, "cpu", kernel)
+    fused_xent.cross_entropy(x, target, weight, backend="torch")
+    assert len(calls) == 1
+    monkeypatch.setitem(validate.VALUE_CHECK_KERNELS, "torch", kernel)
     target[17] = 7
     with pytest.raises(IndexError, match="target 7 at position 17 is out of range for 7 classes"):
         fused_xent.cross_entropy(x, target, backend="torch")
@@ -298,7 +304,7 @@ def test_front_end_reads_the_value_check_kernel_for_parameter_weights(ops, monke
         calls.append(args)
         return ops.value_check(*args)
 
-    monkeypatch.setitem(validate.VALUE_CHECK_KERNELS, "cpu", kernel)
+    monkeypatch.setitem(validate.VALUE_CHECK_KERNELS, "torch", kernel)
     x = torch.randn(16, 5, dtype=torch.float64)
     target = torch.randint(0, 5, (16,))
     frozen = torch.nn.Parameter(torch.rand(5, dtype=torch.float64) + 0.5, requires_grad=False)
