@@ -2,7 +2,7 @@
 // consecutive threads own consecutive positions, so every class step is a coalesced warp-wide load. Also used for
 // rows with very few classes (C <= 32, e.g. channels_last segmentation), where a thread's classes are contiguous
 // and neighbouring threads' rows share cache lines. The class loops take a chunk of classes at a time (16 bytes of
-// logits: 4 fp32 or 8 bf16/fp16), issuing all of its loads before using them, so that each thread keeps several
+// logits: 4 fp32 or 8 bf16/fp16; 4 fp64, 32 bytes), issuing all of its loads before using them, so that each thread keeps several
 // loads in flight (one thread per position leaves little other parallelism to hide memory latency) and the online
 // softmax rescales once per chunk at most. Occupancy, not a thread's own loads, hides most of the latency here:
 // chunks of up to 32 classes, all loads issued before any use (one round trip for a 19-class position), took these
