@@ -2,11 +2,12 @@
 // consecutive threads own consecutive positions, so every class step is a coalesced warp-wide load. Also used for
 // rows with very few classes (C <= 32, e.g. channels_last segmentation), where a thread's classes are contiguous
 // and neighbouring threads' rows share cache lines. The class loops take a chunk of classes at a time (16 bytes of
-// logits: 4 fp32 or 8 bf16/fp16; 4 fp64, 32 bytes), issuing all of its loads before using them, so that each thread keeps several
-// loads in flight (one thread per position leaves little other parallelism to hide memory latency) and the online
-// softmax rescales once per chunk at most. Occupancy, not a thread's own loads, hides most of the latency here:
-// chunks of up to 32 classes, all loads issued before any use (one round trip for a 19-class position), took these
-// kernels from 40-48 registers to 64-124 and measured 20-100% slower on an H200 (2026-11-30, benchmarks/RESULTS.md).
+// logits: 4 fp32 or 8 bf16/fp16; 4 fp64, 32 bytes), issuing all of its loads before using them, so that each
+// thread keeps several loads in flight (one thread per position leaves little other parallelism to hide memory
+// latency) and the online softmax rescales once per chunk at most. Occupancy, not a thread's own loads, hides most
+// of the latency here: chunks of up to 32 classes, all loads issued before any use (one round trip for a 19-class
+// position), took these kernels from 40-48 registers to 64-124 and measured 20-100% slower on an H200 (2026-11-30,
+// benchmarks/RESULTS.md).
 //
 // NCHW inputs with few positions and many classes (say (8, 32000, 512), vocabulary logits laid out as (N, C, T))
 // would leave most of the GPU idle and each thread walking all C classes one latency at a time, so their classes are
