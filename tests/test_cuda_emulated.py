@@ -255,11 +255,10 @@ def test_value_check_kernel(ops):
             ignore_index, classes)
 
 
-def test_front_end_reads_the_value_check_kernel(ops, monkeypatch):
-    """fused_xent._validate.ValueCheck with the kernel serving the torch backend's calls on CPU tensors (as it serves
-    the CUDA backend's on a GPU): it is what runs for plain tensors, and only for that backend's calls, and its
-    verdict gives PyTorch's loss, the IndexError that names the first bad target, and the NaN-weight error."""
-    import fused_xent
+@pytest.fixture
+def value_check_calls(ops, monkeypatch):
+    """The emulated value-check kernel serving the torch backend's calls (as the CUDA one serves the CUDA backend's
+    on a GPU), recording each call's arguments in the list it returns."""
     import fused_xent._validate as validate
 
     calls = []
@@ -269,6 +268,17 @@ def test_front_end_reads_the_value_check_kernel(ops, monkeypatch):
         return ops.value_check(*args)
 
     monkeypatch.setitem(validate.VALUE_CHECK_KERNELS, "torch", kernel)
+    return calls
+
+
+def test_front_end_reads_the_value_check_kernel(value_check_calls, monkeypatch):
+    """fused_xent._validate.ValueCheck with the kernel serving the torch backend's calls on CPU tensors (as it serves
+    the CUDA backend's on a GPU): it is what runs for plain tensors, and only for that backend's calls, and its
+    verdict gives PyTorch's loss, the IndexError that names the first bad target, and the NaN-weight error."""
+    import fused_xent
+    import fused_xent._validate as validate
+
+    calls = value_check_calls
     x = torch.randn(64, 7, dtype=torch.float64)
     target = torch.randint(0, 7, (64,))
     target[::5] = -100
@@ -277,6 +287,7 @@ def test_front_end_reads_the_value_check_kernel(ops, monkeypatch):
     torch.testing.assert_close(loss, torch.nn.functional.cross_entropy(x, target, weight))
     assert len(calls) == 1 and calls[0][2:] == (-100, 7)
     # Only the calls of the backend it is registered for take it (on a GPU, the CUDA backend's).
+    kernel = validate.VALUE_CHECK_KERNELS["torch"]
     monkeypatch.delitem(validate.VALUE_CHECK_KERNELS, "torch")
     monkeypatch.setitem(validate.VALUE_CHECK_KERNELS, "cpu", kernel)
     fused_xent.cross_entropy(x, target, weight, backend="torch")
@@ -291,20 +302,13 @@ def test_front_end_reads_the_value_check_kernel(ops, monkeypatch):
     assert len(calls) == 3
 
 
-def test_front_end_reads_the_value_check_kernel_for_parameter_weights(ops, monkeypatch):
+def test_front_end_reads_the_value_check_kernel_for_parameter_weights(value_check_calls):
     """Class weights held as an nn.Parameter (frozen, for class indices; learned, for probabilities) are plain tensors
     to the dispatcher: the one-kernel check serves them (with the targets) rather than the PyTorch ops, and finds a
     NaN in them."""
     import fused_xent
-    import fused_xent._validate as validate
 
-    calls = []
-
-    def kernel(*args):
-        calls.append(args)
-        return ops.value_check(*args)
-
-    monkeypatch.setitem(validate.VALUE_CHECK_KERNELS, "torch", kernel)
+    calls = value_check_calls
     x = torch.randn(16, 5, dtype=torch.float64)
     target = torch.randint(0, 5, (16,))
     frozen = torch.nn.Parameter(torch.rand(5, dtype=torch.float64) + 0.5, requires_grad=False)
