@@ -238,22 +238,22 @@ class ValueCheck:
         kernel = VALUE_CHECK_KERNELS.get(backend)
         if kernel is not None and _plain(checked_target) and _plain(problem.weight):
             self._flags = kernel(checked_target, problem.weight, problem.ignore_index, problem.logits.shape[1])
-            if problem.logits.is_cuda:
-                self._ready = torch.cuda.Event()
-                self._ready.record(torch.cuda.current_stream(problem.logits.device))
-            return
-        summary = []
-        if self._check_targets:
-            # Ignored positions count as class 0, which is in range whenever any class is (C = 0 is judged exactly).
-            summary += target.masked_fill(target == problem.ignore_index, 0).aminmax()
-        if problem.weight is not None:
-            summary.append(torch.isnan(problem.weight).any().long())
-        self._summary = torch.stack(summary)
-        if self._summary.is_cuda:
-            on_host = torch.empty(self._summary.shape, dtype=self._summary.dtype, pin_memory=True)
-            on_host.copy_(self._summary, non_blocking=True)
-            self._summary, self._ready = on_host, torch.cuda.Event()
-            # On the stream the copy ran on: the logits' device's, which need not be the current device.
+        else:
+            summary = []
+            if self._check_targets:
+                # Ignored positions count as class 0, which is in range whenever any class is (C = 0 is judged
+                # exactly).
+                summary += target.masked_fill(target == problem.ignore_index, 0).aminmax()
+            if problem.weight is not None:
+                summary.append(torch.isnan(problem.weight).any().long())
+            self._summary = torch.stack(summary)
+            if self._summary.is_cuda:
+                self._summary = torch.empty(self._summary.shape, dtype=self._summary.dtype,
+                                            pin_memory=True).copy_(self._summary, non_blocking=True)
+        if problem.logits.is_cuda:
+            # On the stream the copy to pinned memory ran on: the logits' device's, which need not be the current
+            # device.
+            self._ready = torch.cuda.Event()
             self._ready.record(torch.cuda.current_stream(problem.logits.device))
 
     def _verdict(self) -> tuple[bool, bool]:
