@@ -32,7 +32,7 @@ def _variants(label, shape, element_size):
     thread-block clusters of up to 16 blocks (by default a cluster is one block, csrc/cuda/xent_rows_cluster.cu; the
     setting changes the plan only for such rows) and, on the block-per-row shapes (not split across blocks), its
     L2-resident plan (rows in flight held to L2, the gradient sweep streaming: FUSED_XENT_L2_RESIDENT_ROWS_PERCENT;
-    on the H200 half of L2, and the hints alone, were slower still). Triton's versions of the L2-resident plan and
+    on the H200 half of L2 was slower, and the hints alone no better). Triton's versions of the L2-resident plan and
     of pipelined row-statistics loads did not pay on the H200 and were removed."""
     variants = {}
     if label.startswith("rows") and shape[1] * element_size > 96 * 1024:
