@@ -55,10 +55,6 @@ def _compiled_ops():
 HAS_CUDA_KERNEL = EXTENSION_ERROR is None and torch._C._dispatch_has_kernel_for_dispatch_key(
     "fused_xent::cross_entropy_fwd", "CUDA"
 )
-# The front end's value check as one kernel (csrc/cuda/xent_checks.cu; fused_xent._validate.ValueCheck).
-HAS_VALUE_CHECK_KERNEL = EXTENSION_ERROR is None and torch._C._dispatch_has_kernel_for_dispatch_key(
-    "fused_xent::value_check", "CUDA"
-)
 TRITON_CPU_HINT = (
     "the triton backend runs on CUDA tensors; on CPU set TRITON_INTERPRET=1 before importing fused_xent "
     "(slow, for tests)"

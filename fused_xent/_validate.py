@@ -197,7 +197,8 @@ def value_checks_enabled() -> bool:
 # machine of 2026-11-30 (benchmarks/RESULTS.md). It returns the verdict itself, flags [a bad class index, a NaN
 # weight]. Only calls of the CUDA backend take it: they run the extension's kernels on that GPU anyway, where a call
 # of the Triton or PyTorch backend may be on a GPU the extension was not built for.
-VALUE_CHECK_KERNELS = {"cuda": torch.ops.fused_xent.value_check} if _backends.HAS_VALUE_CHECK_KERNEL else {}
+# A CUDA build registers it with the loss ops (csrc/cuda/xent_checks.cu beside xent_kernel.cu).
+VALUE_CHECK_KERNELS = {"cuda": torch.ops.fused_xent.value_check} if _backends.HAS_CUDA_KERNEL else {}
 
 
 # nn.Parameter is a plain tensor to the dispatcher (no __torch_function__ or __torch_dispatch__ of its own): class
