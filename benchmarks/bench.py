@@ -47,6 +47,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--autocast", action="store_true",
                         help="every provider's loss runs under torch.autocast in the logits' dtype, as in mixed-"
                              "precision training (use with --dtypes bf16 or fp16: PyTorch then computes in float32)")
+    parser.add_argument("--timing", choices=("queued", "synced"), default="queued",
+                        help="on a GPU: 'queued' (default) queues the timed steps back to back, so the host runs "
+                             "ahead as in training and the CUDA events time the device's work; 'synced' waits for "
+                             "the GPU before each step, so a call's host time until its first kernel counts too "
+                             "(single-call latency). The CPU is always timed by the wall clock")
     parser.add_argument("--threads", type=positive_int,
                         help="torch.set_num_threads for the CPU run, >= 1 (default: torch's)")
     parser.add_argument("--thp", action="store_true",

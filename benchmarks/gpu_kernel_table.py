@@ -6,7 +6,7 @@ GB/s counts the least traffic each mode needs: the forward reads the logits once
 and writes the gradient (2L) when the gradient is made in the forward; a recomputing backward reads the logits again
 (3L); rows of ignored positions are counted too, so skipping them shows as a higher rate. Copy = dst.copy_(src) of
 the logits (2L), measured on the same tensor. Each timed call starts from a cold L2 (timing.CacheFlusher overwrites
-a 256 MiB buffer before it, outside the timed region).
+a 256 MiB buffer before it, outside the timed region); the calls are queued back to back (bench.py's default timing).
 """
 
 import argparse
@@ -62,16 +62,10 @@ PROBLEMS = [
 
 
 def median_ms(fn, repeats, flusher, timer):
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(repeats):
-        flusher.flush()
-        timer.sync()
-        timer.start()
-        fn()
-        times.append(1e3 * timer.stop())
-    return statistics.median(times)
+    """Median ms of `repeats` calls after 3 untimed ones, queued as bench.py queues them (timing.timed_runs)."""
+    warm_up = 3
+    seconds = timing.timed_runs(lambda _: fn(), warm_up + repeats, timer, flusher, queued=True)
+    return 1e3 * statistics.median(seconds[warm_up:])
 
 
 def gpu_backends():

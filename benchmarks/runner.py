@@ -42,9 +42,10 @@ def _memory_needed(case: shapes.Case, with_grad: bool) -> int:
 
 
 class CaseRunner:
-    def __init__(self, device, modes, repeats, budget_s, results: report.Results, progress, ignored=0.0):
+    def __init__(self, device, modes, repeats, budget_s, results: report.Results, progress, ignored=0.0,
+                 queued=False):
         self.device, self.modes, self.repeats, self.budget_s = device, modes, repeats, budget_s
-        self.ignored = ignored
+        self.ignored, self.queued = ignored, queued
         self.results, self.progress = results, progress
         self.timer, self.flusher = timing.Timer(device), timing.CacheFlusher(device)
 
@@ -115,7 +116,7 @@ class CaseRunner:
                   note="first fwd+bwd call (Inductor's on-disk cache may hit), excluded from the timings")
 
     def _time_copy(self, case, logits):
-        stats = timing.time_copy(logits, self.timer, self.flusher, min(self.budget_s, 1.0))
+        stats = timing.time_copy(logits, self.timer, self.flusher, min(self.budget_s, 1.0), self.queued)
         self._row("copy", case, "copy", "time", stats.median * 1e3, stats.p20 * 1e3, stats.p80 * 1e3, "ms")
         moved = 2 * case.logits_bytes
         self._row("copy", case, "copy", "bandwidth", moved / stats.median / 1e9, moved / stats.p80 / 1e9,
@@ -129,7 +130,7 @@ class CaseRunner:
             try:
                 peak, estimate = timing.peak_memory(workload, mode, self.timer)
                 stats = timing.time_steps(workload, mode, self.timer, self.flusher, estimate, self.repeats,
-                                          self.budget_s)
+                                          self.budget_s, self.queued)
             except Exception as error:
                 self._row(provider.name, case, mode, "verdict", float("nan"),
                           note=f"FAILED: {type(error).__name__}: {first_line(error)}")
@@ -160,8 +161,8 @@ class CaseRunner:
                                   note=f"{baseline} median / {provider.name} median")
 
 
-def _method_notes(device, chosen, provider_notes, budget_s, repeats) -> list[str]:
-    timer = "time.perf_counter" if device == "cpu" else "CUDA events, synchronized"
+def _method_notes(device, chosen, provider_notes, budget_s, repeats, timing_method) -> list[str]:
+    timer = "time.perf_counter" if device == "cpu" else timing.TIMING_METHODS[timing_method]
     count = f"{repeats} steps" if repeats else f"as many steps as fit in {budget_s:g} s (3 to 50)"
     checks = "on (the default)"
     if not value_checks_enabled():
@@ -185,21 +186,23 @@ def _method_notes(device, chosen, provider_notes, budget_s, repeats) -> list[str
         + ", ".join(f"{k} {v:g}" for k, v in correctness.TOLERANCE.items())
         + ". WRONG providers are not timed.",
         "Every provider runs in one process under the same allocator settings (see 'allocator' above).",
-        f"fused_xent's data-dependent input checks (on a GPU: one host sync per call) were {checks}.",
+        f"fused_xent's data-dependent input checks (on a GPU: one host sync per call, after the loss kernels are "
+        f"queued) were {checks}.",
     ] + [f"{p.name}: {p.note}" for p in chosen] + provider_notes
 
 
 def file_stem(device: str, full: bool, selection: list[tuple[list[str], list[str]]], ignored: float,
-              autocast: bool, thp: bool) -> str:
-    """<device>-<date>[-full][-<selection>][-ignoredNN][-autocast][-thp]. `selection` pairs what this run chose
-    (families, dtypes, modes, providers) with what the default run (quick or --full) chooses; each that differs is
-    named, its items joined by commas, so a partial run never overwrites the same day's default tables (or those of
-    another selection)."""
+              autocast: bool, thp: bool, synced: bool = False) -> str:
+    """<device>-<date>[-full][-<selection>][-ignoredNN][-autocast][-thp][-synced]. `selection` pairs what this
+    run chose (families, dtypes, modes, providers) with what the default run (quick or --full) chooses; each that
+    differs is named, its items joined by commas, so a partial run never overwrites the same day's default tables
+    (or those of another selection). `synced`: a GPU run timed synchronized (--timing synced)."""
     parts = [device, datetime.date.today().isoformat()] + (["full"] if full else [])
     parts += [",".join(chosen) for chosen, default in selection if set(chosen) != set(default)]
     parts += [f"ignored{round(100 * ignored)}"] if ignored else []
     parts += ["autocast"] if autocast else []
     parts += ["thp"] if thp else []
+    parts += ["synced"] if synced else []
     return "-".join(parts)
 
 
@@ -233,7 +236,8 @@ def run(args) -> int:
     default_names = [p.name for p in providers_mod.select(candidates, device, full, None)]
     selection = [(families, list(shapes.FAMILIES)), (dtypes, shapes.default_dtypes(device, full)),
                  (modes, default_modes), (names, default_names)]
-    stem = args.out / file_stem(device, full, selection, args.ignored, args.autocast, env_info.thp_enabled())
+    synced = device == "cuda" and args.timing == "synced"
+    stem = args.out / file_stem(device, full, selection, args.ignored, args.autocast, env_info.thp_enabled(), synced)
     if args.list:
         print("providers:", ", ".join(names))
         print("problems:", ", ".join(f"{c.family} {c.label} {c.dtype_name}" for c in case_list))
@@ -249,7 +253,7 @@ def run(args) -> int:
     print("providers:", ", ".join(p.name for p in chosen), "|", "; ".join(provider_notes) or "")
     results = report.Results()
     args.out.mkdir(parents=True, exist_ok=True)
-    notes = _method_notes(device, chosen, provider_notes, budget_s, args.repeats)
+    notes = _method_notes(device, chosen, provider_notes, budget_s, args.repeats, args.timing)
     if args.ignored:
         notes.insert(0, f"Targets: {args.ignored:.0%} of the positions, at random, hold ignore_index -100. Bandwidth "
                         "still counts the bytes of every row.")
@@ -267,7 +271,8 @@ def run(args) -> int:
 
     total = len(case_list) * (len(chosen) * len(modes) + 1)
     with progress_mod.progress_bar(total) as progress:
-        case_runner = CaseRunner(device, modes, args.repeats, budget_s, results, progress, args.ignored)
+        case_runner = CaseRunner(device, modes, args.repeats, budget_s, results, progress, args.ignored,
+                                 queued=args.timing == "queued")
         for done, case in enumerate(case_list, start=1):
             progress.set_description(f"{case.family} {case.label} {case.dtype_name}")
             case_runner.run(case, chosen)

@@ -102,21 +102,22 @@ class Workload:
         if mode != "fwd":
             loss.backward()
 
-    def timed_step(self, mode: str, timer: Timer, flusher: CacheFlusher) -> float:
+    def prepare(self, mode: str) -> torch.Tensor | None:
+        """What a step does before its timer starts: a fresh gradient (and logits), and bwd's forward."""
         self.reset()
-        loss = self.forward() if mode == "bwd" else None
-        flusher.flush()
-        timer.sync()
-        timer.start()
+        return self.forward() if mode == "bwd" else None
+
+    def run(self, mode: str, loss: torch.Tensor | None) -> torch.Tensor:
+        """The timed part of a step; returns the loss, whose graph the caller frees after the timer stops (training
+        frees it too, but outside the loss)."""
         if mode == "fwd":
-            loss = self.forward()
-        elif mode == "bwd":
+            return self.forward()
+        if mode == "bwd":
             loss.backward()
-        else:
-            self.forward().backward()
-        elapsed = timer.stop()
-        del loss  # frees the graph after the timer stopped; training frees it too, but outside the loss
-        return elapsed
+            return loss
+        loss = self.forward()
+        loss.backward()
+        return loss
 
 
 def _status_kib(field: str) -> int:
@@ -176,25 +177,67 @@ def peak_memory(workload: Workload, mode: str, timer: Timer) -> tuple[float | No
     return (None if base is None else float(_status_kib("VmHWM") * 1024 - base)), elapsed
 
 
+TIMING_METHODS = {
+    "queued": "CUDA events, the steps queued back to back (the host runs ahead, as in training; one synchronize at "
+              "the end, as triton.testing.do_bench)",
+    "synced": "CUDA events, the device synchronized before each step (the host's time to launch a call counts: "
+              "single-call latency from an idle GPU)",
+}
+
+
+def timed_runs(run, count: int, timer: Timer, flusher: CacheFlusher, queued: bool, prepare=lambda: None) -> list:
+    """Seconds of `count` calls of run(prepare()), each after an untimed prepare() and a cache flush.
+
+    Synced (and always on the CPU, whose host is its device): the device is idle when each call starts, so the time
+    includes the host's work until the call's first kernel runs. Queued (CUDA): every call is queued behind its flush
+    without waiting for the device, so in steady state the device finds each call's kernels already launched and
+    the events time the device's work alone, as it runs in a training step, where the host is ahead of the GPU. A
+    call that synchronizes inside (fused_xent's value check, in_forward's unit-gradient test) still makes the GPU
+    wait for the host after that point, in either method.
+    What run returns is kept until its time is taken, so that freeing it (a graph) is not timed."""
+    if not (queued and timer.cuda):
+        samples = []
+        for _ in range(count):
+            prepared = prepare()
+            flusher.flush()
+            timer.sync()
+            timer.start()
+            kept = run(prepared)
+            samples.append(timer.stop())
+            del prepared, kept
+        return samples
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(count)]
+    for begin, end in events:
+        prepared = prepare()
+        flusher.flush()
+        begin.record()
+        kept = run(prepared)
+        end.record()
+        del prepared, kept
+    torch.cuda.synchronize()
+    return [begin.elapsed_time(end) / 1e3 for begin, end in events]
+
+
 def time_steps(workload: Workload, mode: str, timer: Timer, flusher: CacheFlusher, estimate_s: float,
-               repeats: int | None, budget_s: float) -> Stats:
+               repeats: int | None, budget_s: float, queued: bool = False) -> Stats:
     """Median and spread over `repeats` steps, or as many as fit in `budget_s` (at least 3, at most 50)."""
-    if estimate_s < 0.05:
-        workload.timed_step(mode, timer, flusher)  # one more warm-up where it is cheap
     count = repeats or int(min(50, max(3, budget_s / max(estimate_s, 1e-6))))
-    return summarize([workload.timed_step(mode, timer, flusher) for _ in range(count)])
+    # One more warm-up where it is cheap; and, queued, the first call, which no earlier one hides the launch of.
+    warm_up = 1 if estimate_s < 0.05 or (queued and timer.cuda) else 0
+    samples = timed_runs(lambda loss: workload.run(mode, loss), warm_up + count, timer, flusher, queued,
+                         prepare=lambda: workload.prepare(mode))
+    return summarize(samples[warm_up:])
 
 
-def time_copy(logits: torch.Tensor, timer: Timer, flusher: CacheFlusher, budget_s: float) -> Stats:
-    """The device's copy speed on this problem's size: dst.copy_(src) into an existing buffer."""
+def time_copy(logits: torch.Tensor, timer: Timer, flusher: CacheFlusher, budget_s: float,
+              queued: bool = False) -> Stats:
+    """The device's copy speed on this problem's size: dst.copy_(src) into an existing buffer, timed as the steps
+    are (at least 5 copies, at most 50, within budget_s)."""
     dst = torch.empty_like(logits)
     dst.copy_(logits)  # touches dst's pages once, so that the copies below do not fault them in
-    samples = []
-    deadline = time.perf_counter() + budget_s
-    while len(samples) < 5 or (time.perf_counter() < deadline and len(samples) < 50):
-        flusher.flush()
-        timer.sync()
-        timer.start()
-        dst.copy_(logits)
-        samples.append(timer.stop())
-    return summarize(samples)
+    timer.sync()
+    started = time.perf_counter()
+    first = timed_runs(lambda _: dst.copy_(logits), 1, timer, flusher, queued=False)
+    estimate = time.perf_counter() - started
+    count = int(min(50, max(5, budget_s / max(estimate, 1e-6))))
+    return summarize(first + timed_runs(lambda _: dst.copy_(logits), count - 1, timer, flusher, queued))

@@ -6,6 +6,8 @@ import datetime
 import os
 import subprocess
 import sys
+import time
+import weakref
 from pathlib import Path
 
 import pytest
@@ -26,6 +28,7 @@ import providers  # noqa: E402
 import report  # noqa: E402
 import runner  # noqa: E402
 import shapes  # noqa: E402
+import timing  # noqa: E402
 
 needs_cpu_kernel = pytest.mark.skipif("cpu" not in fused_xent.available_backends(), reason="extension not built")
 
@@ -187,6 +190,60 @@ def test_a_partial_run_does_not_overwrite_the_full_tables(capsys):
     }
     for args, stem in expected.items():
         assert _result_file(capsys, *args) == str(Path("results") / stem), args
+
+
+def test_timed_runs_time_each_call_of_what_its_preparation_gave():
+    """On the CPU either method is the wall clock; each call gets its own prepare()'s value, and what it returns
+    (a loss and its graph) is still alive when its time is taken, so that freeing it is not timed."""
+
+    class Kept:
+        pass
+
+    returned, alive_at_stop = [], []
+
+    class Timer(timing.Timer):
+        def stop(self):
+            alive_at_stop.append(returned[-1]() is not None)
+            return super().stop()
+
+    def run(value):
+        kept = Kept()
+        returned.append(weakref.ref(kept))
+        seen.append(value)
+        return kept
+
+    for queued in (False, True):
+        seen = []
+        samples = timing.timed_runs(run, 3, Timer("cpu"), timing.CacheFlusher("cpu"), queued,
+                                    prepare=iter(range(3)).__next__)
+        assert seen == [0, 1, 2] and len(samples) == 3 and all(s > 0 for s in samples)
+    assert alive_at_stop == [True] * 6 and all(ref() is None for ref in returned)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_queued_timing_hides_the_host_behind_a_busy_gpu_and_synced_timing_does_not():
+    """A call that spends 20 ms on the host before its 1 ms kernel: queued behind 50 ms of earlier GPU work, the
+    events see the kernel; synchronized before each call, they see the host's 20 ms too."""
+    timer, flusher = timing.Timer("cuda"), timing.CacheFlusher("cuda")
+    cycles_per_ms = 2_000_000  # an H200 at ~2 GHz; the bounds below allow a 3x slower clock
+
+    def run(_):
+        time.sleep(0.02)
+        torch.cuda._sleep(cycles_per_ms)
+
+    def busy_gpu():
+        torch.cuda._sleep(50 * cycles_per_ms)
+
+    queued = timing.timed_runs(run, 3, timer, flusher, queued=True, prepare=busy_gpu)
+    synced = timing.timed_runs(run, 3, timer, flusher, queued=False, prepare=busy_gpu)
+    assert max(queued) < 0.01 and min(synced) > 0.02, (queued, synced)
+
+
+def test_synced_gpu_tables_are_named_apart():
+    day = datetime.date.today().isoformat()
+    assert runner.file_stem("cuda", False, [], 0.0, False, False, synced=True) == f"cuda-{day}-synced"
+    assert runner.file_stem("cuda", True, [], 0.0, False, False) == f"cuda-{day}-full"
 
 
 @pytest.mark.parametrize("argv", [["--threads", "-1"], ["--threads", "0"], ["--repeats", "-1"], ["--repeats", "0"],
