@@ -89,9 +89,11 @@ def _autocast_arguments(input, target, weight, grad_mode):
 
 
 def _autocast_enabled(input) -> bool:
-    """Whether autocast is on for input's device. The meta device has no autocast state (asking raises); it is named
-    rather than found with torch.amp.is_autocast_available, which torch.compile cannot trace in torch 2.11."""
-    return isinstance(input, torch.Tensor) and not input.is_meta and torch.is_autocast_enabled(input.device.type)
+    """Whether autocast is on for input's device (asked of that device only when it is on for any: the usual answer
+    costs one call). The meta device has no autocast state (asking raises); it is named rather than found with
+    torch.amp.is_autocast_available, which torch.compile cannot trace in torch 2.11."""
+    return (torch._C._is_any_autocast_enabled() and isinstance(input, torch.Tensor) and not input.is_meta
+            and torch.is_autocast_enabled(input.device.type))
 
 
 def _unit_grad_is_exact(grad_loss: torch.Tensor) -> bool:
@@ -128,9 +130,12 @@ def _gradient_made_in_forward(ctx) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _function_transform_active(*tensors) -> bool:
     """True under a torch.func transform (grad, vmap, jacrev, ...) or with forward-mode AD tangents on an input
-    (also while torch.compile traces one)."""
+    (also while torch.compile traces one). Tangents live only inside a forward-AD level (forward_ad.dual_level
+    clears them on exit): outside one, the inputs are not unpacked (3 us a call)."""
     if torch._C._are_functorch_transforms_active():
         return True
+    if forward_ad._current_level < 0 and not torch.compiler.is_compiling():
+        return False
     return any(t is not None and forward_ad.unpack_dual(t).tangent is not None for t in tensors)
 
 
