@@ -62,6 +62,9 @@ __device__ __forceinline__ float exp_acc(float x) { return __expf(x); }
 __device__ __forceinline__ double exp_acc(double x) { return ::exp(x); }
 __device__ __forceinline__ float log_acc(float x) { return static_cast<float>(::log(static_cast<double>(x))); }
 __device__ __forceinline__ double log_acc(double x) { return ::log(x); }
+// One FMNMX; a NaN operand is passed over, as by the comparison it replaces (RowStats says why that is right).
+__device__ __forceinline__ float max_acc(float a, float b) { return fmaxf(a, b); }
+__device__ __forceinline__ double max_acc(double a, double b) { return fmax(a, b); }
 
 template <typename acc_t>
 __device__ __forceinline__ acc_t neg_infinity() {
@@ -96,7 +99,7 @@ __device__ __forceinline__ acc_t class_weight(const acc_t* weight, int64_t c) {
 //             (probabilities): relative to the max, its terms are all <= 0 and the loss, log_sum * tsum - dot,
 //             adds two non-negative parts (xent_math.h). Moved by tsum * (old - new) whenever the max rises.
 //   tsum:     sum_c a[c].
-// NaN logits never become the max (the comparisons are false) but poison `sum`, so lse is NaN, as in PyTorch.
+// NaN logits never become the max (fmax passes them over) but poison `sum`, so lse is NaN, as in PyTorch.
 template <typename acc_t>
 struct RowStats {
   acc_t max, sum, dot, tsum;
@@ -112,7 +115,7 @@ struct RowStats {
   __device__ __forceinline__ acc_t add_logits(const acc_t (&x)[kWidth]) {
     acc_t chunk_max = x[0];
 #pragma unroll
-    for (int i = 1; i < kWidth; ++i) chunk_max = x[i] > chunk_max ? x[i] : chunk_max;
+    for (int i = 1; i < kWidth; ++i) chunk_max = max_acc(chunk_max, x[i]);
     if (chunk_max > max) {
       const acc_t previous = finite_max();
       sum *= exp_acc(max - chunk_max);  // exp(-inf) = 0 on the first chunk
@@ -243,6 +246,25 @@ template <int kWidth, typename T>
 struct alignas(sizeof(T) * kWidth) Pack {
   T v[kWidth];
 };
+
+// The elements of a pack in the accumulation type. A bfloat16 is the upper half of its float32: from a 32-bit word
+// holding two, the lower element is a shift and the upper one a mask, one instruction each, where converting them
+// one at a time takes three for the upper one (it is first moved down, then shifted back up).
+template <int kWidth, typename T>
+__device__ __forceinline__ void to_acc(const Pack<kWidth, T>& in, acc_type<T> (&out)[kWidth]) {
+  if constexpr (std::is_same_v<T, c10::BFloat16> && kWidth % 2 == 0) {
+    uint32_t words[kWidth / 2];
+    memcpy(words, &in, sizeof(words));
+#pragma unroll
+    for (int k = 0; k < kWidth / 2; ++k) {
+      const uint32_t halves[2] = {words[k] << 16, words[k] & 0xffff0000u};
+      memcpy(&out[2 * k], halves, sizeof(halves));
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < kWidth; ++i) out[i] = static_cast<acc_type<T>>(in.v[i]);
+  }
+}
 
 // What a 16-byte access asks of the caches. kStreaming (ld/st.global.cs: evict first) marks a last use, so that L2
 // keeps the lines still to be read again in its place: the second sweep of the fused forward's L2-resident plan
@@ -498,23 +520,17 @@ __device__ __forceinline__ PositionLoss<acc_t> position_loss(const IndexTarget<a
   }
 }
 
-// lse as the gradient takes it, p[c] = exp((x[c] - reference) - log_sum): a forward passes its max (finite_max) and
-// log(sum) apart, so that p keeps float precision at logits of 1e4, where lse itself is rounded by ~1e-3 (see
-// target_gap); a backward passes the saved lse's hi with log_sum 0 (saved_lse).
+// lse as the gradient takes it: p[c] = exp((x[c] - reference) - log_sum) times a factor folded into the row's
+// coefficients of p (with_lse_factor), so that p keeps float precision at logits of 1e4, where lse itself is rounded
+// by ~1e-3 (see target_gap). log_sum is 0 at compile time wherever it can be, one subtraction per class instead of
+// two (at run time, it took the sm_90 gradient sweep of 16-bit rows from 64 registers to 94, one block of 512
+// threads per SM instead of two): a backward takes the saved lse's hi and the factor exp(-lo) (saved_lse), a forward
+// accumulating in float32 its max and exp(-log_sum) (forward_grad_row).
 template <typename acc_t>
 struct LseParts {
   acc_t reference, log_sum;
 };
 
-template <typename acc_t>
-__device__ __forceinline__ LseParts<acc_t> forward_lse(const RowStats<acc_t>& st, acc_t log_sum) {
-  return {st.finite_max(), log_sum};
-}
-
-// The saved lse of position r as the gradient-only kernels take it (split_lse): p = exp(x - hi) * factor, with
-// log_sum 0 at compile time (a run-time one took the sm_90 gradient sweep of 16-bit rows from 64 registers to 94,
-// one block of 512 threads per SM instead of two) and the factor folded into the row's coefficients of p
-// (with_lse_factor).
 template <typename acc_t>
 struct SavedLse {
   LseParts<acc_t> lse;
@@ -564,27 +580,32 @@ __device__ __forceinline__ GradRow<acc_t> prob_grad_row(LseParts<acc_t> lse, acc
   return g;
 }
 
-// The GradRow of a fused forward, from the statistics it just computed (log_sum = st.log_sum()).
-template <bool kProb, typename acc_t>
-__device__ __forceinline__ GradRow<acc_t> forward_grad_row(const IndexTarget<acc_t>& target,
-                                                           const RowStats<acc_t>& st, acc_t log_sum,
-                                                           acc_t weight_sum, acc_t eps, int64_t num_classes,
-                                                           acc_t scale) {
-  if constexpr (kProb) {
-    return prob_grad_row<acc_t>(forward_lse(st, log_sum), scale, st.tsum);
-  } else {
-    return index_grad_row<acc_t>(target.kind, target.y, target.weight, forward_lse(st, log_sum), weight_sum, eps,
-                                 num_classes, scale);
-  }
-}
-
-// g with every coefficient of p multiplied by factor (saved_lse): prob_coef of class indices, T of probabilities
+// g with every coefficient of p multiplied by factor (see LseParts): prob_coef of class indices, T of probabilities
 // (the other one is 0).
 template <typename acc_t>
 __device__ __forceinline__ GradRow<acc_t> with_lse_factor(GradRow<acc_t> g, acc_t factor) {
   g.index.prob_coef *= factor;
   g.tsum *= factor;
   return g;
+}
+
+// The GradRow of a fused forward, from the statistics it just computed (log_sum = st.log_sum()).
+template <bool kProb, typename acc_t>
+__device__ __forceinline__ GradRow<acc_t> forward_grad_row(const IndexTarget<acc_t>& target,
+                                                           const RowStats<acc_t>& st, acc_t log_sum,
+                                                           acc_t weight_sum, acc_t eps, int64_t num_classes,
+                                                           acc_t scale) {
+  // float64 keeps log_sum apart: the float64 thread-per-position forward spills with it folded (sm_90 SASS).
+  constexpr bool kFloat64 = std::is_same_v<acc_t, double>;
+  const LseParts<acc_t> lse{st.finite_max(), kFloat64 ? log_sum : acc_t(0)};
+  const acc_t factor = kFloat64 ? acc_t(1) : exp_acc(-log_sum);
+  if constexpr (kProb) {
+    return with_lse_factor(prob_grad_row<acc_t>(lse, scale, st.tsum), factor);
+  } else {
+    return with_lse_factor(
+        index_grad_row<acc_t>(target.kind, target.y, target.weight, lse, weight_sum, eps, num_classes, scale),
+        factor);
+  }
 }
 
 template <typename acc_t>
@@ -599,6 +620,29 @@ __device__ __forceinline__ acc_t index_grad_at(const GradRow<acc_t>& g, const ac
   if (g.index.class_coef != acc_t(0)) d -= g.index.class_coef * class_weight(weight, c);
   if (c == g.target) d -= g.index.target_coef;
   return d;
+}
+
+// index_grad_at of classes c .. c+W-1 at once. Its two tests are taken once for the pack instead of once per class:
+// smoothing (a branch the whole row takes alike) and whether the pack holds the target (one 64-bit subtraction; the
+// rare pack that does compares small offsets). Per class that leaves the conversion, the exponential and two
+// multiplications: in the sm_90 SASS of the block-row gradient sweep, the path without smoothing went from about 15
+// instructions per bfloat16 class (two branches and a 64-bit compare each) to about 8, with to_acc.
+template <typename acc_t, int W>
+__device__ __forceinline__ void index_grad_pack(const GradRow<acc_t>& g, const acc_t* weight, int64_t c,
+                                                const acc_t (&x)[W], acc_t (&d)[W]) {
+#pragma unroll
+  for (int i = 0; i < W; ++i) d[i] = g.index.prob_coef * probability(g, x[i]);
+  if (g.index.class_coef != acc_t(0)) {
+#pragma unroll
+    for (int i = 0; i < W; ++i) d[i] -= g.index.class_coef * class_weight(weight, c + i);
+  }
+  const int64_t target_offset = g.target - c;
+  if (static_cast<uint64_t>(target_offset) < static_cast<uint64_t>(W)) {
+    // Every class subtracts, 0 but at the target: written as `if (i == offset) d[i] -= ...`, the compiler turns the
+    // loop into one store at a computed index, which puts d in local memory.
+#pragma unroll
+    for (int i = 0; i < W; ++i) d[i] -= i == static_cast<int>(target_offset) ? g.index.target_coef : acc_t(0);
+  }
 }
 
 // dloss/dx[c] of a probability-target position.

@@ -23,15 +23,20 @@ __device__ __forceinline__ void sweep_row_grad(const XentParams<scalar_t>& p, co
       [&](auto width, int64_t c, const auto& in) {
         constexpr int W = decltype(width)::value;
         Pack<W, scalar_t> out;
+        if constexpr (kProb) {
+          // Class by class: converting whole packs of logits and targets first took the sm_90 block sweep of 16-bit
+          // rows from 64 registers to 74, one block of 512 threads per SM instead of two.
 #pragma unroll
-        for (int i = 0; i < W; ++i) {
-          const auto xi = static_cast<acc_t>(in.x.v[i]);
-          if constexpr (kProb) {
-            out.v[i] = static_cast<scalar_t>(
-                prob_grad_at<acc_t>(row, p.weight, c + i, xi, static_cast<acc_t>(in.t.v[i]), eps, p.C));
-          } else {
-            out.v[i] = static_cast<scalar_t>(index_grad_at<acc_t>(row, p.weight, c + i, xi));
+          for (int i = 0; i < W; ++i) {
+            out.v[i] = static_cast<scalar_t>(prob_grad_at<acc_t>(row, p.weight, c + i, static_cast<acc_t>(in.x.v[i]),
+                                                                 static_cast<acc_t>(in.t.v[i]), eps, p.C));
           }
+        } else {
+          acc_t xs[W], d[W];
+          to_acc(in.x, xs);
+          index_grad_pack(row, p.weight, c, xs, d);
+#pragma unroll
+          for (int i = 0; i < W; ++i) out.v[i] = static_cast<scalar_t>(d[i]);
         }
         if constexpr (kVectorStores || W == 1) {
           store_pack<W, scalar_t, kHint>(g + c, out);
@@ -89,8 +94,7 @@ __device__ __forceinline__ RowStats<acc_type<scalar_t>> thread_row_stats(const X
         constexpr int W = decltype(width)::value;
         if (staged) stash_pack<W>(staged + c, in.x);
         acc_t xs[W];
-#pragma unroll
-        for (int i = 0; i < W; ++i) xs[i] = static_cast<acc_t>(in.x.v[i]);
+        to_acc(in.x, xs);
         const acc_t m = st.add_logits(xs);
         if constexpr (kProb) {
 #pragma unroll

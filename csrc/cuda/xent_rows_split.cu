@@ -39,8 +39,7 @@ __global__ void __launch_bounds__(BlockGroup::kMaxThreads)
         [&](auto width, int64_t c, const auto& xv) {
           constexpr int W = decltype(width)::value;
           acc_t xs[W];
-#pragma unroll
-          for (int i = 0; i < W; ++i) xs[i] = static_cast<acc_t>(xv.v[i]);
+          to_acc(xv, xs);
           const acc_t m = st.add_logits(xs);
           if (smoothing) {
 #pragma unroll
