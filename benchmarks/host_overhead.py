@@ -1,6 +1,6 @@
 """Where the public API's time goes beyond its kernels: host time of each call, of each phase of the front end and
 of each op of the default value check, beside device time (CUDA events; on the CPU, wall time), with the device
-idle before each call as bench.py times it (cache flushed, synchronized).
+idle before each call as `bench.py --timing synced` times it (cache flushed, synchronized).
 
 On the H200 of 2026-11-30 (benchmarks/RESULTS.md) a small PyTorch op cost 14-17 us of host time, so the front end
 (about 230 us per forward against F.cross_entropy's 88) was most of the gap between the API and the kernels:

@@ -178,8 +178,10 @@ def peak_memory(workload: Workload, mode: str, timer: Timer) -> tuple[float | No
 
 
 TIMING_METHODS = {
-    "queued": "CUDA events, the steps queued back to back (the host runs ahead, as in training; one synchronize at "
-              "the end, as triton.testing.do_bench)",
+    "queued": "CUDA events, the steps queued back to back (the host runs ahead, as in training, one synchronize at "
+              "the end, as triton.testing.do_bench: device time wherever the device's work per step outlasts the "
+              "host's; a call that synchronizes inside, as fused_xent's value check does, lets the host run only "
+              "that far ahead)",
     "synced": "CUDA events, the device synchronized before each step (the host's time to launch a call counts: "
               "single-call latency from an idle GPU)",
 }
@@ -190,11 +192,14 @@ def timed_runs(run, count: int, timer: Timer, flusher: CacheFlusher, queued: boo
 
     Synced (and always on the CPU, whose host is its device): the device is idle when each call starts, so the time
     includes the host's work until the call's first kernel runs. Queued (CUDA): every call is queued behind its flush
-    without waiting for the device, so in steady state the device finds each call's kernels already launched and
-    the events time the device's work alone, as it runs in a training step, where the host is ahead of the GPU. A
-    call that synchronizes inside (fused_xent's value check, in_forward's unit-gradient test) still makes the GPU
-    wait for the host after that point, in either method.
-    What run returns is kept until its time is taken, so that freeing it (a graph) is not timed."""
+    without waiting for the device. While a step's device work (the flush, ~0.1 ms on an H200, and the call's
+    kernels) outlasts the host's work for it, the device finds each call's kernels already launched and the events
+    time the device's work alone, as in a training step where the host is ahead of the GPU; a host-bound call (tiny
+    problems) still shows its host time. A call that synchronizes inside (fused_xent's value check, in_forward's
+    unit-gradient test) lets the host run only that far ahead: the GPU waits for the host's work after that point,
+    where a provider without a sync is up to the whole queue ahead.
+    What run returns is kept until its time is taken (queued: until its end is recorded), so that freeing it (a
+    graph) is not timed."""
     if not (queued and timer.cuda):
         samples = []
         for _ in range(count):
@@ -237,7 +242,10 @@ def time_copy(logits: torch.Tensor, timer: Timer, flusher: CacheFlusher, budget_
     dst.copy_(logits)  # touches dst's pages once, so that the copies below do not fault them in
     timer.sync()
     started = time.perf_counter()
-    first = timed_runs(lambda _: dst.copy_(logits), 1, timer, flusher, queued=False)
+    dst.copy_(logits)
+    timer.sync()
     estimate = time.perf_counter() - started
     count = int(min(50, max(5, budget_s / max(estimate, 1e-6))))
-    return summarize(first + timed_runs(lambda _: dst.copy_(logits), count - 1, timer, flusher, queued))
+    # Queued, the first copy is dropped as the first step is (time_steps).
+    warm_up = 1 if queued and timer.cuda else 0
+    return summarize(timed_runs(lambda _: dst.copy_(logits), warm_up + count, timer, flusher, queued)[warm_up:])

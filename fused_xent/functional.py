@@ -88,12 +88,20 @@ def _autocast_arguments(input, target, weight, grad_mode):
     return _autocast_to_float32(input), _autocast_to_float32(target), weight, False
 
 
+# Devices whose autocast state torch._C._is_any_autocast_enabled() reports (it leaves out some others, e.g. mps).
+_AUTOCAST_DEVICES_ANY_REPORTS = ("cpu", "cuda")
+
+
 def _autocast_enabled(input) -> bool:
-    """Whether autocast is on for input's device (asked of that device only when it is on for any: the usual answer
-    costs one call). The meta device has no autocast state (asking raises); it is named rather than found with
-    torch.amp.is_autocast_available, which torch.compile cannot trace in torch 2.11."""
-    return (torch._C._is_any_autocast_enabled() and isinstance(input, torch.Tensor) and not input.is_meta
-            and torch.is_autocast_enabled(input.device.type))
+    """Whether autocast is on for input's device; on the CPU and CUDA asked of that device only when it is on for
+    any (the usual answer, in one call). The meta device has no autocast state (asking raises); it is named rather
+    than found with torch.amp.is_autocast_available, which torch.compile cannot trace in torch 2.11."""
+    if not isinstance(input, torch.Tensor) or input.is_meta:
+        return False
+    device_type = input.device.type
+    if device_type in _AUTOCAST_DEVICES_ANY_REPORTS and not torch._C._is_any_autocast_enabled():
+        return False
+    return torch.is_autocast_enabled(device_type)
 
 
 def _unit_grad_is_exact(grad_loss: torch.Tensor) -> bool:
@@ -134,7 +142,7 @@ def _function_transform_active(*tensors) -> bool:
     clears them on exit): outside one, the inputs are not unpacked (3 us a call)."""
     if torch._C._are_functorch_transforms_active():
         return True
-    if forward_ad._current_level < 0 and not torch.compiler.is_compiling():
+    if not torch.compiler.is_compiling() and forward_ad._current_level < 0:  # dynamo never reads (guards) the level
         return False
     return any(t is not None and forward_ad.unpack_dual(t).tangent is not None for t in tensors)
 

@@ -248,13 +248,15 @@ def _store_grad(logits_ptr, target_ptr, weight_ptr, grad_ptr, offset, in_range, 
       class indices:  prob_coef p[c] - class_coef w[c] - [c == y] target_coef
       probabilities:  prob_coef p[c] - class_coef w[c] t'[c]   (prob_coef = scale T, class_coef = scale)
     Positions that do not `keep` (ignored targets) get exactly 0, whatever their logits, which are loaded only
-    where `read` (_positions_read) says."""
+    where `read` (_positions_read) says. exp(-log_sum) is folded into prob_coef, once per position, as the CUDA
+    kernels fold it (xent_device.cuh LseParts): one subtraction per class instead of two."""
+    prob_coef = prob_coef * tl.exp2(-log_sum * LOG2E)
     for c0 in range(c_begin, c_stop, BLOCK_C):
         cols = c0 + tl.arange(0, BLOCK_C)
         mask = in_range[:, None] & (cols < C)[None, :]
         ptrs = offset[:, None] + cols.to(tl.int64)[None, :] * stride_c
         x = tl.load(logits_ptr + ptrs, mask=mask & read[:, None], other=0.0).to(ACC)
-        grad = prob_coef[:, None] * tl.exp2(((x - reference[:, None]) - log_sum[:, None]) * LOG2E)
+        grad = prob_coef[:, None] * tl.exp2((x - reference[:, None]) * LOG2E)
         if PROB_TARGET:
             weighted_target = _weighted_smoothed_target(target_ptr, weight_ptr, ptrs, mask, cols, label_smoothing, C,
                                                         HAS_WEIGHT, HAS_SMOOTHING, ACC)

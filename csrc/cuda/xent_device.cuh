@@ -62,7 +62,7 @@ __device__ __forceinline__ float exp_acc(float x) { return __expf(x); }
 __device__ __forceinline__ double exp_acc(double x) { return ::exp(x); }
 __device__ __forceinline__ float log_acc(float x) { return static_cast<float>(::log(static_cast<double>(x))); }
 __device__ __forceinline__ double log_acc(double x) { return ::log(x); }
-// One FMNMX; a NaN operand is passed over, as by the comparison it replaces (RowStats says why that is right).
+// One FMNMX. It passes a NaN operand over: a NaN never becomes the max, and poisons the sum instead (RowStats).
 __device__ __forceinline__ float max_acc(float a, float b) { return fmaxf(a, b); }
 __device__ __forceinline__ double max_acc(double a, double b) { return fmax(a, b); }
 
@@ -595,7 +595,9 @@ __device__ __forceinline__ GradRow<acc_t> forward_grad_row(const IndexTarget<acc
                                                            const RowStats<acc_t>& st, acc_t log_sum,
                                                            acc_t weight_sum, acc_t eps, int64_t num_classes,
                                                            acc_t scale) {
-  // float64 keeps log_sum apart: the float64 thread-per-position forward spills with it folded (sm_90 SASS).
+  // float64 keeps log_sum apart: the float64 thread-per-position forward spills with it folded (sm_90 SASS). The
+  // factor of an ignored position (no classes: log_sum = -inf) is inf; its coefficients are never read, the sweeps
+  // write a fill for any row that is not valid.
   constexpr bool kFloat64 = std::is_same_v<acc_t, double>;
   const LseParts<acc_t> lse{st.finite_max(), kFloat64 ? log_sum : acc_t(0)};
   const acc_t factor = kFloat64 ? acc_t(1) : exp_acc(-log_sum);
