@@ -26,13 +26,41 @@ namespace {
 template <typename scalar_t>
 constexpr int kClassChunk = sizeof(scalar_t) >= 4 ? 4 : 8;
 
-// Calls body(std::integral_constant<int, W>{}, c) for classes c .. c+W-1 of [begin, end): chunks of kChunk, then
-// single classes.
-template <int kChunk, typename Body>
+// Calls body(width, c, count) for classes c .. c+count-1 of [begin, end), width an integral_constant: full chunks
+// of kChunk, whose count is their width (so that `i < count` folds away), then the rest in chunks of kTailChunk
+// whose last one has a run-time count, its loads issued together. Taken one class at a time, the last 3 classes of
+// a 19-class position were 3 round trips to memory, one after another: 7 per float32 position where a tail chunk
+// makes 5, and 5 per 16-bit one where it makes 3, in kernels whose memory latency only occupancy hides (predicted to
+// matter, not yet measured on a GPU). The tail takes at most 4 classes a chunk: 8 took the sm_90 16-bit gradient
+// kernels from 40 registers to 44 (5 blocks per SM instead of 6); float64 keeps single classes, whose kernels spill
+// with a run-time count.
+template <typename scalar_t>
+constexpr int kTailChunk = sizeof(scalar_t) == 8 ? 1 : 4;
+
+template <typename scalar_t, typename Body>
 __device__ __forceinline__ void for_class_chunks(int64_t begin, int64_t end, Body&& body) {
+  constexpr int kChunk = kClassChunk<scalar_t>;
+  const auto width = std::integral_constant<int, kChunk>{};
+  const auto tail_width = std::integral_constant<int, kTailChunk<scalar_t>>{};
   int64_t c = begin;
-  for (; c + kChunk <= end; c += kChunk) body(std::integral_constant<int, kChunk>{}, c);
-  for (; c < end; ++c) body(std::integral_constant<int, 1>{}, c);
+  for (; c + kChunk <= end; c += kChunk) body(width, c, width);
+  for (; c < end; c += tail_width) {
+    if constexpr (tail_width == 1) {
+      body(tail_width, c, tail_width);
+    } else {
+      body(tail_width, c, static_cast<int>(std::min<int64_t>(end - c, tail_width)));
+    }
+  }
+}
+
+// The logits of classes c .. c+W-1 in the accumulation type, -inf past `count` (nothing to the sum or the max).
+template <int W, typename scalar_t, typename Count>
+__device__ __forceinline__ void load_chunk(const scalar_t* x, int64_t c, int64_t stride, Count count,
+                                           acc_type<scalar_t> (&xs)[W]) {
+#pragma unroll
+  for (int i = 0; i < W; ++i) {
+    xs[i] = i < count ? static_cast<acc_type<scalar_t>>(x[(c + i) * stride]) : neg_infinity<acc_type<scalar_t>>();
+  }
 }
 
 // One thread sums all the classes of its position (or range), so it takes them in blocks of kStatsBlock, each into
@@ -40,15 +68,16 @@ __device__ __forceinline__ void for_class_chunks(int64_t begin, int64_t end, Bod
 // its value, blocks of 256 keep it near float32 rounding. The merge costs two exps per block.
 constexpr int64_t kStatsBlock = 256;
 
-// Statistics of classes [begin, end) of one position: add_chunk(stats, width, c) adds classes c .. c+width-1.
+// Statistics of classes [begin, end) of one position: add_chunk(stats, width, c, count) adds classes
+// c .. c+count-1 (for_class_chunks).
 template <typename scalar_t, typename AddChunk>
 __device__ __forceinline__ RowStats<acc_type<scalar_t>> class_range_stats(int64_t begin, int64_t end,
                                                                           AddChunk&& add_chunk) {
   auto total = RowStats<acc_type<scalar_t>>::empty();
   for (int64_t block = begin; block < end; block += kStatsBlock) {
     auto part = RowStats<acc_type<scalar_t>>::empty();
-    for_class_chunks<kClassChunk<scalar_t>>(block, std::min(block + kStatsBlock, end),
-                                            [&](auto width, int64_t c) { add_chunk(part, width, c); });
+    for_class_chunks<scalar_t>(block, std::min(block + kStatsBlock, end),
+                               [&](auto width, int64_t c, auto count) { add_chunk(part, width, c, count); });
     total.merge(part);
   }
   return total;
@@ -70,17 +99,17 @@ __device__ __forceinline__ void write_position_grad(const XentParams<scalar_t>& 
   const acc_t eps = p.label_smoothing;
   // g may alias x (the in-place op), so the compiler cannot move a load above an earlier store: load the whole
   // chunk first, then store it. The same thread reads x[c] before writing g[c], which keeps aliasing safe.
-  for_class_chunks<kClassChunk<scalar_t>>(begin, end, [&](auto width, int64_t c) {
+  for_class_chunks<scalar_t>(begin, end, [&](auto width, int64_t c, auto count) {
     constexpr int W = decltype(width)::value;
     acc_t xs[W];
     [[maybe_unused]] acc_t ts[W];  // probability targets only
+    load_chunk(x, c, sc, count, xs);
+    if constexpr (kProb) {
 #pragma unroll
-    for (int i = 0; i < W; ++i) {
-      xs[i] = static_cast<acc_t>(x[(c + i) * sc]);
-      if constexpr (kProb) ts[i] = static_cast<acc_t>(t[(c + i) * sc]);
+      for (int i = 0; i < W; ++i) ts[i] = i < count ? static_cast<acc_t>(t[(c + i) * sc]) : acc_t(0);
     }
 #pragma unroll
-    for (int i = 0; i < W; ++i) {
+    for (int i = 0; i < W && i < count; ++i) {
       acc_t d;
       if constexpr (kProb) {
         d = prob_grad_at<acc_t>(row, p.weight, c + i, xs[i], ts[i], eps, p.C);
@@ -113,22 +142,21 @@ __global__ void __launch_bounds__(kPerPositionThreads) spatial_forward_kernel(co
     // An ignored position is not read: its lse is that of no classes.
     auto st = RowStats<acc_t>::empty();
     if (kProb || target.kind != kTargetIgnored) {
-      st = class_range_stats<scalar_t>(0, p.C, [&](RowStats<acc_t>& part, auto width, int64_t c) {
+      st = class_range_stats<scalar_t>(0, p.C, [&](RowStats<acc_t>& part, auto width, int64_t c, auto count) {
         constexpr int W = decltype(width)::value;
         acc_t xs[W];
-#pragma unroll
-        for (int i = 0; i < W; ++i) xs[i] = static_cast<acc_t>(x[(c + i) * sc]);
+        load_chunk(x, c, sc, count, xs);
         const acc_t m = part.add_logits(xs);
         if constexpr (kProb) {
 #pragma unroll
-          for (int i = 0; i < W; ++i) {
+          for (int i = 0; i < W && i < count; ++i) {
             part.add_term(class_weight(p.weight, c + i) *
                               smoothed_probability<acc_t>(static_cast<acc_t>(t[(c + i) * sc]), eps, p.C),
                           xs[i], m);
           }
         } else if (smoothing) {
 #pragma unroll
-          for (int i = 0; i < W; ++i) part.add_term(class_weight(p.weight, c + i), xs[i], m);
+          for (int i = 0; i < W && i < count; ++i) part.add_term(class_weight(p.weight, c + i), xs[i], m);
         }
       });
     }
@@ -165,17 +193,17 @@ __global__ void __launch_bounds__(kPerPositionThreads)
     // An ignored position is not read: the combine finds the lse of no classes.
     const bool ignored = classify_target(p.target_index[work.position], p.ignore_index, p.C) == kTargetIgnored;
     const int64_t end = ignored ? work.begin : work.end;
-    const auto st = class_range_stats<scalar_t>(work.begin, end, [&](RowStats<acc_t>& part, auto width, int64_t c) {
+    const auto add_chunk = [&](RowStats<acc_t>& part, auto width, int64_t c, auto count) {
       constexpr int W = decltype(width)::value;
       acc_t xs[W];
-#pragma unroll
-      for (int i = 0; i < W; ++i) xs[i] = static_cast<acc_t>(x[(c + i) * sc]);
+      load_chunk(x, c, sc, count, xs);
       const acc_t m = part.add_logits(xs);
       if (smoothing) {
 #pragma unroll
-        for (int i = 0; i < W; ++i) part.add_term(class_weight(p.weight, c + i), xs[i], m);
+        for (int i = 0; i < W && i < count; ++i) part.add_term(class_weight(p.weight, c + i), xs[i], m);
       }
-    });
+    };
+    const auto st = class_range_stats<scalar_t>(work.begin, end, add_chunk);
     split_stats[work.split * positions + work.position] = st;
   }
 }
