@@ -629,14 +629,16 @@ __device__ __forceinline__ acc_t index_grad_at(const GradRow<acc_t>& g, const ac
 // rare pack that does compares small offsets). Per class that leaves the conversion, the exponential and two
 // multiplications: in the sm_90 SASS of the block-row gradient sweep, the path without smoothing went from about 15
 // instructions per bfloat16 class (two branches and a 64-bit compare each) to about 8, with to_acc.
-template <typename acc_t, int W>
+// Classes from `count` on (a run-time count < W: the spatial kernels' last chunk) are not classes of the position:
+// their d is left undefined and their weights are not read.
+template <typename acc_t, int W, typename Count = std::integral_constant<int, W>>
 __device__ __forceinline__ void index_grad_pack(const GradRow<acc_t>& g, const acc_t* weight, int64_t c,
-                                                const acc_t (&x)[W], acc_t (&d)[W]) {
+                                                const acc_t (&x)[W], acc_t (&d)[W], Count count = {}) {
 #pragma unroll
   for (int i = 0; i < W; ++i) d[i] = g.index.prob_coef * probability(g, x[i]);
   if (g.index.class_coef != acc_t(0)) {
 #pragma unroll
-    for (int i = 0; i < W; ++i) d[i] -= g.index.class_coef * class_weight(weight, c + i);
+    for (int i = 0; i < W && i < count; ++i) d[i] -= g.index.class_coef * class_weight(weight, c + i);
   }
   const int64_t target_offset = g.target - c;
   if (static_cast<uint64_t>(target_offset) < static_cast<uint64_t>(W)) {

@@ -108,15 +108,24 @@ __device__ __forceinline__ void write_position_grad(const XentParams<scalar_t>& 
 #pragma unroll
       for (int i = 0; i < W; ++i) ts[i] = i < count ? static_cast<acc_t>(t[(c + i) * sc]) : acc_t(0);
     }
+    if constexpr (kProb || std::is_same_v<acc_t, double>) {
+      // Class by class: a chunk's gradients held at once took the float32 forward of probability targets from 40
+      // registers to 48, and spilled the float64 kernels (sm_90 SASS).
 #pragma unroll
-    for (int i = 0; i < W && i < count; ++i) {
-      acc_t d;
-      if constexpr (kProb) {
-        d = prob_grad_at<acc_t>(row, p.weight, c + i, xs[i], ts[i], eps, p.C);
-      } else {
-        d = index_grad_at<acc_t>(row, p.weight, c + i, xs[i]);
+      for (int i = 0; i < W && i < count; ++i) {
+        acc_t d;
+        if constexpr (kProb) {
+          d = prob_grad_at<acc_t>(row, p.weight, c + i, xs[i], ts[i], eps, p.C);
+        } else {
+          d = index_grad_at<acc_t>(row, p.weight, c + i, xs[i]);
+        }
+        g[(c + i) * sc] = static_cast<scalar_t>(d);
       }
-      g[(c + i) * sc] = static_cast<scalar_t>(d);
+    } else {
+      acc_t d[W];
+      index_grad_pack(row, p.weight, c, xs, d, count);  // the chunk's tests once
+#pragma unroll
+      for (int i = 0; i < W && i < count; ++i) g[(c + i) * sc] = static_cast<scalar_t>(d[i]);
     }
   });
 }
