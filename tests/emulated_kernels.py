@@ -48,6 +48,8 @@ CASES = [
     ((2, 9000), "offset"),              # split rows (512-thread blocks) that start mid-vector
     ((2, 19, 8, 8), "contiguous"),      # NCHW, a thread per position (too few classes to cut)
     ((2, 600, 13), "contiguous"),       # NCHW with many classes and few positions: class ranges per thread
+    ((2, 605, 13), "contiguous"),       # ... whose last range ends in a partial chunk of classes
+    ((2, 23, 8, 8), "contiguous"),      # NCHW of 23 classes: 16-bit positions end in two chunks of the rest
     ((2, 300, 32, 32), "contiguous"),   # NCHW with enough positions for a thread each
     ((2, 19, 5, 7), "channels_last"),   # channels_last: rows of 19 classes, a thread per position
     ((2, 40, 3, 5), "channels_last"),   # channels_last rows of 40 classes: a warp per position

@@ -77,11 +77,13 @@ def test_probability_targets(ops, case):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float16], ids=str)
 def test_float64_and_float16(ops, dtype):
     torch.manual_seed(2)
-    for shape in ((9, 423), (3, 12000), (2, 600, 13)):
+    for shape in ((9, 423), (3, 12000), (2, 600, 13), (2, 19, 8, 8)):
         x = make_logits(shape, "contiguous", dtype)
         check_all_ops(ops, x, index_target(shape, 1), torch.rand(shape[1]) + 0.5, "mean", 1, 0.1)
         if dtype == torch.float16:  # the weight autocast passes with half-precision logits
             check_all_ops(ops, x, index_target(shape, 1), torch.rand(shape[1]) + 0.5, "sum", 1, 0.1, torch.float32)
+    x = make_logits((2, 23, 8, 8), "contiguous", dtype)  # NCHW probabilities: two chunks of the rest in 16-bit
+    check_all_ops(ops, x, make_prob_target(x), torch.rand(23) + 0.5, "mean", -100, 0.1)
 
 
 def test_probability_targets_over_32000_classes(ops):

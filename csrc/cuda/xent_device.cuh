@@ -630,7 +630,7 @@ __device__ __forceinline__ acc_t index_grad_at(const GradRow<acc_t>& g, const ac
 // multiplications: in the sm_90 SASS of the block-row gradient sweep, the path without smoothing went from about 15
 // instructions per bfloat16 class (two branches and a 64-bit compare each) to about 8, with to_acc.
 // Classes from `count` on (a run-time count < W: the spatial kernels' last chunk) are not classes of the position:
-// their d is left undefined and their weights are not read.
+// their weights are not read, and their d, computed anyway, is not to be stored.
 template <typename acc_t, int W, typename Count = std::integral_constant<int, W>>
 __device__ __forceinline__ void index_grad_pack(const GradRow<acc_t>& g, const acc_t* weight, int64_t c,
                                                 const acc_t (&x)[W], acc_t (&d)[W], Count count = {}) {

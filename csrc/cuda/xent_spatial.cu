@@ -32,8 +32,8 @@ constexpr int kClassChunk = sizeof(scalar_t) >= 4 ? 4 : 8;
 // a 19-class position were 3 round trips to memory, one after another: 7 per float32 position where a tail chunk
 // makes 5, and 5 per 16-bit one where it makes 3, in kernels whose memory latency only occupancy hides (predicted to
 // matter, not yet measured on a GPU). The tail takes at most 4 classes a chunk: 8 took the sm_90 16-bit gradient
-// kernels from 40 registers to 44 (5 blocks per SM instead of 6); float64 keeps single classes, whose kernels spill
-// with a run-time count.
+// kernels from 40 registers to 44-47 (5 blocks per SM instead of 6) and spilled the 16-bit forward; float64 keeps
+// single classes, whose kernels spill with a run-time count.
 template <typename scalar_t>
 constexpr int kTailChunk = sizeof(scalar_t) == 8 ? 1 : 4;
 
