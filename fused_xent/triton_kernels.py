@@ -267,7 +267,11 @@ def _store_grad(logits_ptr, target_ptr, weight_ptr, grad_ptr, offset, in_range, 
                     grad -= class_coef[:, None] * _class_weight_tile(weight_ptr, cols, C, ACC)
                 else:
                     grad -= class_coef[:, None]
-            grad -= tl.where(cols[None, :] == safe_y.to(tl.int32)[:, None], target_coef[:, None], 0.0)
+            # Only a column block that holds some position's target compares its classes with it: in a long row
+            # one block of many, where the test costs a compare and a select per class.
+            holds_target = (safe_y >= c0) & (safe_y < c0 + BLOCK_C)
+            if tl.max(holds_target.to(tl.int32), axis=0) > 0:
+                grad -= tl.where(cols[None, :] == safe_y.to(tl.int32)[:, None], target_coef[:, None], 0.0)
         grad = tl.where(keep[:, None], grad, 0.0)
         tl.store(grad_ptr + ptrs, grad.to(grad_ptr.dtype.element_ty), mask=mask)
 
