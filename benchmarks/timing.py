@@ -98,9 +98,7 @@ class Workload:
 
     def step(self, mode: str):
         """The whole step of a mode, untimed (bwd needs its forward)."""
-        loss = self.forward()
-        if mode != "fwd":
-            loss.backward()
+        self.run("fwd" if mode == "fwd" else "fwd+bwd", None)
 
     def prepare(self, mode: str) -> torch.Tensor | None:
         """What a step does before its timer starts: a fresh gradient (and logits), and bwd's forward."""

@@ -615,16 +615,7 @@ __device__ __forceinline__ acc_t probability(const GradRow<acc_t>& g, acc_t x) {
   return exp_acc((x - g.lse.reference) - g.lse.log_sum);
 }
 
-// dloss/dx[c] of a class-index position (valid target).
-template <typename acc_t>
-__device__ __forceinline__ acc_t index_grad_at(const GradRow<acc_t>& g, const acc_t* weight, int64_t c, acc_t x) {
-  acc_t d = g.index.prob_coef * probability(g, x);
-  if (g.index.class_coef != acc_t(0)) d -= g.index.class_coef * class_weight(weight, c);
-  if (c == g.target) d -= g.index.target_coef;
-  return d;
-}
-
-// index_grad_at of classes c .. c+W-1 at once. Its two tests are taken once for the pack instead of once per class:
+// dloss/dx of classes c .. c+W-1 of a class-index position (valid target). Its two tests are taken once for the pack instead of once per class:
 // smoothing (a branch the whole row takes alike) and whether the pack holds the target (one 64-bit subtraction; the
 // rare pack that does compares small offsets). Per class that leaves the conversion, the exponential and two
 // multiplications: in the sm_90 SASS of the block-row gradient sweep, the path without smoothing went from about 15
@@ -647,6 +638,15 @@ __device__ __forceinline__ void index_grad_pack(const GradRow<acc_t>& g, const a
 #pragma unroll
     for (int i = 0; i < W; ++i) d[i] -= i == static_cast<int>(target_offset) ? g.index.target_coef : acc_t(0);
   }
+}
+
+// dloss/dx[c] of a class-index position (valid target): index_grad_pack of one class.
+template <typename acc_t>
+__device__ __forceinline__ acc_t index_grad_at(const GradRow<acc_t>& g, const acc_t* weight, int64_t c, acc_t x) {
+  const acc_t xs[1] = {x};
+  acc_t d[1];
+  index_grad_pack(g, weight, c, xs, d);
+  return d[0];
 }
 
 // dloss/dx[c] of a probability-target position.
