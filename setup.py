@@ -41,6 +41,13 @@ def _want_cuda(torch, cuda_home):
     return True, "forced by FUSED_XENT_CUDA=1" if forced == "1" else f"torch CUDA {torch.version.cuda} + nvcc"
 
 
+def _cuda_code(cpp_extension):
+    """The code nvcc is asked for, e.g. ["sm_80", "compute_90", "sm_90"] (a cubin per sm_, PTX per compute_), as
+    torch derives it from TORCH_CUDA_ARCH_LIST: recorded in the extension, so that the front end can tell a GPU
+    that none of it runs on (fused_xent._backends.cuda_code_runs_on)."""
+    return [flag.rpartition("code=")[2] for flag in cpp_extension._get_cuda_arch_flags()]
+
+
 def _extensions():
     import torch
     from torch.utils import cpp_extension
@@ -67,6 +74,7 @@ def _extensions():
         sources += _sources("csrc/cuda/*.cu")
         extra["nvcc"] = ["-O3", "-std=c++20", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr"]
         define_macros.append(("FUSED_XENT_WITH_CUDA", "1"))
+        define_macros.append(("FUSED_XENT_CUDA_CODE", "-".join(_cuda_code(cpp_extension))))
         extension_class = cpp_extension.CUDAExtension
 
     print("fused_xent build configuration:")

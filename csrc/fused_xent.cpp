@@ -25,6 +25,7 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <string>
 
 #include "common/xent_schemas.h"
@@ -32,6 +33,20 @@
 namespace fused_xent {
 // The SIMD level the CPU kernels dispatch to: "avx512", "avx2" or "default" (defined in cpu/).
 std::string cpu_capability();
+
+// The GPU code the CUDA kernels were built as, e.g. "sm_80 compute_90 sm_90" (setup.py passes it with dashes,
+// which need no quoting on a compiler command line); "" in a build without them.
+std::string cuda_code() {
+#ifdef FUSED_XENT_CUDA_CODE
+#define FUSED_XENT_STRING(tokens) #tokens
+#define FUSED_XENT_EXPANDED_STRING(macro) FUSED_XENT_STRING(macro)
+  std::string code = FUSED_XENT_EXPANDED_STRING(FUSED_XENT_CUDA_CODE);
+  std::replace(code.begin(), code.end(), '-', ' ');
+  return code;
+#else
+  return "";
+#endif
+}
 }  // namespace fused_xent
 
 // `import fused_xent._C` only has to load the library so that the static registrations below run.
@@ -42,6 +57,7 @@ PyMODINIT_FUNC PyInit__C(void) {
 
 TORCH_LIBRARY(fused_xent, m) {
   m.def("cpu_capability() -> str", &fused_xent::cpu_capability);
+  m.def("cuda_code() -> str", &fused_xent::cuda_code);
   m.def(fused_xent::kForwardSchema);
   // grad_loss has the shape of loss (0-d unless reduction is none).
   m.def(fused_xent::kBackwardSchema);

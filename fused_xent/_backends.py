@@ -1,13 +1,15 @@
 """Which kernels this installation has, and which one serves a given call.
 
 A backend is four functions with the signatures of the ops in csrc/fused_xent.cpp. `auto` picks, for CUDA tensors,
-the compiled CUDA kernel, then Triton, then the PyTorch reference; for CPU tensors the compiled CPU kernel, then the
+the compiled CUDA kernel (on a GPU it was built for), then Triton, then the PyTorch reference; for CPU tensors the
+compiled CPU kernel, then the
 reference; for any other device the reference. Naming a backend that cannot serve the call is an error, never a
 silent switch.
 """
 
 import importlib.util
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -55,6 +57,8 @@ def _compiled_ops():
 HAS_CUDA_KERNEL = EXTENSION_ERROR is None and torch._C._dispatch_has_kernel_for_dispatch_key(
     "fused_xent::cross_entropy_fwd", "CUDA"
 )
+# The GPU code the CUDA kernels were built as, e.g. "sm_80 compute_90 sm_90"; "" without them.
+CUDA_CODE = torch.ops.fused_xent.cuda_code() if HAS_CUDA_KERNEL else ""
 TRITON_CPU_HINT = (
     "the triton backend runs on CUDA tensors; on CPU set TRITON_INTERPRET=1 before importing fused_xent "
     "(slow, for tests)"
@@ -86,6 +90,48 @@ def _why_unavailable(name: str) -> str | None:
             return NO_DEVICE_FOR_TRITON
         return _triton_ops.unavailable_reason()
     raise AssertionError(f"not a backend: {name!r}")
+
+
+def cuda_code_runs_on(code: str, capability: tuple[int, int]) -> bool:
+    """Whether a GPU of compute capability (major, minor) runs some of `code` (CUDA_CODE): a cubin (sm_86) runs on
+    its major version from its minor version up, PTX (compute_90) is compiled by the driver for any later GPU, and
+    code for one architecture (sm_90a) or family (sm_100f) runs on that one or that family only."""
+    for target in code.split():
+        found = re.fullmatch(r"(sm|compute)_(\d+)(\d)([af]?)", target)
+        if found is None:
+            return True  # not a form this knows: the launch will tell
+        kind, major, minor, specific = found[1], int(found[2]), int(found[3]), found[4]
+        if specific == "a":
+            runs = capability == (major, minor)
+        elif kind == "sm" or specific == "f":
+            runs = capability[0] == major and capability[1] >= minor
+        else:
+            runs = capability >= (major, minor)
+        if runs:
+            return True
+    return False
+
+
+# Why the CUDA kernels cannot run on a GPU (None: they can), by device index, found at the first call on it: asking
+# at import would initialize CUDA, which a process that forks workers must not do.
+_GPU_REFUSALS: dict[int, str | None] = {}
+
+
+def why_not_on_gpu(device: torch.device) -> str | None:
+    """Why this build's CUDA kernels cannot run on `device`'s GPU (an older one than they were built for), or None.
+    Not asked while torch.compile traces: there a launch on such a GPU raises CUDA's own error."""
+    if torch.compiler.is_compiling():
+        return None
+    index = torch.cuda.current_device() if device.index is None else device.index
+    if index not in _GPU_REFUSALS:
+        major, minor = torch.cuda.get_device_capability(index)
+        runs = cuda_code_runs_on(CUDA_CODE, (major, minor))
+        _GPU_REFUSALS[index] = None if runs else (
+            f"its kernels were built as {CUDA_CODE}, none of which runs on cuda:{index} (compute capability "
+            f"{major}.{minor}): rebuild with TORCH_CUDA_ARCH_LIST=\"{major}.{minor}\" (the triton backend serves it "
+            "meanwhile, if Triton is installed)"
+        )
+    return _GPU_REFUSALS[index]
 
 
 def environment_settings() -> str:
@@ -145,7 +191,11 @@ _AUTO_BY_DEVICE_TYPE = {device_type: _fastest_serving(device_type) for device_ty
 
 def _auto(device: torch.device) -> str:
     name = _AUTO_BY_DEVICE_TYPE.get(device.type)
-    return _fastest_serving(device.type) if name is None else name
+    if name is None:
+        return _fastest_serving(device.type)
+    if name == "cuda" and why_not_on_gpu(device) is not None:
+        return next(other for other in backends_serving("cuda") if other != "cuda")
+    return name
 
 
 def check_backend_name(name: str, origin: str = ""):
@@ -177,4 +227,8 @@ def resolve(requested: str | None, device: torch.device) -> Backend:
         )
     if name == "triton":
         _triton_ops.check_device(device)
+    if name == "cuda":
+        reason = why_not_on_gpu(device)
+        if reason is not None:
+            raise RuntimeError(f"fused_xent: backend 'cuda'{origin} cannot run here: {reason}")
     return backend_ops(name)

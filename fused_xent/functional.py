@@ -189,11 +189,11 @@ class FusedCrossEntropyFunction(torch.autograd.Function):
             ctx.save_for_backward(grad, target)
         else:
             # Ops that reach their kernel past autograd do not bump the version counter; bump it so that any other
-            # op that saved these logits fails loudly in backward instead of reading a gradient as logits. (A
-            # compiled graph writes its mutations back to the inputs with ops that do.)
-            version = None if torch.compiler.is_compiling() else logits._version
+            # op that saved these logits fails loudly in backward instead of reading a gradient as logits. (Never
+            # while compiling: see _grad_mode_to_run.)
+            version = logits._version
             loss = ops.fwd_grad_(logits, target, weight, reduction, ignore_index, label_smoothing)
-            if version is not None and logits._version == version:
+            if logits._version == version:
                 torch.autograd.graph.increment_version(logits)
             ctx.save_for_backward(logits, target)
         return reference.cast(loss, loss_dtype)  # the ops return the loss as computed, in float32 or float64
@@ -290,6 +290,14 @@ def _is_leaf_that_requires_grad(tensor) -> bool:
     return tensor.is_leaf or (tensor._base is not None and tensor._base.is_leaf)
 
 
+def _view_refuses_writes(tensor) -> bool:
+    """A view that PyTorch's in-place ops refuse to write through, because autograd could not rebase its history:
+    one of several outputs of one op, or made under no_grad, in inference mode or inside a custom Function."""
+    if torch.compiler.is_compiling() or not tensor._is_view():
+        return False
+    return torch._C._autograd._get_creation_meta(tensor) != torch._C._autograd.CreationMeta.DEFAULT
+
+
 def _check_weight_grad(weight, problem):
     """PyTorch refuses a gradient for the weight of class-index targets, under torch.func transforms too."""
     if torch.is_grad_enabled() and weight is not None and weight.requires_grad and not problem.prob_target:
@@ -311,6 +319,14 @@ def _grad_mode_to_run(grad_mode, input, weight, problem) -> str:
             f"fused_xent.cross_entropy: grad_mode={grad_mode!r} gives no gradient for the target or the weight, "
             "which require grad here: use grad_mode='recompute' to differentiate through probability targets and "
             "their weights (or pass target.detach() and weight.detach())"
+        )
+    if grad_mode == "inplace" and _view_refuses_writes(input):
+        raise ValueError(
+            "fused_xent.cross_entropy: grad_mode='inplace' would write the gradient through a view that PyTorch's "
+            "in-place ops refuse to modify (one of several views returned by one op, such as chunk, split or "
+            "unbind; a view made under no_grad or inference_mode; a view made inside a custom autograd Function, "
+            "as a module's full backward hook makes): autograd could not account for the write. Use "
+            "grad_mode='in_forward', or pass the logits before they are split"
         )
     if grad_mode == "inplace" and _is_leaf_that_requires_grad(input):
         raise ValueError(
@@ -334,6 +350,10 @@ def _grad_mode_to_run(grad_mode, input, weight, problem) -> str:
             f"the {shared}, whose memory range intersects theirs (it could be overwritten before it is read): pass "
             f"{shared}.clone(), or use grad_mode='in_forward'"
         )
+    if grad_mode == "inplace" and torch.compiler.is_compiling():
+        # A compiled graph hides the write from other ops that saved the logits (no version counter moves inside
+        # it), which would then compute their gradients from the gradient: write it into a new buffer instead.
+        return "in_forward"
     return grad_mode
 
 

@@ -2,7 +2,7 @@
 
 import torch
 
-from ._backends import check_backend_name
+from ._backends import BACKEND_ENV, check_backend_name
 from .functional import check_grad_mode, cross_entropy
 
 
@@ -36,4 +36,6 @@ class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
         )
 
     def extra_repr(self):
-        return f"backend={self.backend or 'auto'}, grad_mode={self.grad_mode}"
+        # None reads FUSED_XENT_BACKEND at each call (auto when unset): not shown as a backend it may not be.
+        backend = self.backend or f"{BACKEND_ENV} or auto"
+        return f"backend={backend}, grad_mode={self.grad_mode}"

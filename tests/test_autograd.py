@@ -133,7 +133,8 @@ def test_module_matches_torch_module(backend):
     assert isinstance(ours, torch.nn.CrossEntropyLoss)
     x, t = torch.randn(8, 6), torch.randint(0, 6, (8,))
     torch.testing.assert_close(ours(x, t), theirs(x, t))
-    assert "backend" in repr(ours)
+    assert f"backend={backend}, grad_mode=recompute" in repr(ours)
+    assert "backend=FUSED_XENT_BACKEND or auto" in repr(fused_xent.CrossEntropyLoss())
 
 
 @pytest.mark.filterwarnings("ignore:size_average and reduce args will be deprecated")

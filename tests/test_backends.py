@@ -55,6 +55,60 @@ def test_environment_report():
     out = subprocess.run([sys.executable, "-m", "fused_xent"], check=True, capture_output=True, text=True,
                          env=environment).stdout
     assert "FUSED_XENT_CHECK_VALUES=0, FUSED_XENT_L2_RESIDENT_ROWS_PERCENT=50" in out
+    environment.update(FUSED_XENT_BACKEND="", FUSED_XENT_CHECK_VALUES="0")
+    out = subprocess.run([sys.executable, "-m", "fused_xent"], check=True, capture_output=True, text=True,
+                         env=environment).stdout
+    assert "FUSED_XENT_BACKEND     (unset: auto)" in out
+
+
+def test_environment_report_names_the_settings_every_call_would_refuse():
+    environment = {name: value for name, value in os.environ.items() if not name.startswith("FUSED_XENT_")}
+    environment.update(FUSED_XENT_BACKEND="gpu", FUSED_XENT_CHECK_VALUES="maybe")
+    report = subprocess.run([sys.executable, "-m", "fused_xent"], capture_output=True, text=True, env=environment)
+    assert report.returncode == 1
+    assert "REFUSED SETTING        fused_xent: unknown backend 'gpu' (from FUSED_XENT_BACKEND)" in report.stdout
+    assert "FUSED_XENT_CHECK_VALUES='maybe' is neither on (1) nor off (0)" in report.stdout
+
+
+@pytest.mark.parametrize("code, capability, runs", [
+    ("sm_80 compute_90 sm_90", (8, 0), True), ("sm_80 compute_90 sm_90", (8, 6), True),
+    ("sm_80 compute_90 sm_90", (8, 9), True), ("sm_80 compute_90 sm_90", (9, 0), True),
+    ("sm_80 compute_90 sm_90", (10, 0), True), ("sm_80 compute_90 sm_90", (12, 0), True),
+    ("sm_80 compute_90 sm_90", (7, 5), False), ("sm_80 compute_90 sm_90", (7, 0), False),
+    ("sm_86", (8, 0), False), ("sm_86", (8, 9), True), ("sm_86", (9, 0), False), ("compute_80", (8, 0), True),
+    ("compute_80", (7, 5), False), ("sm_90a", (9, 0), True), ("sm_90a", (10, 0), False),
+    ("compute_90a", (10, 0), False), ("sm_100f", (10, 3), True), ("sm_100f", (12, 0), False),
+    ("sm_100", (10, 0), True), ("", (9, 0), False), ("lto_90", (7, 5), True),
+])
+def test_which_gpus_the_cuda_kernels_run_on(code, capability, runs):
+    assert _backends.cuda_code_runs_on(code, capability) == runs
+
+
+def test_the_extension_records_the_gpu_code_it_was_built_as():
+    if not _backends.HAS_CUDA_KERNEL:
+        assert _backends.CUDA_CODE == ""
+        return
+    targets = _backends.CUDA_CODE.split()
+    assert targets and all(target.startswith(("sm_", "compute_")) for target in targets), targets
+    # setup.py's default list (TORCH_CUDA_ARCH_LIST="8.0;9.0+PTX"), as the Makefile and CI build it.
+    if os.environ.get("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX") == "8.0;9.0+PTX":
+        assert sorted(targets) == ["compute_90", "sm_80", "sm_90"]
+
+
+def test_auto_passes_over_a_gpu_the_cuda_kernels_do_not_run_on(monkeypatch):
+    """A build for sm_80 and sm_90 on a Turing GPU (compute capability 7.5): auto takes the next backend that serves
+    CUDA tensors, and naming "cuda" says how to rebuild."""
+    monkeypatch.setattr(_backends, "CUDA_CODE", "sm_80 compute_90 sm_90")
+    monkeypatch.setattr(_backends, "_GPU_REFUSALS", {})
+    monkeypatch.setitem(_backends._AUTO_BY_DEVICE_TYPE, "cuda", "cuda")
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    capabilities = {0: (7, 5), 1: (8, 6)}
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index: capabilities[index])
+    next_backend = [name for name in _backends.backends_serving("cuda") if name != "cuda"][0]
+    assert _backends._auto(torch.device("cuda")) == next_backend
+    assert _backends._auto(torch.device("cuda", 1)) == "cuda"
+    assert "rebuild with TORCH_CUDA_ARCH_LIST=\"7.5\"" in _backends.why_not_on_gpu(torch.device("cuda", 0))
+    assert _backends.why_not_on_gpu(torch.device("cuda", 1)) is None
 
 
 @pytest.mark.skipif(_backends._triton_ops is not None, reason="Triton was set up at import (GPU or interpreter)")

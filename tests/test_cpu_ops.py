@@ -246,6 +246,35 @@ def test_deterministic_across_runs_and_threads(shape):
             assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("shape", [(300, 1000, 1), (30000, 10, 1), (4, 19, 3000)],
+                         ids=["rows", "short_rows", "spatial"])
+def test_flushed_subnormals_on_every_thread(shape):
+    """torch.set_flush_denormal sets the calling thread's mode only; every worker of a call computes in it too, so
+    the results stay those of one thread (any worker may take any block: a block computed in another mode would
+    make them change from run to run)."""
+    torch.manual_seed(4)
+    x = torch.rand(shape) * -100  # probabilities down to e^-100: gradients below float32's smallest normal
+    y = torch.randint(0, shape[1], (shape[0], shape[2]))
+    threads = torch.get_num_threads()
+    if not torch.set_flush_denormal(True):
+        pytest.skip("this CPU cannot flush subnormals")
+    results = []
+    try:
+        for n in [1, 2, 2, 2]:
+            torch.set_num_threads(n)
+            results.append(ops.cross_entropy_fwd_grad(x, y, None, 2, -100, 0.0)[1])
+            results.append(ops.cross_entropy_bwd(torch.tensor(1.0), x, y, None, *ops.cross_entropy_fwd(
+                x, y, None, 2, -100, 0.0)[1:], 2, -100, 0.0))
+    finally:
+        torch.set_flush_denormal(False)
+        torch.set_num_threads(threads)
+    for grad in results:
+        subnormal = (grad != 0) & (grad.abs() < torch.finfo(torch.float32).tiny)
+        assert not subnormal.any(), f"{int(subnormal.sum())} subnormal gradient entries were not flushed"
+    for i in range(2, len(results)):  # forward+gradient and backward, alternately
+        assert torch.equal(results[i], results[i % 2])
+
+
 SIMD_LEVELS = ("default", "avx2", "avx512")
 
 

@@ -227,6 +227,58 @@ def test_inplace_refuses_leaves_and_overlapping_logits(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_inplace_refuses_views_that_autograd_cannot_rebase(backend):
+    """Views that PyTorch's in-place ops refuse to write through are refused at the call, before anything is
+    written (not in backward, after the logits were overwritten); in_forward takes them."""
+
+    class Identity(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x.view_as(x)
+
+        @staticmethod
+        def backward(ctx, grad):
+            return grad
+
+    target = make_class_target((4,), 5)
+    model_output = torch.randn(8, 5, requires_grad=True) * 2
+    with torch.no_grad():
+        made_without_grad = model_output[:4]
+    views = {"chunk": model_output.chunk(2)[0], "split": model_output.split(4)[1],
+             "unbind": model_output.view(2, 4, 5).unbind()[1], "no_grad": made_without_grad,
+             "custom Function": Identity.apply(model_output[4:])}
+    for name, logits in views.items():
+        before = model_output.detach().clone()
+        with pytest.raises(ValueError, match="views returned by one op"):
+            fused_xent.cross_entropy(logits, target, backend=backend, grad_mode="inplace")
+        assert torch.equal(model_output.detach(), before), name
+        loss = fused_xent.cross_entropy(logits, target, backend=backend, grad_mode="in_forward")
+        torch.testing.assert_close(loss, torch.nn.functional.cross_entropy(logits, target))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("compiler", ["eager", "aot_eager"])
+def test_compiled_inplace_leaves_logits_saved_by_another_op_intact(backend, compiler):
+    """Inside a compiled graph no version counter moves, so an op that saved the logits (a z-loss's logsumexp)
+    could not notice their overwrite: there inplace writes a new buffer, and the gradients are PyTorch's."""
+    torch._dynamo.reset()
+    g = torch.Generator().manual_seed(8)
+    hidden, head = torch.randn(6, 4, generator=g), torch.randn(4, 7, generator=g)
+    target = make_class_target((6,), 7, generator=g)
+
+    def step(loss_fn, head):
+        logits = torch.tanh(hidden @ head) * 3  # tanh saves its output, which the logits are a function of
+        return loss_fn(logits, target) + 0.1 * torch.logsumexp(logits, -1).pow(2).mean()
+
+    expected_head = head.clone().requires_grad_(True)
+    step(torch.nn.functional.cross_entropy, expected_head).backward()
+    got_head = head.clone().requires_grad_(True)
+    fused_loss = lambda x, t: fused_xent.cross_entropy(x, t, backend=backend, grad_mode="inplace")  # noqa: E731
+    torch.compile(lambda h: step(fused_loss, h), fullgraph=True, backend=compiler)(got_head).backward()
+    torch.testing.assert_close(got_head.grad, expected_head.grad)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_inplace_refuses_a_weight_or_target_in_the_logits_memory(backend):
     """The inplace forward writes the gradient over the logits while later rows still read the weight and the
     target: one that lives in the logits' memory would be read overwritten (a wrong loss, silently). Refused by the

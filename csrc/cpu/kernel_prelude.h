@@ -29,4 +29,5 @@
 #include <immintrin.h>
 #endif
 
+#include "cpu/denormal_mode.h"
 #include "cpu/kernel_args.h"

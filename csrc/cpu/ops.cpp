@@ -11,6 +11,7 @@
 
 #include "common/xent_math.h"
 #include "common/xent_problem.h"
+#include "cpu/denormal_mode.h"
 #include "cpu/gradient_memory.h"
 #include "cpu/kernel_args.h"
 
@@ -69,7 +70,9 @@ double total_weight(const Problem& problem) {
   const int64_t* target = problem.target.const_data_ptr<int64_t>();
   const int64_t positions = problem.positions();
   std::vector<BlockResult> blocks(ceil_div(positions, kTargetsPerBlock));
+  const unsigned caller_denormal_mode = denormal_mode();
   at::parallel_for(0, static_cast<int64_t>(blocks.size()), 1, [&](int64_t first_block, int64_t last_block) {
+    const DenormalModeGuard same_subnormals_as_the_caller(caller_denormal_mode);
     for (int64_t b = first_block; b < last_block; ++b) {
       BlockResult& result = blocks[b];
       const int64_t last = std::min(positions, (b + 1) * kTargetsPerBlock);

@@ -259,7 +259,9 @@ void run_typed(const KernelArgs& args) {
     ranges[w].next = w * args.num_blocks / workers;
     ranges[w].end = (w + 1) * args.num_blocks / workers;
   }
+  const unsigned caller_denormal_mode = denormal_mode();
   at::parallel_for(0, workers, 1, [&](int64_t begin, int64_t end) {
+    const DenormalModeGuard same_subnormals_as_the_caller(caller_denormal_mode);
     for (int64_t worker = begin; worker < end; ++worker) run_blocks<V, T>(args, ranges, worker);
   });
 }
