@@ -279,11 +279,7 @@ __device__ __forceinline__ Pack<kWidth, T> load_pack(const T* ptr) {
     uint4 raw;  // one LDG.128
 #ifdef __CUDA_ARCH__
     if constexpr (kHint == CacheHint::kStreaming) {
-      // Not volatile and no "memory" clobber, so that the compiler batches these loads as it does plain ones; the
-      // one write that may follow to the same address (in place) uses the value loaded, so it cannot come first.
-      asm("ld.global.cs.v4.b32 {%0, %1, %2, %3}, [%4];"
-          : "=r"(raw.x), "=r"(raw.y), "=r"(raw.z), "=r"(raw.w)
-          : "l"(ptr));
+      raw = __ldcs(reinterpret_cast<const uint4*>(ptr));  // ld.global.cs, a load the compiler orders as any other
     } else {
       raw = *reinterpret_cast<const uint4*>(ptr);
     }
