@@ -241,7 +241,7 @@ def _index_grad_coeffs(weight_of_target, weight_sum, scale, label_smoothing, C, 
 def _store_grad(logits_ptr, target_ptr, weight_ptr, grad_ptr, offset, in_range, keep, read, reference, log_sum, safe_y,
                 prob_coef, class_coef, target_coef, c_begin, c_stop, C, stride_c, label_smoothing,
                 PROB_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr, ACC,
-                BLOCK_C: tl.constexpr):
+                WIDE_CLASSES: tl.constexpr, BLOCK_C: tl.constexpr):
     """Second pass over the classes [c_begin, c_stop) (as in _range_statistics): read each logit once and write its
     gradient (grad_ptr may be logits_ptr: each element is read before it is overwritten, and nothing else of the
     row is read afterwards), with p = exp((x - reference) - log_sum) (see _lse_parts).
@@ -271,7 +271,9 @@ def _store_grad(logits_ptr, target_ptr, weight_ptr, grad_ptr, offset, in_range, 
             # one block of many, where the test costs a compare and a select per class.
             holds_target = (safe_y >= c0) & (safe_y < c0 + BLOCK_C)
             if tl.max(holds_target.to(tl.int32), axis=0) > 0:
-                grad -= tl.where(cols[None, :] == safe_y.to(tl.int32)[:, None], target_coef[:, None], 0.0)
+                # In int32, the cheaper compare, unless classes reach past it (then cols counts in int64 too).
+                target_class = safe_y if WIDE_CLASSES else safe_y.to(tl.int32)
+                grad -= tl.where(cols[None, :] == target_class[:, None], target_coef[:, None], 0.0)
         grad = tl.where(keep[:, None], grad, 0.0)
         tl.store(grad_ptr + ptrs, grad.to(grad_ptr.dtype.element_ty), mask=mask)
 
@@ -297,10 +299,13 @@ def _forward_kernel(logits_ptr, target_ptr, weight_ptr, weight_sum_ptr, total_we
                     num_positions, S, C, stride_n, stride_c, stride_s, ignore_index, smoothing_hi, smoothing_lo,
                     SPATIAL: tl.constexpr, PROB_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr,
                     HAS_SMOOTHING: tl.constexpr, REDUCTION: tl.constexpr, WRITE_GRAD: tl.constexpr,
-                    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+                    WIDE_CLASS_LOOP: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     """Per-position loss (into loss_ptr, in the accumulation dtype: the output for reduction none, else what
     _reduce sums) and lse (_store_lse); with WRITE_GRAD, the gradient for grad_loss = 1 instead of lse
-    (total_weight must then already hold the mean's denominator). A program takes one block of positions."""
+    (total_weight must then already hold the mean's denominator). A program takes one block of positions.
+    WIDE_CLASS_LOOP: see wide_class_loop."""
+    if WIDE_CLASS_LOOP:
+        C = C.to(tl.int64)
     pid = tl.program_id(0)
     ACC = total_weight_ptr.dtype.element_ty
     label_smoothing = tl.cast(smoothing_hi, ACC) + tl.cast(smoothing_lo, ACC)
@@ -337,13 +342,13 @@ def _forward_kernel(logits_ptr, target_ptr, weight_ptr, weight_sum_ptr, total_we
             # (prob_coef, class_coef) = (scale T, scale); safe_y and target_coef are not read for probabilities.
             _store_grad(logits_ptr, target_ptr, weight_ptr, grad_ptr, offset, in_range, in_range, in_range, reference,
                         log_sum, safe_y, scale * term_weights, scale, scale, 0, C, C, stride_c, label_smoothing,
-                        PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING, ACC, BLOCK_C)
+                        PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING, ACC, WIDE_CLASS_LOOP, BLOCK_C)
         else:
             prob_coef, class_coef, target_coef = _index_grad_coeffs(weight_of_target, weight_sum, scale,
                                                                     label_smoothing, C, HAS_SMOOTHING)
             _store_grad(logits_ptr, target_ptr, weight_ptr, grad_ptr, offset, in_range, counted, read, reference,
                         log_sum, safe_y, prob_coef, class_coef, target_coef, 0, C, C, stride_c, label_smoothing,
-                        PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING, ACC, BLOCK_C)
+                        PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING, ACC, WIDE_CLASS_LOOP, BLOCK_C)
     else:
         _store_lse(lse_ptr, index, in_range, reference, log_sum)
 
@@ -456,9 +461,12 @@ def _backward_kernel(grad_loss_ptr, grad_loss_stride_n, grad_loss_stride_s, logi
                      num_positions, S, C, stride_n, stride_c, stride_s, ignore_index, smoothing_hi, smoothing_lo,
                      split_len, SPATIAL: tl.constexpr, PROB_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr,
                      HAS_SMOOTHING: tl.constexpr, REDUCTION: tl.constexpr, SPLIT: tl.constexpr,
-                     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+                     WIDE_CLASS_LOOP: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     """Gradient from the saved lse (_store_lse): one read of the logits (plus the targets) and one write. With SPLIT
-    (class-index targets), program (position block, k) writes classes [k split_len, (k+1) split_len)."""
+    (class-index targets), program (position block, k) writes classes [k split_len, (k+1) split_len).
+    WIDE_CLASS_LOOP: see wide_class_loop."""
+    if WIDE_CLASS_LOOP:
+        C = C.to(tl.int64)
     ACC = total_weight_ptr.dtype.element_ty
     label_smoothing = tl.cast(smoothing_hi, ACC) + tl.cast(smoothing_lo, ACC)
     n, s, index, offset, in_range = _position_block(
@@ -486,7 +494,7 @@ def _backward_kernel(grad_loss_ptr, grad_loss_stride_n, grad_loss_stride_s, logi
         # As in the forward: (prob_coef, class_coef) = (scale T, scale); safe_y and target_coef are not read.
         _store_grad(logits_ptr, target_ptr, weight_ptr, grad_ptr, offset, in_range, in_range, in_range, reference,
                     log_sum, index, scale * weighted_target_sum, scale, scale, c_begin, c_stop, C, stride_c,
-                    label_smoothing, PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING, ACC, BLOCK_C)
+                    label_smoothing, PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING, ACC, WIDE_CLASS_LOOP, BLOCK_C)
     else:
         safe_y, counted, weight_of_target = _class_target(target_ptr, weight_ptr, index, in_range, C, ignore_index,
                                                           HAS_WEIGHT, ACC)
@@ -496,7 +504,7 @@ def _backward_kernel(grad_loss_ptr, grad_loss_stride_n, grad_loss_stride_s, logi
         _store_grad(logits_ptr, target_ptr, weight_ptr, grad_ptr, offset, in_range, counted,
                     _positions_read(counted, in_range, SPATIAL), reference, log_sum, safe_y, prob_coef, class_coef,
                     target_coef, c_begin, c_stop, C, stride_c, label_smoothing,
-                    PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING, ACC, BLOCK_C)
+                    PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING, ACC, WIDE_CLASS_LOOP, BLOCK_C)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -735,6 +743,15 @@ def _split_float(value: float) -> tuple[float, float]:
     return hi, value - hi
 
 
+def wide_class_loop(num_classes: int, block_c: int) -> bool:
+    """Whether the loops over the classes of a row must count in 64 bits. Triton passes a C below 2**31 as int32, and
+    a loop from 0 to C in steps of BLOCK_C then counts in int32: for C within BLOCK_C of 2**31, its step past the
+    last block wraps to a negative class, still below C, and the loop would go on reading and writing there. (Rows
+    cut into class ranges start their loops from an int64 class already.) The gradient's compare of each class
+    with the target is then made in int64 too: a class index past 2**31 does not fit the int32 one."""
+    return num_classes > 2**31 - 1 - block_c
+
+
 def _launch_forward(p, total_weight, loss_buffer, lse, grad, reduction, ignore_index, label_smoothing):
     if p.num_positions == 0:
         return
@@ -754,6 +771,7 @@ def _launch_forward(p, total_weight, loss_buffer, lse, grad, reduction, ignore_i
         *_shape_args(p), ignore_index, *_split_float(label_smoothing),
         SPATIAL=p.spatial, PROB_TARGET=p.prob_target, HAS_WEIGHT=p.weight is not None,
         HAS_SMOOTHING=label_smoothing > 0, REDUCTION=reduction, WRITE_GRAD=grad is not None,
+        WIDE_CLASS_LOOP=wide_class_loop(p.logits.shape[1], p.tile.block_c),
         BLOCK_P=p.tile.block_p, BLOCK_C=p.tile.block_c, num_warps=p.tile.num_warps,
     )
 
@@ -785,6 +803,7 @@ def _launch_backward(p, grad_loss, grad_loss_strides, lse, total_weight, grad, r
         *_split_float(label_smoothing), p.split_len,
         SPATIAL=p.spatial, PROB_TARGET=p.prob_target, HAS_WEIGHT=p.weight is not None,
         HAS_SMOOTHING=label_smoothing > 0, REDUCTION=reduction, SPLIT=p.splits > 1,
+        WIDE_CLASS_LOOP=wide_class_loop(p.logits.shape[1], p.tile.block_c),
         BLOCK_P=p.tile.block_p, BLOCK_C=p.tile.block_c, num_warps=p.tile.num_warps,
     )
 

@@ -302,6 +302,12 @@ def test_inplace_refuses_a_weight_or_target_in_the_logits_memory(backend):
         fused_xent.cross_entropy(logits, backend=backend, grad_mode="in_forward", **arguments)
     apart = {"target": make_class_target((300,), 300), "weight": buffer.detach()[301]}
     fused_xent.cross_entropy(logits, backend=backend, grad_mode="inplace", **apart)
+    # A weight that starts before the logits and runs into them.
+    later_logits = buffer[2:302]
+    straddling = buffer.detach().view(-1)[2 * 300 - 150:2 * 300 + 150]
+    with pytest.raises(ValueError, match="still reads the weight, whose memory range intersects theirs"):
+        fused_xent.cross_entropy(later_logits, make_class_target((300,), 300), weight=straddling, backend=backend,
+                                 grad_mode="inplace")
 
     if backend in ("cpu", "cuda"):  # the compiled ops check the overlap themselves
         op = _backends.backend_ops(backend).fwd_grad_

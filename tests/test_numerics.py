@@ -16,6 +16,7 @@ from helpers import (
 )
 
 import fused_xent
+from fused_xent import _backends
 
 BACKENDS = backends_for("cpu")
 needs_extension = pytest.mark.skipif("cpu" not in fused_xent.available_backends(), reason="compiled extension missing")
@@ -171,6 +172,18 @@ def test_nan_and_all_masked_rows_propagate(backend):
     assert torch.isnan(loss[1]) and torch.isnan(loss[2])
     logits[2, 2] = 0.0  # only the target's class unmasked: probability 1, loss 0
     assert fused_xent.cross_entropy(logits[2:3], target[2:3], backend=backend) == 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_lse_of_a_row_of_minus_infinity(backend):
+    """What the ops save for a counted row whose logits are all -inf is the lse of no classes, (0, -inf), in every
+    backend: the reference's log_softmax too (its recompute backward and create_graph path read it)."""
+    logits = make_logits((3, 9, 1), "contiguous", torch.float32)
+    logits[1] = -float("inf")
+    target = torch.tensor([[0], [1], [2]])
+    lse = _backends.backend_ops(backend).fwd(logits, target, None, 0, -100, 0.0)[1]
+    assert lse[1, 0].tolist() == [0.0, -float("inf")]
+    torch.testing.assert_close(lse, _backends.backend_ops("torch").fwd(logits, target, None, 0, -100, 0.0)[1])
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -860,6 +860,46 @@ def test_spatial_logits_are_loaded_in_16_byte_vectors(monkeypatch, dtype):
             assert "ld.global.v4.b32" in loads and loads.count(element_load) < 19, (key[0], sorted(set(loads)))
 
 
+@pytest.mark.skipif(INTERPRETED or DEVICE is not None, reason="without a GPU only (with one, the kernels run)")
+@pytest.mark.parametrize("wide", [True, False])
+def test_class_loops_of_a_row_near_2_31_classes_count_in_64_bits(monkeypatch, wide):
+    """A row of 2**31 - 100 classes (not cut into ranges: probability targets never are): Triton passes C as int32,
+    and a loop counting in int32 would step past the last block to a negative class, below C, and go on. With
+    WIDE_CLASS_LOOP, which the launchers set for such rows, every loop over the classes of the forward and the
+    backward counts in int64 (compiled for sm_90, read in Triton's IR); without it they count in int32. Rows too
+    long for the interpreter, or for CI's memory."""
+    import re
+
+    compile_only, kernels = compile_for_hopper(monkeypatch)
+    num_classes, block_c = 2**31 - 100, 8192
+    assert kernels.wide_class_loop(num_classes, block_c)
+    assert not kernels.wide_class_loop(2**31 - 1 - block_c, block_c) and kernels.wide_class_loop(2**31 + 5, block_c)
+    logits, target, grad = (torch.zeros(64, dtype=torch.bfloat16) for _ in range(3))
+    acc, lse = torch.ones((), dtype=torch.float32), torch.zeros(2, dtype=torch.float32)
+    shape = (1, 1, num_classes, num_classes, 1, 1, -100, 0.0, 0.0)
+    flags = dict(SPATIAL=False, PROB_TARGET=True, HAS_WEIGHT=False, HAS_SMOOTHING=False, REDUCTION=1,
+                 WIDE_CLASS_LOOP=wide, BLOCK_P=1, BLOCK_C=block_c, num_warps=16)
+    compile_only(kernels._forward_kernel, (1,), logits, target, None, None, acc, acc, None, grad, *shape,
+                 WRITE_GRAD=True, **flags)
+    compile_only(kernels._backward_kernel, (1, 1), acc, 0, 0, logits, target, None, None, lse, acc, grad, *shape,
+                 num_classes, SPLIT=False, **flags)
+    for key, kernel in compile_only.compiled.items():
+        loop_types = re.findall(r"scf\.for .* : (i\d+)", kernel.asm["ttir"])
+        assert loop_types and set(loop_types) == {"i64" if wide else "i32"}, (key[0], loop_types)
+    # Class indices past 2**31, a row cut into class ranges: the gradient compares each class with the target in
+    # int64 (cut to int32, a target of 2**31 + 5 would match no class, and its row would get p where p - 1 is due).
+    compile_only.compiled.clear()
+    num_classes = 2**31 + 8192
+    assert kernels.wide_class_loop(num_classes, block_c)
+    index_target = torch.zeros(4, dtype=torch.int64)
+    shape = (1, 1, num_classes, num_classes, 1, 1, -100, 0.0, 0.0)
+    compile_only(kernels._backward_kernel, (1, 2), acc, 0, 0, logits, index_target, None, None, lse, acc, grad,
+                 *shape, 2**30, SPLIT=True, **{**flags, "PROB_TARGET": False})
+    (backward,) = compile_only.compiled.values()
+    narrowed = re.findall(r"arith\.trunci .* : tensor<\d+xi64> to tensor<\d+xi32>", backward.asm["ttir"])
+    assert bool(narrowed) == (not wide), narrowed
+
+
 @pytest.mark.skipif(INTERPRETED, reason="the interpreter's kernels are not what Inductor re-emits")
 @pytest.mark.parametrize("name", ["_target_weight_kernel", "_forward_kernel", "_backward_kernel",
                                   "_split_statistics_kernel", "_split_combine_kernel"])
