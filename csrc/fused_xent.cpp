@@ -62,7 +62,8 @@ TORCH_LIBRARY(fused_xent, m) {
   // grad_loss has the shape of loss (0-d unless reduction is none).
   m.def(fused_xent::kBackwardSchema);
   // Forward that also writes d(loss)/d(logits) for grad_loss = 1 (per position for reduction none) while each row
-  // is on chip; backward then only scales it. The grad has the strides of logits.
+  // is on chip; backward then only scales it. The grad has the strides of logits (of the dense copy the op reads
+  // when they are not dense).
   m.def(fused_xent::kForwardGradSchema);
   // Same, writing the gradient over the logits (opt-in, for logits that nothing else reads afterwards).
   m.def(fused_xent::kForwardGradInplaceSchema);
