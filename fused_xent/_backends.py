@@ -2,9 +2,8 @@
 
 A backend is four functions with the signatures of the ops in csrc/fused_xent.cpp. `auto` picks, for CUDA tensors,
 the compiled CUDA kernel (on a GPU it was built for), then Triton, then the PyTorch reference; for CPU tensors the
-compiled CPU kernel, then the
-reference; for any other device the reference. Naming a backend that cannot serve the call is an error, never a
-silent switch.
+compiled CPU kernel, then the reference; for any other device the reference. Naming a backend that cannot serve
+the call is an error, never a silent switch.
 """
 
 import importlib.util
