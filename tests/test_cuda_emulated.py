@@ -236,6 +236,26 @@ def test_loss_sums_at_offset_logits_and_with_a_masked_class(ops, shape):
             torch.testing.assert_close(loss.double(), expected.reshape(loss.shape), rtol=2e-6, atol=0)
 
 
+@pytest.mark.parametrize("shape", [(4, 5), (9, 423), (3, 3000), (3, 12000), (2, 300, 5), (2, 19, 8, 8)], ids=str)
+def test_near_certain_target_at_huge_logits(ops, shape):
+    """A target 8 above every other class at logits of 1.2e4, on every kernel path (a thread, a warp, a block per
+    row, split rows, NCHW with and without class ranges): p - 1 = -(C - 1) e^-8 is below the rounding of a float32
+    lse there (~7e-4), so the recomputing backward must take p from the max and log(sum) it saved apart, and the
+    fused forward must do the same (tests/test_numerics.py holds the other backends to this)."""
+    g = torch.Generator().manual_seed(11)
+    x = torch.rand(shape, generator=g) * 0.5 + 11992.0
+    target = make_class_target((shape[0], *shape[2:]), shape[1], generator=g)
+    x.scatter_(1, target.unsqueeze(1), 12000.0)
+    x3, y3 = as_ncs(x, target)
+    for weight, smoothing in ((None, 0.0), (None, 0.05), (torch.rand(shape[1], generator=g) + 0.5, 0.0)):
+        expected = reference(x, target, weight, "sum", -100, smoothing)[1].reshape(x3.shape)
+        loss, lse, total_weight = ops.cross_entropy_fwd(x3, y3, weight, 2, -100, smoothing)
+        recomputed = ops.cross_entropy_bwd(torch.ones(()), x3, y3, weight, lse, total_weight, 2, -100, smoothing)
+        fused = ops.cross_entropy_fwd_grad(x3, y3, weight, 2, -100, smoothing)[1]
+        for name, grad in (("backward", recomputed), ("fused forward", fused)):
+            torch.testing.assert_close(grad.double(), expected, rtol=0, atol=1e-6, msg=f"{name} {smoothing}")
+
+
 def test_no_access_outside_tensors_under_address_sanitizer():
     """tests/emulated_memcheck.py in a process of its own, with AddressSanitizer's runtime preloaded."""
     compiler = os.environ.get("CXX", "c++")
