@@ -193,8 +193,9 @@ def timed_runs(run, count: int, timer: Timer, flusher: CacheFlusher, queued: boo
     without waiting for the device. While a step's device work (the flush, ~0.1 ms on an H200, and the call's
     kernels) outlasts the host's work for it, the device finds each call's kernels already launched and the events
     time the device's work alone, as in a training step where the host is ahead of the GPU; a host-bound call (tiny
-    problems) still shows its host time. A call that synchronizes inside (fused_xent's value check, in_forward's
-    unit-gradient test) lets the host run only that far ahead: the GPU waits for the host's work after that point,
+    problems) still shows its host time. A call that synchronizes inside (fused_xent's value check; in_forward's
+    test of a unit upstream gradient until 2026-11-30, now made on the device) lets the host run only that far
+    ahead: the GPU waits for the host's work after that point,
     where a provider without a sync is up to the whole queue ahead.
     What run returns is kept until its time is taken (queued: until its end is recorded), so that freeing it (a
     graph) is not timed."""

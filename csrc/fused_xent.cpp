@@ -71,4 +71,9 @@ TORCH_LIBRARY(fused_xent, m) {
   // [a target neither ignore_index nor in [0, num_classes), a NaN in weight] in pinned host memory, valid once the
   // current stream has passed the call. No fake kernel: the check is skipped while tracing.
   m.def(fused_xent::kValueCheckSchema);
+  // The backward of cross_entropy_fwd_grad and cross_entropy_fwd_grad_ as the front end runs it on a GPU, CUDA only:
+  // grad *= grad_loss (0-d, of grad's dtype) in place, skipped on the device when grad_loss is exactly 1, so that
+  // loss.backward() needs no host sync and no pass over the gradient. Positions whose class-index target is
+  // ignore_index stay exactly 0 (an infinite or NaN grad_loss would make them NaN). No fake kernel: not traced.
+  m.def(fused_xent::kScaleUnitGradSchema);
 }

@@ -43,6 +43,9 @@ class Backend:
     # Meets an out-of-range class index without reading or writing out of bounds (a NaN loss instead), so the front
     # end's check of the targets may be read after the kernels are queued (fused_xent._validate.ValueCheck).
     bad_targets_are_nan: bool = False
+    # The in_forward and inplace modes' backward on the device (csrc/cuda/xent_scale.cu): grad *= grad_loss in place,
+    # skipped there when grad_loss is 1, without a host sync. None: the front end asks the host (free on the CPU).
+    scale_unit_grad_: Callable | None = None
 
 
 def _compiled_ops():
@@ -155,13 +158,17 @@ def backends_serving(device_type: str, available_only: bool = True) -> list[str]
 
 
 def _make_backend(name: str) -> Backend:
-    if name in ("cpu", "cuda"):
-        return Backend(name, *_compiled_ops(), checks_targets=name == "cpu", bad_targets_are_nan=name == "cuda")
+    if name == "cpu":
+        return Backend(name, *_compiled_ops(), checks_targets=True)
+    if name == "cuda":
+        return Backend(name, *_compiled_ops(), checks_targets=False, bad_targets_are_nan=True,
+                       scale_unit_grad_=torch.ops.fused_xent.scale_unit_grad_)
     if name == "triton":
         ops = torch.ops.fused_xent
         return Backend(
             name, ops.triton_cross_entropy_fwd, ops.triton_cross_entropy_bwd, ops.triton_cross_entropy_fwd_grad,
             ops.triton_cross_entropy_fwd_grad_, checks_targets=False, bad_targets_are_nan=True,
+            scale_unit_grad_=ops.triton_scale_unit_grad_,
         )
     return Backend(
         "torch", reference.cross_entropy_fwd, reference.cross_entropy_bwd, reference.cross_entropy_fwd_grad,

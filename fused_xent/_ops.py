@@ -36,14 +36,21 @@ def fake_fwd_grad_(logits, target, weight, reduction, ignore_index, label_smooth
     return empty_loss(logits, reduction)
 
 
-def scale_unit_grad(grad: torch.Tensor, grad_loss: torch.Tensor, target: torch.Tensor, ignore_index: int):
-    """d(loss)/d(logits) for an upstream gradient (0-d, or (N, S) for reduction none), from the gradient computed
-    for an upstream gradient of 1. An ignored position's gradient stays exactly 0 whatever its upstream gradient,
-    as in PyTorch, where nothing flows into it: 0 * inf or 0 * NaN (an overflowed loss scale) would be NaN."""
-    scale = grad_loss.to(grad.dtype)
+def unit_grad_scale(grad_loss: torch.Tensor, target: torch.Tensor, ignore_index: int, dtype: torch.dtype):
+    """The factor that takes the gradient computed for an upstream gradient of 1 to the one for grad_loss (0-d, or
+    (N, S) for reduction none), broadcast against (N, C, S). An ignored position's factor is 0, so its gradient
+    stays exactly 0 whatever its upstream gradient, as in PyTorch, where nothing flows into it: 0 * inf or 0 * NaN
+    (an overflowed loss scale) would be NaN."""
+    scale = grad_loss.to(dtype)
     if not target.is_floating_point():
         scale = torch.where(target != ignore_index, scale, 0)
-    return grad * (scale.unsqueeze(1) if scale.dim() else scale)
+    return scale.unsqueeze(1) if scale.dim() else scale
+
+
+def scale_unit_grad(grad: torch.Tensor, grad_loss: torch.Tensor, target: torch.Tensor, ignore_index: int):
+    """d(loss)/d(logits) for an upstream gradient, from the gradient computed for an upstream gradient of 1, in a
+    new tensor (see unit_grad_scale)."""
+    return grad * unit_grad_scale(grad_loss, target, ignore_index, grad.dtype)
 
 
 def register_autograd(prefix: str = ""):

@@ -1,10 +1,12 @@
-"""The Triton backend as torch.library ops: fused_xent::triton_cross_entropy_{fwd, bwd, fwd_grad, fwd_grad_}.
+"""The Triton backend as torch.library ops: fused_xent::triton_cross_entropy_{fwd, bwd, fwd_grad, fwd_grad_} and
+fused_xent::triton_scale_unit_grad_.
 
 Same arguments, outputs and semantics as the C++ ops in csrc/fused_xent.cpp. `torch.library.triton_op` lets
 torch.compile(fullgraph=True) trace through the launchers to the kernels (the launchers call them through
 `torch.library.wrap_triton`), and derives the fake kernels by running the launchers on fake tensors. Autograd:
 triton_cross_entropy_fwd differentiates through triton_cross_entropy_bwd; triton_cross_entropy_fwd_grad scales the
-gradient it already computed; the in-place op has no autograd.
+gradient it already computed; the in-place ops have no autograd (triton_scale_unit_grad_ is that scaling done in
+place, as the front end runs it: see csrc/cuda/xent_scale.cu).
 
 Importing this module never fails: without Triton, AVAILABLE is False and no op is registered.
 """
@@ -80,5 +82,9 @@ if triton_kernels is not None:
         label_smoothing: float,
     ) -> Tensor:
         return triton_kernels.cross_entropy_fwd_grad_(logits, target, weight, reduction, ignore_index, label_smoothing)
+
+    @torch.library.triton_op("fused_xent::triton_scale_unit_grad_", mutates_args={"grad"})
+    def triton_scale_unit_grad_(grad: Tensor, grad_loss: Tensor, target: Tensor | None, ignore_index: int) -> None:
+        triton_kernels.scale_unit_grad_(grad, grad_loss, target, ignore_index)
 
     register_autograd(prefix="triton_")

@@ -11,8 +11,8 @@ from torch.nn import _reduction
 from torch.overrides import handle_torch_function, has_torch_function_variadic
 
 from . import _backends, reference
-from ._layout import input_in_logits_memory, kernel_logits, may_overlap
-from ._ops import scale_unit_grad
+from ._layout import input_in_logits_memory, is_dense, kernel_logits, may_overlap
+from ._ops import scale_unit_grad, unit_grad_scale
 from ._validate import check_values, prepare, start_value_check
 from .reference import REDUCTION_MEAN, REDUCTION_NONE
 
@@ -104,34 +104,52 @@ def _autocast_enabled(input) -> bool:
     return torch.is_autocast_enabled(device_type)
 
 
-def _unit_grad_is_exact(grad_loss: torch.Tensor) -> bool:
-    """True when grad_loss is the scalar 1 (loss.backward()): the gradient made in the forward is then the answer
-    as it is. On a GPU this reads one value back (a host sync, as Liger-Kernel's backward does), far cheaper than
-    the read and write of the whole gradient it saves. Not inside torch.compile or CUDA graph capture, where a sync
-    is not allowed: there the gradient is always rescaled."""
-    if grad_loss.numel() != 1 or grad_loss.device.type not in ("cpu", "cuda") or torch.compiler.is_compiling():
-        return False
-    # Upstream gradients batched by a transform (torch.func, or autograd.grad's is_grads_batched) differ per entry.
-    if torch._C._are_functorch_transforms_active() or torch._C._functorch.is_legacy_batchedtensor(grad_loss):
-        return False
-    if grad_loss.is_cuda and torch.cuda.is_current_stream_capturing():
-        return False
-    return grad_loss.item() == 1  # one copy to the host; comparing on the device first would add a kernel launch
+def _host_may_read(grad_loss: torch.Tensor) -> bool:
+    """Whether the host may read grad_loss: on the CPU, or on a GPU outside CUDA graph capture (a sync)."""
+    if grad_loss.device.type == "cuda":
+        return not torch.cuda.is_current_stream_capturing()
+    return grad_loss.device.type == "cpu"
+
+
+def _scaled_gradient_made_in_forward(ctx, grad: torch.Tensor, grad_loss: torch.Tensor, target: torch.Tensor):
+    """d(loss)/d(logits) from the gradient an in_forward or inplace forward made for an upstream gradient of 1:
+    that buffer scaled in place and handed to autograd without a copy (no second gradient-sized buffer, and none of
+    the work for the usual grad_loss of exactly 1). On a GPU the backend's kernel tests grad_loss on the device, so
+    the backward needs no host sync (Liger-Kernel's reads grad_loss back); elsewhere the host tests it, which on
+    the CPU costs nothing. The buffer's version moves either way (the host cannot tell whether the device wrote),
+    so that a second backward over the graph refuses (see _gradient_made_in_forward) rather than scale it twice.
+
+    Out of place where autograd traces or batches the backward: under torch.compile, and for upstream gradients
+    batched by a torch.func transform (or autograd.grad's is_grads_batched), which differ per entry."""
+    ignore_index = ctx.options[1]
+    if (torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active()
+            or torch._C._functorch.is_legacy_batchedtensor(grad_loss)):
+        return scale_unit_grad(grad, grad_loss, target, ignore_index)
+    version = grad._version
+    on_device = _backends.backend_ops(ctx.backend).scale_unit_grad_
+    if on_device is not None and grad_loss.numel() == 1 and is_dense(grad):
+        class_target = None if target.is_floating_point() else target
+        on_device(grad, grad_loss.reshape(()).to(grad.dtype), class_target, ignore_index)
+    elif grad_loss.numel() != 1 or not _host_may_read(grad_loss) or grad_loss.item() != 1:
+        grad.mul_(unit_grad_scale(grad_loss, target, ignore_index, grad.dtype))
+    if grad._version == version:  # ops that reach their kernel without autograd do not move it
+        torch.autograd.graph.increment_version(grad)
+    ctx.gradient_handed_out = True
+    return grad
 
 
 def _gradient_made_in_forward(ctx) -> tuple[torch.Tensor, torch.Tensor]:
-    """The gradient saved by an in_forward or inplace forward, and the target. A unit upstream gradient hands that
-    very buffer to autograd, which may make it a leaf's .grad and accumulate into it in place; a later backward over
-    the same graph (retain_graph=True) then finds it modified, and says so here in terms of the cause."""
+    """The gradient saved by an in_forward or inplace forward, and the target. The first backward scales that
+    buffer in place and hands it to autograd, which may make it a leaf's .grad: a later backward over the same
+    graph (retain_graph=True) then finds it modified, and says so here in terms of the cause."""
     try:
         return ctx.saved_tensors
     except RuntimeError as error:
         if getattr(ctx, "gradient_handed_out", False):
             raise RuntimeError(
-                f"fused_xent: grad_mode={ctx.grad_mode!r} handed its gradient buffer to autograd without a copy in "
-                "the first backward, and it has been modified since (a gradient accumulated into .grad, or clipped "
-                "in place); to run backward more than once over one graph (retain_graph=True), use "
-                "grad_mode='recompute'"
+                f"fused_xent: grad_mode={ctx.grad_mode!r} scales its gradient buffer in place and hands it to "
+                "autograd without a copy in the first backward, so a graph runs backward once; to run backward more "
+                "than once over one graph (retain_graph=True), use grad_mode='recompute'"
             ) from error
         raise
 
@@ -208,10 +226,7 @@ class FusedCrossEntropyFunction(torch.autograd.Function):
                     f"fused_xent: grad_mode={ctx.grad_mode!r} cannot be differentiated twice (create_graph=True): "
                     "use grad_mode='recompute'"
                 )
-            if _unit_grad_is_exact(grad_loss):
-                ctx.gradient_handed_out = True
-                return grad, None, None, None, None, None, None, None, None
-            return (scale_unit_grad(grad, grad_loss, target, ignore_index),) + (None,) * 8
+            return (_scaled_gradient_made_in_forward(ctx, grad, grad_loss, target),) + (None,) * 8
         logits, target, weight, lse, total_weight = ctx.saved_tensors
         logits_dtype, target_dtype = logits.dtype, target.dtype
         ops = _backends.backend_ops(ctx.backend)

@@ -35,7 +35,7 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from ._layout import input_in_logits_memory, kernel_logits
+from ._layout import input_in_logits_memory, is_dense, kernel_logits
 from ._triton_env import triton_interpreter_requested
 from .reference import REDUCTION_MEAN, REDUCTION_NONE, REDUCTION_SUM
 
@@ -507,6 +507,29 @@ def _backward_kernel(grad_loss_ptr, grad_loss_stride_n, grad_loss_stride_s, logi
                     PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING, ACC, WIDE_CLASS_LOOP, BLOCK_C)
 
 
+@triton.jit
+def _scale_unit_grad_kernel(grad_ptr, grad_loss_ptr, target_ptr, numel, ignore_index, stride_n, N, stride_s, S,
+                            HAS_TARGET: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
+    """grad *= grad_loss in place over a dense gradient, nothing done when grad_loss is exactly 1 (see
+    scale_unit_grad_). An infinite or NaN scale keeps the positions whose target is ignore_index as they are (0):
+    each element then finds its position from its offset, (offset / stride) % size along n and along s. Loads and
+    stores keep the plain in-range mask, so that they stay 16-byte vectors."""
+    scale = tl.load(grad_loss_ptr).to(ACC)
+    if scale != 1:
+        step = tl.num_programs(0).to(tl.int64) * BLOCK
+        for start in range(tl.program_id(0).to(tl.int64) * BLOCK, numel, step):
+            offsets = tl.multiple_of(start, BLOCK) + tl.arange(0, BLOCK)
+            in_range = offsets < numel
+            x = tl.load(grad_ptr + offsets, mask=in_range)
+            scaled = (x.to(ACC) * scale).to(x.dtype)
+            if HAS_TARGET:
+                if scale - scale != 0:  # infinite or NaN
+                    position = (offsets // stride_n) % N * S + (offsets // stride_s) % S
+                    target = tl.load(target_ptr + position, mask=in_range, other=ignore_index)
+                    scaled = tl.where(target == ignore_index, x, scaled)
+            tl.store(grad_ptr + offsets, scaled, mask=in_range)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Launchers
 # ---------------------------------------------------------------------------------------------------------------
@@ -893,3 +916,34 @@ def cross_entropy_fwd_grad_(logits, target, weight, reduction, ignore_index, lab
     if p.logits is not logits:  # the kernel worked on a dense copy
         logits.copy_(p.logits)
     return loss
+
+
+SCALE_TILE = 4096
+SCALE_PROGRAMS_PER_MULTIPROCESSOR = 8
+
+
+def scale_unit_grad_(grad, grad_loss, target, ignore_index) -> None:
+    """grad *= grad_loss in place, decided on the device: a grad_loss of exactly 1 (the usual loss.backward())
+    leaves the gradient unread and needs no host sync. grad: a dense (N, C, S) gradient made by the forward;
+    grad_loss: 0-d, of grad's dtype; target: (N, S) int64 class indices (positions equal to ignore_index stay exactly
+    0 whatever the scale), or None for probability targets. The twin of csrc/cuda/xent_scale.cu."""
+    check_device(grad.device)
+    if grad.dim() != 3 or not is_dense(grad) or grad_loss.dim() != 0 or grad_loss.dtype != grad.dtype:
+        raise ValueError(f"fused_xent: scale_unit_grad_ needs a dense (N, C, S) gradient and a 0-d grad_loss of its "
+                         f"dtype, got {tuple(grad.shape)} strides {grad.stride()} and {grad_loss.dtype} "
+                         f"{tuple(grad_loss.shape)}")
+    N, _, S = grad.shape
+    if target is not None and (target.dtype != torch.int64 or tuple(target.shape) != (N, S)):
+        raise ValueError(f"fused_xent: scale_unit_grad_ needs an int64 ({N}, {S}) target, got {target.dtype} "
+                         f"{tuple(target.shape)}")
+    if grad.numel() == 0:
+        return
+    programs = min(triton.cdiv(grad.numel(), SCALE_TILE),
+                   multiprocessors(grad.device) * SCALE_PROGRAMS_PER_MULTIPROCESSOR)
+    # A size-1 dimension's stride may be anything: 1 gives it its only coordinate, 0.
+    _launch(
+        _scale_unit_grad_kernel, (programs,), grad, grad_loss, None if target is None else target.contiguous(),
+        grad.numel(), ignore_index, grad.stride(0) if N > 1 else 1, N, grad.stride(2) if S > 1 else 1, S,
+        HAS_TARGET=target is not None, ACC=tl.float64 if grad.dtype == torch.float64 else tl.float32,
+        BLOCK=SCALE_TILE, num_warps=4,
+    )

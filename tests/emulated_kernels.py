@@ -11,7 +11,7 @@ ROOT = Path(__file__).resolve().parent.parent
 HOST = ROOT / "tests" / "host"
 # The cluster kernel needs sm_90 hardware (tests/host/emulated_ops.cpp stands in for it).
 KERNEL_SOURCES = ["xent_kernel.cu", "xent_reduce.cu", "xent_rows.cu", "xent_rows_split.cu", "xent_spatial.cu",
-                  "xent_checks.cu"]
+                  "xent_checks.cu", "xent_scale.cu"]
 
 
 def build(variant="", extra_flags=()):

@@ -11,7 +11,7 @@ import emulated_kernels
 import torch
 from emulated_kernels import CASES
 from helpers import make_class_target, make_logits, make_prob_target
-from op_checks import as_ncs
+from op_checks import as_ncs, unit_grad_cases
 
 
 def main():
@@ -34,6 +34,10 @@ def main():
             ops.cross_entropy_fwd_grad(x, y, w, reduction, -100, smoothing)
             ops.cross_entropy_fwd_grad_(x.clone(), y, w, reduction, -100, smoothing)
             calls += 4
+    for grad, target in unit_grad_cases(torch.float32):
+        for factor in (0.5, float("inf")):  # the vector path, and the one that reads each element's target
+            ops.scale_unit_grad_(grad.clone(), torch.tensor(factor), target, -100)
+            calls += 1
     print(f"{calls} op calls, no AddressSanitizer report")
 
 

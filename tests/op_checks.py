@@ -1,6 +1,7 @@
 """The four ops of a fused_xent kernel library called directly, against F.cross_entropy computed in float64: shared by
 the CPU kernel's tests (tests/test_cpu_ops.py) and those of the CUDA kernels' host emulation
-(tests/test_cuda_emulated.py); and the cases of the CUDA value check op (there and in tests/test_cuda.py)."""
+(tests/test_cuda_emulated.py); and the cases of the CUDA value check op (there and in tests/test_cuda.py) and of the
+ops that scale a gradient made in the forward in place (the CUDA one and Triton's)."""
 
 import pytest
 import torch
@@ -117,3 +118,70 @@ def value_check_cases(device):
         with_nan[int(torch.randint(0, 1000, (), generator=generator))] = float("nan")
         cases += [(None, with_nan, -100, 1000, [0, 1]), (cases[1][0], with_nan, -100, 5, [1, 1])]
     return [(t if t is None else t.to(device), w if w is None else w.to(device), i, c, e) for t, w, i, c, e in cases]
+
+
+# (N, C, S), how the gradient lies in memory: rows, NCHW, channels_last, one position, one class, and rows long
+# enough for every block of the grid to loop.
+SCALE_SHAPES = [((37, 10, 1), "rows"), ((2, 19, 64), "nchw"), ((2, 19, 35), "channels_last"), ((1, 7, 1), "rows"),
+                ((3, 1, 1), "rows"), ((3, 5000, 1), "rows"), ((2, 3, 70000), "nchw")]
+# Upstream gradients: the usual 1, a mean over accumulation steps, a loss scale's power of two, negative, zero, and
+# an overflowed loss scale.
+SCALE_FACTORS = [1.0, 0.37, 65536.0, -2.5, 0.0, float("inf"), float("nan")]
+
+
+def unit_grad_cases(dtype, device="cpu", shapes=SCALE_SHAPES):
+    """(gradient, class-index target or None) pairs as a forward makes them for an upstream gradient of 1: dense, in
+    every layout of SCALE_SHAPES, with every third position of every other batch entry ignored (its gradient exactly
+    0; not entry 0, whose elements lead the buffer), and starting at several offsets from a 16-byte boundary
+    (elements before the first aligned vector)."""
+    generator = torch.Generator().manual_seed(11)
+    cases = []
+    for (N, C, S), layout in shapes:
+        for start in (0, 1, 3):
+            order = (0, 2, 1) if layout == "channels_last" else (0, 1, 2)
+            stored = [(N, C, S)[d] for d in order]
+            flat = torch.randn(start + N * C * S, generator=generator).to(device, dtype)  # .to keeps no offset
+            grad = flat[start:].view(stored).permute(*order)
+            target = torch.randint(0, C, (N, S), generator=generator).to(device)
+            target[1::2, ::3] = -100
+            grad.permute(0, 2, 1)[target == -100] = 0
+            cases.append((grad, target))
+        cases.append((torch.randn(N, C, S, generator=generator).to(dtype).to(device), None))
+    return cases
+
+
+def check_scale_unit_grad(scale_unit_grad_, dtype, device="cpu", exact=True):
+    """scale_unit_grad_(grad, grad_loss, target, -100) against fused_xent._ops.scale_unit_grad (PyTorch's ops, out of
+    place) for every case and factor: bit for bit (NaN where it gives NaN), and a factor of 1 leaves every bit of
+    the gradient as it was. exact=False: within one rounding of the dtype (the Triton interpreter truncates where
+    a GPU rounds to nearest)."""
+    from fused_xent._ops import scale_unit_grad
+
+    for grad, target in unit_grad_cases(dtype, device):
+        for factor in SCALE_FACTORS:
+            g = _copy_at_the_same_offset(grad)
+            grad_loss = torch.tensor(factor, dtype=dtype, device=device)
+            # A floating target (the gradient itself stands in) is one of probabilities: nothing is ignored.
+            expected = scale_unit_grad(grad, grad_loss, grad if target is None else target, -100)
+            scale_unit_grad_(g, grad_loss, target, -100)
+            what = (tuple(grad.shape), grad.stride(), grad.storage_offset(), target is None, factor)
+            if factor == 1:
+                assert torch.equal(g.view(_bits(dtype)), grad.view(_bits(dtype))), what
+                continue
+            assert torch.equal(g.isnan(), expected.isnan()), what
+            if exact:
+                assert torch.equal(g.nan_to_num(0.0), expected.nan_to_num(0.0)), what
+            else:
+                torch.testing.assert_close(g, expected, rtol=2 * torch.finfo(dtype).eps, atol=0, equal_nan=True,
+                                           msg=str(what))
+
+
+def _copy_at_the_same_offset(grad):
+    """A copy of a dense view that keeps its strides and its offset into a fresh buffer (clone() would start it at
+    the buffer's aligned beginning)."""
+    buffer = grad.new_empty(grad.storage_offset() + grad.numel())
+    return buffer.as_strided(grad.shape, grad.stride(), grad.storage_offset()).copy_(grad)
+
+
+def _bits(dtype):
+    return {2: torch.int16, 4: torch.int32, 8: torch.int64}[dtype.itemsize]

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from helpers import assert_close, assert_grad_close, differentiable_copy, expected_lse, poison_cuda_cache
 from helpers import torch_reference as reference
-from op_checks import value_check_cases
+from op_checks import check_scale_unit_grad, value_check_cases
 
 import fused_xent
 
@@ -37,8 +37,8 @@ def _extension_path():
 
 
 def test_cuda_kernel_registered():
-    """Needs no GPU: a CUDA build of the extension registers its ops (the four of the loss and the value check) for
-    the CUDA dispatch key."""
+    """Needs no GPU: a CUDA build of the extension registers its ops (the four of the loss, the value check and the
+    in-place scaling of a gradient made in the forward) for the CUDA dispatch key."""
     if torch.version.cuda is None:
         pytest.skip("torch is a CPU-only build")
     path = _extension_path()
@@ -49,7 +49,7 @@ def test_cuda_kernel_registered():
         built_with_cuda = b"cudaLaunchKernel" in library.read()
     if not built_with_cuda and os.environ.get("FUSED_XENT_CUDA") != "1":
         pytest.skip("the extension was built without CUDA (FUSED_XENT_CUDA=1 forces it)")
-    for op in (*OPS, "value_check"):
+    for op in (*OPS, "value_check", "scale_unit_grad_"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"fused_xent::{op}", "CUDA"), op
 
 
@@ -64,6 +64,41 @@ def test_value_check_kernel():
         torch.cuda.current_stream().synchronize()
         assert flags.tolist() == expected, (None if target is None else (target.dtype, target.numel()), ignore_index,
                                             classes)
+
+
+@pytest.mark.cuda
+@needs_gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16], ids=str)
+def test_scale_unit_grad_kernel(dtype):
+    """csrc/cuda/xent_scale.cu, the backward of in_forward and inplace: PyTorch's ops bit for bit, and nothing
+    written for an upstream gradient of 1."""
+    check_scale_unit_grad(torch.ops.fused_xent.scale_unit_grad_, dtype, "cuda")
+
+
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("grad_mode", ["in_forward", "inplace"])
+@pytest.mark.cuda
+@needs_gpu
+def test_backward_of_the_gradient_made_in_forward_needs_no_host_sync(backend, grad_mode):
+    """The upstream gradient is tested on the device (1: nothing to do; else the buffer is scaled in place): under
+    torch.cuda.set_sync_debug_mode("error"), a backward that read it back would raise."""
+    if backend not in fused_xent.available_backends():
+        pytest.skip(f"backend {backend!r} not available here")
+    generator = torch.Generator().manual_seed(23)
+    x = make_logits((64, 5000), "contiguous", torch.bfloat16, generator)
+    target = make_target(x, "index_ignore", -100, generator)
+    for grad_output in (1.0, 0.125):
+        leaf = x.detach().clone().requires_grad_(True)
+        logits = leaf.clone()  # the output of an op, as 'inplace' wants
+        loss = fused_xent.cross_entropy(logits, target, backend=backend, grad_mode=grad_mode)
+        upstream = torch.tensor(grad_output, device="cuda", dtype=loss.dtype)
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            loss.backward(upstream)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        _, expected = reference(x, target, upstream)
+        assert_grad_close(leaf.grad, expected, torch.bfloat16, f"grad for {grad_output}")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -584,11 +619,12 @@ def test_unbatched_ignored_target_as_pytorch_on_each_device(backend):
 @pytest.mark.cuda
 @needs_gpu
 def test_cuda_graph_capture_and_replay(backend, grad_mode, shape):
-    """fwd+bwd captured in a CUDA graph (so nothing in it may synchronise with the host: the value checks and the
-    unit-gradient shortcut step aside) and replayed on new inputs gives PyTorch's loss and gradient. As in PyTorch's
-    recipe, every op of the captured backward is recorded inside the capture: the logits are an op's output made in
-    the step. (With logits cloned once before, on the default stream, the first capture of each process failed on
-    the H200: "operation would make the legacy stream depend on a capturing blocking stream". Not yet rerun there.)"""
+    """fwd+bwd captured in a CUDA graph (so nothing in it may synchronise with the host: the value checks step aside,
+    and in_forward and inplace test the upstream gradient on the device, as always on a GPU) and replayed on new
+    inputs gives PyTorch's loss and gradient. As in PyTorch's recipe, every op of the captured backward is recorded
+    inside the capture: the logits are an op's output made in the step. (With logits cloned once before, on the
+    default stream, the first capture of each process failed on the H200: "operation would make the legacy stream
+    depend on a capturing blocking stream". Not yet rerun there.)"""
     if backend not in fused_xent.available_backends():
         pytest.skip(f"backend {backend!r} not available here")
     generator = torch.Generator().manual_seed(19)
@@ -644,20 +680,23 @@ def test_peak_memory_is_the_gradient_and_per_position_buffers(backend, shape, la
     target = make_target(x, "index_ignore", -100, generator)
     logits_bytes = x.numel() * x.element_size()
     per_position = 64 * (x.numel() // x.shape[1]) + (4 << 20)  # lse, loss, target checks, block partials
-    for grad_mode, gradient_bytes in (("recompute", logits_bytes), ("in_forward", logits_bytes), ("inplace", 0)):
+    # A loss divided by the accumulation steps (0.125) too: in_forward and inplace scale their buffer in place.
+    cases = itertools.product((("recompute", logits_bytes), ("in_forward", logits_bytes), ("inplace", 0)), (1, 0.125))
+    for (grad_mode, gradient_bytes), grad_output in cases:
         leaf = x.detach().clone().requires_grad_(True)
         logits = leaf.clone()  # the output of an op, as 'inplace' wants; its gradient reaches leaf.grad uncopied
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-        fused_xent.cross_entropy(logits, target, backend=backend, grad_mode=grad_mode).backward()
+        loss = fused_xent.cross_entropy(logits, target, backend=backend, grad_mode=grad_mode)
+        loss.backward(torch.tensor(grad_output, device="cuda", dtype=loss.dtype))
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated() - base
         assert peak <= gradient_bytes + per_position, (
-            f"{grad_mode}: peak {peak / 2**20:.1f} MiB above the inputs, allowed "
+            f"{grad_mode}, upstream gradient {grad_output}: peak {peak / 2**20:.1f} MiB above the inputs, allowed "
             f"{(gradient_bytes + per_position) / 2**20:.1f} MiB (logits are {logits_bytes / 2**20:.1f} MiB)"
         )
-        del leaf, logits
+        del leaf, logits, loss
 
 
 # ----------------------------------------------------------------------------------------------------------------

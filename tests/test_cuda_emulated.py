@@ -14,7 +14,7 @@ import pytest
 import torch
 from emulated_kernels import CASES
 from helpers import make_class_target, make_logits, make_prob_target
-from op_checks import as_ncs, check_all_ops, reference, value_check_cases
+from op_checks import as_ncs, check_all_ops, check_scale_unit_grad, reference, value_check_cases
 
 
 @pytest.fixture(scope="module")
@@ -275,6 +275,56 @@ def test_value_check_kernel(ops):
         assert ops.value_check(target, weight, ignore_index, classes).tolist() == expected, (
             None if target is None else (target.dtype, target.numel()), weight is not None and weight.dtype,
             ignore_index, classes)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16], ids=str)
+def test_scale_unit_grad_kernel(ops, dtype):
+    """csrc/cuda/xent_scale.cu: the in_forward and inplace modes' backward, bit for bit that of PyTorch's ops."""
+    check_scale_unit_grad(ops.scale_unit_grad_, dtype)
+
+
+@pytest.mark.parametrize("grad_mode", ["in_forward", "inplace"])
+def test_front_end_scales_through_the_backend_kernel(ops, monkeypatch, grad_mode):
+    """The backward of in_forward and inplace with the emulated scaling kernel serving the torch backend (as the CUDA
+    one serves the CUDA backend on a GPU): it takes a 0-d upstream gradient on a dense buffer, with no read of the
+    upstream gradient on the host, and gives PyTorch's gradient in the buffer it hands out. Per-position upstream
+    gradients (reduction none) and logits with gaps (inplace over a slice) are scaled by PyTorch's ops instead (on
+    the CPU after the host has read the upstream gradient, which costs nothing there)."""
+    import dataclasses
+
+    import fused_xent
+    from fused_xent import _backends
+
+    calls = []
+
+    def kernel(grad, grad_loss, target, ignore_index):
+        calls.append((grad.data_ptr(), grad_loss.shape, target is None))
+        ops.scale_unit_grad_(grad, grad_loss, target, ignore_index)
+
+    backend = _backends.backend_ops("torch")
+    monkeypatch.setitem(_backends._AVAILABLE_BACKENDS, "torch", dataclasses.replace(backend, scale_unit_grad_=kernel))
+    torch.manual_seed(4)
+    wide = torch.randn(12, 60, dtype=torch.float64)
+    target = torch.randint(0, 30, (12,))
+    target[::4] = -100
+    dense, with_gaps = slice(0, 60), slice(0, 60, 2)
+    cases = [(dense, "mean", torch.tensor(0.5), True), (dense, "sum", torch.tensor(1.0), True),
+             (dense, "none", torch.rand(12), False)]
+    if grad_mode == "inplace":
+        cases.append((with_gaps, "mean", torch.tensor(2.0), False))
+    for columns, reduction, grad_output, served in cases:
+        leaf = wide.clone().requires_grad_()
+        logits = leaf.clone()[:, columns]  # clone's backward passes the gradient on as it is
+        loss = fused_xent.cross_entropy(logits, target, reduction=reduction, backend="torch", grad_mode=grad_mode)
+        before = len(calls)
+        with pytest.MonkeyPatch.context() as patch:
+            if served:
+                patch.setattr(torch.Tensor, "item", lambda self: pytest.fail("the host read the upstream gradient"))
+            loss.backward(grad_output)
+        expected_leaf = wide.clone().requires_grad_()
+        torch.nn.functional.cross_entropy(expected_leaf[:, columns], target, reduction=reduction).backward(grad_output)
+        torch.testing.assert_close(leaf.grad, expected_leaf.grad, rtol=1e-12, atol=1e-15)
+        assert len(calls) - before == int(served), (columns, reduction)
 
 
 @pytest.fixture

@@ -1,5 +1,6 @@
 """grad_mode="in_forward" and "inplace": the same gradients, and in-place writes that autograd can see."""
 
+import dataclasses
 import itertools
 
 import pytest
@@ -86,21 +87,55 @@ def test_unit_upstream_gradient_is_returned_without_a_copy(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_retained_graph_after_the_gradient_was_handed_out(backend):
-    """The buffer returned as it is becomes x.grad: a second backward works while nothing has modified it, and once
-    a gradient was accumulated into it, the next one says why it cannot run instead of reading a sum."""
+@pytest.mark.parametrize("grad_mode", ["in_forward", "inplace"])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_backward_scales_the_gradient_made_in_forward_in_place(backend, grad_mode, reduction):
+    """The backward hands autograd the forward's buffer, scaled in place: for the unit upstream gradient of
+    loss.backward(), and for any other (a loss divided by the accumulation steps), without a second gradient-sized
+    buffer. inplace's buffer is the logits' memory; in_forward's is the one its forward op made."""
+    g = torch.Generator().manual_seed(8)
+    leaf = make_logits((6, 40), "contiguous", torch.float32, generator=g).requires_grad_(True)
+    target = make_class_target((6,), 40, ignore_index=-100, generator=g)
+    buffers = []
+    ops = _backends.backend_ops(backend)
+    fwd_grad = ops.fwd_grad
+
+    def recording_fwd_grad(*args):
+        loss, grad = fwd_grad(*args)
+        buffers.append(grad)
+        return loss, grad
+
+    for grad_output in (torch.ones(()), torch.tensor(0.25), torch.rand(6, generator=g)):
+        if (grad_output.dim() == 0) != (reduction == "mean"):
+            continue
+        expected = fused(leaf, target, grad_output, "torch", reduction=reduction)[1]
+        logits = leaf.clone()  # clone's backward passes the gradient on as it is
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setitem(_backends._AVAILABLE_BACKENDS, backend, dataclasses.replace(ops, fwd_grad=recording_fwd_grad))
+            loss = fused_xent.cross_entropy(logits, target, reduction=reduction, backend=backend, grad_mode=grad_mode)
+        leaf.grad = None
+        loss.backward(grad_output)
+        assert_grad_close(leaf.grad, expected, torch.float32, f"grad for {grad_output}")
+        handed_out = logits if grad_mode == "inplace" else buffers[-1]
+        assert leaf.grad.data_ptr() == handed_out.data_ptr()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("grad_mode", ["in_forward", "inplace"])
+def test_second_backward_over_the_graph_is_refused(backend, grad_mode):
+    """The first backward scaled the buffer in place and handed it out (even for a unit upstream gradient, where
+    the device would not write, the host cannot tell): a second backward over the same graph would scale it again,
+    or read a gradient accumulated into it, and says what to use instead."""
     x = make_logits((5, 9), "contiguous", torch.float32).requires_grad_(True)
     target = make_class_target((5,), 9)
     expected = fused(x, target, torch.ones(()), "torch")[1]
-    loss = fused_xent.cross_entropy(x, target, backend=backend, grad_mode="in_forward")
+    logits = x.clone()
+    loss = fused_xent.cross_entropy(logits, target, backend=backend, grad_mode=grad_mode)
     loss.backward(retain_graph=True)
-    x.grad = None
-    loss.backward(retain_graph=True)
-    assert_grad_close(x.grad, expected, torch.float32, "second backward")
-    loss.backward(retain_graph=True)  # accumulates into the handed-out buffer
-    assert_grad_close(x.grad, 2 * expected, torch.float32, "accumulated")
-    with pytest.raises(RuntimeError, match="retain_graph=True.*grad_mode='recompute'"):
+    assert_grad_close(x.grad, expected, torch.float32, "first backward")
+    with pytest.raises(RuntimeError, match="runs backward once.*retain_graph=True.*grad_mode='recompute'"):
         loss.backward()
+    assert_grad_close(x.grad, expected, torch.float32, "left by the refused backward")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

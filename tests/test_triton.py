@@ -34,7 +34,9 @@ from helpers import (  # noqa: E402
     poison_cuda_cache,
     torch_reference,
 )
+from op_checks import check_scale_unit_grad  # noqa: E402
 
+import fused_xent  # noqa: E402
 from fused_xent import _triton_ops  # noqa: E402
 from fused_xent.triton_kernels import TileConfig, _position_block  # noqa: E402
 
@@ -287,6 +289,42 @@ def test_in_place_op_refuses_a_weight_in_the_logits_memory():
     with pytest.raises(ValueError, match="the weight's memory range intersects theirs"):
         ops.triton_cross_entropy_fwd_grad_(overwritten, target_view, overwritten[0, :, 0], 1, 0, 0.1)
     assert torch.equal(overwritten, logits)
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16], ids=str)
+def test_scale_unit_grad(dtype):
+    """triton_scale_unit_grad_, the backward of the in_forward and inplace modes: PyTorch's ops bit for bit (in
+    bfloat16 under the interpreter within one rounding: it truncates to bfloat16 where a GPU rounds to nearest)."""
+    check_scale_unit_grad(ops.triton_scale_unit_grad_, dtype, DEVICE,
+                          exact=not (INTERPRETED and dtype == torch.bfloat16))
+
+
+@needs_kernels
+@pytest.mark.parametrize("grad_mode", ["in_forward", "inplace"])
+@pytest.mark.parametrize("layout", ["wide_rows", "channels_last"])
+def test_public_api_scales_the_gradient_made_in_forward_in_place(grad_mode, layout):
+    """fused_xent.cross_entropy(backend="triton"): the backward scales the forward's gradient on the device and
+    hands that buffer to autograd (in place: the logits' memory), for the unit upstream gradient of loss.backward(),
+    a mean over accumulation steps and an overflowed loss scale, under which ignored positions stay 0."""
+    for grad_out in (1.0, 0.25, float("inf")):
+        x = make_logits(layout, torch.float32)
+        target = class_target(x, ignore_index=-100)
+        leaf = x.detach().requires_grad_()
+        logits = leaf if grad_mode == "in_forward" else leaf.clone()  # clone's backward passes the gradient on
+        loss = fused_xent.cross_entropy(logits, target, backend="triton", grad_mode=grad_mode)
+        loss.backward(torch.tensor(grad_out, device=DEVICE))
+        ignored = (target == -100).unsqueeze(1).expand_as(x)
+        assert leaf.grad[ignored].eq(0).all(), grad_out
+        if math.isinf(grad_out):  # PyTorch's own mix of inf and NaN there: README, "Non-finite values"
+            assert not leaf.grad[~ignored].isfinite().any()
+        else:
+            _, expected = reference(x, target, None, "mean", -100, 0.0, torch.tensor(grad_out, device=DEVICE))
+            assert_grad_close(leaf.grad, expected, torch.float32)
+        if grad_mode == "inplace":
+            assert leaf.grad.data_ptr() == logits.data_ptr()
+        with pytest.raises(RuntimeError, match="retain_graph=True.*grad_mode='recompute'"):
+            loss.backward()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -749,6 +787,8 @@ def test_every_specialization_compiles_for_hopper(monkeypatch):
         kernels.cross_entropy_fwd(logits, probabilities, weight, 2, -100, 0.1)
         kernels.cross_entropy_fwd_grad(logits, probabilities, weight, 0, -100, 0.1)
         kernels.cross_entropy_bwd(scalar, logits, probabilities, weight, lse, total_weight, 1, -100, 0.1)
+        kernels.scale_unit_grad_(logits.clone(), scalar, target, -100)
+        kernels.scale_unit_grad_(logits.clone(), scalar, None, -100)
     # Positions cut into class ranges (one multiprocessor: what the interpreter plans for): statistics, combine and
     # the range-wise gradient.
     for dtype, shape in itertools.product([torch.float32, torch.bfloat16], [(1, 20000), (2, 600, 16)]):
@@ -759,7 +799,7 @@ def test_every_specialization_compiles_for_hopper(monkeypatch):
         kernels.cross_entropy_fwd(logits, target, torch.rand(C), 1, -100, 0.1)
         kernels.cross_entropy_fwd_grad_(logits.clone(), target, None, 0, -100, 0.0)
     compiled = {key[0] for key in compile_only.compiled}
-    assert {"_split_statistics_kernel", "_split_combine_kernel"} <= compiled, compiled
+    assert {"_split_statistics_kernel", "_split_combine_kernel", "_scale_unit_grad_kernel"} <= compiled, compiled
     assert len(compile_only.compiled) >= 48
 
 

@@ -7,6 +7,9 @@ tests/test_triton.py:
     TRITON_INTERPRET=1 python tests/unread_ignored_logits.py triton   (the Triton ops, interpreted: its loads
                                                                         touch only the lanes their mask keeps)
 
+The same for the op that scales a gradient made in the forward by its upstream gradient (CUDA emulation and
+Triton): with an upstream gradient of 1, it must leave the whole gradient unread and unwritten.
+
 The problems take each kernel path of the CPU kernel and of the CUDA kernels' host emulation (2 multiprocessors):
 rows (CPU row kernel; CUDA warp, block and split rows), NCHW (CPU tiles; a CUDA thread per position) and NCHW with
 few positions and many classes (CPU long lanes; CUDA class ranges per thread); in Triton, rows, NCHW and split
@@ -87,6 +90,14 @@ def main():
     y = torch.randint(0, classes, (3, 16))
     y[[0, 2]] = -100
     run_ops(x, y)
+
+    if OP_PREFIX or sys.argv[2] != "fused_xent":  # the compiled library serves it on CUDA only
+        scale_unit_grad_ = getattr(ops, OP_PREFIX + "scale_unit_grad_")
+        grad, _memory = logits_with_unreadable_pages((4, 3 * FLOATS_PER_PAGE, 1), [])
+        y = torch.randint(0, grad.shape[1], (4, 1))
+        scale_unit_grad_(grad, torch.tensor(0.5), y, -100)  # these pages are readable: the op does write
+        assert libc.mprotect(ctypes.c_void_p(grad.data_ptr()), ctypes.c_size_t(grad.numel() * 4), 0) == 0
+        scale_unit_grad_(grad, torch.tensor(1.0), y, -100)
     print("ok")
 
 

@@ -14,6 +14,7 @@ TORCH_LIBRARY(fused_xent_emulated, m) {
   m.def(fused_xent::kForwardGradSchema);
   m.def(fused_xent::kForwardGradInplaceSchema);
   m.def(fused_xent::kValueCheckSchema);
+  m.def(fused_xent::kScaleUnitGradSchema);
 }
 
 namespace fused_xent {
