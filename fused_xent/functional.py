@@ -104,20 +104,13 @@ def _autocast_enabled(input) -> bool:
     return torch.is_autocast_enabled(device_type)
 
 
-def _host_may_read(grad_loss: torch.Tensor) -> bool:
-    """Whether the host may read grad_loss: on the CPU, or on a GPU outside CUDA graph capture (a sync)."""
-    if grad_loss.device.type == "cuda":
-        return not torch.cuda.is_current_stream_capturing()
-    return grad_loss.device.type == "cpu"
-
-
 def _scaled_gradient_made_in_forward(ctx, grad: torch.Tensor, grad_loss: torch.Tensor, target: torch.Tensor):
     """d(loss)/d(logits) from the gradient an in_forward or inplace forward made for an upstream gradient of 1:
     that buffer scaled in place and handed to autograd without a copy (no second gradient-sized buffer, and none of
     the work for the usual grad_loss of exactly 1). On a GPU the backend's kernel tests grad_loss on the device, so
-    the backward needs no host sync (Liger-Kernel's reads grad_loss back); elsewhere the host tests it, which on
-    the CPU costs nothing. The buffer's version moves either way (the host cannot tell whether the device wrote),
-    so that a second backward over the graph refuses (see _gradient_made_in_forward) rather than scale it twice.
+    the backward needs no host sync (Liger-Kernel's reads grad_loss back); where no kernel serves (the torch backend,
+    logits with gaps written in place) a GPU buffer is always multiplied, and only the CPU's host tests grad_loss,
+    for free.
 
     Out of place where autograd traces or batches the backward: under torch.compile, and for upstream gradients
     batched by a torch.func transform (or autograd.grad's is_grads_batched), which differ per entry."""
@@ -125,33 +118,26 @@ def _scaled_gradient_made_in_forward(ctx, grad: torch.Tensor, grad_loss: torch.T
     if (torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active()
             or torch._C._functorch.is_legacy_batchedtensor(grad_loss)):
         return scale_unit_grad(grad, grad_loss, target, ignore_index)
-    version = grad._version
     on_device = _backends.backend_ops(ctx.backend).scale_unit_grad_
     if on_device is not None and grad_loss.numel() == 1 and is_dense(grad):
         class_target = None if target.is_floating_point() else target
         on_device(grad, grad_loss.reshape(()).to(grad.dtype), class_target, ignore_index)
-    elif grad_loss.numel() != 1 or not _host_may_read(grad_loss) or grad_loss.item() != 1:
+    elif grad_loss.numel() != 1 or grad_loss.device.type != "cpu" or grad_loss.item() != 1:
         grad.mul_(unit_grad_scale(grad_loss, target, ignore_index, grad.dtype))
-    if grad._version == version:  # ops that reach their kernel without autograd do not move it
-        torch.autograd.graph.increment_version(grad)
     ctx.gradient_handed_out = True
     return grad
 
 
-def _gradient_made_in_forward(ctx) -> tuple[torch.Tensor, torch.Tensor]:
-    """The gradient saved by an in_forward or inplace forward, and the target. The first backward scales that
-    buffer in place and hands it to autograd, which may make it a leaf's .grad: a later backward over the same
-    graph (retain_graph=True) then finds it modified, and says so here in terms of the cause."""
-    try:
-        return ctx.saved_tensors
-    except RuntimeError as error:
-        if getattr(ctx, "gradient_handed_out", False):
-            raise RuntimeError(
-                f"fused_xent: grad_mode={ctx.grad_mode!r} scales its gradient buffer in place and hands it to "
-                "autograd without a copy in the first backward, so a graph runs backward once; to run backward more "
-                "than once over one graph (retain_graph=True), use grad_mode='recompute'"
-            ) from error
-        raise
+def _refuse_a_second_backward(ctx):
+    """The first backward scaled the gradient buffer in place and handed it to autograd (which may have made it a
+    leaf's .grad): a second one over the same graph (retain_graph=True) would scale it again. Said here rather than
+    left to the saved tensor's version check, which saved-tensor hooks (save_on_cpu) bypass."""
+    if getattr(ctx, "gradient_handed_out", False):
+        raise RuntimeError(
+            f"fused_xent: grad_mode={ctx.grad_mode!r} scales its gradient buffer in place and hands it to autograd "
+            "without a copy in the first backward, so a graph runs backward once; to run backward more than once "
+            "over one graph (retain_graph=True), use grad_mode='recompute'"
+        )
 
 
 def _function_transform_active(*tensors) -> bool:
@@ -220,7 +206,8 @@ class FusedCrossEntropyFunction(torch.autograd.Function):
     def backward(ctx, grad_loss):
         reduction, ignore_index, label_smoothing = ctx.options
         if ctx.grad_mode != "recompute":
-            grad, target = _gradient_made_in_forward(ctx)
+            _refuse_a_second_backward(ctx)
+            grad, target = ctx.saved_tensors
             if torch.is_grad_enabled():
                 raise RuntimeError(
                     f"fused_xent: grad_mode={ctx.grad_mode!r} cannot be differentiated twice (create_graph=True): "

@@ -511,9 +511,10 @@ def _backward_kernel(grad_loss_ptr, grad_loss_stride_n, grad_loss_stride_s, logi
 def _scale_unit_grad_kernel(grad_ptr, grad_loss_ptr, target_ptr, numel, ignore_index, stride_n, N, stride_s, S,
                             HAS_TARGET: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
     """grad *= grad_loss in place over a dense gradient, nothing done when grad_loss is exactly 1 (see
-    scale_unit_grad_). An infinite or NaN scale keeps the positions whose target is ignore_index as they are (0):
-    each element then finds its position from its offset, (offset / stride) % size along n and along s. Loads and
-    stores keep the plain in-range mask, so that they stay 16-byte vectors."""
+    scale_unit_grad_, and csrc/cuda/xent_scale.cu for the rule on zeros). A finite scale keeps exact zeros as they
+    are (+0: ignored positions, underflowed probabilities); an infinite or NaN one keeps the positions whose target
+    is ignore_index, each element finding its position from its offset, (offset / stride) % size along n and along
+    s. Loads and stores keep the plain in-range mask, so that they stay 16-byte vectors."""
     scale = tl.load(grad_loss_ptr).to(ACC)
     if scale != 1:
         step = tl.num_programs(0).to(tl.int64) * BLOCK
@@ -521,12 +522,14 @@ def _scale_unit_grad_kernel(grad_ptr, grad_loss_ptr, target_ptr, numel, ignore_i
             offsets = tl.multiple_of(start, BLOCK) + tl.arange(0, BLOCK)
             in_range = offsets < numel
             x = tl.load(grad_ptr + offsets, mask=in_range)
-            scaled = (x.to(ACC) * scale).to(x.dtype)
-            if HAS_TARGET:
-                if scale - scale != 0:  # infinite or NaN
-                    position = (offsets // stride_n) % N * S + (offsets // stride_s) % S
-                    target = tl.load(target_ptr + position, mask=in_range, other=ignore_index)
-                    scaled = tl.where(target == ignore_index, x, scaled)
+            value = x.to(ACC)
+            scaled = (value * scale).to(x.dtype)
+            if scale - scale == 0:  # finite
+                scaled = tl.where(value == 0, x, scaled)
+            elif HAS_TARGET:
+                position = (offsets // stride_n) % N * S + (offsets // stride_s) % S
+                target = tl.load(target_ptr + position, mask=in_range, other=ignore_index)
+                scaled = tl.where(target == ignore_index, x, scaled)
             tl.store(grad_ptr + offsets, scaled, mask=in_range)
 
 
@@ -925,8 +928,8 @@ SCALE_PROGRAMS_PER_MULTIPROCESSOR = 8
 def scale_unit_grad_(grad, grad_loss, target, ignore_index) -> None:
     """grad *= grad_loss in place, decided on the device: a grad_loss of exactly 1 (the usual loss.backward())
     leaves the gradient unread and needs no host sync. grad: a dense (N, C, S) gradient made by the forward;
-    grad_loss: 0-d, of grad's dtype; target: (N, S) int64 class indices (positions equal to ignore_index stay exactly
-    0 whatever the scale), or None for probability targets. The twin of csrc/cuda/xent_scale.cu."""
+    grad_loss: 0-d, of grad's dtype; target: (N, S) int64 class indices (positions equal to ignore_index stay +0
+    whatever the scale), or None for probability targets. The twin of csrc/cuda/xent_scale.cu."""
     check_device(grad.device)
     if grad.dim() != 3 or not is_dense(grad) or grad_loss.dim() != 0 or grad_loss.dtype != grad.dtype:
         raise ValueError(f"fused_xent: scale_unit_grad_ needs a dense (N, C, S) gradient and a 0-d grad_loss of its "

@@ -120,10 +120,15 @@ def value_check_cases(device):
     return [(t if t is None else t.to(device), w if w is None else w.to(device), i, c, e) for t, w, i, c, e in cases]
 
 
-# (N, C, S), how the gradient lies in memory: rows, NCHW, channels_last, one position, one class, and rows long
-# enough for every block of the grid to loop.
-SCALE_SHAPES = [((37, 10, 1), "rows"), ((2, 19, 64), "nchw"), ((2, 19, 35), "channels_last"), ((1, 7, 1), "rows"),
+# (N, C, S), how the gradient lies in memory: rows, NCHW, channels_last, column-major rows (N innermost, as the
+# in-place op writes over transposed logits), positions outermost, one position, one class, and rows long enough
+# for every block of the grid to loop.
+SCALE_SHAPES = [((37, 10, 1), "rows"), ((2, 19, 64), "nchw"), ((2, 19, 35), "channels_last"),
+                ((37, 10, 1), "column_major"), ((3, 5, 7), "positions_outermost"), ((1, 7, 1), "rows"),
                 ((3, 1, 1), "rows"), ((3, 5000, 1), "rows"), ((2, 3, 70000), "nchw")]
+# The dimensions of (N, C, S) in the order of memory, outermost first.
+STORAGE_ORDERS = {"rows": (0, 1, 2), "nchw": (0, 1, 2), "channels_last": (0, 2, 1), "column_major": (1, 2, 0),
+                  "positions_outermost": (2, 0, 1)}
 # Upstream gradients: the usual 1, a mean over accumulation steps, a loss scale's power of two, negative, zero, and
 # an overflowed loss scale.
 SCALE_FACTORS = [1.0, 0.37, 65536.0, -2.5, 0.0, float("inf"), float("nan")]
@@ -131,46 +136,53 @@ SCALE_FACTORS = [1.0, 0.37, 65536.0, -2.5, 0.0, float("inf"), float("nan")]
 
 def unit_grad_cases(dtype, device="cpu", shapes=SCALE_SHAPES):
     """(gradient, class-index target or None) pairs as a forward makes them for an upstream gradient of 1: dense, in
-    every layout of SCALE_SHAPES, with every third position of every other batch entry ignored (its gradient exactly
-    0; not entry 0, whose elements lead the buffer), and starting at several offsets from a 16-byte boundary
-    (elements before the first aligned vector)."""
+    every layout of SCALE_SHAPES, with every third position of every other batch entry ignored (its gradient +0; not
+    entry 0, whose elements lead the buffer), some exact zeros elsewhere (probabilities that underflowed), and
+    starting at several offsets from a 16-byte boundary (elements before the first aligned vector)."""
     generator = torch.Generator().manual_seed(11)
     cases = []
     for (N, C, S), layout in shapes:
+        order = STORAGE_ORDERS[layout]
+        from_storage = [order.index(d) for d in range(3)]
         for start in (0, 1, 3):
-            order = (0, 2, 1) if layout == "channels_last" else (0, 1, 2)
-            stored = [(N, C, S)[d] for d in order]
             flat = torch.randn(start + N * C * S, generator=generator).to(device, dtype)  # .to keeps no offset
-            grad = flat[start:].view(stored).permute(*order)
+            flat[start::11] = 0
+            grad = flat[start:].view([(N, C, S)[d] for d in order]).permute(*from_storage)
             target = torch.randint(0, C, (N, S), generator=generator).to(device)
             target[1::2, ::3] = -100
             grad.permute(0, 2, 1)[target == -100] = 0
             cases.append((grad, target))
-        cases.append((torch.randn(N, C, S, generator=generator).to(dtype).to(device), None))
+        cases.append((torch.randn(N, C, S, generator=generator).to(device, dtype), None))
     return cases
 
 
 def check_scale_unit_grad(scale_unit_grad_, dtype, device="cpu", exact=True):
     """scale_unit_grad_(grad, grad_loss, target, -100) against fused_xent._ops.scale_unit_grad (PyTorch's ops, out of
-    place) for every case and factor: bit for bit (NaN where it gives NaN), and a factor of 1 leaves every bit of
-    the gradient as it was. exact=False: within one rounding of the dtype (the Triton interpreter truncates where
-    a GPU rounds to nearest)."""
+    place) for every case and factor, bit for bit where the result is a number, NaN where it gives NaN, except that
+    with a finite factor an exact zero keeps its +0 where those ops make a negative factor's -0 (PyTorch's gradient
+    has +0 there). A factor of 1 leaves every bit of the gradient as it was. exact=False: within one rounding of
+    the dtype (the Triton interpreter truncates where a GPU rounds to nearest), zeros' signs still exact."""
     from fused_xent._ops import scale_unit_grad
 
+    bits = {2: torch.int16, 4: torch.int32, 8: torch.int64}[dtype.itemsize]
     for grad, target in unit_grad_cases(dtype, device):
         for factor in SCALE_FACTORS:
             g = _copy_at_the_same_offset(grad)
             grad_loss = torch.tensor(factor, dtype=dtype, device=device)
             # A floating target (the gradient itself stands in) is one of probabilities: nothing is ignored.
             expected = scale_unit_grad(grad, grad_loss, grad if target is None else target, -100)
+            if grad_loss.isfinite():  # 65536 is inf in float16
+                expected = torch.where(grad == 0, grad, expected)
             scale_unit_grad_(g, grad_loss, target, -100)
             what = (tuple(grad.shape), grad.stride(), grad.storage_offset(), target is None, factor)
             if factor == 1:
-                assert torch.equal(g.view(_bits(dtype)), grad.view(_bits(dtype))), what
+                assert torch.equal(g.view(bits), grad.view(bits)), what
                 continue
-            assert torch.equal(g.isnan(), expected.isnan()), what
+            nan = expected.isnan()
+            assert torch.equal(g.isnan(), nan), what
+            assert torch.equal(g.signbit()[~nan], expected.signbit()[~nan]), what
             if exact:
-                assert torch.equal(g.nan_to_num(0.0), expected.nan_to_num(0.0)), what
+                assert torch.equal(g.view(bits)[~nan], expected.view(bits)[~nan]), what
             else:
                 torch.testing.assert_close(g, expected, rtol=2 * torch.finfo(dtype).eps, atol=0, equal_nan=True,
                                            msg=str(what))
@@ -182,6 +194,3 @@ def _copy_at_the_same_offset(grad):
     buffer = grad.new_empty(grad.storage_offset() + grad.numel())
     return buffer.as_strided(grad.shape, grad.stride(), grad.storage_offset()).copy_(grad)
 
-
-def _bits(dtype):
-    return {2: torch.int16, 4: torch.int32, 8: torch.int64}[dtype.itemsize]

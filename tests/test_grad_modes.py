@@ -1,5 +1,6 @@
 """grad_mode="in_forward" and "inplace": the same gradients, and in-place writes that autograd can see."""
 
+import contextlib
 import dataclasses
 import itertools
 
@@ -122,20 +123,29 @@ def test_backward_scales_the_gradient_made_in_forward_in_place(backend, grad_mod
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("grad_mode", ["in_forward", "inplace"])
-def test_second_backward_over_the_graph_is_refused(backend, grad_mode):
-    """The first backward scaled the buffer in place and handed it out (even for a unit upstream gradient, where
-    the device would not write, the host cannot tell): a second backward over the same graph would scale it again,
-    or read a gradient accumulated into it, and says what to use instead."""
+@pytest.mark.parametrize("hooks", ["none", "save_on_cpu", "identity"])
+def test_second_backward_over_the_graph_is_refused(backend, grad_mode, hooks):
+    """The first backward scaled the buffer in place and handed it out: a second backward over the same graph would
+    scale it again (or read a gradient accumulated into it), and says what to use instead. Also under saved-tensor
+    hooks, which bypass autograd's version check of saved tensors."""
     x = make_logits((5, 9), "contiguous", torch.float32).requires_grad_(True)
     target = make_class_target((5,), 9)
-    expected = fused(x, target, torch.ones(()), "torch")[1]
-    logits = x.clone()
-    loss = fused_xent.cross_entropy(logits, target, backend=backend, grad_mode=grad_mode)
-    loss.backward(retain_graph=True)
-    assert_grad_close(x.grad, expected, torch.float32, "first backward")
-    with pytest.raises(RuntimeError, match="runs backward once.*retain_graph=True.*grad_mode='recompute'"):
-        loss.backward()
-    assert_grad_close(x.grad, expected, torch.float32, "left by the refused backward")
+    upstream = torch.tensor(0.5)
+    expected = fused(x, target, upstream, "torch")[1]
+    hook_contexts = {
+        "none": contextlib.nullcontext,
+        "save_on_cpu": torch.autograd.graph.save_on_cpu,
+        "identity": lambda: torch.autograd.graph.saved_tensors_hooks(lambda saved: saved, lambda saved: saved),
+    }
+    for retain_graph in (True, False):  # the refused backward's own retain_graph
+        x.grad = None
+        with hook_contexts[hooks]():
+            loss = fused_xent.cross_entropy(x.clone(), target, backend=backend, grad_mode=grad_mode)
+        loss.backward(upstream, retain_graph=True)
+        assert_grad_close(x.grad, expected, torch.float32, "first backward")
+        with pytest.raises(RuntimeError, match="runs backward once.*retain_graph=True.*grad_mode='recompute'"):
+            loss.backward(upstream, retain_graph=retain_graph)
+        assert_grad_close(x.grad, expected, torch.float32, "left by the refused backward")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

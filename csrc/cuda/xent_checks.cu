@@ -8,7 +8,6 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <cmath>
 #include <optional>
 
 #include "cuda/xent_launch.h"
@@ -19,15 +18,6 @@ namespace {
 
 // At most this many blocks: a grid-stride loop over the targets reads them at close to full bandwidth well below it.
 constexpr int64_t kMaxCheckBlocks = 512;
-
-template <typename acc_t>
-__device__ __forceinline__ bool is_nan(acc_t v) {
-#ifdef __CUDA_ARCH__
-  return isnan(v);
-#else  // the host emulation (tests/host/emulated_cuda.h)
-  return std::isnan(v);
-#endif
-}
 
 // flags[0] = 1 if a target is neither ignore_index nor a class of [0, classes); flags[1] = 1 if a weight is NaN.
 // flags start at 0 and are only ever set to 1, so the threads that find something need no atomics and the usual

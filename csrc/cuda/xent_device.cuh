@@ -7,6 +7,7 @@
 #include <c10/util/Half.h>
 #include <cuda_runtime.h>
 
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <limits>
@@ -73,6 +74,23 @@ __device__ __forceinline__ acc_t neg_infinity() {
 template <typename acc_t>
 __device__ __forceinline__ acc_t quiet_nan() {
   return std::numeric_limits<acc_t>::quiet_NaN();
+}
+// isnan and isfinite of the device, and of the host in the emulation (tests/host/emulated_cuda.h).
+template <typename acc_t>
+__device__ __forceinline__ bool is_nan(acc_t v) {
+#ifdef __CUDA_ARCH__
+  return isnan(v);
+#else
+  return std::isnan(v);
+#endif
+}
+template <typename acc_t>
+__device__ __forceinline__ bool is_finite(acc_t v) {
+#ifdef __CUDA_ARCH__
+  return isfinite(v);
+#else
+  return std::isfinite(v);
+#endif
 }
 
 // ---------------------------------------------------------------------------------------------------------------

@@ -9,7 +9,6 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <cmath>
 #include <cstdint>
 #include <optional>
 
@@ -24,15 +23,6 @@ constexpr int kPacksPerStep = 4;
 // Resident blocks per multiprocessor the grid is sized for (2048 threads of kPerPositionThreads).
 constexpr int64_t kBlocksPerSm = 8;
 
-template <typename acc_t>
-__device__ __forceinline__ bool is_finite(acc_t v) {
-#ifdef __CUDA_ARCH__
-  return isfinite(v);
-#else  // the host emulation (tests/host/emulated_cuda.h)
-  return std::isfinite(v);
-#endif
-}
-
 // Where a gradient element lies: the gradient is dense in some order of its (N, C, S) dimensions, so the coordinate
 // of an element at storage offset o along a dimension of stride t and size n is (o / t) % n.
 struct PositionOf {
@@ -42,14 +32,17 @@ struct PositionOf {
   }
 };
 
+// x * scale; with keep_zeros, an exact zero stays as it is (+0: the scale's sign would make it -0).
 template <typename T>
-__device__ __forceinline__ T scaled(T x, acc_type<T> scale) {
-  return static_cast<T>(static_cast<acc_type<T>>(x) * scale);
+__device__ __forceinline__ T scaled(T x, acc_type<T> value, acc_type<T> scale, bool keep_zeros) {
+  return keep_zeros && value == acc_type<T>(0) ? x : static_cast<T>(value * scale);
 }
 
-// grad[i] *= scale for i in [0, numel), grad + head 16-byte aligned. A finite scale multiplies every element: an
-// ignored position holds zeros, which stay zero. An infinite or NaN one (an overflowed loss scale) must leave them
-// exactly 0, as PyTorch sends nothing into them, so each element then looks up its position's target (rare: slow).
+// grad[i] *= scale for i in [0, numel), grad + head 16-byte aligned. Ignored positions hold +0, as PyTorch's
+// gradient does (and so do classes whose probability underflowed). A finite scale keeps every exact zero as it is.
+// An infinite or NaN one (an overflowed loss scale) leaves the ignored positions alone, into which PyTorch sends
+// nothing, and makes the other zeros NaN as PyTorch does: each element then looks up its position's target (rare:
+// slow). Probability targets ignore nothing: their zeros become NaN.
 template <typename T>
 __global__ void __launch_bounds__(kPerPositionThreads)
     scale_unit_grad_kernel(T* grad, int64_t numel, int64_t head, const T* grad_loss, const int64_t* target,
@@ -59,9 +52,10 @@ __global__ void __launch_bounds__(kPerPositionThreads)
   if (scale == acc_t(1)) return;
   const int64_t thread = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   const int64_t threads = int64_t(gridDim.x) * blockDim.x;
-  if (target != nullptr && !is_finite(scale)) {
+  const bool keep_zeros = is_finite(scale);
+  if (target != nullptr && !keep_zeros) {
     for (int64_t i = thread; i < numel; i += threads) {
-      if (target[position_of(i)] != ignore_index) grad[i] = scaled(grad[i], scale);
+      if (target[position_of(i)] != ignore_index) grad[i] = static_cast<T>(static_cast<acc_t>(grad[i]) * scale);
     }
     return;
   }
@@ -69,8 +63,11 @@ __global__ void __launch_bounds__(kPerPositionThreads)
   const int64_t packs = (numel - head) / W;
   const int64_t tail = head + packs * W;
   // The elements before the first aligned pack and after the last: fewer than W each, one thread apiece.
-  if (thread < head) grad[thread] = scaled(grad[thread], scale);
-  if (thread < numel - tail) grad[tail + thread] = scaled(grad[tail + thread], scale);
+  if (thread < head) grad[thread] = scaled(grad[thread], static_cast<acc_t>(grad[thread]), scale, keep_zeros);
+  if (thread < numel - tail) {
+    T& x = grad[tail + thread];
+    x = scaled(x, static_cast<acc_t>(x), scale, keep_zeros);
+  }
   T* aligned = grad + head;
   const int64_t step = threads * kPacksPerStep;
   for (int64_t first = thread; first < packs; first += step) {
@@ -85,7 +82,7 @@ __global__ void __launch_bounds__(kPerPositionThreads)
       acc_t values[W];
       to_acc(data[k], values);
 #pragma unroll
-      for (int e = 0; e < W; ++e) data[k].v[e] = static_cast<T>(values[e] * scale);
+      for (int e = 0; e < W; ++e) data[k].v[e] = scaled(data[k].v[e], values[e], scale, keep_zeros);
       store_pack<W>(aligned + (first + k * threads) * W, data[k]);
     }
   }
