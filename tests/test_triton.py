@@ -623,6 +623,9 @@ def test_opcheck():
         torch.library.opcheck(ops.triton_cross_entropy_bwd, bwd_args, test_utils=OPCHECK_UTILS)
         in_place_args = (logits.detach().clone(),) + args[1:]
         torch.library.opcheck(ops.triton_cross_entropy_fwd_grad_, in_place_args, test_utils=OPCHECK_UTILS)
+        scale_args = (logits.detach().clone(), grad_loss, None if target.is_floating_point() else target_view,
+                      ignore_index)
+        torch.library.opcheck(ops.triton_scale_unit_grad_, scale_args, test_utils=OPCHECK_UTILS)
 
 
 @needs_kernels
