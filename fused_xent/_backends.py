@@ -44,7 +44,8 @@ class Backend:
     # end's check of the targets may be read after the kernels are queued (fused_xent._validate.ValueCheck).
     bad_targets_are_nan: bool = False
     # The in_forward and inplace modes' backward on the device (csrc/cuda/xent_scale.cu): grad *= grad_loss in place,
-    # skipped there when grad_loss is 1, without a host sync. None: the front end asks the host (free on the CPU).
+    # skipped there when grad_loss is 1, without a host sync. None: the front end multiplies (on the CPU once the host
+    # has found grad_loss is not 1, which costs nothing there).
     scale_unit_grad_: Callable | None = None
 
 

@@ -113,7 +113,8 @@ def _scaled_gradient_made_in_forward(ctx, grad: torch.Tensor, grad_loss: torch.T
     for free.
 
     Out of place where autograd traces or batches the backward: under torch.compile, and for upstream gradients
-    batched by a torch.func transform (or autograd.grad's is_grads_batched), which differ per entry."""
+    batched by autograd.grad(is_grads_batched=True) (a vmap over the backward), which differ per entry. (Under
+    torch.func transforms of the loss itself the reference ops run instead: see _loss_from_reference_ops.)"""
     ignore_index = ctx.options[1]
     if (torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active()
             or torch._C._functorch.is_legacy_batchedtensor(grad_loss)):

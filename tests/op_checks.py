@@ -121,11 +121,11 @@ def value_check_cases(device):
 
 
 # (N, C, S), how the gradient lies in memory: rows, NCHW, channels_last, column-major rows (N innermost, as the
-# in-place op writes over transposed logits), positions outermost, one position, one class, and rows long enough
-# for every block of the grid to loop.
+# in-place op writes over transposed logits), positions outermost, one position, one class, no positions, and rows
+# long enough for every block of the grid to loop.
 SCALE_SHAPES = [((37, 10, 1), "rows"), ((2, 19, 64), "nchw"), ((2, 19, 35), "channels_last"),
                 ((37, 10, 1), "column_major"), ((3, 5, 7), "positions_outermost"), ((1, 7, 1), "rows"),
-                ((3, 1, 1), "rows"), ((3, 5000, 1), "rows"), ((2, 3, 70000), "nchw")]
+                ((3, 1, 1), "rows"), ((2, 4, 0), "nchw"), ((3, 5000, 1), "rows"), ((2, 3, 70000), "nchw")]
 # The dimensions of (N, C, S) in the order of memory, outermost first.
 STORAGE_ORDERS = {"rows": (0, 1, 2), "nchw": (0, 1, 2), "channels_last": (0, 2, 1), "column_major": (1, 2, 0),
                   "positions_outermost": (2, 0, 1)}
