@@ -18,7 +18,10 @@ def _dims_by_stride(t: torch.Tensor) -> list[tuple[int, int]]:
 
 
 def is_dense(t: torch.Tensor) -> bool:
-    """Non-overlapping and dense: the elements fill one contiguous range in some order of the dimensions."""
+    """Non-overlapping and dense: the elements fill one contiguous range in some order of the dimensions. An empty
+    tensor is, whatever its strides, as for PyTorch's is_non_overlapping_and_dense (which the C++ ops ask)."""
+    if t.numel() == 0:
+        return True
     expected_stride = 1
     for stride, size in _dims_by_stride(t):
         if stride != expected_stride:

@@ -931,8 +931,6 @@ def scale_unit_grad_(grad, grad_loss, target, ignore_index) -> None:
     grad_loss: 0-d, of grad's dtype; target: (N, S) int64 class indices (positions equal to ignore_index stay +0
     whatever the scale), or None for probability targets. The twin of csrc/cuda/xent_scale.cu."""
     check_device(grad.device)
-    if grad.numel() == 0:  # nothing to scale (is_dense would count the empty dimensions' strides)
-        return
     if grad.dim() != 3 or not is_dense(grad) or grad_loss.dim() != 0 or grad_loss.dtype != grad.dtype:
         raise ValueError(f"fused_xent: scale_unit_grad_ needs a dense (N, C, S) gradient and a 0-d grad_loss of its "
                          f"dtype, got {tuple(grad.shape)} strides {grad.stride()} and {grad_loss.dtype} "
@@ -941,6 +939,8 @@ def scale_unit_grad_(grad, grad_loss, target, ignore_index) -> None:
     if target is not None and (target.dtype != torch.int64 or tuple(target.shape) != (N, S)):
         raise ValueError(f"fused_xent: scale_unit_grad_ needs an int64 ({N}, {S}) target, got {target.dtype} "
                          f"{tuple(target.shape)}")
+    if grad.numel() == 0:
+        return
     programs = min(triton.cdiv(grad.numel(), SCALE_TILE),
                    multiprocessors(grad.device) * SCALE_PROGRAMS_PER_MULTIPROCESSOR)
     # A size-1 dimension's stride may be anything: 1 gives it its only coordinate, 0.

@@ -95,6 +95,21 @@ def test_layouts(dtype, layout, probabilities):
     check_all_ops(ops, x, y, torch.rand(19) + 0.5, "mean", -100, 0.05, weight_dtype=torch.float32)  # as autocast
 
 
+def test_python_density_test_agrees_with_pytorchs():
+    """fused_xent._layout.is_dense, the Python twin of the C++ ops' is_non_overlapping_and_dense (fake kernels and
+    the Triton launchers decide copies and output strides with it): the same answer, empty tensors included."""
+    from torch._prims_common import is_non_overlapping_and_dense_or_false as pytorchs
+
+    from fused_xent._layout import is_dense
+
+    base = torch.empty(4, 6, 5)
+    views = [base, base.permute(2, 0, 1), base[:, ::2], base[:, :3], base.transpose(1, 2)[:1], base[:, :1, :1],
+             torch.empty(3, 4, 0), torch.empty(4, 0, 3)[:, :, ::2], torch.empty(2, 8, 3)[:, :0],
+             torch.empty(3, 4, 0).permute(0, 2, 1), torch.empty(5, 1).expand(5, 3)]
+    for view in views:
+        assert is_dense(view) == pytorchs(view), (tuple(view.shape), view.stride())
+
+
 # Short rows run the lane kernels on tiles transposed in W x W blocks (uses_lane_kernels in csrc/cpu/kernel_args.h:
 # the forward up to 64 classes, the backward up to 16): both sides of each threshold, class counts that end in a
 # partial block of 16 and of 8, partial tiles (200 rows = 3 tiles of 64 + 8), and channels_last rows, whose

@@ -631,9 +631,10 @@ __device__ __forceinline__ acc_t probability(const GradRow<acc_t>& g, acc_t x) {
 
 // dloss/dx of classes c .. c+W-1 of a class-index position (valid target). Its two tests are taken once for the
 // pack instead of once per class: smoothing (a branch the whole row takes alike) and whether the pack holds the
-// target (one 64-bit subtraction; the rare pack that does compares small offsets). Per class that leaves the conversion, the exponential and two
-// multiplications: in the sm_90 SASS of the block-row gradient sweep, the path without smoothing went from about 15
-// instructions per bfloat16 class (two branches and a 64-bit compare each) to about 8, with to_acc.
+// target (one 64-bit subtraction; the rare pack that does compares small offsets). Per class that leaves the
+// conversion, the exponential and two multiplications: in the sm_90 SASS of the block-row gradient sweep, the path
+// without smoothing went from about 15 instructions per bfloat16 class (two branches and a 64-bit compare each) to
+// about 8, with to_acc.
 // Classes from `count` on (a run-time count < W: the spatial kernels' last chunk) are not classes of the position:
 // their weights are not read, and their d, computed anyway, is not to be stored.
 template <typename acc_t, int W, typename Count = std::integral_constant<int, W>>
