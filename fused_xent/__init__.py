@@ -6,6 +6,7 @@
 
 from . import _backends
 from ._backends import available_backends
+from ._validate import InvalidArgumentError
 from .functional import FusedCrossEntropyFunction, cross_entropy
 from .modules import CrossEntropyLoss
 
@@ -15,4 +16,6 @@ if _backends.EXTENSION_ERROR is None:
     register_compiled()
 
 __version__ = "0.1.0"
-__all__ = ["CrossEntropyLoss", "FusedCrossEntropyFunction", "available_backends", "cross_entropy"]
+__all__ = [
+    "CrossEntropyLoss", "FusedCrossEntropyFunction", "InvalidArgumentError", "available_backends", "cross_entropy",
+]

@@ -12,6 +12,7 @@ import warnings
 from dataclasses import dataclass
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 
 from . import _backends
 from .reference import REDUCTION_MEAN, REDUCTION_NONE, REDUCTION_SUM
@@ -45,8 +46,16 @@ def _shape(t) -> str:
     return str(tuple(t.shape))
 
 
+class InvalidArgumentError(ValueError, RuntimeError):
+    """An argument F.cross_entropy cannot take. A ValueError, and a RuntimeError as PyTorch raises for most of these
+    mistakes, so that code written against either catches it."""
+
+
+InvalidArgumentError.__module__ = "fused_xent"
+
+
 def _fail(message: str):
-    raise ValueError(f"fused_xent.cross_entropy: {message}")
+    raise InvalidArgumentError(f"fused_xent.cross_entropy: {message}")
 
 
 def _type_fail(message: str):
@@ -106,7 +115,7 @@ def _options(reduction, ignore_index, label_smoothing) -> tuple[int, int, float]
     if reduction == "elementwise_mean":
         warnings.warn("reduction='elementwise_mean' is deprecated, please use reduction='mean' instead", stacklevel=4)
         reduction = "mean"
-    if reduction not in REDUCTIONS:
+    if not isinstance(reduction, str) or reduction not in REDUCTIONS:
         _fail(f"reduction must be 'none', 'mean' or 'sum', got {reduction!r}")
     if type(ignore_index) is not int:
         ignore_index = _index_option(ignore_index)
@@ -278,8 +287,8 @@ class ValueCheck:
             # A weight batched by vmap (its plain tensor, see functional.py) has more dimensions: no class to name.
             nan_classes = torch.isnan(problem.weight).nonzero()
             where = f" (first at class {int(nan_classes[0])})" if problem.weight.dim() == 1 else ""
-            _fail(f"weight contains NaN{where}, which would make the loss NaN: check how the weights are computed, "
-                  "e.g. a division by a zero class count")
+            _fail(f"weight contains NaN{where}: the loss would be NaN wherever that class is a target, and everywhere "
+                  "under label smoothing; check how the weights are computed, e.g. a division by a zero class count")
         if not bad_target:
             return
         num_classes = problem.logits.shape[1]
@@ -304,12 +313,19 @@ def start_value_check(problem: Problem, check_targets: bool, backend: str | None
     """The checks of ValueCheck, started; None when they are off. They cost a pass over the targets and one host
     synchronisation on GPUs; FUSED_XENT_CHECK_VALUES=0 skips them, and they are skipped under torch.compile and while
     a CUDA graph is being captured (where a synchronisation is not allowed); the kernels still never index out of
-    bounds there (NaN instead). `backend`: the backend that serves the call, when the check may use its kernels."""
-    if not value_checks_enabled() or torch.compiler.is_compiling() or problem.logits.is_meta:
+    bounds there (NaN instead). They are skipped as well for tensors without values: meta tensors, and the fake
+    tensors of tracing outside torch.compile (make_fx, FakeTensorMode, AOTAutograd), which no more than a compiled
+    graph can read back. `backend`: the backend that serves the call, when the check may use its kernels."""
+    if not value_checks_enabled() or torch.compiler.is_compiling() or has_no_values(problem.logits):
         return None
     if problem.logits.is_cuda and torch.cuda.is_current_stream_capturing():
         return None
     return ValueCheck(problem, check_targets, backend)
+
+
+def has_no_values(t: torch.Tensor) -> bool:
+    # A plain tensor, the usual case, skips is_fake's walk through wrapper subclasses.
+    return t.is_meta or (type(t) is not torch.Tensor and is_fake(t))
 
 
 def check_values(problem: Problem, check_targets: bool):

@@ -13,7 +13,7 @@ from torch.overrides import handle_torch_function, has_torch_function_variadic
 from . import _backends, reference
 from ._layout import input_in_logits_memory, is_dense, kernel_logits, may_overlap
 from ._ops import scale_unit_grad, unit_grad_scale
-from ._validate import check_values, prepare, start_value_check
+from ._validate import check_values, has_no_values, prepare, start_value_check
 from .reference import REDUCTION_MEAN, REDUCTION_NONE
 
 GRAD_MODES = ("recompute", "in_forward", "inplace")
@@ -112,12 +112,13 @@ def _scaled_gradient_made_in_forward(ctx, grad: torch.Tensor, grad_loss: torch.T
     logits with gaps written in place) a GPU buffer is always multiplied, and only the CPU's host tests grad_loss,
     for free.
 
-    Out of place where autograd traces or batches the backward: under torch.compile, and for upstream gradients
-    batched by autograd.grad(is_grads_batched=True) (a vmap over the backward), which differ per entry. (Under
-    torch.func transforms of the loss itself the reference ops run instead: see _loss_from_reference_ops.)"""
+    Out of place where autograd traces or batches the backward: under torch.compile and other tracing with fake
+    tensors (make_fx, AOTAutograd), and for upstream gradients batched by autograd.grad(is_grads_batched=True) (a
+    vmap over the backward), which differ per entry. (Under torch.func transforms of the loss itself the reference
+    ops run instead: see _loss_from_reference_ops.)"""
     ignore_index = ctx.options[1]
     if (torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active()
-            or torch._C._functorch.is_legacy_batchedtensor(grad_loss)):
+            or torch._C._functorch.is_legacy_batchedtensor(grad_loss) or has_no_values(grad_loss)):
         return scale_unit_grad(grad, grad_loss, target, ignore_index)
     on_device = _backends.backend_ops(ctx.backend).scale_unit_grad_
     if on_device is not None and grad_loss.numel() == 1 and is_dense(grad):

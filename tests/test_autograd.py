@@ -8,6 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from helpers import backends_for, make_class_target, make_logits, make_prob_target
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.fx.experimental.proxy_tensor import make_fx
 
 import fused_xent
 
@@ -222,7 +224,7 @@ def test_bad_values_under_vmap_raise_as_in_pytorch():
         torch.vmap(lambda x, t: fused_xent.cross_entropy(x, t, weight=weight))(x, t.clamp(max=4))
     batched_weight = torch.ones(2, 5)
     batched_weight[1, 3] = float("nan")
-    with pytest.raises(ValueError, match="weight contains NaN, which"):
+    with pytest.raises(ValueError, match="weight contains NaN: the loss"):
         torch.vmap(lambda x, t, w: fused_xent.cross_entropy(x, t, weight=w))(x, t.clamp(max=4), batched_weight)
 
 
@@ -295,3 +297,44 @@ def test_batched_upstream_gradients(backend, grad_mode, reduction):
     (expected,) = torch.autograd.grad(F.cross_entropy(leaf, target, reduction=reduction), leaf, grad_outputs,
                                       is_grads_batched=True)
     torch.testing.assert_close(got, expected)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("grad_mode", ["recompute", "in_forward", "inplace"])
+@pytest.mark.parametrize("tracing_mode", ["fake", "symbolic"])
+def test_make_fx_traces_loss_and_gradient_with_fake_tensors(backend, grad_mode, tracing_mode):
+    """Tracing outside torch.compile (make_fx, as AOTAutograd and memory estimators trace) hands the front end fake
+    tensors, which have no values: neither the value checks nor the backward's test of the upstream gradient may
+    read them. The traced graph, run on real tensors, gives PyTorch's loss and gradient."""
+    g = torch.Generator().manual_seed(5)
+    logits = make_logits((6, 5), "contiguous", torch.float32, generator=g)
+    target = make_class_target((6,), 5, generator=g)
+    target[1] = -100
+    weight = torch.rand(5, generator=g) + 0.5
+    grad_loss = torch.rand((), generator=g) + 0.5
+
+    def loss_and_grad(loss_fn, x, t, w, upstream):
+        x = x.detach().requires_grad_(True)
+        loss = loss_fn(x * 1, t, w, label_smoothing=0.1)
+        return loss, torch.autograd.grad(loss, x, upstream)[0]
+
+    def fused(x, t, w, **kwargs):
+        return fused_xent.cross_entropy(x, t, w, backend=backend, grad_mode=grad_mode, **kwargs)
+
+    graph = make_fx(lambda *args: loss_and_grad(fused, *args), tracing_mode=tracing_mode)(
+        logits, target, weight, grad_loss)
+    got = graph(logits, target, weight, grad_loss)
+    expected = loss_and_grad(F.cross_entropy, logits, target, weight, grad_loss)
+    torch.testing.assert_close(got, expected)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_loss_under_fake_tensor_mode(backend):
+    """FakeTensorMode (shape and memory estimation): shapes and dtypes of PyTorch's loss, weights and checks on."""
+    with FakeTensorMode():
+        logits, weight = torch.empty(4, 5, 3), torch.empty(5)
+        target = torch.zeros(4, 3, dtype=torch.long)
+        for reduction in ("none", "mean"):
+            got = fused_xent.cross_entropy(logits, target, weight, reduction=reduction, backend=backend)
+            expected = F.cross_entropy(logits, target, weight, reduction=reduction)
+            assert (got.shape, got.dtype) == (expected.shape, expected.dtype)

@@ -54,6 +54,7 @@ CASES = [
     ("negative label_smoothing", _logits(4, 3), torch.tensor([0, 1, 2, 1]), {"label_smoothing": -0.1},
      "[0.0, 1.0]"),
     ("unknown reduction", _logits(4, 3), torch.tensor([0, 1, 2, 1]), {"reduction": "avg"}, "'none', 'mean' or 'sum'"),
+    ("reduction in a list", _logits(4, 3), torch.tensor([0, 1, 2, 1]), {"reduction": ["mean"]}, "got ['mean']"),
     ("0-d logits", torch.tensor(1.0), torch.tensor(0), {}, "class dimension"),
     ("unbatched logits with a batched target", _logits(5), torch.tensor([1, 2]), {}, "0-d class-index target"),
     ("NaN in weights", _logits(4, 3), torch.tensor([0, 1, 2, 1]), {"weight": torch.tensor([1.0, float("nan"), 1.0])},
@@ -85,6 +86,31 @@ def test_bad_input_is_explained(device, backend, case):
     assert fragment in str(info.value)
     if device == "cuda":
         torch.cuda.synchronize()  # no device-side assert is pending
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_code_that_catches_pytorchs_exception_catches_ours(case):
+    """Where PyTorch raises, fused_xent raises an instance of PyTorch's exception type (argument errors are both
+    ValueError and RuntimeError; NotImplementedError, which PyTorch raises for unsupported dtypes and layouts, is
+    caught as its base RuntimeError)."""
+    _, input, target, kwargs, _ = case
+    if "backend" in kwargs or "grad_mode" in kwargs:
+        pytest.skip("an argument PyTorch does not have")
+    try:
+        torch.nn.functional.cross_entropy(input, target, **kwargs)
+    except Exception as error:  # noqa: BLE001 - whatever PyTorch raises is the type to match
+        expected = RuntimeError if isinstance(error, NotImplementedError) else type(error)
+    else:
+        pytest.skip("PyTorch accepts this input")
+    with pytest.raises(expected):
+        fused_xent.cross_entropy(input, target, **kwargs)
+
+
+def test_argument_errors_are_value_and_runtime_errors():
+    with pytest.raises(fused_xent.InvalidArgumentError) as info:
+        fused_xent.cross_entropy(_logits(2, 3), torch.zeros(2, 1, dtype=torch.long))
+    assert isinstance(info.value, ValueError) and isinstance(info.value, RuntimeError)
+    assert type(info.value).__module__ == "fused_xent"
 
 
 WRONG_TYPES = [
