@@ -23,10 +23,12 @@
 //   total_weight: 0-d, float32 (float64): the mean's denominator. Class indices: the sum of weight[target] over
 //        positions that are not ignored (their count without weights). Probabilities: N * S.
 #include <Python.h>
+#include <torch/csrc/autograd/VariableTypeUtils.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <string>
+#include <vector>
 
 #include "common/xent_schemas.h"
 
@@ -47,6 +49,35 @@ std::string cuda_code() {
   return "";
 #endif
 }
+
+namespace {
+std::vector<at::Tensor> written_arguments(const c10::OperatorHandle& op, const torch::jit::Stack& stack) {
+  const auto& arguments = op.schema().arguments();
+  const size_t first = stack.size() - arguments.size();
+  std::vector<at::Tensor> written;
+  for (size_t i = 0; i < arguments.size(); ++i) {
+    const c10::AliasInfo* alias = arguments[i].alias_info();
+    if (alias && alias->isWrite()) written.push_back(stack[first + i].toTensor());
+  }
+  return written;
+}
+
+// Runs an op that writes into arguments it does not return (PyTorch's boxed fallbacks for autograd count only the
+// writes into returned arguments), then moves the version counter of each written argument. As the Autograd kernel
+// it first refuses a leaf that requires grad (under grad mode), as PyTorch's in-place ops do.
+template <bool kRefuseLeaves>
+void count_writes_into_arguments(const c10::OperatorHandle& op, c10::DispatchKeySet keys, torch::jit::Stack* stack) {
+  const std::vector<at::Tensor> written = written_arguments(op, *stack);
+  if (kRefuseLeaves) {
+    for (const at::Tensor& tensor : written) torch::autograd::check_inplace(tensor, tensor.requires_grad());
+  }
+  {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    op.redispatchBoxed(keys & c10::after_ADInplaceOrView_keyset, stack);
+  }
+  for (const at::Tensor& tensor : written) torch::autograd::increment_version(tensor);
+}
+}  // namespace
 }  // namespace fused_xent
 
 // `import fused_xent._C` only has to load the library so that the static registrations below run.
@@ -76,4 +107,20 @@ TORCH_LIBRARY(fused_xent, m) {
   // loss.backward() needs no host sync and no pass over the gradient. Positions whose class-index target is
   // ignore_index stay exactly 0 (an infinite or NaN grad_loss would make them NaN). No fake kernel: not traced.
   m.def(fused_xent::kScaleUnitGradSchema);
+}
+
+// The two ops that write into a tensor, as PyTorch's own in-place ops do for their callers: the write moves the
+// tensor's version counter, so an op that saved the tensor for its backward refuses to run on what it now holds, and
+// autograd refuses a leaf that requires grad (outside no_grad). Neither op has a derivative. (The front end calls
+// them below autograd: it refuses leaves itself.)
+TORCH_LIBRARY_IMPL(fused_xent, ADInplaceOrView, m) {
+  using fused_xent::count_writes_into_arguments;
+  m.impl("cross_entropy_fwd_grad_", torch::CppFunction::makeFromBoxedFunction<&count_writes_into_arguments<false>>());
+  m.impl("scale_unit_grad_", torch::CppFunction::makeFromBoxedFunction<&count_writes_into_arguments<false>>());
+}
+
+TORCH_LIBRARY_IMPL(fused_xent, Autograd, m) {
+  using fused_xent::count_writes_into_arguments;
+  m.impl("cross_entropy_fwd_grad_", torch::CppFunction::makeFromBoxedFunction<&count_writes_into_arguments<true>>());
+  m.impl("scale_unit_grad_", torch::CppFunction::makeFromBoxedFunction<&count_writes_into_arguments<true>>());
 }

@@ -95,3 +95,12 @@ def kernel_logits(logits: torch.Tensor) -> tuple[torch.Tensor, bool]:
     if positions > 1 and work.stride(2) == 1:
         return work, True
     return _contiguous(work), positions > 1
+
+
+def is_leaf_that_requires_grad(tensor) -> bool:
+    """A leaf that requires grad, or a view of one: what PyTorch's in-place ops refuse to write to."""
+    if not tensor.requires_grad:
+        return False
+    # A view of a leaf: one that requires grad, or one that needs none, whose view was made a leaf before this view
+    # of it was taken (base[:].requires_grad_()[:]). A view of an op's output has a non-leaf base.
+    return tensor.is_leaf or (tensor._base is not None and tensor._base.is_leaf)

@@ -11,7 +11,7 @@ from torch.nn import _reduction
 from torch.overrides import handle_torch_function, has_torch_function_variadic
 
 from . import _backends, reference
-from ._layout import input_in_logits_memory, is_dense, kernel_logits, may_overlap
+from ._layout import input_in_logits_memory, is_dense, is_leaf_that_requires_grad, kernel_logits, may_overlap
 from ._ops import scale_unit_grad, unit_grad_scale
 from ._validate import check_values, has_no_values, prepare, start_value_check
 from .reference import REDUCTION_MEAN, REDUCTION_NONE
@@ -285,15 +285,6 @@ def _unbatched_ignored_mean_as_pytorch(loss, input, problem):
     return torch.where(problem.target.reshape(()) == problem.ignore_index, torch.zeros_like(loss), loss)
 
 
-def _is_leaf_that_requires_grad(tensor) -> bool:
-    """A leaf that requires grad, or a view of one: what PyTorch's in-place ops refuse to write to."""
-    if not tensor.requires_grad:
-        return False
-    # A view of a leaf: one that requires grad, or one that needs none, whose view was made a leaf before this view
-    # of it was taken (base[:].requires_grad_()[:]). A view of an op's output has a non-leaf base.
-    return tensor.is_leaf or (tensor._base is not None and tensor._base.is_leaf)
-
-
 def _view_refuses_writes(tensor) -> bool:
     """A view that PyTorch's in-place ops refuse to write through, because autograd could not rebase its history:
     one of several outputs of one op, or made under no_grad, in inference mode or inside a custom Function."""
@@ -332,7 +323,7 @@ def _grad_mode_to_run(grad_mode, input, weight, problem) -> str:
             "as a module's full backward hook makes): autograd could not account for the write. Use "
             "grad_mode='in_forward', or pass the logits before they are split"
         )
-    if grad_mode == "inplace" and _is_leaf_that_requires_grad(input):
+    if grad_mode == "inplace" and is_leaf_that_requires_grad(input):
         raise ValueError(
             "fused_xent.cross_entropy: grad_mode='inplace' would write the gradient over a leaf tensor that "
             "requires grad (a Parameter, a tensor made with requires_grad=True, or a view of one), as PyTorch's "

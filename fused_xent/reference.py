@@ -73,20 +73,26 @@ def cast(result, dtype):
     return result if result.dtype == dtype else result.to(dtype)
 
 
-def _reduce(loss, total_weight, reduction):
+def mean_of(total, total_weight, label_smoothing):
+    """total / total_weight, as PyTorch divides (0/0 NaN; ±inf over negative weights that cancel), except that with
+    label smoothing a zero denominator gives NaN: PyTorch's mean there adds two quotients, of which the NLL one is
+    0/0 whenever the counted targets weigh 0 each (the usual way to a zero denominator)."""
+    if label_smoothing > 0:
+        return torch.where(total_weight == 0, torch.nan, total / total_weight)
+    return total / total_weight
+
+
+def _reduce(loss, total_weight, reduction, label_smoothing):
     if reduction == REDUCTION_NONE:
         return loss
     total = loss.sum()
-    if reduction == REDUCTION_MEAN:
-        # Over zero target weight NaN, whatever the smoothing terms add: PyTorch's NLL part is 0/0.
-        total = torch.where(total_weight == 0, torch.nan, total / total_weight)
-    return total
+    return mean_of(total, total_weight, label_smoothing) if reduction == REDUCTION_MEAN else total
 
 
 def cross_entropy_fwd(logits, target, weight, reduction, ignore_index, label_smoothing):
     """-> (loss, lse, total_weight), all in the accumulation dtype, as the ops return them."""
     loss, lse, total_weight = _per_position(logits, target, weight, ignore_index, label_smoothing)
-    return _reduce(loss, total_weight, reduction), lse, total_weight
+    return _reduce(loss, total_weight, reduction, label_smoothing), lse, total_weight
 
 
 def cross_entropy_bwd(grad_loss, logits, target, weight, lse, total_weight, reduction, ignore_index, label_smoothing):
@@ -95,8 +101,8 @@ def cross_entropy_bwd(grad_loss, logits, target, weight, lse, total_weight, redu
     probs = torch.exp(log_softmax(x)[0])  # as in the forward, rather than from lse
     w = _class_weights(weight, num_classes, x).view(1, num_classes, 1)
     scale = grad_loss.to(x.dtype)
-    if reduction == REDUCTION_MEAN:  # NaN over zero target weight, as the forward (_reduce) and PyTorch's 0/0
-        scale = torch.where(total_weight == 0, torch.nan, scale / total_weight)
+    if reduction == REDUCTION_MEAN:  # non-finite over zero target weight, as the forward's loss
+        scale = mean_of(scale, total_weight, label_smoothing)
     scale = scale.view(x.shape[0], 1, x.shape[2]) if reduction == REDUCTION_NONE else scale
     if target.is_floating_point():
         smoothed = w * (target.to(x.dtype) * (1.0 - label_smoothing) + label_smoothing / num_classes)
@@ -109,7 +115,7 @@ def cross_entropy_bwd(grad_loss, logits, target, weight, lse, total_weight, redu
         grad = grad + (label_smoothing / num_classes) * (w.sum() * probs - w)
     kept = (target != ignore_index).unsqueeze(1)
     # The scale of an ignored position is zeroed too, not only its gradient: a double backward differentiates
-    # scale * grad, where a NaN scale (a mean over zero target weight) would reach the ignored rows as NaN * 0.
+    # scale * grad, where a scale that is not finite (a mean over zero target weight) would reach the ignored rows.
     return cast(torch.where(kept, torch.where(kept, scale, 0) * grad, 0), logits.dtype)
 
 

@@ -35,9 +35,9 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from ._layout import input_in_logits_memory, is_dense, kernel_logits
+from ._layout import input_in_logits_memory, is_dense, is_leaf_that_requires_grad, kernel_logits
 from ._triton_env import triton_interpreter_requested
-from .reference import REDUCTION_MEAN, REDUCTION_NONE, REDUCTION_SUM
+from .reference import REDUCTION_MEAN, REDUCTION_NONE, REDUCTION_SUM, mean_of
 
 # Read once, like Triton itself: the interpreter must be chosen before the kernels below are decorated.
 INTERPRET = triton_interpreter_requested()
@@ -847,14 +847,11 @@ def _loss_buffer(p: _Problem) -> torch.Tensor:
     return torch.empty((N, S), dtype=p.acc_dtype, device=p.logits.device)
 
 
-def _reduce(loss_buffer, total_weight, reduction) -> torch.Tensor:
+def _reduce(loss_buffer, total_weight, reduction, label_smoothing) -> torch.Tensor:
     if reduction == REDUCTION_NONE:
         return loss_buffer
     total = loss_buffer.sum()
-    if reduction == REDUCTION_MEAN:
-        # Over zero target weight NaN, whatever the smoothing terms add: PyTorch's NLL part is 0/0.
-        total = torch.where(total_weight == 0, torch.nan, total / total_weight)
-    return total
+    return mean_of(total, total_weight, label_smoothing) if reduction == REDUCTION_MEAN else total
 
 
 def cross_entropy_fwd(logits, target, weight, reduction, ignore_index, label_smoothing):
@@ -865,7 +862,7 @@ def cross_entropy_fwd(logits, target, weight, reduction, ignore_index, label_smo
     loss_buffer = _loss_buffer(p)
     lse = _empty_lse(p)
     _launch_forward(p, total_weight, loss_buffer, lse, None, reduction, ignore_index, label_smoothing)
-    return _reduce(loss_buffer, total_weight, reduction), lse, total_weight
+    return _reduce(loss_buffer, total_weight, reduction, label_smoothing), lse, total_weight
 
 
 def cross_entropy_bwd(grad_loss, logits, target, weight, lse, total_weight, reduction, ignore_index, label_smoothing):
@@ -894,7 +891,7 @@ def _forward_with_grad(p, grad, reduction, ignore_index, label_smoothing):
         total_weight = torch.empty((), dtype=p.acc_dtype, device=p.logits.device)
     loss_buffer = _loss_buffer(p)
     _launch_forward(p, total_weight, loss_buffer, None, grad, reduction, ignore_index, label_smoothing)
-    return _reduce(loss_buffer, total_weight, reduction)
+    return _reduce(loss_buffer, total_weight, reduction, label_smoothing)
 
 
 def cross_entropy_fwd_grad(logits, target, weight, reduction, ignore_index, label_smoothing):
@@ -905,10 +902,20 @@ def cross_entropy_fwd_grad(logits, target, weight, reduction, ignore_index, labe
     return _forward_with_grad(p, grad, reduction, ignore_index, label_smoothing), grad
 
 
+def _refuse_a_write_into_a_leaf(tensor, what):
+    """As the compiled ops' autograd (and PyTorch's in-place ops) refuse, for callers of the ops themselves: a leaf's
+    .grad would be meaningless once its values are overwritten. Whatever the grad mode, which a triton_op's body
+    cannot see (torch.library runs it inside an autograd Function's forward); the front end never passes a leaf."""
+    if is_leaf_that_requires_grad(tensor):
+        raise RuntimeError(f"fused_xent: a leaf Variable that requires grad (or a view of one) is being used in an "
+                           f"in-place operation: {what}; pass the output of an operation, or a detached tensor")
+
+
 def cross_entropy_fwd_grad_(logits, target, weight, reduction, ignore_index, label_smoothing):
     """-> loss; the gradient of cross_entropy_fwd_grad is written over `logits`, so neither the weight nor the
     target may share memory with them (the compiled ops' check_inputs_apart_from_logits; here only where the tensors
     have memory to compare, not on the fake tensors a torch.compile trace runs this on)."""
+    _refuse_a_write_into_a_leaf(logits, "the in-place op writes the gradient over the logits")
     shared = input_in_logits_memory(logits, weight, target)
     if shared is not None:
         raise ValueError(f"fused_xent: the in-place op writes the gradient over the logits, but the {shared}'s memory "
@@ -931,6 +938,7 @@ def scale_unit_grad_(grad, grad_loss, target, ignore_index) -> None:
     grad_loss: 0-d, of grad's dtype; target: (N, S) int64 class indices (positions equal to ignore_index stay +0
     whatever the scale), or None for probability targets. The twin of csrc/cuda/xent_scale.cu."""
     check_device(grad.device)
+    _refuse_a_write_into_a_leaf(grad, "scale_unit_grad_ scales the gradient in place")
     if grad.dim() != 3 or not is_dense(grad) or grad_loss.dim() != 0 or grad_loss.dtype != grad.dtype:
         raise ValueError(f"fused_xent: scale_unit_grad_ needs a dense (N, C, S) gradient and a 0-d grad_loss of its "
                          f"dtype, got {tuple(grad.shape)} strides {grad.stride()} and {grad_loss.dtype} "

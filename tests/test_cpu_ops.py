@@ -436,3 +436,24 @@ def test_never_less_precise_than_pytorch(level, tmp_path):
         assert ours <= theirs + 1.2e-7, (level, case, ours, theirs)  # losses ~8e-7 on a grid of ulp(1)
         if case[1] != "nchw":
             assert ours < 1e-3 * 7.8e-7, (level, case, ours)  # rows and channels_last: the exact loss
+
+
+def test_in_place_op_called_directly_counts_its_write():
+    """Called directly (not through the front end), the in-place op moves the version counter of the logits it
+    writes over, so an op that saved them refuses to backward from the gradient they now hold, and a leaf that
+    requires grad is refused, as PyTorch's in-place ops do (outside no_grad)."""
+    g = torch.Generator().manual_seed(9)
+    target = torch.randint(0, 5, (4, 1), generator=g)
+    hidden = torch.randn(4, 5, generator=g, requires_grad=True) * 2
+    saved_by_sin = hidden.sin()
+    version = hidden._version
+    ops.cross_entropy_fwd_grad_(hidden.unsqueeze(-1), target, None, 1, -100, 0.0)
+    assert hidden._version > version
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        saved_by_sin.sum().backward()
+    leaf = torch.randn(4, 5, generator=g, requires_grad=True)
+    with pytest.raises(RuntimeError, match="leaf Variable that requires grad"):
+        ops.cross_entropy_fwd_grad_(leaf.unsqueeze(-1), target, None, 1, -100, 0.0)
+    with torch.no_grad():
+        ops.cross_entropy_fwd_grad_(leaf.unsqueeze(-1), target, None, 1, -100, 0.0)
+    assert leaf._version == 1

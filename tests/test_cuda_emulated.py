@@ -106,6 +106,24 @@ def test_infinite_weight_of_an_absent_class(ops, shape):
     check_all_ops(ops, make_logits(shape, "contiguous", torch.float32), target, weight, "mean", -100, 0.0)
 
 
+@pytest.mark.parametrize("shape", [(6, 10), (4, 12000), (2, 20, 3)], ids=str)
+def test_mean_over_cancelling_weights(ops, shape):
+    """Counted targets whose negative weights cancel: PyTorch's mean is the nonzero sum over 0, ±inf, and so is the
+    reduce kernel's (forward and fused forward); with label smoothing, NaN (README)."""
+    torch.manual_seed(6)
+    x, y = as_ncs(make_logits(shape, "contiguous", torch.float32), index_target(shape, -100))
+    y.view(-1)[:4] = torch.tensor([0, 1, 0, 1])
+    y.view(-1)[4:] = -100
+    weight = torch.ones(shape[1])
+    weight[1] = -1.0
+    expected = torch.nn.functional.cross_entropy(x.double(), y, weight.double())
+    assert expected.isinf()
+    for smoothing, want in ((0.0, expected.float()), (0.1, torch.tensor(float("nan")))):
+        for op in (ops.cross_entropy_fwd, ops.cross_entropy_fwd_grad):
+            loss = op(x, y, weight, 1, -100, smoothing)[0]
+            torch.testing.assert_close(loss, want, equal_nan=True, atol=0, rtol=0, msg=f"{op} {smoothing}")
+
+
 @pytest.mark.parametrize("shape", [(37, 10), (9, 423), (3, 12000), (2, 600, 13), (2, 300, 32, 32)], ids=str)
 def test_out_of_range_targets_give_nan(ops, shape):
     """Without the front end's check, a class index outside [0, C) gives NaN for its position and leaves the others

@@ -155,6 +155,24 @@ def test_mean_over_zero_target_weight_is_nan(device, backend):
 
 
 @pytest.mark.parametrize("device,backend", BACKEND_CASES)
+@pytest.mark.parametrize("grad_mode", ["recompute", "in_forward"])
+def test_mean_over_cancelling_weights_divides_as_pytorch(device, backend, grad_mode):
+    """Negative class weights whose counted targets weigh 0 in all: PyTorch divides the nonzero NLL sum by 0, ±inf,
+    and so do we (with label smoothing we give NaN: README). The gradient is non-finite where PyTorch's is, every
+    entry of the counted rows, and 0 on the ignored one."""
+    logits = make_logits((5, 4), "contiguous", torch.float32, device)
+    weight = torch.tensor([1.0, -1.0, 2.0, 0.5], device=device)
+    for target in ([0, 1, -100, 0, 1], [2, 1, 1, -100, -100]):
+        target = torch.tensor(target, device=device)
+        assert weight[target[target != -100]].sum() == 0
+        expected_loss, expected_grad = torch_reference(logits, target, torch.ones((), device=device), weight=weight)
+        loss, grad = fused(logits, target, torch.ones((), device=device), backend, weight=weight, grad_mode=grad_mode)
+        assert expected_loss.isinf(), expected_loss
+        assert loss.double() == expected_loss, (loss, expected_loss)
+        assert torch.equal(grad.isfinite(), expected_grad.isfinite()), (grad, expected_grad)
+
+
+@pytest.mark.parametrize("device,backend", BACKEND_CASES)
 def test_no_classes(device, backend):
     """Logits with a class dimension of 0 (empty batches, probability targets): PyTorch's empty, 0 or NaN, bit for
     bit, with its gradient; an index into no classes is refused with an IndexError."""

@@ -292,6 +292,26 @@ def test_in_place_op_refuses_a_weight_in_the_logits_memory():
 
 
 @needs_kernels
+def test_in_place_ops_called_directly_count_their_writes():
+    """Called directly, the in-place ops move the version counter of the tensor they write (so an op that saved it
+    refuses to backward from what it now holds) and refuse a leaf that requires grad, as the compiled ops do."""
+    g = torch.Generator().manual_seed(9)
+    target = torch.randint(0, 5, (4, 1), generator=g).to(DEVICE)
+    hidden = torch.randn(4, 5, generator=g).to(DEVICE).requires_grad_(True) * 2
+    saved_by_sin = hidden.sin()
+    version = hidden._version
+    ops.triton_cross_entropy_fwd_grad_(hidden.unsqueeze(-1), target, None, 1, -100, 0.0)
+    assert hidden._version > version
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        saved_by_sin.sum().backward()
+    leaf = torch.randn(4, 5, 1, generator=g).to(DEVICE).requires_grad_(True)
+    with pytest.raises(RuntimeError, match="leaf Variable that requires grad"):
+        ops.triton_cross_entropy_fwd_grad_(leaf, target, None, 1, -100, 0.0)
+    with pytest.raises(RuntimeError, match="leaf Variable that requires grad"):
+        ops.triton_scale_unit_grad_(leaf, torch.ones((), device=DEVICE), target, -100)
+
+
+@needs_kernels
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16], ids=str)
 def test_scale_unit_grad(dtype):
     """triton_scale_unit_grad_, the backward of the in_forward and inplace modes: PyTorch's ops bit for bit (in
@@ -344,6 +364,21 @@ def test_all_ignored_and_empty():
     assert triton_loss(empty, class_target(empty), None, "mean", -100, 0.0).isnan()
     assert triton_loss(empty, class_target(empty), None, "sum", -100, 0.0) == 0
     assert triton_loss(empty, class_target(empty), None, "none", -100, 0.0).shape == (0,)
+
+
+@needs_kernels
+def test_mean_over_cancelling_weights():
+    """Counted targets whose negative weights cancel: the nonzero sum over 0, ±inf, as PyTorch divides; with label
+    smoothing NaN (README)."""
+    x = make_logits("rows", torch.float32).detach()
+    target = torch.full((x.shape[0],), -100, device=DEVICE)
+    target[:4] = torch.tensor([0, 1, 0, 1])
+    weight = torch.ones(x.shape[1], device=DEVICE)
+    weight[1] = -1.0
+    expected = torch.nn.functional.cross_entropy(x.double(), target, weight.double())
+    assert expected.isinf()
+    assert triton_loss(x, target, weight, "mean", -100, 0.0) == expected
+    assert triton_loss(x, target, weight, "mean", -100, 0.1).isnan()
 
 
 @needs_kernels

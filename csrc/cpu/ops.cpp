@@ -145,8 +145,9 @@ double in_acc_dtype(const Problem& problem, double value) {
 }
 
 // Writes the reduced loss (mean or sum) into the 0-d output; reduction none was written per position. The mean is
-// that of the rounded sums. A mean over zero target weight is NaN whatever the smoothing terms add, as PyTorch's
-// 0/0 NLL part makes it.
+// that of the rounded sums, divided as PyTorch divides (0/0 NaN, ±inf over negative weights that cancel), but NaN
+// over zero target weight with label smoothing, where PyTorch's NLL quotient is 0/0 when each counted target
+// weighs 0 (fused_xent/reference.py's mean_of).
 void write_reduced_loss(const Problem& problem, at::Tensor& loss, double loss_sum, double total_weight) {
   if (problem.reduction == kReductionNone) return;
   const double sum = in_acc_dtype(problem, loss_sum);
@@ -154,7 +155,8 @@ void write_reduced_loss(const Problem& problem, at::Tensor& loss, double loss_su
     loss.fill_(sum);
   } else {
     const double denominator = in_acc_dtype(problem, total_weight);
-    loss.fill_(denominator == 0 ? std::numeric_limits<double>::quiet_NaN() : in_acc_dtype(problem, sum / denominator));
+    const bool nan_over_zero = denominator == 0 && problem.label_smoothing > 0;
+    loss.fill_(nan_over_zero ? std::numeric_limits<double>::quiet_NaN() : in_acc_dtype(problem, sum / denominator));
   }
 }
 

@@ -225,7 +225,7 @@ ForwardResult run_forward(const Problem& p, const at::Tensor& grad, bool want_ls
     auto finalize = [&](int64_t grid) {
       if (q.loss_partials || q.weight_partials) {
         launch_finalize<acc_t>(q.loss_partials, q.weight_partials, grid, total_weight, reduced_loss, p.reduction,
-                               stream);
+                               p.label_smoothing > 0, stream);
       }
     };
     // A fused mean needs total_weight before its gradient: one cheap pass over the class indices first.
@@ -235,7 +235,7 @@ ForwardResult run_forward(const Problem& p, const at::Tensor& grad, bool want_ls
       launch_target_weight<acc_t>(q.target_index, positions, p.ignore_index, p.C, q.weight,
                                   weight_partials.data_ptr<acc_t>(), shape, stream);
       launch_finalize<acc_t>(nullptr, weight_partials.data_ptr<acc_t>(), shape.grid, total_weight, nullptr,
-                             p.reduction, stream);
+                             p.reduction, p.label_smoothing > 0, stream);
     };
 
     // Split forward (class-index targets): statistics per split, combine per position (lse, loss, partials),

@@ -126,10 +126,11 @@ void launch_target_weight(const int64_t* target, int64_t positions, int64_t igno
                           const acc_t* weight, acc_t* partials, const LaunchShape& shape, cudaStream_t stream);
 
 // One block that sums the partials in a fixed order. weight_partials set: writes their sum to *total_weight;
-// otherwise reads *total_weight. loss set: writes the reduced loss (sum, or sum / total_weight for mean).
+// otherwise reads *total_weight. loss set: writes the reduced loss (sum, or sum / total_weight for mean; smoothed:
+// label smoothing is on, which makes a mean over zero target weight NaN).
 template <typename acc_t>
 void launch_finalize(const acc_t* loss_partials, const acc_t* weight_partials, int64_t count, acc_t* total_weight,
-                     acc_t* loss, int64_t reduction, cudaStream_t stream);
+                     acc_t* loss, int64_t reduction, bool smoothed, cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace fused_xent

@@ -27,7 +27,7 @@ __global__ void __launch_bounds__(kPerPositionThreads)
 template <typename acc_t>
 __global__ void __launch_bounds__(kFinalizeThreads)
     finalize_kernel(const acc_t* loss_partials, const acc_t* weight_partials, int64_t count, acc_t* total_weight,
-                    acc_t* loss, int64_t reduction) {
+                    acc_t* loss, int64_t reduction, bool smoothed) {
   acc_t loss_sum = 0, weight_sum = 0;
   for (int64_t i = threadIdx.x; i < count; i += blockDim.x) {
     if (loss_partials) loss_sum += loss_partials[i];
@@ -43,8 +43,8 @@ __global__ void __launch_bounds__(kFinalizeThreads)
     denominator = *total_weight;
   }
   if (loss) {
-    // A mean over zero target weight is NaN whatever the smoothing terms add, as PyTorch's 0/0 NLL part makes it.
-    const acc_t mean = denominator == acc_t(0) ? quiet_nan<acc_t>() : loss_sum / denominator;
+    // Divided as PyTorch divides, but NaN over zero target weight with label smoothing (reference.py's mean_of).
+    const acc_t mean = smoothed && denominator == acc_t(0) ? quiet_nan<acc_t>() : loss_sum / denominator;
     *loss = reduction == kReductionMean ? mean : loss_sum;
   }
 }
@@ -60,17 +60,18 @@ void launch_target_weight(const int64_t* target, int64_t positions, int64_t igno
 
 template <typename acc_t>
 void launch_finalize(const acc_t* loss_partials, const acc_t* weight_partials, int64_t count, acc_t* total_weight,
-                     acc_t* loss, int64_t reduction, cudaStream_t stream) {
+                     acc_t* loss, int64_t reduction, bool smoothed, cudaStream_t stream) {
   launch_kernel(finalize_kernel<acc_t>, 1, kFinalizeThreads, stream, loss_partials, weight_partials, count,
-                total_weight, loss, reduction);
+                total_weight, loss, reduction, smoothed);
 }
 
 template void launch_target_weight<float>(const int64_t*, int64_t, int64_t, int64_t, const float*, float*,
                                           const LaunchShape&, cudaStream_t);
 template void launch_target_weight<double>(const int64_t*, int64_t, int64_t, int64_t, const double*, double*,
                                            const LaunchShape&, cudaStream_t);
-template void launch_finalize<float>(const float*, const float*, int64_t, float*, float*, int64_t, cudaStream_t);
-template void launch_finalize<double>(const double*, const double*, int64_t, double*, double*, int64_t,
+template void launch_finalize<float>(const float*, const float*, int64_t, float*, float*, int64_t, bool,
+                                     cudaStream_t);
+template void launch_finalize<double>(const double*, const double*, int64_t, double*, double*, int64_t, bool,
                                       cudaStream_t);
 
 }  // namespace cuda
