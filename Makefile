@@ -15,7 +15,7 @@ KERNEL_SOURCES := setup.py $(shell find csrc -type f \( -name '*.cpp' -o -name '
 VENV_STAMP := $(VENV)/.fused_xent-deps
 BUILD_STAMP := build/.fused_xent-built
 
-.PHONY: install build test test-fast bench lint gpu-check clean
+.PHONY: install build test bench lint gpu-check clean
 
 install: $(BUILD_STAMP)
 

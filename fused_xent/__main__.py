@@ -61,6 +61,10 @@ def _refused_settings() -> list[str]:
             _backends.check_backend_name(backend, f" (from {_backends.BACKEND_ENV})")
     except ValueError as error:
         problems.append(str(error))
+    else:
+        reason = _backends._why_unavailable(backend) if backend and backend != "auto" else None
+        if reason is not None:
+            problems.append(f"{_backends.BACKEND_ENV}={backend} names a backend that is not available here: {reason}")
     try:
         _validate.value_checks_enabled()
     except ValueError as error:

@@ -13,7 +13,7 @@ from torch.overrides import handle_torch_function, has_torch_function_variadic
 from . import _backends, reference
 from ._layout import input_in_logits_memory, is_dense, is_leaf_that_requires_grad, kernel_logits, may_overlap
 from ._ops import scale_unit_grad, unit_grad_scale
-from ._validate import check_values, has_no_values, prepare, start_value_check
+from ._validate import InvalidArgumentError, check_values, has_no_values, prepare, start_value_check
 from .reference import REDUCTION_MEAN, REDUCTION_NONE
 
 GRAD_MODES = ("recompute", "in_forward", "inplace")
@@ -21,7 +21,9 @@ GRAD_MODES = ("recompute", "in_forward", "inplace")
 
 def check_grad_mode(grad_mode):
     if grad_mode not in GRAD_MODES:
-        raise ValueError(f"fused_xent.cross_entropy: grad_mode must be one of {GRAD_MODES}, got {grad_mode!r}")
+        raise InvalidArgumentError(
+            f"fused_xent.cross_entropy: grad_mode must be one of {GRAD_MODES}, got {grad_mode!r}"
+        )
 
 
 def _scaled_log_probs(grad_loss, logits, lse, total_weight, reduction):
@@ -316,7 +318,7 @@ def _grad_mode_to_run(grad_mode, input, weight, problem) -> str:
             "their weights (or pass target.detach() and weight.detach())"
         )
     if grad_mode == "inplace" and _view_refuses_writes(input):
-        raise ValueError(
+        raise InvalidArgumentError(
             "fused_xent.cross_entropy: grad_mode='inplace' would write the gradient through a view that PyTorch's "
             "in-place ops refuse to modify (one of several views returned by one op, such as chunk, split or "
             "unbind; a view made under no_grad or inference_mode; a view made inside a custom autograd Function, "
@@ -324,14 +326,14 @@ def _grad_mode_to_run(grad_mode, input, weight, problem) -> str:
             "grad_mode='in_forward', or pass the logits before they are split"
         )
     if grad_mode == "inplace" and is_leaf_that_requires_grad(input):
-        raise ValueError(
+        raise InvalidArgumentError(
             "fused_xent.cross_entropy: grad_mode='inplace' would write the gradient over a leaf tensor that "
             "requires grad (a Parameter, a tensor made with requires_grad=True, or a view of one), as PyTorch's "
             "in-place ops refuse to: its .grad would be the tensor itself, and an optimizer would step from that. "
             "Pass the output of an operation (e.g. the logits of an LM head), or use grad_mode='in_forward'"
         )
     if grad_mode == "inplace" and (not problem.logits_are_input or may_overlap(problem.logits)):
-        raise ValueError(
+        raise InvalidArgumentError(
             "fused_xent.cross_entropy: grad_mode='inplace' needs logits that can be viewed as (N, C, S) without a "
             "copy and whose elements do not overlap (and of the dtype of the target, for probability targets)"
         )
@@ -340,7 +342,7 @@ def _grad_mode_to_run(grad_mode, input, weight, problem) -> str:
     if grad_mode == "inplace" and not torch.compiler.is_compiling():
         shared = input_in_logits_memory(problem.logits, problem.weight, problem.target)
     if shared is not None:
-        raise ValueError(
+        raise InvalidArgumentError(
             f"fused_xent.cross_entropy: grad_mode='inplace' writes the gradient over the logits while it still reads "
             f"the {shared}, whose memory range intersects theirs (it could be overwritten before it is read): pass "
             f"{shared}.clone(), or use grad_mode='in_forward'"

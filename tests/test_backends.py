@@ -70,6 +70,17 @@ def test_environment_report_names_the_settings_every_call_would_refuse():
     assert "FUSED_XENT_CHECK_VALUES='maybe' is neither on (1) nor off (0)" in report.stdout
 
 
+def test_environment_report_refuses_a_backend_that_cannot_run_here():
+    unavailable = [name for name in _backends.BACKEND_NAMES if name not in fused_xent.available_backends()]
+    if not unavailable:
+        pytest.skip("every backend runs here")
+    environment = {name: value for name, value in os.environ.items() if not name.startswith("FUSED_XENT_")}
+    environment.update(FUSED_XENT_BACKEND=unavailable[0])
+    report = subprocess.run([sys.executable, "-m", "fused_xent"], capture_output=True, text=True, env=environment)
+    assert report.returncode == 1
+    assert f"FUSED_XENT_BACKEND={unavailable[0]} names a backend that is not available here: " in report.stdout
+
+
 @pytest.mark.parametrize("code, capability, runs", [
     ("sm_80 compute_90 sm_90", (8, 0), True), ("sm_80 compute_90 sm_90", (8, 6), True),
     ("sm_80 compute_90 sm_90", (8, 9), True), ("sm_80 compute_90 sm_90", (9, 0), True),
