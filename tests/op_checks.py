@@ -78,14 +78,18 @@ def check_all_ops(ops, x, y, weight=None, reduction="mean", ignore_index=-100, s
     assert_grad_close(overwritten, ref_grad, dtype, "fwd_grad_ gradient (in place)")
 
     if reduction == "none":
-        grad_loss = torch.rand(N, S, dtype=dtype)
-        scale = grad_loss.double().reshape(N, 1, *x.shape[2:]) if x.dim() > 1 else grad_loss.double().reshape(())
+        # Read through its strides: dense, transposed, and expanded along N (stride 0) as loss.sum(0) hands it back.
+        values = torch.rand(N, S, dtype=dtype)
+        upstream = {"dense": values, "transposed": values.t().contiguous().t(), "expanded": values[:1].expand(N, S)}
     else:
-        grad_loss = torch.tensor(0.7, dtype=dtype)
+        upstream = {"0-d": torch.tensor(0.7, dtype=dtype)}
+    for layout, grad_loss in upstream.items():
         scale = grad_loss.double()
-    grad_b = ops.cross_entropy_bwd(grad_loss, x3, y3, w, lse, total_weight, red, ignore_index, smoothing)
-    assert grad_b.dtype == dtype and grad_b.stride() == x3.stride()
-    assert_grad_close(grad_b.reshape(x.shape), ref_grad * scale, dtype, "backward gradient")
+        if reduction == "none":
+            scale = scale.reshape(N, 1, *x.shape[2:]) if x.dim() > 1 else scale.reshape(())
+        grad_b = ops.cross_entropy_bwd(grad_loss, x3, y3, w, lse, total_weight, red, ignore_index, smoothing)
+        assert grad_b.dtype == dtype and grad_b.stride() == x3.stride()
+        assert_grad_close(grad_b.reshape(x.shape), ref_grad * scale, dtype, f"backward gradient ({layout} upstream)")
 
 
 def value_check_cases(device):

@@ -33,6 +33,22 @@ def test_auto_prefers_compiled_kernel_on_cpu():
     assert _backends.resolve("auto", torch.device("meta")).name == "torch"
 
 
+def test_auto_on_cuda_tensors_takes_cuda_then_triton_then_torch(monkeypatch):
+    """The order auto walks on CUDA tensors, as on a machine where every backend runs (this one may lack a GPU)."""
+    monkeypatch.setattr(_backends, "_why_unavailable", lambda name: None)
+    assert _backends.backends_serving("cuda") == ["cuda", "triton", "torch"]
+    assert _backends._fastest_serving("cuda") == "cuda"
+    monkeypatch.setattr(_backends, "_why_unavailable", lambda name: "absent" if name == "cuda" else None)
+    assert _backends._fastest_serving("cuda") == "triton"
+
+
+@pytest.mark.skipif("cpu" not in fused_xent.available_backends(), reason="compiled extension missing")
+def test_a_backend_refuses_tensors_of_another_device():
+    with pytest.raises(RuntimeError, match="backend 'cpu' runs on cpu tensors, but the input is on meta"):
+        fused_xent.cross_entropy(torch.randn(2, 3, device="meta"), torch.tensor([0, 1], device="meta"),
+                                 backend="cpu")
+
+
 def test_environment_variable_forces_a_backend(monkeypatch):
     monkeypatch.setenv("FUSED_XENT_BACKEND", "torch")
     assert _backends.resolve(None, torch.device("cpu")).name == "torch"

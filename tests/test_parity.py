@@ -127,16 +127,20 @@ _POISON_PROBE = (
 
 @pytest.mark.skipif("cpu" not in backends_for("cpu"), reason="compiled extension missing")
 def test_every_output_element_is_written():
-    """The CPU parity grid again with glibc's allocator poisoning every fresh block (bytes 0x5A, a float of 1.5e16):
-    an output element a kernel forgets to write keeps that value and fails the comparison with PyTorch."""
+    """The CPU parity grid, and that of in_forward and inplace, again with glibc's allocator poisoning every fresh
+    block (bytes 0x5A, a float of 1.5e16): an output element a kernel forgets to write keeps that value and fails
+    the comparison with PyTorch."""
     env = dict(os.environ, MALLOC_PERTURB_="165", MALLOC_MMAP_THRESHOLD_=str(32 << 20))
     probe = subprocess.run([sys.executable, "-c", _POISON_PROBE], env=env, capture_output=True, text=True, check=True)
     assert int(probe.stdout) == 4096, "fresh allocations are not poisoned; the test would prove nothing"
-    args = [sys.executable, "-m", "pytest", __file__, "-o", "addopts=", "-q", "-p", "no:cacheprovider", "-x",
-            "-k", "test_matches_pytorch and cpu-cpu and (float32 or bfloat16)"]
-    run = subprocess.run(args, env=env, capture_output=True, text=True)
-    assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-2000:]
-    assert " passed" in run.stdout
+    grad_modes = os.path.join(os.path.dirname(__file__), "test_grad_modes.py")
+    for path, selection in ((__file__, "test_matches_pytorch and cpu-cpu and (float32 or bfloat16)"),
+                            (grad_modes, "test_same_gradient_as_recompute and cpu")):
+        args = [sys.executable, "-m", "pytest", path, "-o", "addopts=", "-q", "-p", "no:cacheprovider", "-x",
+                "-k", selection]
+        run = subprocess.run(args, env=env, capture_output=True, text=True)
+        assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-2000:]
+        assert " passed" in run.stdout
 
 
 @pytest.mark.parametrize("device,backend", BACKEND_CASES)
@@ -152,6 +156,33 @@ def test_mean_over_zero_target_weight_is_nan(device, backend):
         loss, grad = fused(logits, target, torch.ones((), device=device), backend, **kwargs)
         assert expected_loss.isnan() and loss.isnan(), (smoothing, loss)
         assert expected_grad.isnan().all() and grad.isnan().all(), (smoothing, grad)
+
+
+@pytest.mark.parametrize("device,backend", BACKEND_CASES)
+@pytest.mark.parametrize("grad_mode", ["recompute", "in_forward", "inplace"])
+@pytest.mark.parametrize("kind", ["index", "prob"])
+def test_unreduced_loss_reduced_afterwards(device, backend, grad_mode, kind):
+    """reduction='none' reduced by the caller: autograd hands back the upstream gradient expanded (stride 0, from a
+    sum) or transposed (from a product with a transposed tensor), which every path reads through its strides."""
+    g = torch.Generator().manual_seed(12)
+    logits = make_logits((6, 7, 5), "contiguous", torch.float32, device, generator=g)
+    if kind == "prob":
+        target = make_prob_target(logits, generator=g)
+    else:
+        target = make_class_target((6, 5), 7, generator=g).to(device)
+        target[0, :2] = -100
+    columns = torch.rand(5, generator=g).to(device)
+    transposed = torch.rand(5, 6, generator=g).to(device)
+    reductions = {"sum": lambda loss: loss.sum(), "sum over N": lambda loss: (loss.sum(0) * columns).sum(),
+                  "transposed": lambda loss: (loss.t() * transposed).sum()}
+    for name, reduce in reductions.items():
+        grads = []
+        for loss_fn in (F.cross_entropy, lambda *a, **k: fused_xent.cross_entropy(*a, backend=backend,
+                                                                                   grad_mode=grad_mode, **k)):
+            leaf = logits.detach().clone().requires_grad_(True)
+            reduce(loss_fn(leaf * 1, target, reduction="none")).backward()
+            grads.append(leaf.grad)
+        torch.testing.assert_close(grads[1], grads[0], msg=name)
 
 
 @pytest.mark.parametrize("device,backend", BACKEND_CASES)

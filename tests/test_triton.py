@@ -1013,9 +1013,12 @@ def test_ignored_logits_are_never_read():
 
 @pytest.mark.skipif(INTERPRETED or DEVICE is not None, reason="runs the interpreter subprocess only without a GPU")
 def test_interpreter_run():
-    """Runs this file's kernel tests on CPU tensors under TRITON_INTERPRET=1, in a fresh process."""
+    """Runs this file's kernel tests on CPU tensors under TRITON_INTERPRET=1, in a fresh process, with glibc's
+    allocator poisoning every fresh block (as test_parity.test_every_output_element_is_written does), so that an
+    output element a kernel leaves unwritten fails its comparison instead of reading as the 0 it often holds."""
     pytest_args = ["-m", "pytest", __file__, "-o", "addopts=", "-q", "-p", "no:cacheprovider", "-x"]
-    result = _run_python(pytest_args, TRITON_INTERPRET="1")
+    result = _run_python(pytest_args, TRITON_INTERPRET="1", MALLOC_PERTURB_="165",
+                         MALLOC_MMAP_THRESHOLD_=str(32 << 20))
     assert result.returncode == 0, result.stdout[-8000:] + result.stderr[-4000:]
     assert " passed" in result.stdout, result.stdout[-2000:]
 
