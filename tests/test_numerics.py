@@ -79,6 +79,7 @@ def test_near_certain_target_at_huge_logits(backend, shape):
         for grad_mode in ("recompute", "in_forward", "inplace"):
             loss, grad = fused(logits, target, torch.ones(()), backend, reduction="sum", grad_mode=grad_mode, **kwargs)
             torch.testing.assert_close(grad.double(), expected_grad, rtol=0, atol=1e-6, msg=f"{grad_mode} {kwargs}")
+            assert_close(loss, expected_loss, torch.float32, f"loss {grad_mode} {kwargs}")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
