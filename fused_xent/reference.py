@@ -73,7 +73,7 @@ def cast(result, dtype):
     return result if result.dtype == dtype else result.to(dtype)
 
 
-def mean_of(total, total_weight, label_smoothing):
+def _mean_of(total, total_weight, label_smoothing):
     """total / total_weight, as PyTorch divides (0/0 NaN; ±inf over negative weights that cancel), except that with
     label smoothing a zero denominator gives NaN: PyTorch's mean there adds two quotients, of which the NLL one is
     0/0 whenever the counted targets weigh 0 each (the usual way to a zero denominator)."""
@@ -82,17 +82,18 @@ def mean_of(total, total_weight, label_smoothing):
     return total / total_weight
 
 
-def _reduce(loss, total_weight, reduction, label_smoothing):
+def reduce_loss(loss, total_weight, reduction, label_smoothing):
+    """The per-position losses (N, S) as `reduction` asks (the Triton backend's too)."""
     if reduction == REDUCTION_NONE:
         return loss
     total = loss.sum()
-    return mean_of(total, total_weight, label_smoothing) if reduction == REDUCTION_MEAN else total
+    return _mean_of(total, total_weight, label_smoothing) if reduction == REDUCTION_MEAN else total
 
 
 def cross_entropy_fwd(logits, target, weight, reduction, ignore_index, label_smoothing):
     """-> (loss, lse, total_weight), all in the accumulation dtype, as the ops return them."""
     loss, lse, total_weight = _per_position(logits, target, weight, ignore_index, label_smoothing)
-    return _reduce(loss, total_weight, reduction, label_smoothing), lse, total_weight
+    return reduce_loss(loss, total_weight, reduction, label_smoothing), lse, total_weight
 
 
 def cross_entropy_bwd(grad_loss, logits, target, weight, lse, total_weight, reduction, ignore_index, label_smoothing):
@@ -102,7 +103,7 @@ def cross_entropy_bwd(grad_loss, logits, target, weight, lse, total_weight, redu
     w = _class_weights(weight, num_classes, x).view(1, num_classes, 1)
     scale = grad_loss.to(x.dtype)
     if reduction == REDUCTION_MEAN:  # non-finite over zero target weight, as the forward's loss
-        scale = mean_of(scale, total_weight, label_smoothing)
+        scale = _mean_of(scale, total_weight, label_smoothing)
     scale = scale.view(x.shape[0], 1, x.shape[2]) if reduction == REDUCTION_NONE else scale
     if target.is_floating_point():
         smoothed = w * (target.to(x.dtype) * (1.0 - label_smoothing) + label_smoothing / num_classes)

@@ -37,7 +37,7 @@ from torch.library import wrap_triton
 
 from ._layout import input_in_logits_memory, is_dense, is_leaf_that_requires_grad, kernel_logits
 from ._triton_env import triton_interpreter_requested
-from .reference import REDUCTION_MEAN, REDUCTION_NONE, REDUCTION_SUM, mean_of
+from .reference import REDUCTION_MEAN, REDUCTION_NONE, REDUCTION_SUM, reduce_loss
 
 # Read once, like Triton itself: the interpreter must be chosen before the kernels below are decorated.
 INTERPRET = triton_interpreter_requested()
@@ -301,7 +301,7 @@ def _forward_kernel(logits_ptr, target_ptr, weight_ptr, weight_sum_ptr, total_we
                     HAS_SMOOTHING: tl.constexpr, REDUCTION: tl.constexpr, WRITE_GRAD: tl.constexpr,
                     WIDE_CLASS_LOOP: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     """Per-position loss (into loss_ptr, in the accumulation dtype: the output for reduction none, else what
-    _reduce sums) and lse (_store_lse); with WRITE_GRAD, the gradient for grad_loss = 1 instead of lse
+    reduce_loss sums) and lse (_store_lse); with WRITE_GRAD, the gradient for grad_loss = 1 instead of lse
     (total_weight must then already hold the mean's denominator). A program takes one block of positions.
     WIDE_CLASS_LOOP: see wide_class_loop."""
     if WIDE_CLASS_LOOP:
@@ -842,16 +842,9 @@ def _empty_lse(p: _Problem) -> torch.Tensor:
 
 def _loss_buffer(p: _Problem) -> torch.Tensor:
     """Where the kernel writes per-position losses, in the accumulation dtype: the output itself for reduction
-    none, else what _reduce sums."""
+    none, else what reduce_loss sums."""
     N, _, S = p.logits.shape
     return torch.empty((N, S), dtype=p.acc_dtype, device=p.logits.device)
-
-
-def _reduce(loss_buffer, total_weight, reduction, label_smoothing) -> torch.Tensor:
-    if reduction == REDUCTION_NONE:
-        return loss_buffer
-    total = loss_buffer.sum()
-    return mean_of(total, total_weight, label_smoothing) if reduction == REDUCTION_MEAN else total
 
 
 def cross_entropy_fwd(logits, target, weight, reduction, ignore_index, label_smoothing):
@@ -862,7 +855,7 @@ def cross_entropy_fwd(logits, target, weight, reduction, ignore_index, label_smo
     loss_buffer = _loss_buffer(p)
     lse = _empty_lse(p)
     _launch_forward(p, total_weight, loss_buffer, lse, None, reduction, ignore_index, label_smoothing)
-    return _reduce(loss_buffer, total_weight, reduction, label_smoothing), lse, total_weight
+    return reduce_loss(loss_buffer, total_weight, reduction, label_smoothing), lse, total_weight
 
 
 def cross_entropy_bwd(grad_loss, logits, target, weight, lse, total_weight, reduction, ignore_index, label_smoothing):
@@ -891,7 +884,7 @@ def _forward_with_grad(p, grad, reduction, ignore_index, label_smoothing):
         total_weight = torch.empty((), dtype=p.acc_dtype, device=p.logits.device)
     loss_buffer = _loss_buffer(p)
     _launch_forward(p, total_weight, loss_buffer, None, grad, reduction, ignore_index, label_smoothing)
-    return _reduce(loss_buffer, total_weight, reduction, label_smoothing)
+    return reduce_loss(loss_buffer, total_weight, reduction, label_smoothing)
 
 
 def cross_entropy_fwd_grad(logits, target, weight, reduction, ignore_index, label_smoothing):

@@ -198,3 +198,22 @@ def _copy_at_the_same_offset(grad):
     buffer = grad.new_empty(grad.storage_offset() + grad.numel())
     return buffer.as_strided(grad.shape, grad.stride(), grad.storage_offset()).copy_(grad)
 
+
+def check_in_place_call_counts_its_write(fwd_grad_, device="cpu"):
+    """fwd_grad_ (an in-place forward op) called directly: it moves the version counter of the logits it writes
+    over, so an op that saved them refuses to backward from the gradient they now hold, and it refuses a leaf that
+    requires grad, as PyTorch's in-place ops do. Returns a (4, 5, 1) leaf and a target to try other calls with."""
+    g = torch.Generator().manual_seed(9)
+    target = torch.randint(0, 5, (4, 1), generator=g).to(device)
+    hidden = torch.randn(4, 5, generator=g).to(device).requires_grad_(True) * 2
+    saved_by_sin = hidden.sin()
+    version = hidden._version
+    fwd_grad_(hidden.unsqueeze(-1), target, None, 1, -100, 0.0)
+    assert hidden._version > version
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        saved_by_sin.sum().backward()
+    leaf = torch.randn(4, 5, 1, generator=g).to(device).requires_grad_(True)
+    with pytest.raises(RuntimeError, match="leaf Variable that requires grad"):
+        fwd_grad_(leaf, target, None, 1, -100, 0.0)
+    return leaf, target
+

@@ -34,7 +34,7 @@ from helpers import (  # noqa: E402
     poison_cuda_cache,
     torch_reference,
 )
-from op_checks import check_scale_unit_grad  # noqa: E402
+from op_checks import check_in_place_call_counts_its_write, check_scale_unit_grad  # noqa: E402
 
 import fused_xent  # noqa: E402
 from fused_xent import _triton_ops  # noqa: E402
@@ -295,18 +295,7 @@ def test_in_place_op_refuses_a_weight_in_the_logits_memory():
 def test_in_place_ops_called_directly_count_their_writes():
     """Called directly, the in-place ops move the version counter of the tensor they write (so an op that saved it
     refuses to backward from what it now holds) and refuse a leaf that requires grad, as the compiled ops do."""
-    g = torch.Generator().manual_seed(9)
-    target = torch.randint(0, 5, (4, 1), generator=g).to(DEVICE)
-    hidden = torch.randn(4, 5, generator=g).to(DEVICE).requires_grad_(True) * 2
-    saved_by_sin = hidden.sin()
-    version = hidden._version
-    ops.triton_cross_entropy_fwd_grad_(hidden.unsqueeze(-1), target, None, 1, -100, 0.0)
-    assert hidden._version > version
-    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
-        saved_by_sin.sum().backward()
-    leaf = torch.randn(4, 5, 1, generator=g).to(DEVICE).requires_grad_(True)
-    with pytest.raises(RuntimeError, match="leaf Variable that requires grad"):
-        ops.triton_cross_entropy_fwd_grad_(leaf, target, None, 1, -100, 0.0)
+    leaf, target = check_in_place_call_counts_its_write(ops.triton_cross_entropy_fwd_grad_, DEVICE)
     with pytest.raises(RuntimeError, match="leaf Variable that requires grad"):
         ops.triton_scale_unit_grad_(leaf, torch.ones((), device=DEVICE), target, -100)
 

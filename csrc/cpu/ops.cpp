@@ -147,7 +147,7 @@ double in_acc_dtype(const Problem& problem, double value) {
 // Writes the reduced loss (mean or sum) into the 0-d output; reduction none was written per position. The mean is
 // that of the rounded sums, divided as PyTorch divides (0/0 NaN, ±inf over negative weights that cancel), but NaN
 // over zero target weight with label smoothing, where PyTorch's NLL quotient is 0/0 when each counted target
-// weighs 0 (fused_xent/reference.py's mean_of).
+// weighs 0 (fused_xent/reference.py's _mean_of).
 void write_reduced_loss(const Problem& problem, at::Tensor& loss, double loss_sum, double total_weight) {
   if (problem.reduction == kReductionNone) return;
   const double sum = in_acc_dtype(problem, loss_sum);

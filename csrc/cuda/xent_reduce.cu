@@ -43,7 +43,7 @@ __global__ void __launch_bounds__(kFinalizeThreads)
     denominator = *total_weight;
   }
   if (loss) {
-    // Divided as PyTorch divides, but NaN over zero target weight with label smoothing (reference.py's mean_of).
+    // Divided as PyTorch divides, but NaN over zero target weight with label smoothing (reference.py's _mean_of).
     const acc_t mean = smoothed && denominator == acc_t(0) ? quiet_nan<acc_t>() : loss_sum / denominator;
     *loss = reduction == kReductionMean ? mean : loss_sum;
   }
