@@ -557,9 +557,8 @@ SPATIAL_TILE = 4096
 MIN_SPATIAL_CLASSES = 8
 # Class ranges (few positions, many classes): never shorter than this nor than one column block, so that a range's
 # state (three numbers per position, written and read back) stays a few percent of the logits it reads. The split
-# aims at two waves of programs, counting about 64 resident warps per multiprocessor.
+# aims at two waves of programs, counting the warps a multiprocessor holds (gpu_capacity).
 MIN_SPLIT_CLASSES = 128
-WARPS_PER_MULTIPROCESSOR = 64
 # The combine merges a position's ranges one after another: more than this many would cost more than they save
 # (and the second grid axis stays far below its limit of 65535). It takes them in groups (see
 # _split_combine_kernel): one chain of 500 merges lost 1e-5 of the loss with smoothing and a class masked at -1e9.
@@ -609,7 +608,8 @@ def class_splits(num_classes: int, position_programs: int, tile: TileConfig, dev
     most = num_classes // max(tile.block_c, MIN_SPLIT_CLASSES)
     if most < 2 or position_programs == 0:
         return 1, num_classes
-    resident = multiprocessors(device) * max(1, WARPS_PER_MULTIPROCESSOR // tile.num_warps)
+    gpu = gpu_capacity(device)
+    resident = gpu.multiprocessors * max(1, gpu.warps_per_multiprocessor // tile.num_warps)
     if 2 * position_programs >= resident:
         return 1, num_classes
     splits = min(triton.cdiv(2 * resident, position_programs), most, MAX_SPLITS)
@@ -617,11 +617,21 @@ def class_splits(num_classes: int, position_programs: int, tile: TileConfig, dev
     return triton.cdiv(num_classes, split_len), split_len
 
 
-def multiprocessors(device: torch.device) -> int:
-    """Streaming multiprocessors of a CUDA device; the interpreter's CPU counts as one."""
+@dataclass(frozen=True)
+class GpuCapacity:
+    """What the plans size grids by: the multiprocessors, and the warps each holds at once as the device reports
+    them (64 on sm_80 and sm_90, 48 on sm_86 and sm_89); a kernel's registers may allow fewer."""
+
+    multiprocessors: int
+    warps_per_multiprocessor: int
+
+
+def gpu_capacity(device: torch.device) -> GpuCapacity:
+    """The capacity of a CUDA device; the interpreter's CPU counts as one multiprocessor of 64 warps."""
     if device.type != "cuda":
-        return 1
-    return _cuda_properties(device).multi_processor_count
+        return GpuCapacity(1, 64)
+    properties = _cuda_properties(device)
+    return GpuCapacity(properties.multi_processor_count, properties.max_threads_per_multi_processor // 32)
 
 
 def _cuda_properties(device: torch.device):
@@ -943,7 +953,7 @@ def scale_unit_grad_(grad, grad_loss, target, ignore_index) -> None:
     if grad.numel() == 0:
         return
     programs = min(triton.cdiv(grad.numel(), SCALE_TILE),
-                   multiprocessors(grad.device) * SCALE_PROGRAMS_PER_MULTIPROCESSOR)
+                   gpu_capacity(grad.device).multiprocessors * SCALE_PROGRAMS_PER_MULTIPROCESSOR)
     # A size-1 dimension's stride may be anything: 1 gives it its only coordinate, 0.
     _launch(
         _scale_unit_grad_kernel, (programs,), grad, grad_loss, None if target is None else target.contiguous(),

@@ -150,6 +150,29 @@ def test_plans_change_with_the_multiprocessor_count_results_do_not(ops, monkeypa
     torch.testing.assert_close(losses["4"], losses["1"], rtol=2e-6, atol=0)
 
 
+def test_grids_follow_the_threads_a_multiprocessor_holds(ops, monkeypatch, tmp_path):
+    """The plans count the threads a multiprocessor holds as the device reports them (2048 on sm_80/sm_90, 1536 on
+    sm_86/sm_89, 1024 on sm_75): 1000 rows of 40 classes (a warp per row, 256-thread blocks) get 8 waves of the
+    blocks one multiprocessor holds; 4 rows of 20000 classes on 2 multiprocessors are cut into as many ranges as
+    fill twice the 512-thread blocks they hold (8, 6 or 4). The losses are the same on every device."""
+    log = tmp_path / "launches"
+    monkeypatch.setenv("FUSED_XENT_EMULATED_LAUNCH_LOG", str(log))
+    short_rows = as_ncs(make_logits((1000, 40), "contiguous", torch.float32), make_class_target((1000,), 40))
+    long_rows = as_ncs(make_logits((4, 20000), "contiguous", torch.float32), make_class_target((4,), 20000))
+    losses = []
+    for threads_per_sm, ranges in ((2048, 4), (1536, 3), (1024, 2)):
+        monkeypatch.setenv("FUSED_XENT_EMULATED_THREADS_PER_SM", str(threads_per_sm))
+        monkeypatch.setenv("FUSED_XENT_EMULATED_SMS", "1")
+        short_loss = ops.cross_entropy_fwd(*short_rows, None, 0, -100, 0.0)[0]
+        assert launches(log)[0] == (8 * (threads_per_sm // 256), 256)
+        monkeypatch.setenv("FUSED_XENT_EMULATED_SMS", "2")
+        long_loss = ops.cross_entropy_fwd(*long_rows, None, 0, -100, 0.0)[0]
+        assert launches(log)[0] == (4 * ranges, 512)
+        losses.append(torch.cat([short_loss.view(-1), long_loss.view(-1)]))
+    for loss in losses[1:]:
+        torch.testing.assert_close(loss, losses[0], rtol=2e-6, atol=0)
+
+
 def test_in_place_op_refuses_inputs_in_the_logits_memory(ops):
     """The CUDA in-place op (check_inputs_apart_from_logits) refuses a weight or target whose memory range
     intersects the logits', through the same storage or another (a NumPy view), and leaves the logits as they were;

@@ -530,7 +530,7 @@ def test_split_layouts_are_split(monkeypatch, layout, multiprocessors):
     """The split layouts above take the split kernels under the interpreter (planned as one multiprocessor) and on an
     H200 alike, so the parity tests cover them in CI and on the GPU."""
     kernels = _triton_ops.triton_kernels
-    monkeypatch.setattr(kernels, "multiprocessors", lambda device: multiprocessors)
+    monkeypatch.setattr(kernels, "gpu_capacity", lambda device: kernels.GpuCapacity(multiprocessors, 64))
     monkeypatch.setattr(kernels, "check_device", lambda device: None)
     shape = LAYOUTS[layout]
     N, C = shape[:2]
@@ -542,29 +542,35 @@ def test_split_layouts_are_split(monkeypatch, layout, multiprocessors):
 @pytest.mark.parametrize("multiprocessors", [1, 132])
 def test_many_ranges_layout_takes_more_ranges_than_a_merge_group(monkeypatch, multiprocessors):
     kernels = _triton_ops.triton_kernels
-    monkeypatch.setattr(kernels, "multiprocessors", lambda device: multiprocessors)
+    monkeypatch.setattr(kernels, "gpu_capacity", lambda device: kernels.GpuCapacity(multiprocessors, 64))
     monkeypatch.setattr(kernels, "check_device", lambda device: None)
     N, C, S = LAYOUTS["many_ranges_ncl"]
     problem = kernels._problem(torch.empty(N, C, S), torch.zeros(N, S, dtype=torch.long), None, 1)
     assert problem.splits == 20 and kernels.MERGE_GROUP < problem.splits < 2 * kernels.MERGE_GROUP
 
 
+H200 = (132, 64)  # multiprocessors, warps each holds
+RTX_3090 = (82, 48)  # sm_86: 1536 threads per multiprocessor
+
+
 @pytest.mark.parametrize(
-    "num_classes,positions,spatial,element_size,expected",
+    "gpu,num_classes,positions,spatial,element_size,expected",
     [
-        (128256, 8192, False, 2, (1, 128256)),  # thousands of rows fill the GPU
-        (256000, 512, False, 2, (1, 256000)),  # a wave of 16-warp programs: not split
-        (256000, 64, False, 2, (16, 16384)),
-        (32000, 8 * 256, True, 2, (250, 128)),  # (8, 32000, 256) NCHW: a range of 128 classes per program
-        (150, 8 * 16, True, 4, (1, 150)),  # too few classes to split
-        (256000, 8 * 256, True, 4, (500, 512)),  # at most MAX_SPLITS ranges: the combine merges them in turn
+        (H200, 128256, 8192, False, 2, (1, 128256)),  # thousands of rows fill the GPU
+        (H200, 256000, 512, False, 2, (1, 256000)),  # a wave of 16-warp programs: not split
+        (H200, 256000, 64, False, 2, (16, 16384)),
+        (RTX_3090, 256000, 64, False, 2, (8, 32768)),  # three 16-warp programs per multiprocessor, not four
+        (H200, 32000, 8 * 256, True, 2, (250, 128)),  # (8, 32000, 256) NCHW: a range of 128 classes per program
+        (RTX_3090, 32000, 8 * 256, True, 2, (223, 144)),
+        (H200, 150, 8 * 16, True, 4, (1, 150)),  # too few classes to split
+        (H200, 256000, 8 * 256, True, 4, (500, 512)),  # at most MAX_SPLITS ranges: the combine merges them in turn
     ],
 )
-def test_split_plan_on_an_h200(monkeypatch, num_classes, positions, spatial, element_size, expected):
-    """class_splits for a 132-multiprocessor GPU: splits only where positions leave it idle, ranges of whole
-    column blocks that cover the classes with no empty range."""
+def test_split_plan_on_a_gpu(monkeypatch, gpu, num_classes, positions, spatial, element_size, expected):
+    """class_splits from the device's capacity: splits only where positions leave it idle, ranges of whole column
+    blocks that cover the classes with no empty range."""
     kernels = _triton_ops.triton_kernels
-    monkeypatch.setattr(kernels, "multiprocessors", lambda device: 132)
+    monkeypatch.setattr(kernels, "gpu_capacity", lambda device: kernels.GpuCapacity(*gpu))
     N = 8 if spatial else positions
     S = positions // N
     tile = kernels.tile_config(num_classes, S, spatial, element_size)

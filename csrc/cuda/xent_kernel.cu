@@ -40,18 +40,10 @@ constexpr int64_t kMaxSpatialSplits = 512;
 // Grid-stride kernels get at most this many waves of resident blocks: enough to balance load even when occupancy
 // is lower than assumed, few enough to keep the per-block partials short.
 constexpr int64_t kMaxWaves = 8;
-constexpr int64_t kThreadsPerSm = 2048;
-
-int64_t multiprocessor_count(c10::DeviceIndex device) {
-  int count = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device));
-  return count;
-}
 
 // Blocks for a grid-stride kernel with `blocks_needed` units of work.
-int64_t grid_for(int64_t blocks_needed, int threads, int64_t sms) {
-  const int64_t resident = sms * std::max<int64_t>(1, kThreadsPerSm / threads);
-  return std::max<int64_t>(1, std::min(blocks_needed, resident * kMaxWaves));
+int64_t grid_for(int64_t blocks_needed, int threads, const GpuCapacity& gpu) {
+  return std::max<int64_t>(1, std::min(blocks_needed, gpu.resident_blocks(threads) * kMaxWaves));
 }
 
 struct RowsPlan {
@@ -62,24 +54,24 @@ struct RowsPlan {
 // Row layout: warp per position for short rows; block per position for long ones, split across several blocks when
 // there are too few positions to fill the GPU twice over (class-index targets only; probability targets would need
 // the target row reduced in every split of the gradient).
-RowsPlan plan_rows(const Problem& p, int64_t sms) {
+RowsPlan plan_rows(const Problem& p, const GpuCapacity& gpu) {
   const int64_t positions = p.positions();
   RowsPlan plan{};
   if (p.C <= kWarpPerRowMaxClasses) {
     plan.warp_per_row = true;
     plan.shape.threads = WarpGroup::kMaxThreads;
-    plan.shape.grid = grid_for(ceil_div(positions, WarpGroup::kMaxThreads / 32), WarpGroup::kMaxThreads, sms);
+    plan.shape.grid = grid_for(ceil_div(positions, WarpGroup::kMaxThreads / 32), WarpGroup::kMaxThreads, gpu);
     plan.shape.split_len = p.C;
     return plan;
   }
   plan.warp_per_row = false;
   plan.shape.threads = p.C <= 8192 ? BlockGroup::kMaxThreads / 2 : BlockGroup::kMaxThreads;
-  const int64_t resident = sms * (kThreadsPerSm / plan.shape.threads);
+  const int64_t resident = gpu.resident_blocks(plan.shape.threads);
   const int64_t wanted = !p.prob_target && positions < 2 * resident ? ceil_div(2 * resident, positions) : 1;
   const ClassSplits split = split_classes(p.C, wanted, kMinSplitLen, 64);
   plan.shape.splits = split.splits;
   plan.shape.split_len = split.split_len;
-  plan.shape.grid = grid_for(positions * plan.shape.splits, plan.shape.threads, sms);
+  plan.shape.grid = grid_for(positions * plan.shape.splits, plan.shape.threads, gpu);
   return plan;
 }
 
@@ -92,9 +84,9 @@ int64_t l2_cache_bytes(const Problem& p) {
 // The block-per-row fused forward reads a row a second time for its gradient. That read hits L2 while the rows in
 // flight fit in about half of it; beyond, the cluster kernel (one read, the row kept on chip) takes the rows its
 // clusters may hold (plan_rows_cluster).
-bool row_rereads_miss_l2(const Problem& p, int64_t sms) {
+bool row_rereads_miss_l2(const Problem& p, const GpuCapacity& gpu) {
   if (p.C <= kWarpPerRowMaxClasses) return false;
-  const int64_t rows_in_flight = std::min(p.positions(), sms * (kThreadsPerSm / BlockGroup::kMaxThreads));
+  const int64_t rows_in_flight = std::min(p.positions(), gpu.resident_blocks(BlockGroup::kMaxThreads));
   return rows_in_flight * p.C * p.logits.element_size() > l2_cache_bytes(p) / 2;
 }
 
@@ -114,10 +106,10 @@ void plan_l2_resident_rows(const Problem& p, LaunchShape& shape) {
   shape.streaming_second_sweep = true;
 }
 
-LaunchShape plan_per_position(int64_t positions, int threads, int64_t sms) {
+LaunchShape plan_per_position(int64_t positions, int threads, const GpuCapacity& gpu) {
   LaunchShape shape;
   shape.threads = threads;
-  shape.grid = grid_for(ceil_div(positions, threads), threads, sms);
+  shape.grid = grid_for(ceil_div(positions, threads), threads, gpu);
   return shape;
 }
 
@@ -127,14 +119,14 @@ bool thread_per_position(const Problem& p) {
 
 // Thread-per-position kernels. An NCHW input with fewer positions than half the GPU's threads (class-index targets)
 // takes a thread per (position, class range) instead, twice the GPU's threads in all where C is long enough.
-LaunchShape plan_spatial(const Problem& p, int64_t sms) {
+LaunchShape plan_spatial(const Problem& p, const GpuCapacity& gpu) {
   const int64_t positions = p.positions();
-  const int64_t resident_threads = sms * kThreadsPerSm;
+  const int64_t resident_threads = gpu.resident_threads();
   const bool split =
       p.layout == Layout::kSpatial && !p.prob_target && positions > 0 && 2 * positions < resident_threads;
   const int64_t wanted = split ? std::min(ceil_div(2 * resident_threads, positions), kMaxSpatialSplits) : 1;
   const ClassSplits classes = split_classes(p.C, wanted, kMinSpatialSplitLen, kSpatialSplitGranularity);
-  LaunchShape shape = plan_per_position(positions * classes.splits, kPerPositionThreads, sms);
+  LaunchShape shape = plan_per_position(positions * classes.splits, kPerPositionThreads, gpu);
   shape.splits = classes.splits;
   shape.split_len = classes.split_len;
   return shape;
@@ -199,7 +191,7 @@ ForwardResult run_forward(const Problem& p, const at::Tensor& grad, bool want_ls
     return out;
   }
 
-  const int64_t sms = multiprocessor_count(p.logits.device().index());
+  const GpuCapacity gpu = gpu_capacity(p.logits.device().index());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const at::Tensor weight_sum = weight_sum_if_needed(p);
   // total_weight is an output of the plain forward and the gradient's denominator for a fused mean.
@@ -230,7 +222,7 @@ ForwardResult run_forward(const Problem& p, const at::Tensor& grad, bool want_ls
     };
     // A fused mean needs total_weight before its gradient: one cheap pass over the class indices first.
     auto total_weight_first = [&] {
-      const LaunchShape shape = plan_per_position(positions, kPerPositionThreads, sms);
+      const LaunchShape shape = plan_per_position(positions, kPerPositionThreads, gpu);
       at::Tensor weight_partials = at::empty({shape.grid}, acc_options);
       launch_target_weight<acc_t>(q.target_index, positions, p.ignore_index, p.C, q.weight,
                                   weight_partials.data_ptr<acc_t>(), shape, stream);
@@ -251,7 +243,7 @@ ForwardResult run_forward(const Problem& p, const at::Tensor& grad, bool want_ls
         gradient_lse = at::empty({positions, 2}, acc_options);
         q.lse = gradient_lse.data_ptr<acc_t>();
       }
-      const LaunchShape combine = plan_per_position(positions, kPerPositionThreads, sms);
+      const LaunchShape combine = plan_per_position(positions, kPerPositionThreads, gpu);
       attach_partials(combine.grid, need_total_weight);
       launch_split_combine<scalar_t>(q, combine, shape.splits, split_stats_ptr, stream);
       finalize(combine.grid);
@@ -268,7 +260,7 @@ ForwardResult run_forward(const Problem& p, const at::Tensor& grad, bool want_ls
     };
 
     if (thread_per_position(p)) {
-      const LaunchShape shape = plan_spatial(p, sms);
+      const LaunchShape shape = plan_spatial(p, gpu);
       if (shape.splits > 1) {
         split_forward(shape, launch_spatial_split_stats<scalar_t>,
                       [&](const XentParams<scalar_t>& g) { launch_spatial_grad<scalar_t>(g, shape, stream); });
@@ -282,7 +274,7 @@ ForwardResult run_forward(const Problem& p, const at::Tensor& grad, bool want_ls
       return;
     }
 
-    if (fused && !p.prob_target && row_rereads_miss_l2(p, sms)) {
+    if (fused && !p.prob_target && row_rereads_miss_l2(p, gpu)) {
       const LaunchShape shape = plan_rows_cluster<scalar_t>(q, p.logits.device().index());
       if (shape.grid > 0) {
         if (p.reduction == kReductionMean) total_weight_first();
@@ -293,7 +285,7 @@ ForwardResult run_forward(const Problem& p, const at::Tensor& grad, bool want_ls
       }
     }
 
-    RowsPlan plan = plan_rows(p, sms);
+    RowsPlan plan = plan_rows(p, gpu);
     if (plan.shape.splits == 1) {
       if (fused && !p.prob_target && !plan.warp_per_row) plan_l2_resident_rows(p, plan.shape);
       const bool weights_first = fused && p.reduction == kReductionMean && !p.prob_target;
@@ -373,7 +365,7 @@ at::Tensor cross_entropy_bwd_cuda(const at::Tensor& grad_loss, const at::Tensor&
   const at::Tensor lse_acc = lse.to(acc_dtype).contiguous();
   const at::Tensor total_weight_acc = total_weight.to(acc_dtype).reshape({});
   const at::Tensor weight_sum = weight_sum_if_needed(p);
-  const int64_t sms = multiprocessor_count(p.logits.device().index());
+  const GpuCapacity gpu = gpu_capacity(p.logits.device().index());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.logits.scalar_type(), "fused_xent_backward_cuda", [&] {
@@ -385,9 +377,9 @@ at::Tensor cross_entropy_bwd_cuda(const at::Tensor& grad_loss, const at::Tensor&
     q.grad_loss_stride_n = upstream_stride_n;
     q.grad_loss_stride_s = upstream_stride_s;
     if (thread_per_position(p)) {
-      launch_spatial_grad<scalar_t>(q, plan_spatial(p, sms), stream);
+      launch_spatial_grad<scalar_t>(q, plan_spatial(p, gpu), stream);
     } else {
-      const RowsPlan plan = plan_rows(p, sms);
+      const RowsPlan plan = plan_rows(p, gpu);
       launch_rows_grad<scalar_t>(q, plan.warp_per_row, plan.shape, stream);
     }
   });

@@ -6,6 +6,7 @@
 #include <c10/util/Exception.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstdlib>
 #include <utility>
@@ -44,6 +45,26 @@ void launch_kernel(void (*kernel)(Params...), int64_t grid, int threads, cudaStr
 constexpr int kPerPositionThreads = 256;
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// What the plans size grids and splits by: the multiprocessors, and the threads each can hold at once (2048 on
+// sm_80 and sm_90, 1536 on sm_86 and sm_89, 1024 on sm_75). A kernel's registers may allow fewer; the plans count
+// on the device's limit, and the grid-stride kernels' waves absorb the difference.
+struct GpuCapacity {
+  int64_t multiprocessors;
+  int64_t threads_per_multiprocessor;
+
+  int64_t resident_threads() const { return multiprocessors * threads_per_multiprocessor; }
+  int64_t resident_blocks(int threads) const {
+    return multiprocessors * std::max<int64_t>(1, threads_per_multiprocessor / threads);
+  }
+};
+
+inline GpuCapacity gpu_capacity(int device) {
+  int multiprocessors = 0, threads = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&multiprocessors, cudaDevAttrMultiProcessorCount, device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&threads, cudaDevAttrMaxThreadsPerMultiProcessor, device));
+  return {multiprocessors, threads};
+}
 
 // A tuning knob of the launch plans: the whole number from 0 to `most` (decimal digits only) in environment
 // variable `name`, `fallback` when it is unset or empty; anything else is a ValueError that names the variable, as

@@ -20,8 +20,6 @@ namespace {
 
 // 16-byte packs per thread and loop step, loaded before any is used: enough loads in flight to stream the gradient.
 constexpr int kPacksPerStep = 4;
-// Resident blocks per multiprocessor the grid is sized for (2048 threads of kPerPositionThreads).
-constexpr int64_t kBlocksPerSm = 8;
 
 // Where a gradient element lies: the gradient is dense in some order of its (N, C, S) dimensions, so the coordinate
 // of an element at storage offset o along a dimension of stride t and size n is (o / t) % n.
@@ -106,8 +104,7 @@ void scale_unit_grad_cuda(const at::Tensor& grad, const at::Tensor& grad_loss, c
   if (grad.numel() == 0) return;
   const at::Tensor positions = target ? target->contiguous() : at::Tensor();
   const c10::cuda::CUDAGuard guard(grad.device());
-  int sms = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, grad.get_device()));
+  const int64_t resident_blocks = gpu_capacity(grad.get_device()).resident_blocks(kPerPositionThreads);
   // A size-1 dimension's stride may be anything: take 1, under which (o / 1) % 1 is its only coordinate, 0.
   const PositionOf position_of{N > 1 ? grad.stride(0) : 1, N, S > 1 ? grad.stride(2) : 1, S};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "scale_unit_grad_", [&] {
@@ -117,7 +114,7 @@ void scale_unit_grad_cuda(const at::Tensor& grad, const at::Tensor& grad_loss, c
                                            grad.numel());
     const int64_t packs = (grad.numel() - head) / kVecWidth<scalar_t>;
     const int64_t blocks = std::max<int64_t>(ceil_div(packs, int64_t(kPerPositionThreads) * kPacksPerStep), 1);
-    launch_kernel(scale_unit_grad_kernel<scalar_t>, std::min(blocks, sms * kBlocksPerSm), kPerPositionThreads,
+    launch_kernel(scale_unit_grad_kernel<scalar_t>, std::min(blocks, resident_blocks), kPerPositionThreads,
                   c10::cuda::getCurrentCUDAStream(), grad.data_ptr<scalar_t>(), grad.numel(), head,
                   grad_loss.data_ptr<scalar_t>(), positions.defined() ? positions.data_ptr<int64_t>() : nullptr,
                   ignore_index, position_of);

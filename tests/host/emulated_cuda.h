@@ -40,16 +40,23 @@ struct alignas(16) uint4 {
 };
 using cudaStream_t = struct CUstream_st*;
 enum cudaError_t { cudaSuccess = 0 };
-enum cudaDeviceAttr { cudaDevAttrMultiProcessorCount, cudaDevAttrL2CacheSize, cudaDevAttrComputeCapabilityMajor };
+enum cudaDeviceAttr {
+  cudaDevAttrMultiProcessorCount,
+  cudaDevAttrMaxThreadsPerMultiProcessor,
+  cudaDevAttrL2CacheSize,
+  cudaDevAttrComputeCapabilityMajor
+};
 
 // A small sm_80-like device: few multiprocessors, so that small test problems already take the plans meant for
-// few positions on a big GPU (rows and NCHW positions split across blocks and threads). FUSED_XENT_EMULATED_SMS
-// and FUSED_XENT_EMULATED_L2_BYTES set another multiprocessor count and L2 size.
+// few positions on a big GPU (rows and NCHW positions split across blocks and threads). FUSED_XENT_EMULATED_SMS,
+// FUSED_XENT_EMULATED_THREADS_PER_SM and FUSED_XENT_EMULATED_L2_BYTES make it another device.
 inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attribute, int) {
   const char* sms = std::getenv("FUSED_XENT_EMULATED_SMS");
+  const char* threads_per_sm = std::getenv("FUSED_XENT_EMULATED_THREADS_PER_SM");
   const char* l2_bytes = std::getenv("FUSED_XENT_EMULATED_L2_BYTES");
   switch (attribute) {
     case cudaDevAttrMultiProcessorCount: *value = sms ? std::atoi(sms) : 2; break;
+    case cudaDevAttrMaxThreadsPerMultiProcessor: *value = threads_per_sm ? std::atoi(threads_per_sm) : 2048; break;
     case cudaDevAttrL2CacheSize: *value = l2_bytes ? std::atoi(l2_bytes) : 40 << 20; break;
     case cudaDevAttrComputeCapabilityMajor: *value = 8; break;
   }
