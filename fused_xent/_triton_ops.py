@@ -29,7 +29,9 @@ def unavailable_reason() -> str | None:
     """None when the Triton backend can run here, else why not."""
     if _IMPORT_ERROR is not None:
         return f"triton is not importable ({_IMPORT_ERROR})"
-    if torch.cuda.is_available() or triton_kernels.INTERPRET:
+    if triton_kernels.INTERPRET:
+        return triton_kernels.INTERPRETER_PROBLEM
+    if torch.cuda.is_available():
         return None
     from ._backends import NO_DEVICE_FOR_TRITON  # here, not at the top: _backends imports this module
 

@@ -36,11 +36,12 @@ import triton.language as tl
 from torch.library import wrap_triton
 
 from ._layout import input_in_logits_memory, is_dense, is_leaf_that_requires_grad, kernel_logits
-from ._triton_env import triton_interpreter_requested
+from ._triton_env import interpreter_problem, triton_interpreter_requested
 from .reference import REDUCTION_MEAN, REDUCTION_NONE, REDUCTION_SUM, reduce_loss
 
 # Read once, like Triton itself: the interpreter must be chosen before the kernels below are decorated.
 INTERPRET = triton_interpreter_requested()
+INTERPRETER_PROBLEM = interpreter_problem(triton.__version__) if INTERPRET else None
 
 # Constants the kernels read (Triton kernels may only read globals that are constexpr).
 # Float constants are written as float("...") inside the kernels: Inductor re-emits constexpr globals as
@@ -645,6 +646,8 @@ def _cuda_properties_of(index: int):
 
 def check_device(device: torch.device) -> None:
     """Raises unless the kernels can run on `device`: CUDA, or CPU under the Triton interpreter."""
+    if INTERPRETER_PROBLEM is not None:
+        raise RuntimeError(f"fused_xent: {INTERPRETER_PROBLEM}")
     if device.type == "cuda" or (device.type == "cpu" and INTERPRET):
         return
     if device.type == "cpu":

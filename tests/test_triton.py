@@ -728,6 +728,42 @@ def test_import_without_triton():
     assert result.returncode == 0, result.stderr[-4000:]
 
 
+@pytest.mark.parametrize("triton_version,numpy_version,refused", [
+    ("3.6.0", "2.4.6", True),  # torch 2.11's Triton (the H200 image's) beside today's NumPy
+    ("3.5.1", "2.4.0rc1", True),
+    ("3.6.0", "2.3.5", False),
+    ("3.7.0", "2.4.6", False),
+    ("3.8.0+git1a2b3c", "2.5.0", False),
+])
+def test_interpreter_versions_that_cannot_run_together(triton_version, numpy_version, refused):
+    from fused_xent._triton_env import interpreter_incompatibility
+
+    reason = interpreter_incompatibility(triton_version, numpy_version)
+    assert (reason is not None) == refused
+    if refused:
+        assert f"Triton {triton_version}'s interpreter" in reason and "install 'numpy<2.4'" in reason
+
+
+@pytest.mark.skipif(INTERPRETED, reason="starts its own interpreter process")
+def test_interpreter_that_cannot_run_is_refused_with_the_fix():
+    """Triton before 3.7 interprets no kernel under NumPy 2.4 (see interpreter_incompatibility): the backend is
+    unavailable, and both the public API and the ops say why and what to install, instead of an InterpreterError
+    from deep inside the first kernel. Versions as on the H200's image with NumPy 2.4 (faked here)."""
+    script = (
+        "import numpy; numpy.__version__ = '2.4.6'\n"
+        "import triton; triton.__version__ = '3.6.0'\n"
+        "import pytest, torch, fused_xent\n"
+        "assert 'triton' not in fused_xent.available_backends()\n"
+        "x, y = torch.randn(3, 4), torch.tensor([0, 1, 3])\n"
+        "with pytest.raises(RuntimeError, match=r\"backend 'triton' is not available.*install 'numpy<2.4'\"):\n"
+        "    fused_xent.cross_entropy(x, y, backend='triton')\n"
+        "with pytest.raises(RuntimeError, match=r\"Triton 3.6.0's interpreter .* NumPy 2.4.6\"):\n"
+        "    torch.ops.fused_xent.triton_cross_entropy_fwd(x.view(3, 4, 1), y.view(3, 1), None, 1, -100, 0.0)\n"
+    )
+    result = _run_python(["-c", script], TRITON_INTERPRET="1")
+    assert result.returncode == 0, result.stderr[-4000:]
+
+
 @pytest.mark.skipif(INTERPRETED or torch.version.cuda is None, reason="needs a CUDA build of torch, no interpreter")
 def test_ops_decompose_to_kernel_calls_on_fake_cuda_tensors():
     """AOT autograd over fake CUDA tensors (no GPU needed) decomposes the ops into triton_kernel_wrapper HOPs, the
