@@ -546,11 +546,14 @@ def _scale_unit_grad_kernel(grad_ptr, grad_loss_ptr, target_ptr, numel, ignore_i
 ROW_TILE = 4096  # float32 elements per loop step; 16-bit logits take twice as many classes
 ROW_ELEMENTS_PER_THREAD = 16  # 8 float64 values (16 spilled on sm_90 with Triton 3.6)
 MAX_ROW_STATES_PER_THREAD = 4
-# Spatial: a program takes up to 128 16-byte vectors of consecutive positions and walks the classes a few at a time;
-# every thread holds all the classes of its positions, so the per-position reductions stay inside one thread (no
-# shared memory, no barriers). Warps are added until each thread holds 32 float32 registers of logits (16 float64
-# values): 64 16-bit values per thread took 255 registers and spilled up to 412 bytes on sm_90 with Triton 3.6
-# (probability targets, the split statistics with smoothing).
+# Spatial: a program takes up to 128 16-byte vectors of consecutive positions and walks the classes a few at a time.
+# Warps are added until each thread holds 32 float32 registers of logits (16 float64 values): 64 16-bit values per
+# thread took 255 registers and spilled up to 412 bytes on sm_90 with Triton 3.6 (probability targets, the split
+# statistics with smoothing). 32-bit tiles put every warp on the positions, so a position's reductions over the
+# classes stay inside one thread; 16-bit tiles (1024 positions, 8 classes a step) put two of their eight warps on
+# the classes, whose partial max and sums meet in shared memory (about 20 barriers in the forward's sm_90 PTX).
+# Tiles without that (4 classes a step, or 512 positions on 2 warps) took more registers where the gradient is
+# written (138-214 against 121-128 with Triton 3.6): not timed yet (benchmarks/RESULTS.md).
 SPATIAL_POSITION_VECTORS = 128
 SPATIAL_REGISTERS_PER_THREAD = 32
 MAX_SPATIAL_WARPS = 8
