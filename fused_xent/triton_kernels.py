@@ -635,7 +635,8 @@ def gpu_capacity(device: torch.device) -> GpuCapacity:
     if device.type != "cuda":
         return GpuCapacity(1, 64)
     properties = _cuda_properties(device)
-    return GpuCapacity(properties.multi_processor_count, properties.max_threads_per_multi_processor // 32)
+    warp_size = getattr(properties, "warp_size", 32)  # 64 on AMD GPUs, where a Triton warp is a wavefront
+    return GpuCapacity(properties.multi_processor_count, properties.max_threads_per_multi_processor // warp_size)
 
 
 def _cuda_properties(device: torch.device):

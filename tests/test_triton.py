@@ -18,6 +18,7 @@ import math
 import os
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -547,6 +548,19 @@ def test_many_ranges_layout_takes_more_ranges_than_a_merge_group(monkeypatch, mu
     N, C, S = LAYOUTS["many_ranges_ncl"]
     problem = kernels._problem(torch.empty(N, C, S), torch.zeros(N, S, dtype=torch.long), None, 1)
     assert problem.splits == 20 and kernels.MERGE_GROUP < problem.splits < 2 * kernels.MERGE_GROUP
+
+
+@pytest.mark.parametrize("properties,expected", [
+    (dict(multi_processor_count=132, max_threads_per_multi_processor=2048, warp_size=32), (132, 64)),  # H200
+    (dict(multi_processor_count=82, max_threads_per_multi_processor=1536, warp_size=32), (82, 48)),  # RTX 3090
+    (dict(multi_processor_count=304, max_threads_per_multi_processor=2048, warp_size=64), (304, 32)),  # MI300X
+    (dict(multi_processor_count=40, max_threads_per_multi_processor=1024), (40, 32)),  # no warp_size: 32
+])
+def test_gpu_capacity_is_read_from_the_device(monkeypatch, properties, expected):
+    kernels = _triton_ops.triton_kernels
+    monkeypatch.setattr(kernels, "_cuda_properties", lambda device: types.SimpleNamespace(**properties))
+    assert kernels.gpu_capacity(torch.device("cuda")) == kernels.GpuCapacity(*expected)
+    assert kernels.gpu_capacity(torch.device("cpu")) == kernels.GpuCapacity(1, 64)  # the interpreter's
 
 
 H200 = (132, 64)  # multiprocessors, warps each holds
