@@ -5,11 +5,11 @@ the fastest fused_xent backend in each grad mode (only its default one if that i
 eager and compile. `--full` sweeps every shape family, dtype, mode and provider. Each provider's loss, and its
 gradient wherever the run computes one, is checked against PyTorch in fp64 before it is timed; a wrong one is marked
 WRONG and not timed. Writes
-<out>/<device>-<date>[-full][-<selection>][-ignoredNN][-autocast][-thp].{csv,md} and one PNG per shape sweep, where
-<selection> names each of --families, --dtypes, --modes and (the chosen) --providers that differs from the default
-run's, its items joined by commas (e.g. cpu-2026-11-29-cls-fused-cpu,eager), so a partial run never overwrites a
-full table. Triton's interpreter is never timed: with TRITON_INTERPRET set, a run that would time a Triton kernel
-(the triton backend, Liger, torch.compile on a GPU) refuses to start.
+<out>/<device>-<date>[-full][-<selection>][-ignoredNN][-threadsN][-autocast][-thp][-synced].{csv,md} and one PNG per
+shape sweep, where <selection> names each of --families, --dtypes, --modes and (the chosen) --providers that differs
+from the default run's, its items joined by commas (e.g. cpu-2026-11-29-cls-fused-cpu,eager), so a partial run never
+overwrites a full table. Triton's interpreter is never timed: with TRITON_INTERPRET set, a run that would time a
+Triton kernel (the triton backend, Liger, torch.compile on a GPU) refuses to start.
 """
 
 import argparse

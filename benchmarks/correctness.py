@@ -9,7 +9,10 @@ import torch.nn.functional as F
 from shapes import IGNORE_INDEX
 
 # Relative error allowed: |loss - ref| / max(1, |ref|), and max |grad - ref| / max |ref| (the gradient is rounded to
-# the input dtype, so the bound is a few units in its last place).
+# the input dtype, so the bound is a few units in its last place). bfloat16: about twice eager's own error, whose
+# loss came 1.04e-2 off on 65536x10 with 1% of the targets ignored (its mean of bfloat16 losses): a bfloat16 error
+# under 2% passes this gate, which is there to keep grossly wrong providers out of the timings; the tests hold the
+# kernels to far tighter bounds. float16: gradients of a mean over 65536 positions are subnormal (fused 2e-3).
 TOLERANCE = {"fp32": 1e-4, "fp16": 5e-3, "bf16": 2e-2}
 ROWS_PER_CHUNK_ELEMENTS = 1 << 24  # fp64 reference and error reductions in slices of about 128 MB
 

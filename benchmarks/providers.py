@@ -147,6 +147,13 @@ def all_providers(device: str) -> tuple[list[Provider], list[str]]:
     return providers, notes
 
 
+def unmatched_patterns(providers: list[Provider], patterns: list[str] | None) -> list[str]:
+    """The --providers patterns that match no provider here (each is an error: a misspelt 'eagr' would otherwise
+    drop eager, and every ratio with it, without a word)."""
+    return [pattern for pattern in patterns or []
+            if not any(fnmatch.fnmatchcase(p.name, pattern) for p in providers)]
+
+
 def select(providers: list[Provider], device: str, full: bool, patterns: list[str] | None) -> list[Provider]:
     """Providers named by --providers patterns (fnmatch), else the default set: everything with --full, otherwise
     the fastest fused backend in each grad mode, the other compiled backends (on a GPU: Triton beside CUDA) in the

@@ -151,9 +151,12 @@ class CaseRunner:
         gc.collect()
 
     def _speedups(self, case, live):
+        makes_grad_in_forward = {provider.name for provider in live if provider.grad_in_forward}
         for baseline in report.BASELINES:
             for provider in live:
                 for mode in self.modes:
+                    if mode == "bwd" and {baseline, provider.name} & makes_grad_in_forward:
+                        continue  # a backward that only scales the gradient made in the forward: see Method
                     ratio = (self.results.value(baseline, case, mode, "time")
                              / self.results.value(provider.name, case, mode, "time"))
                     if ratio == ratio:  # not NaN: both were timed
@@ -177,7 +180,8 @@ def _method_notes(device, chosen, provider_notes, budget_s, repeats, timing_meth
         "logits get fresh logits copied into their (pre-allocated) input before the timer starts: that copy is "
         "not timed.",
         "Speedup = baseline (eager, compile, Liger) median / provider median, measured in the same run; > 1 is "
-        "faster.",
+        "faster. None in the bwd mode where either makes the gradient in the forward (in_forward, inplace, "
+        "Liger): its backward only scales it, and a ratio to a full backward would read as a speedup.",
         timing.BYTE_MODEL,
         timing.GPU_MEMORY_METHOD if device == "cuda" else timing.CPU_MEMORY_METHOD,
         "Correctness gate: before timing, each provider's mean loss, and its gradient wherever the run computes one "
@@ -192,14 +196,16 @@ def _method_notes(device, chosen, provider_notes, budget_s, repeats, timing_meth
 
 
 def file_stem(device: str, full: bool, selection: list[tuple[list[str], list[str]]], ignored: float,
-              autocast: bool, thp: bool, synced: bool = False) -> str:
-    """<device>-<date>[-full][-<selection>][-ignoredNN][-autocast][-thp][-synced]. `selection` pairs what this
-    run chose (families, dtypes, modes, providers) with what the default run (quick or --full) chooses; each that
-    differs is named, its items joined by commas, so a partial run never overwrites the same day's default tables
-    (or those of another selection). `synced`: a GPU run timed synchronized (--timing synced)."""
+              autocast: bool, thp: bool, synced: bool = False, threads: int | None = None) -> str:
+    """<device>-<date>[-full][-<selection>][-ignoredNN][-threadsN][-autocast][-thp][-synced]. `selection` pairs what
+    this run chose (families, dtypes, modes, providers) with what the default run (quick or --full) chooses; each
+    that differs is named, its items joined by commas, so a partial run never overwrites the same day's default
+    tables (or those of another selection). NN: the percent of targets ignored (0.1 for 0.001). `threads`: a thread
+    count set by --threads. `synced`: a GPU run timed synchronized (--timing synced)."""
     parts = [device, datetime.date.today().isoformat()] + (["full"] if full else [])
     parts += [",".join(chosen) for chosen, default in selection if set(chosen) != set(default)]
-    parts += [f"ignored{round(100 * ignored)}"] if ignored else []
+    parts += [f"ignored{100 * ignored:g}"] if ignored else []
+    parts += [f"threads{threads}"] if threads else []
     parts += ["autocast"] if autocast else []
     parts += ["thp"] if thp else []
     parts += ["synced"] if synced else []
@@ -222,8 +228,9 @@ def run(args) -> int:
             return _fail(error)
     candidates, provider_notes = providers_mod.all_providers(device)
     chosen = providers_mod.select(candidates, device, full, args.providers)
-    if not chosen:
-        return _fail(f"no provider matches {args.providers}; here: {', '.join(p.name for p in candidates)}")
+    unmatched = providers_mod.unmatched_patterns(candidates, args.providers)
+    if unmatched:
+        return _fail(f"no provider matches {', '.join(unmatched)}; here: {', '.join(p.name for p in candidates)}")
     interpreted = [p.name for p in chosen if p.triton] if providers_mod.triton_interpreted() else []
     if interpreted:
         # The interpreter runs each kernel as Python on the host: its times say nothing about the Triton kernels.
@@ -231,13 +238,17 @@ def run(args) -> int:
                      f"interpreter, which would be timed as {', '.join(interpreted)}; unset TRITON_INTERPRET, or "
                      "leave those out with --providers")
     case_list = shapes.cases(device, full, families, dtypes)
+    if not case_list:
+        return _fail(f"no problem of families {', '.join(families)} in the {'full' if full else 'quick'} set of "
+                     f"{device} (some families have shapes with --full only; see --list --full)")
     budget_s = args.budget or (3.0 if full else 1.5)
     names = [p.name for p in chosen]
     default_names = [p.name for p in providers_mod.select(candidates, device, full, None)]
     selection = [(families, list(shapes.FAMILIES)), (dtypes, shapes.default_dtypes(device, full)),
                  (modes, default_modes), (names, default_names)]
     synced = device == "cuda" and args.timing == "synced"
-    stem = args.out / file_stem(device, full, selection, args.ignored, args.autocast, env_info.thp_enabled(), synced)
+    stem = args.out / file_stem(device, full, selection, args.ignored, args.autocast, env_info.thp_enabled(), synced,
+                                args.threads)
     if args.list:
         print("providers:", ", ".join(names))
         print("problems:", ", ".join(f"{c.family} {c.label} {c.dtype_name}" for c in case_list))

@@ -106,6 +106,16 @@ def test_autocast_providers_compute_under_autocast():
         assert correctness.check(provider, logits, target, reference, "bf16", with_grad=True).ok, provider.name
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["--providers", "fused-cpu,eagr"], "no provider matches eagr; here: "),
+    (["--providers", "nope*"], "no provider matches nope*; here: "),
+    (["--families", "seq"], "no problem of families seq in the quick set of cpu"),
+])
+def test_a_selection_that_drops_something_asked_for_is_a_usage_error(argv, message, capsys):
+    assert runner.run(bench.parse_args(["--list", "--out", "results", *argv])) == 2
+    assert f"bench.py: error: {message}" in capsys.readouterr().err
+
+
 def test_gate_rejects_nan():
     logits, target = _cls_problem()
     reference = correctness.Reference(logits, target, with_grad=False)
@@ -151,6 +161,22 @@ def test_a_fwd_only_run_checks_the_gradient_made_in_the_forward():
     assert results.value("eager-in_forward", case, "-", "grad_err") < 1e-6
 
 
+def test_no_bwd_ratio_where_a_gradient_made_in_the_forward_is_only_scaled():
+    """A backward that only scales the gradient made in the forward (in_forward, inplace, Liger) is a near no-op: its
+    ratio to a full backward, either way round, would read as a speedup. fwd+bwd ratios stay for everyone."""
+    results = report.Results()
+    case = shapes.Case("cls", (512, 10), "fp32")
+    case_runner = runner.CaseRunner("cpu", ["bwd", "fwd+bwd"], repeats=3, budget_s=0.01, results=results,
+                                    progress=_NoProgress())
+    made_in_forward = providers.Provider("made-in-forward", F.cross_entropy, traffic="in_forward")
+    liger_like = providers.Provider("liger", F.cross_entropy, traffic="in_forward")
+    case_runner.run(case, [providers._eager(), made_in_forward, liger_like])
+    for provider, baseline in (("made-in-forward", "eager"), ("eager", "liger"), ("made-in-forward", "liger")):
+        assert results.get(provider, case, "bwd", f"speedup_vs_{baseline}") is None, (provider, baseline)
+        assert results.value(provider, case, "fwd+bwd", f"speedup_vs_{baseline}") > 0, (provider, baseline)
+    assert results.value("eager", case, "bwd", "speedup_vs_eager") == 1.0
+
+
 def test_bench_refuses_to_time_triton_s_interpreter():
     """Under TRITON_INTERPRET, Triton's kernels run as Python: a run that would time one stops with a usage error
     (also --list, which shows what a run would do); a run without Triton providers goes on."""
@@ -187,6 +213,9 @@ def test_a_partial_run_does_not_overwrite_the_full_tables(capsys):
         ("--full", "--families", "seq"): f"cpu-{day}-full-seq",
         ("--full", "--dtypes", "fp32", "--modes", "fwd+bwd"): f"cpu-{day}-full-fp32-fwd+bwd",
         ("--providers", "eager,compile", "--ignored", "0.5"): f"cpu-{day}-eager,compile-ignored50",
+        ("--ignored", "0.001"): f"cpu-{day}-ignored0.1",  # not rounded away to a name that reads "none ignored"
+        ("--ignored", "0.004"): f"cpu-{day}-ignored0.4",
+        ("--threads", "1"): f"cpu-{day}-threads1",  # bench.py's advice on a busy machine: not the default's tables
     }
     for args, stem in expected.items():
         assert _result_file(capsys, *args) == str(Path("results") / stem), args
@@ -475,7 +504,8 @@ def test_gpu_check_rerun_starts_from_a_clean_work_folder(tmp_path):
 def test_end_to_end_training_check_runs(tmp_path, grad_mode):
     """A few steps of each task: the fused loss agrees with PyTorch's on the same logits at every step."""
     assert e2e.main(["--steps", "3", "--grad-mode", grad_mode, "--out", str(tmp_path)]) == 0
-    (table,) = tmp_path.glob("e2e-cpu-*.csv")
+    suffix = "-steps3" if grad_mode == "recompute" else f"-{grad_mode}-steps3"  # settings other than the default's
+    (table,) = tmp_path.glob(f"e2e-cpu-*{suffix}.csv")
     with open(table) as handle:
         rows = list(csv.DictReader(handle))
     assert {row["task"] for row in rows} == {"lm", "seg"} and len(rows) == 6
