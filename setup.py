@@ -21,7 +21,14 @@ DEFAULT_CUDA_ARCHS = "8.0;9.0+PTX"
 
 
 def _sources(pattern):
-    return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
+    return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern), recursive=True))
+
+
+def _kernel_files(sources):
+    """Every header and kernel source under csrc/ that the build does not compile itself (headers; the CUDA sources
+    of a build without CUDA): the extension's `depends`, which setuptools (68.1 and newer) puts in the sdist, so that
+    a wheel built from it compiles the same kernels."""
+    return [path for path in _sources("csrc/**/*.*") if path not in sources]
 
 
 def _want_cuda(torch, cuda_home):
@@ -90,6 +97,7 @@ def _extensions():
             name="fused_xent._C",
             sources=sources,
             include_dirs=[os.path.join(ROOT, "csrc")],
+            depends=_kernel_files(sources),
             define_macros=define_macros,
             extra_compile_args=extra,
             extra_link_args=link_flags,
