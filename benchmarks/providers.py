@@ -147,11 +147,21 @@ def all_providers(device: str) -> tuple[list[Provider], list[str]]:
     return providers, notes
 
 
-def unmatched_patterns(providers: list[Provider], patterns: list[str] | None) -> list[str]:
-    """The --providers patterns that match no provider here (each is an error: a misspelt 'eagr' would otherwise
-    drop eager, and every ratio with it, without a word)."""
-    return [pattern for pattern in patterns or []
-            if not any(fnmatch.fnmatchcase(p.name, pattern) for p in providers)]
+def provider_names(device: str) -> list[str]:
+    """The name of every provider bench.py has for `device`, whether or not it can run here (a backend not built,
+    Liger not installed): all_providers notes why those are missing."""
+    names = [f"fused-{backend}{suffix}" for backend in backends_serving(device, available_only=False)
+             for suffix in GRAD_MODE_SUFFIX.values()]
+    names += [f"fused-{backend}-unchecked" for backend in backends_serving(device, available_only=False)]
+    return names + ["eager", "compile", "liger"]
+
+
+def unknown_patterns(device: str, patterns: list[str] | None) -> list[str]:
+    """The --providers patterns that name no provider at all (each is an error: a misspelt 'eagr' would otherwise
+    drop eager, and every ratio with it, without a word). A provider that exists but cannot run here is left out
+    with a note instead, as in the default set."""
+    names = provider_names(device)
+    return [pattern for pattern in patterns or [] if not any(fnmatch.fnmatchcase(name, pattern) for name in names)]
 
 
 def select(providers: list[Provider], device: str, full: bool, patterns: list[str] | None) -> list[Provider]:

@@ -200,11 +200,11 @@ def file_stem(device: str, full: bool, selection: list[tuple[list[str], list[str
     """<device>-<date>[-full][-<selection>][-ignoredNN][-threadsN][-autocast][-thp][-synced]. `selection` pairs what
     this run chose (families, dtypes, modes, providers) with what the default run (quick or --full) chooses; each
     that differs is named, its items joined by commas, so a partial run never overwrites the same day's default
-    tables (or those of another selection). NN: the percent of targets ignored (0.1 for 0.001). `threads`: a thread
+    tables (or those of another selection). NN: the percent of targets ignored (0p1 for 0.001). `threads`: a thread
     count set by --threads. `synced`: a GPU run timed synchronized (--timing synced)."""
     parts = [device, datetime.date.today().isoformat()] + (["full"] if full else [])
     parts += [",".join(chosen) for chosen, default in selection if set(chosen) != set(default)]
-    parts += [f"ignored{100 * ignored:g}"] if ignored else []
+    parts += [f"ignored{100 * ignored:g}".replace(".", "p")] if ignored else []  # no dot: it would read as a suffix
     parts += [f"threads{threads}"] if threads else []
     parts += ["autocast"] if autocast else []
     parts += ["thp"] if thp else []
@@ -228,9 +228,10 @@ def run(args) -> int:
             return _fail(error)
     candidates, provider_notes = providers_mod.all_providers(device)
     chosen = providers_mod.select(candidates, device, full, args.providers)
-    unmatched = providers_mod.unmatched_patterns(candidates, args.providers)
-    if unmatched:
-        return _fail(f"no provider matches {', '.join(unmatched)}; here: {', '.join(p.name for p in candidates)}")
+    unknown = providers_mod.unknown_patterns(device, args.providers)
+    if unknown or not chosen:
+        return _fail(f"no provider matches {', '.join(unknown or args.providers)}; here: "
+                     f"{', '.join(p.name for p in candidates)}")
     interpreted = [p.name for p in chosen if p.triton] if providers_mod.triton_interpreted() else []
     if interpreted:
         # The interpreter runs each kernel as Python on the host: its times say nothing about the Triton kernels.

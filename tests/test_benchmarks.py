@@ -109,11 +109,20 @@ def test_autocast_providers_compute_under_autocast():
 @pytest.mark.parametrize("argv, message", [
     (["--providers", "fused-cpu,eagr"], "no provider matches eagr; here: "),
     (["--providers", "nope*"], "no provider matches nope*; here: "),
+    (["--providers", "eager,fused-cuda"], "no provider matches fused-cuda; here: "),  # not one for CPU tensors
     (["--families", "seq"], "no problem of families seq in the quick set of cpu"),
 ])
 def test_a_selection_that_drops_something_asked_for_is_a_usage_error(argv, message, capsys):
     assert runner.run(bench.parse_args(["--list", "--out", "results", *argv])) == 2
     assert f"bench.py: error: {message}" in capsys.readouterr().err
+
+
+def test_a_provider_that_cannot_run_here_is_left_out_with_a_note(capsys):
+    """Liger on the CPU, as on a GPU machine without its wheel (gpu_check.sh names it): a provider that exists but
+    cannot run here is left out, as the default set leaves it out, and the run goes on. (fused-cuda on CPU tensors
+    is no provider at all: an error, as above.)"""
+    assert runner.run(bench.parse_args(["--list", "--out", "results", "--providers", "eager,liger"])) == 0
+    assert "providers: eager\n" in capsys.readouterr().out
 
 
 def test_gate_rejects_nan():
@@ -213,12 +222,22 @@ def test_a_partial_run_does_not_overwrite_the_full_tables(capsys):
         ("--full", "--families", "seq"): f"cpu-{day}-full-seq",
         ("--full", "--dtypes", "fp32", "--modes", "fwd+bwd"): f"cpu-{day}-full-fp32-fwd+bwd",
         ("--providers", "eager,compile", "--ignored", "0.5"): f"cpu-{day}-eager,compile-ignored50",
-        ("--ignored", "0.001"): f"cpu-{day}-ignored0.1",  # not rounded away to a name that reads "none ignored"
-        ("--ignored", "0.004"): f"cpu-{day}-ignored0.4",
+        ("--ignored", "0.001"): f"cpu-{day}-ignored0p1",  # not rounded away to a name that reads "none ignored"
+        ("--ignored", "0.004"): f"cpu-{day}-ignored0p4",
         ("--threads", "1"): f"cpu-{day}-threads1",  # bench.py's advice on a busy machine: not the default's tables
     }
     for args, stem in expected.items():
         assert _result_file(capsys, *args) == str(Path("results") / stem), args
+
+
+def test_a_run_writes_the_tables_it_names(tmp_path, capsys):
+    """The files on disk carry the whole name --list gives, settings after the ignored fraction included."""
+    args = ["--families", "cls", "--modes", "fwd", "--providers", "eager", "--repeats", "1", "--ignored", "0.001",
+            "--threads", "1"]
+    stem = Path(_result_file(capsys, *args)).name
+    assert runner.run(bench.parse_args([*args, "--out", str(tmp_path)])) == 0
+    assert {path.name for path in tmp_path.glob("*.csv")} | {path.name for path in tmp_path.glob("*.md")} == {
+        f"{stem}.csv", f"{stem}.md"}
 
 
 def test_timed_runs_time_each_call_of_what_its_preparation_gave():
