@@ -150,10 +150,10 @@ def all_providers(device: str) -> tuple[list[Provider], list[str]]:
 def provider_names(device: str) -> list[str]:
     """The name of every provider bench.py has for `device`, whether or not it can run here (a backend not built,
     Liger not installed): all_providers notes why those are missing."""
-    names = [f"fused-{backend}{suffix}" for backend in backends_serving(device, available_only=False)
-             for suffix in GRAD_MODE_SUFFIX.values()]
-    names += [f"fused-{backend}-unchecked" for backend in backends_serving(device, available_only=False)]
-    return names + ["eager", "compile", "liger"]
+    backends = backends_serving(device, available_only=False)
+    fused = [_fused(backend, mode) for backend in backends for mode in GRAD_MODE_SUFFIX]
+    fused += [_unchecked(backend) for backend in backends]
+    return [provider.name for provider in [*fused, _eager(), _compiled(device)]] + ["liger"]  # _liger imports it
 
 
 def unknown_patterns(device: str, patterns: list[str] | None) -> list[str]:
