@@ -171,6 +171,8 @@ def _make_backend(name: str) -> Backend:
             ops.triton_cross_entropy_fwd_grad_, checks_targets=False, bad_targets_are_nan=True,
             scale_unit_grad_=ops.triton_scale_unit_grad_,
         )
+    if name != "torch":
+        raise ValueError(f"fused_xent: unknown backend {name!r}: expected one of {BACKEND_NAMES}")
     return Backend(
         "torch", reference.cross_entropy_fwd, reference.cross_entropy_bwd, reference.cross_entropy_fwd_grad,
         reference.cross_entropy_fwd_grad_, checks_targets=False,

@@ -13,10 +13,11 @@ from torch.overrides import handle_torch_function, has_torch_function_variadic
 from . import _backends, reference
 from ._layout import input_in_logits_memory, is_dense, is_leaf_that_requires_grad, kernel_logits, may_overlap
 from ._ops import scale_unit_grad, unit_grad_scale
-from ._validate import InvalidArgumentError, check_values, has_no_values, prepare, start_value_check
+from ._validate import REDUCTIONS, InvalidArgumentError, check_values, has_no_values, prepare, start_value_check
 from .reference import REDUCTION_MEAN, REDUCTION_NONE
 
 GRAD_MODES = ("recompute", "in_forward", "inplace")
+_REDUCTION_NAMES = {code: name for name, code in REDUCTIONS.items()}
 
 
 def check_grad_mode(grad_mode):
@@ -114,13 +115,14 @@ def _scaled_gradient_made_in_forward(ctx, grad: torch.Tensor, grad_loss: torch.T
     logits with gaps written in place) a GPU buffer is always multiplied, and only the CPU's host tests grad_loss,
     for free.
 
-    Out of place where autograd traces or batches the backward: under torch.compile and other tracing with fake
-    tensors (make_fx, AOTAutograd), and for upstream gradients batched by autograd.grad(is_grads_batched=True) (a
-    vmap over the backward), which differ per entry. (Under torch.func transforms of the loss itself the reference
-    ops run instead: see _loss_from_reference_ops.)"""
+    Out of place where autograd traces or batches the backward: under torch.compile and other tracing (make_fx,
+    with fake or real tensors; AOTAutograd), and for upstream gradients batched by
+    autograd.grad(is_grads_batched=True) (a vmap over the backward), which differ per entry. (Under torch.func
+    transforms of the loss itself the reference ops run instead: see _loss_from_reference_ops.)"""
     ignore_index = ctx.options[1]
     if (torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active()
-            or torch._C._functorch.is_legacy_batchedtensor(grad_loss) or has_no_values(grad_loss)):
+            or torch._C._functorch.is_legacy_batchedtensor(grad_loss) or has_no_values(grad_loss)
+            or torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.PROXY) is not None):
         return scale_unit_grad(grad, grad_loss, target, ignore_index)
     on_device = _backends.backend_ops(ctx.backend).scale_unit_grad_
     if on_device is not None and grad_loss.numel() == 1 and is_dense(grad):
@@ -156,10 +158,7 @@ def _function_transform_active(*tensors) -> bool:
 
 
 def _vmap_active() -> bool:
-    """True inside vmap, where values differ per batch entry and no Python branch may depend on them. (While
-    torch.compile traces, the value checks are off anyway, and the interpreter stack cannot be read.)"""
-    if torch.compiler.is_compiling():
-        return True
+    """True inside vmap, where values differ per batch entry and no Python branch may depend on them."""
     return any(level.key() == TransformType.Vmap for level in retrieve_all_functorch_interpreters())
 
 
@@ -170,6 +169,25 @@ def _below_autograd():
     if torch.compiler.is_compiling():
         return contextlib.nullcontext()
     return torch._C._AutoDispatchBelowAutograd()
+
+
+def _saved_tensors(ctx):
+    """ctx.saved_tensors, with autograd's version-check failure told in the user's terms (its own message names
+    the kernels' internal (N, C, S) view)."""
+    try:
+        return ctx.saved_tensors
+    except RuntimeError as error:
+        if "modified by an inplace operation" not in str(error):
+            raise
+        if ctx.grad_mode == "recompute":
+            what = ("the logits, target or weight of this loss were modified in place after the loss was computed; "
+                    "grad_mode='recompute' reads them again in backward (F.cross_entropy saves its log-probabilities "
+                    "instead): modify a clone, or compute the loss after the in-place op")
+        else:
+            what = (f"the gradient that grad_mode={ctx.grad_mode!r} wrote in the forward"
+                    f"{' over the logits' if ctx.grad_mode == 'inplace' else ''}, or the target, was modified in "
+                    "place before backward: modify a clone, or use grad_mode='recompute'")
+        raise RuntimeError(f"fused_xent: {what}") from error
 
 
 class FusedCrossEntropyFunction(torch.autograd.Function):
@@ -195,7 +213,7 @@ class FusedCrossEntropyFunction(torch.autograd.Function):
             with _below_autograd():
                 loss, grad = ops.fwd_grad(logits, target, weight, reduction, ignore_index, label_smoothing)
             ctx.save_for_backward(grad, target)
-        else:
+        elif grad_mode == "inplace":
             # Ops that reach their kernel past autograd do not bump the version counter; bump it so that any other
             # op that saved these logits fails loudly in backward instead of reading a gradient as logits. (Never
             # while compiling: see _grad_mode_to_run.)
@@ -204,6 +222,8 @@ class FusedCrossEntropyFunction(torch.autograd.Function):
             if logits._version == version:
                 torch.autograd.graph.increment_version(logits)
             ctx.save_for_backward(logits, target)
+        else:
+            check_grad_mode(grad_mode)
         return reference.cast(loss, loss_dtype)  # the ops return the loss as computed, in float32 or float64
 
     @staticmethod
@@ -211,14 +231,14 @@ class FusedCrossEntropyFunction(torch.autograd.Function):
         reduction, ignore_index, label_smoothing = ctx.options
         if ctx.grad_mode != "recompute":
             _refuse_a_second_backward(ctx)
-            grad, target = ctx.saved_tensors
+            grad, target = _saved_tensors(ctx)
             if torch.is_grad_enabled():
                 raise RuntimeError(
                     f"fused_xent: grad_mode={ctx.grad_mode!r} cannot be differentiated twice (create_graph=True): "
                     "use grad_mode='recompute'"
                 )
             return (_scaled_gradient_made_in_forward(ctx, grad, grad_loss, target),) + (None,) * 8
-        logits, target, weight, lse, total_weight = ctx.saved_tensors
+        logits, target, weight, lse, total_weight = _saved_tensors(ctx)
         logits_dtype, target_dtype = logits.dtype, target.dtype
         ops = _backends.backend_ops(ctx.backend)
         if torch.is_grad_enabled():
@@ -260,7 +280,9 @@ def _loss_from_reference_ops(problem, loss_dtype):
     the fused kernels have none, the reference implementation's PyTorch ops have them all. The value checks read
     their verdict on the host, which vmap does not allow of its batched tensors: under vmap they read the plain
     tensors beneath (every batch entry at once), so a bad class raises there as in PyTorch."""
-    if _vmap_active():
+    if torch.compiler.is_compiling():
+        pass  # the value checks are off while torch.compile traces (start_value_check), and Dynamo cannot unwrap
+    elif _vmap_active():
         beneath = dataclasses.replace(problem, target=_functorch_unwrapped(problem.target),
                                       weight=_functorch_unwrapped(problem.weight))
         try:
@@ -269,12 +291,36 @@ def _loss_from_reference_ops(problem, loss_dtype):
             raise IndexError(f"{error}; under vmap, positions count the targets of all batch entries") from None
     else:
         check_values(problem, check_targets=True)
-    loss = reference.cross_entropy_fwd(
-        problem.logits, problem.target, problem.weight, problem.reduction, problem.ignore_index,
-        problem.label_smoothing,
-    )[0]
+    if problem.weight is not None and not problem.prob_target:
+        # PyTorch's forward-mode derivative with respect to the weight of class indices counts the weight of its
+        # smoothing term only, not that of its nll_loss, whose weight it treats as a constant (its reverse mode
+        # refuses, as _check_weight_grad does): PyTorch's own composition gives that bit for bit.
+        loss = torch.nn.functional.cross_entropy(
+            problem.logits, problem.target, problem.weight, ignore_index=problem.ignore_index,
+            reduction=_REDUCTION_NAMES[problem.reduction], label_smoothing=problem.label_smoothing,
+        )
+    else:
+        loss = reference.cross_entropy_fwd(
+            problem.logits, problem.target, problem.weight, problem.reduction, problem.ignore_index,
+            problem.label_smoothing,
+        )[0]
     loss = reference.cast(loss, loss_dtype)
     return loss.view(problem.loss_shape) if problem.reduction == REDUCTION_NONE else loss
+
+
+def _no_classes_as_pytorch(input, target, weight, ignore_index, reduction, label_smoothing):
+    """PyTorch's answer for logits with no classes. Class indices over one spatial dim take its 2-D spatial kernel
+    through a trailing dim of 1: its 1-D one reshapes (N, 0, d) with a -1 it cannot infer and fails ("size
+    mismatch"), where every other rank gives the empty, 0 or NaN answer."""
+    if input.dim() != 3 or target.is_floating_point():
+        return torch.nn.functional.cross_entropy(
+            input, target, weight, ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing
+        )
+    loss = torch.nn.functional.cross_entropy(
+        input.unsqueeze(-1), target.unsqueeze(-1), weight, ignore_index=ignore_index, reduction=reduction,
+        label_smoothing=label_smoothing,
+    )
+    return loss.squeeze(-1) if reduction == "none" else loss
 
 
 def _unbatched_ignored_mean_as_pytorch(loss, input, problem):
@@ -301,6 +347,28 @@ def _check_weight_grad(weight, problem):
         raise RuntimeError(
             "fused_xent.cross_entropy: the loss of class-index targets is not differentiable with respect to weight "
             "(as in PyTorch): pass weight.detach() (probability targets do give weight a gradient)"
+        )
+
+
+def _check_logits_writable(input, problem):
+    """grad_mode='inplace' writes the gradient through the kernels' (N, C, S) view of the input itself."""
+    prefix = "fused_xent.cross_entropy: grad_mode='inplace' writes the gradient over the logits, "
+    if problem.logits.dtype != input.dtype:
+        raise InvalidArgumentError(
+            f"{prefix}but these are computed in {problem.logits.dtype}, the dtype that {input.dtype} logits promote to "
+            "with the probability target and weight: pass the target (and weight) as "
+            f"target.to({input.dtype}), or use grad_mode='in_forward'"
+        )
+    if not problem.logits_are_input:
+        raise InvalidArgumentError(
+            f"{prefix}which must then be viewable as (N, C, S) without a copy; these {tuple(input.shape)} logits of "
+            f"strides {input.stride()} are not (their spatial dims do not nest): pass input.contiguous(), or use "
+            "grad_mode='in_forward'"
+        )
+    if may_overlap(problem.logits):
+        raise InvalidArgumentError(
+            f"{prefix}whose elements overlap here (strides {input.stride()}, e.g. from expand): pass input.clone(), "
+            "or use grad_mode='in_forward'"
         )
 
 
@@ -332,11 +400,8 @@ def _grad_mode_to_run(grad_mode, input, weight, problem) -> str:
             "in-place ops refuse to: its .grad would be the tensor itself, and an optimizer would step from that. "
             "Pass the output of an operation (e.g. the logits of an LM head), or use grad_mode='in_forward'"
         )
-    if grad_mode == "inplace" and (not problem.logits_are_input or may_overlap(problem.logits)):
-        raise InvalidArgumentError(
-            "fused_xent.cross_entropy: grad_mode='inplace' needs logits that can be viewed as (N, C, S) without a "
-            "copy and whose elements do not overlap (and of the dtype of the target, for probability targets)"
-        )
+    if grad_mode == "inplace":
+        _check_logits_writable(input, problem)
     # Here in the user's terms (the in-place ops check again); traced tensors have no memory to compare.
     shared = None
     if grad_mode == "inplace" and not torch.compiler.is_compiling():
@@ -393,9 +458,7 @@ def cross_entropy(
         # is out of bounds there, is refused first (PyTorch's CUDA kernel would stop the process at a device assert).
         _grad_mode_to_run(grad_mode, input, weight, problem)  # its refusals hold here too
         check_values(problem, check_targets=True)
-        return torch.nn.functional.cross_entropy(
-            input, target, weight, ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing
-        )
+        return _no_classes_as_pytorch(input, target, weight, ignore_index, reduction, label_smoothing)
     if _function_transform_active(problem.logits, problem.target, problem.weight):
         _check_weight_grad(weight, problem)
         return _unbatched_ignored_mean_as_pytorch(_loss_from_reference_ops(problem, loss_dtype), input, problem)

@@ -1,5 +1,6 @@
 """float64 gradcheck over the argument grid, torch.library.opcheck of every op, and torch.compile(fullgraph=True)."""
 
+import functools
 import itertools
 import subprocess
 import sys
@@ -189,6 +190,38 @@ def test_weight_gradient_of_probability_targets(backend):
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")  # raised inside torch.func
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+def test_forward_mode_derivative_of_class_weights_is_pytorchs(reduction):
+    """PyTorch's forward-mode derivative with respect to class weights (class-index targets) counts only the weight
+    of its smoothing term: 0 without smoothing, where the true derivative is not. The same numbers here."""
+    g = torch.Generator().manual_seed(9)
+    x = make_logits((2, 5, 3), "contiguous", torch.float64, generator=g)
+    t = make_class_target((2, 3), 5, generator=g)
+    t[0, 1] = -100
+    w = torch.rand(5, generator=g, dtype=torch.float64) + 0.5
+    v = torch.randn(5, generator=g, dtype=torch.float64)
+    for smoothing in (0.0, 0.3):
+        kwargs = {"reduction": reduction, "label_smoothing": smoothing}
+        jvps = [torch.func.jvp(functools.partial(loss, x, t, **kwargs), (w,), (v,))
+                for loss in (fused_xent.cross_entropy, F.cross_entropy)]
+        torch.testing.assert_close(*jvps, rtol=1e-12, atol=1e-12)
+
+
+def test_function_transforms_compile_in_one_graph():
+    """torch.compile(fullgraph=True) of torch.func.grad and of per-sample gradients (vmap of grad), as of
+    F.cross_entropy: the front end's value checks are off while Dynamo traces, so it must not reach for the tensors
+    beneath the transforms' wrappers, which Dynamo cannot trace."""
+    g = torch.Generator().manual_seed(6)
+    x = make_logits((6, 5), "contiguous", torch.float32, generator=g)
+    t = make_class_target((6,), 5, generator=g)
+    grad = lambda loss: torch.func.grad(lambda x, t: loss(x, t, label_smoothing=0.1))  # noqa: E731
+    per_sample = lambda loss: torch.vmap(grad(lambda x, t, **kw: loss(x[None], t[None], **kw)))  # noqa: E731
+    for transform in (grad, per_sample):
+        got = torch.compile(transform(fused_xent.cross_entropy), fullgraph=True, backend="eager")(x, t)
+        torch.testing.assert_close(got, transform(F.cross_entropy)(x, t))
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")  # raised inside torch.func
 @pytest.mark.parametrize("kwargs", [{}, {"label_smoothing": 0.2, "reduction": "sum"}, {"ignore_index": 1}], ids=str)
 def test_function_transforms(kwargs):
     """torch.func.grad, hessian, vmap (per-sample gradients) and forward-mode AD, as with F.cross_entropy: under a
@@ -313,11 +346,11 @@ def test_batched_upstream_gradients(backend, grad_mode, reduction):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("grad_mode", ["recompute", "in_forward", "inplace"])
-@pytest.mark.parametrize("tracing_mode", ["fake", "symbolic"])
-def test_make_fx_traces_loss_and_gradient_with_fake_tensors(backend, grad_mode, tracing_mode):
-    """Tracing outside torch.compile (make_fx, as AOTAutograd and memory estimators trace) hands the front end fake
-    tensors, which have no values: neither the value checks nor the backward's test of the upstream gradient may
-    read them. The traced graph, run on real tensors, gives PyTorch's loss and gradient."""
+@pytest.mark.parametrize("tracing_mode", ["real", "fake", "symbolic"])
+def test_make_fx_traces_loss_and_gradient(backend, grad_mode, tracing_mode):
+    """Tracing outside torch.compile (make_fx, as AOTAutograd and memory estimators trace): the backward's test of
+    the upstream gradient may not read it, which is a proxy, over real tensors or fake ones (which have no values
+    for the value checks either). The traced graph, run on real tensors, gives PyTorch's loss and gradient."""
     g = torch.Generator().manual_seed(5)
     logits = make_logits((6, 5), "contiguous", torch.float32, generator=g)
     target = make_class_target((6,), 5, generator=g)

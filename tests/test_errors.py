@@ -264,6 +264,19 @@ def test_module_refuses_unknown_names_when_built():
         fused_xent.CrossEntropyLoss(grad_mode="fast")
 
 
+def test_the_autograd_function_refuses_unknown_names():
+    """FusedCrossEntropyFunction is public: a misspelt mode must not fall through to one that writes over the
+    logits, nor a misspelt backend to the reference."""
+    logits = _logits(4, 3).requires_grad_(True) * 1
+    before = logits.detach().clone()
+    args = (torch.tensor([0, 1, 2, 1]).view(4, 1), None, 1, -100, 0.0)
+    with pytest.raises(ValueError, match="grad_mode must be one of"):
+        fused_xent.FusedCrossEntropyFunction.apply(logits.view(4, 3, 1), *args, "cpu", "in-forward", torch.float32)
+    assert torch.equal(logits.detach(), before)
+    with pytest.raises(ValueError, match="unknown backend 'gpu'"):
+        fused_xent.FusedCrossEntropyFunction.apply(logits.view(4, 3, 1), *args, "gpu", "recompute", torch.float32)
+
+
 @pytest.mark.parametrize("device,backend", BACKEND_CASES)
 def test_out_of_range_with_value_checks_off(device, backend, monkeypatch):
     """Without the front end's check the CPU kernel still raises; every other backend gives the bad position a NaN

@@ -212,7 +212,7 @@ def test_inplace_on_views(backend):
     fused_xent.cross_entropy(sliced, target, backend=backend, grad_mode="inplace")
     assert_grad_close(wide.detach()[:, ::2], expected, torch.float32, "gradient written through the view")
     transposed = (torch.randn(2, 3, 4, 5, requires_grad=True) * 1).transpose(2, 3)
-    with pytest.raises(ValueError, match="without a copy"):
+    with pytest.raises(ValueError, match=r"without a copy.*input.contiguous\(\)"):
         fused_xent.cross_entropy(transposed, torch.randint(0, 3, (2, 5, 4)), backend=backend, grad_mode="inplace")
 
 
@@ -267,8 +267,38 @@ def test_inplace_refuses_leaves_and_overlapping_logits(backend):
         assert torch.equal(logits.detach(), before)
     buffer = torch.randn(20, requires_grad=True)
     overlapping = (buffer * 1).as_strided((4, 5), (2, 1))
-    with pytest.raises(ValueError, match="do not overlap"):
+    with pytest.raises(ValueError, match=r"overlap here.*input.clone\(\)"):
         fused_xent.cross_entropy(overlapping, target, backend=backend, grad_mode="inplace")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_inplace_refuses_logits_promoted_by_the_weight(backend):
+    """The loss of float32 logits with a float64 weight is computed in float64 (PyTorch's promotion), in a copy that
+    the gradient cannot be written through: the refusal names the dtypes and the weight, not only the target."""
+    logits = make_logits((4, 5), "contiguous", torch.float32).requires_grad_(True) * 1
+    target = make_prob_target(logits.detach())
+    with pytest.raises(ValueError, match=r"computed in torch.float64.*target and weight.*target.to\(torch.float32\)"):
+        fused_xent.cross_entropy(logits, target, torch.rand(5, dtype=torch.float64), backend=backend,
+                                 grad_mode="inplace")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("grad_mode", ["recompute", "in_forward", "inplace"])
+@pytest.mark.parametrize("modified", ["logits", "target"])
+def test_tensors_modified_before_backward_are_named(backend, grad_mode, modified):
+    """recompute reads the logits and target again in backward (PyTorch saves its log-probabilities instead), and
+    the other modes keep the target and their gradient (inplace: over the logits): an in-place edit of one of these
+    in between is refused in the user's terms, not in those of the kernels' (N, C, S) view."""
+    if grad_mode == "in_forward" and modified == "logits":
+        pytest.skip("in_forward does not read the logits again")
+    logits = make_logits((4, 5), "contiguous", torch.float32).requires_grad_(True) * 1
+    target = make_class_target((4,), 5)
+    loss = fused_xent.cross_entropy(logits, target, backend=backend, grad_mode=grad_mode)
+    with torch.no_grad():
+        (logits if modified == "logits" else target).mul_(1)
+    expected = "reads them again in backward" if grad_mode == "recompute" else "modified in place before backward"
+    with pytest.raises(RuntimeError, match=expected):
+        loss.backward()
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -222,6 +222,16 @@ def test_no_classes(device, backend):
                                                             reduction=reduction, backend=backend),
                                    F.cross_entropy(torch.randn(3, 0, device=device), ignored, reduction=reduction),
                                    equal_nan=True, atol=0, rtol=0)
+    # One spatial dim, every target ignored: PyTorch's own 1-D spatial kernel fails there ("size mismatch"), its
+    # 2-D one gives the answer, taken through a trailing dim of 1.
+    for reduction, smoothing in itertools.product(REDUCTIONS, (0.0, 0.1)):
+        logits = torch.randn(2, 0, 3, device=device, requires_grad=True)
+        kwargs = {"reduction": reduction, "label_smoothing": smoothing}
+        got = fused_xent.cross_entropy(logits, torch.full((2, 3), -100, device=device), backend=backend, **kwargs)
+        expected = F.cross_entropy(logits.unsqueeze(-1), torch.full((2, 3, 1), -100, device=device), **kwargs)
+        torch.testing.assert_close(got, expected.squeeze(-1) if reduction == "none" else expected, equal_nan=True,
+                                   atol=0, rtol=0)
+        assert torch.autograd.grad(got.sum(), logits)[0].shape == logits.shape
     # PyTorch's CUDA kernel would stop at a device assert, which leaves the process's CUDA context unusable.
     with pytest.raises(IndexError, match="target 0 at position 1 is out of range: the input has no classes"):
         fused_xent.cross_entropy(torch.randn(3, 0, device=device), torch.tensor([-100, 0, -100], device=device),
