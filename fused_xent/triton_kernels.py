@@ -609,15 +609,18 @@ def class_splits(num_classes: int, position_programs: int, tile: TileConfig, dev
     """(splits, split_len): each position's classes cut into `splits` ranges of split_len classes (whole column
     blocks; the last range may be shorter) when the programs over positions alone would fill less than half of the
     GPU's resident programs; (1, C) otherwise. Asks the device for its size only when C could be split at all."""
-    most = num_classes // max(tile.block_c, MIN_SPLIT_CLASSES)
-    if most < 2 or position_programs == 0:
+    if num_classes // max(tile.block_c, MIN_SPLIT_CLASSES) < 2 or position_programs == 0:
         return 1, num_classes
     gpu = gpu_capacity(device)
     resident = gpu.multiprocessors * max(1, gpu.warps_per_multiprocessor // tile.num_warps)
     if 2 * position_programs >= resident:
         return 1, num_classes
+    # Counted in column blocks, the last of which may be partial. A cap of C // block_c would cut 128256 bfloat16
+    # classes (15.7 blocks of 8192) into at most 15 ranges, which ranges of whole blocks then make 8.
+    blocks = triton.cdiv(num_classes, tile.block_c)
+    most = blocks // triton.cdiv(MIN_SPLIT_CLASSES, tile.block_c)
     splits = min(triton.cdiv(2 * resident, position_programs), most, MAX_SPLITS)
-    split_len = triton.cdiv(triton.cdiv(num_classes, splits), tile.block_c) * tile.block_c
+    split_len = triton.cdiv(blocks, splits) * tile.block_c
     return triton.cdiv(num_classes, split_len), split_len
 
 
@@ -768,7 +771,8 @@ def _total_weight(p: _Problem, ignore_index: int) -> torch.Tensor:
     """The mean's denominator (0-d, accumulation dtype): sum of w[y] over counted positions, or N*S for
     probabilities. A per-position buffer and torch's sum keep it deterministic and free of host syncs."""
     if p.prob_target:
-        return torch.full((), float(p.num_positions), dtype=p.acc_dtype, device=p.logits.device)
+        # The count itself, not float() of it: under torch.compile that would pin a dynamic batch size to a constant.
+        return torch.full((), p.num_positions, dtype=p.acc_dtype, device=p.logits.device)
     position_weight = torch.empty(p.num_positions, dtype=p.acc_dtype, device=p.logits.device)
     if p.num_positions > 0:
         block = 1024

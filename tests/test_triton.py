@@ -573,6 +573,8 @@ RTX_3090 = (82, 48)  # sm_86: 1536 threads per multiprocessor
         (H200, 128256, 8192, False, 2, (1, 128256)),  # thousands of rows fill the GPU
         (H200, 256000, 512, False, 2, (1, 256000)),  # a wave of 16-warp programs: not split
         (H200, 256000, 64, False, 2, (16, 16384)),
+        (H200, 128256, 1, False, 2, (16, 8192)),  # 15.7 column blocks: 16 ranges, the last one partial
+        (H200, 128256, 1, False, 4, (32, 4096)),
         (RTX_3090, 256000, 64, False, 2, (8, 32768)),  # three 16-warp programs per multiprocessor, not four
         (H200, 32000, 8 * 256, True, 2, (250, 128)),  # (8, 32000, 256) NCHW: a range of 128 classes per program
         (RTX_3090, 32000, 8 * 256, True, 2, (223, 144)),
@@ -691,6 +693,28 @@ def test_torch_compile_fullgraph():
     (expected_grad,) = torch.autograd.grad(expected_loss, x)
     torch.testing.assert_close(loss, expected_loss)
     torch.testing.assert_close(grad, expected_grad)
+
+
+@needs_kernels
+@pytest.mark.parametrize("target_kind", ["index", "prob"])
+def test_torch_compile_keeps_the_batch_size_dynamic(target_kind):
+    """A batch dim marked dynamic stays symbolic through the ops' fake kernels (which run the launchers on fake
+    tensors): one graph serves every batch size, with PyTorch's loss and gradient. A launcher that turned the
+    symbolic size into a Python number pinned it to the first one (a ConstraintViolationError here)."""
+    backend = "eager" if INTERPRETED else "inductor"
+    compiled = torch.compile(lambda x, t: fused_xent.cross_entropy(x, t, backend="triton"), fullgraph=True,
+                             backend=backend)
+    g = torch.Generator().manual_seed(3)
+    for batch in (4, 9):
+        x = torch.randn(batch, 7, generator=g).to(DEVICE).requires_grad_(True)
+        t = (torch.rand(batch, 7, generator=g).softmax(1) if target_kind == "prob"
+             else torch.randint(0, 7, (batch,), generator=g)).to(DEVICE)
+        torch._dynamo.mark_dynamic(x, 0)
+        torch._dynamo.mark_dynamic(t, 0)
+        loss = compiled(x, t)
+        expected = F.cross_entropy(x, t)
+        torch.testing.assert_close(loss, expected)
+        torch.testing.assert_close(torch.autograd.grad(loss, x)[0], torch.autograd.grad(expected, x)[0])
 
 
 @needs_kernels
