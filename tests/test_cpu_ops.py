@@ -374,6 +374,30 @@ def test_ignored_logits_are_never_read():
     assert run.returncode == 0 and run.stdout.strip() == "ok", (run.returncode, run.stderr[-2000:])
 
 
+def test_nchw_class_indices_past_int32_are_refused():
+    """The lane kernels hold class indices in 32-bit lanes: an NCHW input of more than 2^31 - 1 classes is refused
+    before anything is read (the logits are never touched: torch.empty commits no memory), where a class index past
+    2^31 used to turn negative and its position silently count as ignored."""
+    logits = torch.empty((1, 2**31 + 16, 2), dtype=torch.bfloat16)
+    with pytest.raises(NotImplementedError, match=r"at most 2\^31 - 1 classes.*movedim"):
+        torch.ops.fused_xent.cross_entropy_fwd(logits, torch.tensor([[2**31 + 5, 7]]), None, 0, -100, 0.0)
+
+
+@pytest.mark.parametrize("level", ["avx512", "avx2", "default"])
+def test_no_access_outside_tensors_under_address_sanitizer(level):
+    """tests/cpu_memcheck.py in a process of its own, with AddressSanitizer's runtime preloaded, at each SIMD level
+    (a level the CPU lacks runs as the best one it has)."""
+    compiler = os.environ.get("CXX", "c++")
+    libasan = subprocess.run([compiler, "-print-file-name=libasan.so"], capture_output=True, text=True).stdout.strip()
+    if not os.path.isabs(libasan):
+        pytest.skip(f"{compiler} has no AddressSanitizer runtime")
+    env = dict(os.environ, LD_PRELOAD=libasan, ASAN_OPTIONS="detect_leaks=0:halt_on_error=1",
+               ATEN_CPU_CAPABILITY=level)
+    script = os.path.join(ROOT, "tests", "cpu_memcheck.py")
+    run = subprocess.run([sys.executable, script], env=env, capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0 and run.stdout.startswith("ok"), run.stdout[-2000:] + run.stderr[-4000:]
+
+
 _PRECISION_SCRIPT = f"""
 import math, sys, torch
 import torch.nn.functional as F

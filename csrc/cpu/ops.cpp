@@ -98,6 +98,12 @@ struct Launch {
   std::vector<BlockResult> blocks;
 
   explicit Launch(const Problem& p) {
+    // The lane kernels, which serve every NCHW layout, hold class indices in 32-bit lanes (xent_spatial.h).
+    TORCH_CHECK_NOT_IMPLEMENTED(
+        p.layout != Layout::kSpatial || p.prob_target || p.C <= std::numeric_limits<int32_t>::max(),
+        "fused_xent: the CPU kernel takes class indices for at most 2^31 - 1 classes when the classes are not ",
+        "adjacent in memory (NCHW), got ", p.C, " classes: make them adjacent (x.movedim(1, -1).contiguous()",
+        ".movedim(-1, 1)), or use backend='torch'");
     args.dtype = p.logits.scalar_type();
     args.layout = p.layout;
     args.N = p.N;

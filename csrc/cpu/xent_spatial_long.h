@@ -89,8 +89,9 @@ void store_lane_chunk(const typename V::value_type* tile, const LaneRuns<V>& run
   }
   for (int r = 0; r < runs.count; ++r) {
     for (int64_t c = 0; c < classes; ++c) {
-      V::store_partial(first_class + c * class_stride + runs.offset[r], V::load(tile + c * W + runs.first_lane[r]),
-                       runs.lanes[r]);
+      // Only the run's lanes are loaded: a whole vector from first_lane would read past the end of the tile.
+      V::store_partial(first_class + c * class_stride + runs.offset[r],
+                       V::load_partial(tile + c * W + runs.first_lane[r], runs.lanes[r], 0), runs.lanes[r]);
     }
   }
 }
