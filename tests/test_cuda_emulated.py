@@ -139,6 +139,33 @@ def test_out_of_range_targets_give_nan(ops, shape):
     assert grad[0, :, 0].isnan().all() and not grad[1:].isnan().any()
 
 
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_threads_in_random_order(ops, monkeypatch, case):
+    """The fibers take turns in a random order (FUSED_XENT_EMULATED_SCHEDULE_SEED) instead of thread order, warps
+    running ahead of each other, so that a barrier missing between one thread's write and another's read shows
+    whichever thread would run first; on the default device, and on one that holds a single 512-thread block, where
+    every grid-stride kernel walks several positions per thread, warp or block and so reuses its shared memory. The
+    results are bitwise those of thread order: every reduction's order is set by the code, not by arrival."""
+    torch.manual_seed(4)
+    shape, layout = case
+    x = make_logits(shape, layout, torch.bfloat16)
+    target = index_target(shape, None)
+    target.view(-1)[1::3] = -100
+    args = (*as_ncs(x, target), torch.rand(shape[1]) + 0.5, 1, -100, 0.1)
+    for device, seeds in (({}, "1"), ({"FUSED_XENT_EMULATED_SMS": "1", "FUSED_XENT_EMULATED_THREADS_PER_SM": "512"},
+                                      "1234")):
+        for name, value in device.items():
+            monkeypatch.setenv(name, value)
+        monkeypatch.delenv("FUSED_XENT_EMULATED_SCHEDULE_SEED", raising=False)
+        in_order = ops.cross_entropy_fwd(*args), ops.cross_entropy_fwd_grad(*args)
+        for seed in seeds:  # a few: with one of the block reductions' barriers removed, half of them see it
+            monkeypatch.setenv("FUSED_XENT_EMULATED_SCHEDULE_SEED", seed)
+            shuffled = ops.cross_entropy_fwd(*args), ops.cross_entropy_fwd_grad(*args)
+            for got, expected in zip(sum(shuffled, ()), sum(in_order, ()), strict=True):
+                assert torch.equal(got, expected), (device, seed)
+    check_all_ops(ops, x, make_prob_target(x), None, "none", -100, 0.1)
+
+
 def test_plans_change_with_the_multiprocessor_count_results_do_not(ops, monkeypatch):
     """20 rows of 9000 classes: a block per row on 1 or 2 multiprocessors, split in two on 4."""
     x = make_logits((20, 9000), "contiguous", torch.float32).unsqueeze(-1)

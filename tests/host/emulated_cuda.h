@@ -3,12 +3,15 @@
 // tests/host/emulated/ ahead of the include path: its cuda_runtime.h and c10/cuda/ headers lead here).
 // A launch runs its blocks one after another, each CUDA thread a fiber: __syncthreads and warp shuffles are real
 // rendezvous between them, so the kernels' partitioning of work, their reductions and their barriers execute as on
-// a GPU. Out of reach here: timing (races that need a particular interleaving), the fast-math intrinsics' error,
-// register limits and the sm_90 cluster kernel (tests/host/emulated_ops.cpp declines it, as a pre-sm_90 GPU would).
+// a GPU; FUSED_XENT_EMULATED_SCHEDULE_SEED runs the fibers in a random order instead of thread order, so that a
+// missing barrier shows whichever thread runs first. Out of reach here: races within a stretch between two switches,
+// the fast-math intrinsics' error, register limits and the sm_90 cluster kernel (tests/host/emulated_ops.cpp
+// declines it, as a pre-sm_90 GPU would).
 #pragma once
 
 #include <ucontext.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -83,6 +86,18 @@ struct Scheduler {
   int current = 0;
   uint64_t progress = 0;  // arrivals and exits so far: waiting fibers that see it stand still are deadlocked
   std::function<void()> kernel_call;
+  // 0: fibers take turns in thread order. Otherwise the state of a xorshift generator that picks the next fiber at
+  // every switch (FUSED_XENT_EMULATED_SCHEDULE_SEED), so that a missing barrier shows whichever thread comes first.
+  uint64_t random_state = 0;
+  uint64_t progress_at_pick = 0;  // progress when the last pick saw it move
+  int stalled_picks = 0;          // picks since
+
+  int random_below(int count) {
+    random_state ^= random_state << 13;
+    random_state ^= random_state >> 7;
+    random_state ^= random_state << 17;
+    return static_cast<int>(random_state % static_cast<uint64_t>(count));
+  }
 };
 
 inline Scheduler* scheduler = nullptr;
@@ -96,9 +111,26 @@ inline void switch_to(int next) {
   swapcontext(&scheduler->fibers[previous].context, &scheduler->fibers[next].context);
 }
 
-// The next fiber that has not exited, after the current one (the current one if it is the only one).
+// The next fiber that has not exited, after the current one (the current one if it is the only one). Under a
+// schedule seed, a random lane of the current one's warp for as long as that warp gets on (arrives at barriers),
+// then a random fiber anywhere: one warp runs ahead of the rest of its block, as warps do on a GPU, and can reach
+// its next write to shared memory while other warps have still to read the last one.
 inline int next_live_fiber() {
   const int count = static_cast<int>(scheduler->fibers.size());
+  if (scheduler->random_state != 0) {
+    if (scheduler->progress != scheduler->progress_at_pick) {
+      scheduler->progress_at_pick = scheduler->progress;
+      scheduler->stalled_picks = 0;
+    }
+    const bool stay_in_warp = ++scheduler->stalled_picks <= 2 * kWarpSize;
+    if (!stay_in_warp) scheduler->stalled_picks = 0;
+    const int warp_first = scheduler->current - scheduler->current % kWarpSize;
+    for (int tries = 0; tries < 4 * count; ++tries) {
+      const int candidate = stay_in_warp ? warp_first + scheduler->random_below(std::min(kWarpSize, count))
+                                         : scheduler->random_below(count);
+      if (!scheduler->fibers[candidate].done) return candidate;
+    }
+  }
   for (int step = 1; step <= count; ++step) {
     const int candidate = (scheduler->current + step) % count;
     if (!scheduler->fibers[candidate].done) return candidate;
@@ -132,6 +164,10 @@ struct Barrier {
     ++scheduler->progress;
     if (++arrived == expected) {
       complete();
+      if (scheduler->random_state != 0) {  // the last to arrive need not be the first to go on
+        const int next = next_live_fiber();
+        if (next != scheduler->current) switch_to(next);
+      }
       return;
     }
     wait_while([&] { return phase == my_phase; });
@@ -162,6 +198,11 @@ template <typename T, typename Source>
 T shuffle(T v, Source source) {
   static_assert(sizeof(T) <= sizeof(uint64_t));
   const unsigned t = thread_index.x, first = t - t % kWarpSize;
+  if (block->warps[t / kWarpSize].expected != kWarpSize) {  // a GPU would read what the exited lanes left behind
+    std::fprintf(stderr, "emulated CUDA: a full-mask shuffle after lanes of its warp exited (block %u, thread %u)\n",
+                 block_index.x, t);
+    std::abort();
+  }
   std::memcpy(&block->exchange[t], &v, sizeof(T));
   block->warps[t / kWarpSize].arrive_and_wait();
   T out;
@@ -228,6 +269,9 @@ void emulated_launch(void (*kernel)(Params...), int64_t grid, int threads, Args&
     }
   }
   Scheduler launch;
+  if (const char* seed = std::getenv("FUSED_XENT_EMULATED_SCHEDULE_SEED")) {
+    launch.random_state = std::strtoull(seed, nullptr, 10) * 0x9E3779B97F4A7C15ull | 1;  // never 0
+  }
   launch.fibers.resize(threads);
   launch.kernel_call = [&] { kernel(args...); };
   scheduler = &launch;
