@@ -1,11 +1,14 @@
 """Every op of the emulated CUDA kernels on every launch plan, in a build with AddressSanitizer: an access outside
-a tensor (past a row, past a split's range, at an out-of-range class index) ends the process with ASan's report,
-as compute-sanitizer's memcheck would on a GPU. Run by tests/test_cuda_emulated.py, with libasan preloaded:
+a tensor (past a row, past a split's range, at an out-of-range class index) or outside a block's dynamic shared
+memory (the cluster kernel's slice of a row) ends the process with ASan's report, as compute-sanitizer's memcheck
+would on a GPU. Run by tests/test_cuda_emulated.py, with libasan preloaded:
 
     LD_PRELOAD=$(c++ -print-file-name=libasan.so) ASAN_OPTIONS=detect_leaks=0 python tests/emulated_memcheck.py
 """
 
 import itertools
+import os
+import tempfile
 
 import emulated_kernels
 import torch
@@ -38,7 +41,35 @@ def main():
         for factor in (0.5, float("inf")):  # the vector path, and the one that reads each element's target
             ops.scale_unit_grad_(grad.clone(), torch.tensor(factor), target, -100)
             calls += 1
+    calls += cluster_kernel_calls(ops)
     print(f"{calls} op calls, no AddressSanitizer report")
+
+
+def cluster_kernel_calls(ops):
+    """The fused forward ops on an emulated sm_90 device whose L2 the rows outgrow: clusters of 1, 2 and 3 blocks,
+    each block staging its slice of a row in dynamic shared memory of the size the launch asks for, in place over
+    logits one element into their buffer too. Fails unless each call took the cluster kernel."""
+    calls = 0
+    with tempfile.TemporaryDirectory() as directory:
+        log = os.path.join(directory, "launches")
+        os.environ.update(FUSED_XENT_EMULATED_CC_MAJOR="9", FUSED_XENT_EMULATED_L2_BYTES=str(64 * 1024),
+                          FUSED_XENT_MAX_CLUSTER_BLOCKS="3", FUSED_XENT_EMULATED_LAUNCH_LOG=log)
+        for shape, dtype in (((3, 3001), torch.float32), ((3, 30001), torch.float32), ((2, 30001), torch.float64)):
+            weight = (torch.rand(shape[1]) + 0.5).to(dtype)
+            target = make_class_target(shape[:1], shape[1])
+            target[1] = -100
+            for layout in ("contiguous", "offset"):
+                x, y = as_ncs(make_logits(shape, layout, dtype), target)
+                if layout == "contiguous":  # a fresh gradient is in the phase of these logits only
+                    ops.cross_entropy_fwd_grad(x, y, weight, 1, -100, 0.1)
+                    calls += 1
+                ops.cross_entropy_fwd_grad_(x, y, weight, 0, -100, 0.0)
+                calls += 1
+        with open(log) as lines:
+            clustered = sum(len(line.split()) == 3 for line in lines)
+    if clustered != calls:
+        raise AssertionError(f"{clustered} of {calls} fused forward calls took the cluster kernel")
+    return calls
 
 
 if __name__ == "__main__":

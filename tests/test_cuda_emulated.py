@@ -1,7 +1,8 @@
 """The CUDA kernels (csrc/cuda/) run on the host, without a GPU (tests/emulated_kernels.py builds them): every
-kernel path the launcher plans (a thread, a warp or a block per row, rows split across blocks, NCHW positions with
-and without class ranges, channels_last) is checked against F.cross_entropy in float64, through the same four ops
-as the CPU kernel, and run under AddressSanitizer. Out of reach here: the sm_90 cluster kernel, timing, registers.
+kernel path the launcher plans (a thread, a warp or a block per row, rows split across blocks, a cluster of blocks
+per row on sm_90, NCHW positions with and without class ranges, channels_last) is checked against F.cross_entropy in
+float64, through the same four ops as the CPU kernel, and run under AddressSanitizer. Out of reach here: timing,
+registers.
 """
 
 import os
@@ -15,6 +16,7 @@ import torch
 from emulated_kernels import CASES
 from helpers import make_class_target, make_logits, make_prob_target
 from op_checks import as_ncs, check_all_ops, check_scale_unit_grad, reference, value_check_cases
+from tolerances import assert_close, assert_grad_close
 
 
 @pytest.fixture(scope="module")
@@ -266,6 +268,113 @@ def test_l2_resident_plan_of_the_fused_forward(ops, monkeypatch, tmp_path, dtype
         monkeypatch.setenv("FUSED_XENT_L2_RESIDENT_ROWS_PERCENT", bad)
         with pytest.raises(ValueError, match=re.escape(f"ROWS_PERCENT={bad} is not a whole")):
             ops.cross_entropy_fwd_grad(x3, y3, w, 2, -100, 0.1)
+
+
+# (shape, dtype, FUSED_XENT_MAX_CLUSTER_BLOCKS or None for its default, blocks per cluster): class-index rows that
+# miss a 64 KiB L2 on an emulated sm_90 device of 2 multiprocessors, each block of a cluster holding up to 96 KiB of
+# a row. Rows of an odd length start mid-vector after the first; clusters walk several rows where the multiprocessors
+# hold fewer clusters than there are rows (8 of one block for 10 rows, 3 of two blocks for 7, 1 of three blocks).
+CLUSTER_CASES = [
+    ((10, 3001), torch.float32, None, 1),
+    ((5, 40001), torch.float16, None, 1),
+    ((7, 30001), torch.float32, "2", 2),
+    ((3, 50001), torch.bfloat16, "16", 2),  # the setting a bound, not a size
+    ((3, 30001), torch.float64, "3", 3),
+]
+
+
+def cluster_case_id(case):
+    shape, dtype, _, blocks = case
+    return f"{'x'.join(map(str, shape))}-{str(dtype).removeprefix('torch.')}-{blocks}"
+
+
+@pytest.fixture
+def sm90(monkeypatch, tmp_path):
+    """An emulated sm_90 device whose L2 the fused forward's rows outgrow; returns the launch log."""
+    monkeypatch.setenv("FUSED_XENT_EMULATED_CC_MAJOR", "9")
+    monkeypatch.setenv("FUSED_XENT_EMULATED_L2_BYTES", str(64 * 1024))
+    log = tmp_path / "launches"
+    monkeypatch.setenv("FUSED_XENT_EMULATED_LAUNCH_LOG", str(log))
+    return log
+
+
+def cluster_sizes(log):
+    """The blocks per cluster of each cluster launch logged since the last call (plain launches log no third field)."""
+    return [shape[2] for shape in launches(log) if len(shape) == 3]
+
+
+def cluster_rows(shape, dtype, seed):
+    """Logits, class indices with about a third ignored (the second row always, the first never) and weights."""
+    torch.manual_seed(seed)
+    x = make_logits(shape, "contiguous", dtype)
+    target = make_class_target(shape[:1], shape[1], ignore_index=-100)
+    target[0], target[1] = 5, -100
+    return x, target, torch.rand(shape[1]) + 0.5
+
+
+@pytest.mark.parametrize("case", CLUSTER_CASES, ids=cluster_case_id)
+def test_cluster_kernel(ops, monkeypatch, sm90, case):
+    """csrc/cuda/xent_rows_cluster.cu: the fused forward ops (out of place, and in place) of rows that miss L2 on
+    sm_90 take a cluster of blocks per row, each block holding its slice of the row in shared memory and the blocks
+    combining their statistics through distributed shared memory; checked against PyTorch (check_all_ops) with and
+    without weights and label smoothing, over every reduction, and in place over logits one element into their
+    buffer, whose every row starts mid-vector."""
+    shape, dtype, max_blocks, blocks = case
+    if max_blocks is not None:
+        monkeypatch.setenv("FUSED_XENT_MAX_CLUSTER_BLOCKS", max_blocks)
+    x, target, weight = cluster_rows(shape, dtype, 7)
+    for reduction, weighted, smoothing in (("mean", True, 0.1), ("none", False, 0.0), ("sum", True, 0.2)):
+        check_all_ops(ops, x, target, weight if weighted else None, reduction, -100, smoothing)
+        assert cluster_sizes(sm90) == [blocks, blocks], reduction  # cross_entropy_fwd_grad and its in-place form
+    offset = make_logits(shape, "offset", dtype)
+    expected_loss, expected_grad = reference(offset, target, weight.to(dtype), "mean", -100, 0.1)
+    loss = ops.cross_entropy_fwd_grad_(*as_ncs(offset, target), weight.to(dtype), 1, -100, 0.1)
+    assert cluster_sizes(sm90) == [blocks]
+    assert_close(loss, expected_loss, loss.dtype, "loss")
+    assert_grad_close(offset, expected_grad, dtype, "gradient")
+
+
+def test_cluster_kernel_only_where_planned(ops, monkeypatch, sm90):
+    """The cluster kernel serves the fused forward of class-index rows that miss L2, on sm_90, in clusters of at most
+    FUSED_XENT_MAX_CLUSTER_BLOCKS blocks, with a gradient in the logits' address phase; other ops, targets, devices
+    and settings take the block-per-row kernels, whose results the cluster kernel's match."""
+    monkeypatch.setenv("FUSED_XENT_MAX_CLUSTER_BLOCKS", "2")
+    x, target, weight = cluster_rows((7, 30001), torch.float32, 8)
+    x3, y3 = as_ncs(x, target)
+    rest = (weight, 1, -100, 0.1)
+    clustered = ops.cross_entropy_fwd_grad(x3, y3, *rest)
+    assert cluster_sizes(sm90) == [2]
+    offset = as_ncs(make_logits((7, 30001), "offset", torch.float32).copy_(x), target)[0]
+    for why, call in (("forward only", lambda: ops.cross_entropy_fwd(x3, y3, *rest)),
+                      ("gradient out of phase", lambda: ops.cross_entropy_fwd_grad(offset, y3, *rest)),
+                      ("probabilities", lambda: ops.cross_entropy_fwd_grad(x3, make_prob_target(x3), *rest))):
+        call()
+        assert cluster_sizes(sm90) == [], why
+    for name, value in (("FUSED_XENT_MAX_CLUSTER_BLOCKS", "1"), ("FUSED_XENT_MAX_CLUSTER_BLOCKS", "0"),
+                        ("FUSED_XENT_EMULATED_L2_BYTES", str(8 << 20)), ("FUSED_XENT_EMULATED_CC_MAJOR", "8")):
+        with monkeypatch.context() as patch:
+            patch.setenv(name, value)
+            loss, grad = ops.cross_entropy_fwd_grad(x3, y3, *rest)
+        assert cluster_sizes(sm90) == [], (name, value)
+        torch.testing.assert_close(clustered[0], loss, rtol=1e-6, atol=0)
+        torch.testing.assert_close(clustered[1], grad, rtol=1e-5, atol=1e-10)
+
+
+@pytest.mark.parametrize("case", CLUSTER_CASES[2:], ids=cluster_case_id)
+def test_cluster_blocks_in_random_order(ops, monkeypatch, sm90, case):
+    """The cluster kernel with the fibers of all the blocks of a cluster taking turns at random: its results are
+    bitwise those of thread order, so no block reads a slice's statistics before their owner has published them, or
+    overwrites its own while another block may still read them."""
+    shape, dtype, max_blocks, blocks = case
+    monkeypatch.setenv("FUSED_XENT_MAX_CLUSTER_BLOCKS", max_blocks)
+    x, target, weight = cluster_rows(shape, dtype, 9)
+    args = (*as_ncs(x, target), weight.to(dtype), 1, -100, 0.1)
+    in_order = ops.cross_entropy_fwd_grad(*args)
+    for seed in ("1", "2", "3"):
+        monkeypatch.setenv("FUSED_XENT_EMULATED_SCHEDULE_SEED", seed)
+        shuffled = ops.cross_entropy_fwd_grad(*args)
+        assert torch.equal(shuffled[0], in_order[0]) and torch.equal(shuffled[1], in_order[1]), seed
+    assert cluster_sizes(sm90) == [blocks] * 4
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])

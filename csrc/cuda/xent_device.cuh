@@ -15,6 +15,18 @@
 
 #include "common/xent_math.h"
 
+// Shared memory of the code a thread-block cluster runs: plain __shared__ on a GPU. The host emulation
+// (tests/host/emulated_cuda.h) runs a cluster's blocks at once, so each needs a copy of its own there, where a
+// __shared__ object is one static for blocks that run one at a time.
+#ifdef FUSED_XENT_HOST_EMULATION
+#define FUSED_XENT_BLOCK_SHARED(type, name, extents) \
+  auto& name = ::fused_xent_emulation::block_shared<type extents>([] {})
+#define FUSED_XENT_DYNAMIC_SHARED(type, name) type* const name = ::fused_xent_emulation::dynamic_shared<type>()
+#else
+#define FUSED_XENT_BLOCK_SHARED(type, name, extents) __shared__ type name extents
+#define FUSED_XENT_DYNAMIC_SHARED(type, name) extern __shared__ __align__(16) type name[]
+#endif
+
 namespace fused_xent {
 namespace cuda {
 
@@ -233,7 +245,7 @@ struct BlockGroup {
 // Sums two values over the block in a fixed order; the result is valid in thread 0. blockDim.x: multiple of 32.
 template <typename acc_t>
 __device__ __forceinline__ void block_sum_pair(acc_t& a, acc_t& b) {
-  __shared__ acc_t smem[2][32];
+  FUSED_XENT_BLOCK_SHARED(acc_t, smem, [2][32]);  // the cluster kernel's too
 #pragma unroll
   for (int offset = 16; offset > 0; offset >>= 1) {
     a += __shfl_down_sync(0xffffffffu, a, offset);

@@ -42,13 +42,13 @@ int64_t max_cluster_blocks() {
 template <typename scalar_t>
 __global__ void __launch_bounds__(kClusterThreads, 2)
     rows_cluster_kernel(const XentParams<scalar_t> p, int64_t slice_len) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#if (defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900) || defined(FUSED_XENT_HOST_EMULATION)
   using acc_t = acc_type<scalar_t>;
-  extern __shared__ __align__(16) unsigned char slice_bytes[];
-  __shared__ RowStats<acc_t> smem[32];
+  FUSED_XENT_DYNAMIC_SHARED(unsigned char, slice_bytes);
+  FUSED_XENT_BLOCK_SHARED(RowStats<acc_t>, smem, [32]);
   // Slice statistics of the current position, published to the cluster. Two slots, by position parity: a block
   // rewrites a slot two positions later, after a cluster barrier that every reader of its old value has passed.
-  __shared__ RowStats<acc_t> published[2];
+  FUSED_XENT_BLOCK_SHARED(RowStats<acc_t>, published, [2]);
 
   const cg::cluster_group cluster = cg::this_cluster();
   const int blocks = static_cast<int>(cluster.num_blocks());

@@ -1,12 +1,13 @@
 // Host emulation of the CUDA the fused_xent kernels use, so the CPU-only CI runs csrc/cuda/ as it is written
 // (tests/emulated_kernels.py builds them with the host compiler, -DFUSED_XENT_HOST_EMULATION, and
-// tests/host/emulated/ ahead of the include path: its cuda_runtime.h and c10/cuda/ headers lead here).
-// A launch runs its blocks one after another, each CUDA thread a fiber: __syncthreads and warp shuffles are real
-// rendezvous between them, so the kernels' partitioning of work, their reductions and their barriers execute as on
-// a GPU; FUSED_XENT_EMULATED_SCHEDULE_SEED runs the fibers in a random order instead of thread order, so that a
-// missing barrier shows whichever thread runs first. Out of reach here: races within a stretch between two switches,
-// the fast-math intrinsics' error, register limits and the sm_90 cluster kernel (tests/host/emulated_ops.cpp
-// declines it, as a pre-sm_90 GPU would).
+// tests/host/emulated/ ahead of the include path: its cuda_runtime.h, cooperative_groups.h and c10/cuda/ headers
+// lead here).
+// A launch runs its blocks one after another (a cluster launch its clusters, the blocks of each at once), each CUDA
+// thread a fiber: __syncthreads, cluster barriers and warp shuffles are real rendezvous between them, so the kernels'
+// partitioning of work, their reductions and their barriers execute as on a GPU; FUSED_XENT_EMULATED_SCHEDULE_SEED
+// runs the fibers in a random order instead of thread order, so that a missing barrier shows whichever thread runs
+// first. Out of reach here: races within a stretch between two switches, the fast-math intrinsics' error and
+// register limits.
 #pragma once
 
 #include <ucontext.h>
@@ -28,7 +29,8 @@
 #define __host__
 #define __forceinline__ inline
 #define __launch_bounds__(...)
-// Blocks run one at a time, so one static object per kernel serves as each block's shared memory in turn.
+// Outside clusters, blocks run one at a time, so one static object per kernel serves as each block's shared memory
+// in turn. A cluster's blocks need their own copies: FUSED_XENT_BLOCK_SHARED (csrc/cuda/xent_device.cuh).
 #define __shared__ static
 #define __align__(n) alignas(n)
 
@@ -43,6 +45,7 @@ struct alignas(16) uint4 {
 };
 using cudaStream_t = struct CUstream_st*;
 enum cudaError_t { cudaSuccess = 0 };
+inline cudaError_t cudaGetLastError() { return cudaSuccess; }  // a bad launch throws at once: nothing is pending
 enum cudaDeviceAttr {
   cudaDevAttrMultiProcessorCount,
   cudaDevAttrMaxThreadsPerMultiProcessor,
@@ -52,16 +55,18 @@ enum cudaDeviceAttr {
 
 // A small sm_80-like device: few multiprocessors, so that small test problems already take the plans meant for
 // few positions on a big GPU (rows and NCHW positions split across blocks and threads). FUSED_XENT_EMULATED_SMS,
-// FUSED_XENT_EMULATED_THREADS_PER_SM and FUSED_XENT_EMULATED_L2_BYTES make it another device.
+// FUSED_XENT_EMULATED_THREADS_PER_SM and FUSED_XENT_EMULATED_L2_BYTES make it another device, and
+// FUSED_XENT_EMULATED_CC_MAJOR=9 an sm_90 one, which the cluster kernel serves.
 inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attribute, int) {
   const char* sms = std::getenv("FUSED_XENT_EMULATED_SMS");
   const char* threads_per_sm = std::getenv("FUSED_XENT_EMULATED_THREADS_PER_SM");
   const char* l2_bytes = std::getenv("FUSED_XENT_EMULATED_L2_BYTES");
+  const char* major = std::getenv("FUSED_XENT_EMULATED_CC_MAJOR");
   switch (attribute) {
     case cudaDevAttrMultiProcessorCount: *value = sms ? std::atoi(sms) : 2; break;
     case cudaDevAttrMaxThreadsPerMultiProcessor: *value = threads_per_sm ? std::atoi(threads_per_sm) : 2048; break;
     case cudaDevAttrL2CacheSize: *value = l2_bytes ? std::atoi(l2_bytes) : 40 << 20; break;
-    case cudaDevAttrComputeCapabilityMajor: *value = 8; break;
+    case cudaDevAttrComputeCapabilityMajor: *value = major ? std::atoi(major) : 8; break;
   }
   return cudaSuccess;
 }
@@ -70,6 +75,11 @@ namespace fused_xent_emulation {
 
 constexpr int kWarpSize = 32;
 constexpr size_t kStackBytes = 256 << 10;
+// sm_90's limits: blocks per cluster (with cudaFuncAttributeNonPortableClusterSizeAllowed), shared memory per
+// multiprocessor and dynamic shared memory per block.
+constexpr int kMaxClusterBlocks = 16;
+constexpr int64_t kSharedBytesPerSm = 228 << 10;
+constexpr int64_t kMaxDynamicSharedBytes = 227 << 10;
 
 // The CUDA threads of a block are fibers on the launching thread, switched cooperatively: only at barriers, warp
 // shuffles and exit. Switching is cheap and the interleaving deterministic; a kernel's barriers are still real
@@ -86,6 +96,10 @@ struct Scheduler {
   int current = 0;
   uint64_t progress = 0;  // arrivals and exits so far: waiting fibers that see it stand still are deadlocked
   std::function<void()> kernel_call;
+  // Fibers are numbered across the running cluster's blocks (one block outside cluster launches), block by block.
+  int block_threads = 1;
+  int64_t first_block = 0;
+  std::vector<std::unique_ptr<unsigned char[]>> dynamic_shared;  // each block's
   // 0: fibers take turns in thread order. Otherwise the state of a xorshift generator that picks the next fiber at
   // every switch (FUSED_XENT_EMULATED_SCHEDULE_SEED), so that a missing barrier shows whichever thread comes first.
   uint64_t random_state = 0;
@@ -101,20 +115,34 @@ struct Scheduler {
 };
 
 inline Scheduler* scheduler = nullptr;
-inline uint3 thread_index, block_index;
-inline dim3 block_dim, grid_dim;
+
+}  // namespace fused_xent_emulation
+
+// Variables rather than macros, so that cudaLaunchConfig_t's members of the same names stay members.
+inline uint3 threadIdx, blockIdx;
+inline dim3 blockDim, gridDim;
+
+namespace fused_xent_emulation {
+
+// The running fiber's rank in its cluster (0 outside cluster launches).
+inline int block_rank() { return scheduler->current / scheduler->block_threads; }
+
+inline void become(int fiber) {
+  scheduler->current = fiber;
+  threadIdx = {static_cast<unsigned>(fiber % scheduler->block_threads), 0, 0};
+  blockIdx = {static_cast<unsigned>(scheduler->first_block + block_rank()), 0, 0};
+}
 
 inline void switch_to(int next) {
   const int previous = scheduler->current;
-  scheduler->current = next;
-  thread_index = {static_cast<unsigned>(next), 0, 0};
+  become(next);
   swapcontext(&scheduler->fibers[previous].context, &scheduler->fibers[next].context);
 }
 
 // The next fiber that has not exited, after the current one (the current one if it is the only one). Under a
 // schedule seed, a random lane of the current one's warp for as long as that warp gets on (arrives at barriers),
-// then a random fiber anywhere: one warp runs ahead of the rest of its block, as warps do on a GPU, and can reach
-// its next write to shared memory while other warps have still to read the last one.
+// then a random fiber anywhere in the cluster: one warp runs ahead of the rest of its block, as warps do on a GPU,
+// and can reach its next write to shared memory while other warps have still to read the last one.
 inline int next_live_fiber() {
   const int count = static_cast<int>(scheduler->fibers.size());
   if (scheduler->random_state != 0) {
@@ -149,8 +177,7 @@ void wait_while(Condition condition) {
       seen = scheduler->progress;
       idle = 0;
     } else if (++idle > 1000 * static_cast<int64_t>(scheduler->fibers.size())) {
-      std::fprintf(stderr, "emulated CUDA: deadlock at a barrier (block %u, thread %u)\n", block_index.x,
-                   thread_index.x);
+      std::fprintf(stderr, "emulated CUDA: deadlock at a barrier (block %u, thread %u)\n", blockIdx.x, threadIdx.x);
       std::abort();
     }
   }
@@ -184,30 +211,34 @@ struct Barrier {
   uint64_t phase = 0;
 };
 
-// What the threads of the running block share: its barrier, its warps' barriers and the warp shuffles' mailboxes.
-struct Block {
-  explicit Block(int threads) : all(threads), warps(threads / kWarpSize, Barrier(kWarpSize)), exchange(threads) {}
+// What the threads of the running cluster (or block) share: each block's barrier, the cluster's, the warps' barriers
+// and the warp shuffles' mailboxes, indexed by rank and fiber.
+struct Cluster {
+  Cluster(int blocks, int threads)
+      : block(blocks, Barrier(threads)), all(blocks * threads), warps(blocks * threads / kWarpSize, Barrier(kWarpSize)),
+        exchange(blocks * threads) {}
+  std::vector<Barrier> block;
   Barrier all;
   std::vector<Barrier> warps;
   std::vector<uint64_t> exchange;
 };
-inline Block* block = nullptr;
+inline Cluster* cluster = nullptr;
 
 // Lane `source(lane)`'s value of v, for every lane of the warp at once (all lanes take part, as with a full mask).
 template <typename T, typename Source>
 T shuffle(T v, Source source) {
   static_assert(sizeof(T) <= sizeof(uint64_t));
-  const unsigned t = thread_index.x, first = t - t % kWarpSize;
-  if (block->warps[t / kWarpSize].expected != kWarpSize) {  // a GPU would read what the exited lanes left behind
+  const unsigned t = scheduler->current, first = t - t % kWarpSize;
+  if (cluster->warps[t / kWarpSize].expected != kWarpSize) {  // a GPU would read what the exited lanes left behind
     std::fprintf(stderr, "emulated CUDA: a full-mask shuffle after lanes of its warp exited (block %u, thread %u)\n",
-                 block_index.x, t);
+                 blockIdx.x, threadIdx.x);
     std::abort();
   }
-  std::memcpy(&block->exchange[t], &v, sizeof(T));
-  block->warps[t / kWarpSize].arrive_and_wait();
+  std::memcpy(&cluster->exchange[t], &v, sizeof(T));
+  cluster->warps[t / kWarpSize].arrive_and_wait();
   T out;
-  std::memcpy(&out, &block->exchange[first + source(t % kWarpSize)], sizeof(T));
-  block->warps[t / kWarpSize].arrive_and_wait();  // nobody writes the mailboxes again before all have read
+  std::memcpy(&out, &cluster->exchange[first + source(t % kWarpSize)], sizeof(T));
+  cluster->warps[t / kWarpSize].arrive_and_wait();  // nobody writes the mailboxes again before all have read
   return out;
 }
 
@@ -216,27 +247,51 @@ inline void run_fiber() {
   scheduler->kernel_call();
   const int me = scheduler->current;
   scheduler->fibers[me].done = true;
-  block->warps[me / kWarpSize].drop();
-  block->all.drop();
+  cluster->warps[me / kWarpSize].drop();
+  cluster->block[block_rank()].drop();
+  cluster->all.drop();
   const int next = next_live_fiber();
   if (next < 0) {
     setcontext(&scheduler->launcher);
   }
-  scheduler->current = next;
-  thread_index = {static_cast<unsigned>(next), 0, 0};
+  become(next);
   setcontext(&scheduler->fibers[next].context);
+}
+
+// Where each FUSED_XENT_BLOCK_SHARED object's copies lie, for map_shared_rank (emulated/cooperative_groups.h).
+struct SharedCopies {
+  uintptr_t first;
+  size_t bytes;
+};
+inline std::vector<SharedCopies>& shared_copies() {
+  static std::vector<SharedCopies> all;
+  return all;
+}
+
+// The running block's copy of a FUSED_XENT_BLOCK_SHARED object; `site`, a lambda of the declaration, gives each
+// declaration (and each instantiation of the template around it) copies of its own.
+template <typename T, typename Site>
+T& block_shared(Site) {
+  static T copies[kMaxClusterBlocks];
+  static const bool known = (shared_copies().push_back({reinterpret_cast<uintptr_t>(copies), sizeof(T)}), true);
+  (void)known;
+  return copies[block_rank()];
+}
+
+// The running block's dynamic shared memory (FUSED_XENT_DYNAMIC_SHARED), fresh for each cluster.
+template <typename T>
+T* dynamic_shared() {
+  return reinterpret_cast<T*>(scheduler->dynamic_shared[block_rank()].get());
 }
 
 }  // namespace fused_xent_emulation
 
-#define threadIdx fused_xent_emulation::thread_index
-#define blockIdx fused_xent_emulation::block_index
-#define blockDim fused_xent_emulation::block_dim
-#define gridDim fused_xent_emulation::grid_dim
-
-inline void __syncthreads() { fused_xent_emulation::block->all.arrive_and_wait(); }
+inline void __syncthreads() {
+  fused_xent_emulation::cluster->block[fused_xent_emulation::block_rank()].arrive_and_wait();
+}
 inline void __syncwarp(unsigned = 0xffffffffu) {
-  fused_xent_emulation::block->warps[threadIdx.x / fused_xent_emulation::kWarpSize].arrive_and_wait();
+  using fused_xent_emulation::kWarpSize, fused_xent_emulation::scheduler;
+  fused_xent_emulation::cluster->warps[scheduler->current / kWarpSize].arrive_and_wait();
 }
 template <typename T>
 T __shfl_sync(unsigned, T v, int source, int = 32) {
@@ -252,19 +307,26 @@ T __shfl_down_sync(unsigned, T v, unsigned delta, int = 32) {
 }
 inline float __expf(float x) { return std::exp(x); }
 
-// kernel<<<grid, threads>>>(args...), refused where a GPU would refuse it; its blocks run one after another. With
-// FUSED_XENT_EMULATED_LAUNCH_LOG set, each launch appends "<grid> <threads>" to that file, so that tests can see a
-// plan that changes only the launch shape.
+namespace fused_xent_emulation {
+
+// Runs the grid `cluster_blocks` blocks at a time: the fibers of a cluster's blocks take turns as those of a block,
+// and each block gets `dynamic_bytes` of dynamic shared memory (NaN bytes, so that a read of what was never written
+// shows). cluster_blocks 0 is a plain launch, whose blocks run one at a time.
 template <typename... Params, typename... Args>
-void emulated_launch(void (*kernel)(Params...), int64_t grid, int threads, Args&&... args) {
-  using namespace fused_xent_emulation;
-  if (grid < 1 || grid > 0x7fffffff || threads < kWarpSize || threads > 1024 || threads % kWarpSize != 0) {
+void run_grid(void (*kernel)(Params...), int64_t grid, int threads, int cluster_blocks, int64_t dynamic_bytes,
+              Args&&... args) {
+  const int blocks = std::max(cluster_blocks, 1);
+  if (grid < 1 || grid > 0x7fffffff || threads < kWarpSize || threads > 1024 || threads % kWarpSize != 0 ||
+      blocks > kMaxClusterBlocks || grid % blocks != 0 || dynamic_bytes < 0 || dynamic_bytes > kMaxDynamicSharedBytes) {
     throw std::invalid_argument("invalid launch: grid " + std::to_string(grid) + ", " + std::to_string(threads) +
-                                " threads per block");
+                                " threads per block, clusters of " + std::to_string(blocks) + ", " +
+                                std::to_string(dynamic_bytes) + " bytes of dynamic shared memory");
   }
   if (const char* log_path = std::getenv("FUSED_XENT_EMULATED_LAUNCH_LOG")) {
     if (std::FILE* log = std::fopen(log_path, "a")) {
-      std::fprintf(log, "%lld %d\n", static_cast<long long>(grid), threads);
+      std::fprintf(log, "%lld %d", static_cast<long long>(grid), threads);
+      if (cluster_blocks > 0) std::fprintf(log, " %d", cluster_blocks);
+      std::fputc('\n', log);
       std::fclose(log);
     }
   }
@@ -272,15 +334,21 @@ void emulated_launch(void (*kernel)(Params...), int64_t grid, int threads, Args&
   if (const char* seed = std::getenv("FUSED_XENT_EMULATED_SCHEDULE_SEED")) {
     launch.random_state = std::strtoull(seed, nullptr, 10) * 0x9E3779B97F4A7C15ull | 1;  // never 0
   }
-  launch.fibers.resize(threads);
+  launch.fibers.resize(static_cast<size_t>(threads) * blocks);
+  launch.block_threads = threads;
   launch.kernel_call = [&] { kernel(args...); };
   scheduler = &launch;
-  grid_dim = {static_cast<unsigned>(grid), 1, 1};
-  block_dim = {static_cast<unsigned>(threads), 1, 1};
-  for (int64_t b = 0; b < grid; ++b) {
-    Block running(threads);
-    block = &running;
-    block_index = {static_cast<unsigned>(b), 0, 0};
+  gridDim = {static_cast<unsigned>(grid), 1, 1};
+  blockDim = {static_cast<unsigned>(threads), 1, 1};
+  for (int64_t b = 0; b < grid; b += blocks) {
+    Cluster running(blocks, threads);
+    cluster = &running;
+    launch.first_block = b;
+    launch.dynamic_shared.clear();
+    for (int k = 0; k < blocks; ++k) {
+      launch.dynamic_shared.emplace_back(new unsigned char[dynamic_bytes]);
+      std::memset(launch.dynamic_shared.back().get(), 0xff, dynamic_bytes);
+    }
     for (Fiber& fiber : launch.fibers) {
       fiber.done = false;
       getcontext(&fiber.context);
@@ -289,10 +357,79 @@ void emulated_launch(void (*kernel)(Params...), int64_t grid, int threads, Args&
       fiber.context.uc_link = nullptr;
       makecontext(&fiber.context, run_fiber, 0);
     }
-    launch.current = 0;
-    thread_index = {0, 0, 0};
+    become(0);
     swapcontext(&launch.launcher, &launch.fibers[0].context);  // back here once every thread has exited
   }
   scheduler = nullptr;
-  block = nullptr;
+  cluster = nullptr;
+}
+
+}  // namespace fused_xent_emulation
+
+// kernel<<<grid, threads>>>(args...), refused where a GPU would refuse it; its blocks run one after another. With
+// FUSED_XENT_EMULATED_LAUNCH_LOG set, each launch appends "<grid> <threads>" to that file (a cluster launch
+// "<grid> <threads> <blocks per cluster>"), so that tests can see a plan that changes only the launch shape.
+template <typename... Params, typename... Args>
+void emulated_launch(void (*kernel)(Params...), int64_t grid, int threads, Args&&... args) {
+  fused_xent_emulation::run_grid(kernel, grid, threads, 0, 0, std::forward<Args>(args)...);
+}
+
+// The runtime calls of the cluster launch (csrc/cuda/xent_rows_cluster.cu), the kernel compiled for sm_90.
+enum cudaLaunchAttributeID { cudaLaunchAttributeClusterDimension = 4 };
+struct cudaLaunchAttribute {
+  cudaLaunchAttributeID id;
+  struct {
+    dim3 clusterDim;
+  } val;
+};
+struct cudaLaunchConfig_t {
+  dim3 gridDim, blockDim;
+  size_t dynamicSmemBytes;
+  cudaStream_t stream;
+  cudaLaunchAttribute* attrs;
+  unsigned numAttrs;
+};
+struct cudaFuncAttributes {
+  int ptxVersion;
+};
+enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize, cudaFuncAttributeNonPortableClusterSizeAllowed };
+
+template <typename Kernel>
+cudaError_t cudaFuncGetAttributes(cudaFuncAttributes* attributes, Kernel) {
+  attributes->ptxVersion = 90;
+  return cudaSuccess;
+}
+template <typename Kernel>
+cudaError_t cudaFuncSetAttribute(Kernel, cudaFuncAttribute, int) {
+  return cudaSuccess;
+}
+
+namespace fused_xent_emulation {
+inline int cluster_blocks(const cudaLaunchConfig_t& config) {
+  for (unsigned k = 0; k < config.numAttrs; ++k) {
+    if (config.attrs[k].id == cudaLaunchAttributeClusterDimension) return config.attrs[k].val.clusterDim.x;
+  }
+  return 1;
+}
+}  // namespace fused_xent_emulation
+
+// As many clusters as the emulated multiprocessors hold blocks of the configuration, by their threads and by their
+// shared memory.
+template <typename Kernel>
+cudaError_t cudaOccupancyMaxActiveClusters(int* clusters, Kernel, const cudaLaunchConfig_t* config) {
+  int sms = 0, threads_per_sm = 0;
+  cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0);
+  cudaDeviceGetAttribute(&threads_per_sm, cudaDevAttrMaxThreadsPerMultiProcessor, 0);
+  const int64_t by_memory = fused_xent_emulation::kSharedBytesPerSm / std::max<int64_t>(1, config->dynamicSmemBytes);
+  const int64_t blocks_per_sm = std::min<int64_t>(threads_per_sm / config->blockDim.x, by_memory);
+  *clusters = static_cast<int>(sms * blocks_per_sm / fused_xent_emulation::cluster_blocks(*config));
+  return cudaSuccess;
+}
+
+template <typename... Params, typename... Args>
+cudaError_t cudaLaunchKernelEx(const cudaLaunchConfig_t* config, void (*kernel)(Params...), Args&&... args) {
+  fused_xent_emulation::run_grid(kernel, config->gridDim.x, config->blockDim.x,
+                                 fused_xent_emulation::cluster_blocks(*config),
+                                 static_cast<int64_t>(config->dynamicSmemBytes), std::forward<Args>(args)...);
+  return cudaSuccess;
 }
