@@ -291,7 +291,8 @@ def _loss_from_reference_ops(problem, loss_dtype):
             raise IndexError(f"{error}; under vmap, positions count the targets of all batch entries") from None
     else:
         check_values(problem, check_targets=True)
-    if problem.weight is not None and not problem.prob_target:
+    if (problem.weight is not None and not problem.prob_target
+            and forward_ad.unpack_dual(problem.weight).tangent is not None):
         # PyTorch's forward-mode derivative with respect to the weight of class indices counts the weight of its
         # smoothing term only, not that of its nll_loss, whose weight it treats as a constant (its reverse mode
         # refuses, as _check_weight_grad does): PyTorch's own composition gives that bit for bit.

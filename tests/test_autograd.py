@@ -207,6 +207,25 @@ def test_forward_mode_derivative_of_class_weights_is_pytorchs(reduction):
         torch.testing.assert_close(*jvps, rtol=1e-12, atol=1e-12)
 
 
+def test_vmap_with_class_weights_and_smoothing():
+    """Class weights with label smoothing under vmap, one weight for every entry or one each: where the weight is
+    not batched, PyTorch's own composition fails (a masked_select over a batched mask); the reference ops give each
+    entry's loss and per-sample gradients."""
+    g = torch.Generator().manual_seed(10)
+    x = make_logits((3, 4, 5), "contiguous", torch.float64, generator=g)
+    t = torch.randint(0, 5, (3, 4), generator=g)
+    t[0, 1] = -100
+    weights = torch.rand(3, 5, generator=g, dtype=torch.float64) + 0.5
+    for w, in_dims in ((weights[0], (0, 0, None)), (weights, (0, 0, 0))):
+        loss = lambda x, t, w: fused_xent.cross_entropy(x, t, w, label_smoothing=0.2)  # noqa: E731
+        expected = lambda x, t, w: F.cross_entropy(x, t, w, label_smoothing=0.2)  # noqa: E731
+        per_entry = [(x[i], t[i], w if in_dims[2] is None else w[i]) for i in range(3)]
+        torch.testing.assert_close(torch.vmap(loss, in_dims)(x, t, w),
+                                   torch.stack([expected(*args) for args in per_entry]))
+        torch.testing.assert_close(torch.vmap(torch.func.grad(loss), in_dims)(x, t, w),
+                                   torch.stack([torch.func.grad(expected)(*args) for args in per_entry]))
+
+
 def test_function_transforms_compile_in_one_graph():
     """torch.compile(fullgraph=True) of torch.func.grad and of per-sample gradients (vmap of grad), as of
     F.cross_entropy: the front end's value checks are off while Dynamo traces, so it must not reach for the tensors
