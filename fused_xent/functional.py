@@ -313,15 +313,13 @@ def _no_classes_as_pytorch(input, target, weight, ignore_index, reduction, label
     """PyTorch's answer for logits with no classes. Class indices over one spatial dim take its 2-D spatial kernel
     through a trailing dim of 1: its 1-D one reshapes (N, 0, d) with a -1 it cannot infer and fails ("size
     mismatch"), where every other rank gives the empty, 0 or NaN answer."""
-    if input.dim() != 3 or target.is_floating_point():
-        return torch.nn.functional.cross_entropy(
-            input, target, weight, ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing
-        )
+    one_spatial_dim = input.dim() == 3 and not target.is_floating_point()
+    if one_spatial_dim:
+        input, target = input.unsqueeze(-1), target.unsqueeze(-1)
     loss = torch.nn.functional.cross_entropy(
-        input.unsqueeze(-1), target.unsqueeze(-1), weight, ignore_index=ignore_index, reduction=reduction,
-        label_smoothing=label_smoothing,
+        input, target, weight, ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing
     )
-    return loss.squeeze(-1) if reduction == "none" else loss
+    return loss.squeeze(-1) if one_spatial_dim and reduction == "none" else loss
 
 
 def _unbatched_ignored_mean_as_pytorch(loss, input, problem):

@@ -1,6 +1,9 @@
 """Input builders and tolerances shared by the test modules."""
 
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -162,3 +165,18 @@ def fused(input, target, grad_output, backend, **kwargs):
     if not loss.numel():
         return loss.detach(), torch.zeros_like(input)
     return loss.detach(), logits_grad(torch.autograd.grad(loss, leaf, grad_output)[0])
+
+
+def run_under_address_sanitizer(script, **env):
+    """Runs tests/<script> in a process of its own with AddressSanitizer's runtime preloaded (an instrumented
+    library cannot load without it), `env` added to the environment; returns its stdout. Skips where the compiler
+    has no ASan runtime; fails with the tail of ASan's report."""
+    compiler = os.environ.get("CXX", "c++")
+    libasan = subprocess.run([compiler, "-print-file-name=libasan.so"], capture_output=True, text=True).stdout.strip()
+    if not os.path.isabs(libasan):
+        pytest.skip(f"{compiler} has no AddressSanitizer runtime")
+    env = dict(os.environ, LD_PRELOAD=libasan, ASAN_OPTIONS="detect_leaks=0:halt_on_error=1", **env)
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), script)
+    run = subprocess.run([sys.executable, path], env=env, capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-4000:]
+    return run.stdout

@@ -10,6 +10,7 @@ import sys
 
 import pytest
 import torch
+from helpers import run_under_address_sanitizer
 from op_checks import REDUCTIONS, check_all_ops, check_in_place_call_counts_its_write, reference
 from tolerances import assert_close, assert_grad_close
 
@@ -387,15 +388,7 @@ def test_nchw_class_indices_past_int32_are_refused():
 def test_no_access_outside_tensors_under_address_sanitizer(level):
     """tests/cpu_memcheck.py in a process of its own, with AddressSanitizer's runtime preloaded, at each SIMD level
     (a level the CPU lacks runs as the best one it has)."""
-    compiler = os.environ.get("CXX", "c++")
-    libasan = subprocess.run([compiler, "-print-file-name=libasan.so"], capture_output=True, text=True).stdout.strip()
-    if not os.path.isabs(libasan):
-        pytest.skip(f"{compiler} has no AddressSanitizer runtime")
-    env = dict(os.environ, LD_PRELOAD=libasan, ASAN_OPTIONS="detect_leaks=0:halt_on_error=1",
-               ATEN_CPU_CAPABILITY=level)
-    script = os.path.join(ROOT, "tests", "cpu_memcheck.py")
-    run = subprocess.run([sys.executable, script], env=env, capture_output=True, text=True, timeout=900)
-    assert run.returncode == 0 and run.stdout.startswith("ok"), run.stdout[-2000:] + run.stderr[-4000:]
+    assert run_under_address_sanitizer("cpu_memcheck.py", ATEN_CPU_CAPABILITY=level).startswith("ok")
 
 
 _PRECISION_SCRIPT = f"""

@@ -14,7 +14,7 @@ import emulated_kernels
 import pytest
 import torch
 from emulated_kernels import CASES
-from helpers import make_class_target, make_logits, make_prob_target
+from helpers import make_class_target, make_logits, make_prob_target, run_under_address_sanitizer
 from op_checks import as_ncs, check_all_ops, check_scale_unit_grad, reference, value_check_cases
 from tolerances import assert_close, assert_grad_close
 
@@ -154,18 +154,25 @@ def test_threads_in_random_order(ops, monkeypatch, case):
     target = index_target(shape, None)
     target.view(-1)[1::3] = -100
     args = (*as_ncs(x, target), torch.rand(shape[1]) + 0.5, 1, -100, 0.1)
+    both_forwards = lambda: (*ops.cross_entropy_fwd(*args), *ops.cross_entropy_fwd_grad(*args))  # noqa: E731
+    # A few seeds on the small device: with one of the block reductions' barriers removed, half of them see it.
     for device, seeds in (({}, "1"), ({"FUSED_XENT_EMULATED_SMS": "1", "FUSED_XENT_EMULATED_THREADS_PER_SM": "512"},
                                       "1234")):
         for name, value in device.items():
             monkeypatch.setenv(name, value)
-        monkeypatch.delenv("FUSED_XENT_EMULATED_SCHEDULE_SEED", raising=False)
-        in_order = ops.cross_entropy_fwd(*args), ops.cross_entropy_fwd_grad(*args)
-        for seed in seeds:  # a few: with one of the block reductions' barriers removed, half of them see it
-            monkeypatch.setenv("FUSED_XENT_EMULATED_SCHEDULE_SEED", seed)
-            shuffled = ops.cross_entropy_fwd(*args), ops.cross_entropy_fwd_grad(*args)
-            for got, expected in zip(sum(shuffled, ()), sum(in_order, ()), strict=True):
-                assert torch.equal(got, expected), (device, seed)
+        assert_same_bits_in_random_order(monkeypatch, both_forwards, seeds)
     check_all_ops(ops, x, make_prob_target(x), None, "none", -100, 0.1)
+
+
+def assert_same_bits_in_random_order(monkeypatch, call, seeds):
+    """call()'s tensors under each schedule seed are bitwise those of thread order."""
+    monkeypatch.delenv("FUSED_XENT_EMULATED_SCHEDULE_SEED", raising=False)
+    in_order = call()
+    for seed in seeds:
+        monkeypatch.setenv("FUSED_XENT_EMULATED_SCHEDULE_SEED", seed)
+        for got, expected in zip(call(), in_order, strict=True):
+            assert torch.equal(got, expected), seed
+    monkeypatch.delenv("FUSED_XENT_EMULATED_SCHEDULE_SEED")
 
 
 def test_plans_change_with_the_multiprocessor_count_results_do_not(ops, monkeypatch):
@@ -369,11 +376,7 @@ def test_cluster_blocks_in_random_order(ops, monkeypatch, sm90, case):
     monkeypatch.setenv("FUSED_XENT_MAX_CLUSTER_BLOCKS", max_blocks)
     x, target, weight = cluster_rows(shape, dtype, 9)
     args = (*as_ncs(x, target), weight.to(dtype), 1, -100, 0.1)
-    in_order = ops.cross_entropy_fwd_grad(*args)
-    for seed in ("1", "2", "3"):
-        monkeypatch.setenv("FUSED_XENT_EMULATED_SCHEDULE_SEED", seed)
-        shuffled = ops.cross_entropy_fwd_grad(*args)
-        assert torch.equal(shuffled[0], in_order[0]) and torch.equal(shuffled[1], in_order[1]), seed
+    assert_same_bits_in_random_order(monkeypatch, lambda: ops.cross_entropy_fwd_grad(*args), "123")
     assert cluster_sizes(sm90) == [blocks] * 4
 
 
@@ -435,14 +438,7 @@ def test_near_certain_target_at_huge_logits(ops, shape):
 
 def test_no_access_outside_tensors_under_address_sanitizer():
     """tests/emulated_memcheck.py in a process of its own, with AddressSanitizer's runtime preloaded."""
-    compiler = os.environ.get("CXX", "c++")
-    libasan = subprocess.run([compiler, "-print-file-name=libasan.so"], capture_output=True, text=True).stdout.strip()
-    if not os.path.isabs(libasan):
-        pytest.skip(f"{compiler} has no AddressSanitizer runtime")
-    env = dict(os.environ, LD_PRELOAD=libasan, ASAN_OPTIONS="detect_leaks=0:halt_on_error=1")
-    script = os.path.join(os.path.dirname(__file__), "emulated_memcheck.py")
-    run = subprocess.run([sys.executable, script], env=env, capture_output=True, text=True, timeout=900)
-    assert run.returncode == 0 and "no AddressSanitizer report" in run.stdout, run.stdout[-2000:] + run.stderr[-4000:]
+    assert "no AddressSanitizer report" in run_under_address_sanitizer("emulated_memcheck.py")
 
 
 def test_value_check_kernel(ops):
