@@ -264,10 +264,12 @@ def test_parity_of_clusters_of_several_blocks(shape, layout, dtype, monkeypatch)
 
 
 # Rows that take the block-per-row fused forward on an H200 and are many enough not to be split across blocks
-# (more than twice the 528 resident 512-thread blocks), so that FUSED_XENT_L2_RESIDENT_ROWS_PERCENT applies: one
-# row too long for a cluster of one block, one that starts mid-vector (clusters off).
+# (more than twice the 528 resident 512-thread blocks that rows of over 8192 classes take), so that
+# FUSED_XENT_L2_RESIDENT_ROWS_PERCENT applies: bfloat16 rows, and rows that start mid-vector (clusters off). The
+# bfloat16 rows were 50257 classes long until the H200 run of 2026-11-30, where this test, the suite's slowest,
+# had still not finished when the test stage's time ran out (for the third run).
 L2_RESIDENT_CASES = [
-    ((1100, 50257), "contiguous", torch.bfloat16),
+    ((1100, 12289), "contiguous", torch.bfloat16),
     ((1100, 9000), "offset", torch.float32),
 ]
 
@@ -277,8 +279,9 @@ L2_RESIDENT_CASES = [
 @needs_gpu
 def test_parity_of_the_l2_resident_plan(shape, layout, dtype, monkeypatch):
     """The fused forward's L2-resident plan (fewer blocks, each walking many rows, the gradient sweep streaming) at
-    10% of L2 (on an H200, 60 rows of 50257 bfloat16 classes in flight; at 1%, six blocks, it had not finished when
-    the GPU check's test stage ended, twice): it is the kernel that runs, and its losses and gradients are PyTorch's."""
+    10% of L2 (on an H200, 244 rows of 12289 bfloat16 classes in flight; at 1% of L2 and 50257 classes, six blocks,
+    it had not finished when the GPU check's test stage ended, twice): it is the kernel that runs, and its losses
+    and gradients are PyTorch's."""
     monkeypatch.setenv("FUSED_XENT_L2_RESIDENT_ROWS_PERCENT", "10")
     monkeypatch.setenv("FUSED_XENT_MAX_CLUSTER_BLOCKS", "0")
     generator = torch.Generator().manual_seed(19)
@@ -318,7 +321,12 @@ def check_parity(shape, layout, dtype):
 
 
 def launched_kernels(fn, *args):
-    """Names of the CUDA kernels that fn(*args) launches."""
+    """Names of the CUDA kernels that fn(*args) launches. It runs once untraced first, so that one-time work (plan
+    queries, kernel attributes) is done outside the trace: on the H200 (torch 2.11.0+cu130, driver 580.159.04) the
+    process crashed (SIGSEGV) in the first call that took the cluster kernel while the profiler recorded; whether
+    that call's setup or its launch is to blame is not yet known (README, FUSED_XENT_MAX_CLUSTER_BLOCKS)."""
+    fn(*args)
+    torch.cuda.synchronize()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profile:
         fn(*args)
         torch.cuda.synchronize()
