@@ -33,8 +33,14 @@ def _variants(label, shape, element_size):
     setting changes the plan only for such rows) and, on the block-per-row shapes (not split across blocks), its
     L2-resident plan (rows in flight held to L2, the gradient sweep streaming: FUSED_XENT_L2_RESIDENT_ROWS_PERCENT;
     on the H200 half of L2 was slower, and the hints alone no better). Triton's versions of the L2-resident plan and
-    of pipelined row-statistics loads did not pay on the H200 and were removed."""
+    of pipelined row-statistics loads did not pay on the H200 and were removed. Rows of a few classes, one after
+    another (a thread per row), once more with their gradient stored by each thread instead of by its warp from
+    shared memory (FUSED_XENT_STAGED_ROW_STORES=0)."""
     variants = {}
+    if label in ("rows thread", "channels_last"):
+        for mode in ("fwd+bwd recompute", "fwd+bwd in_forward"):
+            variants[f"{mode}, row stores unstaged"] = (
+                ("cuda",), lambda: env_info.environment_variable("FUSED_XENT_STAGED_ROW_STORES", "0"))
     if label.startswith("rows") and shape[1] * element_size > 96 * 1024:
         variants["fwd+bwd in_forward, clusters <= 16"] = (
             ("cuda",), lambda: env_info.environment_variable("FUSED_XENT_MAX_CLUSTER_BLOCKS", "16"))
@@ -44,10 +50,11 @@ def _variants(label, shape, element_size):
     return variants
 
 
-# (label, shape, dtype, layout, fraction of targets ignored): warp rows, block rows, split rows, spatial NCHW, NCHW
-# with few positions (split across threads: vocabulary logits laid out (N, C, T)), channels_last; and block rows of
-# which half are ignored (a padded or prompt-masked batch), whose logits the kernels skip.
+# (label, shape, dtype, layout, fraction of targets ignored): thread rows, warp rows, block rows, split rows, spatial
+# NCHW, NCHW with few positions (split across threads: vocabulary logits laid out (N, C, T)), channels_last; and block
+# rows of which half are ignored (a padded or prompt-masked batch), whose logits the kernels skip.
 PROBLEMS = [
+    ("rows thread", (2097152, 10), torch.float32, "contiguous", 0.0),
     ("rows warp", (16384, 1000), torch.float32, "contiguous", 0.0),
     ("rows block", (4096, 32000), torch.bfloat16, "contiguous", 0.0),
     ("rows block", (8192, 128256), torch.bfloat16, "contiguous", 0.0),

@@ -39,7 +39,8 @@ def build(variant="", extra_flags=()):
 
 # (shape, layout): the kernel path each takes on the emulated 2-multiprocessor device.
 CASES = [
-    ((37, 10), "contiguous"),           # a thread per row (C <= 32)
+    ((37, 10), "contiguous"),           # a thread per row (C <= 32): a warp's 32 rows stored together, then 5 alone
+    ((70, 7), "offset"),                # ... rows that start mid-vector, so the staged rows take that phase
     ((9, 423), "contiguous"),           # a warp per row
     ((5, 2048), "offset"),              # a warp per row, rows that start mid-vector
     ((32, 2100), "contiguous"),         # a block per row (enough rows: not split)

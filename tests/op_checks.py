@@ -71,7 +71,7 @@ def check_all_ops(ops, x, y, weight=None, reduction="mean", ignore_index=-100, s
     assert_close(loss2, expected_loss, acc_dtype, "fwd_grad loss")
     assert_grad_close(grad.reshape(x.shape), ref_grad, dtype, "fwd_grad gradient")
 
-    overwritten = x.clone()
+    overwritten = _copy_at_the_same_offset(x)  # logits that start mid-vector are written in place as they lie
     loss3 = ops.cross_entropy_fwd_grad_(as_ncs(overwritten, y)[0], y3, w, red, ignore_index, smoothing)
     assert loss3.dtype == acc_dtype
     assert_close(loss3, expected_loss, acc_dtype, "fwd_grad_ loss")
@@ -90,6 +90,23 @@ def check_all_ops(ops, x, y, weight=None, reduction="mean", ignore_index=-100, s
         grad_b = ops.cross_entropy_bwd(grad_loss, x3, y3, w, lse, total_weight, red, ignore_index, smoothing)
         assert grad_b.dtype == dtype and grad_b.stride() == x3.stride()
         assert_grad_close(grad_b.reshape(x.shape), ref_grad * scale, dtype, f"backward gradient ({layout} upstream)")
+
+
+def every_op_output(ops, x, y, weight, reduction, ignore_index, smoothing):
+    """Every tensor the four ops return for x (any layout) and y, the in-place op writing over a copy of x at x's own
+    offset, and the backward taking the forward's lse under a random upstream gradient: for comparing two kernel
+    plans bit for bit."""
+    x3, y3 = as_ncs(x, y)
+    red = REDUCTIONS[reduction]
+    loss, lse, total_weight = ops.cross_entropy_fwd(x3, y3, weight, red, ignore_index, smoothing)
+    overwritten = _copy_at_the_same_offset(x3)
+    loss_in_place = ops.cross_entropy_fwd_grad_(overwritten, y3, weight, red, ignore_index, smoothing)
+    N, _, S = x3.shape
+    upstream = torch.rand(N, S, generator=torch.Generator().manual_seed(0)).to(x.dtype).to(x.device)
+    grad_loss = upstream if reduction == "none" else upstream[0, 0]
+    grad = ops.cross_entropy_bwd(grad_loss, x3, y3, weight, lse, total_weight, red, ignore_index, smoothing)
+    return (loss, lse, total_weight, *ops.cross_entropy_fwd_grad(x3, y3, weight, red, ignore_index, smoothing),
+            loss_in_place, overwritten, grad)
 
 
 def value_check_cases(device):
@@ -192,11 +209,13 @@ def check_scale_unit_grad(scale_unit_grad_, dtype, device="cpu", exact=True):
                                            msg=str(what))
 
 
-def _copy_at_the_same_offset(grad):
-    """A copy of a dense view that keeps its strides and its offset into a fresh buffer (clone() would start it at
-    the buffer's aligned beginning)."""
-    buffer = grad.new_empty(grad.storage_offset() + grad.numel())
-    return buffer.as_strided(grad.shape, grad.stride(), grad.storage_offset()).copy_(grad)
+def _copy_at_the_same_offset(t):
+    """A copy of a view that keeps its strides and its offset into a fresh buffer, so its address modulo 16 bytes
+    too (clone() would start it at the buffer's aligned beginning, and make a view with gaps dense)."""
+    if t.numel() == 0:
+        return t.clone()
+    extent = t.storage_offset() + sum((size - 1) * stride for size, stride in zip(t.shape, t.stride(), strict=True)) + 1
+    return t.new_empty(extent).as_strided(t.shape, t.stride(), t.storage_offset()).copy_(t)
 
 
 def check_in_place_call_counts_its_write(fwd_grad_, device="cpu"):

@@ -440,6 +440,11 @@ def test_gpu_kernel_table_times_a_variant_under_its_plan_for_its_backend_only(mo
         assert os.environ["FUSED_XENT_L2_RESIDENT_ROWS_PERCENT"] == "100"
     assert not variants("rows block", (4096, 32000), 2)
     assert not variants("spatial", (16, 19, 512, 1024), 4)
+    unstaged = variants("channels_last", (8, 19, 512, 512), 2)
+    assert unstaged.keys() == {"fwd+bwd recompute, row stores unstaged", "fwd+bwd in_forward, row stores unstaged"}
+    assert variants("rows thread", (2097152, 10), 4).keys() == unstaged.keys()
+    with unstaged["fwd+bwd in_forward, row stores unstaged"][1]():
+        assert os.environ["FUSED_XENT_STAGED_ROW_STORES"] == "0"
 
 
 def test_gpu_check_script_parses():

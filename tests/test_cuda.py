@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from helpers import assert_close, assert_grad_close, differentiable_copy, expected_lse, poison_cuda_cache
 from helpers import torch_reference as reference
-from op_checks import check_scale_unit_grad, value_check_cases
+from op_checks import check_scale_unit_grad, every_op_output, value_check_cases
 
 import fused_xent
 
@@ -203,6 +203,7 @@ CASES = [
     ((1, 1), "contiguous", ALL),
     ((5, 1), "contiguous", ALL),
     ((4, 2), "contiguous", ALL),
+    ((70, 7), "offset", ALL),
     ((9, 423), "contiguous", ALL),
     ((9, 423), "offset", ALL),
     ((33, 2048), "contiguous", (torch.float32, torch.bfloat16)),
@@ -367,6 +368,27 @@ def test_cluster_kernel_serves_the_fused_forward_of_long_rows(shape, layout, dty
     monkeypatch.setenv("FUSED_XENT_MAX_CLUSTER_BLOCKS", "17")
     with pytest.raises(ValueError, match="FUSED_XENT_MAX_CLUSTER_BLOCKS=17 is not a whole number from 0 to 16"):
         fused(x, target, one, "in_forward")
+
+
+@pytest.mark.parametrize("shape,layout", [((70, 7), "offset"), ((5000, 19), "contiguous"),
+                                          ((4, 19, 64, 64), "channels_last")], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.cuda
+@needs_gpu
+def test_rows_stored_by_warps_are_those_stored_by_threads(shape, layout, dtype, monkeypatch):
+    """Rows of up to 32 classes one after another: a warp's 32 rows stored from shared memory (the default) or each
+    row by its own thread (FUSED_XENT_STAGED_ROW_STORES=0) give the same bits in every op."""
+    generator = torch.Generator().manual_seed(29)
+    x = make_logits(shape, layout, dtype, generator)
+    weight = (torch.rand(shape[1], generator=generator) + 0.5).to(device="cuda", dtype=dtype)
+    for y, w, reduction, smoothing in ((make_target(x, "index_ignore", -100, generator), weight, "mean", 0.1),
+                                       (make_target(x, "prob", -100, generator), None, "none", 0.0)):
+        staged = every_op_output(torch.ops.fused_xent, x, y, w, reduction, -100, smoothing)
+        monkeypatch.setenv("FUSED_XENT_STAGED_ROW_STORES", "0")
+        unstaged = every_op_output(torch.ops.fused_xent, x, y, w, reduction, -100, smoothing)
+        monkeypatch.delenv("FUSED_XENT_STAGED_ROW_STORES")
+        for a, b in zip(staged, unstaged, strict=True):
+            assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("shape,layout,dtype", SPATIAL_SPLIT_CASES, ids=str)

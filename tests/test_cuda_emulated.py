@@ -15,7 +15,7 @@ import pytest
 import torch
 from emulated_kernels import CASES
 from helpers import make_class_target, make_logits, make_prob_target, run_under_address_sanitizer
-from op_checks import as_ncs, check_all_ops, check_scale_unit_grad, reference, value_check_cases
+from op_checks import as_ncs, check_all_ops, check_scale_unit_grad, every_op_output, reference, value_check_cases
 from tolerances import assert_close, assert_grad_close
 
 
@@ -394,6 +394,30 @@ def test_threads_that_take_several_positions(ops, monkeypatch, layout):
     check_all_ops(ops, x, target, weight, "mean", -100, 0.1)
     check_all_ops(ops, x, target, None, "none", -100, 0.0)
     check_all_ops(ops, x, make_prob_target(x), weight, "sum", -100, 0.2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("case", [((70, 7), "offset"), ((37, 32), "contiguous"), ((2, 19, 5, 7), "channels_last")],
+                         ids=case_id)
+def test_rows_stored_by_warps_are_those_stored_by_threads(ops, monkeypatch, case, dtype):
+    """Rows of up to 32 classes one after another: a warp stores their gradient from shared memory (by default) or each
+    thread its own (FUSED_XENT_STAGED_ROW_STORES=0), with the same bits, in every op, for rows that start mid-vector,
+    ignored positions, weights, smoothing and probability targets; float64 rows are never staged."""
+    torch.manual_seed(6)
+    shape, layout = case
+    x = make_logits(shape, layout, dtype)
+    weight = (torch.rand(shape[1]) + 0.5).to(dtype)
+    for y, w, reduction, smoothing in ((index_target(shape, -100), weight, "mean", 0.1),
+                                       (make_prob_target(x), None, "none", 0.0)):
+        staged = every_op_output(ops, x, y, w, reduction, -100, smoothing)
+        monkeypatch.setenv("FUSED_XENT_STAGED_ROW_STORES", "0")
+        unstaged = every_op_output(ops, x, y, w, reduction, -100, smoothing)
+        monkeypatch.delenv("FUSED_XENT_STAGED_ROW_STORES")
+        for a, b in zip(staged, unstaged, strict=True):
+            assert torch.equal(a, b)
+    monkeypatch.setenv("FUSED_XENT_STAGED_ROW_STORES", "2")
+    with pytest.raises(ValueError, match="FUSED_XENT_STAGED_ROW_STORES=2 is not a whole number from 0 to 1"):
+        ops.cross_entropy_fwd_grad(*as_ncs(x, index_target(shape, -100)), None, 1, -100, 0.0)
 
 
 @pytest.mark.parametrize("shape", [(16, 1000), (3, 12000), (4, 300, 37), (2, 3000, 5), (1, 64000, 8)], ids=str)

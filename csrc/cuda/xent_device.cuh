@@ -313,7 +313,10 @@ __device__ __forceinline__ Pack<kWidth, T> load_pack(const T* ptr) {
     } else {
       raw = *reinterpret_cast<const uint4*>(ptr);
     }
-#else  // the host emulation (tests/host/emulated_cuda.h): no caches to hint
+#elif defined(FUSED_XENT_HOST_EMULATION)  // tests/host/emulated_cuda.h: no caches to hint
+    ::fused_xent_emulation::check_vector_alignment(ptr);
+    memcpy(&raw, ptr, 16);
+#else
     raw = *reinterpret_cast<const uint4*>(ptr);
 #endif
     memcpy(&out, &raw, 16);
@@ -341,7 +344,10 @@ __device__ __forceinline__ void store_pack(T* ptr, const Pack<kWidth, T>& in) {
                    "r"(raw.w)
                    : "memory");
     }
-#else  // the host emulation (tests/host/emulated_cuda.h)
+#elif defined(FUSED_XENT_HOST_EMULATION)  // tests/host/emulated_cuda.h
+    ::fused_xent_emulation::check_vector_alignment(ptr);
+    memcpy(ptr, &raw, 16);
+#else
     memcpy(ptr, &raw, 16);
 #endif
   } else {
@@ -355,6 +361,9 @@ __device__ __forceinline__ void stash_pack(T* ptr, const Pack<kWidth, T>& in) {
   if constexpr (sizeof(Pack<kWidth, T>) == 16) {
     uint4 raw;
     memcpy(&raw, &in, 16);
+#ifdef FUSED_XENT_HOST_EMULATION
+    ::fused_xent_emulation::check_vector_alignment(ptr);
+#endif
     *reinterpret_cast<uint4*>(ptr) = raw;
   } else {
     *reinterpret_cast<Pack<kWidth, T>*>(ptr) = in;
@@ -367,19 +376,21 @@ __device__ __forceinline__ void stash_pack(T* ptr, const Pack<kWidth, T>& in) {
 // that may alias the next load in place, pin every load behind the previous use), too few to cover HBM latency.
 // A thread only ever reads and writes its own items, so a use may overwrite what its own load read. Host-callable
 // like visit_classes, so that tests/host/visit_classes.cu can check the class coverage on a machine without a GPU.
+// kBatch 1 for loads from shared memory, whose latency needs no batch (with 4, a staged row kernel of
+// xent_spatial.cu spilled at its 64 registers).
 constexpr int kLoadBatch = 4;
 
-template <int W, typename Load, typename Use>
+template <int W, int kBatch = kLoadBatch, typename Load, typename Use>
 XENT_HOST_DEVICE void visit_items(int64_t first, int64_t items, int rank, int size, Load& load, Use& use) {
   const auto width = std::integral_constant<int, W>{};
   const int64_t stride = size;
   int64_t i = rank;
-  for (; i + (kLoadBatch - 1) * stride < items; i += kLoadBatch * stride) {
-    decltype(load(width, first)) data[kLoadBatch];
+  for (; i + (kBatch - 1) * stride < items; i += kBatch * stride) {
+    decltype(load(width, first)) data[kBatch];
 #pragma unroll
-    for (int b = 0; b < kLoadBatch; ++b) data[b] = load(width, first + (i + b * stride) * W);
+    for (int b = 0; b < kBatch; ++b) data[b] = load(width, first + (i + b * stride) * W);
 #pragma unroll
-    for (int b = 0; b < kLoadBatch; ++b) use(width, first + (i + b * stride) * W, data[b]);
+    for (int b = 0; b < kBatch; ++b) use(width, first + (i + b * stride) * W, data[b]);
   }
   for (; i < items; i += stride) {
     const int64_t c = first + i * W;
@@ -392,14 +403,14 @@ XENT_HOST_DEVICE void visit_items(int64_t first, int64_t items, int rank, int si
 // `anchor + begin`, then full 16-byte vectors, then a scalar tail; this works for any row stride (odd C,
 // channels_last), because every pointer load and use touch has the same address modulo 16. A thread's classes
 // depend only on (anchor's phase, begin, end, Group), so two visits of the same range give it the same classes.
-template <typename Group, typename scalar_t, typename Load, typename Use>
+template <typename Group, int kBatch = kLoadBatch, typename scalar_t, typename Load, typename Use>
 XENT_HOST_DEVICE void visit_classes(const scalar_t* anchor, int64_t begin, int64_t end, bool vectorize, Load&& load,
                                     Use&& use) {
   constexpr int V = kVecWidth<scalar_t>;
   const int rank = Group::rank();
   const int size = Group::size();
   if (!vectorize) {
-    visit_items<1>(begin, end - begin, rank, size, load, use);
+    visit_items<1, kBatch>(begin, end - begin, rank, size, load, use);
     return;
   }
   const auto misalign = static_cast<int64_t>((reinterpret_cast<uintptr_t>(anchor + begin) & 15) / sizeof(scalar_t));
@@ -410,7 +421,7 @@ XENT_HOST_DEVICE void visit_classes(const scalar_t* anchor, int64_t begin, int64
   const auto one = std::integral_constant<int, 1>{};
   // Head and tail hold fewer than V classes each: at most one per thread.
   if (begin + rank < head_end) use(one, begin + rank, load(one, begin + rank));
-  visit_items<V>(head_end, vectors, rank, size, load, use);
+  visit_items<V, kBatch>(head_end, vectors, rank, size, load, use);
   if (tail + rank < end) use(one, tail + rank, load(one, tail + rank));
 }
 

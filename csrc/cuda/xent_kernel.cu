@@ -117,6 +117,16 @@ bool thread_per_position(const Problem& p) {
   return p.layout == Layout::kSpatial || p.C <= kThreadPerPositionMaxClasses;
 }
 
+// Rows whose gradient a warp stores 32 at a time (xent_spatial.cu write_warp_rows_grad): class stride 1, each row
+// right after the one before (offset r * C), at most 4 bytes an element. FUSED_XENT_STAGED_ROW_STORES=0 turns it
+// off, so that a benchmark can time both.
+bool rows_stored_by_warps(const Problem& p) {
+  const at::Tensor& x = p.logits;
+  const bool packed = p.layout == Layout::kRows && x.stride(1) == 1 && (p.S == 1 || x.stride(2) == p.C) &&
+                      (p.N == 1 || x.stride(0) == p.S * p.C);
+  return packed && x.element_size() <= 4 && plan_setting("FUSED_XENT_STAGED_ROW_STORES", 1, 1) == 1;
+}
+
 // Thread-per-position kernels. An NCHW input with fewer positions than half the GPU's threads (class-index targets)
 // takes a thread per (position, class range) instead, twice the GPU's threads in all where C is long enough.
 LaunchShape plan_spatial(const Problem& p, const GpuCapacity& gpu) {
@@ -129,6 +139,7 @@ LaunchShape plan_spatial(const Problem& p, const GpuCapacity& gpu) {
   LaunchShape shape = plan_per_position(positions * classes.splits, kPerPositionThreads, gpu);
   shape.splits = classes.splits;
   shape.split_len = classes.split_len;
+  shape.staged_rows = rows_stored_by_warps(p);
   return shape;
 }
 

@@ -87,6 +87,8 @@ struct LaunchShape {
   int64_t split_len = 0;   // classes per split
   // Block-per-row fused forward: the gradient sweep's loads and stores hint L2 to evict them first (CacheHint).
   bool streaming_second_sweep = false;
+  // Thread-per-position kernels over rows that follow one another: a warp stores its 32 rows' gradient together.
+  bool staged_rows = false;
 };
 
 // Cuts C classes into at most `wanted` consecutive ranges of at least min_len classes each (one range if C is

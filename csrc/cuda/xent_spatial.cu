@@ -83,17 +83,18 @@ __device__ __forceinline__ RowStats<acc_type<scalar_t>> class_range_stats(int64_
   return total;
 }
 
-// The gradient of classes [begin, end) of one position.
+// The gradient of classes [begin, end) of one position, written to g with class stride gs (the logits' own, or 1
+// in a warp's staging buffer).
 template <typename scalar_t, bool kProb>
 __device__ __forceinline__ void write_position_grad(const XentParams<scalar_t>& p, const scalar_t* x,
-                                                    const scalar_t* t, scalar_t* g,
+                                                    const scalar_t* t, scalar_t* g, int64_t gs,
                                                     const GradRow<acc_type<scalar_t>>& row, int64_t begin,
                                                     int64_t end) {
   using acc_t = acc_type<scalar_t>;
   const int64_t sc = p.stride_c;
   if (row.kind != kTargetValid) {
     const auto fill = static_cast<scalar_t>(fill_value<acc_t>(row.kind));
-    for (int64_t c = begin; c < end; ++c) g[c * sc] = fill;
+    for (int64_t c = begin; c < end; ++c) g[c * gs] = fill;
     return;
   }
   const acc_t eps = p.label_smoothing;
@@ -119,19 +120,72 @@ __device__ __forceinline__ void write_position_grad(const XentParams<scalar_t>& 
         } else {
           d = index_grad_at<acc_t>(row, p.weight, c + i, xs[i]);
         }
-        g[(c + i) * sc] = static_cast<scalar_t>(d);
+        g[(c + i) * gs] = static_cast<scalar_t>(d);
       }
     } else {
       acc_t d[W];
       index_grad_pack(row, p.weight, c, xs, d, count);  // the chunk's tests once
 #pragma unroll
-      for (int i = 0; i < W && i < count; ++i) g[(c + i) * sc] = static_cast<scalar_t>(d[i]);
+      for (int i = 0; i < W && i < count; ++i) g[(c + i) * gs] = static_cast<scalar_t>(d[i]);
     }
   });
 }
 
+// Rows of at most 32 classes that follow one another in memory (LaunchShape::staged_rows: (N, C) inputs and dense
+// channels_last), a thread per row. Written by its thread, a row's gradient is C narrow stores, and one warp-wide
+// store instruction then covers 32 rows C elements apart: 19 bfloat16 classes make 19 instructions that each write
+// 2 bytes into 32 of the 38 sectors that the warp's 1216 bytes span. Loads of that pattern are served by L1, which
+// keeps the lines between a thread's loads; stores go on to L2 piece by piece. On the H200 (2026-11-30) the forward of
+// 8x19x512x512 channels_last bfloat16 took 0.071 ms and a gradient pass about 0.38, where NCHW logits four times as
+// large, whose stores are coalesced, took 0.25 for theirs. So a warp that owns 32 whole rows writes their gradient to
+// shared memory first, then stores the 32 C elements as 16-byte vectors, as the block-per-row kernels do (predicted
+// to pay, not yet timed). Its buffer takes the gradient's address phase, so that its reads are vectors too.
+template <typename scalar_t>
+constexpr int kStagedRowElements = 32 * 32 + 16 / int(sizeof(scalar_t));  // 32 rows of up to 32, and the phase
+
 template <typename scalar_t, bool kProb>
-__global__ void __launch_bounds__(kPerPositionThreads) spatial_forward_kernel(const XentParams<scalar_t> p) {
+__device__ __forceinline__ void write_warp_rows_grad(const XentParams<scalar_t>& p, const scalar_t* x,
+                                                     const scalar_t* t, const GradRow<acc_type<scalar_t>>& row,
+                                                     int64_t r, int64_t positions, scalar_t* warp_buffer) {
+  const int lane = threadIdx.x & 31;
+  const int64_t first = r - lane;  // the warp's first row: blocks and the grid stride are whole warps
+  scalar_t* g = p.grad + first * p.C;
+  if (first + 32 > positions) {  // a partial warp at the end: each thread stores its own row
+    write_position_grad<scalar_t, kProb>(p, x, t, g + lane * p.C, 1, row, 0, p.C);
+    return;
+  }
+  scalar_t* staged = warp_buffer + (reinterpret_cast<uintptr_t>(g) & 15) / sizeof(scalar_t);
+  write_position_grad<scalar_t, kProb>(p, x, t, staged + lane * p.C, 1, row, 0, p.C);
+  __syncwarp();
+  // x may be g (the in-place op): every lane has used its loads of x by now, so no store below can reach one.
+  visit_classes<WarpGroup, /*kBatch=*/1>(
+      g, 0, 32 * p.C, /*vectorize=*/true,
+      [&](auto width, int64_t c) { return load_pack<decltype(width)::value>(staged + c); },
+      [&](auto width, int64_t c, const auto& values) { store_pack<decltype(width)::value>(g + c, values); });
+  __syncwarp();  // the buffer holds the next rows' gradient after this
+}
+
+// Blocks per SM the staged kernels are built for: four of 256 threads, at 64 registers without spills (sm_90 SASS),
+// where the unstaged ones take 40-48 registers, five or six blocks. Held to five blocks (48 registers), every staged
+// kernel spilled; left to ptxas, the float32 probability-target forward took 80 registers and spilled.
+template <bool kStaged>
+constexpr int kStagedMinBlocks = kStaged ? 4 : 0;
+
+// This warp's staging buffer (kStaged kernels: a dtype of at most 4 bytes, 8.1 KiB of float32 a warp).
+template <typename scalar_t>
+struct alignas(16) BlockRowBuffers {  // raw bytes: a __shared__ array of c10::BFloat16 would need a constructor
+  unsigned char bytes[kPerPositionThreads / 32 * kStagedRowElements<scalar_t> * sizeof(scalar_t)];
+};
+
+template <typename scalar_t>
+__device__ __forceinline__ scalar_t* warp_row_buffer() {
+  __shared__ BlockRowBuffers<scalar_t> buffers;
+  return reinterpret_cast<scalar_t*>(buffers.bytes) + (threadIdx.x >> 5) * kStagedRowElements<scalar_t>;
+}
+
+template <typename scalar_t, bool kProb, bool kStaged>
+__global__ void __launch_bounds__(kPerPositionThreads, kStagedMinBlocks<kStaged>)
+    spatial_forward_kernel(const XentParams<scalar_t> p) {
   using acc_t = acc_type<scalar_t>;
   const int64_t positions = p.N * p.S;
   const int64_t sc = p.stride_c;
@@ -177,7 +231,11 @@ __global__ void __launch_bounds__(kPerPositionThreads) spatial_forward_kernel(co
     if (p.grad) {
       const auto row =
           forward_grad_row<kProb>(target, st, log_sum, weight_sum, eps, p.C, upstream_scale(p, pos.n, pos.s));
-      write_position_grad<scalar_t, kProb>(p, x, t, p.grad + pos.offset, row, 0, p.C);
+      if constexpr (kStaged) {
+        write_warp_rows_grad<scalar_t, kProb>(p, x, t, row, r, positions, warp_row_buffer<scalar_t>());
+      } else {
+        write_position_grad<scalar_t, kProb>(p, x, t, p.grad + pos.offset, sc, row, 0, p.C);
+      }
     }
   }
 
@@ -220,8 +278,9 @@ __global__ void __launch_bounds__(kPerPositionThreads)
 // One thread per position, or with kSplit per (position, class range); probability targets always come with one
 // range (all C classes), since every gradient element needs the whole row's target sum. kSplit is a compile-time
 // choice: the split arithmetic took the sm_90 fp32 kernel from 40 to 46 registers, 5 blocks per SM instead of 6.
-template <typename scalar_t, bool kProb, bool kSplit>
-__global__ void __launch_bounds__(kPerPositionThreads)
+// kStaged (never with kSplit): rows stored a warp at a time (write_warp_rows_grad).
+template <typename scalar_t, bool kProb, bool kSplit, bool kStaged>
+__global__ void __launch_bounds__(kPerPositionThreads, kStagedMinBlocks<kStaged>)
     spatial_grad_kernel(const XentParams<scalar_t> p, int64_t splits, int64_t split_len) {
   using acc_t = acc_type<scalar_t>;
   const int64_t positions = p.N * p.S;
@@ -257,16 +316,32 @@ __global__ void __launch_bounds__(kPerPositionThreads)
       const acc_t weight_of_target = kind == kTargetValid ? class_weight(p.weight, y) : acc_t(0);
       row = index_grad_row<acc_t>(kind, y, weight_of_target, saved.lse, weight_sum, eps, p.C, scale);
     }
-    write_position_grad<scalar_t, kProb>(p, p.logits + pos.offset, t, p.grad + pos.offset,
-                                         with_lse_factor(row, saved.factor), work.begin, work.end);
+    if constexpr (kStaged) {
+      write_warp_rows_grad<scalar_t, kProb>(p, p.logits + pos.offset, t, with_lse_factor(row, saved.factor), r,
+                                            positions, warp_row_buffer<scalar_t>());
+    } else {
+      write_position_grad<scalar_t, kProb>(p, p.logits + pos.offset, t, p.grad + pos.offset, sc,
+                                           with_lse_factor(row, saved.factor), work.begin, work.end);
+    }
   }
 }
 
 }  // namespace
 
+// float64 rows are never staged (32 of 32 classes a warp would need 64 KiB a block): no such kernels are built.
+template <typename scalar_t>
+constexpr bool kStagedRowsBuilt = sizeof(scalar_t) <= 4;
+
 template <typename scalar_t>
 void launch_spatial_forward(const XentParams<scalar_t>& p, const LaunchShape& shape, cudaStream_t stream) {
-  auto kernel = p.target_prob ? spatial_forward_kernel<scalar_t, true> : spatial_forward_kernel<scalar_t, false>;
+  auto kernel = p.target_prob ? spatial_forward_kernel<scalar_t, true, false>
+                              : spatial_forward_kernel<scalar_t, false, false>;
+  if constexpr (kStagedRowsBuilt<scalar_t>) {
+    if (shape.staged_rows && p.grad) {
+      kernel = p.target_prob ? spatial_forward_kernel<scalar_t, true, true>
+                             : spatial_forward_kernel<scalar_t, false, true>;
+    }
+  }
   launch_kernel(kernel, shape.grid, shape.threads, stream, p);
 }
 
@@ -281,9 +356,15 @@ template <typename scalar_t>
 void launch_spatial_grad(const XentParams<scalar_t>& p, const LaunchShape& shape, cudaStream_t stream) {
   const bool split = shape.splits > 1;
   TORCH_INTERNAL_ASSERT(!split || !p.target_prob, "split spatial gradient of probability targets");
-  auto kernel = p.target_prob ? spatial_grad_kernel<scalar_t, true, false>
-                : split       ? spatial_grad_kernel<scalar_t, false, true>
-                              : spatial_grad_kernel<scalar_t, false, false>;
+  auto kernel = p.target_prob ? spatial_grad_kernel<scalar_t, true, false, false>
+                : split       ? spatial_grad_kernel<scalar_t, false, true, false>
+                              : spatial_grad_kernel<scalar_t, false, false, false>;
+  if constexpr (kStagedRowsBuilt<scalar_t>) {
+    if (shape.staged_rows && !split) {
+      kernel = p.target_prob ? spatial_grad_kernel<scalar_t, true, false, true>
+                             : spatial_grad_kernel<scalar_t, false, false, true>;
+    }
+  }
   launch_kernel(kernel, shape.grid, shape.threads, stream, p, shape.splits, shape.split_len);
 }
 

@@ -278,6 +278,16 @@ T& block_shared(Site) {
   return copies[block_rank()];
 }
 
+// A GPU faults on a 16-byte access that is not 16-byte aligned, where the host would quietly do it: the vector loads
+// and stores of csrc/cuda/xent_device.cuh check here.
+inline void check_vector_alignment(const void* ptr) {
+  if (reinterpret_cast<uintptr_t>(ptr) % 16 != 0) {
+    std::fprintf(stderr, "emulated CUDA: a 16-byte access at %p, which is not 16-byte aligned (block %u, thread %u)\n",
+                 ptr, blockIdx.x, threadIdx.x);
+    std::abort();
+  }
+}
+
 // The running block's dynamic shared memory (FUSED_XENT_DYNAMIC_SHARED), fresh for each cluster.
 template <typename T>
 T* dynamic_shared() {
