@@ -109,6 +109,17 @@ def every_op_output(ops, x, y, weight, reduction, ignore_index, smoothing):
             loss_in_place, overwritten, grad)
 
 
+def assert_same_bits_under(monkeypatch, call, name, values):
+    """call()'s tensors with environment variable `name` set to each of `values` are bitwise those without it."""
+    monkeypatch.delenv(name, raising=False)
+    unset = call()
+    for value in values:
+        monkeypatch.setenv(name, value)
+        for got, expected in zip(call(), unset, strict=True):
+            assert torch.equal(got, expected), (name, value)
+    monkeypatch.delenv(name)
+
+
 def value_check_cases(device):
     """(target or None, weight or None, ignore_index, num_classes, expected flags) for the value_check op: class
     indices in int64 and uint8, ignore_index below, inside and above the classes, a bad index at a random place (one

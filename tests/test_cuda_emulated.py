@@ -5,6 +5,7 @@ float64, through the same four ops as the CPU kernel, and run under AddressSanit
 registers.
 """
 
+import functools
 import os
 import re
 import subprocess
@@ -15,7 +16,15 @@ import pytest
 import torch
 from emulated_kernels import CASES
 from helpers import make_class_target, make_logits, make_prob_target, run_under_address_sanitizer
-from op_checks import as_ncs, check_all_ops, check_scale_unit_grad, every_op_output, reference, value_check_cases
+from op_checks import (
+    as_ncs,
+    assert_same_bits_under,
+    check_all_ops,
+    check_scale_unit_grad,
+    every_op_output,
+    reference,
+    value_check_cases,
+)
 from tolerances import assert_close, assert_grad_close
 
 
@@ -160,19 +169,8 @@ def test_threads_in_random_order(ops, monkeypatch, case):
                                       "1234")):
         for name, value in device.items():
             monkeypatch.setenv(name, value)
-        assert_same_bits_in_random_order(monkeypatch, both_forwards, seeds)
+        assert_same_bits_under(monkeypatch, both_forwards, "FUSED_XENT_EMULATED_SCHEDULE_SEED", seeds)
     check_all_ops(ops, x, make_prob_target(x), None, "none", -100, 0.1)
-
-
-def assert_same_bits_in_random_order(monkeypatch, call, seeds):
-    """call()'s tensors under each schedule seed are bitwise those of thread order."""
-    monkeypatch.delenv("FUSED_XENT_EMULATED_SCHEDULE_SEED", raising=False)
-    in_order = call()
-    for seed in seeds:
-        monkeypatch.setenv("FUSED_XENT_EMULATED_SCHEDULE_SEED", seed)
-        for got, expected in zip(call(), in_order, strict=True):
-            assert torch.equal(got, expected), seed
-    monkeypatch.delenv("FUSED_XENT_EMULATED_SCHEDULE_SEED")
 
 
 def test_plans_change_with_the_multiprocessor_count_results_do_not(ops, monkeypatch):
@@ -376,7 +374,8 @@ def test_cluster_blocks_in_random_order(ops, monkeypatch, sm90, case):
     monkeypatch.setenv("FUSED_XENT_MAX_CLUSTER_BLOCKS", max_blocks)
     x, target, weight = cluster_rows(shape, dtype, 9)
     args = (*as_ncs(x, target), weight.to(dtype), 1, -100, 0.1)
-    assert_same_bits_in_random_order(monkeypatch, lambda: ops.cross_entropy_fwd_grad(*args), "123")
+    assert_same_bits_under(monkeypatch, lambda: ops.cross_entropy_fwd_grad(*args), "FUSED_XENT_EMULATED_SCHEDULE_SEED",
+                           "123")
     assert cluster_sizes(sm90) == [blocks] * 4
 
 
@@ -409,12 +408,8 @@ def test_rows_stored_by_warps_are_those_stored_by_threads(ops, monkeypatch, case
     weight = (torch.rand(shape[1]) + 0.5).to(dtype)
     for y, w, reduction, smoothing in ((index_target(shape, -100), weight, "mean", 0.1),
                                        (make_prob_target(x), None, "none", 0.0)):
-        staged = every_op_output(ops, x, y, w, reduction, -100, smoothing)
-        monkeypatch.setenv("FUSED_XENT_STAGED_ROW_STORES", "0")
-        unstaged = every_op_output(ops, x, y, w, reduction, -100, smoothing)
-        monkeypatch.delenv("FUSED_XENT_STAGED_ROW_STORES")
-        for a, b in zip(staged, unstaged, strict=True):
-            assert torch.equal(a, b)
+        outputs = functools.partial(every_op_output, ops, x, y, w, reduction, -100, smoothing)
+        assert_same_bits_under(monkeypatch, outputs, "FUSED_XENT_STAGED_ROW_STORES", ["0"])
     monkeypatch.setenv("FUSED_XENT_STAGED_ROW_STORES", "2")
     with pytest.raises(ValueError, match="FUSED_XENT_STAGED_ROW_STORES=2 is not a whole number from 0 to 1"):
         ops.cross_entropy_fwd_grad(*as_ncs(x, index_target(shape, -100)), None, 1, -100, 0.0)

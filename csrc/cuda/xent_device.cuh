@@ -27,6 +27,14 @@
 #define FUSED_XENT_DYNAMIC_SHARED(type, name) extern __shared__ __align__(16) type name[]
 #endif
 
+// A GPU faults on a 16-byte access that is not 16-byte aligned; the host emulation checks each one, since the host
+// itself would not notice.
+#ifdef FUSED_XENT_HOST_EMULATION
+#define FUSED_XENT_CHECK_VECTOR_ALIGNMENT(ptr) ::fused_xent_emulation::check_vector_alignment(ptr)
+#else
+#define FUSED_XENT_CHECK_VECTOR_ALIGNMENT(ptr)
+#endif
+
 namespace fused_xent {
 namespace cuda {
 
@@ -313,10 +321,8 @@ __device__ __forceinline__ Pack<kWidth, T> load_pack(const T* ptr) {
     } else {
       raw = *reinterpret_cast<const uint4*>(ptr);
     }
-#elif defined(FUSED_XENT_HOST_EMULATION)  // tests/host/emulated_cuda.h: no caches to hint
-    ::fused_xent_emulation::check_vector_alignment(ptr);
-    memcpy(&raw, ptr, 16);
-#else
+#else  // the host emulation (tests/host/emulated_cuda.h): no caches to hint
+    FUSED_XENT_CHECK_VECTOR_ALIGNMENT(ptr);
     raw = *reinterpret_cast<const uint4*>(ptr);
 #endif
     memcpy(&out, &raw, 16);
@@ -344,10 +350,8 @@ __device__ __forceinline__ void store_pack(T* ptr, const Pack<kWidth, T>& in) {
                    "r"(raw.w)
                    : "memory");
     }
-#elif defined(FUSED_XENT_HOST_EMULATION)  // tests/host/emulated_cuda.h
-    ::fused_xent_emulation::check_vector_alignment(ptr);
-    memcpy(ptr, &raw, 16);
-#else
+#else  // the host emulation (tests/host/emulated_cuda.h)
+    FUSED_XENT_CHECK_VECTOR_ALIGNMENT(ptr);
     memcpy(ptr, &raw, 16);
 #endif
   } else {
@@ -361,9 +365,7 @@ __device__ __forceinline__ void stash_pack(T* ptr, const Pack<kWidth, T>& in) {
   if constexpr (sizeof(Pack<kWidth, T>) == 16) {
     uint4 raw;
     memcpy(&raw, &in, 16);
-#ifdef FUSED_XENT_HOST_EMULATION
-    ::fused_xent_emulation::check_vector_alignment(ptr);
-#endif
+    FUSED_XENT_CHECK_VECTOR_ALIGNMENT(ptr);
     *reinterpret_cast<uint4*>(ptr) = raw;
   } else {
     *reinterpret_cast<Pack<kWidth, T>*>(ptr) = in;

@@ -278,8 +278,7 @@ T& block_shared(Site) {
   return copies[block_rank()];
 }
 
-// A GPU faults on a 16-byte access that is not 16-byte aligned, where the host would quietly do it: the vector loads
-// and stores of csrc/cuda/xent_device.cuh check here.
+// FUSED_XENT_CHECK_VECTOR_ALIGNMENT of csrc/cuda/xent_device.cuh: a 16-byte access must be 16-byte aligned.
 inline void check_vector_alignment(const void* ptr) {
   if (reinterpret_cast<uintptr_t>(ptr) % 16 != 0) {
     std::fprintf(stderr, "emulated CUDA: a 16-byte access at %p, which is not 16-byte aligned (block %u, thread %u)\n",
