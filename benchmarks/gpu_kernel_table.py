@@ -33,21 +33,41 @@ def _variants(label, shape, element_size):
     setting changes the plan only for such rows) and, on the block-per-row shapes (not split across blocks), its
     L2-resident plan (rows in flight held to L2, the gradient sweep streaming: FUSED_XENT_L2_RESIDENT_ROWS_PERCENT;
     on the H200 half of L2 was slower, and the hints alone no better). Triton's versions of the L2-resident plan and
-    of pipelined row-statistics loads did not pay on the H200 and were removed. Rows of a few classes, one after
-    another (a thread per row), once more with their gradient stored by each thread instead of by its warp from
-    shared memory (FUSED_XENT_STAGED_ROW_STORES=0)."""
+    of pipelined row-statistics loads did not pay on the H200 and were removed. Rows a block or more would own
+    (block and split rows), once more with their slices brought by the copy engine into double-buffered clusters
+    (FUSED_XENT_BULK_ROW_SLICES=1, csrc/cuda/xent_rows_cluster.cu), where each row spans a multiple of 16 bytes: the
+    forward and the fused forward in slices of up to 100 KiB (one block per SM), and the fused forward again in
+    slices of up to 48 KiB (FUSED_XENT_BULK_SLICE_KIB, two blocks). Rows
+    of a few classes, one after another (a thread per row), once more with their gradient stored by each thread
+    instead of by its warp from shared memory (FUSED_XENT_STAGED_ROW_STORES=0)."""
     variants = {}
     if label in ("rows thread", "channels_last"):
         for mode in ("fwd+bwd recompute", "fwd+bwd in_forward"):
-            variants[f"{mode}, row stores unstaged"] = (
-                ("cuda",), lambda: env_info.environment_variable("FUSED_XENT_STAGED_ROW_STORES", "0"))
+            variants[f"{mode}, row stores unstaged"] = (("cuda",), _settings(FUSED_XENT_STAGED_ROW_STORES="0"))
+    if label.startswith(("rows block", "rows split")) and shape[1] * element_size % 16 == 0:
+        for mode in ("fwd", "fwd+bwd in_forward"):
+            variants[f"{mode}, bulk row slices"] = (("cuda",), _settings(FUSED_XENT_BULK_ROW_SLICES="1"))
+        variants["fwd+bwd in_forward, bulk row slices <= 48 KiB"] = (
+            ("cuda",), _settings(FUSED_XENT_BULK_ROW_SLICES="1", FUSED_XENT_BULK_SLICE_KIB="48"))
     if label.startswith("rows") and shape[1] * element_size > 96 * 1024:
-        variants["fwd+bwd in_forward, clusters <= 16"] = (
-            ("cuda",), lambda: env_info.environment_variable("FUSED_XENT_MAX_CLUSTER_BLOCKS", "16"))
+        variants["fwd+bwd in_forward, clusters <= 16"] = (("cuda",), _settings(FUSED_XENT_MAX_CLUSTER_BLOCKS="16"))
         if label.startswith("rows block"):
             variants["fwd+bwd in_forward, rows in flight <= L2"] = (
-                ("cuda",), lambda: env_info.environment_variable("FUSED_XENT_L2_RESIDENT_ROWS_PERCENT", "100"))
+                ("cuda",), _settings(FUSED_XENT_L2_RESIDENT_ROWS_PERCENT="100"))
     return variants
+
+
+def _settings(**values):
+    """A plan: a context in which each environment variable named has its value, every one restored after it."""
+
+    @contextlib.contextmanager
+    def plan():
+        with contextlib.ExitStack() as stack:
+            for name, value in values.items():
+                stack.enter_context(env_info.environment_variable(name, value))
+            yield
+
+    return plan
 
 
 # (label, shape, dtype, layout, fraction of targets ignored): thread rows, warp rows, block rows, split rows, spatial

@@ -5,7 +5,8 @@
 Each op of each GPU backend runs on rows with a warp per position, a block per position, rows split across blocks,
 a cluster per position, NCHW and channels_last positions, misaligned rows, probability targets, weights,
 smoothing, every reduction, and out-of-range class indices (which must give NaN without touching memory out of
-bounds); so does the CUDA backend's value check. The sanitizer reports any out-of-bounds or misaligned access; this
+bounds); so does the CUDA backend's value check, and its fused forward with the copy engine filling cluster slices
+(FUSED_XENT_BULK_ROW_SLICES=1). The sanitizer reports any out-of-bounds or misaligned access; this
 script only checks that the results are finite where they should be. `--device cpu` runs the same calls through
 the CPU kernel (which raises on out-of-range indices instead, so those are left out): a check of this script
 itself, without a GPU.
@@ -13,6 +14,7 @@ itself, without a GPU.
 
 import argparse
 import itertools
+import os
 
 import torch
 
@@ -95,8 +97,38 @@ def run_backend(ops, device):
                 torch.cuda.synchronize()
                 assert flags.tolist() == [int(target is bad_target), int(w is nan_weight)], case
                 calls += 1
+    if ops.name == "cuda":
+        calls += bulk_slice_calls(ops)
     if device == "cuda":
         torch.cuda.synchronize()
+    return calls
+
+
+def bulk_slice_calls(ops):
+    """The forward ops with FUSED_XENT_BULK_ROW_SLICES=1 on rows the copy engine can slice: clusters of one
+    block (32000 classes) and of 5 and 10 (256000 bfloat16 and float32), every fifth position ignored (never
+    fetched), some class indices out of range."""
+    calls = 0
+    previous = os.environ.get("FUSED_XENT_BULK_ROW_SLICES")
+    os.environ["FUSED_XENT_BULK_ROW_SLICES"] = "1"
+    try:
+        for shape, dtype in itertools.product(((6, 32000), (40, 256000)), (torch.float32, torch.bfloat16)):
+            x = as_ops_view(make_logits(shape, "contiguous", dtype, "cuda"))
+            target = torch.randint(0, shape[1], (shape[0], 1), device="cuda")
+            target.view(-1)[::5] = -100
+            target.view(-1)[1::7] = shape[1]
+            weight = torch.rand(shape[1], device="cuda", dtype=dtype) + 0.5
+            for w, reduction, smoothing in ((None, 0, 0.0), (weight, 1, 0.1)):
+                loss, _ = ops.fwd_grad(x, target, w, reduction, -100, smoothing)
+                ops.fwd_grad_(x.clone(), target, w, reduction, -100, smoothing)
+                ops.fwd(x, target, w, reduction, -100, smoothing)
+                assert loss.isnan().any() and (reduction == 1 or loss.view(-1)[2].isfinite()), (shape, dtype)
+                calls += 3
+    finally:
+        if previous is None:
+            del os.environ["FUSED_XENT_BULK_ROW_SLICES"]
+        else:
+            os.environ["FUSED_XENT_BULK_ROW_SLICES"] = previous
     return calls
 
 

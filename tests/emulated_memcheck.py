@@ -46,15 +46,21 @@ def main():
 
 
 def cluster_kernel_calls(ops):
-    """The fused forward ops on an emulated sm_90 device whose L2 the rows outgrow: clusters of 1, 2 and 3 blocks,
-    each block staging its slice of a row in dynamic shared memory of the size the launch asks for, in place over
-    logits one element into their buffer too. Fails unless each call took the cluster kernel."""
+    """The fused forward ops on an emulated sm_90 device of 4 multiprocessors whose L2 the rows outgrow: clusters of
+    1, 2 and 3 blocks, each block staging its slice of a row in dynamic shared memory of the size the launch asks
+    for, in place over logits one element into their buffer too; then the same with the copy engine filling the
+    slices (FUSED_XENT_BULK_ROW_SLICES=1) of rows that start 16-byte aligned, for the plain forward as well, the
+    offset logits left to the blocks' own loads. Fails unless each call took the cluster kernel."""
     calls = 0
+    shapes = {"0": (((3, 3001), torch.float32), ((3, 30001), torch.float32), ((2, 30001), torch.float64)),
+              "1": (((3, 3008), torch.float32), ((3, 30000), torch.float32), ((2, 30000), torch.float64))}
     with tempfile.TemporaryDirectory() as directory:
         log = os.path.join(directory, "launches")
         os.environ.update(FUSED_XENT_EMULATED_CC_MAJOR="9", FUSED_XENT_EMULATED_L2_BYTES=str(64 * 1024),
-                          FUSED_XENT_MAX_CLUSTER_BLOCKS="3", FUSED_XENT_EMULATED_LAUNCH_LOG=log)
-        for shape, dtype in (((3, 3001), torch.float32), ((3, 30001), torch.float32), ((2, 30001), torch.float64)):
+                          FUSED_XENT_EMULATED_SMS="4", FUSED_XENT_MAX_CLUSTER_BLOCKS="3",
+                          FUSED_XENT_EMULATED_LAUNCH_LOG=log)
+        for bulk, (shape, dtype) in ((bulk, case) for bulk, cases in shapes.items() for case in cases):
+            os.environ["FUSED_XENT_BULK_ROW_SLICES"] = bulk
             weight = (torch.rand(shape[1]) + 0.5).to(dtype)
             target = make_class_target(shape[:1], shape[1])
             target[1] = -100
@@ -63,10 +69,13 @@ def cluster_kernel_calls(ops):
                 if layout == "contiguous":  # a fresh gradient is in the phase of these logits only
                     ops.cross_entropy_fwd_grad(x, y, weight, 1, -100, 0.1)
                     calls += 1
+                    if bulk == "1":  # the bulk-copy kernel serves the plain forward too
+                        ops.cross_entropy_fwd(x, y, weight, 2, -100, 0.0)
+                        calls += 1
                 ops.cross_entropy_fwd_grad_(x, y, weight, 0, -100, 0.0)
                 calls += 1
         with open(log) as lines:
-            clustered = sum(len(line.split()) == 3 for line in lines)
+            clustered = sum(len(line.split()) == 4 for line in lines)  # grid, threads, blocks, shared memory
     if clustered != calls:
         raise AssertionError(f"{clustered} of {calls} fused forward calls took the cluster kernel")
     return calls

@@ -432,13 +432,20 @@ def test_gpu_kernel_table_times_a_variant_under_its_plan_for_its_backend_only(mo
     (variant,) = [row for row in rows if row[3] == "fwd, a plan"]
     assert entered and variant[4]["cpu"][0] > 0 and variant[4]["torch"][0] != variant[4]["torch"][0]
     assert variant[5] == rows[0][5]  # against eager's forward
+    bulk = {"fwd, bulk row slices", "fwd+bwd in_forward, bulk row slices",
+            "fwd+bwd in_forward, bulk row slices <= 48 KiB"}
     assert variants("rows block", (8192, 128256), 2).keys() == {
-        "fwd+bwd in_forward, clusters <= 16", "fwd+bwd in_forward, rows in flight <= L2"}
+        "fwd+bwd in_forward, clusters <= 16", "fwd+bwd in_forward, rows in flight <= L2", *bulk}
     assert all(backends == ("cuda",) for backends, _ in variants("rows block", (8192, 128256), 2).values())
-    assert variants("rows split", (512, 256000), 2).keys() == {"fwd+bwd in_forward, clusters <= 16"}
+    assert variants("rows split", (512, 256000), 2).keys() == {"fwd+bwd in_forward, clusters <= 16", *bulk}
     with variants("rows block", (8192, 128256), 2)["fwd+bwd in_forward, rows in flight <= L2"][1]():
         assert os.environ["FUSED_XENT_L2_RESIDENT_ROWS_PERCENT"] == "100"
-    assert not variants("rows block", (4096, 32000), 2)
+    monkeypatch.setenv("FUSED_XENT_BULK_SLICE_KIB", "64")
+    with variants("rows block, half ignored", (8192, 128256), 2)["fwd+bwd in_forward, bulk row slices <= 48 KiB"][1]():
+        assert (os.environ["FUSED_XENT_BULK_ROW_SLICES"], os.environ["FUSED_XENT_BULK_SLICE_KIB"]) == ("1", "48")
+    assert "FUSED_XENT_BULK_ROW_SLICES" not in os.environ and os.environ["FUSED_XENT_BULK_SLICE_KIB"] == "64"
+    assert variants("rows block", (4096, 32000), 2).keys() == bulk
+    assert not variants("rows block", (4096, 32001), 2)
     assert not variants("spatial", (16, 19, 512, 1024), 4)
     unstaged = variants("channels_last", (8, 19, 512, 512), 2)
     assert unstaged.keys() == {"fwd+bwd recompute, row stores unstaged", "fwd+bwd in_forward, row stores unstaged"}

@@ -303,9 +303,15 @@ def sm90(monkeypatch, tmp_path):
     return log
 
 
+def cluster_launches(log):
+    """(blocks per cluster, dynamic shared memory bytes) of each cluster launch logged since the last call (plain
+    launches log neither)."""
+    return [shape[2:] for shape in launches(log) if len(shape) == 4]
+
+
 def cluster_sizes(log):
-    """The blocks per cluster of each cluster launch logged since the last call (plain launches log no third field)."""
-    return [shape[2] for shape in launches(log) if len(shape) == 3]
+    """The blocks per cluster of each cluster launch logged since the last call."""
+    return [blocks for blocks, _ in cluster_launches(log)]
 
 
 def cluster_rows(shape, dtype, seed):
@@ -327,16 +333,28 @@ def test_cluster_kernel(ops, monkeypatch, sm90, case):
     shape, dtype, max_blocks, blocks = case
     if max_blocks is not None:
         monkeypatch.setenv("FUSED_XENT_MAX_CLUSTER_BLOCKS", max_blocks)
+    *by_reduction, offset = checked_cluster_launches(ops, sm90, shape, dtype)
+    # cross_entropy_fwd_grad and its in-place form, then the in-place form alone
+    assert [[size for size, _ in launched] for launched in by_reduction] == [[blocks, blocks]] * 3
+    assert [size for size, _ in offset] == [blocks]
+
+
+def checked_cluster_launches(ops, log, shape, dtype):
+    """check_all_ops on cluster_rows with and without weights and label smoothing, over every reduction; then the
+    in-place op over the same logits one element into their buffer (every row starts mid-vector) against PyTorch.
+    Returns the cluster launches (cluster_launches) of each reduction's calls, and of the in-place call."""
     x, target, weight = cluster_rows(shape, dtype, 7)
+    launched = []
     for reduction, weighted, smoothing in (("mean", True, 0.1), ("none", False, 0.0), ("sum", True, 0.2)):
         check_all_ops(ops, x, target, weight if weighted else None, reduction, -100, smoothing)
-        assert cluster_sizes(sm90) == [blocks, blocks], reduction  # cross_entropy_fwd_grad and its in-place form
+        launched.append(cluster_launches(log))
     offset = make_logits(shape, "offset", dtype)
     expected_loss, expected_grad = reference(offset, target, weight.to(dtype), "mean", -100, 0.1)
     loss = ops.cross_entropy_fwd_grad_(*as_ncs(offset, target), weight.to(dtype), 1, -100, 0.1)
-    assert cluster_sizes(sm90) == [blocks]
+    launched.append(cluster_launches(log))
     assert_close(loss, expected_loss, loss.dtype, "loss")
     assert_grad_close(offset, expected_grad, dtype, "gradient")
+    return launched
 
 
 def test_cluster_kernel_only_where_planned(ops, monkeypatch, sm90):
@@ -350,19 +368,29 @@ def test_cluster_kernel_only_where_planned(ops, monkeypatch, sm90):
     clustered = ops.cross_entropy_fwd_grad(x3, y3, *rest)
     assert cluster_sizes(sm90) == [2]
     offset = as_ncs(make_logits((7, 30001), "offset", torch.float32).copy_(x), target)[0]
-    for why, call in (("forward only", lambda: ops.cross_entropy_fwd(x3, y3, *rest)),
-                      ("gradient out of phase", lambda: ops.cross_entropy_fwd_grad(offset, y3, *rest)),
-                      ("probabilities", lambda: ops.cross_entropy_fwd_grad(x3, make_prob_target(x3), *rest))):
+    calls = {"forward only": lambda: ops.cross_entropy_fwd(x3, y3, *rest),
+             "gradient out of phase": lambda: ops.cross_entropy_fwd_grad(offset, y3, *rest),
+             "probabilities": lambda: ops.cross_entropy_fwd_grad(x3, make_prob_target(x3), *rest)}
+    settings = (("FUSED_XENT_MAX_CLUSTER_BLOCKS", "1"), ("FUSED_XENT_MAX_CLUSTER_BLOCKS", "0"),
+                ("FUSED_XENT_EMULATED_L2_BYTES", str(8 << 20)), ("FUSED_XENT_EMULATED_CC_MAJOR", "8"))
+    assert_no_cluster_launch(monkeypatch, sm90, calls, settings, lambda: ops.cross_entropy_fwd_grad(x3, y3, *rest),
+                             clustered)
+
+
+def assert_no_cluster_launch(monkeypatch, log, calls, settings, forward, clustered):
+    """None of `calls` ({why: call}) launches the cluster kernel, nor does forward() under any of `settings`
+    ((name, value) of an environment variable), whose first two results match `clustered`, those it gave without
+    them."""
+    for why, call in calls.items():
         call()
-        assert cluster_sizes(sm90) == [], why
-    for name, value in (("FUSED_XENT_MAX_CLUSTER_BLOCKS", "1"), ("FUSED_XENT_MAX_CLUSTER_BLOCKS", "0"),
-                        ("FUSED_XENT_EMULATED_L2_BYTES", str(8 << 20)), ("FUSED_XENT_EMULATED_CC_MAJOR", "8")):
+        assert cluster_launches(log) == [], why
+    for name, value in settings:
         with monkeypatch.context() as patch:
             patch.setenv(name, value)
-            loss, grad = ops.cross_entropy_fwd_grad(x3, y3, *rest)
-        assert cluster_sizes(sm90) == [], (name, value)
-        torch.testing.assert_close(clustered[0], loss, rtol=1e-6, atol=0)
-        torch.testing.assert_close(clustered[1], grad, rtol=1e-5, atol=1e-10)
+            results = forward()
+        assert cluster_launches(log) == [], (name, value)
+        torch.testing.assert_close(clustered[0], results[0], rtol=1e-6, atol=0)  # the loss
+        torch.testing.assert_close(clustered[1], results[1], rtol=1e-5, atol=1e-10)  # the gradient, or lse
 
 
 @pytest.mark.parametrize("case", CLUSTER_CASES[2:], ids=cluster_case_id)
@@ -377,6 +405,120 @@ def test_cluster_blocks_in_random_order(ops, monkeypatch, sm90, case):
     assert_same_bits_under(monkeypatch, lambda: ops.cross_entropy_fwd_grad(*args), "FUSED_XENT_EMULATED_SCHEDULE_SEED",
                            "123")
     assert cluster_sizes(sm90) == [blocks] * 4
+
+
+# (shape, dtype, multiprocessors, FUSED_XENT_BULK_SLICE_KIB or None for its default, blocks per cluster): rows that
+# start 16-byte aligned and span a multiple of 16 bytes, whose slices the copy engine fills with
+# FUSED_XENT_BULK_ROW_SLICES=1 (up to 100 KiB each by default, two buffers a block, one block per multiprocessor
+# where they exceed half its shared memory). Clusters walk several rows, so each buffer is refilled: 8 clusters of
+# one block for 10 rows of 12 KB, 2 of one block for 9 rows of 80 KB, 1 of two for 7, 1 of three for 3 float64 rows
+# of 240 KB, and 1 of three for 7 rows in slices of at most 48 KiB, two blocks per multiprocessor.
+BULK_CASES = [
+    ((10, 3008), torch.float32, 2, None, 1),
+    ((9, 40000), torch.bfloat16, 2, None, 1),
+    ((7, 30000), torch.float32, 2, None, 2),
+    ((3, 30000), torch.float64, 4, None, 3),
+    ((7, 30000), torch.float32, 2, "48", 3),
+]
+
+
+def bulk_slice_bytes(shape, dtype, blocks):
+    """The dynamic shared memory of a bulk-copy cluster launch: two buffers of a slice rounded up to 64 classes."""
+    classes_per_block = -(-shape[1] // blocks)
+    return 2 * -(-classes_per_block // 64) * 64 * dtype.itemsize
+
+
+@pytest.fixture
+def bulk_slices(monkeypatch, sm90):
+    """An emulated sm_90 device with FUSED_XENT_BULK_ROW_SLICES=1; returns the launch log."""
+    monkeypatch.setenv("FUSED_XENT_BULK_ROW_SLICES", "1")
+    return sm90
+
+
+def bulk_case_id(case):
+    shape, dtype, _, _, blocks = case
+    return f"{'x'.join(map(str, shape))}-{str(dtype).removeprefix('torch.')}-{blocks}"
+
+
+def bulk_setup(monkeypatch, multiprocessors, slice_kib):
+    monkeypatch.setenv("FUSED_XENT_EMULATED_SMS", str(multiprocessors))
+    if slice_kib is not None:
+        monkeypatch.setenv("FUSED_XENT_BULK_SLICE_KIB", slice_kib)
+
+
+@pytest.mark.parametrize("case", BULK_CASES, ids=bulk_case_id)
+def test_bulk_cluster_kernel(ops, monkeypatch, bulk_slices, case):
+    """csrc/cuda/xent_rows_cluster.cu, rows_bulk_cluster_kernel: the copy engine (emulated) brings each block its
+    slice of the next position while the block works on this one, in two alternating buffers, for the plain and
+    the fused forward; checked against PyTorch (check_all_ops) with and without weights and label smoothing, over every
+    reduction, with a third of the rows ignored (never fetched). Logits one element into their buffer start
+    mid-vector, which the copy engine cannot copy: the blocks load those slices themselves."""
+    shape, dtype, multiprocessors, slice_kib, blocks = case
+    bulk_setup(monkeypatch, multiprocessors, slice_kib)
+    monkeypatch.setenv("FUSED_XENT_MAX_CLUSTER_BLOCKS", "16")
+    bulk = (blocks, bulk_slice_bytes(shape, dtype, blocks))
+    *by_reduction, offset = checked_cluster_launches(ops, bulk_slices, shape, dtype)
+    assert by_reduction == [[bulk] * 3] * 3  # cross_entropy_fwd, cross_entropy_fwd_grad and its in-place form
+    assert bulk not in offset
+
+
+@pytest.mark.parametrize("case", BULK_CASES[1:], ids=bulk_case_id)
+def test_bulk_copies_early_late_and_in_random_order(ops, monkeypatch, bulk_slices, case):
+    """The bulk-copy cluster kernel under random fiber orders: an even FUSED_XENT_EMULATED_SCHEDULE_SEED lands each
+    copy when it starts (a buffer refilled while a thread still reads it would change what it reads), an odd one
+    only when a thread waits for it (a read before the wait, or a wait on the wrong phase, would read the buffer's
+    old contents). The results are bitwise those of thread order either way."""
+    shape, dtype, multiprocessors, slice_kib, blocks = case
+    bulk_setup(monkeypatch, multiprocessors, slice_kib)
+    x, target, weight = cluster_rows(shape, dtype, 9)
+    args = (*as_ncs(x, target), weight.to(dtype), 1, -100, 0.1)
+    assert_same_bits_under(monkeypatch, lambda: ops.cross_entropy_fwd_grad(*args), "FUSED_XENT_EMULATED_SCHEDULE_SEED",
+                           ("124", "123"))
+    assert cluster_launches(bulk_slices) == [(blocks, bulk_slice_bytes(shape, dtype, blocks))] * 3
+
+
+def test_bulk_cluster_kernel_on_channels_last_rows(ops, bulk_slices):
+    """The pixels of a channels_last (N, C, H, W) input are rows too, each stride_s after the last: the bulk-copy
+    kernel takes rows of more than 2048 classes there as well, each pixel's row 16-byte aligned."""
+    torch.manual_seed(11)
+    shape = (2, 3008, 2, 3)
+    x = make_logits(shape, "channels_last", torch.float32)
+    check_all_ops(ops, x, index_target(shape, -100), torch.rand(shape[1]) + 0.5, "mean", -100, 0.1)
+    assert cluster_launches(bulk_slices) == [(1, bulk_slice_bytes(shape, torch.float32, 1))] * 3
+
+
+def test_bulk_cluster_kernel_only_where_planned(ops, monkeypatch, bulk_slices):
+    """FUSED_XENT_BULK_ROW_SLICES=1 gives the forward ops (plain and fused) of class-index rows of more than 2048
+    classes that start 16-byte aligned and span a multiple of 16 bytes, on sm_90, to the bulk-copy cluster kernel,
+    whatever L2 holds; other rows, ops, targets and devices take the kernels they would without it, whose results
+    its results match.
+    Any setting but 0 and 1 is an error that names it, as is a FUSED_XENT_BULK_SLICE_KIB outside 16-100."""
+    x, target, weight = cluster_rows((7, 3008), torch.float32, 8)
+    x3, y3 = as_ncs(x, target)
+    rest = (weight, 1, -100, 0.1)
+    monkeypatch.setenv("FUSED_XENT_EMULATED_L2_BYTES", str(8 << 20))  # every row fits: the loads kernel never serves
+    bulk = ops.cross_entropy_fwd_grad(x3, y3, *rest)
+    bulk_forward = ops.cross_entropy_fwd(x3, y3, *rest)
+    assert cluster_launches(bulk_slices) == [(1, bulk_slice_bytes((7, 3008), torch.float32, 1))] * 2
+    odd = make_logits((7, 3007), "contiguous", torch.float32)
+    short = make_logits((7, 2048), "contiguous", torch.float32)
+    y_short = target.clamp(max=2047)[:, None]
+    unweighted = (None, 1, -100, 0.1)
+    calls = {"backward": lambda: ops.cross_entropy_bwd(torch.ones(()), x3, y3, *rest[:1], *bulk_forward[1:], *rest[1:]),
+             "probabilities": lambda: ops.cross_entropy_fwd_grad(x3, make_prob_target(x3), *rest),
+             "rows of an odd size": lambda: ops.cross_entropy_fwd_grad(odd[..., None], y_short, *unweighted),
+             "a warp per row": lambda: ops.cross_entropy_fwd_grad(short[..., None], y_short, *unweighted)}
+    settings = (("FUSED_XENT_BULK_ROW_SLICES", "0"), ("FUSED_XENT_EMULATED_CC_MAJOR", "8"))
+    assert_no_cluster_launch(monkeypatch, bulk_slices, calls, settings,
+                             lambda: ops.cross_entropy_fwd_grad(x3, y3, *rest), bulk)
+    assert_no_cluster_launch(monkeypatch, bulk_slices, {}, settings,
+                             lambda: ops.cross_entropy_fwd(x3, y3, *rest), bulk_forward)
+    for name, value, message in (("FUSED_XENT_BULK_SLICE_KIB", "15", "SLICE_KIB=15 is below 16"),
+                                 ("FUSED_XENT_BULK_SLICE_KIB", "101", "SLICE_KIB=101 is not a whole number from 0 to"),
+                                 ("FUSED_XENT_BULK_ROW_SLICES", "2", "ROW_SLICES=2 is not a whole number from 0 to 1")):
+        with monkeypatch.context() as patch, pytest.raises(ValueError, match=message):
+            patch.setenv(name, value)
+            ops.cross_entropy_fwd_grad(x3, y3, *rest)
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])

@@ -85,9 +85,27 @@ int64_t l2_cache_bytes(const Problem& p) {
 // flight fit in about half of it; beyond, the cluster kernel (one read, the row kept on chip) takes the rows its
 // clusters may hold (plan_rows_cluster).
 bool row_rereads_miss_l2(const Problem& p, const GpuCapacity& gpu) {
-  if (p.C <= kWarpPerRowMaxClasses) return false;
   const int64_t rows_in_flight = std::min(p.positions(), gpu.resident_blocks(BlockGroup::kMaxThreads));
   return rows_in_flight * p.C * p.logits.element_size() > l2_cache_bytes(p) / 2;
+}
+
+// The cluster kernel's plan (xent_rows_cluster.cu) for the forward of class-index rows, grid 0 where neither of
+// its two ways serves. With FUSED_XENT_BULK_ROW_SLICES=1, the copy engine fills the slices of every row a block
+// would own, in the plain forward as in the fused one (opt-in until a GPU has timed it against the block-per-row
+// kernel); otherwise, and for rows it cannot copy, the blocks load their slices themselves in the fused forward of
+// the rows whose second read would miss L2.
+template <typename scalar_t>
+LaunchShape plan_cluster_forward(const Problem& p, const XentParams<scalar_t>& q, const GpuCapacity& gpu) {
+  LaunchShape none;
+  none.grid = 0;
+  if (p.C <= kWarpPerRowMaxClasses) return none;
+  const int device = p.logits.device().index();
+  if (plan_setting("FUSED_XENT_BULK_ROW_SLICES", 0, 1) == 1) {
+    const LaunchShape bulk = plan_rows_cluster<scalar_t>(q, device, /*bulk=*/true);
+    if (bulk.grid > 0) return bulk;
+  }
+  const bool fused = q.grad != nullptr;
+  return fused && row_rereads_miss_l2(p, gpu) ? plan_rows_cluster<scalar_t>(q, device, /*bulk=*/false) : none;
 }
 
 // The L2-resident plan of the block-per-row fused forward (class indices), a tuning knob for the benchmarks that
@@ -285,11 +303,12 @@ ForwardResult run_forward(const Problem& p, const at::Tensor& grad, bool want_ls
       return;
     }
 
-    if (fused && !p.prob_target && row_rereads_miss_l2(p, gpu)) {
-      const LaunchShape shape = plan_rows_cluster<scalar_t>(q, p.logits.device().index());
+    if (!p.prob_target) {
+      const LaunchShape shape = plan_cluster_forward<scalar_t>(p, q, gpu);
       if (shape.grid > 0) {
-        if (p.reduction == kReductionMean) total_weight_first();
-        attach_partials(shape.grid, /*with_weights=*/false);
+        const bool weights_first = fused && p.reduction == kReductionMean;
+        if (weights_first) total_weight_first();
+        attach_partials(shape.grid, need_total_weight && !weights_first);
         launch_rows_cluster<scalar_t>(q, shape, stream);
         finalize(shape.grid);
         return;

@@ -89,6 +89,8 @@ struct LaunchShape {
   bool streaming_second_sweep = false;
   // Thread-per-position kernels over rows that follow one another: a warp stores its 32 rows' gradient together.
   bool staged_rows = false;
+  // Cluster kernel: the copy engine fills each block's slice, double-buffered (rows_bulk_cluster_kernel).
+  bool bulk_slices = false;
 };
 
 // Cuts C classes into at most `wanted` consecutive ranges of at least min_len classes each (one range if C is
@@ -129,9 +131,11 @@ void launch_split_combine(const XentParams<scalar_t>& p, const LaunchShape& shap
                           const RowStats<acc_type<scalar_t>>* split_stats, cudaStream_t stream);
 
 // Fused forward of long rows on sm_90+ (class-index targets, p.grad_in_phase): a cluster of shape.splits blocks per
-// position, each keeping shape.split_len classes on chip. plan_rows_cluster returns grid 0 where it cannot serve.
+// position, each keeping shape.split_len classes on chip, which the block loads itself or, with `bulk`, the copy
+// engine brings (rows that start 16-byte aligned and span a multiple of 16 bytes; the bulk kernel also serves the
+// plain forward, p.grad null). plan_rows_cluster returns grid 0 where it cannot serve.
 template <typename scalar_t>
-LaunchShape plan_rows_cluster(const XentParams<scalar_t>& p, int device);
+LaunchShape plan_rows_cluster(const XentParams<scalar_t>& p, int device, bool bulk);
 template <typename scalar_t>
 void launch_rows_cluster(const XentParams<scalar_t>& p, const LaunchShape& shape, cudaStream_t stream);
 

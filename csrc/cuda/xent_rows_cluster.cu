@@ -4,6 +4,12 @@
 // from HBM exactly once at any vocabulary size. The block-per-row kernel's second sweep relies on L2 instead, which
 // stops working once the rows in flight outgrow it (a few hundred rows of 128K-256K classes). By default a cluster is
 // one block, so only rows that one block's shared memory holds come here (kDefaultMaxClusterBlocks says why).
+//
+// Two ways to fill the slices. rows_cluster_kernel: the threads load their share of the slice (registers, then
+// shared memory) and take its statistics on the way, two blocks per SM. rows_bulk_cluster_kernel
+// (FUSED_XENT_BULK_ROW_SLICES=1, opt-in until a GPU has timed it): the copy engine brings each slice into one of two
+// buffers of its block (by default one per SM), the next position's slice while the threads work on this one, so
+// that HBM never waits for the threads' turn between positions.
 #include <c10/cuda/CUDAException.h>
 #include <cooperative_groups.h>
 
@@ -12,6 +18,7 @@
 #include <mutex>
 #include <tuple>
 
+#include "cuda/xent_bulk_copy.cuh"
 #include "cuda/xent_launch.h"
 #include "cuda/xent_row_sweeps.cuh"
 
@@ -24,6 +31,12 @@ namespace cg = cooperative_groups;
 // Shared memory for one block's slice: small enough for two 512-thread blocks per SM, so one can load while the
 // other waits at the cluster barrier; 16 such slices hold a 256K-class float32 row.
 constexpr int64_t kSliceBytes = 96 * 1024;
+// The bulk-copy kernel's slices: by default two buffers of one fill most of a block's shared memory (227 KiB on
+// sm_90), one block per SM, and a 128256-class bfloat16 row takes 3 blocks, a 256000-class one 5.
+// FUSED_XENT_BULK_SLICE_KIB makes them smaller: at 48, two blocks share an SM (one can compute while the other
+// waits at its cluster barrier), in clusters of 6 and 11 blocks for those rows.
+constexpr int64_t kBulkSliceKib = 100;
+constexpr int64_t kMinBulkSliceKib = 16;
 constexpr int64_t kMaxClusterBlocks = 16;  // the most that sm_90 allows (above 8 is "non-portable")
 constexpr int kClusterThreads = BlockGroup::kMaxThreads;
 // Clusters of one block by default: the H200 measured them 9% faster than recompute's two kernels on 4096 x 32000
@@ -36,12 +49,18 @@ int64_t max_cluster_blocks() {
   return plan_setting("FUSED_XENT_MAX_CLUSTER_BLOCKS", kDefaultMaxClusterBlocks, kMaxClusterBlocks);
 }
 
-// Class-index targets, gradient in the logits' address phase. Each cluster takes positions cluster_index,
-// cluster_index + clusters, ...; every block of a cluster visits the same positions, so they meet at the same
-// barriers.
-template <typename scalar_t>
-__global__ void __launch_bounds__(kClusterThreads, 2)
-    rows_cluster_kernel(const XentParams<scalar_t> p, int64_t slice_len) {
+int64_t bulk_slice_bytes() {
+  const int64_t kib = plan_setting("FUSED_XENT_BULK_SLICE_KIB", kBulkSliceKib, kBulkSliceKib);
+  TORCH_CHECK_VALUE(kib >= kMinBulkSliceKib, "fused_xent: FUSED_XENT_BULK_SLICE_KIB=", kib, " is below ",
+                    kMinBulkSliceKib, " (slices of ", kMinBulkSliceKib, " to ", kBulkSliceKib, " KiB)");
+  return kib * 1024;
+}
+
+// Class-index targets, gradient in the logits' address phase (and, with kBulk, every slice 16-byte aligned: see
+// slices_bulk_copyable). Each cluster takes positions cluster_index, cluster_index + clusters, ...; every block of a
+// cluster visits the same positions, so they meet at the same barriers.
+template <typename scalar_t, bool kBulk>
+__device__ __forceinline__ void cluster_rows(const XentParams<scalar_t>& p, int64_t slice_len) {
 #if (defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900) || defined(FUSED_XENT_HOST_EMULATION)
   using acc_t = acc_type<scalar_t>;
   FUSED_XENT_DYNAMIC_SHARED(unsigned char, slice_bytes);
@@ -49,6 +68,8 @@ __global__ void __launch_bounds__(kClusterThreads, 2)
   // Slice statistics of the current position, published to the cluster. Two slots, by position parity: a block
   // rewrites a slot two positions later, after a cluster barrier that every reader of its old value has passed.
   FUSED_XENT_BLOCK_SHARED(RowStats<acc_t>, published, [2]);
+  // kBulk: the barriers of the two slice buffers' copies, which alternate by position parity as well.
+  FUSED_XENT_BLOCK_SHARED(uint64_t, slice_landed, [2]);
 
   const cg::cluster_group cluster = cg::this_cluster();
   const int blocks = static_cast<int>(cluster.num_blocks());
@@ -61,20 +82,52 @@ __global__ void __launch_bounds__(kClusterThreads, 2)
   const acc_t weight_sum = weight_sum_or_count(p);
   acc_t loss_acc = 0, weight_acc = 0;  // rank 0's thread 0 only
 
-  int parity = 0;
-  for (int64_t r = blockIdx.x / blocks; r < positions; r += clusters, parity ^= 1) {
+  // kBulk: buffer k holds the slice of the positions of parity k. An ignored position's row is never fetched.
+  scalar_t* const buffers = reinterpret_cast<scalar_t*>(slice_bytes);
+  const auto row_is_read = [&](int64_t r) {
+    return classify_target(p.target_index[r], p.ignore_index, p.C) != kTargetIgnored;
+  };
+  const auto fetch = [&](int64_t r, int k) {
+    start_bulk_copy(buffers + k * slice_len, p.logits + locate(p, r).offset + begin,
+                    static_cast<uint32_t>((end - begin) * int64_t(sizeof(scalar_t))), &slice_landed[k]);
+  };
+  uint32_t next_wait_parity = 0;  // bit k: the parity of buffer k's next copy (the same in every thread)
+  int64_t r = blockIdx.x / blocks;
+  if constexpr (kBulk) {
+    if (threadIdx.x == 0) {
+      init_copy_barrier(&slice_landed[0]);
+      init_copy_barrier(&slice_landed[1]);
+      if (r < positions && row_is_read(r)) fetch(r, 0);
+    }
+    BlockGroup::sync();  // the barriers are initialised before anyone waits on them
+  }
+
+  for (int parity = 0; r < positions; r += clusters, parity ^= 1) {
     const Position pos = locate(p, r);
     const scalar_t* x = p.logits + pos.offset;
-    // The slice copy starts at x's address phase so that both are visited with the same vectors.
-    const int64_t phase = p.vectorize ? (reinterpret_cast<uintptr_t>(x + begin) & 15) / sizeof(scalar_t) : 0;
-    scalar_t* staged = reinterpret_cast<scalar_t*>(slice_bytes) + phase - begin;
     // Read by every block before the barrier below, after which any block may overwrite the row (in place).
     const auto target = read_index_target(p, p.target_index[r], x, 1);
+    const bool read = target.kind != kTargetIgnored;
 
-    // An ignored position is not read; its gradient is a fill that never reads the slice.
-    const auto mine = target.kind != kTargetIgnored
-                          ? thread_row_stats<BlockGroup, false, scalar_t>(p, x, nullptr, begin, end, staged)
-                          : RowStats<acc_t>::empty();
+    // The on-chip copy of the slice, indexed by class, and this thread's share of its statistics. An ignored
+    // position's gradient is a fill that never reads the slice.
+    scalar_t* staged;
+    auto mine = RowStats<acc_t>::empty();
+    if constexpr (kBulk) {
+      // The other buffer was last read by the previous position's gradient sweep, which the whole block has left.
+      if (threadIdx.x == 0 && r + clusters < positions && row_is_read(r + clusters)) fetch(r + clusters, parity ^ 1);
+      staged = buffers + parity * slice_len - begin;
+      if (read) {
+        wait_bulk_copy(&slice_landed[parity], (next_wait_parity >> parity) & 1u);
+        next_wait_parity ^= 1u << parity;
+        mine = thread_row_stats<BlockGroup, false, scalar_t>(p, staged, nullptr, begin, end);
+      }
+    } else {
+      // The slice copy starts at x's address phase so that both are visited with the same vectors.
+      const int64_t phase = p.vectorize ? (reinterpret_cast<uintptr_t>(x + begin) & 15) / sizeof(scalar_t) : 0;
+      staged = buffers + phase - begin;
+      if (read) mine = thread_row_stats<BlockGroup, false, scalar_t>(p, x, nullptr, begin, end, staged);
+    }
     const auto slice = BlockGroup::allreduce(mine, smem);
     if (threadIdx.x == 0) published[parity] = slice;
     cluster.sync();
@@ -87,16 +140,32 @@ __global__ void __launch_bounds__(kClusterThreads, 2)
       const auto loss = position_loss<false>(target, st, log_sum, weight_sum, eps, p.C);
       record_position(p, r, st, log_sum, loss, loss_acc, weight_acc);
     }
-    const auto row =
-        forward_grad_row<false>(target, st, log_sum, weight_sum, eps, p.C, upstream_scale(p, pos.n, pos.s));
-    write_row_grad<BlockGroup, false, scalar_t, true>(p, staged, nullptr, p.grad + pos.offset, begin, end, row);
-    // The next position's slice may start at another address phase, which hands its classes (and their places in
-    // the buffer) to other threads: none may stage it while a slower one still reads this one.
+    if (!kBulk || p.grad) {  // the bulk-copy kernel also serves the plain forward, without a gradient
+      const auto row =
+          forward_grad_row<false>(target, st, log_sum, weight_sum, eps, p.C, upstream_scale(p, pos.n, pos.s));
+      write_row_grad<BlockGroup, false, scalar_t, true>(p, staged, nullptr, p.grad + pos.offset, begin, end, row);
+    }
+    // Nobody refills the buffer (kBulk: two positions later) or restages it at another address phase (which hands
+    // its classes to other threads) while a slower thread still reads it.
     BlockGroup::sync();
   }
   cluster.sync();  // no block exits while another may still read its published statistics
   store_block_partials(p, loss_acc, weight_acc);
 #endif
+}
+
+// Two blocks per SM, each staging its slice as it loads it.
+template <typename scalar_t>
+__global__ void __launch_bounds__(kClusterThreads, 2) rows_cluster_kernel(const XentParams<scalar_t> p,
+                                                                          int64_t slice_len) {
+  cluster_rows<scalar_t, false>(p, slice_len);
+}
+
+// The copy engine filling the slices; as many blocks per SM as their two buffers leave room for (one by default).
+template <typename scalar_t>
+__global__ void __launch_bounds__(kClusterThreads, 2) rows_bulk_cluster_kernel(const XentParams<scalar_t> p,
+                                                                               int64_t slice_len) {
+  cluster_rows<scalar_t, true>(p, slice_len);
 }
 
 // A cluster launch: the configuration points at its own attribute, so it is built in place and never copied.
@@ -120,35 +189,47 @@ struct ClusterLaunch {
   ClusterLaunch& operator=(const ClusterLaunch&) = delete;
 };
 
-// Upper bound of a slice's buffer: kSliceBytes, the rounding of slice_len to 64 classes, the phase offset.
-constexpr int kMaxDynamicSmem = kSliceBytes + 1024;
+// The two kernels' shared memory. The slice length is rounded up to 64 classes, so a slice takes at most 64
+// elements more than its limit; the plain kernel's copy starts up to 15 bytes into its buffer.
 
 template <typename scalar_t>
-int64_t slice_smem_bytes(int64_t slice_len) {
-  return (slice_len + kVecWidth<scalar_t>) * int64_t(sizeof(scalar_t));
+int64_t slice_smem_bytes(int64_t slice_len, bool bulk) {
+  const int64_t slice = slice_len * int64_t(sizeof(scalar_t));
+  return bulk ? 2 * slice : slice + 16;
+}
+
+int max_dynamic_smem(bool bulk) {
+  constexpr int64_t kMaxRounding = 64 * sizeof(double);
+  return static_cast<int>(bulk ? 2 * (kBulkSliceKib * 1024 + kMaxRounding) : kSliceBytes + kMaxRounding + 16);
+}
+
+template <typename scalar_t>
+auto cluster_kernel(bool bulk) {
+  return bulk ? rows_bulk_cluster_kernel<scalar_t> : rows_cluster_kernel<scalar_t>;
 }
 
 // How many clusters of `blocks` blocks fit on `device` at once; 0 if none, if the device refuses the kernel's
 // attributes, or if the kernel's code for this device came from PTX older than sm_90, where its body compiled to
-// nothing (e.g. TORCH_CUDA_ARCH_LIST="8.0+PTX" on an H100). Asked once per (device, cluster shape) and remembered:
-// the occupancy query is not free, and a kernel's attributes (set here, the same values every time) persist on the
-// device.
+// nothing (e.g. TORCH_CUDA_ARCH_LIST="8.0+PTX" on an H100). Asked once per (device, kernel, cluster shape) and
+// remembered: the occupancy query is not free, and a kernel's attributes (set here, the same values every time)
+// persist on the device.
 template <typename scalar_t>
-int resident_clusters(int device, int64_t blocks, int64_t slice_len) {
+int resident_clusters(int device, bool bulk, int64_t blocks, int64_t slice_len) {
   static std::mutex mutex;
-  static std::map<std::tuple<int, int64_t, int64_t>, int> known;
+  static std::map<std::tuple<int, bool, int64_t, int64_t>, int> known;
   const std::lock_guard<std::mutex> lock(mutex);
-  const auto key = std::make_tuple(device, blocks, slice_len);
+  const auto key = std::make_tuple(device, bulk, blocks, slice_len);
   if (const auto it = known.find(key); it != known.end()) return it->second;
 
   // An error left pending by an earlier launch is reported as such, not taken for this query's answer (and cached).
   C10_CUDA_CHECK(cudaGetLastError());
-  const auto kernel = rows_cluster_kernel<scalar_t>;
-  const ClusterLaunch launch(blocks, blocks, slice_smem_bytes<scalar_t>(slice_len), nullptr);
+  const auto kernel = cluster_kernel<scalar_t>(bulk);
+  const ClusterLaunch launch(blocks, blocks, slice_smem_bytes<scalar_t>(slice_len, bulk), nullptr);
   int clusters = 0;
   cudaFuncAttributes compiled{};
   if (cudaFuncGetAttributes(&compiled, kernel) != cudaSuccess || compiled.ptxVersion < 90 ||
-      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kMaxDynamicSmem) != cudaSuccess ||
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, max_dynamic_smem(bulk)) !=
+          cudaSuccess ||
       cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) != cudaSuccess ||
       cudaOccupancyMaxActiveClusters(&clusters, kernel, &launch.config) != cudaSuccess) {
     (void)cudaGetLastError();  // "not supported here" is an answer, not an error to leave pending
@@ -158,39 +239,54 @@ int resident_clusters(int device, int64_t blocks, int64_t slice_len) {
   return clusters;
 }
 
+// The copy engine moves 16-byte aligned multiples of 16 bytes: every slice of every position must be one. Slices
+// start at multiples of 64 classes, so it is enough that each row starts 16-byte aligned and spans a multiple of 16
+// bytes; the gradient, of the same strides, then lies in phase too.
+template <typename scalar_t>
+bool slices_bulk_copyable(const XentParams<scalar_t>& p) {
+  const auto aligned = [](int64_t bytes) { return bytes % 16 == 0; };
+  constexpr int64_t size = sizeof(scalar_t);
+  return p.grad_in_phase && aligned(static_cast<int64_t>(reinterpret_cast<uintptr_t>(p.logits))) &&
+         aligned(p.C * size) && (p.N == 1 || aligned(p.stride_n * size)) && (p.S == 1 || aligned(p.stride_s * size));
+}
+
 }  // namespace
 
 template <typename scalar_t>
-LaunchShape plan_rows_cluster(const XentParams<scalar_t>& p, int device) {
+LaunchShape plan_rows_cluster(const XentParams<scalar_t>& p, int device, bool bulk) {
   LaunchShape shape;
   shape.grid = 0;
-  const int64_t max_blocks = max_cluster_blocks();  // first: a bad setting is an error wherever the plan is asked
-  if (!p.grad_in_phase) return shape;
+  // First: a bad setting is an error wherever the plan is asked.
+  const int64_t max_blocks = bulk ? kMaxClusterBlocks : max_cluster_blocks();
+  const int64_t slice_limit = bulk ? bulk_slice_bytes() : kSliceBytes;
+  if (!(bulk ? slices_bulk_copyable(p) : p.grad_in_phase)) return shape;
   int major = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
   if (major < 9) return shape;
-  const int64_t blocks_needed = ceil_div(p.C * int64_t(sizeof(scalar_t)), kSliceBytes);
+  const int64_t blocks_needed = ceil_div(p.C * int64_t(sizeof(scalar_t)), slice_limit);
   if (blocks_needed > max_blocks) return shape;
   const int64_t slice_len = ceil_div(ceil_div(p.C, blocks_needed), 64) * 64;
   const int64_t blocks = ceil_div(p.C, slice_len);
-  const int clusters = resident_clusters<scalar_t>(device, blocks, slice_len);
+  const int clusters = resident_clusters<scalar_t>(device, bulk, blocks, slice_len);
   if (clusters == 0) return shape;
   // One wave: every cluster is resident and walks its share of the positions.
   shape.grid = std::min<int64_t>(p.N * p.S, clusters) * blocks;
   shape.threads = kClusterThreads;
   shape.splits = blocks;
   shape.split_len = slice_len;
+  shape.bulk_slices = bulk;
   return shape;
 }
 
 template <typename scalar_t>
 void launch_rows_cluster(const XentParams<scalar_t>& p, const LaunchShape& shape, cudaStream_t stream) {
-  const ClusterLaunch launch(shape.splits, shape.grid, slice_smem_bytes<scalar_t>(shape.split_len), stream);
-  C10_CUDA_CHECK(cudaLaunchKernelEx(&launch.config, rows_cluster_kernel<scalar_t>, p, shape.split_len));
+  const bool bulk = shape.bulk_slices;
+  const ClusterLaunch launch(shape.splits, shape.grid, slice_smem_bytes<scalar_t>(shape.split_len, bulk), stream);
+  C10_CUDA_CHECK(cudaLaunchKernelEx(&launch.config, cluster_kernel<scalar_t>(bulk), p, shape.split_len));
 }
 
 #define INSTANTIATE(T)                                                                         \
-  template LaunchShape plan_rows_cluster<T>(const XentParams<T>&, int);                        \
+  template LaunchShape plan_rows_cluster<T>(const XentParams<T>&, int, bool);                     \
   template void launch_rows_cluster<T>(const XentParams<T>&, const LaunchShape&, cudaStream_t);
 FUSED_XENT_FOR_EACH_SCALAR(INSTANTIATE)
 #undef INSTANTIATE

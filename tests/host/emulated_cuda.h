@@ -6,8 +6,9 @@
 // thread a fiber: __syncthreads, cluster barriers and warp shuffles are real rendezvous between them, so the kernels'
 // partitioning of work, their reductions and their barriers execute as on a GPU; FUSED_XENT_EMULATED_SCHEDULE_SEED
 // runs the fibers in a random order instead of thread order, so that a missing barrier shows whichever thread runs
-// first. Out of reach here: races within a stretch between two switches, the fast-math intrinsics' error and
-// register limits.
+// first. The copy engine's bulk copies land as early as a GPU could land them, or, under an odd seed, as late (see
+// start_bulk_copy). Out of reach here: races within a stretch between two switches, the fast-math intrinsics' error
+// and register limits.
 #pragma once
 
 #include <ucontext.h>
@@ -19,6 +20,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <functional>
+#include <map>
 #include <memory>
 #include <stdexcept>
 #include <string>
@@ -44,7 +46,7 @@ struct alignas(16) uint4 {
   unsigned x, y, z, w;
 };
 using cudaStream_t = struct CUstream_st*;
-enum cudaError_t { cudaSuccess = 0 };
+enum cudaError_t { cudaSuccess = 0, cudaErrorInvalidValue = 1 };
 inline cudaError_t cudaGetLastError() { return cudaSuccess; }  // a bad launch throws at once: nothing is pending
 enum cudaDeviceAttr {
   cudaDevAttrMultiProcessorCount,
@@ -76,10 +78,17 @@ namespace fused_xent_emulation {
 constexpr int kWarpSize = 32;
 constexpr size_t kStackBytes = 256 << 10;
 // sm_90's limits: blocks per cluster (with cudaFuncAttributeNonPortableClusterSizeAllowed), shared memory per
-// multiprocessor and dynamic shared memory per block.
+// multiprocessor and dynamic shared memory per block (unless the kernel's attribute allows more, at most 48 KiB).
 constexpr int kMaxClusterBlocks = 16;
 constexpr int64_t kSharedBytesPerSm = 228 << 10;
 constexpr int64_t kMaxDynamicSharedBytes = 227 << 10;
+constexpr int64_t kDefaultDynamicSharedBytes = 48 << 10;
+
+// cudaFuncAttributeMaxDynamicSharedMemorySize of each kernel that has set it.
+inline std::map<const void*, int64_t>& dynamic_shared_limits() {
+  static std::map<const void*, int64_t> limits;
+  return limits;
+}
 
 // The CUDA threads of a block are fibers on the launching thread, switched cooperatively: only at barriers, warp
 // shuffles and exit. Switching is cheap and the interleaving deterministic; a kernel's barriers are still real
@@ -100,6 +109,8 @@ struct Scheduler {
   int block_threads = 1;
   int64_t first_block = 0;
   std::vector<std::unique_ptr<unsigned char[]>> dynamic_shared;  // each block's
+  int64_t dynamic_bytes = 0;
+  bool copies_land_at_wait = false;  // start_bulk_copy
   // 0: fibers take turns in thread order. Otherwise the state of a xorshift generator that picks the next fiber at
   // every switch (FUSED_XENT_EMULATED_SCHEDULE_SEED), so that a missing barrier shows whichever thread comes first.
   uint64_t random_state = 0;
@@ -211,8 +222,14 @@ struct Barrier {
   uint64_t phase = 0;
 };
 
+// A transaction barrier of the copy engine's bulk copies (csrc/cuda/xent_bulk_copy.cuh): one copy per phase.
+struct CopyBarrier {
+  uint64_t completed_phases = 0;
+  std::function<void()> in_flight;  // the copy started in the current phase, until it lands
+};
+
 // What the threads of the running cluster (or block) share: each block's barrier, the cluster's, the warps' barriers
-// and the warp shuffles' mailboxes, indexed by rank and fiber.
+// and the warp shuffles' mailboxes, indexed by rank and fiber; and the copy barriers, by address.
 struct Cluster {
   Cluster(int blocks, int threads)
       : block(blocks, Barrier(threads)), all(blocks * threads), warps(blocks * threads / kWarpSize, Barrier(kWarpSize)),
@@ -221,6 +238,7 @@ struct Cluster {
   Barrier all;
   std::vector<Barrier> warps;
   std::vector<uint64_t> exchange;
+  std::map<const void*, CopyBarrier> copy_barriers;
 };
 inline Cluster* cluster = nullptr;
 
@@ -293,6 +311,56 @@ T* dynamic_shared() {
   return reinterpret_cast<T*>(scheduler->dynamic_shared[block_rank()].get());
 }
 
+[[noreturn]] inline void fail(const char* what) {
+  std::fprintf(stderr, "emulated CUDA: %s (block %u, thread %u)\n", what, blockIdx.x, threadIdx.x);
+  std::abort();
+}
+
+// The bulk copies of csrc/cuda/xent_bulk_copy.cuh. A copy lands when it starts, the earliest a GPU could land it, so
+// that refilling a buffer some thread still reads changes what that thread reads; under an odd
+// FUSED_XENT_EMULATED_SCHEDULE_SEED it lands only when a thread waits for its phase, the latest, so that a read
+// before the wait (or a wait on a phase already past) reads what the buffer held before.
+inline void init_copy_barrier(uint64_t* barrier) { cluster->copy_barriers[barrier] = CopyBarrier{}; }
+
+inline CopyBarrier& copy_barrier(uint64_t* barrier) {
+  const auto found = cluster->copy_barriers.find(barrier);
+  if (found == cluster->copy_barriers.end()) fail("a bulk copy or a wait on a barrier that was never initialised");
+  return found->second;
+}
+
+inline void start_bulk_copy(void* dst, const void* src, uint32_t bytes, uint64_t* barrier) {
+  CopyBarrier& copy = copy_barrier(barrier);
+  const auto to = reinterpret_cast<uintptr_t>(dst);
+  const auto shared = reinterpret_cast<uintptr_t>(scheduler->dynamic_shared[block_rank()].get());
+  if (to % 16 != 0 || reinterpret_cast<uintptr_t>(src) % 16 != 0 || bytes % 16 != 0) {
+    fail("a bulk copy whose addresses or size are not multiples of 16 bytes");
+  }
+  if (to < shared || to + bytes > shared + static_cast<uint64_t>(scheduler->dynamic_bytes)) {
+    fail("a bulk copy to outside the block's dynamic shared memory");
+  }
+  if (copy.in_flight) fail("a second bulk copy in one phase of its barrier");
+  ++scheduler->progress;
+  copy.in_flight = [=] { std::memcpy(dst, src, bytes); };
+  if (!scheduler->copies_land_at_wait) {
+    copy.in_flight();
+    copy.in_flight = nullptr;
+    ++copy.completed_phases;
+  }
+}
+
+inline void wait_bulk_copy(uint64_t* barrier, uint32_t parity) {
+  CopyBarrier& copy = copy_barrier(barrier);
+  wait_while([&] {
+    if ((copy.completed_phases & 1) != parity) return false;
+    if (!copy.in_flight) return true;  // its copy has yet to start
+    copy.in_flight();
+    copy.in_flight = nullptr;
+    ++copy.completed_phases;
+    ++scheduler->progress;
+    return false;
+  });
+}
+
 }  // namespace fused_xent_emulation
 
 inline void __syncthreads() {
@@ -325,8 +393,10 @@ template <typename... Params, typename... Args>
 void run_grid(void (*kernel)(Params...), int64_t grid, int threads, int cluster_blocks, int64_t dynamic_bytes,
               Args&&... args) {
   const int blocks = std::max(cluster_blocks, 1);
+  const auto limit = dynamic_shared_limits().find(reinterpret_cast<const void*>(kernel));
+  const int64_t dynamic_limit = limit != dynamic_shared_limits().end() ? limit->second : kDefaultDynamicSharedBytes;
   if (grid < 1 || grid > 0x7fffffff || threads < kWarpSize || threads > 1024 || threads % kWarpSize != 0 ||
-      blocks > kMaxClusterBlocks || grid % blocks != 0 || dynamic_bytes < 0 || dynamic_bytes > kMaxDynamicSharedBytes) {
+      blocks > kMaxClusterBlocks || grid % blocks != 0 || dynamic_bytes < 0 || dynamic_bytes > dynamic_limit) {
     throw std::invalid_argument("invalid launch: grid " + std::to_string(grid) + ", " + std::to_string(threads) +
                                 " threads per block, clusters of " + std::to_string(blocks) + ", " +
                                 std::to_string(dynamic_bytes) + " bytes of dynamic shared memory");
@@ -334,7 +404,7 @@ void run_grid(void (*kernel)(Params...), int64_t grid, int threads, int cluster_
   if (const char* log_path = std::getenv("FUSED_XENT_EMULATED_LAUNCH_LOG")) {
     if (std::FILE* log = std::fopen(log_path, "a")) {
       std::fprintf(log, "%lld %d", static_cast<long long>(grid), threads);
-      if (cluster_blocks > 0) std::fprintf(log, " %d", cluster_blocks);
+      if (cluster_blocks > 0) std::fprintf(log, " %d %lld", cluster_blocks, static_cast<long long>(dynamic_bytes));
       std::fputc('\n', log);
       std::fclose(log);
     }
@@ -342,7 +412,9 @@ void run_grid(void (*kernel)(Params...), int64_t grid, int threads, int cluster_
   Scheduler launch;
   if (const char* seed = std::getenv("FUSED_XENT_EMULATED_SCHEDULE_SEED")) {
     launch.random_state = std::strtoull(seed, nullptr, 10) * 0x9E3779B97F4A7C15ull | 1;  // never 0
+    launch.copies_land_at_wait = std::strtoull(seed, nullptr, 10) % 2 == 1;
   }
+  launch.dynamic_bytes = dynamic_bytes;
   launch.fibers.resize(static_cast<size_t>(threads) * blocks);
   launch.block_threads = threads;
   launch.kernel_call = [&] { kernel(args...); };
@@ -368,6 +440,13 @@ void run_grid(void (*kernel)(Params...), int64_t grid, int threads, int cluster_
     }
     become(0);
     swapcontext(&launch.launcher, &launch.fibers[0].context);  // back here once every thread has exited
+    for (const auto& [barrier, copy] : running.copy_barriers) {
+      if (copy.in_flight) {
+        std::fprintf(stderr, "emulated CUDA: a bulk copy still in flight when its cluster exited (block %lld)\n",
+                     static_cast<long long>(b));
+        std::abort();
+      }
+    }
   }
   scheduler = nullptr;
   cluster = nullptr;
@@ -377,7 +456,8 @@ void run_grid(void (*kernel)(Params...), int64_t grid, int threads, int cluster_
 
 // kernel<<<grid, threads>>>(args...), refused where a GPU would refuse it; its blocks run one after another. With
 // FUSED_XENT_EMULATED_LAUNCH_LOG set, each launch appends "<grid> <threads>" to that file (a cluster launch
-// "<grid> <threads> <blocks per cluster>"), so that tests can see a plan that changes only the launch shape.
+// "<grid> <threads> <blocks per cluster> <dynamic shared memory bytes>"), so that tests can see a plan that changes
+// only the launch shape.
 template <typename... Params, typename... Args>
 void emulated_launch(void (*kernel)(Params...), int64_t grid, int threads, Args&&... args) {
   fused_xent_emulation::run_grid(kernel, grid, threads, 0, 0, std::forward<Args>(args)...);
@@ -409,7 +489,11 @@ cudaError_t cudaFuncGetAttributes(cudaFuncAttributes* attributes, Kernel) {
   return cudaSuccess;
 }
 template <typename Kernel>
-cudaError_t cudaFuncSetAttribute(Kernel, cudaFuncAttribute, int) {
+cudaError_t cudaFuncSetAttribute(Kernel kernel, cudaFuncAttribute attribute, int value) {
+  if (attribute == cudaFuncAttributeMaxDynamicSharedMemorySize) {
+    if (value < 0 || value > fused_xent_emulation::kMaxDynamicSharedBytes) return cudaErrorInvalidValue;
+    fused_xent_emulation::dynamic_shared_limits()[reinterpret_cast<const void*>(kernel)] = value;
+  }
   return cudaSuccess;
 }
 
