@@ -38,6 +38,7 @@ constexpr int64_t kSliceBytes = 96 * 1024;
 constexpr int64_t kBulkSliceKib = 100;
 constexpr int64_t kMinBulkSliceKib = 16;
 constexpr int64_t kMaxClusterBlocks = 16;  // the most that sm_90 allows (above 8 is "non-portable")
+static_assert(kMaxClusterBlocks <= 32, "the cluster merge takes a lane per block");
 constexpr int kClusterThreads = BlockGroup::kMaxThreads;
 // Clusters of one block by default: the H200 measured them 9% faster than recompute's two kernels on 4096 x 32000
 // bfloat16 rows, but clusters of 3 and 6 blocks (128256 and 256000 classes) 30-40% slower than recompute (see
@@ -82,31 +83,34 @@ __device__ __forceinline__ void cluster_rows(const XentParams<scalar_t>& p, int6
   const acc_t weight_sum = weight_sum_or_count(p);
   acc_t loss_acc = 0, weight_acc = 0;  // rank 0's thread 0 only
 
+  // A position's class index is read two positions ahead, so that the branches on it (is the row read at all?) never
+  // wait for it: ignore_index stands in for the positions past the end.
+  const auto class_index = [&](int64_t r) { return r < positions ? p.target_index[r] : p.ignore_index; };
+  const auto row_is_read = [&](int64_t y) { return classify_target(y, p.ignore_index, p.C) != kTargetIgnored; };
   // kBulk: buffer k holds the slice of the positions of parity k. An ignored position's row is never fetched.
   scalar_t* const buffers = reinterpret_cast<scalar_t*>(slice_bytes);
-  const auto row_is_read = [&](int64_t r) {
-    return classify_target(p.target_index[r], p.ignore_index, p.C) != kTargetIgnored;
-  };
   const auto fetch = [&](int64_t r, int k) {
     start_bulk_copy(buffers + k * slice_len, p.logits + locate(p, r).offset + begin,
                     static_cast<uint32_t>((end - begin) * int64_t(sizeof(scalar_t))), &slice_landed[k]);
   };
   uint32_t next_wait_parity = 0;  // bit k: the parity of buffer k's next copy (the same in every thread)
   int64_t r = blockIdx.x / blocks;
+  int64_t y = class_index(r), next_y = class_index(r + clusters);
   if constexpr (kBulk) {
     if (threadIdx.x == 0) {
       init_copy_barrier(&slice_landed[0]);
       init_copy_barrier(&slice_landed[1]);
-      if (r < positions && row_is_read(r)) fetch(r, 0);
+      if (r < positions && row_is_read(y)) fetch(r, 0);
     }
     BlockGroup::sync();  // the barriers are initialised before anyone waits on them
   }
 
   for (int parity = 0; r < positions; r += clusters, parity ^= 1) {
+    const int64_t y_after_next = class_index(r + 2 * clusters);
     const Position pos = locate(p, r);
     const scalar_t* x = p.logits + pos.offset;
     // Read by every block before the barrier below, after which any block may overwrite the row (in place).
-    const auto target = read_index_target(p, p.target_index[r], x, 1);
+    const auto target = read_index_target(p, y, x, 1);
     const bool read = target.kind != kTargetIgnored;
 
     // The on-chip copy of the slice, indexed by class, and this thread's share of its statistics. An ignored
@@ -115,7 +119,7 @@ __device__ __forceinline__ void cluster_rows(const XentParams<scalar_t>& p, int6
     auto mine = RowStats<acc_t>::empty();
     if constexpr (kBulk) {
       // The other buffer was last read by the previous position's gradient sweep, which the whole block has left.
-      if (threadIdx.x == 0 && r + clusters < positions && row_is_read(r + clusters)) fetch(r + clusters, parity ^ 1);
+      if (threadIdx.x == 0 && r + clusters < positions && row_is_read(next_y)) fetch(r + clusters, parity ^ 1);
       staged = buffers + parity * slice_len - begin;
       if (read) {
         wait_bulk_copy(&slice_landed[parity], (next_wait_parity >> parity) & 1u);
@@ -131,9 +135,14 @@ __device__ __forceinline__ void cluster_rows(const XentParams<scalar_t>& p, int6
     const auto slice = BlockGroup::allreduce(mine, smem);
     if (threadIdx.x == 0) published[parity] = slice;
     cluster.sync();
-    // Every thread of every block merges the slices in rank order: the same bits everywhere.
-    RowStats<acc_t> st = *cluster.map_shared_rank(&published[parity], 0);
-    for (int k = 1; k < blocks; ++k) st.merge(*cluster.map_shared_rank(&published[parity], k));
+    // Lane k of each warp reads block k's slice statistics (one read of distributed shared memory per lane, all at
+    // once, where a loop over the blocks in every thread would wait for each in turn), and every lane merges them
+    // in rank order through shuffles: the same bits in every thread of every block.
+    const int lane = static_cast<int>(threadIdx.x & 31);
+    auto fetched = RowStats<acc_t>::empty();
+    if (lane < blocks) fetched = *cluster.map_shared_rank(&published[parity], lane);
+    RowStats<acc_t> st = shfl_stats(fetched, 0, /*xor_mode=*/false);
+    for (int k = 1; k < blocks; ++k) st.merge(shfl_stats(fetched, k, /*xor_mode=*/false));
 
     const acc_t log_sum = st.log_sum();
     if (rank == 0 && threadIdx.x == 0) {
@@ -148,6 +157,8 @@ __device__ __forceinline__ void cluster_rows(const XentParams<scalar_t>& p, int6
     // Nobody refills the buffer (kBulk: two positions later) or restages it at another address phase (which hands
     // its classes to other threads) while a slower thread still reads it.
     BlockGroup::sync();
+    y = next_y;
+    next_y = y_after_next;
   }
   cluster.sync();  // no block exits while another may still read its published statistics
   store_block_partials(p, loss_acc, weight_acc);
