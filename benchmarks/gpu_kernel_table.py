@@ -37,7 +37,8 @@ def _variants(label, shape, element_size):
     (block and split rows), once more with their slices brought by the copy engine into double-buffered clusters
     (FUSED_XENT_BULK_ROW_SLICES=1, csrc/cuda/xent_rows_cluster.cu), where each row spans a multiple of 16 bytes: the
     forward and the fused forward in slices of up to 100 KiB (one block per SM), and the fused forward again in
-    slices of up to 48 KiB (FUSED_XENT_BULK_SLICE_KIB, two blocks). Rows
+    slices of up to 48 KiB (FUSED_XENT_BULK_SLICE_KIB, two blocks per SM) and with three buffers a block instead of
+    two (FUSED_XENT_BULK_BUFFERS, fetching two positions ahead). Rows
     of a few classes, one after another (a thread per row), once more with their gradient stored by each thread
     instead of by its warp from shared memory (FUSED_XENT_STAGED_ROW_STORES=0)."""
     variants = {}
@@ -49,6 +50,8 @@ def _variants(label, shape, element_size):
             variants[f"{mode}, bulk row slices"] = (("cuda",), _settings(FUSED_XENT_BULK_ROW_SLICES="1"))
         variants["fwd+bwd in_forward, bulk row slices <= 48 KiB"] = (
             ("cuda",), _settings(FUSED_XENT_BULK_ROW_SLICES="1", FUSED_XENT_BULK_SLICE_KIB="48"))
+        variants["fwd+bwd in_forward, bulk row slices, 3 buffers"] = (
+            ("cuda",), _settings(FUSED_XENT_BULK_ROW_SLICES="1", FUSED_XENT_BULK_BUFFERS="3"))
     if label.startswith("rows") and shape[1] * element_size > 96 * 1024:
         variants["fwd+bwd in_forward, clusters <= 16"] = (("cuda",), _settings(FUSED_XENT_MAX_CLUSTER_BLOCKS="16"))
         if label.startswith("rows block"):

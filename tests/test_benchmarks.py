@@ -433,7 +433,7 @@ def test_gpu_kernel_table_times_a_variant_under_its_plan_for_its_backend_only(mo
     assert entered and variant[4]["cpu"][0] > 0 and variant[4]["torch"][0] != variant[4]["torch"][0]
     assert variant[5] == rows[0][5]  # against eager's forward
     bulk = {"fwd, bulk row slices", "fwd+bwd in_forward, bulk row slices",
-            "fwd+bwd in_forward, bulk row slices <= 48 KiB"}
+            "fwd+bwd in_forward, bulk row slices <= 48 KiB", "fwd+bwd in_forward, bulk row slices, 3 buffers"}
     assert variants("rows block", (8192, 128256), 2).keys() == {
         "fwd+bwd in_forward, clusters <= 16", "fwd+bwd in_forward, rows in flight <= L2", *bulk}
     assert all(backends == ("cuda",) for backends, _ in variants("rows block", (8192, 128256), 2).values())

@@ -372,31 +372,31 @@ def test_cluster_kernel_serves_the_fused_forward_of_long_rows(shape, layout, dty
 
 
 # Rows whose slices the copy engine may bring (FUSED_XENT_BULK_ROW_SLICES=1: 16-byte aligned rows of a multiple of 16
-# bytes), with FUSED_XENT_BULK_SLICE_KIB: clusters of one block (32000 bfloat16), of three (the LLM benchmark's 128256
-# bfloat16), of six (the same in slices of 48 KiB, two blocks per SM), five (256000 bfloat16), ten (256000 float32,
-# above the portable cluster size of 8) and four (float64); and logits that start mid-vector, which the copy engine
-# cannot take, so that the blocks load those slices themselves.
+# bytes), with other settings: clusters of one block (32000 bfloat16), of three (the LLM benchmark's 128256
+# bfloat16), of six (the same in slices of 48 KiB, two blocks per SM), of four (the same with three buffers a block),
+# five (256000 bfloat16), ten (256000 float32, above the portable cluster size of 8) and four (float64); and logits
+# that start mid-vector, which the copy engine cannot take, so that the blocks load those slices themselves.
 BULK_CASES = [
-    ((600, 32000), "contiguous", torch.bfloat16, None),
-    ((300, 128256), "contiguous", torch.bfloat16, None),
-    ((300, 128256), "contiguous", torch.bfloat16, "48"),
-    ((100, 256000), "contiguous", torch.bfloat16, None),
-    ((40, 256000), "contiguous", torch.float32, None),
-    ((50, 50000), "contiguous", torch.float64, None),
-    ((300, 50000), "offset", torch.float32, None),
+    ((600, 32000), "contiguous", torch.bfloat16, {}),
+    ((300, 128256), "contiguous", torch.bfloat16, {}),
+    ((300, 128256), "contiguous", torch.bfloat16, {"FUSED_XENT_BULK_SLICE_KIB": "48"}),
+    ((300, 128256), "contiguous", torch.bfloat16, {"FUSED_XENT_BULK_BUFFERS": "3"}),
+    ((100, 256000), "contiguous", torch.bfloat16, {}),
+    ((40, 256000), "contiguous", torch.float32, {}),
+    ((50, 50000), "contiguous", torch.float64, {}),
+    ((300, 50000), "offset", torch.float32, {}),
 ]
 
 
-@pytest.mark.parametrize("shape,layout,dtype,slice_kib", BULK_CASES, ids=str)
+@pytest.mark.parametrize("shape,layout,dtype,settings", BULK_CASES, ids=str)
 @pytest.mark.cuda
 @needs_gpu
-def test_parity_of_bulk_row_slices(shape, layout, dtype, slice_kib, monkeypatch):
+def test_parity_of_bulk_row_slices(shape, layout, dtype, settings, monkeypatch):
     """The forward (plain and fused) with the copy engine filling double-buffered cluster slices, where it can (on
     sm_90+): it is the kernel that runs on the rows it can copy, in every grad_mode, and not on the others, and
     losses and gradients are PyTorch's."""
-    monkeypatch.setenv("FUSED_XENT_BULK_ROW_SLICES", "1")
-    if slice_kib is not None:
-        monkeypatch.setenv("FUSED_XENT_BULK_SLICE_KIB", slice_kib)
+    for name, value in {"FUSED_XENT_BULK_ROW_SLICES": "1", **settings}.items():
+        monkeypatch.setenv(name, value)
     if torch.cuda.get_device_properties(0).major >= 9:
         generator = torch.Generator().manual_seed(23)
         x = make_logits(shape, layout, dtype, generator)

@@ -407,25 +407,28 @@ def test_cluster_blocks_in_random_order(ops, monkeypatch, sm90, case):
     assert cluster_sizes(sm90) == [blocks] * 4
 
 
-# (shape, dtype, multiprocessors, FUSED_XENT_BULK_SLICE_KIB or None for its default, blocks per cluster): rows that
-# start 16-byte aligned and span a multiple of 16 bytes, whose slices the copy engine fills with
-# FUSED_XENT_BULK_ROW_SLICES=1 (up to 100 KiB each by default, two buffers a block, one block per multiprocessor
+# (shape, dtype, multiprocessors, (FUSED_XENT_BULK_SLICE_KIB, FUSED_XENT_BULK_BUFFERS), blocks per cluster): rows
+# that start 16-byte aligned and span a multiple of 16 bytes, whose slices the copy engine fills with
+# FUSED_XENT_BULK_ROW_SLICES=1 (by default two buffers a block of up to 100 KiB each, one block per multiprocessor
 # where they exceed half its shared memory). Clusters walk several rows, so each buffer is refilled: 8 clusters of
 # one block for 10 rows of 12 KB, 2 of one block for 9 rows of 80 KB, 1 of two for 7, 1 of three for 3 float64 rows
-# of 240 KB, and 1 of three for 7 rows in slices of at most 48 KiB, two blocks per multiprocessor.
+# of 240 KB, 1 of three for 7 rows in slices of at most 48 KiB (two blocks per multiprocessor); three buffers, 2
+# clusters of one block for 11 rows; four buffers of at most 50 KiB, 1 cluster of three blocks for 13 rows.
 BULK_CASES = [
-    ((10, 3008), torch.float32, 2, None, 1),
-    ((9, 40000), torch.bfloat16, 2, None, 1),
-    ((7, 30000), torch.float32, 2, None, 2),
-    ((3, 30000), torch.float64, 4, None, 3),
-    ((7, 30000), torch.float32, 2, "48", 3),
+    ((10, 3008), torch.float32, 2, (None, None), 1),
+    ((9, 40000), torch.bfloat16, 2, (None, None), 1),
+    ((7, 30000), torch.float32, 2, (None, None), 2),
+    ((3, 30000), torch.float64, 4, (None, None), 3),
+    ((7, 30000), torch.float32, 2, ("48", None), 3),
+    ((11, 12000), torch.float32, 2, (None, "3"), 1),
+    ((13, 30000), torch.float32, 4, (None, "4"), 3),
 ]
 
 
-def bulk_slice_bytes(shape, dtype, blocks):
-    """The dynamic shared memory of a bulk-copy cluster launch: two buffers of a slice rounded up to 64 classes."""
+def bulk_slice_bytes(shape, dtype, blocks, buffers=2):
+    """The dynamic shared memory of a bulk-copy cluster launch: its buffers of a slice rounded up to 64 classes."""
     classes_per_block = -(-shape[1] // blocks)
-    return 2 * -(-classes_per_block // 64) * 64 * dtype.itemsize
+    return buffers * -(-classes_per_block // 64) * 64 * dtype.itemsize
 
 
 @pytest.fixture
@@ -440,10 +443,13 @@ def bulk_case_id(case):
     return f"{'x'.join(map(str, shape))}-{str(dtype).removeprefix('torch.')}-{blocks}"
 
 
-def bulk_setup(monkeypatch, multiprocessors, slice_kib):
+def bulk_setup(monkeypatch, multiprocessors, settings):
+    """Sets the emulated multiprocessors and the case's settings; returns the buffers per block."""
     monkeypatch.setenv("FUSED_XENT_EMULATED_SMS", str(multiprocessors))
-    if slice_kib is not None:
-        monkeypatch.setenv("FUSED_XENT_BULK_SLICE_KIB", slice_kib)
+    for name, value in zip(("FUSED_XENT_BULK_SLICE_KIB", "FUSED_XENT_BULK_BUFFERS"), settings, strict=True):
+        if value is not None:
+            monkeypatch.setenv(name, value)
+    return int(settings[1] or 2)
 
 
 @pytest.mark.parametrize("case", BULK_CASES, ids=bulk_case_id)
@@ -453,10 +459,10 @@ def test_bulk_cluster_kernel(ops, monkeypatch, bulk_slices, case):
     the fused forward; checked against PyTorch (check_all_ops) with and without weights and label smoothing, over every
     reduction, with a third of the rows ignored (never fetched). Logits one element into their buffer start
     mid-vector, which the copy engine cannot copy: the blocks load those slices themselves."""
-    shape, dtype, multiprocessors, slice_kib, blocks = case
-    bulk_setup(monkeypatch, multiprocessors, slice_kib)
+    shape, dtype, multiprocessors, settings, blocks = case
+    buffers = bulk_setup(monkeypatch, multiprocessors, settings)
     monkeypatch.setenv("FUSED_XENT_MAX_CLUSTER_BLOCKS", "16")
-    bulk = (blocks, bulk_slice_bytes(shape, dtype, blocks))
+    bulk = (blocks, bulk_slice_bytes(shape, dtype, blocks, buffers))
     *by_reduction, offset = checked_cluster_launches(ops, bulk_slices, shape, dtype)
     assert by_reduction == [[bulk] * 3] * 3  # cross_entropy_fwd, cross_entropy_fwd_grad and its in-place form
     assert bulk not in offset
@@ -468,13 +474,13 @@ def test_bulk_copies_early_late_and_in_random_order(ops, monkeypatch, bulk_slice
     copy when it starts (a buffer refilled while a thread still reads it would change what it reads), an odd one
     only when a thread waits for it (a read before the wait, or a wait on the wrong phase, would read the buffer's
     old contents). The results are bitwise those of thread order either way."""
-    shape, dtype, multiprocessors, slice_kib, blocks = case
-    bulk_setup(monkeypatch, multiprocessors, slice_kib)
+    shape, dtype, multiprocessors, settings, blocks = case
+    buffers = bulk_setup(monkeypatch, multiprocessors, settings)
     x, target, weight = cluster_rows(shape, dtype, 9)
     args = (*as_ncs(x, target), weight.to(dtype), 1, -100, 0.1)
     assert_same_bits_under(monkeypatch, lambda: ops.cross_entropy_fwd_grad(*args), "FUSED_XENT_EMULATED_SCHEDULE_SEED",
                            ("124", "123"))
-    assert cluster_launches(bulk_slices) == [(blocks, bulk_slice_bytes(shape, dtype, blocks))] * 3
+    assert cluster_launches(bulk_slices) == [(blocks, bulk_slice_bytes(shape, dtype, blocks, buffers))] * 3
 
 
 def test_bulk_cluster_kernel_on_channels_last_rows(ops, bulk_slices):
@@ -492,7 +498,8 @@ def test_bulk_cluster_kernel_only_where_planned(ops, monkeypatch, bulk_slices):
     classes that start 16-byte aligned and span a multiple of 16 bytes, on sm_90, to the bulk-copy cluster kernel,
     whatever L2 holds; other rows, ops, targets and devices take the kernels they would without it, whose results
     its results match.
-    Any setting but 0 and 1 is an error that names it, as is a FUSED_XENT_BULK_SLICE_KIB outside 16-100."""
+    Any setting but 0 and 1 is an error that names it, as is a FUSED_XENT_BULK_SLICE_KIB outside 16-100 and a
+    FUSED_XENT_BULK_BUFFERS outside 2-4."""
     x, target, weight = cluster_rows((7, 3008), torch.float32, 8)
     x3, y3 = as_ncs(x, target)
     rest = (weight, 1, -100, 0.1)
@@ -514,6 +521,8 @@ def test_bulk_cluster_kernel_only_where_planned(ops, monkeypatch, bulk_slices):
     assert_no_cluster_launch(monkeypatch, bulk_slices, {}, settings,
                              lambda: ops.cross_entropy_fwd(x3, y3, *rest), bulk_forward)
     for name, value, message in (("FUSED_XENT_BULK_SLICE_KIB", "15", "SLICE_KIB=15 is below 16"),
+                                 ("FUSED_XENT_BULK_BUFFERS", "1", "BUFFERS=1 is below 2"),
+                                 ("FUSED_XENT_BULK_BUFFERS", "5", "BUFFERS=5 is not a whole number from 0 to 4"),
                                  ("FUSED_XENT_BULK_SLICE_KIB", "101", "SLICE_KIB=101 is not a whole number from 0 to"),
                                  ("FUSED_XENT_BULK_ROW_SLICES", "2", "ROW_SLICES=2 is not a whole number from 0 to 1")):
         with monkeypatch.context() as patch, pytest.raises(ValueError, match=message):

@@ -89,8 +89,9 @@ struct LaunchShape {
   bool streaming_second_sweep = false;
   // Thread-per-position kernels over rows that follow one another: a warp stores its 32 rows' gradient together.
   bool staged_rows = false;
-  // Cluster kernel: the copy engine fills each block's slice, double-buffered (rows_bulk_cluster_kernel).
-  bool bulk_slices = false;
+  // Cluster kernel: 0, each block loads its slice itself; else the copy engine fills this many slice buffers per
+  // block, one position after another (rows_bulk_cluster_kernel).
+  int bulk_buffers = 0;
 };
 
 // Cuts C classes into at most `wanted` consecutive ranges of at least min_len classes each (one range if C is

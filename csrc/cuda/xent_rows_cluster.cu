@@ -31,12 +31,16 @@ namespace cg = cooperative_groups;
 // Shared memory for one block's slice: small enough for two 512-thread blocks per SM, so one can load while the
 // other waits at the cluster barrier; 16 such slices hold a 256K-class float32 row.
 constexpr int64_t kSliceBytes = 96 * 1024;
-// The bulk-copy kernel's slices: by default two buffers of one fill most of a block's shared memory (227 KiB on
-// sm_90), one block per SM, and a 128256-class bfloat16 row takes 3 blocks, a 256000-class one 5.
-// FUSED_XENT_BULK_SLICE_KIB makes them smaller: at 48, two blocks share an SM (one can compute while the other
-// waits at its cluster barrier), in clusters of 6 and 11 blocks for those rows.
+// The bulk-copy kernel's slice buffers share at most this much of a block's shared memory (227 KiB on sm_90). By
+// default two buffers of 100 KiB, one block per SM: a 128256-class bfloat16 row takes clusters of 3 blocks, a
+// 256000-class one of 5. FUSED_XENT_BULK_SLICE_KIB makes the slices smaller: at 48, two blocks share an SM (one can
+// compute while the other waits at its cluster barrier), in clusters of 6 and 11 blocks for those rows.
+// FUSED_XENT_BULK_BUFFERS=3 or 4 fetches 2 or 3 positions ahead instead of 1, in slices of at most a third or a
+// quarter of the budget.
+constexpr int64_t kBulkBufferBudget = 200 * 1024;
 constexpr int64_t kBulkSliceKib = 100;
 constexpr int64_t kMinBulkSliceKib = 16;
+constexpr int kMaxBulkBuffers = 4;
 constexpr int64_t kMaxClusterBlocks = 16;  // the most that sm_90 allows (above 8 is "non-portable")
 static_assert(kMaxClusterBlocks <= 32, "the cluster merge takes a lane per block");
 constexpr int kClusterThreads = BlockGroup::kMaxThreads;
@@ -50,18 +54,26 @@ int64_t max_cluster_blocks() {
   return plan_setting("FUSED_XENT_MAX_CLUSTER_BLOCKS", kDefaultMaxClusterBlocks, kMaxClusterBlocks);
 }
 
-int64_t bulk_slice_bytes() {
+int bulk_buffers() {
+  const int64_t buffers = plan_setting("FUSED_XENT_BULK_BUFFERS", 2, kMaxBulkBuffers);
+  TORCH_CHECK_VALUE(buffers >= 2, "fused_xent: FUSED_XENT_BULK_BUFFERS=", buffers, " is below 2 (2 to ",
+                    kMaxBulkBuffers, " slice buffers per block)");
+  return static_cast<int>(buffers);
+}
+
+int64_t bulk_slice_limit(int buffers) {
   const int64_t kib = plan_setting("FUSED_XENT_BULK_SLICE_KIB", kBulkSliceKib, kBulkSliceKib);
   TORCH_CHECK_VALUE(kib >= kMinBulkSliceKib, "fused_xent: FUSED_XENT_BULK_SLICE_KIB=", kib, " is below ",
                     kMinBulkSliceKib, " (slices of ", kMinBulkSliceKib, " to ", kBulkSliceKib, " KiB)");
-  return kib * 1024;
+  return std::min(kib * 1024, kBulkBufferBudget / buffers);
 }
 
 // Class-index targets, gradient in the logits' address phase (and, with kBulk, every slice 16-byte aligned: see
-// slices_bulk_copyable). Each cluster takes positions cluster_index, cluster_index + clusters, ...; every block of a
-// cluster visits the same positions, so they meet at the same barriers.
+// slices_bulk_copyable; `buffers` slice buffers per block, 2 to kMaxBulkBuffers). Each cluster takes positions
+// cluster_index, cluster_index + clusters, ...; every block of a cluster visits the same positions, so they meet at
+// the same barriers.
 template <typename scalar_t, bool kBulk>
-__device__ __forceinline__ void cluster_rows(const XentParams<scalar_t>& p, int64_t slice_len) {
+__device__ __forceinline__ void cluster_rows(const XentParams<scalar_t>& p, int64_t slice_len, int buffers) {
 #if (defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900) || defined(FUSED_XENT_HOST_EMULATION)
   using acc_t = acc_type<scalar_t>;
   FUSED_XENT_DYNAMIC_SHARED(unsigned char, slice_bytes);
@@ -69,8 +81,8 @@ __device__ __forceinline__ void cluster_rows(const XentParams<scalar_t>& p, int6
   // Slice statistics of the current position, published to the cluster. Two slots, by position parity: a block
   // rewrites a slot two positions later, after a cluster barrier that every reader of its old value has passed.
   FUSED_XENT_BLOCK_SHARED(RowStats<acc_t>, published, [2]);
-  // kBulk: the barriers of the two slice buffers' copies, which alternate by position parity as well.
-  FUSED_XENT_BLOCK_SHARED(uint64_t, slice_landed, [2]);
+  // kBulk: the barrier of each slice buffer's copies.
+  FUSED_XENT_BLOCK_SHARED(uint64_t, slice_landed, [kMaxBulkBuffers]);
 
   const cg::cluster_group cluster = cg::this_cluster();
   const int blocks = static_cast<int>(cluster.num_blocks());
@@ -87,26 +99,35 @@ __device__ __forceinline__ void cluster_rows(const XentParams<scalar_t>& p, int6
   // wait for it: ignore_index stands in for the positions past the end.
   const auto class_index = [&](int64_t r) { return r < positions ? p.target_index[r] : p.ignore_index; };
   const auto row_is_read = [&](int64_t y) { return classify_target(y, p.ignore_index, p.C) != kTargetIgnored; };
-  // kBulk: buffer k holds the slice of the positions of parity k. An ignored position's row is never fetched.
-  scalar_t* const buffers = reinterpret_cast<scalar_t*>(slice_bytes);
+  // kBulk: the block's i-th position goes to buffer i % buffers, fetched buffers - 1 positions ahead (thread 0,
+  // which reads the class index of the position it is to fetch one position before it does). An ignored position's
+  // row is never fetched.
+  scalar_t* const slice_buffers = reinterpret_cast<scalar_t*>(slice_bytes);
   const auto fetch = [&](int64_t r, int k) {
-    start_bulk_copy(buffers + k * slice_len, p.logits + locate(p, r).offset + begin,
+    start_bulk_copy(slice_buffers + k * slice_len, p.logits + locate(p, r).offset + begin,
                     static_cast<uint32_t>((end - begin) * int64_t(sizeof(scalar_t))), &slice_landed[k]);
   };
+  const int64_t fetch_ahead = (buffers - 1) * clusters;
   uint32_t next_wait_parity = 0;  // bit k: the parity of buffer k's next copy (the same in every thread)
   int64_t r = blockIdx.x / blocks;
   int64_t y = class_index(r), next_y = class_index(r + clusters);
+  int64_t fetched_y = 0;  // kBulk, thread 0: the class index of position r + fetch_ahead
   if constexpr (kBulk) {
     if (threadIdx.x == 0) {
-      init_copy_barrier(&slice_landed[0]);
-      init_copy_barrier(&slice_landed[1]);
-      if (r < positions && row_is_read(y)) fetch(r, 0);
+      for (int k = 0; k < buffers; ++k) init_copy_barrier(&slice_landed[k]);
+      for (int k = 0; k + 1 < buffers; ++k) {
+        const int64_t ahead = r + k * clusters;
+        if (ahead < positions && row_is_read(class_index(ahead))) fetch(ahead, k);
+      }
+      fetched_y = class_index(r + fetch_ahead);
     }
     BlockGroup::sync();  // the barriers are initialised before anyone waits on them
   }
 
-  for (int parity = 0; r < positions; r += clusters, parity ^= 1) {
+  for (int parity = 0, buffer = 0; r < positions;
+       r += clusters, parity ^= 1, buffer = kBulk && buffer + 1 < buffers ? buffer + 1 : 0) {
     const int64_t y_after_next = class_index(r + 2 * clusters);
+    const int64_t next_fetched_y = kBulk && threadIdx.x == 0 ? class_index(r + clusters + fetch_ahead) : 0;
     const Position pos = locate(p, r);
     const scalar_t* x = p.logits + pos.offset;
     // Read by every block before the barrier below, after which any block may overwrite the row (in place).
@@ -118,18 +139,20 @@ __device__ __forceinline__ void cluster_rows(const XentParams<scalar_t>& p, int6
     scalar_t* staged;
     auto mine = RowStats<acc_t>::empty();
     if constexpr (kBulk) {
-      // The other buffer was last read by the previous position's gradient sweep, which the whole block has left.
-      if (threadIdx.x == 0 && r + clusters < positions && row_is_read(next_y)) fetch(r + clusters, parity ^ 1);
-      staged = buffers + parity * slice_len - begin;
+      // The buffer the previous position used is next refilled: its gradient sweep, which the whole block has left,
+      // was its last read.
+      const int refilled = (buffer == 0 ? buffers : buffer) - 1;
+      if (threadIdx.x == 0 && r + fetch_ahead < positions && row_is_read(fetched_y)) fetch(r + fetch_ahead, refilled);
+      staged = slice_buffers + buffer * slice_len - begin;
       if (read) {
-        wait_bulk_copy(&slice_landed[parity], (next_wait_parity >> parity) & 1u);
-        next_wait_parity ^= 1u << parity;
+        wait_bulk_copy(&slice_landed[buffer], (next_wait_parity >> buffer) & 1u);
+        next_wait_parity ^= 1u << buffer;
         mine = thread_row_stats<BlockGroup, false, scalar_t>(p, staged, nullptr, begin, end);
       }
     } else {
       // The slice copy starts at x's address phase so that both are visited with the same vectors.
       const int64_t phase = p.vectorize ? (reinterpret_cast<uintptr_t>(x + begin) & 15) / sizeof(scalar_t) : 0;
-      staged = buffers + phase - begin;
+      staged = slice_buffers + phase - begin;
       if (read) mine = thread_row_stats<BlockGroup, false, scalar_t>(p, x, nullptr, begin, end, staged);
     }
     const auto slice = BlockGroup::allreduce(mine, smem);
@@ -154,11 +177,12 @@ __device__ __forceinline__ void cluster_rows(const XentParams<scalar_t>& p, int6
           forward_grad_row<false>(target, st, log_sum, weight_sum, eps, p.C, upstream_scale(p, pos.n, pos.s));
       write_row_grad<BlockGroup, false, scalar_t, true>(p, staged, nullptr, p.grad + pos.offset, begin, end, row);
     }
-    // Nobody refills the buffer (kBulk: two positions later) or restages it at another address phase (which hands
+    // Nobody refills the buffer (kBulk: at the next position) or restages it at another address phase (which hands
     // its classes to other threads) while a slower thread still reads it.
     BlockGroup::sync();
     y = next_y;
     next_y = y_after_next;
+    fetched_y = next_fetched_y;
   }
   cluster.sync();  // no block exits while another may still read its published statistics
   store_block_partials(p, loss_acc, weight_acc);
@@ -168,15 +192,15 @@ __device__ __forceinline__ void cluster_rows(const XentParams<scalar_t>& p, int6
 // Two blocks per SM, each staging its slice as it loads it.
 template <typename scalar_t>
 __global__ void __launch_bounds__(kClusterThreads, 2) rows_cluster_kernel(const XentParams<scalar_t> p,
-                                                                          int64_t slice_len) {
-  cluster_rows<scalar_t, false>(p, slice_len);
+                                                                          int64_t slice_len, int buffers) {
+  cluster_rows<scalar_t, false>(p, slice_len, buffers);
 }
 
-// The copy engine filling the slices; as many blocks per SM as their two buffers leave room for (one by default).
+// The copy engine filling the slices; as many blocks per SM as their buffers leave room for (one by default).
 template <typename scalar_t>
 __global__ void __launch_bounds__(kClusterThreads, 2) rows_bulk_cluster_kernel(const XentParams<scalar_t> p,
-                                                                               int64_t slice_len) {
-  cluster_rows<scalar_t, true>(p, slice_len);
+                                                                               int64_t slice_len, int buffers) {
+  cluster_rows<scalar_t, true>(p, slice_len, buffers);
 }
 
 // A cluster launch: the configuration points at its own attribute, so it is built in place and never copied.
@@ -200,23 +224,24 @@ struct ClusterLaunch {
   ClusterLaunch& operator=(const ClusterLaunch&) = delete;
 };
 
-// The two kernels' shared memory. The slice length is rounded up to 64 classes, so a slice takes at most 64
-// elements more than its limit; the plain kernel's copy starts up to 15 bytes into its buffer.
-
+// The two kernels' shared memory: `bulk_buffers` slice buffers (LaunchShape), or with 0 the plain kernel's one,
+// whose copy starts up to 15 bytes into it. The slice length is rounded up to 64 classes, so a slice takes at most
+// 64 elements more than its limit.
 template <typename scalar_t>
-int64_t slice_smem_bytes(int64_t slice_len, bool bulk) {
+int64_t slice_smem_bytes(int64_t slice_len, int bulk_buffers) {
   const int64_t slice = slice_len * int64_t(sizeof(scalar_t));
-  return bulk ? 2 * slice : slice + 16;
+  return bulk_buffers > 0 ? bulk_buffers * slice : slice + 16;
 }
 
 int max_dynamic_smem(bool bulk) {
   constexpr int64_t kMaxRounding = 64 * sizeof(double);
-  return static_cast<int>(bulk ? 2 * (kBulkSliceKib * 1024 + kMaxRounding) : kSliceBytes + kMaxRounding + 16);
+  return static_cast<int>(bulk ? kBulkBufferBudget + kMaxBulkBuffers * kMaxRounding
+                               : kSliceBytes + kMaxRounding + 16);
 }
 
 template <typename scalar_t>
-auto cluster_kernel(bool bulk) {
-  return bulk ? rows_bulk_cluster_kernel<scalar_t> : rows_cluster_kernel<scalar_t>;
+auto cluster_kernel(int bulk_buffers) {
+  return bulk_buffers > 0 ? rows_bulk_cluster_kernel<scalar_t> : rows_cluster_kernel<scalar_t>;
 }
 
 // How many clusters of `blocks` blocks fit on `device` at once; 0 if none, if the device refuses the kernel's
@@ -225,22 +250,22 @@ auto cluster_kernel(bool bulk) {
 // remembered: the occupancy query is not free, and a kernel's attributes (set here, the same values every time)
 // persist on the device.
 template <typename scalar_t>
-int resident_clusters(int device, bool bulk, int64_t blocks, int64_t slice_len) {
+int resident_clusters(int device, int bulk_buffers, int64_t blocks, int64_t slice_len) {
   static std::mutex mutex;
-  static std::map<std::tuple<int, bool, int64_t, int64_t>, int> known;
+  static std::map<std::tuple<int, int, int64_t, int64_t>, int> known;
   const std::lock_guard<std::mutex> lock(mutex);
-  const auto key = std::make_tuple(device, bulk, blocks, slice_len);
+  const auto key = std::make_tuple(device, bulk_buffers, blocks, slice_len);
   if (const auto it = known.find(key); it != known.end()) return it->second;
 
   // An error left pending by an earlier launch is reported as such, not taken for this query's answer (and cached).
   C10_CUDA_CHECK(cudaGetLastError());
-  const auto kernel = cluster_kernel<scalar_t>(bulk);
-  const ClusterLaunch launch(blocks, blocks, slice_smem_bytes<scalar_t>(slice_len, bulk), nullptr);
+  const auto kernel = cluster_kernel<scalar_t>(bulk_buffers);
+  const ClusterLaunch launch(blocks, blocks, slice_smem_bytes<scalar_t>(slice_len, bulk_buffers), nullptr);
   int clusters = 0;
   cudaFuncAttributes compiled{};
+  const int smem_limit = max_dynamic_smem(bulk_buffers > 0);
   if (cudaFuncGetAttributes(&compiled, kernel) != cudaSuccess || compiled.ptxVersion < 90 ||
-      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, max_dynamic_smem(bulk)) !=
-          cudaSuccess ||
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_limit) != cudaSuccess ||
       cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) != cudaSuccess ||
       cudaOccupancyMaxActiveClusters(&clusters, kernel, &launch.config) != cudaSuccess) {
     (void)cudaGetLastError();  // "not supported here" is an answer, not an error to leave pending
@@ -269,7 +294,8 @@ LaunchShape plan_rows_cluster(const XentParams<scalar_t>& p, int device, bool bu
   shape.grid = 0;
   // First: a bad setting is an error wherever the plan is asked.
   const int64_t max_blocks = bulk ? kMaxClusterBlocks : max_cluster_blocks();
-  const int64_t slice_limit = bulk ? bulk_slice_bytes() : kSliceBytes;
+  const int buffers = bulk ? bulk_buffers() : 0;
+  const int64_t slice_limit = bulk ? bulk_slice_limit(buffers) : kSliceBytes;
   if (!(bulk ? slices_bulk_copyable(p) : p.grad_in_phase)) return shape;
   int major = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
@@ -278,22 +304,22 @@ LaunchShape plan_rows_cluster(const XentParams<scalar_t>& p, int device, bool bu
   if (blocks_needed > max_blocks) return shape;
   const int64_t slice_len = ceil_div(ceil_div(p.C, blocks_needed), 64) * 64;
   const int64_t blocks = ceil_div(p.C, slice_len);
-  const int clusters = resident_clusters<scalar_t>(device, bulk, blocks, slice_len);
+  const int clusters = resident_clusters<scalar_t>(device, buffers, blocks, slice_len);
   if (clusters == 0) return shape;
   // One wave: every cluster is resident and walks its share of the positions.
   shape.grid = std::min<int64_t>(p.N * p.S, clusters) * blocks;
   shape.threads = kClusterThreads;
   shape.splits = blocks;
   shape.split_len = slice_len;
-  shape.bulk_slices = bulk;
+  shape.bulk_buffers = buffers;
   return shape;
 }
 
 template <typename scalar_t>
 void launch_rows_cluster(const XentParams<scalar_t>& p, const LaunchShape& shape, cudaStream_t stream) {
-  const bool bulk = shape.bulk_slices;
-  const ClusterLaunch launch(shape.splits, shape.grid, slice_smem_bytes<scalar_t>(shape.split_len, bulk), stream);
-  C10_CUDA_CHECK(cudaLaunchKernelEx(&launch.config, cluster_kernel<scalar_t>(bulk), p, shape.split_len));
+  const int buffers = shape.bulk_buffers;
+  const ClusterLaunch launch(shape.splits, shape.grid, slice_smem_bytes<scalar_t>(shape.split_len, buffers), stream);
+  C10_CUDA_CHECK(cudaLaunchKernelEx(&launch.config, cluster_kernel<scalar_t>(buffers), p, shape.split_len, buffers));
 }
 
 #define INSTANTIATE(T)                                                                         \
