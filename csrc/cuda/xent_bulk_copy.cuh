@@ -49,8 +49,9 @@ __device__ __forceinline__ void start_bulk_copy(void* dst, const void* src, uint
 
 // How long a wait may last before the kernel traps: a copy of at most a few hundred KiB lands in microseconds, so
 // one that has not landed after seconds never will (a broken plan or barrier), and a launch that fails with an
-// error beats a GPU that spins until the process is killed.
-constexpr uint64_t kBulkCopyTimeoutNs = 4000000000ull;
+// error beats a GPU that spins until the process is killed. Long enough that no time slice of another process on
+// the GPU comes near it.
+constexpr uint64_t kBulkCopyTimeoutNs = 10000000000ull;
 
 // Waits until the barrier's phase of the given parity (0 for its first copy, then 1, 0, ...) has completed: what
 // that copy brought is then visible to the calling thread.
