@@ -105,14 +105,14 @@ def run_backend(ops, device):
 
 
 def bulk_slice_calls(ops):
-    """The forward ops with FUSED_XENT_BULK_ROW_SLICES=1 on rows the copy engine can slice: clusters of one
-    block (32000 classes) and of 5 and 10 (256000 bfloat16 and float32), every fifth position ignored (never
-    fetched), some class indices out of range."""
+    """The forward ops with FUSED_XENT_BULK_ROW_SLICES=1 on rows the copy engine can slice, more rows than clusters
+    fit (else the kernel leaves them to others): clusters of 1 and 2 blocks (32000 classes) and of 5 and 10 (256000
+    bfloat16 and float32), every fifth position ignored (never fetched), some class indices out of range."""
     calls = 0
     previous = os.environ.get("FUSED_XENT_BULK_ROW_SLICES")
     os.environ["FUSED_XENT_BULK_ROW_SLICES"] = "1"
     try:
-        for shape, dtype in itertools.product(((6, 32000), (40, 256000)), (torch.float32, torch.bfloat16)):
+        for shape, dtype in itertools.product(((140, 32000), (40, 256000)), (torch.float32, torch.bfloat16)):
             x = as_ops_view(make_logits(shape, "contiguous", dtype, "cuda"))
             target = torch.randint(0, shape[1], (shape[0], 1), device="cuda")
             target.view(-1)[::5] = -100

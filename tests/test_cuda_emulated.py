@@ -495,26 +495,28 @@ def test_bulk_cluster_kernel_on_channels_last_rows(ops, bulk_slices):
 
 def test_bulk_cluster_kernel_only_where_planned(ops, monkeypatch, bulk_slices):
     """FUSED_XENT_BULK_ROW_SLICES=1 gives the forward ops (plain and fused) of class-index rows of more than 2048
-    classes that start 16-byte aligned and span a multiple of 16 bytes, on sm_90, to the bulk-copy cluster kernel,
-    whatever L2 holds; other rows, ops, targets and devices take the kernels they would without it, whose results
-    its results match.
+    classes that start 16-byte aligned and span a multiple of 16 bytes, on sm_90, at least as many as the clusters
+    that fit, to the bulk-copy cluster kernel, whatever L2 holds; other rows, ops, targets and devices take the
+    kernels they would without it, whose results its results match.
     Any setting but 0 and 1 is an error that names it, as is a FUSED_XENT_BULK_SLICE_KIB outside 16-100 and a
     FUSED_XENT_BULK_BUFFERS outside 2-4."""
-    x, target, weight = cluster_rows((7, 3008), torch.float32, 8)
+    x, target, weight = cluster_rows((9, 3008), torch.float32, 8)
     x3, y3 = as_ncs(x, target)
     rest = (weight, 1, -100, 0.1)
     monkeypatch.setenv("FUSED_XENT_EMULATED_L2_BYTES", str(8 << 20))  # every row fits: the loads kernel never serves
     bulk = ops.cross_entropy_fwd_grad(x3, y3, *rest)
     bulk_forward = ops.cross_entropy_fwd(x3, y3, *rest)
-    assert cluster_launches(bulk_slices) == [(1, bulk_slice_bytes((7, 3008), torch.float32, 1))] * 2
-    odd = make_logits((7, 3007), "contiguous", torch.float32)
-    short = make_logits((7, 2048), "contiguous", torch.float32)
+    assert cluster_launches(bulk_slices) == [(1, bulk_slice_bytes((9, 3008), torch.float32, 1))] * 2
+    odd = make_logits((9, 3007), "contiguous", torch.float32)
+    short = make_logits((9, 2048), "contiguous", torch.float32)
+    few = x[:7]  # 8 clusters of one block fit the 2 emulated multiprocessors
     y_short = target.clamp(max=2047)[:, None]
     unweighted = (None, 1, -100, 0.1)
     calls = {"backward": lambda: ops.cross_entropy_bwd(torch.ones(()), x3, y3, *rest[:1], *bulk_forward[1:], *rest[1:]),
              "probabilities": lambda: ops.cross_entropy_fwd_grad(x3, make_prob_target(x3), *rest),
              "rows of an odd size": lambda: ops.cross_entropy_fwd_grad(odd[..., None], y_short, *unweighted),
-             "a warp per row": lambda: ops.cross_entropy_fwd_grad(short[..., None], y_short, *unweighted)}
+             "a warp per row": lambda: ops.cross_entropy_fwd_grad(short[..., None], y_short, *unweighted),
+             "fewer rows than clusters": lambda: ops.cross_entropy_fwd_grad(few[..., None], y3[:7], *rest)}
     settings = (("FUSED_XENT_BULK_ROW_SLICES", "0"), ("FUSED_XENT_EMULATED_CC_MAJOR", "8"))
     assert_no_cluster_launch(monkeypatch, bulk_slices, calls, settings,
                              lambda: ops.cross_entropy_fwd_grad(x3, y3, *rest), bulk)

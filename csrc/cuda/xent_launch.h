@@ -133,8 +133,9 @@ void launch_split_combine(const XentParams<scalar_t>& p, const LaunchShape& shap
 
 // Fused forward of long rows on sm_90+ (class-index targets, p.grad_in_phase): a cluster of shape.splits blocks per
 // position, each keeping shape.split_len classes on chip, which the block loads itself or, with `bulk`, the copy
-// engine brings (rows that start 16-byte aligned and span a multiple of 16 bytes; the bulk kernel also serves the
-// plain forward, p.grad null). plan_rows_cluster returns grid 0 where it cannot serve.
+// engine brings (rows that start 16-byte aligned and span a multiple of 16 bytes, at least as many as the clusters
+// that fit; the bulk kernel also serves the plain forward, p.grad null). plan_rows_cluster returns grid 0 where it
+// cannot serve.
 template <typename scalar_t>
 LaunchShape plan_rows_cluster(const XentParams<scalar_t>& p, int device, bool bulk);
 template <typename scalar_t>

@@ -305,7 +305,9 @@ LaunchShape plan_rows_cluster(const XentParams<scalar_t>& p, int device, bool bu
   const int64_t slice_len = ceil_div(ceil_div(p.C, blocks_needed), 64) * 64;
   const int64_t blocks = ceil_div(p.C, slice_len);
   const int clusters = resident_clusters<scalar_t>(device, buffers, blocks, slice_len);
-  if (clusters == 0) return shape;
+  // Fewer positions than the clusters that fit would leave SMs idle: the bulk kernel leaves those to the plans that
+  // split rows across the GPU.
+  if (clusters == 0 || (bulk && p.N * p.S < clusters)) return shape;
   // One wave: every cluster is resident and walks its share of the positions.
   shape.grid = std::min<int64_t>(p.N * p.S, clusters) * blocks;
   shape.threads = kClusterThreads;
