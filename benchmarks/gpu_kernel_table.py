@@ -38,9 +38,9 @@ def _variants(label, shape, element_size):
     (FUSED_XENT_BULK_ROW_SLICES=1, csrc/cuda/xent_rows_cluster.cu), where each row spans a multiple of 16 bytes: the
     forward and the fused forward in slices of up to 100 KiB (one block per SM), and the fused forward again in
     slices of up to 48 KiB (FUSED_XENT_BULK_SLICE_KIB, two blocks per SM) and with three buffers a block instead of
-    two (FUSED_XENT_BULK_BUFFERS, fetching two positions ahead). Rows
-    of a few classes, one after another (a thread per row), once more with their gradient stored by each thread
-    instead of by its warp from shared memory (FUSED_XENT_STAGED_ROW_STORES=0)."""
+    two (FUSED_XENT_BULK_BUFFERS, fetching two positions ahead). Rows of a few classes, one after another (a thread
+    per row), once more with their gradient stored by each thread instead of by its warp from shared memory
+    (FUSED_XENT_STAGED_ROW_STORES=0)."""
     variants = {}
     if label in ("rows thread", "channels_last"):
         for mode in ("fwd+bwd recompute", "fwd+bwd in_forward"):

@@ -5,21 +5,22 @@
 Each op of each GPU backend runs on rows with a warp per position, a block per position, rows split across blocks,
 a cluster per position, NCHW and channels_last positions, misaligned rows, probability targets, weights,
 smoothing, every reduction, and out-of-range class indices (which must give NaN without touching memory out of
-bounds); so does the CUDA backend's value check, and its fused forward with the copy engine filling cluster slices
-(FUSED_XENT_BULK_ROW_SLICES=1). The sanitizer reports any out-of-bounds or misaligned access; this
-script only checks that the results are finite where they should be. `--device cpu` runs the same calls through
+bounds); so does the CUDA backend's value check, and its forward ops with the copy engine filling cluster slices
+(FUSED_XENT_BULK_ROW_SLICES=1). The sanitizer reports any out-of-bounds or misaligned access; this script only
+checks that the results are finite where they should be. `--device cpu` runs the same calls through
 the CPU kernel (which raises on out-of-range indices instead, so those are left out): a check of this script
 itself, without a GPU.
 """
 
 import argparse
 import itertools
-import os
 
 import torch
 
 import fused_xent
 from fused_xent._backends import backend_ops, backends_serving
+
+import env_info
 
 # (shape, layout): C <= 2048 (warp per row), C > 2048 (block per row), few rows with a huge C (split rows), rows
 # whose fused forward outgrows L2 (a cluster of 11 blocks per row on sm_90 in float32), NCHW, NCHW with few positions
@@ -109,9 +110,7 @@ def bulk_slice_calls(ops):
     fit (else the kernel leaves them to others): clusters of 1 and 2 blocks (32000 classes) and of 5 and 10 (256000
     bfloat16 and float32), every fifth position ignored (never fetched), some class indices out of range."""
     calls = 0
-    previous = os.environ.get("FUSED_XENT_BULK_ROW_SLICES")
-    os.environ["FUSED_XENT_BULK_ROW_SLICES"] = "1"
-    try:
+    with env_info.environment_variable("FUSED_XENT_BULK_ROW_SLICES", "1"):
         for shape, dtype in itertools.product(((140, 32000), (40, 256000)), (torch.float32, torch.bfloat16)):
             x = as_ops_view(make_logits(shape, "contiguous", dtype, "cuda"))
             target = torch.randint(0, shape[1], (shape[0], 1), device="cuda")
@@ -124,11 +123,6 @@ def bulk_slice_calls(ops):
                 ops.fwd(x, target, w, reduction, -100, smoothing)
                 assert loss.isnan().any() and (reduction == 1 or loss.view(-1)[2].isfinite()), (shape, dtype)
                 calls += 3
-    finally:
-        if previous is None:
-            del os.environ["FUSED_XENT_BULK_ROW_SLICES"]
-        else:
-            os.environ["FUSED_XENT_BULK_ROW_SLICES"] = previous
     return calls
 
 

@@ -455,7 +455,7 @@ def bulk_setup(monkeypatch, multiprocessors, settings):
 @pytest.mark.parametrize("case", BULK_CASES, ids=bulk_case_id)
 def test_bulk_cluster_kernel(ops, monkeypatch, bulk_slices, case):
     """csrc/cuda/xent_rows_cluster.cu, rows_bulk_cluster_kernel: the copy engine (emulated) brings each block its
-    slice of the next position while the block works on this one, in two alternating buffers, for the plain and
+    slice of a later position while the block works on this one, in buffers it takes in turn, for the plain and
     the fused forward; checked against PyTorch (check_all_ops) with and without weights and label smoothing, over every
     reduction, with a third of the rows ignored (never fetched). Logits one element into their buffer start
     mid-vector, which the copy engine cannot copy: the blocks load those slices themselves."""

@@ -226,6 +226,12 @@ struct Barrier {
 struct CopyBarrier {
   uint64_t completed_phases = 0;
   std::function<void()> in_flight;  // the copy started in the current phase, until it lands
+
+  void land() {
+    in_flight();
+    in_flight = nullptr;
+    ++completed_phases;
+  }
 };
 
 // What the threads of the running cluster (or block) share: each block's barrier, the cluster's, the warps' barriers
@@ -341,11 +347,7 @@ inline void start_bulk_copy(void* dst, const void* src, uint32_t bytes, uint64_t
   if (copy.in_flight) fail("a second bulk copy in one phase of its barrier");
   ++scheduler->progress;
   copy.in_flight = [=] { std::memcpy(dst, src, bytes); };
-  if (!scheduler->copies_land_at_wait) {
-    copy.in_flight();
-    copy.in_flight = nullptr;
-    ++copy.completed_phases;
-  }
+  if (!scheduler->copies_land_at_wait) copy.land();
 }
 
 inline void wait_bulk_copy(uint64_t* barrier, uint32_t parity) {
@@ -353,9 +355,7 @@ inline void wait_bulk_copy(uint64_t* barrier, uint32_t parity) {
   wait_while([&] {
     if ((copy.completed_phases & 1) != parity) return false;
     if (!copy.in_flight) return true;  // its copy has yet to start
-    copy.in_flight();
-    copy.in_flight = nullptr;
-    ++copy.completed_phases;
+    copy.land();
     ++scheduler->progress;
     return false;
   });
@@ -411,8 +411,9 @@ void run_grid(void (*kernel)(Params...), int64_t grid, int threads, int cluster_
   }
   Scheduler launch;
   if (const char* seed = std::getenv("FUSED_XENT_EMULATED_SCHEDULE_SEED")) {
-    launch.random_state = std::strtoull(seed, nullptr, 10) * 0x9E3779B97F4A7C15ull | 1;  // never 0
-    launch.copies_land_at_wait = std::strtoull(seed, nullptr, 10) % 2 == 1;
+    const uint64_t seed_value = std::strtoull(seed, nullptr, 10);
+    launch.random_state = seed_value * 0x9E3779B97F4A7C15ull | 1;  // never 0
+    launch.copies_land_at_wait = seed_value % 2 == 1;
   }
   launch.dynamic_bytes = dynamic_bytes;
   launch.fibers.resize(static_cast<size_t>(threads) * blocks);
