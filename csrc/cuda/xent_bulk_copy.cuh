@@ -47,11 +47,13 @@ __device__ __forceinline__ void start_bulk_copy(void* dst, const void* src, uint
 #endif
 }
 
-// How long a wait may last before the kernel traps: a copy of at most a few hundred KiB lands in microseconds, so
-// one that has not landed after seconds never will (a broken plan or barrier), and a launch that fails with an
-// error beats a GPU that spins until the process is killed. Long enough that no time slice of another process on
-// the GPU comes near it.
+// When a wait gives up and traps: a copy of at most a few hundred KiB lands in microseconds of the kernel's running
+// time, so one still open after seconds never lands (a broken plan or barrier), and a launch that fails with an error
+// beats a GPU that spins until the process is killed. Both bounds must pass: the wall clock alone also runs while
+// the context does not (a debugger's breakpoint, time slices of other processes, preemption), and the count of
+// failed tries alone has no known duration (how long each try_wait suspends the thread is up to the hardware).
 constexpr uint64_t kBulkCopyTimeoutNs = 10000000000ull;
+constexpr uint32_t kBulkCopyMinFailedTries = 1u << 20;
 
 // Waits until the barrier's phase of the given parity (0 for its first copy, then 1, 0, ...) has completed: what
 // that copy brought is then visible to the calling thread.
@@ -60,7 +62,7 @@ __device__ __forceinline__ void wait_bulk_copy(uint64_t* barrier, uint32_t parit
   ::fused_xent_emulation::wait_bulk_copy(barrier, parity);
 #elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   const uint32_t at = shared_address(barrier);
-  uint32_t done = 0;
+  uint32_t done = 0, failed_tries = 0;
   uint64_t first_try = 0;
   while (true) {
     // try_wait itself suspends the thread for a while before it reports a phase still open.
@@ -73,8 +75,9 @@ __device__ __forceinline__ void wait_bulk_copy(uint64_t* barrier, uint32_t parit
     if (done) return;
     uint64_t now;
     asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(now));
-    if (first_try == 0) {
-      first_try = now;
+    if (failed_tries == 0) first_try = now;
+    if (failed_tries < kBulkCopyMinFailedTries) {
+      ++failed_tries;
     } else if (now - first_try > kBulkCopyTimeoutNs) {
       __trap();
     }
