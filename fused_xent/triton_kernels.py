@@ -37,6 +37,7 @@ from torch.library import wrap_triton
 
 from ._layout import input_in_logits_memory, is_dense, is_leaf_that_requires_grad, kernel_logits
 from ._triton_env import interpreter_problem, triton_interpreter_requested
+from ._validate import has_no_values
 from .reference import REDUCTION_MEAN, REDUCTION_NONE, REDUCTION_SUM, reduce_loss
 
 # Read once, like Triton itself: the interpreter must be chosen before the kernels below are decorated.
@@ -722,8 +723,19 @@ class _Problem:
         return triton.cdiv(N * S, self.tile.block_p)
 
 
+def check_on_device_of(anchor: torch.Tensor, anchor_name: str, **tensors) -> None:
+    """As the compiled ops refuse, for callers of the ops themselves (the front end checks this earlier): a kernel
+    handed another device's pointer would read it through unified addressing, or fault and leave the CUDA context
+    unusable."""
+    for name, tensor in tensors.items():
+        if tensor is not None and tensor.device != anchor.device:
+            raise RuntimeError(f"fused_xent: {name} is on {tensor.device}, not on the device of {anchor_name} "
+                               f"({anchor.device})")
+
+
 def _problem(logits, target, weight, reduction) -> _Problem:
     check_device(logits.device)
+    check_on_device_of(logits, "logits", target=target, weight=weight)
     if logits.dim() != 3 or not logits.is_floating_point():
         raise ValueError(f"fused_xent: logits must be a floating (N, C, S) view, got {logits.dtype} {logits.shape}")
     if reduction not in (REDUCTION_NONE, REDUCTION_MEAN, REDUCTION_SUM):
@@ -882,6 +894,7 @@ def cross_entropy_fwd(logits, target, weight, reduction, ignore_index, label_smo
 def cross_entropy_bwd(grad_loss, logits, target, weight, lse, total_weight, reduction, ignore_index, label_smoothing):
     """-> d(loss)/d(logits), in the logits dtype with the strides of the kernel's view of the logits."""
     p = _problem(logits, target, weight, reduction)
+    check_on_device_of(logits, "logits", grad_loss=grad_loss, lse=lse, total_weight=total_weight)
     grad = torch.empty_like(p.logits)
     if p.num_positions == 0:
         return grad
@@ -919,8 +932,10 @@ def cross_entropy_fwd_grad(logits, target, weight, reduction, ignore_index, labe
 def _refuse_a_write_into_a_leaf(tensor, what):
     """As the compiled ops' autograd (and PyTorch's in-place ops) refuse, for callers of the ops themselves: a leaf's
     .grad would be meaningless once its values are overwritten. Whatever the grad mode, which a triton_op's body
-    cannot see (torch.library runs it inside an autograd Function's forward); the front end never passes a leaf."""
-    if is_leaf_that_requires_grad(tensor):
+    cannot see (torch.library runs it inside an autograd Function's forward); the front end never passes a leaf.
+    Not on the fake tensors a trace runs this on (torch.compile, make_fx), whose autograd metadata may not be read
+    here, below autograd: the traced op checks its real tensors when it runs."""
+    if not has_no_values(tensor) and is_leaf_that_requires_grad(tensor):
         raise RuntimeError(f"fused_xent: a leaf Variable that requires grad (or a view of one) is being used in an "
                            f"in-place operation: {what}; pass the output of an operation, or a detached tensor")
 
@@ -952,6 +967,7 @@ def scale_unit_grad_(grad, grad_loss, target, ignore_index) -> None:
     grad_loss: 0-d, of grad's dtype; target: (N, S) int64 class indices (positions equal to ignore_index stay +0
     whatever the scale), or None for probability targets. The twin of csrc/cuda/xent_scale.cu."""
     check_device(grad.device)
+    check_on_device_of(grad, "grad", grad_loss=grad_loss, target=target)
     _refuse_a_write_into_a_leaf(grad, "scale_unit_grad_ scales the gradient in place")
     if grad.dim() != 3 or not is_dense(grad) or grad_loss.dim() != 0 or grad_loss.dtype != grad.dtype:
         raise ValueError(f"fused_xent: scale_unit_grad_ needs a dense (N, C, S) gradient and a 0-d grad_loss of its "

@@ -293,6 +293,35 @@ def test_in_place_op_refuses_a_weight_in_the_logits_memory():
 
 
 @needs_kernels
+def test_launchers_refuse_tensors_on_another_device():
+    """Each launcher refuses a tensor on a device other than the logits' (the compiled ops' check), before any
+    kernel is handed its pointer. Called below the ops' dispatch, where the device of the logits picks the kernel;
+    a meta tensor stands in for a second GPU."""
+    from fused_xent import triton_kernels
+
+    x = (torch.randn(4, 9, generator=torch.Generator().manual_seed(8)) * 3).to(DEVICE)
+    logits, target = op_views(x, class_target(x))
+    weight = class_weight(x.shape[1])
+    elsewhere = {"target": target.to("meta"), "weight": weight.to("meta")}
+    for name, other in elsewhere.items():
+        args = {"target": target, "weight": weight, name: other}
+        with pytest.raises(RuntimeError, match=rf"{name} is on meta, not on the device of logits \({logits.device}\)"):
+            triton_kernels.cross_entropy_fwd(logits, args["target"], args["weight"], 1, -100, 0.0)
+    _, lse, total_weight = triton_kernels.cross_entropy_fwd(logits, target, weight, 1, -100, 0.0)
+    grad_loss = torch.ones((), device=DEVICE)
+    for name in ("grad_loss", "lse", "total_weight"):
+        args = {"grad_loss": grad_loss, "lse": lse, "total_weight": total_weight}
+        args[name] = args[name].to("meta")
+        with pytest.raises(RuntimeError, match=rf"{name} is on meta, not on the device of logits \({logits.device}\)"):
+            triton_kernels.cross_entropy_bwd(args["grad_loss"], logits, target, weight, args["lse"],
+                                             args["total_weight"], 1, -100, 0.0)
+    grad = logits.detach().clone()
+    with pytest.raises(RuntimeError, match=rf"grad_loss is on meta, not on the device of grad \({grad.device}\)"):
+        triton_kernels.scale_unit_grad_(grad, grad_loss.to("meta"), target, -100)
+    assert torch.equal(grad, logits)
+
+
+@needs_kernels
 def test_in_place_ops_called_directly_count_their_writes():
     """Called directly, the in-place ops move the version counter of the tensor they write (so an op that saved it
     refuses to backward from what it now holds) and refuse a leaf that requires grad, as the compiled ops do."""
@@ -694,6 +723,37 @@ def test_torch_compile_fullgraph():
     (expected_grad,) = torch.autograd.grad(expected_loss, x)
     torch.testing.assert_close(loss, expected_loss)
     torch.testing.assert_close(grad, expected_grad)
+
+
+@needs_kernels
+@pytest.mark.parametrize("tracing_mode", ["fake", "symbolic"])
+def test_inplace_traces_over_fake_tensors(tracing_mode):
+    """The in-place op refuses to write into a leaf by reading the logits' autograd metadata, which a trace's fake
+    tensors do not carry below autograd (reading it there failed an internal assert of PyTorch's): the trace of
+    grad_mode="inplace" (make_fx, as AOTAutograd and memory estimators trace), and of the op under torch.compile,
+    gives PyTorch's loss and gradient."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    x = make_logits("rows", torch.float32).detach()
+    target = class_target(x, ignore_index=-100)
+
+    def loss_and_grad(loss_fn, x, target):
+        leaf = x.detach().requires_grad_()
+        loss = loss_fn(leaf * 1, target, label_smoothing=0.1)
+        return loss, torch.autograd.grad(loss, leaf)[0]
+
+    def fused(x, target, **kwargs):
+        return fused_xent.cross_entropy(x, target, backend="triton", grad_mode="inplace", **kwargs)
+
+    graph = make_fx(lambda *args: loss_and_grad(fused, *args), tracing_mode=tracing_mode)(x, target)
+    torch.testing.assert_close(graph(x, target), loss_and_grad(F.cross_entropy, x, target))
+
+    def op_in_place(x, target):
+        logits = (x * 1).view(*x.shape, 1)
+        return ops.triton_cross_entropy_fwd_grad_(logits, target.view(-1, 1), None, 1, -100, 0.1), logits
+
+    compiled = torch.compile(op_in_place, fullgraph=True, backend="eager")
+    torch.testing.assert_close(compiled(x.requires_grad_(), target), op_in_place(x, target))
 
 
 @needs_kernels
