@@ -50,7 +50,9 @@ def test_gradcheck(backend, shape, layout, kind):
 
 def _op_samples():
     g = torch.Generator().manual_seed(2)
-    for shape, layout in [((4, 7), "contiguous"), ((2, 5, 3, 2), "contiguous"), ((2, 5, 3, 2), "channels_last")]:
+    # Column-major rows too: the kernels lay their gradient out row-major, which the fake kernels must say.
+    for shape, layout in [((4, 7), "contiguous"), ((6, 10), "transposed"), ((2, 5, 3, 2), "contiguous"),
+                          ((2, 5, 3, 2), "channels_last")]:
         for dtype, kind, weighted, reduction in itertools.product(
             [torch.float32, torch.bfloat16], ["index", "prob"], [False, True], [0, 1, 2]
         ):
@@ -81,6 +83,19 @@ def test_opcheck_all_ops():
         torch.library.opcheck(ops.cross_entropy_fwd_grad_.default, (logits.clone(), target, weight, *options),
                               test_utils=("test_schema", "test_faketensor"))
 
+
+
+@needs_extension
+@pytest.mark.parametrize("reduction", [0, 1, 2])
+def test_fwd_grad_op_backward_scales_by_the_upstream_gradient(reduction):
+    """Called directly (the front end calls it below autograd), the op that makes the gradient in its forward is
+    differentiable through the autograd that _ops.register_autograd gives it: backward scales that gradient by the
+    upstream one (gradcheck's one-hot upstream gradients per position for reduction none; 3 for a mean or sum)."""
+    g = torch.Generator().manual_seed(9)
+    logits = make_logits((5, 6), "contiguous", torch.float64, generator=g).reshape(5, 6, 1).requires_grad_(True)
+    target = make_class_target((5, 1), 6, ignore_index=-100, generator=g)
+    op = torch.ops.fused_xent.cross_entropy_fwd_grad
+    assert torch.autograd.gradcheck(lambda x: 3 * op(x, target, None, reduction, -100, 0.1)[0], (logits,))
 
 class TinySegmenter(torch.nn.Module):
     def __init__(self, loss_fn):
@@ -131,8 +146,9 @@ def test_torch_compile_traces_the_loss_once():
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_module_matches_torch_module(backend):
     weight = torch.rand(6) + 0.5
-    ours = fused_xent.CrossEntropyLoss(weight=weight, ignore_index=2, reduction="sum", backend=backend)
-    theirs = torch.nn.CrossEntropyLoss(weight=weight, ignore_index=2, reduction="sum")
+    arguments = dict(weight=weight, ignore_index=2, reduction="sum", label_smoothing=0.2)
+    ours = fused_xent.CrossEntropyLoss(**arguments, backend=backend)
+    theirs = torch.nn.CrossEntropyLoss(**arguments)
     assert isinstance(ours, torch.nn.CrossEntropyLoss)
     x, t = torch.randn(8, 6), torch.randint(0, 6, (8,))
     torch.testing.assert_close(ours(x, t), theirs(x, t))

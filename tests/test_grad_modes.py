@@ -267,8 +267,26 @@ def test_inplace_refuses_leaves_and_overlapping_logits(backend):
         assert torch.equal(logits.detach(), before)
     buffer = torch.randn(20, requires_grad=True)
     overlapping = (buffer * 1).as_strided((4, 5), (2, 1))
-    with pytest.raises(ValueError, match=r"overlap here.*input.clone\(\)"):
-        fused_xent.cross_entropy(overlapping, target, backend=backend, grad_mode="inplace")
+    expanded = (torch.randn(1, 5, requires_grad=True) * 1).expand(4, 5)
+    for logits in (overlapping, expanded):
+        with pytest.raises(ValueError, match=r"overlap here.*input.clone\(\)"):
+            fused_xent.cross_entropy(logits, target, backend=backend, grad_mode="inplace")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_inplace_writes_through_a_view_with_a_size_one_dim(backend):
+    """A size-1 spatial dim's stride says nothing about the layout (a slice keeps its parent's), so a view that ends
+    in one, e.g. (N, C, H, 1) of strides (60, 20, 5, 1), still flattens to (N, C, S) without a copy: inplace writes
+    its gradient there and hands it to the tensor it views."""
+    g = torch.Generator().manual_seed(13)
+    values = torch.randn(2, 3, 4, 5, generator=g)
+    leaf, reference = values.clone().requires_grad_(True), values.clone().requires_grad_(True)
+    target = make_class_target((2, 4, 1), 3, generator=g)
+    loss = fused_xent.cross_entropy((leaf * 1)[..., :1], target, backend=backend, grad_mode="inplace")
+    expected = torch.nn.functional.cross_entropy(reference[..., :1], target)
+    assert_close(loss, expected, torch.float32, "loss")
+    expected.backward()
+    assert_grad_close(torch.autograd.grad(loss, leaf)[0], reference.grad, torch.float32, "gradient")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -375,14 +393,17 @@ def test_inplace_refuses_a_weight_or_target_in_the_logits_memory(backend):
             fused_xent.cross_entropy(logits, backend=backend, grad_mode="inplace", **arguments)
         assert torch.equal(logits.detach(), before)
         fused_xent.cross_entropy(logits, backend=backend, grad_mode="in_forward", **arguments)
-    apart = {"target": make_class_target((300,), 300), "weight": buffer.detach()[301]}
+    # Right after the logits' last element: adjacent, no element in common.
+    apart = {"target": make_class_target((300,), 300), "weight": buffer.detach()[300]}
     fused_xent.cross_entropy(logits, backend=backend, grad_mode="inplace", **apart)
-    # A weight that starts before the logits and runs into them.
-    later_logits = buffer[2:302]
-    straddling = buffer.detach().view(-1)[2 * 300 - 150:2 * 300 + 150]
-    with pytest.raises(ValueError, match="still reads the weight, whose memory range intersects theirs"):
-        fused_xent.cross_entropy(later_logits, make_class_target((300,), 300), weight=straddling, backend=backend,
-                                 grad_mode="inplace")
+    # A weight that starts before the logits and runs into them, and one whose first element is their last.
+    flat = buffer.detach().view(-1)
+    straddling = (buffer[2:302], flat[2 * 300 - 150:2 * 300 + 150])
+    sharing_the_last = (logits, flat[300 * 300 - 1:300 * 300 + 299])
+    for these_logits, weight in (straddling, sharing_the_last):
+        with pytest.raises(ValueError, match="still reads the weight, whose memory range intersects theirs"):
+            fused_xent.cross_entropy(these_logits, make_class_target((300,), 300), weight=weight, backend=backend,
+                                     grad_mode="inplace")
 
     if backend in ("cpu", "cuda"):  # the compiled ops check the overlap themselves
         op = _backends.backend_ops(backend).fwd_grad_
