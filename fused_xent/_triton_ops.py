@@ -17,11 +17,11 @@ import torch
 from ._ops import register_autograd
 
 try:
-    from . import triton_kernels
+    from . import triton_kernels, triton_launchers
 
     _IMPORT_ERROR = None
 except Exception as error:  # no triton (CPU-only wheels, macOS), or an install that fails to import
-    triton_kernels = None
+    triton_kernels = triton_launchers = None
     _IMPORT_ERROR = error
 
 
@@ -47,12 +47,12 @@ AVAILABLE = is_available()
 
 def check_device(device: torch.device) -> None:
     """Raises a clear error unless the kernels can run on tensors on `device`."""
-    if triton_kernels is None:
+    if triton_launchers is None:
         raise RuntimeError(f"fused_xent: the triton backend is not available: {unavailable_reason()}")
-    triton_kernels.check_device(device)
+    triton_launchers.check_device(device)
 
 
-if triton_kernels is not None:
+if triton_launchers is not None:
     Tensor = torch.Tensor
 
     @torch.library.triton_op("fused_xent::triton_cross_entropy_fwd", mutates_args=())
@@ -60,14 +60,14 @@ if triton_kernels is not None:
         logits: Tensor, target: Tensor, weight: Tensor | None, reduction: int, ignore_index: int,
         label_smoothing: float,
     ) -> tuple[Tensor, Tensor, Tensor]:
-        return triton_kernels.cross_entropy_fwd(logits, target, weight, reduction, ignore_index, label_smoothing)
+        return triton_launchers.cross_entropy_fwd(logits, target, weight, reduction, ignore_index, label_smoothing)
 
     @torch.library.triton_op("fused_xent::triton_cross_entropy_bwd", mutates_args=())
     def triton_cross_entropy_bwd(
         grad_loss: Tensor, logits: Tensor, target: Tensor, weight: Tensor | None, lse: Tensor,
         total_weight: Tensor, reduction: int, ignore_index: int, label_smoothing: float,
     ) -> Tensor:
-        return triton_kernels.cross_entropy_bwd(
+        return triton_launchers.cross_entropy_bwd(
             grad_loss, logits, target, weight, lse, total_weight, reduction, ignore_index, label_smoothing
         )
 
@@ -76,17 +76,19 @@ if triton_kernels is not None:
         logits: Tensor, target: Tensor, weight: Tensor | None, reduction: int, ignore_index: int,
         label_smoothing: float,
     ) -> tuple[Tensor, Tensor]:
-        return triton_kernels.cross_entropy_fwd_grad(logits, target, weight, reduction, ignore_index, label_smoothing)
+        return triton_launchers.cross_entropy_fwd_grad(logits, target, weight, reduction, ignore_index, label_smoothing)
 
     @torch.library.triton_op("fused_xent::triton_cross_entropy_fwd_grad_", mutates_args={"logits"})
     def triton_cross_entropy_fwd_grad_(
         logits: Tensor, target: Tensor, weight: Tensor | None, reduction: int, ignore_index: int,
         label_smoothing: float,
     ) -> Tensor:
-        return triton_kernels.cross_entropy_fwd_grad_(logits, target, weight, reduction, ignore_index, label_smoothing)
+        return triton_launchers.cross_entropy_fwd_grad_(
+            logits, target, weight, reduction, ignore_index, label_smoothing
+        )
 
     @torch.library.triton_op("fused_xent::triton_scale_unit_grad_", mutates_args={"grad"})
     def triton_scale_unit_grad_(grad: Tensor, grad_loss: Tensor, target: Tensor | None, ignore_index: int) -> None:
-        triton_kernels.scale_unit_grad_(grad, grad_loss, target, ignore_index)
+        triton_launchers.scale_unit_grad_(grad, grad_loss, target, ignore_index)
 
     register_autograd(prefix="triton_")

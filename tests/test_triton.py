@@ -39,7 +39,8 @@ from op_checks import check_in_place_call_counts_its_write, check_scale_unit_gra
 
 import fused_xent  # noqa: E402
 from fused_xent import _triton_ops  # noqa: E402
-from fused_xent.triton_kernels import TileConfig, _position_block  # noqa: E402
+from fused_xent.triton_kernels import _position_block  # noqa: E402
+from fused_xent.triton_launchers import TileConfig  # noqa: E402
 
 ops = torch.ops.fused_xent
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -215,7 +216,7 @@ def test_dtypes(dtype, layout):
 def test_small_tiles(layout, monkeypatch):
     """Tiles of 4 positions x 4 classes: many programs, partial blocks on both axes, and the online softmax carried
     across class blocks, including rows whose first blocks are all -inf."""
-    monkeypatch.setattr(_triton_ops.triton_kernels, "tile_config", lambda *args: TileConfig(4, 4, 1))
+    monkeypatch.setattr(_triton_ops.triton_launchers, "tile_config", lambda *args: TileConfig(4, 4, 1))
     x = make_logits(layout, torch.float32).detach()
     with torch.no_grad():
         x[0, :4] = float("-inf")
@@ -297,7 +298,7 @@ def test_launchers_refuse_tensors_on_another_device():
     """Each launcher refuses a tensor on a device other than the logits' (the compiled ops' check), before any
     kernel is handed its pointer. Called below the ops' dispatch, where the device of the logits picks the kernel;
     a meta tensor stands in for a second GPU."""
-    from fused_xent import triton_kernels
+    from fused_xent import triton_launchers
 
     x = (torch.randn(4, 9, generator=torch.Generator().manual_seed(8)) * 3).to(DEVICE)
     logits, target = op_views(x, class_target(x))
@@ -306,18 +307,18 @@ def test_launchers_refuse_tensors_on_another_device():
     for name, other in elsewhere.items():
         args = {"target": target, "weight": weight, name: other}
         with pytest.raises(RuntimeError, match=rf"{name} is on meta, not on the device of logits \({logits.device}\)"):
-            triton_kernels.cross_entropy_fwd(logits, args["target"], args["weight"], 1, -100, 0.0)
-    _, lse, total_weight = triton_kernels.cross_entropy_fwd(logits, target, weight, 1, -100, 0.0)
+            triton_launchers.cross_entropy_fwd(logits, args["target"], args["weight"], 1, -100, 0.0)
+    _, lse, total_weight = triton_launchers.cross_entropy_fwd(logits, target, weight, 1, -100, 0.0)
     grad_loss = torch.ones((), device=DEVICE)
     for name in ("grad_loss", "lse", "total_weight"):
         args = {"grad_loss": grad_loss, "lse": lse, "total_weight": total_weight}
         args[name] = args[name].to("meta")
         with pytest.raises(RuntimeError, match=rf"{name} is on meta, not on the device of logits \({logits.device}\)"):
-            triton_kernels.cross_entropy_bwd(args["grad_loss"], logits, target, weight, args["lse"],
+            triton_launchers.cross_entropy_bwd(args["grad_loss"], logits, target, weight, args["lse"],
                                              args["total_weight"], 1, -100, 0.0)
     grad = logits.detach().clone()
     with pytest.raises(RuntimeError, match=rf"grad_loss is on meta, not on the device of grad \({grad.device}\)"):
-        triton_kernels.scale_unit_grad_(grad, grad_loss.to("meta"), target, -100)
+        triton_launchers.scale_unit_grad_(grad, grad_loss.to("meta"), target, -100)
     assert torch.equal(grad, logits)
 
 
@@ -559,25 +560,25 @@ def test_deterministic(layout):
 def test_split_layouts_are_split(monkeypatch, layout, multiprocessors):
     """The split layouts above take the split kernels under the interpreter (planned as one multiprocessor) and on an
     H200 alike, so the parity tests cover them in CI and on the GPU."""
-    kernels = _triton_ops.triton_kernels
-    monkeypatch.setattr(kernels, "gpu_capacity", lambda device: kernels.GpuCapacity(multiprocessors, 64))
-    monkeypatch.setattr(kernels, "check_device", lambda device: None)
+    launchers = _triton_ops.triton_launchers
+    monkeypatch.setattr(launchers, "gpu_capacity", lambda device: launchers.GpuCapacity(multiprocessors, 64))
+    monkeypatch.setattr(launchers, "check_device", lambda device: None)
     shape = LAYOUTS[layout]
     N, C = shape[:2]
     logits = torch.empty(shape).reshape(N, C, -1)
-    problem = kernels._problem(logits, torch.zeros(N, logits.shape[2], dtype=torch.long), None, 1)
+    problem = launchers._problem(logits, torch.zeros(N, logits.shape[2], dtype=torch.long), None, 1)
     # Three ranges of whole column blocks, the last partial: 4096 + 4096 + 808 classes, 256 + 256 + 88.
     assert (problem.splits, problem.split_len) == (3, 4096 if C == 9000 else 256)
 
 
 @pytest.mark.parametrize("multiprocessors", [1, 132])
 def test_many_ranges_layout_takes_more_ranges_than_a_merge_group(monkeypatch, multiprocessors):
-    kernels = _triton_ops.triton_kernels
-    monkeypatch.setattr(kernels, "gpu_capacity", lambda device: kernels.GpuCapacity(multiprocessors, 64))
-    monkeypatch.setattr(kernels, "check_device", lambda device: None)
+    launchers = _triton_ops.triton_launchers
+    monkeypatch.setattr(launchers, "gpu_capacity", lambda device: launchers.GpuCapacity(multiprocessors, 64))
+    monkeypatch.setattr(launchers, "check_device", lambda device: None)
     N, C, S = LAYOUTS["many_ranges_ncl"]
-    problem = kernels._problem(torch.empty(N, C, S), torch.zeros(N, S, dtype=torch.long), None, 1)
-    assert problem.splits == 20 and kernels.MERGE_GROUP < problem.splits < 2 * kernels.MERGE_GROUP
+    problem = launchers._problem(torch.empty(N, C, S), torch.zeros(N, S, dtype=torch.long), None, 1)
+    assert problem.splits == 20 and launchers.MERGE_GROUP < problem.splits < 2 * launchers.MERGE_GROUP
 
 
 @pytest.mark.parametrize("properties,expected", [
@@ -587,10 +588,10 @@ def test_many_ranges_layout_takes_more_ranges_than_a_merge_group(monkeypatch, mu
     (dict(multi_processor_count=40, max_threads_per_multi_processor=1024), (40, 32)),  # no warp_size: 32
 ])
 def test_gpu_capacity_is_read_from_the_device(monkeypatch, properties, expected):
-    kernels = _triton_ops.triton_kernels
-    monkeypatch.setattr(kernels, "_cuda_properties", lambda device: types.SimpleNamespace(**properties))
-    assert kernels.gpu_capacity(torch.device("cuda")) == kernels.GpuCapacity(*expected)
-    assert kernels.gpu_capacity(torch.device("cpu")) == kernels.GpuCapacity(1, 64)  # the interpreter's
+    launchers = _triton_ops.triton_launchers
+    monkeypatch.setattr(launchers, "_cuda_properties", lambda device: types.SimpleNamespace(**properties))
+    assert launchers.gpu_capacity(torch.device("cuda")) == launchers.GpuCapacity(*expected)
+    assert launchers.gpu_capacity(torch.device("cpu")) == launchers.GpuCapacity(1, 64)  # the interpreter's
 
 
 H200 = (132, 64)  # multiprocessors, warps each holds
@@ -615,13 +616,13 @@ RTX_3090 = (82, 48)  # sm_86: 1536 threads per multiprocessor
 def test_split_plan_on_a_gpu(monkeypatch, gpu, num_classes, positions, spatial, element_size, expected):
     """class_splits from the device's capacity: splits only where positions leave it idle, ranges of whole column
     blocks that cover the classes with no empty range."""
-    kernels = _triton_ops.triton_kernels
-    monkeypatch.setattr(kernels, "gpu_capacity", lambda device: kernels.GpuCapacity(*gpu))
+    launchers = _triton_ops.triton_launchers
+    monkeypatch.setattr(launchers, "gpu_capacity", lambda device: launchers.GpuCapacity(*gpu))
     N = 8 if spatial else positions
     S = positions // N
-    tile = kernels.tile_config(num_classes, S, spatial, element_size)
+    tile = launchers.tile_config(num_classes, S, spatial, element_size)
     programs = N * math.ceil(S / tile.block_p) if spatial else math.ceil(positions / tile.block_p)
-    splits, split_len = kernels.class_splits(num_classes, programs, tile, torch.device("cuda"))
+    splits, split_len = launchers.class_splits(num_classes, programs, tile, torch.device("cuda"))
     assert (splits, split_len) == expected
     assert split_len % tile.block_c == 0 or splits == 1
     assert (splits - 1) * split_len < num_classes <= splits * split_len
@@ -891,7 +892,7 @@ def test_ops_decompose_to_kernel_calls_on_fake_cuda_tensors():
 
 
 class _CompileOnly:
-    """Stands in for triton_kernels._launch: compiles each kernel specialization a launcher asks for down to a
+    """Stands in for triton_launchers._launch: compiles each kernel specialization a launcher asks for down to a
     cubin for Hopper (sm_90, the H200) with the ptxas that ships with Triton, and launches nothing. Catches what the
     interpreter cannot: type errors of compiled code, float64 lowering, unsupported ops. Uses Triton internals
     (argument binding and packing, as JITFunction.run does), so it skips on versions that lack them."""
@@ -924,18 +925,18 @@ class _CompileOnly:
 
 
 def compile_for_hopper(monkeypatch):
-    """(compile_only, triton_kernels) with every launch of the kernels' module replaced by _CompileOnly: each
+    """(compile_only, triton_launchers) with every launch of the launchers' module replaced by _CompileOnly: each
     specialization the launchers ask for is compiled for sm_90 (compile_only.compiled) and nothing runs."""
     compile_only = _CompileOnly()
-    kernels = _triton_ops.triton_kernels
-    monkeypatch.setattr(kernels, "_launch", compile_only)
-    monkeypatch.setattr(kernels, "check_device", lambda device: None)
-    return compile_only, kernels
+    launchers = _triton_ops.triton_launchers
+    monkeypatch.setattr(launchers, "_launch", compile_only)
+    monkeypatch.setattr(launchers, "check_device", lambda device: None)
+    return compile_only, launchers
 
 
 @pytest.mark.skipif(INTERPRETED or DEVICE is not None, reason="without a GPU only (with one, the kernels run)")
 def test_every_specialization_compiles_for_hopper(monkeypatch):
-    compile_only, kernels = compile_for_hopper(monkeypatch)
+    compile_only, launchers = compile_for_hopper(monkeypatch)
     for dtype, shape in itertools.product([torch.float32, torch.bfloat16, torch.float64], [(3, 5000), (2, 19, 64)]):
         x = torch.randn(shape, dtype=dtype)
         N, C = shape[:2]
@@ -947,25 +948,25 @@ def test_every_specialization_compiles_for_hopper(monkeypatch):
         lse = torch.zeros(N, logits.shape[2], 2, dtype=acc)
         scalar, per_position = torch.ones((), dtype=dtype), torch.ones(N, logits.shape[2], dtype=dtype)
         total_weight = torch.ones((), dtype=acc)
-        kernels.cross_entropy_fwd(logits, target, weight, 1, -100, 0.1)
-        kernels.cross_entropy_fwd(logits, target, None, 2, -100, 0.0)
-        kernels.cross_entropy_fwd_grad(logits, target, weight, 1, -100, 0.1)
-        kernels.cross_entropy_fwd_grad_(logits.clone(), target, None, 0, -100, 0.0)
-        kernels.cross_entropy_bwd(per_position, logits, target, weight, lse, total_weight, 0, -100, 0.1)
-        kernels.cross_entropy_fwd(logits, probabilities, weight, 2, -100, 0.1)
-        kernels.cross_entropy_fwd_grad(logits, probabilities, weight, 0, -100, 0.1)
-        kernels.cross_entropy_bwd(scalar, logits, probabilities, weight, lse, total_weight, 1, -100, 0.1)
-        kernels.scale_unit_grad_(logits.clone(), scalar, target, -100)
-        kernels.scale_unit_grad_(logits.clone(), scalar, None, -100)
+        launchers.cross_entropy_fwd(logits, target, weight, 1, -100, 0.1)
+        launchers.cross_entropy_fwd(logits, target, None, 2, -100, 0.0)
+        launchers.cross_entropy_fwd_grad(logits, target, weight, 1, -100, 0.1)
+        launchers.cross_entropy_fwd_grad_(logits.clone(), target, None, 0, -100, 0.0)
+        launchers.cross_entropy_bwd(per_position, logits, target, weight, lse, total_weight, 0, -100, 0.1)
+        launchers.cross_entropy_fwd(logits, probabilities, weight, 2, -100, 0.1)
+        launchers.cross_entropy_fwd_grad(logits, probabilities, weight, 0, -100, 0.1)
+        launchers.cross_entropy_bwd(scalar, logits, probabilities, weight, lse, total_weight, 1, -100, 0.1)
+        launchers.scale_unit_grad_(logits.clone(), scalar, target, -100)
+        launchers.scale_unit_grad_(logits.clone(), scalar, None, -100)
     # Positions cut into class ranges (one multiprocessor: what the interpreter plans for): statistics, combine and
     # the range-wise gradient.
     for dtype, shape in itertools.product([torch.float32, torch.bfloat16], [(1, 20000), (2, 600, 16)]):
         N, C = shape[:2]
         logits = torch.randn(shape, dtype=dtype).reshape(N, C, -1)
         target = torch.randint(0, C, (N, logits.shape[2]))
-        assert kernels._problem(logits, target, None, 1).splits > 1
-        kernels.cross_entropy_fwd(logits, target, torch.rand(C), 1, -100, 0.1)
-        kernels.cross_entropy_fwd_grad_(logits.clone(), target, None, 0, -100, 0.0)
+        assert launchers._problem(logits, target, None, 1).splits > 1
+        launchers.cross_entropy_fwd(logits, target, torch.rand(C), 1, -100, 0.1)
+        launchers.cross_entropy_fwd_grad_(logits.clone(), target, None, 0, -100, 0.0)
     compiled = {key[0] for key in compile_only.compiled}
     assert {"_split_statistics_kernel", "_split_combine_kernel", "_scale_unit_grad_kernel"} <= compiled, compiled
     assert len(compile_only.compiled) >= 48
@@ -995,13 +996,13 @@ def test_row_tiles_fit_in_registers(monkeypatch, tmp_path, dtype, num_classes):
     """The heaviest row specialization (fused forward with weights and smoothing) compiled for sm_90: no spills and
     at most 128 registers. Tiles of several rows per program once held 16-32 rows' running state per thread, took
     255 registers and spilled."""
-    compile_only, kernels = compile_for_hopper(monkeypatch)
+    compile_only, launchers = compile_for_hopper(monkeypatch)
     logits = torch.randn(64, num_classes, 1, dtype=dtype)
     target = torch.randint(0, num_classes, (64, 1))
-    kernels.cross_entropy_fwd_grad(logits, target, torch.rand(num_classes, dtype=dtype), 1, -100, 0.1)
+    launchers.cross_entropy_fwd_grad(logits, target, torch.rand(num_classes, dtype=dtype), 1, -100, 0.1)
     (forward,) = [kernel for key, kernel in compile_only.compiled.items() if key[0] == "_forward_kernel"]
     registers, spilled = ptxas_usage(forward.asm["ptx"], tmp_path)
-    assert spilled == 0 and registers <= 128, (kernels.tile_config(num_classes, 1, False, dtype.itemsize), registers,
+    assert spilled == 0 and registers <= 128, (launchers.tile_config(num_classes, 1, False, dtype.itemsize), registers,
                                                 spilled)
 
 
@@ -1011,10 +1012,10 @@ def test_row_statistics_loads_are_not_pipelined(monkeypatch, tmp_path, dtype):
     """The row forward's statistics loop keeps one column block in flight (num_stages=1): no cp.async in its sm_90
     PTX, no spills. Loads pipelined three stages deep measured no faster on the H200 (1.87 vs 1.81 ms at
     8192x128256 bfloat16)."""
-    compile_only, kernels = compile_for_hopper(monkeypatch)
+    compile_only, launchers = compile_for_hopper(monkeypatch)
     logits = torch.randn(16, 128256, 1, dtype=dtype)
     target = torch.randint(0, 128256, (16, 1))
-    kernels.cross_entropy_fwd(logits, target, None, 1, -100, 0.0)
+    launchers.cross_entropy_fwd(logits, target, None, 1, -100, 0.0)
     (forward,) = [kernel for key, kernel in compile_only.compiled.items() if key[0] == "_forward_kernel"]
     assert "cp.async" not in forward.asm["ptx"]
     assert ptxas_usage(forward.asm["ptx"], tmp_path)[1] == 0
@@ -1029,20 +1030,20 @@ def test_spatial_tiles_do_not_spill(monkeypatch, tmp_path, dtype, target_kind, n
     """Every kernel of an (N, C, S) problem compiled for sm_90 (fused forward, forward, backward; with 1000 class
     indices the positions are few enough for class ranges: split statistics and combine): no spills. Tiles of 64
     bfloat16 values per thread took 255 registers and spilled (8-16 bytes with Triton 3.8, up to 412 with 3.6)."""
-    compile_only, kernels = compile_for_hopper(monkeypatch)
+    compile_only, launchers = compile_for_hopper(monkeypatch)
     N, C, S = 1, num_classes, 1000
     logits = torch.randn(N, C, S, dtype=dtype)
     target = torch.rand_like(logits) if target_kind == "probabilities" else torch.randint(0, C, (N, S))
     weight = torch.rand(C) if label_smoothing else None
-    kernels.cross_entropy_fwd_grad(logits, target, weight, 1, -100, label_smoothing)
-    kernels.cross_entropy_fwd(logits, target, weight, 1, -100, label_smoothing)
+    launchers.cross_entropy_fwd_grad(logits, target, weight, 1, -100, label_smoothing)
+    launchers.cross_entropy_fwd(logits, target, weight, 1, -100, label_smoothing)
     lse, total_weight, grad_loss = torch.zeros(N, S, 2), torch.ones(()), torch.ones(N, S, dtype=dtype)
-    kernels.cross_entropy_bwd(grad_loss, logits, target, weight, lse, total_weight, 0, -100, label_smoothing)
+    launchers.cross_entropy_bwd(grad_loss, logits, target, weight, lse, total_weight, 0, -100, label_smoothing)
     usage = {key[0]: ptxas_usage(kernel.asm["ptx"], tmp_path) for key, kernel in compile_only.compiled.items()}
     assert "_backward_kernel" in usage
     assert ("_split_statistics_kernel" in usage) == (target_kind == "index" and C == 1000), usage
     spilling = {name: used for name, used in usage.items() if used[1] > 0}
-    assert not spilling, (kernels.tile_config(C, S, True, dtype.itemsize), spilling)
+    assert not spilling, (launchers.tile_config(C, S, True, dtype.itemsize), spilling)
 
 
 @pytest.mark.skipif(INTERPRETED or DEVICE is not None, reason="without a GPU only (with one, the kernels run)")
@@ -1054,12 +1055,12 @@ def test_spatial_logits_are_loaded_in_16_byte_vectors(monkeypatch, dtype):
     H200 measured that bfloat16 forward at 376 GB/s, 9% of its copy rate)."""
     import re
 
-    compile_only, kernels = compile_for_hopper(monkeypatch)
+    compile_only, launchers = compile_for_hopper(monkeypatch)
     logits = torch.randn(2, 19, 4096, dtype=dtype)
     target = torch.randint(0, 19, (2, 4096))
-    kernels.cross_entropy_fwd(logits, target, None, 1, -100, 0.0)
+    launchers.cross_entropy_fwd(logits, target, None, 1, -100, 0.0)
     lse, total_weight = torch.zeros(2, 4096, 2), torch.ones(())
-    kernels.cross_entropy_bwd(torch.ones((), dtype=dtype), logits, target, None, lse, total_weight, 1, -100, 0.0)
+    launchers.cross_entropy_bwd(torch.ones((), dtype=dtype), logits, target, None, lse, total_weight, 1, -100, 0.0)
     element_load = "ld.global.b16" if dtype == torch.bfloat16 else "ld.global.b32"
     for key, kernel in compile_only.compiled.items():
         if key[0] in ("_forward_kernel", "_backward_kernel"):
@@ -1078,10 +1079,11 @@ def test_class_loops_of_a_row_near_2_31_classes_count_in_64_bits(monkeypatch, wi
     long for the interpreter, or for CI's memory."""
     import re
 
-    compile_only, kernels = compile_for_hopper(monkeypatch)
+    compile_only, launchers = compile_for_hopper(monkeypatch)
+    kernels = _triton_ops.triton_kernels
     num_classes, block_c = 2**31 - 100, 8192
-    assert kernels.wide_class_loop(num_classes, block_c)
-    assert not kernels.wide_class_loop(2**31 - 1 - block_c, block_c) and kernels.wide_class_loop(2**31 + 5, block_c)
+    assert launchers.wide_class_loop(num_classes, block_c)
+    assert not launchers.wide_class_loop(2**31 - 1 - block_c, block_c) and launchers.wide_class_loop(2**31 + 5, block_c)
     logits, target, grad = (torch.zeros(64, dtype=torch.bfloat16) for _ in range(3))
     acc, lse = torch.ones((), dtype=torch.float32), torch.zeros(2, dtype=torch.float32)
     shape = (1, 1, num_classes, num_classes, 1, 1, -100, 0.0, 0.0)
@@ -1098,7 +1100,7 @@ def test_class_loops_of_a_row_near_2_31_classes_count_in_64_bits(monkeypatch, wi
     # int64 (cut to int32, a target of 2**31 + 5 would match no class, and its row would get p where p - 1 is due).
     compile_only.compiled.clear()
     num_classes = 2**31 + 8192
-    assert kernels.wide_class_loop(num_classes, block_c)
+    assert launchers.wide_class_loop(num_classes, block_c)
     index_target = torch.zeros(4, dtype=torch.int64)
     shape = (1, 1, num_classes, num_classes, 1, 1, -100, 0.0, 0.0)
     compile_only(kernels._backward_kernel, (1, 2), acc, 0, 0, logits, index_target, None, None, lse, acc, grad,
