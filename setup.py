@@ -80,7 +80,6 @@ def _extensions():
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCHS)
         sources += _sources("csrc/cuda/*.cu")
         extra["nvcc"] = ["-O3", "-std=c++20", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr"]
-        define_macros.append(("FUSED_XENT_WITH_CUDA", "1"))
         define_macros.append(("FUSED_XENT_CUDA_CODE", "-".join(_cuda_code(cpp_extension))))
         extension_class = cpp_extension.CUDAExtension
 

@@ -1,6 +1,8 @@
 """Which kernels this installation has, and which one serves a given call.
 
-A backend is four functions with the signatures of the ops in csrc/fused_xent.cpp. `auto` picks, for CUDA tensors,
+A backend is the four ops of csrc/fused_xent.cpp (forward, backward, forward with the gradient, and its in-place
+form), with what the front end needs to know of it: whether it checks class indices itself, and whether it scales a
+gradient made in the forward on the device (scale_unit_grad_). `auto` picks, for CUDA tensors,
 the compiled CUDA kernel (on a GPU it was built for), then Triton, then the PyTorch reference; for CPU tensors the
 compiled CPU kernel, then the reference; for any other device the reference. Naming a backend that cannot serve
 the call is an error, never a silent switch.
@@ -15,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from . import reference
-from ._triton_env import triton_interpreter_requested
+from ._triton_env import INTERPRET, NO_DEVICE_FOR_TRITON, triton_interpreter_requested
 
 BACKEND_ENV = "FUSED_XENT_BACKEND"
 BACKEND_NAMES = ("cuda", "triton", "cpu", "torch")
@@ -62,13 +64,7 @@ HAS_CUDA_KERNEL = EXTENSION_ERROR is None and torch._C._dispatch_has_kernel_for_
 )
 # The GPU code the CUDA kernels were built as, e.g. "sm_80 compute_90 sm_90"; "" without them.
 CUDA_CODE = torch.ops.fused_xent.cuda_code() if HAS_CUDA_KERNEL else ""
-TRITON_CPU_HINT = (
-    "the triton backend runs on CUDA tensors; on CPU set TRITON_INTERPRET=1 before importing fused_xent "
-    "(slow, for tests)"
-)
-NO_DEVICE_FOR_TRITON = f"no CUDA device is visible ({TRITON_CPU_HINT})"
-TRITON_INTERPRETED = triton_interpreter_requested()
-if torch.cuda.is_available() or TRITON_INTERPRETED:
+if torch.cuda.is_available() or INTERPRET:
     from . import _triton_ops  # never raises: it records why Triton is unusable instead
 else:
     _triton_ops = None
@@ -153,7 +149,7 @@ def backends_serving(device_type: str, available_only: bool = True) -> list[str]
     """The backends that run on tensors of `device_type` (those available here, unless available_only=False),
     fastest first and the reference last. Triton serves CPU tensors only under its interpreter (for tests), which
     `auto` never picks."""
-    served = {"cuda": ("cuda", "triton"), "cpu": ("cpu", "triton") if TRITON_INTERPRETED else ("cpu",)}
+    served = {"cuda": ("cuda", "triton"), "cpu": ("cpu", "triton") if INTERPRET else ("cpu",)}
     names = (*served.get(device_type, ()), "torch")
     return [name for name in names if not available_only or _why_unavailable(name) is None]
 

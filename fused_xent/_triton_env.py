@@ -1,5 +1,6 @@
 """Whether Triton runs its kernels in its Python interpreter, asked in one place by the backend table, the Triton
-kernels and the benchmark, and whether that interpreter can run with the NumPy installed."""
+launchers and the benchmark; whether that interpreter can run with the NumPy installed; and what the Triton backend
+says where it cannot run."""
 
 import os
 import re
@@ -8,6 +9,16 @@ import re
 def triton_interpreter_requested() -> bool:
     """TRITON_INTERPRET as Triton reads it (its getenv_bool: 1, true, on, yes or y, in any case)."""
     return os.environ.get("TRITON_INTERPRET", "").lower() in ("1", "true", "on", "yes", "y")
+
+
+# Read once, at import, as Triton reads it when it decorates the kernels: a later change of the variable would not
+# change how they run (the backend table says so to a caller who sets it too late).
+INTERPRET = triton_interpreter_requested()
+TRITON_CPU_HINT = (
+    "the triton backend runs on CUDA tensors; on CPU set TRITON_INTERPRET=1 before importing fused_xent "
+    "(slow, for tests)"
+)
+NO_DEVICE_FOR_TRITON = f"no CUDA device is visible ({TRITON_CPU_HINT})"
 
 
 def _release(version: str) -> tuple[int, int]:

@@ -8,20 +8,21 @@ triton_cross_entropy_fwd differentiates through triton_cross_entropy_bwd; triton
 gradient it already computed; the in-place ops have no autograd (triton_scale_unit_grad_ is that scaling done in
 place, as the front end runs it: see csrc/cuda/xent_scale.cu).
 
-Importing this module never fails: without Triton, AVAILABLE is False and no op is registered.
+Importing this module never fails: without Triton, unavailable_reason() says so and no op is registered.
 """
 
 
 import torch
 
 from ._ops import register_autograd
+from ._triton_env import NO_DEVICE_FOR_TRITON
 
 try:
-    from . import triton_kernels, triton_launchers
+    from . import triton_launchers
 
     _IMPORT_ERROR = None
 except Exception as error:  # no triton (CPU-only wheels, macOS), or an install that fails to import
-    triton_kernels = triton_launchers = None
+    triton_launchers = None
     _IMPORT_ERROR = error
 
 
@@ -29,20 +30,9 @@ def unavailable_reason() -> str | None:
     """None when the Triton backend can run here, else why not."""
     if _IMPORT_ERROR is not None:
         return f"triton is not importable ({_IMPORT_ERROR})"
-    if triton_kernels.INTERPRET:
-        return triton_kernels.INTERPRETER_PROBLEM
-    if torch.cuda.is_available():
-        return None
-    from ._backends import NO_DEVICE_FOR_TRITON  # here, not at the top: _backends imports this module
-
-    return NO_DEVICE_FOR_TRITON
-
-
-def is_available() -> bool:
-    return unavailable_reason() is None
-
-
-AVAILABLE = is_available()
+    if triton_launchers.INTERPRET:
+        return triton_launchers.INTERPRETER_PROBLEM
+    return None if torch.cuda.is_available() else NO_DEVICE_FOR_TRITON
 
 
 def check_device(device: torch.device) -> None:

@@ -26,12 +26,7 @@ per-position buffers (fixed order), never atomics. No host synchronization happe
 import triton
 import triton.language as tl
 
-from ._triton_env import interpreter_problem, triton_interpreter_requested
 from .reference import REDUCTION_MEAN, REDUCTION_NONE
-
-# Read once, like Triton itself: the interpreter must be chosen before the kernels below are decorated.
-INTERPRET = triton_interpreter_requested()
-INTERPRETER_PROBLEM = interpreter_problem(triton.__version__) if INTERPRET else None
 
 # Constants the kernels read (Triton kernels may only read globals that are constexpr).
 # Float constants are written as float("...") inside the kernels: Inductor re-emits constexpr globals as
@@ -90,9 +85,10 @@ def _class_target(target_ptr, weight_ptr, index, in_range, C, ignore_index, HAS_
 
 
 @triton.jit
-def _class_weight_sum(weight_sum_ptr, C, HAS_WEIGHT: tl.constexpr, ACC):
-    """W = sum_c w[c] (summed once by the launcher), or C without weights."""
-    if HAS_WEIGHT:
+def _class_weight_sum(weight_sum_ptr, C, HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr, ACC):
+    """W = sum_c w[c] (summed once by the launcher), or C without weights; only smoothing terms read it, and without
+    smoothing the launcher passes no sum (C then stands in, unread)."""
+    if HAS_WEIGHT and HAS_SMOOTHING:
         weight_sum = tl.load(weight_sum_ptr).to(ACC)
     else:
         weight_sum = tl.cast(C, ACC)
@@ -275,8 +271,8 @@ def _store_grad(logits_ptr, target_ptr, weight_ptr, grad_ptr, offset, in_range, 
 
 
 @triton.jit
-def _target_weight_kernel(target_ptr, weight_ptr, position_weight_ptr, num_positions, C, ignore_index,
-                          HAS_WEIGHT: tl.constexpr, BLOCK: tl.constexpr):
+def xent_target_weight_kernel(target_ptr, weight_ptr, position_weight_ptr, num_positions, C, ignore_index,
+                              HAS_WEIGHT: tl.constexpr, BLOCK: tl.constexpr):
     """w[y] of every position (0 if ignored, NaN if out of range): summed, the mean's denominator."""
     index = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     in_range = index < num_positions
@@ -286,11 +282,11 @@ def _target_weight_kernel(target_ptr, weight_ptr, position_weight_ptr, num_posit
 
 
 @triton.jit
-def _forward_kernel(logits_ptr, target_ptr, weight_ptr, weight_sum_ptr, total_weight_ptr, loss_ptr, lse_ptr, grad_ptr,
-                    num_positions, S, C, stride_n, stride_c, stride_s, ignore_index, smoothing_hi, smoothing_lo,
-                    SPATIAL: tl.constexpr, PROB_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr,
-                    HAS_SMOOTHING: tl.constexpr, REDUCTION: tl.constexpr, WRITE_GRAD: tl.constexpr,
-                    WIDE_CLASS_LOOP: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+def xent_forward_kernel(logits_ptr, target_ptr, weight_ptr, weight_sum_ptr, total_weight_ptr, loss_ptr, lse_ptr,
+                        grad_ptr, num_positions, S, C, stride_n, stride_c, stride_s, ignore_index, smoothing_hi,
+                        smoothing_lo, SPATIAL: tl.constexpr, PROB_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+                        HAS_SMOOTHING: tl.constexpr, REDUCTION: tl.constexpr, WRITE_GRAD: tl.constexpr,
+                        WIDE_CLASS_LOOP: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     """Per-position loss (into loss_ptr, in the accumulation dtype: the output for reduction none, else what
     reduce_loss sums) and lse (_store_lse); with WRITE_GRAD, the gradient for grad_loss = 1 instead of lse
     (total_weight must then already hold the mean's denominator). A program takes one block of positions.
@@ -314,7 +310,7 @@ def _forward_kernel(logits_ptr, target_ptr, weight_ptr, weight_sum_ptr, total_we
     running_max, scaled_sum, term_weights, relative_dot = _range_statistics(
         logits_ptr, target_ptr, weight_ptr, offset, read, rows_counted, 0, C, C, stride_c, label_smoothing,
         PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING, SPATIAL and not PROB_TARGET, ACC, BLOCK_P, BLOCK_C)
-    weight_sum = _class_weight_sum(weight_sum_ptr, C, HAS_WEIGHT, ACC)
+    weight_sum = _class_weight_sum(weight_sum_ptr, C, HAS_WEIGHT, HAS_SMOOTHING, ACC)
     reference, log_sum = _lse_parts(running_max, scaled_sum)
     if PROB_TARGET:
         # xent_math.h prob_target_loss: T log_sum - sum_c w[c] t'[c] (x[c] - reference), T = term_weights
@@ -345,9 +341,9 @@ def _forward_kernel(logits_ptr, target_ptr, weight_ptr, weight_sum_ptr, total_we
 
 
 @triton.jit
-def _split_statistics_kernel(logits_ptr, target_ptr, weight_ptr, stats_ptr, num_positions, S, C, stride_n, stride_c,
-                             stride_s, ignore_index, split_len, SPATIAL: tl.constexpr, HAS_WEIGHT: tl.constexpr,
-                             HAS_SMOOTHING: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+def xent_split_statistics_kernel(logits_ptr, target_ptr, weight_ptr, stats_ptr, num_positions, S, C, stride_n, stride_c,
+                                 stride_s, ignore_index, split_len, SPATIAL: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+                                 HAS_SMOOTHING: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     """Program (position block, k): the online-softmax state of classes [k split_len, (k+1) split_len) of its
     positions (class-index targets) into stats[0 / 1 / 2 / 3, k, position] = running max, scaled sum, and with
     smoothing sum_c w[c] and sum_c w[c] (x[c] - m), m the range's max (see _range_statistics). An ignored position
@@ -374,7 +370,7 @@ def _split_statistics_kernel(logits_ptr, target_ptr, weight_ptr, stats_ptr, num_
 
 @triton.jit
 def _load_range_state(stats_ptr, at, plane, in_range, HAS_SMOOTHING: tl.constexpr):
-    """One range's state as _split_statistics_kernel stored it; masked positions read as an empty range."""
+    """One range's state as xent_split_statistics_kernel stored it; masked positions read as an empty range."""
     range_max = tl.load(stats_ptr + at, mask=in_range, other=float("-inf"))
     range_sum = tl.load(stats_ptr + plane + at, mask=in_range, other=0.0)
     if HAS_SMOOTHING:
@@ -403,13 +399,13 @@ def _merge_range_states(max_a, sum_a, weights_a, dot_a, max_b, sum_b, weights_b,
 
 
 @triton.jit
-def _split_combine_kernel(stats_ptr, logits_ptr, target_ptr, weight_ptr, weight_sum_ptr, loss_ptr, lse_ptr,
-                          num_positions, S, C, stride_n, stride_c, stride_s, ignore_index, smoothing_hi,
-                          smoothing_lo, splits, HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
-                          BLOCK: tl.constexpr, MERGE_GROUP: tl.constexpr):
+def xent_split_combine_kernel(stats_ptr, logits_ptr, target_ptr, weight_ptr, weight_sum_ptr, loss_ptr, lse_ptr,
+                              num_positions, S, C, stride_n, stride_c, stride_s, ignore_index, smoothing_hi,
+                              smoothing_lo, splits, HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
+                              BLOCK: tl.constexpr, MERGE_GROUP: tl.constexpr):
     """Merges the ranges' states of each position in a fixed order (bitwise reproducible): groups of MERGE_GROUP
     consecutive ranges, then the groups, since rounding grows with the length of a chain of merges. Then lse and
-    the loss as in _forward_kernel."""
+    the loss as in xent_forward_kernel."""
     ACC = stats_ptr.dtype.element_ty
     label_smoothing = tl.cast(smoothing_hi, ACC) + tl.cast(smoothing_lo, ACC)
     _, _, index, offset, in_range = _position_block(
@@ -439,7 +435,7 @@ def _split_combine_kernel(stats_ptr, logits_ptr, target_ptr, weight_ptr, weight_
                                                       HAS_WEIGHT, ACC)
     target_logit = tl.load(logits_ptr + offset + safe_y * stride_c, mask=counted, other=0.0).to(ACC)
     reference, log_sum = _lse_parts(running_max, scaled_sum)
-    weight_sum = _class_weight_sum(weight_sum_ptr, C, HAS_WEIGHT, ACC)
+    weight_sum = _class_weight_sum(weight_sum_ptr, C, HAS_WEIGHT, HAS_SMOOTHING, ACC)
     loss = _index_target_loss(log_sum, (reference - target_logit) + log_sum, weight_of_target, weight_sum,
                               relative_dot, label_smoothing, C, HAS_SMOOTHING)
     tl.store(loss_ptr + index, tl.where(counted, loss, 0.0), mask=in_range)
@@ -447,12 +443,12 @@ def _split_combine_kernel(stats_ptr, logits_ptr, target_ptr, weight_ptr, weight_
 
 
 @triton.jit
-def _backward_kernel(grad_loss_ptr, grad_loss_stride_n, grad_loss_stride_s, logits_ptr, target_ptr, weight_ptr,
-                     weight_sum_ptr, lse_ptr, total_weight_ptr, grad_ptr,
-                     num_positions, S, C, stride_n, stride_c, stride_s, ignore_index, smoothing_hi, smoothing_lo,
-                     split_len, SPATIAL: tl.constexpr, PROB_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr,
-                     HAS_SMOOTHING: tl.constexpr, REDUCTION: tl.constexpr, SPLIT: tl.constexpr,
-                     WIDE_CLASS_LOOP: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+def xent_backward_kernel(grad_loss_ptr, grad_loss_stride_n, grad_loss_stride_s, logits_ptr, target_ptr, weight_ptr,
+                         weight_sum_ptr, lse_ptr, total_weight_ptr, grad_ptr,
+                         num_positions, S, C, stride_n, stride_c, stride_s, ignore_index, smoothing_hi, smoothing_lo,
+                         split_len, SPATIAL: tl.constexpr, PROB_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+                         HAS_SMOOTHING: tl.constexpr, REDUCTION: tl.constexpr, SPLIT: tl.constexpr,
+                         WIDE_CLASS_LOOP: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     """Gradient from the saved lse (_store_lse): one read of the logits (plus the targets) and one write. With SPLIT
     (class-index targets), program (position block, k) writes classes [k split_len, (k+1) split_len).
     WIDE_CLASS_LOOP: see wide_class_loop in triton_launchers.py."""
@@ -489,7 +485,7 @@ def _backward_kernel(grad_loss_ptr, grad_loss_stride_n, grad_loss_stride_s, logi
     else:
         safe_y, counted, weight_of_target = _class_target(target_ptr, weight_ptr, index, in_range, C, ignore_index,
                                                           HAS_WEIGHT, ACC)
-        weight_sum = _class_weight_sum(weight_sum_ptr, C, HAS_WEIGHT, ACC)
+        weight_sum = _class_weight_sum(weight_sum_ptr, C, HAS_WEIGHT, HAS_SMOOTHING, ACC)
         prob_coef, class_coef, target_coef = _index_grad_coeffs(weight_of_target, weight_sum, scale, label_smoothing,
                                                                 C, HAS_SMOOTHING)
         _store_grad(logits_ptr, target_ptr, weight_ptr, grad_ptr, offset, in_range, counted,
@@ -499,8 +495,8 @@ def _backward_kernel(grad_loss_ptr, grad_loss_stride_n, grad_loss_stride_s, logi
 
 
 @triton.jit
-def _scale_unit_grad_kernel(grad_ptr, grad_loss_ptr, target_ptr, numel, ignore_index, stride_n, N, stride_s, S,
-                            HAS_TARGET: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
+def xent_scale_unit_grad_kernel(grad_ptr, grad_loss_ptr, target_ptr, numel, ignore_index, stride_n, N, stride_s, S,
+                                HAS_TARGET: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
     """grad *= grad_loss in place over a dense gradient, nothing done when grad_loss is exactly 1 (see
     scale_unit_grad_ in triton_launchers.py, and csrc/cuda/xent_scale.cu for the rule on zeros). A finite scale keeps
     exact zeros as they are (+0: ignored positions, underflowed probabilities); an infinite or NaN one keeps the

@@ -15,18 +15,20 @@ import triton.language as tl
 from torch.library import wrap_triton
 
 from ._layout import input_in_logits_memory, is_dense, is_leaf_that_requires_grad, kernel_logits
+from ._triton_env import INTERPRET, TRITON_CPU_HINT, interpreter_problem
 from ._validate import has_no_values
-from .reference import REDUCTION_MEAN, REDUCTION_NONE, REDUCTION_SUM, reduce_loss
+from .reference import REDUCTION_MEAN, REDUCTION_NONE, REDUCTION_SUM, accumulation_dtype, reduce_loss
 from .triton_kernels import (
-    INTERPRET,
-    INTERPRETER_PROBLEM,
-    _backward_kernel,
-    _forward_kernel,
-    _scale_unit_grad_kernel,
-    _split_combine_kernel,
-    _split_statistics_kernel,
-    _target_weight_kernel,
+    xent_backward_kernel,
+    xent_forward_kernel,
+    xent_scale_unit_grad_kernel,
+    xent_split_combine_kernel,
+    xent_split_statistics_kernel,
+    xent_target_weight_kernel,
 )
+
+# Why the interpreter cannot run the kernels with the NumPy installed (None where it can, or is not asked for).
+INTERPRETER_PROBLEM = interpreter_problem(triton.__version__) if INTERPRET else None
 
 # The block table (deterministic, no autotuning). Rows: a program walks a row in column blocks of up to 16 KB, 16
 # elements per thread; the per-row max and sums reduce across the warps of the block. Rows shorter than 512 classes
@@ -55,7 +57,7 @@ MIN_SPATIAL_CLASSES = 8
 MIN_SPLIT_CLASSES = 128
 # The combine merges a position's ranges one after another: more than this many would cost more than they save
 # (and the second grid axis stays far below its limit of 65535). It takes them in groups (see
-# _split_combine_kernel): one chain of 500 merges lost 1e-5 of the loss with smoothing and a class masked at -1e9.
+# xent_split_combine_kernel): one chain of 500 merges lost 1e-5 of the loss with smoothing and a class masked at -1e9.
 MAX_SPLITS = 512
 MERGE_GROUP = 16
 
@@ -148,8 +150,6 @@ def check_device(device: torch.device) -> None:
     if device.type == "cuda" or (device.type == "cpu" and INTERPRET):
         return
     if device.type == "cpu":
-        from ._backends import TRITON_CPU_HINT  # here, not at the top: _backends imports this module
-
         raise RuntimeError(f"fused_xent: {TRITON_CPU_HINT}")
     raise RuntimeError(f"fused_xent: the triton backend runs on CUDA tensors, got a tensor on {device}")
 
@@ -192,7 +192,7 @@ class _Problem:
     logits: torch.Tensor  # dense, unit class stride (rows) or unit position stride (spatial)
     target: torch.Tensor  # (N, S) contiguous int64, or probabilities with the strides of `logits`
     weight: torch.Tensor | None  # (C,) contiguous, accumulation dtype
-    weight_sum: torch.Tensor | None  # 0-d sum of weight (the smoothing term's W)
+    weight_sum: torch.Tensor | None  # 0-d sum of weight: the smoothing term's W, the one place that reads it
     spatial: bool
     prob_target: bool
     acc_dtype: torch.dtype
@@ -222,7 +222,7 @@ def check_on_device_of(anchor: torch.Tensor, anchor_name: str, **tensors) -> Non
                                f"({anchor.device})")
 
 
-def _problem(logits, target, weight, reduction) -> _Problem:
+def _problem(logits, target, weight, reduction, label_smoothing) -> _Problem:
     check_device(logits.device)
     check_on_device_of(logits, "logits", target=target, weight=weight)
     if logits.dim() != 3 or not logits.is_floating_point():
@@ -248,13 +248,14 @@ def _problem(logits, target, weight, reduction) -> _Problem:
                              f"{tuple(target.shape)}")
         target = target.contiguous()
 
-    acc_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    acc_dtype = accumulation_dtype(logits.dtype)
     weight_sum = None
     if weight is not None:
         if weight.shape != (C,):
             raise ValueError(f"fused_xent: weight must be ({C},), got {tuple(weight.shape)}")
         weight = weight.to(acc_dtype).contiguous()
-        weight_sum = weight.sum()
+        if label_smoothing > 0:  # without smoothing no kernel reads W: no launch to sum it
+            weight_sum = weight.sum()
     tile = tile_config(C, S, spatial, work.element_size())
     p = _Problem(work, target, weight, weight_sum, spatial, prob_target, acc_dtype, tile, 1, C)
     if not prob_target:
@@ -278,7 +279,7 @@ def _total_weight(p: _Problem, ignore_index: int) -> torch.Tensor:
     if p.num_positions > 0:
         block = 1024
         _launch(
-            _target_weight_kernel, (triton.cdiv(p.num_positions, block),), p.target, p.weight, position_weight,
+            xent_target_weight_kernel, (triton.cdiv(p.num_positions, block),), p.target, p.weight, position_weight,
             p.num_positions, p.logits.shape[1], ignore_index, HAS_WEIGHT=p.weight is not None, BLOCK=block, num_warps=4,
         )
     return position_weight.sum()
@@ -304,18 +305,17 @@ def _launch_forward(p, total_weight, loss_buffer, lse, grad, reduction, ignore_i
     if p.num_positions == 0:
         return
     if p.splits > 1:
-        if grad is None:
-            _launch_split_forward(p, loss_buffer, lse, ignore_index, label_smoothing)
-            return
-        lse = _empty_lse(p)
-        _launch_split_forward(p, loss_buffer, lse, ignore_index, label_smoothing)
-        one = torch.ones((), dtype=p.acc_dtype, device=p.logits.device)
-        _launch_backward(p, one, (0, 0), lse, total_weight, grad, reduction, ignore_index, label_smoothing)
+        # The ranges' combine gives the lse; a fused forward then writes the gradient from it, as the backward does.
+        split_lse = lse if grad is None else _empty_lse(p)
+        _launch_split_forward(p, loss_buffer, split_lse, ignore_index, label_smoothing)
+        if grad is not None:
+            one = torch.ones((), dtype=p.acc_dtype, device=p.logits.device)
+            _launch_backward(p, one, (0, 0), split_lse, total_weight, grad, reduction, ignore_index, label_smoothing)
         return
     # Pointers a specialization never reads (no weight; lse when writing the gradient, or the gradient) are None.
     _launch(
-        _forward_kernel, (p.position_programs,), p.logits, p.target, p.weight, p.weight_sum, total_weight, loss_buffer,
-        lse, grad,
+        xent_forward_kernel, (p.position_programs,), p.logits, p.target, p.weight, p.weight_sum, total_weight,
+        loss_buffer, lse, grad,
         *_shape_args(p), ignore_index, *_split_float(label_smoothing),
         SPATIAL=p.spatial, PROB_TARGET=p.prob_target, HAS_WEIGHT=p.weight is not None,
         HAS_SMOOTHING=label_smoothing > 0, REDUCTION=reduction, WRITE_GRAD=grad is not None,
@@ -330,13 +330,13 @@ def _launch_split_forward(p, loss_buffer, lse, ignore_index, label_smoothing):
     stats = torch.empty((4 if has_smoothing else 2, p.splits, p.num_positions), dtype=p.acc_dtype,
                         device=p.logits.device)
     _launch(
-        _split_statistics_kernel, (p.position_programs, p.splits), p.logits, p.target, p.weight, stats,
+        xent_split_statistics_kernel, (p.position_programs, p.splits), p.logits, p.target, p.weight, stats,
         *_shape_args(p), ignore_index, p.split_len, SPATIAL=p.spatial, HAS_WEIGHT=p.weight is not None,
         HAS_SMOOTHING=has_smoothing, BLOCK_P=p.tile.block_p, BLOCK_C=p.tile.block_c, num_warps=p.tile.num_warps,
     )
     block = 512
     _launch(
-        _split_combine_kernel, (triton.cdiv(p.num_positions, block),), stats, p.logits, p.target, p.weight,
+        xent_split_combine_kernel, (triton.cdiv(p.num_positions, block),), stats, p.logits, p.target, p.weight,
         p.weight_sum, loss_buffer, lse, *_shape_args(p), ignore_index, *_split_float(label_smoothing), p.splits,
         HAS_WEIGHT=p.weight is not None, HAS_SMOOTHING=has_smoothing, BLOCK=block, MERGE_GROUP=MERGE_GROUP,
         num_warps=4,
@@ -346,7 +346,7 @@ def _launch_split_forward(p, loss_buffer, lse, ignore_index, label_smoothing):
 def _launch_backward(p, grad_loss, grad_loss_strides, lse, total_weight, grad, reduction, ignore_index,
                      label_smoothing):
     _launch(
-        _backward_kernel, (p.position_programs, p.splits), grad_loss, *grad_loss_strides, p.logits, p.target,
+        xent_backward_kernel, (p.position_programs, p.splits), grad_loss, *grad_loss_strides, p.logits, p.target,
         p.weight, p.weight_sum, lse, total_weight, grad, *_shape_args(p), ignore_index,
         *_split_float(label_smoothing), p.split_len,
         SPATIAL=p.spatial, PROB_TARGET=p.prob_target, HAS_WEIGHT=p.weight is not None,
@@ -372,7 +372,7 @@ def _loss_buffer(p: _Problem) -> torch.Tensor:
 def cross_entropy_fwd(logits, target, weight, reduction, ignore_index, label_smoothing):
     """-> (loss, lse, total_weight), all in the accumulation dtype: loss (N, S) or 0-d, lse (N, S, 2) and
     total_weight 0-d."""
-    p = _problem(logits, target, weight, reduction)
+    p = _problem(logits, target, weight, reduction, label_smoothing)
     total_weight = _total_weight(p, ignore_index)
     loss_buffer = _loss_buffer(p)
     lse = _empty_lse(p)
@@ -382,7 +382,7 @@ def cross_entropy_fwd(logits, target, weight, reduction, ignore_index, label_smo
 
 def cross_entropy_bwd(grad_loss, logits, target, weight, lse, total_weight, reduction, ignore_index, label_smoothing):
     """-> d(loss)/d(logits), in the logits dtype with the strides of the kernel's view of the logits."""
-    p = _problem(logits, target, weight, reduction)
+    p = _problem(logits, target, weight, reduction, label_smoothing)
     check_on_device_of(logits, "logits", grad_loss=grad_loss, lse=lse, total_weight=total_weight)
     grad = torch.empty_like(p.logits)
     if p.num_positions == 0:
@@ -413,7 +413,7 @@ def _forward_with_grad(p, grad, reduction, ignore_index, label_smoothing):
 def cross_entropy_fwd_grad(logits, target, weight, reduction, ignore_index, label_smoothing):
     """-> (loss, grad): the loss and d(loss)/d(logits) for grad_loss = 1 (per position for reduction none), written
     while each row is on chip."""
-    p = _problem(logits, target, weight, reduction)
+    p = _problem(logits, target, weight, reduction, label_smoothing)
     grad = torch.empty_like(p.logits)
     return _forward_with_grad(p, grad, reduction, ignore_index, label_smoothing), grad
 
@@ -439,7 +439,7 @@ def cross_entropy_fwd_grad_(logits, target, weight, reduction, ignore_index, lab
         raise ValueError(f"fused_xent: the in-place op writes the gradient over the logits, but the {shared}'s memory "
                          f"range intersects theirs (it could be read after it was overwritten): pass {shared}.clone(), "
                          "or use the op that returns the gradient (grad_mode='in_forward')")
-    p = _problem(logits, target, weight, reduction)
+    p = _problem(logits, target, weight, reduction, label_smoothing)
     loss = _forward_with_grad(p, p.logits, reduction, ignore_index, label_smoothing)
     if p.logits is not logits:  # the kernel worked on a dense copy
         logits.copy_(p.logits)
@@ -472,7 +472,7 @@ def scale_unit_grad_(grad, grad_loss, target, ignore_index) -> None:
                    gpu_capacity(grad.device).multiprocessors * SCALE_PROGRAMS_PER_MULTIPROCESSOR)
     # A size-1 dimension's stride may be anything: 1 gives it its only coordinate, 0.
     _launch(
-        _scale_unit_grad_kernel, (programs,), grad, grad_loss, None if target is None else target.contiguous(),
+        xent_scale_unit_grad_kernel, (programs,), grad, grad_loss, None if target is None else target.contiguous(),
         grad.numel(), ignore_index, grad.stride(0) if N > 1 else 1, N, grad.stride(2) if S > 1 else 1, S,
         HAS_TARGET=target is not None, ACC=tl.float64 if grad.dtype == torch.float64 else tl.float32,
         BLOCK=SCALE_TILE, num_warps=4,

@@ -38,7 +38,8 @@ from helpers import (  # noqa: E402
 from op_checks import check_in_place_call_counts_its_write, check_scale_unit_grad  # noqa: E402
 
 import fused_xent  # noqa: E402
-from fused_xent import _triton_ops  # noqa: E402
+from fused_xent import _triton_ops, triton_kernels  # noqa: E402
+from fused_xent._triton_env import NO_DEVICE_FOR_TRITON  # noqa: E402
 from fused_xent.triton_kernels import _position_block  # noqa: E402
 from fused_xent.triton_launchers import TileConfig  # noqa: E402
 
@@ -566,7 +567,7 @@ def test_split_layouts_are_split(monkeypatch, layout, multiprocessors):
     shape = LAYOUTS[layout]
     N, C = shape[:2]
     logits = torch.empty(shape).reshape(N, C, -1)
-    problem = launchers._problem(logits, torch.zeros(N, logits.shape[2], dtype=torch.long), None, 1)
+    problem = launchers._problem(logits, torch.zeros(N, logits.shape[2], dtype=torch.long), None, 1, 0.0)
     # Three ranges of whole column blocks, the last partial: 4096 + 4096 + 808 classes, 256 + 256 + 88.
     assert (problem.splits, problem.split_len) == (3, 4096 if C == 9000 else 256)
 
@@ -577,7 +578,7 @@ def test_many_ranges_layout_takes_more_ranges_than_a_merge_group(monkeypatch, mu
     monkeypatch.setattr(launchers, "gpu_capacity", lambda device: launchers.GpuCapacity(multiprocessors, 64))
     monkeypatch.setattr(launchers, "check_device", lambda device: None)
     N, C, S = LAYOUTS["many_ranges_ncl"]
-    problem = launchers._problem(torch.empty(N, C, S), torch.zeros(N, S, dtype=torch.long), None, 1)
+    problem = launchers._problem(torch.empty(N, C, S), torch.zeros(N, S, dtype=torch.long), None, 1, 0.0)
     assert problem.splits == 20 and launchers.MERGE_GROUP < problem.splits < 2 * launchers.MERGE_GROUP
 
 
@@ -803,8 +804,7 @@ def test_cpu_tensors_without_interpreter_raise_a_clear_error():
         ops.triton_cross_entropy_fwd(x, target, None, 1, -100, 0.0)
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
         _triton_ops.check_device(torch.device("cpu"))
-    assert _triton_ops.AVAILABLE == torch.cuda.is_available()
-    assert (_triton_ops.unavailable_reason() is None) == _triton_ops.is_available()
+    assert _triton_ops.unavailable_reason() == (None if torch.cuda.is_available() else NO_DEVICE_FOR_TRITON)
 
 
 def _run_python(code, **env):
@@ -821,7 +821,7 @@ def test_import_without_triton():
     script = (
         "import sys; sys.modules['triton'] = None\n"
         "import torch, fused_xent._triton_ops as t\n"
-        "assert not t.AVAILABLE and 'triton is not importable' in t.unavailable_reason()\n"
+        "assert 'triton is not importable' in t.unavailable_reason()\n"
         "assert not hasattr(torch.ops.fused_xent, 'triton_cross_entropy_fwd')\n"
     )
     result = _run_python(["-c", script])
@@ -964,11 +964,12 @@ def test_every_specialization_compiles_for_hopper(monkeypatch):
         N, C = shape[:2]
         logits = torch.randn(shape, dtype=dtype).reshape(N, C, -1)
         target = torch.randint(0, C, (N, logits.shape[2]))
-        assert launchers._problem(logits, target, None, 1).splits > 1
+        assert launchers._problem(logits, target, None, 1, 0.0).splits > 1
         launchers.cross_entropy_fwd(logits, target, torch.rand(C), 1, -100, 0.1)
         launchers.cross_entropy_fwd_grad_(logits.clone(), target, None, 0, -100, 0.0)
     compiled = {key[0] for key in compile_only.compiled}
-    assert {"_split_statistics_kernel", "_split_combine_kernel", "_scale_unit_grad_kernel"} <= compiled, compiled
+    split_and_scale = {"xent_split_statistics_kernel", "xent_split_combine_kernel", "xent_scale_unit_grad_kernel"}
+    assert split_and_scale <= compiled, compiled
     assert len(compile_only.compiled) >= 48
 
 
@@ -1000,7 +1001,7 @@ def test_row_tiles_fit_in_registers(monkeypatch, tmp_path, dtype, num_classes):
     logits = torch.randn(64, num_classes, 1, dtype=dtype)
     target = torch.randint(0, num_classes, (64, 1))
     launchers.cross_entropy_fwd_grad(logits, target, torch.rand(num_classes, dtype=dtype), 1, -100, 0.1)
-    (forward,) = [kernel for key, kernel in compile_only.compiled.items() if key[0] == "_forward_kernel"]
+    (forward,) = [kernel for key, kernel in compile_only.compiled.items() if key[0] == "xent_forward_kernel"]
     registers, spilled = ptxas_usage(forward.asm["ptx"], tmp_path)
     assert spilled == 0 and registers <= 128, (launchers.tile_config(num_classes, 1, False, dtype.itemsize), registers,
                                                 spilled)
@@ -1016,7 +1017,7 @@ def test_row_statistics_loads_are_not_pipelined(monkeypatch, tmp_path, dtype):
     logits = torch.randn(16, 128256, 1, dtype=dtype)
     target = torch.randint(0, 128256, (16, 1))
     launchers.cross_entropy_fwd(logits, target, None, 1, -100, 0.0)
-    (forward,) = [kernel for key, kernel in compile_only.compiled.items() if key[0] == "_forward_kernel"]
+    (forward,) = [kernel for key, kernel in compile_only.compiled.items() if key[0] == "xent_forward_kernel"]
     assert "cp.async" not in forward.asm["ptx"]
     assert ptxas_usage(forward.asm["ptx"], tmp_path)[1] == 0
 
@@ -1040,8 +1041,8 @@ def test_spatial_tiles_do_not_spill(monkeypatch, tmp_path, dtype, target_kind, n
     lse, total_weight, grad_loss = torch.zeros(N, S, 2), torch.ones(()), torch.ones(N, S, dtype=dtype)
     launchers.cross_entropy_bwd(grad_loss, logits, target, weight, lse, total_weight, 0, -100, label_smoothing)
     usage = {key[0]: ptxas_usage(kernel.asm["ptx"], tmp_path) for key, kernel in compile_only.compiled.items()}
-    assert "_backward_kernel" in usage
-    assert ("_split_statistics_kernel" in usage) == (target_kind == "index" and C == 1000), usage
+    assert "xent_backward_kernel" in usage
+    assert ("xent_split_statistics_kernel" in usage) == (target_kind == "index" and C == 1000), usage
     spilling = {name: used for name, used in usage.items() if used[1] > 0}
     assert not spilling, (launchers.tile_config(C, S, True, dtype.itemsize), spilling)
 
@@ -1063,7 +1064,7 @@ def test_spatial_logits_are_loaded_in_16_byte_vectors(monkeypatch, dtype):
     launchers.cross_entropy_bwd(torch.ones((), dtype=dtype), logits, target, None, lse, total_weight, 1, -100, 0.0)
     element_load = "ld.global.b16" if dtype == torch.bfloat16 else "ld.global.b32"
     for key, kernel in compile_only.compiled.items():
-        if key[0] in ("_forward_kernel", "_backward_kernel"):
+        if key[0] in ("xent_forward_kernel", "xent_backward_kernel"):
             loads = re.findall(r"ld\.global[.\w]*", kernel.asm["ptx"])
             # A few element loads remain: the target, its logit, the saved lse and the upstream gradient.
             assert "ld.global.v4.b32" in loads and loads.count(element_load) < 19, (key[0], sorted(set(loads)))
@@ -1080,7 +1081,7 @@ def test_class_loops_of_a_row_near_2_31_classes_count_in_64_bits(monkeypatch, wi
     import re
 
     compile_only, launchers = compile_for_hopper(monkeypatch)
-    kernels = _triton_ops.triton_kernels
+    kernels = triton_kernels
     num_classes, block_c = 2**31 - 100, 8192
     assert launchers.wide_class_loop(num_classes, block_c)
     assert not launchers.wide_class_loop(2**31 - 1 - block_c, block_c) and launchers.wide_class_loop(2**31 + 5, block_c)
@@ -1089,9 +1090,9 @@ def test_class_loops_of_a_row_near_2_31_classes_count_in_64_bits(monkeypatch, wi
     shape = (1, 1, num_classes, num_classes, 1, 1, -100, 0.0, 0.0)
     flags = dict(SPATIAL=False, PROB_TARGET=True, HAS_WEIGHT=False, HAS_SMOOTHING=False, REDUCTION=1,
                  WIDE_CLASS_LOOP=wide, BLOCK_P=1, BLOCK_C=block_c, num_warps=16)
-    compile_only(kernels._forward_kernel, (1,), logits, target, None, None, acc, acc, None, grad, *shape,
+    compile_only(kernels.xent_forward_kernel, (1,), logits, target, None, None, acc, acc, None, grad, *shape,
                  WRITE_GRAD=True, **flags)
-    compile_only(kernels._backward_kernel, (1, 1), acc, 0, 0, logits, target, None, None, lse, acc, grad, *shape,
+    compile_only(kernels.xent_backward_kernel, (1, 1), acc, 0, 0, logits, target, None, None, lse, acc, grad, *shape,
                  num_classes, SPLIT=False, **flags)
     for key, kernel in compile_only.compiled.items():
         loop_types = re.findall(r"scf\.for .* : (i\d+)", kernel.asm["ttir"])
@@ -1103,7 +1104,7 @@ def test_class_loops_of_a_row_near_2_31_classes_count_in_64_bits(monkeypatch, wi
     assert launchers.wide_class_loop(num_classes, block_c)
     index_target = torch.zeros(4, dtype=torch.int64)
     shape = (1, 1, num_classes, num_classes, 1, 1, -100, 0.0, 0.0)
-    compile_only(kernels._backward_kernel, (1, 2), acc, 0, 0, logits, index_target, None, None, lse, acc, grad,
+    compile_only(kernels.xent_backward_kernel, (1, 2), acc, 0, 0, logits, index_target, None, None, lse, acc, grad,
                  *shape, 2**30, SPLIT=True, **{**flags, "PROB_TARGET": False})
     (backward,) = compile_only.compiled.values()
     narrowed = re.findall(r"arith\.trunci .* : tensor<\d+xi64> to tensor<\d+xi32>", backward.asm["ttir"])
@@ -1111,8 +1112,8 @@ def test_class_loops_of_a_row_near_2_31_classes_count_in_64_bits(monkeypatch, wi
 
 
 @pytest.mark.skipif(INTERPRETED, reason="the interpreter's kernels are not what Inductor re-emits")
-@pytest.mark.parametrize("name", ["_target_weight_kernel", "_forward_kernel", "_backward_kernel",
-                                  "_split_statistics_kernel", "_split_combine_kernel"])
+@pytest.mark.parametrize("name", ["xent_target_weight_kernel", "xent_forward_kernel", "xent_backward_kernel",
+                                  "xent_split_statistics_kernel", "xent_split_combine_kernel"])
 def test_inductor_can_re_emit_kernel_source(name, tmp_path):
     """torch.compile with Inductor writes each user kernel, with the jit functions and constexpr globals it uses,
     into a module of its own that imports only triton and Inductor's helpers; that module must load (a constexpr
@@ -1125,7 +1126,7 @@ def test_inductor_can_re_emit_kernel_source(name, tmp_path):
         )
     except ImportError as error:  # private Inductor API: moved in this torch
         pytest.skip(f"Inductor's code generator is not where this test looks: {error}")
-    kernel = getattr(_triton_ops.triton_kernels, name)
+    kernel = getattr(triton_kernels, name)
     module = tmp_path / f"{name}.py"
     module.write_text(TritonKernel.gen_common_triton_imports() + "\n@triton.jit\n" + closure_source(kernel))
     result = subprocess.run([sys.executable, str(module)], capture_output=True, text=True)
