@@ -73,8 +73,8 @@ XENT_HOST_DEVICE acc_t index_target_loss(IndexTargetCoeffs<acc_t> k, acc_t log_s
                                            relative_weighted_logit_sum);
 }
 
-// dloss/dx[c] = scale * (prob_coef * p[c] - class_coef * w[c] - [c == y] * target_coef), with scale the upstream
-// gradient divided by the mean's denominator. The three factors are constant along a row.
+// dloss/dx[c] = prob_coef * p[c] - class_coef * w[c] - [c == y] * target_coef, each coefficient already multiplied
+// by scale (the upstream gradient, divided by the mean's denominator for reduction mean): constant along a row.
 template <typename acc_t>
 struct IndexGradCoeffs {
   acc_t prob_coef;    // scale * ((1-eps) w[y] + (eps/C) W)

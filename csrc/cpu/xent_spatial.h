@@ -352,8 +352,8 @@ void for_each_square(int64_t count, int64_t C, Body&& body) {
 }
 
 // Copies `count` positions of each class from a tensor (classes class_stride apart, positions position_stride
-// apart) to a tile buffer, converting to the accumulation dtype and padding with zeros to whole vectors; or back
-// (without padding).
+// apart) to a tile buffer, converting to the accumulation dtype and padding with zeros to whole vectors (store_tile
+// copies back).
 template <class V, class T>
 void load_tile(const T* from, int64_t class_stride, int64_t position_stride, int64_t C, int64_t count,
                typename V::value_type* tile) {

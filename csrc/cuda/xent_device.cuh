@@ -469,6 +469,15 @@ XENT_HOST_DEVICE SplitItem split_item(int64_t item, int64_t positions, int64_t s
   return {item - split * positions, split, begin, begin + split_len < num_classes ? begin + split_len : num_classes};
 }
 
+// The same cut, numbered the other way for kernels that give a block one (position, range): item = position * splits
+// + split, so that the blocks of one wave take the ranges of a few rows rather than one range of many rows.
+XENT_HOST_DEVICE SplitItem row_split_item(int64_t item, int64_t splits, int64_t split_len, int64_t num_classes) {
+  const int64_t position = item / splits;
+  const int64_t split = item - position * splits;
+  const int64_t begin = split * split_len;
+  return {position, split, begin, begin + split_len < num_classes ? begin + split_len : num_classes};
+}
+
 // A position's class index as the forward needs it. For a valid one, the target's logit (read before any gradient
 // written in the same pass may overwrite it) and weight; otherwise logit 0 and weight 1, which the loss ignores.
 template <typename acc_t>
@@ -489,6 +498,19 @@ __device__ __forceinline__ IndexTarget<acc_type<scalar_t>> read_index_target(con
     target.weight = class_weight(p.weight, target.y);
   }
   return target;
+}
+
+// Position r's target as a forward reads it: its class index (read_index_target), or for a probability target a
+// valid one of logit 0 and weight 1, which its loss does not read (the probabilities carry the weights).
+template <bool kProb, typename scalar_t>
+__device__ __forceinline__ IndexTarget<acc_type<scalar_t>> forward_target(const XentParams<scalar_t>& p, int64_t r,
+                                                                          const scalar_t* x, int64_t class_stride) {
+  using acc_t = acc_type<scalar_t>;
+  if constexpr (kProb) {
+    return {kTargetValid, 0, acc_t(0), acc_t(1)};
+  } else {
+    return read_index_target(p, p.target_index[r], x, class_stride);
+  }
 }
 
 // The loss of a position and what it adds to total_weight (1 per probability-target position).
@@ -608,6 +630,20 @@ __device__ __forceinline__ GradRow<acc_t> index_grad_row(int kind, int64_t y, ac
   return g;
 }
 
+// The GradRow of class-index position r in a backward, from the lse it saved (whose factor the caller folds in).
+template <typename scalar_t>
+__device__ __forceinline__ GradRow<acc_type<scalar_t>> backward_index_grad_row(const XentParams<scalar_t>& p,
+                                                                                int64_t r,
+                                                                                LseParts<acc_type<scalar_t>> lse,
+                                                                                acc_type<scalar_t> weight_sum,
+                                                                                acc_type<scalar_t> scale) {
+  using acc_t = acc_type<scalar_t>;
+  const int64_t y = p.target_index[r];
+  const int kind = classify_target(y, p.ignore_index, p.C);
+  const acc_t weight_of_target = kind == kTargetValid ? class_weight(p.weight, y) : acc_t(0);
+  return index_grad_row<acc_t>(kind, y, weight_of_target, lse, weight_sum, p.label_smoothing, p.C, scale);
+}
+
 // The GradRow of a probability-target position (always valid): tsum = T = sum_c w[c] t'[c].
 template <typename acc_t>
 __device__ __forceinline__ GradRow<acc_t> prob_grad_row(LseParts<acc_t> lse, acc_t scale, acc_t tsum) {
@@ -697,7 +733,8 @@ __device__ __forceinline__ acc_t prob_grad_at(const GradRow<acc_t>& g, const acc
   return prob_target_grad<acc_t>(g.scale, g.tsum, probability(g, x), wt);
 }
 
-// Value written to the whole gradient row of a position that is not valid.
+// What a position that is not valid contributes wherever it counts (each element of its gradient row, its weight in
+// the mean's denominator): 0 when ignored, NaN for a class index out of range.
 template <typename acc_t>
 __device__ __forceinline__ acc_t fill_value(int kind) {
   return kind == kTargetInvalid ? quiet_nan<acc_t>() : acc_t(0);

@@ -18,7 +18,7 @@ __global__ void __launch_bounds__(kPerPositionThreads)
        r += int64_t(gridDim.x) * blockDim.x) {
     const int64_t y = target[r];
     const int kind = classify_target(y, ignore_index, num_classes);
-    total += kind == kTargetValid ? class_weight(weight, y) : fill_value<acc_t>(kind);  // ignored 0, invalid NaN
+    total += kind == kTargetValid ? class_weight(weight, y) : fill_value<acc_t>(kind);
   }
   block_sum_pair(total, unused);
   if (threadIdx.x == 0) partials[blockIdx.x] = total;

@@ -27,8 +27,7 @@ __global__ void __launch_bounds__(Group::kMaxThreads, kSecondSweep == CacheHint:
     const Position pos = locate(p, r);
     const scalar_t* x = p.logits + pos.offset;
     const scalar_t* t = kProb ? p.target_prob + pos.offset : nullptr;
-    IndexTarget<acc_t> target{kTargetValid, 0, acc_t(0), acc_t(1)};
-    if constexpr (!kProb) target = read_index_target(p, p.target_index[r], x, 1);
+    const auto target = forward_target<kProb>(p, r, x, 1);
 
     // An ignored position is not read (the whole group agrees): its lse is that of no classes.
     const auto st = kProb || target.kind != kTargetIgnored
@@ -62,11 +61,9 @@ __global__ void __launch_bounds__(Group::kMaxThreads)
   const acc_t weight_sum = weight_sum_or_count(p);
 
   for (int64_t item = Group::index(); item < items; item += Group::count()) {
-    const int64_t r = item / splits;
-    const int64_t split = item - r * splits;
+    const SplitItem work = row_split_item(item, splits, split_len, p.C);
+    const int64_t r = work.position;
     const Position pos = locate(p, r);
-    const int64_t begin = split * split_len;
-    const int64_t end = begin + split_len < p.C ? begin + split_len : p.C;
     const scalar_t* x = p.logits + pos.offset;
     const scalar_t* t = kProb ? p.target_prob + pos.offset : nullptr;
     const SavedLse<acc_t> saved = saved_lse(p, r);
@@ -87,12 +84,10 @@ __global__ void __launch_bounds__(Group::kMaxThreads)
           });
       row = prob_grad_row<acc_t>(saved.lse, scale, Group::allreduce(st, smem).tsum);
     } else {
-      const int64_t y = p.target_index[r];
-      const int kind = classify_target(y, p.ignore_index, p.C);
-      const acc_t weight_of_target = kind == kTargetValid ? class_weight(p.weight, y) : acc_t(0);
-      row = index_grad_row<acc_t>(kind, y, weight_of_target, saved.lse, weight_sum, eps, p.C, scale);
+      row = backward_index_grad_row(p, r, saved.lse, weight_sum, scale);
     }
-    write_row_grad<Group, kProb>(p, x, t, p.grad + pos.offset, begin, end, with_lse_factor(row, saved.factor));
+    write_row_grad<Group, kProb>(p, x, t, p.grad + pos.offset, work.begin, work.end,
+                                 with_lse_factor(row, saved.factor));
   }
 }
 

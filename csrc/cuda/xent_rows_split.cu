@@ -22,20 +22,19 @@ __global__ void __launch_bounds__(BlockGroup::kMaxThreads)
   const bool smoothing = p.label_smoothing != acc_t(0);
 
   for (int64_t item = blockIdx.x; item < items; item += gridDim.x) {
-    const int64_t r = item / splits;
-    const int64_t split = item - r * splits;
+    const SplitItem work = row_split_item(item, splits, split_len, p.C);
+    const int64_t r = work.position;
     const scalar_t* x = p.logits + locate(p, r).offset;
-    const int64_t begin = split * split_len;
-    const int64_t end = begin + split_len < p.C ? begin + split_len : p.C;
 
     auto st = RowStats<acc_t>::empty();
     // An ignored position is not read: the combine finds the lse of no classes.
     if (classify_target(p.target_index[r], p.ignore_index, p.C) == kTargetIgnored) {
-      if (threadIdx.x == 0) split_stats[split * p.N * p.S + r] = st;
+      if (threadIdx.x == 0) split_stats[work.split * p.N * p.S + r] = st;
       continue;
     }
     visit_classes<BlockGroup>(
-        x, begin, end, p.vectorize, [&](auto width, int64_t c) { return load_pack<decltype(width)::value>(x + c); },
+        x, work.begin, work.end, p.vectorize,
+        [&](auto width, int64_t c) { return load_pack<decltype(width)::value>(x + c); },
         [&](auto width, int64_t c, const auto& xv) {
           constexpr int W = decltype(width)::value;
           acc_t xs[W];
@@ -47,7 +46,7 @@ __global__ void __launch_bounds__(BlockGroup::kMaxThreads)
           }
         });
     st = BlockGroup::allreduce(st, smem);
-    if (threadIdx.x == 0) split_stats[split * p.N * p.S + r] = st;
+    if (threadIdx.x == 0) split_stats[work.split * p.N * p.S + r] = st;
   }
 }
 

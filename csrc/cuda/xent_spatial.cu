@@ -199,8 +199,7 @@ __global__ void __launch_bounds__(kPerPositionThreads, kStagedMinBlocks<kStaged>
     const Position pos = locate(p, r);
     const scalar_t* x = p.logits + pos.offset;
     const scalar_t* t = kProb ? p.target_prob + pos.offset : nullptr;
-    IndexTarget<acc_t> target{kTargetValid, 0, acc_t(0), acc_t(1)};
-    if constexpr (!kProb) target = read_index_target(p, p.target_index[r], x, sc);
+    const auto target = forward_target<kProb>(p, r, x, sc);
 
     // An ignored position is not read: its lse is that of no classes.
     auto st = RowStats<acc_t>::empty();
@@ -311,10 +310,7 @@ __global__ void __launch_bounds__(kPerPositionThreads, kStagedMinBlocks<kStaged>
       }
       row = prob_grad_row<acc_t>(saved.lse, scale, tsum);
     } else {
-      const int64_t y = p.target_index[r];
-      const int kind = classify_target(y, p.ignore_index, p.C);
-      const acc_t weight_of_target = kind == kTargetValid ? class_weight(p.weight, y) : acc_t(0);
-      row = index_grad_row<acc_t>(kind, y, weight_of_target, saved.lse, weight_sum, eps, p.C, scale);
+      row = backward_index_grad_row(p, r, saved.lse, weight_sum, scale);
     }
     if constexpr (kStaged) {
       write_warp_rows_grad<scalar_t, kProb>(p, p.logits + pos.offset, t, with_lse_factor(row, saved.factor), r,
