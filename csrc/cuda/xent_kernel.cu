@@ -54,39 +54,39 @@ struct RowsPlan {
 // Row layout: warp per position for short rows; block per position for long ones, split across several blocks when
 // there are too few positions to fill the GPU twice over (class-index targets only; probability targets would need
 // the target row reduced in every split of the gradient).
-RowsPlan plan_rows(const Problem& p, const GpuCapacity& gpu) {
-  const int64_t positions = p.positions();
+RowsPlan plan_rows(const Problem& problem, const GpuCapacity& gpu) {
+  const int64_t positions = problem.positions();
   RowsPlan plan{};
-  if (p.C <= kWarpPerRowMaxClasses) {
+  if (problem.C <= kWarpPerRowMaxClasses) {
     plan.warp_per_row = true;
     plan.shape.threads = WarpGroup::kMaxThreads;
     plan.shape.grid = grid_for(ceil_div(positions, WarpGroup::kMaxThreads / 32), WarpGroup::kMaxThreads, gpu);
-    plan.shape.split_len = p.C;
+    plan.shape.split_len = problem.C;
     return plan;
   }
   plan.warp_per_row = false;
-  plan.shape.threads = p.C <= 8192 ? BlockGroup::kMaxThreads / 2 : BlockGroup::kMaxThreads;
+  plan.shape.threads = problem.C <= 8192 ? BlockGroup::kMaxThreads / 2 : BlockGroup::kMaxThreads;
   const int64_t resident = gpu.resident_blocks(plan.shape.threads);
-  const int64_t wanted = !p.prob_target && positions < 2 * resident ? ceil_div(2 * resident, positions) : 1;
-  const ClassSplits split = split_classes(p.C, wanted, kMinSplitLen, 64);
+  const int64_t wanted = !problem.prob_target && positions < 2 * resident ? ceil_div(2 * resident, positions) : 1;
+  const ClassSplits split = split_classes(problem.C, wanted, kMinSplitLen, 64);
   plan.shape.splits = split.splits;
   plan.shape.split_len = split.split_len;
   plan.shape.grid = grid_for(positions * plan.shape.splits, plan.shape.threads, gpu);
   return plan;
 }
 
-int64_t l2_cache_bytes(const Problem& p) {
+int64_t l2_cache_bytes(const Problem& problem) {
   int bytes = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&bytes, cudaDevAttrL2CacheSize, p.logits.device().index()));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&bytes, cudaDevAttrL2CacheSize, problem.logits.device().index()));
   return bytes;
 }
 
 // The block-per-row fused forward reads a row a second time for its gradient. That read hits L2 while the rows in
 // flight fit in about half of it; beyond, the cluster kernel (one read, the row kept on chip) takes the rows its
 // clusters may hold (plan_rows_cluster).
-bool row_rereads_miss_l2(const Problem& p, const GpuCapacity& gpu) {
-  const int64_t rows_in_flight = std::min(p.positions(), gpu.resident_blocks(BlockGroup::kMaxThreads));
-  return rows_in_flight * p.C * p.logits.element_size() > l2_cache_bytes(p) / 2;
+bool row_rereads_miss_l2(const Problem& problem, const GpuCapacity& gpu) {
+  const int64_t rows_in_flight = std::min(problem.positions(), gpu.resident_blocks(BlockGroup::kMaxThreads));
+  return rows_in_flight * problem.C * problem.logits.element_size() > l2_cache_bytes(problem) / 2;
 }
 
 // The cluster kernel's plan (xent_rows_cluster.cu) for the forward of class-index rows, grid 0 where neither of
@@ -95,17 +95,18 @@ bool row_rereads_miss_l2(const Problem& p, const GpuCapacity& gpu) {
 // kernel); otherwise, and for rows it cannot copy, the blocks load their slices themselves in the fused forward of
 // the rows whose second read would miss L2.
 template <typename scalar_t>
-LaunchShape plan_cluster_forward(const Problem& p, const XentParams<scalar_t>& q, const GpuCapacity& gpu) {
+LaunchShape plan_cluster_forward(const Problem& problem, const XentParams<scalar_t>& params, const GpuCapacity& gpu) {
   LaunchShape none;
   none.grid = 0;
-  if (p.C <= kWarpPerRowMaxClasses) return none;
-  const int device = p.logits.device().index();
+  if (problem.C <= kWarpPerRowMaxClasses) return none;
+  const int device = problem.logits.device().index();
   if (plan_setting("FUSED_XENT_BULK_ROW_SLICES", 0, 1) == 1) {
-    const LaunchShape bulk = plan_rows_cluster<scalar_t>(q, device, /*bulk=*/true);
+    const LaunchShape bulk = plan_rows_cluster<scalar_t>(params, device, /*bulk=*/true);
     if (bulk.grid > 0) return bulk;
   }
-  const bool fused = q.grad != nullptr;
-  return fused && row_rereads_miss_l2(p, gpu) ? plan_rows_cluster<scalar_t>(q, device, /*bulk=*/false) : none;
+  const bool fused = params.grad != nullptr;
+  const bool rereads_miss_l2 = fused && row_rereads_miss_l2(problem, gpu);
+  return rereads_miss_l2 ? plan_rows_cluster<scalar_t>(params, device, /*bulk=*/false) : none;
 }
 
 // The L2-resident plan of the block-per-row fused forward (class indices), a tuning knob for the benchmarks that
@@ -116,10 +117,10 @@ LaunchShape plan_cluster_forward(const Problem& p, const XentParams<scalar_t>& q
 // bf16 in_forward from 1.64-1.70 to 1.54-1.56 ms, but 4096 x 256000 (fewer rows in L2 than SMs) from 1.58 to 1.87,
 // and the same 128256 rows half ignored from 1.11-1.17 to 1.21-1.23; the hints alone, without the cap, moved the
 // three by -7% to +3%, about the default's own run-to-run spread.
-void plan_l2_resident_rows(const Problem& p, LaunchShape& shape) {
+void plan_l2_resident_rows(const Problem& problem, LaunchShape& shape) {
   const int64_t percent = plan_setting("FUSED_XENT_L2_RESIDENT_ROWS_PERCENT", 0, 100);
   if (percent == 0) return;
-  const int64_t rows_that_fit = l2_cache_bytes(p) * percent / 100 / (p.C * p.logits.element_size());
+  const int64_t rows_that_fit = l2_cache_bytes(problem) * percent / 100 / (problem.C * problem.logits.element_size());
   shape.grid = std::max<int64_t>(1, std::min(shape.grid, rows_that_fit));
   shape.streaming_second_sweep = true;
 }
@@ -131,33 +132,34 @@ LaunchShape plan_per_position(int64_t positions, int threads, const GpuCapacity&
   return shape;
 }
 
-bool thread_per_position(const Problem& p) {
-  return p.layout == Layout::kSpatial || p.C <= kThreadPerPositionMaxClasses;
+bool thread_per_position(const Problem& problem) {
+  return problem.layout == Layout::kSpatial || problem.C <= kThreadPerPositionMaxClasses;
 }
 
 // Rows whose gradient a warp stores 32 at a time (xent_spatial.cu write_warp_rows_grad): class stride 1, each row
 // right after the one before (offset r * C), at most 4 bytes an element. FUSED_XENT_STAGED_ROW_STORES=0 turns it
 // off, so that a benchmark can time both.
-bool rows_stored_by_warps(const Problem& p) {
-  const at::Tensor& x = p.logits;
-  const bool packed = p.layout == Layout::kRows && x.stride(1) == 1 && (p.S == 1 || x.stride(2) == p.C) &&
-                      (p.N == 1 || x.stride(0) == p.S * p.C);
+bool rows_stored_by_warps(const Problem& problem) {
+  const at::Tensor& x = problem.logits;
+  const bool packed = problem.layout == Layout::kRows && x.stride(1) == 1 &&
+                      (problem.S == 1 || x.stride(2) == problem.C) &&
+                      (problem.N == 1 || x.stride(0) == problem.S * problem.C);
   return packed && x.element_size() <= 4 && plan_setting("FUSED_XENT_STAGED_ROW_STORES", 1, 1) == 1;
 }
 
 // Thread-per-position kernels. An NCHW input with fewer positions than half the GPU's threads (class-index targets)
 // takes a thread per (position, class range) instead, twice the GPU's threads in all where C is long enough.
-LaunchShape plan_spatial(const Problem& p, const GpuCapacity& gpu) {
-  const int64_t positions = p.positions();
+LaunchShape plan_spatial(const Problem& problem, const GpuCapacity& gpu) {
+  const int64_t positions = problem.positions();
   const int64_t resident_threads = gpu.resident_threads();
   const bool split =
-      p.layout == Layout::kSpatial && !p.prob_target && positions > 0 && 2 * positions < resident_threads;
+      problem.layout == Layout::kSpatial && !problem.prob_target && positions > 0 && 2 * positions < resident_threads;
   const int64_t wanted = split ? std::min(ceil_div(2 * resident_threads, positions), kMaxSpatialSplits) : 1;
-  const ClassSplits classes = split_classes(p.C, wanted, kMinSpatialSplitLen, kSpatialSplitGranularity);
+  const ClassSplits classes = split_classes(problem.C, wanted, kMinSpatialSplitLen, kSpatialSplitGranularity);
   LaunchShape shape = plan_per_position(positions * classes.splits, kPerPositionThreads, gpu);
   shape.splits = classes.splits;
   shape.split_len = classes.split_len;
-  shape.staged_rows = rows_stored_by_warps(p);
+  shape.staged_rows = rows_stored_by_warps(problem);
   return shape;
 }
 
@@ -165,98 +167,101 @@ uintptr_t address_phase(const void* ptr) { return reinterpret_cast<uintptr_t>(pt
 
 // The parameter block with the inputs filled in; outputs are left null for the caller.
 template <typename scalar_t>
-XentParams<scalar_t> input_params(const Problem& p, const at::Tensor& weight_sum, const at::Tensor& grad) {
+XentParams<scalar_t> input_params(const Problem& problem, const at::Tensor& weight_sum, const at::Tensor& grad) {
   using acc_t = acc_type<scalar_t>;
-  XentParams<scalar_t> q{};
-  q.logits = p.logits.data_ptr<scalar_t>();
-  q.grad = grad.defined() ? grad.data_ptr<scalar_t>() : nullptr;
-  q.target_index = p.prob_target ? nullptr : p.target.data_ptr<int64_t>();
-  q.target_prob = p.prob_target ? p.target.data_ptr<scalar_t>() : nullptr;
-  q.weight = p.weight.defined() ? p.weight.data_ptr<acc_t>() : nullptr;
-  q.weight_sum = weight_sum.defined() ? weight_sum.data_ptr<acc_t>() : nullptr;
-  q.N = p.N;
-  q.C = p.C;
-  q.S = p.S;
-  q.stride_n = p.logits.stride(0);
-  q.stride_c = p.logits.stride(1);
-  q.stride_s = p.logits.stride(2);
-  q.ignore_index = p.ignore_index;
-  q.reduction = p.reduction;
-  q.label_smoothing = static_cast<acc_t>(p.label_smoothing);
+  XentParams<scalar_t> params{};
+  params.logits = problem.logits.data_ptr<scalar_t>();
+  params.grad = grad.defined() ? grad.data_ptr<scalar_t>() : nullptr;
+  params.target_index = problem.prob_target ? nullptr : problem.target.data_ptr<int64_t>();
+  params.target_prob = problem.prob_target ? problem.target.data_ptr<scalar_t>() : nullptr;
+  params.weight = problem.weight.defined() ? problem.weight.data_ptr<acc_t>() : nullptr;
+  params.weight_sum = weight_sum.defined() ? weight_sum.data_ptr<acc_t>() : nullptr;
+  params.N = problem.N;
+  params.C = problem.C;
+  params.S = problem.S;
+  params.stride_n = problem.logits.stride(0);
+  params.stride_c = problem.logits.stride(1);
+  params.stride_s = problem.logits.stride(2);
+  params.ignore_index = problem.ignore_index;
+  params.reduction = problem.reduction;
+  params.label_smoothing = static_cast<acc_t>(problem.label_smoothing);
   // Row kernels load 16-byte vectors when the arrays they read share their address modulo 16 (they share strides),
   // so one scalar head per row reaches a 16-byte boundary in all of them at once. The gradient is written with
   // vectors too when it has that phase as well, else one element at a time (logits that start mid-vector, such as
   // x[1:] with rows of an odd byte size, against a fresh gradient that starts at phase 0).
-  const uintptr_t phase = address_phase(q.logits);
-  q.vectorize = p.layout == Layout::kRows && (!q.target_prob || address_phase(q.target_prob) == phase);
-  q.grad_in_phase = !q.grad || address_phase(q.grad) == phase;
-  return q;
+  const uintptr_t phase = address_phase(params.logits);
+  params.vectorize =
+      problem.layout == Layout::kRows && (!params.target_prob || address_phase(params.target_prob) == phase);
+  params.grad_in_phase = !params.grad || address_phase(params.grad) == phase;
+  return params;
 }
 
 // sum(weight) for label smoothing with class indices (undefined otherwise: kernels then use C).
-at::Tensor weight_sum_if_needed(const Problem& p) {
-  if (p.prob_target || p.label_smoothing == 0.0 || !p.weight.defined()) return at::Tensor();
-  return p.weight.sum();
+at::Tensor weight_sum_if_needed(const Problem& problem) {
+  if (problem.prob_target || problem.label_smoothing == 0.0 || !problem.weight.defined()) return at::Tensor();
+  return problem.weight.sum();
 }
 
 struct ForwardResult {
   at::Tensor loss, lse, total_weight;
 };
 
-// The forward of every variant. grad defined: also write the gradient for grad_loss = 1 (it may be p.logits).
+// The forward of every variant. grad defined: also write the gradient for grad_loss = 1 (it may be problem.logits).
 // want_lse: lse is an output.
-ForwardResult run_forward(const Problem& p, const at::Tensor& grad, bool want_lse) {
+ForwardResult run_forward(const Problem& problem, const at::Tensor& grad, bool want_lse) {
   const bool fused = grad.defined();
-  const int64_t positions = p.positions();
-  const auto acc_options = p.logits.options().dtype(p.acc_dtype());
+  const int64_t positions = problem.positions();
+  const auto acc_options = problem.logits.options().dtype(problem.acc_dtype());
   ForwardResult out;
-  out.loss = empty_loss(p);
-  out.lse = want_lse ? at::empty({p.N, p.S, 2}, acc_options) : at::Tensor();
+  out.loss = empty_loss(problem);
+  out.lse = want_lse ? at::empty({problem.N, problem.S, 2}, acc_options) : at::Tensor();
   out.total_weight = at::empty({}, acc_options);
   if (positions == 0) {  // launch nothing: empty sum 0, empty mean NaN
     out.total_weight.zero_();
-    if (p.reduction == kReductionMean) out.loss.fill_(std::numeric_limits<double>::quiet_NaN());
-    if (p.reduction == kReductionSum) out.loss.zero_();
+    if (problem.reduction == kReductionMean) out.loss.fill_(std::numeric_limits<double>::quiet_NaN());
+    if (problem.reduction == kReductionSum) out.loss.zero_();
     return out;
   }
 
-  const GpuCapacity gpu = gpu_capacity(p.logits.device().index());
+  const GpuCapacity gpu = gpu_capacity(problem.logits.device().index());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const at::Tensor weight_sum = weight_sum_if_needed(p);
+  const at::Tensor weight_sum = weight_sum_if_needed(problem);
   // total_weight is an output of the plain forward and the gradient's denominator for a fused mean.
-  const bool need_total_weight = !fused || p.reduction == kReductionMean;
-  if (p.prob_target) out.total_weight.fill_(static_cast<double>(positions));
+  const bool need_total_weight = !fused || problem.reduction == kReductionMean;
+  if (problem.prob_target) out.total_weight.fill_(static_cast<double>(positions));
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.logits.scalar_type(), "fused_xent_forward_cuda", [&] {
+  const at::ScalarType dtype = problem.logits.scalar_type();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "fused_xent_forward_cuda", [&] {
     using acc_t = acc_type<scalar_t>;
-    XentParams<scalar_t> q = input_params<scalar_t>(p, weight_sum, grad);
+    XentParams<scalar_t> params = input_params<scalar_t>(problem, weight_sum, grad);
     acc_t* total_weight = out.total_weight.data_ptr<acc_t>();
-    q.total_weight = total_weight;
-    q.lse = want_lse ? out.lse.data_ptr<acc_t>() : nullptr;
-    q.loss_rows = p.reduction == kReductionNone ? out.loss.data_ptr<acc_t>() : nullptr;
-    acc_t* reduced_loss = p.reduction == kReductionNone ? nullptr : out.loss.data_ptr<acc_t>();
+    params.total_weight = total_weight;
+    params.lse = want_lse ? out.lse.data_ptr<acc_t>() : nullptr;
+    params.loss_rows = problem.reduction == kReductionNone ? out.loss.data_ptr<acc_t>() : nullptr;
+    acc_t* reduced_loss = problem.reduction == kReductionNone ? nullptr : out.loss.data_ptr<acc_t>();
 
-    // Points q at fresh per-block partials for a kernel of `grid` blocks; true if the main kernel sums the weights.
+    // Points params at fresh per-block partials for a kernel of `grid` blocks; with_weights: the kernel sums the
+    // weights too.
     at::Tensor partials;
     auto attach_partials = [&](int64_t grid, bool with_weights) {
       partials = at::empty({2, grid}, acc_options);
-      q.loss_partials = p.reduction == kReductionNone ? nullptr : partials.data_ptr<acc_t>();
-      q.weight_partials = with_weights ? partials.data_ptr<acc_t>() + grid : nullptr;
+      params.loss_partials = problem.reduction == kReductionNone ? nullptr : partials.data_ptr<acc_t>();
+      params.weight_partials = with_weights ? partials.data_ptr<acc_t>() + grid : nullptr;
     };
     auto finalize = [&](int64_t grid) {
-      if (q.loss_partials || q.weight_partials) {
-        launch_finalize<acc_t>(q.loss_partials, q.weight_partials, grid, total_weight, reduced_loss, p.reduction,
-                               p.label_smoothing > 0, stream);
+      if (params.loss_partials || params.weight_partials) {
+        launch_finalize<acc_t>(params.loss_partials, params.weight_partials, grid, total_weight, reduced_loss,
+                               problem.reduction, problem.label_smoothing > 0, stream);
       }
     };
     // A fused mean needs total_weight before its gradient: one cheap pass over the class indices first.
     auto total_weight_first = [&] {
       const LaunchShape shape = plan_per_position(positions, kPerPositionThreads, gpu);
       at::Tensor weight_partials = at::empty({shape.grid}, acc_options);
-      launch_target_weight<acc_t>(q.target_index, positions, p.ignore_index, p.C, q.weight,
+      launch_target_weight<acc_t>(params.target_index, positions, problem.ignore_index, problem.C, params.weight,
                                   weight_partials.data_ptr<acc_t>(), shape, stream);
       launch_finalize<acc_t>(nullptr, weight_partials.data_ptr<acc_t>(), shape.grid, total_weight, nullptr,
-                             p.reduction, p.label_smoothing > 0, stream);
+                             problem.reduction, problem.label_smoothing > 0, stream);
     };
 
     // Split forward (class-index targets): statistics per split, combine per position (lse, loss, partials),
@@ -265,69 +270,71 @@ ForwardResult run_forward(const Problem& p, const at::Tensor& grad, bool want_ls
       at::Tensor split_stats =
           at::empty({positions * shape.splits * int64_t(sizeof(RowStats<acc_t>) / sizeof(acc_t))}, acc_options);
       auto* split_stats_ptr = reinterpret_cast<RowStats<acc_t>*>(split_stats.data_ptr<acc_t>());
-      launch_stats(q, shape, split_stats_ptr, stream);
+      launch_stats(params, shape, split_stats_ptr, stream);
 
       at::Tensor gradient_lse;
       if (fused) {
         gradient_lse = at::empty({positions, 2}, acc_options);
-        q.lse = gradient_lse.data_ptr<acc_t>();
+        params.lse = gradient_lse.data_ptr<acc_t>();
       }
       const LaunchShape combine = plan_per_position(positions, kPerPositionThreads, gpu);
       attach_partials(combine.grid, need_total_weight);
-      launch_split_combine<scalar_t>(q, combine, shape.splits, split_stats_ptr, stream);
+      launch_split_combine<scalar_t>(params, combine, shape.splits, split_stats_ptr, stream);
       finalize(combine.grid);
 
       if (fused) {
-        XentParams<scalar_t> g = q;
-        g.lse_in = q.lse;
-        g.lse = nullptr;
-        g.loss_rows = nullptr;
-        g.loss_partials = nullptr;
-        g.weight_partials = nullptr;
-        launch_grad(g);
+        XentParams<scalar_t> grad_params = params;
+        grad_params.lse_in = params.lse;
+        grad_params.lse = nullptr;
+        grad_params.loss_rows = nullptr;
+        grad_params.loss_partials = nullptr;
+        grad_params.weight_partials = nullptr;
+        launch_grad(grad_params);
       }
     };
 
-    if (thread_per_position(p)) {
-      const LaunchShape shape = plan_spatial(p, gpu);
+    if (thread_per_position(problem)) {
+      const LaunchShape shape = plan_spatial(problem, gpu);
       if (shape.splits > 1) {
         split_forward(shape, launch_spatial_split_stats<scalar_t>,
-                      [&](const XentParams<scalar_t>& g) { launch_spatial_grad<scalar_t>(g, shape, stream); });
+                      [&](const XentParams<scalar_t>& grad_params) {
+                        launch_spatial_grad<scalar_t>(grad_params, shape, stream);
+                      });
         return;
       }
-      const bool weights_first = fused && p.reduction == kReductionMean && !p.prob_target;
+      const bool weights_first = fused && problem.reduction == kReductionMean && !problem.prob_target;
       if (weights_first) total_weight_first();
-      attach_partials(shape.grid, need_total_weight && !p.prob_target && !weights_first);
-      launch_spatial_forward<scalar_t>(q, shape, stream);
+      attach_partials(shape.grid, need_total_weight && !problem.prob_target && !weights_first);
+      launch_spatial_forward<scalar_t>(params, shape, stream);
       finalize(shape.grid);
       return;
     }
 
-    if (!p.prob_target) {
-      const LaunchShape shape = plan_cluster_forward<scalar_t>(p, q, gpu);
+    if (!problem.prob_target) {
+      const LaunchShape shape = plan_cluster_forward<scalar_t>(problem, params, gpu);
       if (shape.grid > 0) {
-        const bool weights_first = fused && p.reduction == kReductionMean;
+        const bool weights_first = fused && problem.reduction == kReductionMean;
         if (weights_first) total_weight_first();
         attach_partials(shape.grid, need_total_weight && !weights_first);
-        launch_rows_cluster<scalar_t>(q, shape, stream);
+        launch_rows_cluster<scalar_t>(params, shape, stream);
         finalize(shape.grid);
         return;
       }
     }
 
-    RowsPlan plan = plan_rows(p, gpu);
+    RowsPlan plan = plan_rows(problem, gpu);
     if (plan.shape.splits == 1) {
-      if (fused && !p.prob_target && !plan.warp_per_row) plan_l2_resident_rows(p, plan.shape);
-      const bool weights_first = fused && p.reduction == kReductionMean && !p.prob_target;
+      if (fused && !problem.prob_target && !plan.warp_per_row) plan_l2_resident_rows(problem, plan.shape);
+      const bool weights_first = fused && problem.reduction == kReductionMean && !problem.prob_target;
       if (weights_first) total_weight_first();
-      attach_partials(plan.shape.grid, need_total_weight && !p.prob_target && !weights_first);
-      launch_rows_forward<scalar_t>(q, plan.warp_per_row, plan.shape, stream);
+      attach_partials(plan.shape.grid, need_total_weight && !problem.prob_target && !weights_first);
+      launch_rows_forward<scalar_t>(params, plan.warp_per_row, plan.shape, stream);
       finalize(plan.shape.grid);
       return;
     }
 
-    split_forward(plan.shape, launch_rows_split_stats<scalar_t>, [&](const XentParams<scalar_t>& g) {
-      launch_rows_grad<scalar_t>(g, /*warp_per_row=*/false, plan.shape, stream);
+    split_forward(plan.shape, launch_rows_split_stats<scalar_t>, [&](const XentParams<scalar_t>& grad_params) {
+      launch_rows_grad<scalar_t>(grad_params, /*warp_per_row=*/false, plan.shape, stream);
     });
   });
   return out;
@@ -339,8 +346,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_fwd_cuda(const at::
                                                                       int64_t reduction, int64_t ignore_index,
                                                                       double label_smoothing) {
   const c10::cuda::CUDAGuard guard(logits.device());
-  const Problem p = make_problem(logits, target, weight, reduction, ignore_index, label_smoothing);
-  ForwardResult out = run_forward(p, at::Tensor(), /*want_lse=*/true);
+  const Problem problem = make_problem(logits, target, weight, reduction, ignore_index, label_smoothing);
+  ForwardResult out = run_forward(problem, at::Tensor(), /*want_lse=*/true);
   return {out.loss, out.lse, out.total_weight};
 }
 
@@ -349,9 +356,9 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd_grad_cuda(const at::Tensor&
                                                                int64_t reduction, int64_t ignore_index,
                                                                double label_smoothing) {
   const c10::cuda::CUDAGuard guard(logits.device());
-  const Problem p = make_problem(logits, target, weight, reduction, ignore_index, label_smoothing);
-  at::Tensor grad = empty_like_logits(p);
-  ForwardResult out = run_forward(p, grad, /*want_lse=*/false);
+  const Problem problem = make_problem(logits, target, weight, reduction, ignore_index, label_smoothing);
+  at::Tensor grad = empty_like_logits(problem);
+  ForwardResult out = run_forward(problem, grad, /*want_lse=*/false);
   return {out.loss, grad};
 }
 
@@ -359,11 +366,11 @@ at::Tensor cross_entropy_fwd_grad_inplace_cuda(at::Tensor& logits, const at::Ten
                                                const c10::optional<at::Tensor>& weight, int64_t reduction,
                                                int64_t ignore_index, double label_smoothing) {
   const c10::cuda::CUDAGuard guard(logits.device());
-  const Problem p = make_problem(logits, target, weight, reduction, ignore_index, label_smoothing);
-  check_inputs_apart_from_logits(p);
+  const Problem problem = make_problem(logits, target, weight, reduction, ignore_index, label_smoothing);
+  check_inputs_apart_from_logits(problem);
   // The kernels read everything a position needs (including x[target]) before overwriting it.
-  ForwardResult out = run_forward(p, p.logits, /*want_lse=*/false);
-  copy_back(logits, p.logits);  // make_problem copies logits it cannot stride through
+  ForwardResult out = run_forward(problem, problem.logits, /*want_lse=*/false);
+  copy_back(logits, problem.logits);  // make_problem copies logits it cannot stride through
   return out.loss;
 }
 
@@ -372,45 +379,46 @@ at::Tensor cross_entropy_bwd_cuda(const at::Tensor& grad_loss, const at::Tensor&
                                   const at::Tensor& total_weight, int64_t reduction, int64_t ignore_index,
                                   double label_smoothing) {
   const c10::cuda::CUDAGuard guard(logits.device());
-  const Problem p = make_problem(logits, target, weight, reduction, ignore_index, label_smoothing);
-  const int64_t positions = p.positions();
+  const Problem problem = make_problem(logits, target, weight, reduction, ignore_index, label_smoothing);
+  const int64_t positions = problem.positions();
   TORCH_CHECK(grad_loss.device() == logits.device() && lse.device() == logits.device() &&
                   total_weight.device() == logits.device(),
               "fused_xent: grad_loss, lse and total_weight must be on the device of logits (", logits.device(), ")");
   TORCH_CHECK(reduction == kReductionNone ? grad_loss.numel() == positions : grad_loss.numel() == 1,
               "fused_xent: grad_loss must have the shape of the loss, got ", grad_loss.sizes());
-  TORCH_CHECK(lse.sizes() == at::IntArrayRef({p.N, p.S, 2}), "fused_xent: lse must be (N, S, 2) = (", p.N, ", ",
-              p.S, ", 2), as cross_entropy_fwd returns it, got ", lse.sizes());
+  TORCH_CHECK(lse.sizes() == at::IntArrayRef({problem.N, problem.S, 2}), "fused_xent: lse must be (N, S, 2) = (",
+              problem.N, ", ", problem.S, ", 2), as cross_entropy_fwd returns it, got ", lse.sizes());
   TORCH_CHECK(total_weight.numel() == 1, "fused_xent: total_weight must be a scalar, got ", total_weight.sizes());
 
-  at::Tensor grad = empty_like_logits(p);
+  at::Tensor grad = empty_like_logits(problem);
   if (positions == 0) return grad;
 
-  const auto acc_dtype = p.acc_dtype();
+  const auto acc_dtype = problem.acc_dtype();
   // grad_loss may be an expanded view (e.g. from loss.sum()); strides let the kernel read it without a copy.
-  at::Tensor upstream = grad_loss.to(p.acc_dtype());
-  upstream = reduction == kReductionNone ? upstream.reshape({p.N, p.S}) : upstream.reshape({});
+  at::Tensor upstream = grad_loss.to(problem.acc_dtype());
+  upstream = reduction == kReductionNone ? upstream.reshape({problem.N, problem.S}) : upstream.reshape({});
   const int64_t upstream_stride_n = reduction == kReductionNone ? upstream.stride(0) : 0;
   const int64_t upstream_stride_s = reduction == kReductionNone ? upstream.stride(1) : 0;
   const at::Tensor lse_acc = lse.to(acc_dtype).contiguous();
   const at::Tensor total_weight_acc = total_weight.to(acc_dtype).reshape({});
-  const at::Tensor weight_sum = weight_sum_if_needed(p);
-  const GpuCapacity gpu = gpu_capacity(p.logits.device().index());
+  const at::Tensor weight_sum = weight_sum_if_needed(problem);
+  const GpuCapacity gpu = gpu_capacity(problem.logits.device().index());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.logits.scalar_type(), "fused_xent_backward_cuda", [&] {
+  const at::ScalarType dtype = problem.logits.scalar_type();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "fused_xent_backward_cuda", [&] {
     using acc_t = acc_type<scalar_t>;
-    XentParams<scalar_t> q = input_params<scalar_t>(p, weight_sum, grad);
-    q.lse_in = lse_acc.data_ptr<acc_t>();
-    q.total_weight = total_weight_acc.data_ptr<acc_t>();
-    q.grad_loss = upstream.data_ptr<acc_t>();
-    q.grad_loss_stride_n = upstream_stride_n;
-    q.grad_loss_stride_s = upstream_stride_s;
-    if (thread_per_position(p)) {
-      launch_spatial_grad<scalar_t>(q, plan_spatial(p, gpu), stream);
+    XentParams<scalar_t> params = input_params<scalar_t>(problem, weight_sum, grad);
+    params.lse_in = lse_acc.data_ptr<acc_t>();
+    params.total_weight = total_weight_acc.data_ptr<acc_t>();
+    params.grad_loss = upstream.data_ptr<acc_t>();
+    params.grad_loss_stride_n = upstream_stride_n;
+    params.grad_loss_stride_s = upstream_stride_s;
+    if (thread_per_position(problem)) {
+      launch_spatial_grad<scalar_t>(params, plan_spatial(problem, gpu), stream);
     } else {
-      const RowsPlan plan = plan_rows(p, gpu);
-      launch_rows_grad<scalar_t>(q, plan.warp_per_row, plan.shape, stream);
+      const RowsPlan plan = plan_rows(problem, gpu);
+      launch_rows_grad<scalar_t>(params, plan.warp_per_row, plan.shape, stream);
     }
   });
   return grad;
