@@ -9,8 +9,8 @@ from torch.utils import cpp_extension
 
 ROOT = Path(__file__).resolve().parent.parent
 HOST = ROOT / "tests" / "host"
-KERNEL_SOURCES = ["xent_kernel.cu", "xent_reduce.cu", "xent_rows.cu", "xent_rows_split.cu", "xent_rows_cluster.cu",
-                  "xent_spatial.cu", "xent_checks.cu", "xent_scale.cu"]
+KERNEL_SOURCES = ["xent_kernel.cu", "xent_plan.cu", "xent_reduce.cu", "xent_rows.cu", "xent_rows_split.cu",
+                  "xent_rows_cluster.cu", "xent_spatial.cu", "xent_checks.cu", "xent_scale.cu"]
 
 
 def build(variant="", extra_flags=()):

@@ -1,4 +1,4 @@
-// Host-side entry points of the CUDA kernels (one .cu per family) and the launch shapes xent_kernel.cu chooses.
+// Host-side entry points of the CUDA kernels (one .cu per family) and the launch shapes xent_plan.cu chooses.
 // Launchers only launch: the caller allocates every buffer the parameter block points to.
 #pragma once
 
@@ -40,7 +40,7 @@ void launch_kernel(void (*kernel)(Params...), int64_t grid, int threads, cudaStr
 }
 
 // Threads per block of the thread-per-position kernels (spatial, the split combine, the target-weight pass): one
-// constant for the plans in xent_kernel.cu and the kernels' __launch_bounds__, so a plan never asks a kernel for more
+// constant for the plans in xent_plan.cu and the kernels' __launch_bounds__, so a plan never asks a kernel for more
 // threads than it was compiled for. Row kernels take theirs from WarpGroup / BlockGroup (xent_device.cuh).
 constexpr int kPerPositionThreads = 256;
 
