@@ -63,6 +63,31 @@ at::Tensor weight_sum_if_needed(const Problem& problem) {
   return problem.weight.sum();
 }
 
+// The parameter block of a split forward's last pass, which takes the gradient from the lse its combine wrote, as a
+// backward does, and writes nothing else.
+template <typename scalar_t>
+XentParams<scalar_t> lse_to_gradient(XentParams<scalar_t> params) {
+  params.lse_in = params.lse;
+  params.lse = nullptr;
+  params.loss_rows = nullptr;
+  params.loss_partials = nullptr;
+  params.weight_partials = nullptr;
+  return params;
+}
+
+// *total_weight = the sum of weight[target] over the positions not ignored, in one cheap pass over the class indices.
+template <typename acc_t>
+void sum_target_weights(const Problem& problem, const int64_t* target, const acc_t* weight, acc_t* total_weight,
+                        const GpuCapacity& gpu, cudaStream_t stream) {
+  const int64_t positions = problem.positions();
+  const LaunchShape shape = plan_per_position(positions, kPerPositionThreads, gpu);
+  at::Tensor weight_partials = at::empty({shape.grid}, problem.logits.options().dtype(problem.acc_dtype()));
+  launch_target_weight<acc_t>(target, positions, problem.ignore_index, problem.C, weight,
+                              weight_partials.data_ptr<acc_t>(), shape, stream);
+  launch_finalize<acc_t>(nullptr, weight_partials.data_ptr<acc_t>(), shape.grid, total_weight, nullptr,
+                         problem.reduction, problem.label_smoothing > 0, stream);
+}
+
 struct ForwardResult {
   at::Tensor loss, lse, total_weight;
 };
@@ -101,28 +126,28 @@ ForwardResult run_forward(const Problem& problem, const at::Tensor& grad, bool w
     params.loss_rows = problem.reduction == kReductionNone ? out.loss.data_ptr<acc_t>() : nullptr;
     acc_t* reduced_loss = problem.reduction == kReductionNone ? nullptr : out.loss.data_ptr<acc_t>();
 
-    // Points params at fresh per-block partials for a kernel of `grid` blocks; with_weights: the kernel sums the
-    // weights too.
+    // Runs `launch`, a kernel of `grid` blocks, with params pointing at fresh per-block partials of the loss (unless
+    // reduction none) and, with_weights, of the target weights (the kernel then sums total_weight); then the block
+    // that reduces them in order.
     at::Tensor partials;
-    auto attach_partials = [&](int64_t grid, bool with_weights) {
+    auto launch_and_reduce = [&](int64_t grid, bool with_weights, auto&& launch) {
       partials = at::empty({2, grid}, acc_options);
       params.loss_partials = problem.reduction == kReductionNone ? nullptr : partials.data_ptr<acc_t>();
       params.weight_partials = with_weights ? partials.data_ptr<acc_t>() + grid : nullptr;
-    };
-    auto finalize = [&](int64_t grid) {
+      launch();
       if (params.loss_partials || params.weight_partials) {
         launch_finalize<acc_t>(params.loss_partials, params.weight_partials, grid, total_weight, reduced_loss,
                                problem.reduction, problem.label_smoothing > 0, stream);
       }
     };
-    // A fused mean needs total_weight before its gradient: one cheap pass over the class indices first.
-    auto total_weight_first = [&] {
-      const LaunchShape shape = plan_per_position(positions, kPerPositionThreads, gpu);
-      at::Tensor weight_partials = at::empty({shape.grid}, acc_options);
-      launch_target_weight<acc_t>(params.target_index, positions, problem.ignore_index, problem.C, params.weight,
-                                  weight_partials.data_ptr<acc_t>(), shape, stream);
-      launch_finalize<acc_t>(nullptr, weight_partials.data_ptr<acc_t>(), shape.grid, total_weight, nullptr,
-                             problem.reduction, problem.label_smoothing > 0, stream);
+
+    // Unsplit forward: one kernel takes each position whole (loss, lse, partials, and the gradient when fused). A
+    // fused mean over class indices needs total_weight before its gradient: sum_target_weights first, and the kernel
+    // sums no weights (that of probability targets, the number of positions, is filled in above).
+    auto unsplit_forward = [&](int64_t grid, auto&& launch) {
+      const bool weights_first = fused && problem.reduction == kReductionMean && !problem.prob_target;
+      if (weights_first) sum_target_weights(problem, params.target_index, params.weight, total_weight, gpu, stream);
+      launch_and_reduce(grid, need_total_weight && !problem.prob_target && !weights_first, launch);
     };
 
     // Split forward (class-index targets): statistics per split, combine per position (lse, loss, partials),
@@ -139,64 +164,43 @@ ForwardResult run_forward(const Problem& problem, const at::Tensor& grad, bool w
         params.lse = gradient_lse.data_ptr<acc_t>();
       }
       const LaunchShape combine = plan_per_position(positions, kPerPositionThreads, gpu);
-      attach_partials(combine.grid, need_total_weight);
-      launch_split_combine<scalar_t>(params, combine, shape.splits, split_stats_ptr, stream);
-      finalize(combine.grid);
+      launch_and_reduce(combine.grid, need_total_weight, [&] {
+        launch_split_combine<scalar_t>(params, combine, shape.splits, split_stats_ptr, stream);
+      });
 
-      if (fused) {
-        XentParams<scalar_t> grad_params = params;
-        grad_params.lse_in = params.lse;
-        grad_params.lse = nullptr;
-        grad_params.loss_rows = nullptr;
-        grad_params.loss_partials = nullptr;
-        grad_params.weight_partials = nullptr;
-        launch_grad(grad_params);
-      }
+      if (fused) launch_grad(lse_to_gradient(params));
     };
 
     if (thread_per_position(problem)) {
       const LaunchShape shape = plan_spatial(problem, gpu);
       if (shape.splits > 1) {
-        split_forward(shape, launch_spatial_split_stats<scalar_t>,
-                      [&](const XentParams<scalar_t>& grad_params) {
-                        launch_spatial_grad<scalar_t>(grad_params, shape, stream);
-                      });
-        return;
+        split_forward(shape, launch_spatial_split_stats<scalar_t>, [&](const XentParams<scalar_t>& grad_params) {
+          launch_spatial_grad<scalar_t>(grad_params, shape, stream);
+        });
+      } else {
+        unsplit_forward(shape.grid, [&] { launch_spatial_forward<scalar_t>(params, shape, stream); });
       }
-      const bool weights_first = fused && problem.reduction == kReductionMean && !problem.prob_target;
-      if (weights_first) total_weight_first();
-      attach_partials(shape.grid, need_total_weight && !problem.prob_target && !weights_first);
-      launch_spatial_forward<scalar_t>(params, shape, stream);
-      finalize(shape.grid);
       return;
     }
 
     if (!problem.prob_target) {
       const LaunchShape shape = plan_cluster_forward<scalar_t>(problem, params, gpu);
       if (shape.grid > 0) {
-        const bool weights_first = fused && problem.reduction == kReductionMean;
-        if (weights_first) total_weight_first();
-        attach_partials(shape.grid, need_total_weight && !weights_first);
-        launch_rows_cluster<scalar_t>(params, shape, stream);
-        finalize(shape.grid);
+        unsplit_forward(shape.grid, [&] { launch_rows_cluster<scalar_t>(params, shape, stream); });
         return;
       }
     }
 
     RowsPlan plan = plan_rows(problem, gpu);
-    if (plan.shape.splits == 1) {
+    if (plan.shape.splits > 1) {
+      split_forward(plan.shape, launch_rows_split_stats<scalar_t>, [&](const XentParams<scalar_t>& grad_params) {
+        launch_rows_grad<scalar_t>(grad_params, /*warp_per_row=*/false, plan.shape, stream);
+      });
+    } else {
       if (fused && !problem.prob_target && !plan.warp_per_row) plan_l2_resident_rows(problem, plan.shape);
-      const bool weights_first = fused && problem.reduction == kReductionMean && !problem.prob_target;
-      if (weights_first) total_weight_first();
-      attach_partials(plan.shape.grid, need_total_weight && !problem.prob_target && !weights_first);
-      launch_rows_forward<scalar_t>(params, plan.warp_per_row, plan.shape, stream);
-      finalize(plan.shape.grid);
-      return;
+      unsplit_forward(plan.shape.grid,
+                      [&] { launch_rows_forward<scalar_t>(params, plan.warp_per_row, plan.shape, stream); });
     }
-
-    split_forward(plan.shape, launch_rows_split_stats<scalar_t>, [&](const XentParams<scalar_t>& grad_params) {
-      launch_rows_grad<scalar_t>(grad_params, /*warp_per_row=*/false, plan.shape, stream);
-    });
   });
   return out;
 }
