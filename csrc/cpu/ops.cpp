@@ -9,6 +9,7 @@
 #include <tuple>
 #include <vector>
 
+#include "common/ceil_div.h"
 #include "common/xent_math.h"
 #include "common/xent_problem.h"
 #include "cpu/denormal_mode.h"
@@ -23,8 +24,6 @@ namespace {
 constexpr int64_t kLogitsPerBlock = int64_t{1} << 16;
 // Positions per block of the pass over class-index targets.
 constexpr int64_t kTargetsPerBlock = int64_t{1} << 15;
-
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // W = sum of the class weights, which only the label-smoothing term of class-index targets reads (elsewhere C, read
 // by nothing). Not taken otherwise: inverse-frequency weights are inf for a class that never occurs, which PyTorch

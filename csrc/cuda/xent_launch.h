@@ -11,6 +11,7 @@
 #include <cstdlib>
 #include <utility>
 
+#include "common/ceil_div.h"
 #include "cuda/xent_device.cuh"
 
 // The library and dispatch key the CUDA ops register under (TORCH_LIBRARY_IMPL). The host emulation
@@ -43,8 +44,6 @@ void launch_kernel(void (*kernel)(Params...), int64_t grid, int threads, cudaStr
 // constant for the plans in xent_plan.cu and the kernels' __launch_bounds__, so a plan never asks a kernel for more
 // threads than it was compiled for. Row kernels take theirs from WarpGroup / BlockGroup (xent_device.cuh).
 constexpr int kPerPositionThreads = 256;
-
-inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // What the plans size grids and splits by: the multiprocessors, and the threads each can hold at once (2048 on
 // sm_80 and sm_90, 1536 on sm_86 and sm_89, 1024 on sm_75). A kernel's registers may allow fewer; the plans count
