@@ -13,6 +13,8 @@ at::ScalarType Problem::acc_dtype() const {
   return logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
+at::TensorOptions Problem::acc_options() const { return logits.options().dtype(acc_dtype()); }
+
 namespace {
 
 // A contiguous copy of (N, C, S) logits. With S == 1 it is made as a matrix: PyTorch copies a transposed matrix
@@ -126,7 +128,7 @@ void copy_back(at::Tensor& logits, const at::Tensor& grad) {
 }
 
 at::Tensor empty_loss(const Problem& problem) {
-  auto options = problem.logits.options().dtype(problem.acc_dtype());
+  const at::TensorOptions options = problem.acc_options();
   return problem.reduction == kReductionNone ? at::empty({problem.N, problem.S}, options) : at::empty({}, options);
 }
 

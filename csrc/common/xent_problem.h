@@ -29,6 +29,8 @@ struct Problem {
   int64_t positions() const { return N * S; }
   // Accumulation dtype of every statistic: float64 for float64 logits, else float32.
   at::ScalarType acc_dtype() const;
+  // The options of the statistics' tensors (loss, lse, total_weight, partials): acc_dtype on the logits' device.
+  at::TensorOptions acc_options() const;
 };
 
 // Validates the op arguments (dims, dtypes, devices, reduction, smoothing) and brings logits, target and weight to

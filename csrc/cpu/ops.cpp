@@ -141,8 +141,6 @@ struct Launch {
   }
 };
 
-at::TensorOptions acc_options(const Problem& problem) { return problem.logits.options().dtype(problem.acc_dtype()); }
-
 // A sum accumulated in double, rounded to the accumulation dtype: past float32's range it is inf, as the sums of
 // PyTorch and of the other backends are (a double beyond the range would make fill_ raise instead).
 double in_acc_dtype(const Problem& problem, double value) {
@@ -171,14 +169,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_fwd(const at::Tenso
                                                                  double label_smoothing) {
   const Problem problem = make_problem(logits, target, weight, reduction, ignore_index, label_smoothing);
   at::Tensor loss = empty_loss(problem);
-  at::Tensor lse = at::empty({problem.N, problem.S, 2}, acc_options(problem));
+  at::Tensor lse = at::empty({problem.N, problem.S, 2}, problem.acc_options());
   Launch launch(problem);
   launch.args.lse = lse.data_ptr();
   launch.args.loss = reduction == kReductionNone ? loss.data_ptr() : nullptr;
   const double loss_sum = launch.run(problem);
   const double total = problem.prob_target ? static_cast<double>(problem.positions()) : launch.weight_sum();
   write_reduced_loss(problem, loss, loss_sum, total);
-  return {loss, lse, at::scalar_tensor(in_acc_dtype(problem, total), acc_options(problem))};
+  return {loss, lse, at::scalar_tensor(in_acc_dtype(problem, total), problem.acc_options())};
 }
 
 at::Tensor cross_entropy_bwd(const at::Tensor& grad_loss, const at::Tensor& logits, const at::Tensor& target,

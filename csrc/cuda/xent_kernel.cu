@@ -81,7 +81,7 @@ void sum_target_weights(const Problem& problem, const int64_t* target, const acc
                         const GpuCapacity& gpu, cudaStream_t stream) {
   const int64_t positions = problem.positions();
   const LaunchShape shape = plan_per_position(positions, kPerPositionThreads, gpu);
-  at::Tensor weight_partials = at::empty({shape.grid}, problem.logits.options().dtype(problem.acc_dtype()));
+  at::Tensor weight_partials = at::empty({shape.grid}, problem.acc_options());
   launch_target_weight<acc_t>(target, positions, problem.ignore_index, problem.C, weight,
                               weight_partials.data_ptr<acc_t>(), shape, stream);
   launch_finalize<acc_t>(nullptr, weight_partials.data_ptr<acc_t>(), shape.grid, total_weight, nullptr,
@@ -97,7 +97,7 @@ struct ForwardResult {
 ForwardResult run_forward(const Problem& problem, const at::Tensor& grad, bool want_lse) {
   const bool fused = grad.defined();
   const int64_t positions = problem.positions();
-  const auto acc_options = problem.logits.options().dtype(problem.acc_dtype());
+  const at::TensorOptions acc_options = problem.acc_options();
   ForwardResult out;
   out.loss = empty_loss(problem);
   out.lse = want_lse ? at::empty({problem.N, problem.S, 2}, acc_options) : at::Tensor();
