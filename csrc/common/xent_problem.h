@@ -31,6 +31,10 @@ struct Problem {
   at::ScalarType acc_dtype() const;
   // The options of the statistics' tensors (loss, lse, total_weight, partials): acc_dtype on the logits' device.
   at::TensorOptions acc_options() const;
+  // Whether the kernels read W = sum(weight): only the label-smoothing term of class-index targets does, and without
+  // a weight W is C. Not summed otherwise: inverse-frequency weights are inf for a class that never occurs, which
+  // PyTorch never reads without smoothing, and 0 * W would be NaN.
+  bool uses_weight_sum() const { return weight.defined() && !prob_target && label_smoothing != 0.0; }
 };
 
 // Validates the op arguments (dims, dtypes, devices, reduction, smoothing) and brings logits, target and weight to

@@ -25,12 +25,10 @@ constexpr int64_t kLogitsPerBlock = int64_t{1} << 16;
 // Positions per block of the pass over class-index targets.
 constexpr int64_t kTargetsPerBlock = int64_t{1} << 15;
 
-// W = sum of the class weights, which only the label-smoothing term of class-index targets reads (elsewhere C, read
-// by nothing). Not taken otherwise: inverse-frequency weights are inf for a class that never occurs, which PyTorch
-// never reads without smoothing, and 0 * W would be NaN. Summed serially: ATen's sum splits a long vector across
-// threads, and its last bits would follow the thread count.
+// W = sum(weight) where the kernels read it (Problem::uses_weight_sum), else C, read by nothing. Summed serially:
+// ATen's sum splits a long vector across threads, and its last bits would follow the thread count.
 double smoothing_weight_sum(const Problem& p) {
-  if (!p.weight.defined() || p.prob_target || p.label_smoothing == 0.0) return static_cast<double>(p.C);
+  if (!p.uses_weight_sum()) return static_cast<double>(p.C);
   double sum = 0;
   AT_DISPATCH_FLOATING_TYPES(p.weight.scalar_type(), "fused_xent_weight_sum", [&] {
     const scalar_t* weight = p.weight.const_data_ptr<scalar_t>();

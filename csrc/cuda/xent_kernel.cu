@@ -57,10 +57,9 @@ XentParams<scalar_t> input_params(const Problem& problem, const at::Tensor& weig
   return params;
 }
 
-// sum(weight) for label smoothing with class indices (undefined otherwise: kernels then use C).
+// W = sum(weight) where the kernels read it (Problem::uses_weight_sum); undefined otherwise: kernels then use C.
 at::Tensor weight_sum_if_needed(const Problem& problem) {
-  if (problem.prob_target || problem.label_smoothing == 0.0 || !problem.weight.defined()) return at::Tensor();
-  return problem.weight.sum();
+  return problem.uses_weight_sum() ? problem.weight.sum() : at::Tensor();
 }
 
 // The parameter block of a split forward's last pass, which takes the gradient from the lse its combine wrote, as a
