@@ -85,6 +85,25 @@ Problem make_problem(const at::Tensor& logits, const at::Tensor& target, const c
   return p;
 }
 
+void check_backward_args(const Problem& problem, const at::Tensor& grad_loss, const at::Tensor& lse,
+                         const at::Tensor& total_weight) {
+  const c10::Device device = problem.logits.device();
+  TORCH_CHECK(grad_loss.device() == device && lse.device() == device && total_weight.device() == device,
+              "fused_xent: grad_loss, lse and total_weight must be on the device of logits (", device, ")");
+  if (problem.reduction == kReductionNone) {
+    TORCH_CHECK(grad_loss.sizes() == at::IntArrayRef({problem.N, problem.S}),
+                "fused_xent: grad_loss must be (N, S) = (", problem.N, ", ", problem.S,
+                ") for reduction none, got ", grad_loss.sizes());
+  } else {
+    TORCH_CHECK(grad_loss.numel() == 1, "fused_xent: grad_loss must have one element for reduction mean or sum, got ",
+                grad_loss.sizes());
+  }
+  TORCH_CHECK(lse.sizes() == at::IntArrayRef({problem.N, problem.S, 2}), "fused_xent: lse must be (N, S, 2) = (",
+              problem.N, ", ", problem.S, ", 2), as cross_entropy_fwd returns it, got ", lse.sizes());
+  TORCH_CHECK(total_weight.numel() == 1, "fused_xent: total_weight must have one element, got ",
+              total_weight.sizes());
+}
+
 at::Tensor empty_like_logits(const Problem& problem) {
   return at::empty_strided(problem.logits.sizes(), problem.logits.strides(), problem.logits.options());
 }

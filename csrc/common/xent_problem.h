@@ -42,6 +42,12 @@ struct Problem {
 Problem make_problem(const at::Tensor& logits, const at::Tensor& target, const c10::optional<at::Tensor>& weight,
                      int64_t reduction, int64_t ignore_index, double label_smoothing);
 
+// The backward's other arguments: grad_loss, lse and total_weight on the device of the logits, grad_loss of the
+// loss's shape ((N, S) for reduction none, one element otherwise), lse (N, S, 2) as cross_entropy_fwd returns it, and
+// total_weight of one element.
+void check_backward_args(const Problem& problem, const at::Tensor& grad_loss, const at::Tensor& lse,
+                         const at::Tensor& total_weight);
+
 // An uninitialized tensor of the shape and strides of problem.logits, for the gradient.
 at::Tensor empty_like_logits(const Problem& problem);
 

@@ -182,22 +182,14 @@ at::Tensor cross_entropy_bwd(const at::Tensor& grad_loss, const at::Tensor& logi
                              const at::Tensor& total_weight, int64_t reduction, int64_t ignore_index,
                              double label_smoothing) {
   const Problem problem = make_problem(logits, target, weight, reduction, ignore_index, label_smoothing);
-  TORCH_CHECK(lse.sizes() == at::IntArrayRef({problem.N, problem.S, 2}), "fused_xent: lse must be (N, S, 2) = (",
-              problem.N, ", ", problem.S, ", 2), as cross_entropy_fwd returns it, got ", lse.sizes());
-  TORCH_CHECK(total_weight.numel() == 1, "fused_xent: total_weight must have one element, got ",
-              total_weight.sizes());
+  check_backward_args(problem, grad_loss, lse, total_weight);
   const at::Tensor lse_acc = lse.to(problem.acc_dtype()).contiguous();
   at::Tensor grad_loss_acc;
   Launch launch(problem);
   if (reduction == kReductionNone) {
-    TORCH_CHECK(grad_loss.sizes() == at::IntArrayRef({problem.N, problem.S}),
-                "fused_xent: grad_loss must be (N, S) = (", problem.N, ", ", problem.S,
-                ") for reduction none, got ", grad_loss.sizes());
     grad_loss_acc = grad_loss.to(problem.acc_dtype()).contiguous();
     launch.args.grad_loss = grad_loss_acc.const_data_ptr();
   } else {
-    TORCH_CHECK(grad_loss.numel() == 1, "fused_xent: grad_loss must have one element for reduction mean or sum, got ",
-                grad_loss.sizes());
     launch.args.grad_loss_scalar = grad_loss.item<double>();
   }
   at::Tensor grad = new_gradient(problem);

@@ -245,14 +245,7 @@ at::Tensor cross_entropy_bwd_cuda(const at::Tensor& grad_loss, const at::Tensor&
   const c10::cuda::CUDAGuard guard(logits.device());
   const Problem problem = make_problem(logits, target, weight, reduction, ignore_index, label_smoothing);
   const int64_t positions = problem.positions();
-  TORCH_CHECK(grad_loss.device() == logits.device() && lse.device() == logits.device() &&
-                  total_weight.device() == logits.device(),
-              "fused_xent: grad_loss, lse and total_weight must be on the device of logits (", logits.device(), ")");
-  TORCH_CHECK(reduction == kReductionNone ? grad_loss.numel() == positions : grad_loss.numel() == 1,
-              "fused_xent: grad_loss must have the shape of the loss, got ", grad_loss.sizes());
-  TORCH_CHECK(lse.sizes() == at::IntArrayRef({problem.N, problem.S, 2}), "fused_xent: lse must be (N, S, 2) = (",
-              problem.N, ", ", problem.S, ", 2), as cross_entropy_fwd returns it, got ", lse.sizes());
-  TORCH_CHECK(total_weight.numel() == 1, "fused_xent: total_weight must be a scalar, got ", total_weight.sizes());
+  check_backward_args(problem, grad_loss, lse, total_weight);
 
   at::Tensor grad = empty_like_logits(problem);
   if (positions == 0) return grad;
