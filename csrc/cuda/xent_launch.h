@@ -40,9 +40,11 @@ void launch_kernel(void (*kernel)(Params...), int64_t grid, int threads, cudaStr
 #endif
 }
 
-// Threads per block of the thread-per-position kernels (spatial, the split combine, the target-weight pass): one
-// constant for the plans in xent_plan.cu and the kernels' __launch_bounds__, so a plan never asks a kernel for more
-// threads than it was compiled for. Row kernels take theirs from WarpGroup / BlockGroup (xent_device.cuh).
+// Threads per block of every kernel whose threads each take items of their own rather than share a position's
+// classes: the thread-per-position kernels (spatial, the split combine, the target-weight pass), and the grid-stride
+// element loops of the gradient scaling (xent_scale.cu) and of the value check (xent_checks.cu). One constant for
+// their launches and their __launch_bounds__, so that a launch never asks a kernel for more threads than it was
+// compiled for. Row kernels take theirs from WarpGroup / BlockGroup (xent_device.cuh).
 constexpr int kPerPositionThreads = 256;
 
 // What the plans size grids and splits by: the multiprocessors, and the threads each can hold at once (2048 on
