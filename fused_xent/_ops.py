@@ -71,9 +71,11 @@ def register_autograd(prefix: str = ""):
         return grad, None, None, None, None, None
 
     def setup_fwd_grad(ctx, inputs, output):
-        ctx.mark_non_differentiable(output[1])
-        ctx.save_for_backward(output[1], inputs[1])
-        ctx.ignore_index = inputs[4]
+        logits, target, weight, reduction, ignore_index, label_smoothing = inputs
+        _, grad = output
+        ctx.mark_non_differentiable(grad)
+        ctx.save_for_backward(grad, target)
+        ctx.ignore_index = ignore_index
 
     def backward_fwd_grad(ctx, grad_loss, grad_grad):
         # Never in place: backward may run more than once (retain_graph).
