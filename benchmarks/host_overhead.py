@@ -29,7 +29,7 @@ import env_info
 import timing
 
 # Front-end functions whose host time is reported as phases of one call (recompute forward, checks on).
-PHASES = ("prepare", "start_value_check", "_grad_mode_to_run", "kernel_logits")
+PHASES = ("prepare", "start_value_check", "grad_mode_to_run", "kernel_logits")
 
 
 class Probe:

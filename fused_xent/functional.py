@@ -11,20 +11,13 @@ from torch.nn import _reduction
 from torch.overrides import handle_torch_function, has_torch_function_variadic
 
 from . import _backends, reference
-from ._layout import input_in_logits_memory, is_dense, is_leaf_that_requires_grad, kernel_logits, may_overlap
+from ._grad_modes import check_grad_mode, check_weight_grad, grad_mode_to_run, logits_need_grad
+from ._layout import is_dense, kernel_logits
 from ._ops import scale_unit_grad, unit_grad_scale
-from ._validate import REDUCTIONS, InvalidArgumentError, check_values, has_no_values, prepare, start_value_check
+from ._validate import REDUCTIONS, check_values, has_no_values, prepare, start_value_check
 from .reference import REDUCTION_MEAN, REDUCTION_NONE
 
-GRAD_MODES = ("recompute", "in_forward", "inplace")
 _REDUCTION_NAMES = {code: name for name, code in REDUCTIONS.items()}
-
-
-def check_grad_mode(grad_mode):
-    if grad_mode not in GRAD_MODES:
-        raise InvalidArgumentError(
-            f"fused_xent.cross_entropy: grad_mode must be one of {GRAD_MODES}, got {grad_mode!r}"
-        )
 
 
 def _scaled_log_probs(grad_loss, logits, lse, total_weight, reduction):
@@ -63,11 +56,6 @@ def _autocast_to_float32(tensor):
     return tensor
 
 
-def _logits_need_grad(input) -> bool:
-    """Whether this call will compute a gradient for the logits (otherwise every grad_mode runs as "recompute")."""
-    return torch.is_grad_enabled() and input.requires_grad
-
-
 def _autocast_arguments(input, target, weight, grad_mode):
     """The arguments under autocast -> (input, target, weight, float32_logits). PyTorch casts each half-precision
     argument to float32. Half-precision logits, and a probability target of their dtype, are left as they are
@@ -80,7 +68,7 @@ def _autocast_arguments(input, target, weight, grad_mode):
     65536, a loss divided by the accumulation steps) then scales a rounded gradient, in float16 one whose small
     entries have underflowed to 0. On the float32 copy they scale a float32 gradient, as PyTorch does."""
     weight = _autocast_to_float32(weight)
-    gradient_made_in_forward = grad_mode != "recompute" and _logits_need_grad(input)
+    gradient_made_in_forward = grad_mode != "recompute" and logits_need_grad(input)
     reads_logits_as_they_are = (
         isinstance(input, torch.Tensor) and input.dtype in _HALF_DTYPES and not gradient_made_in_forward
         and isinstance(target, torch.Tensor) and (not target.is_floating_point() or target.dtype == input.dtype)
@@ -216,7 +204,7 @@ class FusedCrossEntropyFunction(torch.autograd.Function):
         elif grad_mode == "inplace":
             # Ops that reach their kernel past autograd do not bump the version counter; bump it so that any other
             # op that saved these logits fails loudly in backward instead of reading a gradient as logits. (Never
-            # while compiling: see _grad_mode_to_run.)
+            # while compiling: see grad_mode_to_run.)
             version = logits._version
             loss = ops.fwd_grad_(logits, target, weight, reduction, ignore_index, label_smoothing)
             if logits._version == version:
@@ -295,7 +283,7 @@ def _loss_from_reference_ops(problem, loss_dtype):
             and forward_ad.unpack_dual(problem.weight).tangent is not None):
         # PyTorch's forward-mode derivative with respect to the weight of class indices counts the weight of its
         # smoothing term only, not that of its nll_loss, whose weight it treats as a constant (its reverse mode
-        # refuses, as _check_weight_grad does): PyTorch's own composition gives that bit for bit.
+        # refuses, as check_weight_grad does): PyTorch's own composition gives that bit for bit.
         loss = torch.nn.functional.cross_entropy(
             problem.logits, problem.target, problem.weight, ignore_index=problem.ignore_index,
             reduction=_REDUCTION_NAMES[problem.reduction], label_smoothing=problem.label_smoothing,
@@ -330,92 +318,6 @@ def _unbatched_ignored_mean_as_pytorch(loss, input, problem):
             or problem.prob_target):
         return loss
     return torch.where(problem.target.reshape(()) == problem.ignore_index, torch.zeros_like(loss), loss)
-
-
-def _view_refuses_writes(tensor) -> bool:
-    """A view that PyTorch's in-place ops refuse to write through, because autograd could not rebase its history:
-    one of several outputs of one op, or made under no_grad, in inference mode or inside a custom Function."""
-    if torch.compiler.is_compiling() or not tensor._is_view():
-        return False
-    return torch._C._autograd._get_creation_meta(tensor) != torch._C._autograd.CreationMeta.DEFAULT
-
-
-def _check_weight_grad(weight, problem):
-    """PyTorch refuses a gradient for the weight of class-index targets, under torch.func transforms too."""
-    if torch.is_grad_enabled() and weight is not None and weight.requires_grad and not problem.prob_target:
-        raise RuntimeError(
-            "fused_xent.cross_entropy: the loss of class-index targets is not differentiable with respect to weight "
-            "(as in PyTorch): pass weight.detach() (probability targets do give weight a gradient)"
-        )
-
-
-def _check_logits_writable(input, problem):
-    """grad_mode='inplace' writes the gradient through the kernels' (N, C, S) view of the input itself."""
-    prefix = "fused_xent.cross_entropy: grad_mode='inplace' writes the gradient over the logits, "
-    if problem.logits.dtype != input.dtype:
-        raise InvalidArgumentError(
-            f"{prefix}but these are computed in {problem.logits.dtype}, the dtype that {input.dtype} logits promote to "
-            "with the probability target and weight: pass the target (and weight) as "
-            f"target.to({input.dtype}), or use grad_mode='in_forward'"
-        )
-    if not problem.logits_are_input:
-        raise InvalidArgumentError(
-            f"{prefix}which must then be viewable as (N, C, S) without a copy; these {tuple(input.shape)} logits of "
-            f"strides {input.stride()} are not (their spatial dims do not nest): pass input.contiguous(), or use "
-            "grad_mode='in_forward'"
-        )
-    if may_overlap(problem.logits):
-        raise InvalidArgumentError(
-            f"{prefix}whose elements overlap here (strides {input.stride()}, e.g. from expand): pass input.clone(), "
-            "or use grad_mode='in_forward'"
-        )
-
-
-def _grad_mode_to_run(grad_mode, input, weight, problem) -> str:
-    """grad_mode as the call will run it, after the checks of the gradients asked for: "recompute" when no gradient
-    is wanted (evaluation, no_grad), where there is nothing to write and the logits must stay intact."""
-    _check_weight_grad(weight, problem)
-    if not _logits_need_grad(input):
-        return "recompute"
-    # Refused here rather than in backward, where an inplace forward would already have overwritten the logits.
-    if grad_mode != "recompute" and (problem.target.requires_grad or (weight is not None and weight.requires_grad)):
-        raise RuntimeError(
-            f"fused_xent.cross_entropy: grad_mode={grad_mode!r} gives no gradient for the target or the weight, "
-            "which require grad here: use grad_mode='recompute' to differentiate through probability targets and "
-            "their weights (or pass target.detach() and weight.detach())"
-        )
-    if grad_mode == "inplace" and _view_refuses_writes(input):
-        raise InvalidArgumentError(
-            "fused_xent.cross_entropy: grad_mode='inplace' would write the gradient through a view that PyTorch's "
-            "in-place ops refuse to modify (one of several views returned by one op, such as chunk, split or "
-            "unbind; a view made under no_grad or inference_mode; a view made inside a custom autograd Function, "
-            "as a module's full backward hook makes): autograd could not account for the write. Use "
-            "grad_mode='in_forward', or pass the logits before they are split"
-        )
-    if grad_mode == "inplace" and is_leaf_that_requires_grad(input):
-        raise InvalidArgumentError(
-            "fused_xent.cross_entropy: grad_mode='inplace' would write the gradient over a leaf tensor that "
-            "requires grad (a Parameter, a tensor made with requires_grad=True, or a view of one), as PyTorch's "
-            "in-place ops refuse to: its .grad would be the tensor itself, and an optimizer would step from that. "
-            "Pass the output of an operation (e.g. the logits of an LM head), or use grad_mode='in_forward'"
-        )
-    if grad_mode == "inplace":
-        _check_logits_writable(input, problem)
-    # Here in the user's terms (the in-place ops check again); traced tensors have no memory to compare.
-    shared = None
-    if grad_mode == "inplace" and not torch.compiler.is_compiling():
-        shared = input_in_logits_memory(problem.logits, problem.weight, problem.target)
-    if shared is not None:
-        raise InvalidArgumentError(
-            f"fused_xent.cross_entropy: grad_mode='inplace' writes the gradient over the logits while it still reads "
-            f"the {shared}, whose memory range intersects theirs (it could be overwritten before it is read): pass "
-            f"{shared}.clone(), or use grad_mode='in_forward'"
-        )
-    if grad_mode == "inplace" and torch.compiler.is_compiling():
-        # A compiled graph hides the write from other ops that saved the logits (no version counter moves inside
-        # it), which would then compute their gradients from the gradient: write it into a new buffer instead.
-        return "in_forward"
-    return grad_mode
 
 
 def cross_entropy(
@@ -455,14 +357,14 @@ def cross_entropy(
     if problem.logits.shape[1] == 0:
         # No classes: no kernel work, and answers (empty, 0 or NaN) best left to PyTorch; but a class index, which
         # is out of bounds there, is refused first (PyTorch's CUDA kernel would stop the process at a device assert).
-        _grad_mode_to_run(grad_mode, input, weight, problem)  # its refusals hold here too
+        grad_mode_to_run(grad_mode, input, weight, problem)  # its refusals hold here too
         check_values(problem, check_targets=True)
         return _no_classes_as_pytorch(input, target, weight, ignore_index, reduction, label_smoothing)
     if _function_transform_active(problem.logits, problem.target, problem.weight):
-        _check_weight_grad(weight, problem)
+        check_weight_grad(weight, problem)
         return _unbatched_ignored_mean_as_pytorch(_loss_from_reference_ops(problem, loss_dtype), input, problem)
     value_check = start_value_check(problem, check_targets=not ops.checks_targets, backend=ops.name)
-    grad_mode = _grad_mode_to_run(grad_mode, input, weight, problem)  # its refusals first, as without classes
+    grad_mode = grad_mode_to_run(grad_mode, input, weight, problem)  # its refusals first, as without classes
     if value_check is not None and (grad_mode == "inplace" or not ops.bad_targets_are_nan):
         # Read before a forward that writes over the logits, or whose kernels would index with a bad class.
         value_check.raise_if_failed()

@@ -3,7 +3,8 @@
 import torch
 
 from ._backends import BACKEND_ENV, check_backend_name
-from .functional import check_grad_mode, cross_entropy
+from ._grad_modes import check_grad_mode
+from .functional import cross_entropy
 
 
 class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
