@@ -37,8 +37,25 @@ def check_weight_grad(weight, problem):
         )
 
 
-def _check_logits_writable(input, problem):
-    """grad_mode='inplace' writes the gradient through the kernels' (N, C, S) view of the input itself."""
+def _check_inplace_allowed(input, problem):
+    """Every refusal of grad_mode='inplace', which writes the gradient through the kernels' (N, C, S) view of the
+    input itself: where PyTorch's in-place ops would refuse the write, and where it would need a copy of the logits
+    or overwrite what the forward still reads."""
+    if _view_refuses_writes(input):
+        raise InvalidArgumentError(
+            "fused_xent.cross_entropy: grad_mode='inplace' would write the gradient through a view that PyTorch's "
+            "in-place ops refuse to modify (one of several views returned by one op, such as chunk, split or "
+            "unbind; a view made under no_grad or inference_mode; a view made inside a custom autograd Function, "
+            "as a module's full backward hook makes): autograd could not account for the write. Use "
+            "grad_mode='in_forward', or pass the logits before they are split"
+        )
+    if is_leaf_that_requires_grad(input):
+        raise InvalidArgumentError(
+            "fused_xent.cross_entropy: grad_mode='inplace' would write the gradient over a leaf tensor that "
+            "requires grad (a Parameter, a tensor made with requires_grad=True, or a view of one), as PyTorch's "
+            "in-place ops refuse to: its .grad would be the tensor itself, and an optimizer would step from that. "
+            "Pass the output of an operation (e.g. the logits of an LM head), or use grad_mode='in_forward'"
+        )
     prefix = "fused_xent.cross_entropy: grad_mode='inplace' writes the gradient over the logits, "
     if problem.logits.dtype != input.dtype:
         raise InvalidArgumentError(
@@ -57,41 +74,9 @@ def _check_logits_writable(input, problem):
             f"{prefix}whose elements overlap here (strides {input.stride()}, e.g. from expand): pass input.clone(), "
             "or use grad_mode='in_forward'"
         )
-
-
-def grad_mode_to_run(grad_mode, input, weight, problem) -> str:
-    """grad_mode as the call will run it, after the checks of the gradients asked for: "recompute" when no gradient
-    is wanted (evaluation, no_grad), where there is nothing to write and the logits must stay intact."""
-    check_weight_grad(weight, problem)
-    if not logits_need_grad(input):
-        return "recompute"
-    # Refused here rather than in backward, where an inplace forward would already have overwritten the logits.
-    if grad_mode != "recompute" and (problem.target.requires_grad or (weight is not None and weight.requires_grad)):
-        raise RuntimeError(
-            f"fused_xent.cross_entropy: grad_mode={grad_mode!r} gives no gradient for the target or the weight, "
-            "which require grad here: use grad_mode='recompute' to differentiate through probability targets and "
-            "their weights (or pass target.detach() and weight.detach())"
-        )
-    if grad_mode == "inplace" and _view_refuses_writes(input):
-        raise InvalidArgumentError(
-            "fused_xent.cross_entropy: grad_mode='inplace' would write the gradient through a view that PyTorch's "
-            "in-place ops refuse to modify (one of several views returned by one op, such as chunk, split or "
-            "unbind; a view made under no_grad or inference_mode; a view made inside a custom autograd Function, "
-            "as a module's full backward hook makes): autograd could not account for the write. Use "
-            "grad_mode='in_forward', or pass the logits before they are split"
-        )
-    if grad_mode == "inplace" and is_leaf_that_requires_grad(input):
-        raise InvalidArgumentError(
-            "fused_xent.cross_entropy: grad_mode='inplace' would write the gradient over a leaf tensor that "
-            "requires grad (a Parameter, a tensor made with requires_grad=True, or a view of one), as PyTorch's "
-            "in-place ops refuse to: its .grad would be the tensor itself, and an optimizer would step from that. "
-            "Pass the output of an operation (e.g. the logits of an LM head), or use grad_mode='in_forward'"
-        )
-    if grad_mode == "inplace":
-        _check_logits_writable(input, problem)
     # Here in the user's terms (the in-place ops check again); traced tensors have no memory to compare.
     shared = None
-    if grad_mode == "inplace" and not torch.compiler.is_compiling():
+    if not torch.compiler.is_compiling():
         shared = input_in_logits_memory(problem.logits, problem.weight, problem.target)
     if shared is not None:
         raise InvalidArgumentError(
@@ -99,8 +84,26 @@ def grad_mode_to_run(grad_mode, input, weight, problem) -> str:
             f"the {shared}, whose memory range intersects theirs (it could be overwritten before it is read): pass "
             f"{shared}.clone(), or use grad_mode='in_forward'"
         )
-    if grad_mode == "inplace" and torch.compiler.is_compiling():
+
+
+def grad_mode_to_run(grad_mode, input, weight, problem) -> str:
+    """grad_mode as the call will run it, after the checks of the gradients asked for: "recompute" when no gradient
+    is wanted (evaluation, no_grad), where there is nothing to write and the logits must stay intact."""
+    check_weight_grad(weight, problem)
+    if not logits_need_grad(input) or grad_mode == "recompute":
+        return "recompute"
+    # Refused here rather than in backward, where an inplace forward would already have overwritten the logits.
+    if problem.target.requires_grad or (weight is not None and weight.requires_grad):
+        raise RuntimeError(
+            f"fused_xent.cross_entropy: grad_mode={grad_mode!r} gives no gradient for the target or the weight, "
+            "which require grad here: use grad_mode='recompute' to differentiate through probability targets and "
+            "their weights (or pass target.detach() and weight.detach())"
+        )
+    if grad_mode != "inplace":
+        return grad_mode
+    _check_inplace_allowed(input, problem)
+    if torch.compiler.is_compiling():
         # A compiled graph hides the write from other ops that saved the logits (no version counter moves inside
         # it), which would then compute their gradients from the gradient: write it into a new buffer instead.
         return "in_forward"
-    return grad_mode
+    return "inplace"
