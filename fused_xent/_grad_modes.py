@@ -2,7 +2,7 @@
 
 import torch
 
-from ._layout import input_in_logits_memory, is_leaf_that_requires_grad, may_overlap
+from ._layout import input_in_logits_memory, may_overlap
 from ._validate import InvalidArgumentError
 
 GRAD_MODES = ("recompute", "in_forward", "inplace")
@@ -18,6 +18,15 @@ def check_grad_mode(grad_mode):
 def logits_need_grad(input) -> bool:
     """Whether this call will compute a gradient for the logits (otherwise every grad_mode runs as "recompute")."""
     return torch.is_grad_enabled() and input.requires_grad
+
+
+def is_leaf_that_requires_grad(tensor) -> bool:
+    """A leaf that requires grad, or a view of one: what PyTorch's in-place ops refuse to write to."""
+    if not tensor.requires_grad:
+        return False
+    # A view of a leaf: one that requires grad, or one that needs none, whose view was made a leaf before this view
+    # of it was taken (base[:].requires_grad_()[:]). A view of an op's output has a non-leaf base.
+    return tensor.is_leaf or (tensor._base is not None and tensor._base.is_leaf)
 
 
 def _view_refuses_writes(tensor) -> bool:

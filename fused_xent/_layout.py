@@ -1,5 +1,5 @@
 """How kernels lay out the (N, C, S) logits they read: the Python twin of csrc/common/xent_problem.cpp, used by the
-Triton launchers and by the fake kernels (which must predict the compiled kernels' output strides)."""
+front end, the Triton launchers and the fake kernels (which must predict the compiled kernels' output strides)."""
 
 import torch
 
@@ -96,11 +96,3 @@ def kernel_logits(logits: torch.Tensor) -> tuple[torch.Tensor, bool]:
         return work, True
     return _contiguous(work), positions > 1
 
-
-def is_leaf_that_requires_grad(tensor) -> bool:
-    """A leaf that requires grad, or a view of one: what PyTorch's in-place ops refuse to write to."""
-    if not tensor.requires_grad:
-        return False
-    # A view of a leaf: one that requires grad, or one that needs none, whose view was made a leaf before this view
-    # of it was taken (base[:].requires_grad_()[:]). A view of an op's output has a non-leaf base.
-    return tensor.is_leaf or (tensor._base is not None and tensor._base.is_leaf)

@@ -14,7 +14,8 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from ._layout import input_in_logits_memory, is_dense, is_leaf_that_requires_grad, kernel_logits
+from ._grad_modes import is_leaf_that_requires_grad
+from ._layout import input_in_logits_memory, is_dense, kernel_logits
 from ._triton_env import INTERPRET, TRITON_CPU_HINT, interpreter_problem
 from ._validate import has_no_values
 from .reference import REDUCTION_MEAN, REDUCTION_NONE, REDUCTION_SUM, accumulation_dtype, reduce_loss
