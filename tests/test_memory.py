@@ -47,7 +47,7 @@ print(logits_mib, peak_growth_mib(forward), peak_growth_mib(forward_backward))
 @pytest.mark.parametrize("layout", ["rows", "spatial"])
 @pytest.mark.parametrize("grad_mode, dtype, autocast", [
     ("recompute", "float32", False), ("in_forward", "float32", False), ("inplace", "float32", False),
-    # in_forward and inplace keep PyTorch's float32 copy under autocast (functional._autocast_arguments)
+    # in_forward and inplace keep PyTorch's float32 copy under autocast (_autocast.autocast_arguments)
     ("recompute", "bfloat16", True),
 ], ids=["recompute", "in_forward", "inplace", "recompute-autocast"])
 def test_peak_memory(layout, grad_mode, dtype, autocast):
