@@ -5,9 +5,10 @@
 """
 
 from . import _backends
+from ._autograd import FusedCrossEntropyFunction
 from ._backends import available_backends
 from ._validate import InvalidArgumentError
-from .functional import FusedCrossEntropyFunction, cross_entropy
+from .functional import cross_entropy
 from .modules import CrossEntropyLoss
 
 if _backends.EXTENSION_ERROR is None:
