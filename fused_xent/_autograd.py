@@ -39,7 +39,9 @@ def _weight_grad(scaled_log_probs, target, label_smoothing, dtype):
     return -(smoothed * scaled_log_probs).sum((0, 2)).to(dtype)
 
 
-def _scaled_gradient_made_in_forward(ctx, grad: torch.Tensor, grad_loss: torch.Tensor, target: torch.Tensor):
+def _scaled_gradient_made_in_forward(
+    ctx, grad: torch.Tensor, grad_loss: torch.Tensor, target: torch.Tensor, ignore_index: int
+):
     """d(loss)/d(logits) from the gradient an in_forward or inplace forward made for an upstream gradient of 1:
     that buffer scaled in place and handed to autograd without a copy (no second gradient-sized buffer, and none of
     the work for the usual grad_loss of exactly 1). On a GPU the backend's kernel tests grad_loss on the device, so
@@ -51,7 +53,6 @@ def _scaled_gradient_made_in_forward(ctx, grad: torch.Tensor, grad_loss: torch.T
     with fake or real tensors; AOTAutograd), and for upstream gradients batched by
     autograd.grad(is_grads_batched=True) (a vmap over the backward), which differ per entry. (Under torch.func
     transforms of the loss itself the reference ops run instead: see functional._loss_from_reference_ops.)"""
-    ignore_index = ctx.options[1]
     if (torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active()
             or torch._C._functorch.is_legacy_batchedtensor(grad_loss) or has_no_values(grad_loss)
             or torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.PROXY) is not None):
@@ -153,7 +154,7 @@ class FusedCrossEntropyFunction(torch.autograd.Function):
                     f"fused_xent: grad_mode={ctx.grad_mode!r} cannot be differentiated twice (create_graph=True): "
                     "use grad_mode='recompute'"
                 )
-            return (_scaled_gradient_made_in_forward(ctx, grad, grad_loss, target),) + (None,) * 8
+            return (_scaled_gradient_made_in_forward(ctx, grad, grad_loss, target, ignore_index),) + (None,) * 8
         logits, target, weight, lse, total_weight = _saved_tensors(ctx)
         logits_dtype, target_dtype = logits.dtype, target.dtype
         ops = _backends.backend_ops(ctx.backend)
