@@ -10,7 +10,7 @@
 //   reduction: 0 = none, 1 = mean, 2 = sum (PyTorch's at::Reduction values).
 // Outputs:
 //   loss: (N, S) for reduction none, else a 0-d tensor; float32 (float64 for float64 logits), as computed. The
-//        caller rounds it to the logits' dtype, or keeps float32 under autocast (fused_xent/functional.py): one
+//        caller rounds it to the logits' dtype, or keeps float32 under autocast (fused_xent/_autograd.py): one
 //        kernel serves both without an upcast copy of half-precision logits.
 //   lse: (N, S, 2), float32 (float64 for float64 logits): each position's log-sum-exp in two parts, [..., 0] the
 //        reference its exps were taken against (the max; 0 when every logit is -inf) and [..., 1] the log of their

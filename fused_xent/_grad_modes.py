@@ -103,7 +103,7 @@ def grad_mode_to_run(grad_mode, input, weight, problem) -> str:
         return "recompute"
     # Refused here rather than in backward, where an inplace forward would already have overwritten the logits.
     if problem.target.requires_grad or (weight is not None and weight.requires_grad):
-        raise RuntimeError(
+        raise InvalidArgumentError(
             f"fused_xent.cross_entropy: grad_mode={grad_mode!r} gives no gradient for the target or the weight, "
             "which require grad here: use grad_mode='recompute' to differentiate through probability targets and "
             "their weights (or pass target.detach() and weight.detach())"

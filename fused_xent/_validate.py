@@ -345,7 +345,7 @@ def _flattens_to_a_view(input) -> bool:
 
 
 def prepare(input, target, weight, ignore_index, reduction, label_smoothing, float32_logits=False) -> Problem:
-    """float32_logits: half-precision logits stand for their float32 values (autocast: see functional.py), so the
+    """float32_logits: half-precision logits stand for their float32 values (autocast: see _autocast.py), so the
     weight is checked against float32, and a float32 weight joins no dtype promotion (the kernels read weights in
     float32 whatever their dtype)."""
     _check_input(input)

@@ -340,7 +340,7 @@ def launched_kernels(fn, *args):
 @needs_gpu
 def test_cluster_kernel_serves_the_fused_forward_of_long_rows(shape, layout, dtype, monkeypatch):
     """test_parity covers these shapes; this checks that on sm_90+ they really reach the cluster kernel (the rule of
-    xent_kernel.cu: the rows a block-per-row kernel keeps in flight exceed half of L2, and the gradient shares the
+    xent_plan.cu: the rows a block-per-row kernel keeps in flight exceed half of L2, and the gradient shares the
     logits' address phase), and only when fused: with clusters of up to 16 blocks allowed, every such row; by
     default, only rows that one block's 96 KiB slice holds."""
     props = torch.cuda.get_device_properties(0)
@@ -446,7 +446,7 @@ def test_rows_stored_by_warps_are_those_stored_by_threads(shape, layout, dtype, 
 @needs_gpu
 def test_split_spatial_kernels_serve_nchw_with_few_positions(shape, layout, dtype):
     """test_parity covers these shapes; this checks that they really take the split statistics and the split
-    gradient in every grad_mode (xent_kernel.cu plan_spatial), and that probability targets do not."""
+    gradient in every grad_mode (xent_plan.cu plan_spatial), and that probability targets do not."""
     generator = torch.Generator().manual_seed(23)
     x = make_logits(shape, layout, dtype, generator)
     one = torch.ones((), device="cuda", dtype=dtype)

@@ -306,7 +306,7 @@ __device__ __forceinline__ void to_acc(const Pack<kWidth, T>& in, acc_type<T> (&
 
 // What a 16-byte access asks of the caches. kStreaming (ld/st.global.cs: evict first) marks a last use, so that L2
 // keeps the lines still to be read again in its place: the second sweep of the fused forward's L2-resident plan
-// (xent_kernel.cu, FUSED_XENT_L2_RESIDENT_ROWS_PERCENT) reads each logit for the last time and writes a gradient that
+// (xent_plan.cu, FUSED_XENT_L2_RESIDENT_ROWS_PERCENT) reads each logit for the last time and writes a gradient that
 // nothing rereads soon. Narrower accesses (a row's scalar head and tail) ignore it.
 enum class CacheHint { kNormal, kStreaming };
 

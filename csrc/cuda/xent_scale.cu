@@ -1,4 +1,4 @@
-// The backward of a gradient made in the forward (grad_mode in_forward and inplace, fused_xent/functional.py): the
+// The backward of a gradient made in the forward (grad_mode in_forward and inplace, fused_xent/_autograd.py): the
 // buffer holds d(loss)/d(logits) for an upstream gradient of 1, and is scaled in place by the upstream gradient g,
 // a 0-d tensor on the device. Usually g is exactly 1 (loss.backward()): every block then reads it and returns, and
 // the gradient is neither read nor written. Asking the host instead (g.item() == 1) would stop it at every backward
