@@ -3,6 +3,7 @@
 Skipped where nvcc is absent. CI has nvcc 13.0, so this runs on every CI machine.
 """
 
+import itertools
 import shutil
 import subprocess
 from pathlib import Path
@@ -69,8 +70,8 @@ def sm90_resource_usage():
         pytest.skip("needs the built extension, cuobjdump and c++filt")
     report = subprocess.run([str(cuobjdump), "--dump-resource-usage", str(library)], capture_output=True, text=True)
     usage, arch, mangled = {}, None, []
-    lines = report.stdout.splitlines()
-    for line, following in zip(lines, lines[1:] + [""], strict=True):
+    # Each line with the one after it (none for an extension without CUDA code, whose report is empty).
+    for line, following in itertools.pairwise([*report.stdout.splitlines(), ""]):
         if found := re.match(r"arch = (sm_\d+)", line):
             arch = found[1]
         elif (found := re.match(r"\s*Function (\S+):", line)) and arch == "sm_90":
