@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 import fused_xent
 import fused_xent._validate as validate
+import fused_xent._value_check as value_check
 import fused_xent.functional as functional
 import fused_xent.reference as reference
 from fused_xent._backends import backend_ops
@@ -72,7 +73,7 @@ def phase_timers(phases: dict[str, list[float]]):
         return wrapper
 
     patches = [(functional, name) for name in PHASES]
-    patches += [(validate.ValueCheck, "raise_if_failed"), (functional.FusedCrossEntropyFunction, "apply"),
+    patches += [(value_check.ValueCheck, "raise_if_failed"), (functional.FusedCrossEntropyFunction, "apply"),
                 (functional.FusedCrossEntropyFunction, "forward"), (reference, "cast")]
     # apply is inherited (a classmethod of autograd.Function): the wrapper, set on the class, calls it bound, and
     # deleting the wrapper brings it back.
@@ -124,7 +125,7 @@ def calls(x, target, backend):
 
 
 def value_check_ops(x, target, backend):
-    """{label: fn}: the value check (fused_xent._validate.ValueCheck) of `backend`'s calls whole, and the ops it
+    """{label: fn}: the value check (fused_xent._value_check.ValueCheck) of `backend`'s calls whole, and the ops it
     runs one at a time: for the CUDA backend the extension's one-kernel op, else (and for comparison) a handful of
     PyTorch ops."""
     flat = target.view(-1)
@@ -142,17 +143,17 @@ def value_check_ops(x, target, backend):
         "empty (pinned on a GPU)": lambda: torch.empty(summary.shape, dtype=summary.dtype, pin_memory=pinned),
         "copy to host": lambda: on_host.copy_(summary, non_blocking=pinned),
         "prepare": lambda: validate.prepare(x, target, None, -100, "mean", 0.0, False),
-        "ValueCheck, started and read": lambda: validate.ValueCheck(problem, True, backend).raise_if_failed(),
+        "ValueCheck, started and read": lambda: value_check.ValueCheck(problem, True, backend).raise_if_failed(),
     }
     if summary.is_cuda:
         table["event, made and recorded"] = lambda: torch.cuda.Event().record()
-    kernel = validate.VALUE_CHECK_KERNELS.get(backend)
+    kernel = value_check.VALUE_CHECK_KERNELS.get(backend)
     if kernel is not None:
         table["value_check op (one kernel, csrc/cuda/xent_checks.cu)"] = lambda: kernel(target, None, -100, x.shape[1])
 
         def with_python_ops():
-            with mock.patch.dict(validate.VALUE_CHECK_KERNELS, clear=True):
-                validate.ValueCheck(problem, True, backend).raise_if_failed()
+            with mock.patch.dict(value_check.VALUE_CHECK_KERNELS, clear=True):
+                value_check.ValueCheck(problem, True, backend).raise_if_failed()
 
         table["ValueCheck with PyTorch ops instead"] = with_python_ops
     return table

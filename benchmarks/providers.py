@@ -11,7 +11,7 @@ import torch.nn.functional as F
 import fused_xent
 from fused_xent._backends import backends_serving
 from fused_xent._triton_env import triton_interpreter_requested
-from fused_xent._validate import CHECK_VALUES_ENV
+from fused_xent._value_check import CHECK_VALUES_ENV
 
 import env_info
 

@@ -8,7 +8,7 @@ import time
 
 import torch
 
-from fused_xent._validate import CHECK_VALUES_ENV, value_checks_enabled
+from fused_xent._value_check import CHECK_VALUES_ENV, value_checks_enabled
 
 import correctness
 import env_info

@@ -6,7 +6,7 @@ import sys
 
 import torch
 
-from . import __version__, _backends, _validate
+from . import __version__, _backends, _value_check
 
 
 def _line(name, value):
@@ -66,7 +66,7 @@ def _refused_settings() -> list[str]:
         if reason is not None:
             problems.append(f"{_backends.BACKEND_ENV}={backend} names a backend that is not available here: {reason}")
     try:
-        _validate.value_checks_enabled()
+        _value_check.value_checks_enabled()
     except ValueError as error:
         problems.append(str(error))
     return problems

@@ -43,7 +43,7 @@ class Backend:
     fwd_grad_: Callable
     checks_targets: bool  # raises on out-of-range class indices itself, so the front end need not
     # Meets an out-of-range class index without reading or writing out of bounds (a NaN loss instead), so the front
-    # end's check of the targets may be read after the kernels are queued (fused_xent._validate.ValueCheck).
+    # end's check of the targets may be read after the kernels are queued (fused_xent._value_check.ValueCheck).
     bad_targets_are_nan: bool = False
     # The in_forward and inplace modes' backward on the device (csrc/cuda/xent_scale.cu): grad *= grad_loss in place,
     # skipped there when grad_loss is 1, without a host sync. None: the front end multiplies (on the CPU once the host

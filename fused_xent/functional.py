@@ -14,7 +14,8 @@ from ._autocast import autocast_arguments, autocast_enabled
 from ._autograd import FusedCrossEntropyFunction
 from ._grad_modes import check_grad_mode, check_weight_grad, grad_mode_to_run
 from ._layout import kernel_logits
-from ._validate import REDUCTIONS, check_values, prepare, start_value_check
+from ._validate import REDUCTIONS, prepare
+from ._value_check import check_values, start_value_check
 from .reference import REDUCTION_MEAN, REDUCTION_NONE
 
 _REDUCTION_NAMES = {code: name for name, code in REDUCTIONS.items()}

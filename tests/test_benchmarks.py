@@ -399,16 +399,16 @@ def test_host_overhead_report_runs_on_the_cpu_kernel(tmp_path, monkeypatch):
 
     # Where the extension's one-kernel check serves the device (a GPU), its op and the PyTorch ops it replaces are
     # both timed: here a stand-in kernel serving the CPU.
-    import fused_xent._validate as validate
+    import fused_xent._value_check as value_check
 
-    monkeypatch.setitem(validate.VALUE_CHECK_KERNELS, "cpu", lambda *args: torch.zeros(2, dtype=torch.long))
+    monkeypatch.setitem(value_check.VALUE_CHECK_KERNELS, "cpu", lambda *args: torch.zeros(2, dtype=torch.long))
     x, target = torch.randn(8, 5), torch.tensor([0, 1, -100, 4, 2, 2, 3, 0])
     timed = host_overhead.value_check_ops(x, target, "cpu")
     assert "ValueCheck with PyTorch ops instead" in timed
     assert "value_check op (one kernel, csrc/cuda/xent_checks.cu)" in timed
     for fn in timed.values():
         fn()
-    assert "cpu" in validate.VALUE_CHECK_KERNELS  # the stand-in is back after the PyTorch-ops timing
+    assert "cpu" in value_check.VALUE_CHECK_KERNELS  # the stand-in is back after the PyTorch-ops timing
 
 
 def test_gpu_kernel_table_times_a_variant_under_its_plan_for_its_backend_only(monkeypatch):
@@ -553,7 +553,7 @@ def test_unchecked_provider_skips_the_value_checks_only_in_its_calls(monkeypatch
     assert provider.name == "fused-torch-unchecked"
     logits, target = torch.randn(4, 3), torch.tensor([0, 1, 2, 5])
     assert provider(logits, target).isnan()
-    assert fused_xent._validate.value_checks_enabled()
+    assert fused_xent._value_check.value_checks_enabled()
     with pytest.raises(IndexError, match="target 5 at position 3"):
         providers._fused("torch", "recompute")(logits, target)
 

@@ -676,7 +676,7 @@ def test_front_end_scales_through_the_backend_kernel(ops, monkeypatch, grad_mode
 def value_check_calls(ops, monkeypatch):
     """The emulated value-check kernel serving the torch backend's calls (as the CUDA one serves the CUDA backend's
     on a GPU), recording each call's arguments in the list it returns."""
-    import fused_xent._validate as validate
+    import fused_xent._value_check as value_check
 
     calls = []
 
@@ -684,16 +684,16 @@ def value_check_calls(ops, monkeypatch):
         calls.append(args)
         return ops.value_check(*args)
 
-    monkeypatch.setitem(validate.VALUE_CHECK_KERNELS, "torch", kernel)
+    monkeypatch.setitem(value_check.VALUE_CHECK_KERNELS, "torch", kernel)
     return calls
 
 
 def test_front_end_reads_the_value_check_kernel(value_check_calls, monkeypatch):
-    """fused_xent._validate.ValueCheck with the kernel serving the torch backend's calls on CPU tensors (as it serves
+    """fused_xent._value_check.ValueCheck with the kernel serving the torch backend's calls on CPU tensors (as it serves
     the CUDA backend's on a GPU): it is what runs for plain tensors, and only for that backend's calls, and its
     verdict gives PyTorch's loss, the IndexError that names the first bad target, and the NaN-weight error."""
     import fused_xent
-    import fused_xent._validate as validate
+    import fused_xent._value_check as value_check
 
     calls = value_check_calls
     x = torch.randn(64, 7, dtype=torch.float64)
@@ -704,12 +704,12 @@ def test_front_end_reads_the_value_check_kernel(value_check_calls, monkeypatch):
     torch.testing.assert_close(loss, torch.nn.functional.cross_entropy(x, target, weight))
     assert len(calls) == 1 and calls[0][2:] == (-100, 7)
     # Only the calls of the backend it is registered for take it (on a GPU, the CUDA backend's).
-    kernel = validate.VALUE_CHECK_KERNELS["torch"]
-    monkeypatch.delitem(validate.VALUE_CHECK_KERNELS, "torch")
-    monkeypatch.setitem(validate.VALUE_CHECK_KERNELS, "cpu", kernel)
+    kernel = value_check.VALUE_CHECK_KERNELS["torch"]
+    monkeypatch.delitem(value_check.VALUE_CHECK_KERNELS, "torch")
+    monkeypatch.setitem(value_check.VALUE_CHECK_KERNELS, "cpu", kernel)
     fused_xent.cross_entropy(x, target, weight, backend="torch")
     assert len(calls) == 1
-    monkeypatch.setitem(validate.VALUE_CHECK_KERNELS, "torch", kernel)
+    monkeypatch.setitem(value_check.VALUE_CHECK_KERNELS, "torch", kernel)
     target[17] = 7
     with pytest.raises(IndexError, match="target 7 at position 17 is out of range for 7 classes"):
         fused_xent.cross_entropy(x, target, backend="torch")

@@ -9,7 +9,7 @@ from helpers import backend_cases, backends_for
 
 import fused_xent
 from fused_xent import _backends
-from fused_xent._validate import ValueCheck
+from fused_xent._value_check import ValueCheck
 
 BACKENDS = backends_for("cpu")
 BACKEND_CASES = backend_cases()

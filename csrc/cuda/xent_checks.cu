@@ -1,4 +1,4 @@
-// The value check of the front end (fused_xent/_validate.py, ValueCheck) as one kernel: whether any class index is
+// The value check of the front end (fused_xent/_value_check.py, ValueCheck) as one kernel: whether any class index is
 // out of range (ignore_index aside) and whether the weight has a NaN, for the host to read from pinned memory while
 // the loss kernels run. The same check as a handful of PyTorch ops costs a launch each: about 140 us of host time
 // per call on the H200 machine of 2026-11-30 (benchmarks/RESULTS.md), which the GPU, idle before the call, waits out.
