@@ -112,7 +112,7 @@ def test_python_density_test_agrees_with_pytorchs():
         assert is_dense(view) == pytorchs(view), (tuple(view.shape), view.stride())
 
 
-# Short rows run the lane kernels on tiles transposed in W x W blocks (uses_lane_kernels in csrc/cpu/kernel_args.h:
+# Short rows run the lane kernels on tiles transposed in W x W blocks (uses_lane_kernels in csrc/cpu/kernel_plan.h:
 # the forward up to 64 classes, the backward up to 16): both sides of each threshold, class counts that end in a
 # partial block of 16 and of 8, partial tiles (200 rows = 3 tiles of 64 + 8), and channels_last rows, whose
 # positions are C apart within a batch entry (9 * 15 = 135 positions: a partial tile at each entry's end).

@@ -31,3 +31,4 @@
 
 #include "cpu/denormal_mode.h"
 #include "cpu/kernel_args.h"
+#include "cpu/kernel_plan.h"

@@ -15,6 +15,7 @@
 #include "cpu/denormal_mode.h"
 #include "cpu/gradient_memory.h"
 #include "cpu/kernel_args.h"
+#include "cpu/kernel_plan.h"
 
 namespace fused_xent::cpu {
 namespace {

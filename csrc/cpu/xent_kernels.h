@@ -6,7 +6,7 @@
 //    kRowChunk classes: the chunk's max (read from memory), then its exps relative to the running max (re-read from
 //    L1); the running sum is rescaled when the max grows, so rows of any length are read from memory once.
 //  - spatial (position stride 1: NCHW): V::kWidth consecutive positions at a time, one per lane, looping over the
-//    classes: no transpose, and every exp fills a whole vector. Short rows (uses_lane_kernels in kernel_args.h) run
+//    classes: no transpose, and every exp fills a whole vector. Short rows (uses_lane_kernels in kernel_plan.h) run
 //    these lane kernels too, on tiles transposed in registers as they are copied in and out. Positions with many
 //    classes (see uses_long_lanes) take them in chunks with an online softmax, like rows (xent_spatial_long.h).
 // Forward + grad keeps each exp (in the accumulation dtype, in a per-thread buffer) and writes the gradient from it

@@ -9,7 +9,7 @@
 // out. Short rows (class stride 1, see uses_lane_kernels) use the same tiles: the copies transpose them.
 
 // Offsets into a tile (class * kTilePositions + lane) fit the int32 lanes of a gather: tiles hold at most
-// kMaxTileClasses classes (kernel_args.h, uses_long_lanes).
+// kMaxTileClasses classes (kernel_plan.h, uses_long_lanes).
 static_assert(kMaxTileClasses * kTilePositions < (int64_t{1} << 31));
 // Lane blocks whose losses are summed in vector precision before the sum moves to the block's double.
 constexpr int kLaneBlocksPerFlush = 32;
