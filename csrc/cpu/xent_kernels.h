@@ -93,6 +93,24 @@ void store_vector(T* p, V v, bool streaming) {
   }
 }
 
+// The first `lanes` elements from p, zeros in the lanes past them. load_lanes and store_lanes serve the inner loops,
+// where a call per vector (GCC's choice for 16-bit dtypes, whose partial stores convert lane by lane) would cost
+// more than the work: always inlined.
+template <class V, class T>
+[[gnu::always_inline]] inline V load_lanes(const T* p, int lanes) {
+  return lanes == V::kWidth ? V::load(p) : V::load_partial(p, lanes, 0);
+}
+
+// Stores the first `lanes` lanes of v; a whole vector as store_vector does.
+template <class V, class T>
+[[gnu::always_inline]] inline void store_lanes(T* p, V v, int lanes, bool streaming = false) {
+  if (lanes == V::kWidth) {
+    store_vector(p, v, streaming);
+  } else {
+    V::store_partial(p, v, lanes);
+  }
+}
+
 // A running sum that keeps what its additions round away (Knuth's two-sum, exact whatever the magnitudes): for the
 // loss sums, whose lanes may hold a class masked at -1e9 that would swallow every later block added to it.
 template <class V>

@@ -205,19 +205,15 @@ void row_forward(const Typed<V, T>& a, int64_t position, RowScratch<typename V::
       const int lanes = static_cast<int>(std::min<int64_t>(W, len - i));
       V gv = V::load(exps + c0 + i) * f;
       if (class_term) {
-        const V w = !a.weight ? V(1) : lanes == W ? V::load(a.weight + c0 + i) : V::load_partial(a.weight + c0 + i, lanes, 0);
+        const V w = a.weight ? load_lanes<V>(a.weight + c0 + i, lanes) : V(1);
         gv = gv - gk.class_coef.v * w;
       } else if (t) {
-        const V tv = lanes == W ? V::load(t + c0 + i) : V::load_partial(t + c0 + i, lanes, 0);
+        const V tv = load_lanes<V>(t + c0 + i, lanes);
         V wt = smoothed_probability(tv, V(a.label_smoothing), a.C);
-        if (a.weight) wt = wt * (lanes == W ? V::load(a.weight + c0 + i) : V::load_partial(a.weight + c0 + i, lanes, 0));
+        if (a.weight) wt = wt * load_lanes<V>(a.weight + c0 + i, lanes);
         gv = gv - V(scale) * wt;
       }
-      if (lanes == W) {
-        store_vector(g + c0 + i, gv, streaming);
-      } else {
-        V::store_partial(g + c0 + i, gv, lanes);
-      }
+      store_lanes(g + c0 + i, gv, lanes, streaming);
     }
   }
   if (!t) {
@@ -248,19 +244,11 @@ void row_backward(const Typed<V, T>& a, int64_t position, BlockResult& result) {
     for (; i + W <= a.C; i += W) body(i, W);
     if (i < a.C) body(i, static_cast<int>(a.C - i));
   };
-  auto load = [](const auto* p, int lanes) { return lanes == W ? V::load(p) : V::load_partial(p, lanes, 0); };
-  auto store = [](T* p, V v, int lanes) {
-    if (lanes == W) {
-      V::store(p, v);
-    } else {
-      V::store_partial(p, v, lanes);
-    }
-  };
 
   if (t) {
     auto smoothed_weighted = [&](int64_t i, int lanes) {
-      V wt = smoothed_probability(load(t + i, lanes), V(a.label_smoothing), a.C);
-      return a.weight ? wt * load(a.weight + i, lanes) : wt;
+      V wt = smoothed_probability(load_lanes<V>(t + i, lanes), V(a.label_smoothing), a.C);
+      return a.weight ? wt * load_lanes<V>(a.weight + i, lanes) : wt;
     };
     // T = sum_c w[c] t'[c], compensated: as accurate as the forward's blocked sum (a plain chain drifts by ~C ulps).
     CompensatedSum<V> weighted_targets;
@@ -269,8 +257,8 @@ void row_backward(const Typed<V, T>& a, int64_t position, BlockResult& result) {
     });
     const V prob_coef(scale * reduce_add(weighted_targets.value()) * lse_factor);
     for_each_vector([&](int64_t i, int lanes) {
-      const V p = vexp(load(x + i, lanes) - lse_hi);
-      store(g + i, prob_coef * p - V(scale) * smoothed_weighted(i, lanes), lanes);
+      const V p = vexp(load_lanes<V>(x + i, lanes) - lse_hi);
+      store_lanes(g + i, prob_coef * p - V(scale) * smoothed_weighted(i, lanes), lanes);
     });
     return;
   }
@@ -287,9 +275,9 @@ void row_backward(const Typed<V, T>& a, int64_t position, BlockResult& result) {
   const acc_t prob_coef = gk.prob_coef.v * lse_factor;
   const V prob_coef_vec(prob_coef), class_coef(gk.class_coef.v);
   for_each_vector([&](int64_t i, int lanes) {
-    V gv = prob_coef_vec * vexp(load(x + i, lanes) - lse_hi);
-    if (a.smoothing) gv = gv - class_coef * (a.weight ? load(a.weight + i, lanes) : V(1));
-    store(g + i, gv, lanes);
+    V gv = prob_coef_vec * vexp(load_lanes<V>(x + i, lanes) - lse_hi);
+    if (a.smoothing) gv = gv - class_coef * (a.weight ? load_lanes<V>(a.weight + i, lanes) : V(1));
+    store_lanes(g + i, gv, lanes);
   });
   const acc_t p_y_unscaled = std::exp(target_logit - lse.hi.v);
   g[y] = static_cast<T>(prob_coef * p_y_unscaled - gk.class_coef.v * weight_of_target - gk.target_coef.v);

@@ -46,16 +46,6 @@ struct LaneTargets {
   V logit;   // x[target], 0 where ignored
 };
 
-// Stores the first `lanes` lanes of v.
-template <class V, class Out>
-void store_lanes(Out* out, V v, int lanes) {
-  if (lanes == V::kWidth) {
-    V::store(out, v);
-  } else {
-    V::store_partial(out, v, lanes);
-  }
-}
-
 // The (reference, log_sum) pairs of `lanes` positions, one per lane, into lse (N, S, 2) from the first's pair on.
 template <class V>
 void store_lse_lanes(typename V::value_type* lse, V reference, V log_sum, int lanes) {
@@ -311,13 +301,12 @@ void lanes_forward(const Typed<V, T>& a, int64_t position, int lanes, const type
 template <class V, class T>
 void lanes_backward(const Typed<V, T>& a, int64_t position, int lanes, const typename V::value_type* x,
                     const typename V::value_type* t, typename V::value_type* g, BlockResult& result) {
-  constexpr int W = V::kWidth;
   constexpr int64_t stride = kTilePositions;
   const int64_t C = a.C;
-  auto load_lanes = [&](const auto* p) { return lanes == W ? V::load(p) : V::load_partial(p, lanes, 0); };
   const LaneLse<V> lse = saved_lane_lse(a, position, lanes);
-  const V scale = a.grad_loss ? grad_scale(a.reduction, load_lanes(a.grad_loss + position), V(a.total_weight))
-                              : V(a.uniform_scale);
+  const V scale = a.grad_loss
+                      ? grad_scale(a.reduction, load_lanes<V>(a.grad_loss + position, lanes), V(a.total_weight))
+                      : V(a.uniform_scale);
   auto probability = [&](int64_t c) { return vexp(V::load(x + c * stride) - lse.hi); };
   if (t) {
     CompensatedSum<V> weighted_targets;  // as in row_backward
@@ -364,7 +353,7 @@ void load_tile(const T* from, int64_t class_stride, int64_t position_stride, int
       V block[W];
       for (int r = 0; r < W; ++r) {  // positions past `count` pad the tile with zeros
         const T* row = r < positions ? from + (i0 + r) * position_stride + c0 : nullptr;
-        block[r] = !row ? V(0) : classes == W ? V::load(row) : V::load_partial(row, classes, 0);
+        block[r] = row ? load_lanes<V>(row, classes) : V(0);
       }
       V::transpose(block);
       for (int k = 0; k < classes; ++k) V::store(tile + (c0 + k) * kTilePositions + i0, block[k]);
@@ -379,8 +368,7 @@ void load_tile(const T* from, int64_t class_stride, int64_t position_stride, int
     }
     for (int64_t i = 0; i < count; i += W) {
       const int lanes = static_cast<int>(std::min<int64_t>(W, count - i));
-      const V v = lanes == W ? V::load(from + c * class_stride + i) : V::load_partial(from + c * class_stride + i, lanes, 0);
-      V::store(tile + c * kTilePositions + i, v);
+      V::store(tile + c * kTilePositions + i, load_lanes<V>(from + c * class_stride + i, lanes));
     }
   }
 }
@@ -403,12 +391,7 @@ void store_tile(const typename V::value_type* tile, int64_t C, int64_t count, T*
   for (int64_t c = 0; c < C; ++c) {
     for (int64_t i = 0; i < count; i += W) {
       const int lanes = static_cast<int>(std::min<int64_t>(W, count - i));
-      const V v = V::load(tile + c * kTilePositions + i);
-      if (lanes == W) {
-        store_vector(to + c * class_stride + i, v, streaming);
-      } else {
-        V::store_partial(to + c * class_stride + i, v, lanes);
-      }
+      store_lanes(to + c * class_stride + i, V::load(tile + c * kTilePositions + i), lanes, streaming);
     }
   }
 }

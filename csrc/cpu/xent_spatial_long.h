@@ -172,10 +172,10 @@ void long_lanes_backward(const Typed<V, T>& a, int64_t position, int lanes,
   const int64_t C = a.C;
   const bool prob = a.target_prob != nullptr;
   const LaneRuns<V> runs = lane_runs(a, position, lanes);
-  auto load_lanes = [&](const acc_t* p) { return lanes == W ? V::load(p) : V::load_partial(p, lanes, 0); };
   const LaneLse<V> lse = saved_lane_lse(a, position, lanes);
-  const V scale = a.grad_loss ? grad_scale(a.reduction, load_lanes(a.grad_loss + position), V(a.total_weight))
-                              : V(a.uniform_scale);
+  const V scale = a.grad_loss
+                      ? grad_scale(a.reduction, load_lanes<V>(a.grad_loss + position, lanes), V(a.total_weight))
+                      : V(a.uniform_scale);
   V prob_coef(0);
   LaneTargets<V> targets{};
   IndexGradCoeffs<V> gk{};
