@@ -1,4 +1,5 @@
-"""Property-based fuzzing against F.cross_entropy: random shapes, layouts, dtypes and arguments.
+"""Property-based fuzzing against F.cross_entropy: random shapes, layouts, dtypes, arguments, logit magnitudes (up
+to 1e4) and masked (-inf) logits.
 
 The budget fits CI; a longer run: FUSED_XENT_FUZZ_EXAMPLES=5000 pytest tests/test_fuzz.py (about a minute per
 backend on 2 cores).
@@ -43,7 +44,9 @@ def problems(draw):
         "smoothing": draw(st.sampled_from([0.0, 0.05, 0.5, 1.0])),
         "reduction": draw(st.sampled_from(["none", "mean", "sum"])),
         "ignore_index": draw(st.sampled_from([None, -100, 0, 3])),
-        "scale": draw(st.sampled_from([1e-3, 1.0, 30.0])),
+        "scale": draw(st.sampled_from([1e-3, 1.0, 30.0, 1e4])),
+        # The fraction of logits set to -inf (a masked vocabulary; at 0.97 whole rows of few classes are masked).
+        "masked": draw(st.sampled_from([0.0, 0.0, 0.5, 0.97])),
         "seed": draw(st.integers(0, 2**31 - 1)),
     }
 
@@ -74,7 +77,11 @@ def test_fuzz_against_pytorch(device, backend, case):
     shape, dtype = case["shape"], case["dtype"]
     if case["layout"] == "sliced" and len(shape) == 1:
         case["layout"] = "contiguous"
-    logits = make_logits(shape, case["layout"], dtype, device, generator=g, scale=case["scale"])
+    # float16 ends at 65504, which randn x 1e4 reaches: 1e3 keeps its logits finite.
+    scale = min(case["scale"], 1e3) if dtype == torch.float16 else case["scale"]
+    logits = make_logits(shape, case["layout"], dtype, device, generator=g, scale=scale)
+    if case["masked"]:
+        logits[(torch.rand(shape, generator=g) < case["masked"]).to(device)] = -torch.inf
     num_classes = shape[0] if len(shape) == 1 else shape[1]
     kwargs = {"reduction": case["reduction"], "label_smoothing": case["smoothing"]}
     if case["prob"]:
@@ -90,6 +97,11 @@ def test_fuzz_against_pytorch(device, backend, case):
     loss_shape = () if kwargs["reduction"] != "none" or len(shape) == 1 else shape[:1] + shape[2:]
     grad_output = (torch.rand(loss_shape, generator=g, dtype=torch.float64) - 0.3).to(device, dtype)
     expected_loss, expected_grad = torch_reference(logits, target, grad_output, **kwargs)
+    if not case["prob"]:
+        # An ignored position's gradient is 0 whatever its logits, where PyTorch's is NaN for a row of -inf (the
+        # README's deliberate differences).
+        ignored = (target == kwargs.get("ignore_index", -100)).unsqueeze(0 if len(shape) == 1 else 1)
+        expected_grad = expected_grad.masked_fill(ignored.to(expected_grad.device), 0.0)
     loss, grad = fused(logits, target, grad_output, backend, **kwargs)
     assert loss.shape == expected_loss.shape and loss.dtype == dtype
     largest_logit = logits.detach().double().abs().nan_to_num(posinf=0).max().item() if logits.numel() else 1.0
