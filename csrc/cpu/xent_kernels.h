@@ -22,7 +22,7 @@
 
 // The kernel arguments with their types restored, and the constants of the problem.
 template <class V, class T>
-struct Typed {
+struct TypedArgs {
   using acc_t = typename V::value_type;
   using Scalar = ScalarVec<acc_t>;
 
@@ -41,29 +41,30 @@ struct Typed {
   acc_t label_smoothing, weight_sum, total_weight;
   acc_t uniform_scale;  // the upstream gradient scale of every position when there is no per-position grad_loss
 
-  explicit Typed(const KernelArgs& a)
-      : logits(static_cast<const T*>(a.logits)),
-        target_prob(static_cast<const T*>(a.target_prob)),
-        target_index(a.target_index),
-        grad(static_cast<T*>(a.grad)),
-        weight(static_cast<const acc_t*>(a.weight)),
-        loss(static_cast<acc_t*>(a.loss)),
-        lse(static_cast<acc_t*>(a.lse)),
-        lse_in(static_cast<const acc_t*>(a.lse_in)),
-        grad_loss(static_cast<const acc_t*>(a.grad_loss)),
-        C(a.C),
-        S(a.S),
-        stride_n(a.stride_n),
-        stride_c(a.stride_c),
-        stride_s(a.stride_s),
-        reduction(a.reduction),
-        ignore_index(a.ignore_index),
-        smoothing(a.label_smoothing != 0),
-        label_smoothing(static_cast<acc_t>(a.label_smoothing)),
-        weight_sum(static_cast<acc_t>(a.weight_sum)),
-        total_weight(static_cast<acc_t>(a.total_weight)),
-        uniform_scale(
-            grad_scale<Scalar>(a.reduction, static_cast<acc_t>(a.grad_loss_scalar), static_cast<acc_t>(a.total_weight)).v) {}
+  explicit TypedArgs(const KernelArgs& args)
+      : logits(static_cast<const T*>(args.logits)),
+        target_prob(static_cast<const T*>(args.target_prob)),
+        target_index(args.target_index),
+        grad(static_cast<T*>(args.grad)),
+        weight(static_cast<const acc_t*>(args.weight)),
+        loss(static_cast<acc_t*>(args.loss)),
+        lse(static_cast<acc_t*>(args.lse)),
+        lse_in(static_cast<const acc_t*>(args.lse_in)),
+        grad_loss(static_cast<const acc_t*>(args.grad_loss)),
+        C(args.C),
+        S(args.S),
+        stride_n(args.stride_n),
+        stride_c(args.stride_c),
+        stride_s(args.stride_s),
+        reduction(args.reduction),
+        ignore_index(args.ignore_index),
+        smoothing(args.label_smoothing != 0),
+        label_smoothing(static_cast<acc_t>(args.label_smoothing)),
+        weight_sum(static_cast<acc_t>(args.weight_sum)),
+        total_weight(static_cast<acc_t>(args.total_weight)),
+        uniform_scale(grad_scale<Scalar>(args.reduction, static_cast<acc_t>(args.grad_loss_scalar),
+                                         static_cast<acc_t>(args.total_weight))
+                          .v) {}
 
   acc_t weight_of(int64_t c) const { return weight ? weight[c] : acc_t(1); }
   V weight_vec(int64_t c) const { return weight ? V(weight[c]) : V(1); }
@@ -175,10 +176,10 @@ void fill_zero_row(T* g, int64_t count) {
 // an ignored row, the lane kernels a tile or lane block of them (a void border of a segmentation label, the padding
 // of a batch of sequences): their gradient is 0 whatever their logits.
 template <class V, class T>
-bool all_ignored(const Typed<V, T>& a, int64_t position, int64_t count) {
-  if (a.target_prob) return false;
+bool all_ignored(const TypedArgs<V, T>& args, int64_t position, int64_t count) {
+  if (args.target_prob) return false;
   for (int64_t i = 0; i < count; ++i) {
-    if (a.target_index[position + i] != a.ignore_index) return false;
+    if (args.target_index[position + i] != args.ignore_index) return false;
   }
   return true;
 }
@@ -186,13 +187,13 @@ bool all_ignored(const Typed<V, T>& a, int64_t position, int64_t count) {
 // The lse and loss of `count` ignored positions from `position` on, whose logits are not read: the lse of no
 // classes, (0, -inf), and a zero loss.
 template <class V, class T>
-void record_ignored(const Typed<V, T>& a, int64_t position, int64_t count) {
+void record_ignored(const TypedArgs<V, T>& args, int64_t position, int64_t count) {
   for (int64_t i = position; i < position + count; ++i) {
-    if (a.lse) {
-      a.lse[2 * i] = 0;
-      a.lse[2 * i + 1] = -std::numeric_limits<typename V::value_type>::infinity();
+    if (args.lse) {
+      args.lse[2 * i] = 0;
+      args.lse[2 * i + 1] = -std::numeric_limits<typename V::value_type>::infinity();
     }
-    if (a.loss) a.loss[i] = 0;
+    if (args.loss) args.loss[i] = 0;
   }
 }
 
@@ -216,7 +217,7 @@ template <class V, class T>
 void run_blocks(const KernelArgs& args, std::vector<BlockRange>& ranges, int64_t worker) {
   using acc_t = typename V::value_type;
   constexpr int W = V::kWidth;
-  const Typed<V, T> a(args);
+  const TypedArgs<V, T> typed(args);
   const bool backward = args.lse_in != nullptr;
   const int64_t positions = args.N * args.S;
   RowScratch<acc_t> rows;
@@ -253,15 +254,15 @@ void run_blocks(const KernelArgs& args, std::vector<BlockRange>& ranges, int64_t
       if (!lanes) {
         for (int64_t position = first; position < last; ++position) {
           if (backward) {
-            row_backward(a, position, result);
+            row_backward(typed, position, result);
           } else {
-            row_forward(a, position, rows, result);
+            row_forward(typed, position, rows, result);
           }
         }
       } else if (chunked_lanes) {
-        long_lanes_block(a, first, last, long_lanes, result);
+        long_lanes_block(typed, first, last, long_lanes, result);
       } else {
-        spatial_block(a, first, last, spatial, result);
+        spatial_block(typed, first, last, spatial, result);
       }
       args.blocks[b] = result;
     }

@@ -23,20 +23,20 @@ struct RowStatistics {
 // One read of a row: its max, sum of exps and log, the dot products the loss needs, and, when exps is given, every
 // exp(x - running max) with the running max of each chunk in chunk_max (so a later pass can rescale them).
 template <class V, class T>
-RowStatistics<typename V::value_type> row_statistics(const Typed<V, T>& a, const T* x, const T* t,
+RowStatistics<typename V::value_type> row_statistics(const TypedArgs<V, T>& args, const T* x, const T* t,
                                                      typename V::value_type* exps, typename V::value_type* chunk_max) {
   using acc_t = typename V::value_type;
   using Scalar = ScalarVec<acc_t>;
   constexpr int W = V::kWidth;
   constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
-  const bool logit_dot = t == nullptr && a.smoothing;
+  const bool logit_dot = t == nullptr && args.smoothing;
   acc_t max = kNegInf, previous_ref = 0;
   ExpSum<Scalar> sum;
   // The loss sums are relative to the running reference (xent_math.h): moved when it rises, by their weights' sums.
   CompensatedSum<V> weighted_logits, weighted_target_logits;
   V weights_seen(0), weighted_targets(0);
-  for (int64_t c0 = 0, chunk = 0; c0 < a.C; c0 += kRowChunk, ++chunk) {
-    const int64_t len = std::min(kRowChunk, a.C - c0);
+  for (int64_t c0 = 0, chunk = 0; c0 < args.C; c0 += kRowChunk, ++chunk) {
+    const int64_t len = std::min(kRowChunk, args.C - c0);
     const int64_t full = len - len % W;
     const int tail = static_cast<int>(len - full);
     const T* xc = x + c0;
@@ -92,8 +92,8 @@ RowStatistics<typename V::value_type> row_statistics(const Typed<V, T>& a, const
       if (exps) V::store(exps + c0 + i, e);
       if (logit_dot) {
         V w(1);
-        if (a.weight) {
-          w = kTail ? V::load_partial(a.weight + c0 + i, tail, 0) : V::load(a.weight + c0 + i);
+        if (args.weight) {
+          w = kTail ? V::load_partial(args.weight + c0 + i, tail, 0) : V::load(args.weight + c0 + i);
         } else if constexpr (kTail) {
           w = select(V::prefix(tail), V(1), V(0));
         }
@@ -102,8 +102,9 @@ RowStatistics<typename V::value_type> row_statistics(const Typed<V, T>& a, const
       }
       if (t) {
         const V tv = kTail ? V::load_partial(t + c0 + i, tail, 0) : V::load(t + c0 + i);
-        V wt = smoothed_probability(tv, V(a.label_smoothing), a.C);
-        if (a.weight) wt = wt * (kTail ? V::load_partial(a.weight + c0 + i, tail, 0) : V::load(a.weight + c0 + i));
+        V wt = smoothed_probability(tv, V(args.label_smoothing), args.C);
+        if (args.weight)
+          wt = wt * (kTail ? V::load_partial(args.weight + c0 + i, tail, 0) : V::load(args.weight + c0 + i));
         if constexpr (kTail) wt = select(V::prefix(tail), wt, V(0));
         block_targets = block_targets + wt;
         block_target_logits = fmadd(wt, xv - ref, block_target_logits);
@@ -136,81 +137,81 @@ struct RowScratch {
 
 // Forward of one row: lse and loss, and with a.grad the gradient for the uniform upstream scale.
 template <class V, class T>
-void row_forward(const Typed<V, T>& a, int64_t position, RowScratch<typename V::value_type>& scratch,
+void row_forward(const TypedArgs<V, T>& args, int64_t position, RowScratch<typename V::value_type>& scratch,
                  BlockResult& result) {
   using acc_t = typename V::value_type;
   using Scalar = ScalarVec<acc_t>;
   constexpr int W = V::kWidth;
-  const int64_t offset = a.offset(position);
-  const T* x = a.logits + offset;
-  const T* t = a.target_prob ? a.target_prob + offset : nullptr;
-  T* g = a.grad ? a.grad + offset : nullptr;
+  const int64_t offset = args.offset(position);
+  const T* x = args.logits + offset;
+  const T* t = args.target_prob ? args.target_prob + offset : nullptr;
+  T* g = args.grad ? args.grad + offset : nullptr;
 
   int64_t y = -1;
   acc_t target_logit = 0, weight_of_target = 0;
   if (!t) {
-    y = a.resolve_class(position, result);
+    y = args.resolve_class(position, result);
     if (y >= 0) {
       target_logit = static_cast<acc_t>(x[y]);  // before g (maybe x itself) is written
-      weight_of_target = a.weight_of(y);
+      weight_of_target = args.weight_of(y);
     } else {  // ignored (or out of range: the op raises): the row is not read
-      record_ignored(a, position, 1);
-      if (g) fill_zero_row<V>(g, a.C);
+      record_ignored(args, position, 1);
+      if (g) fill_zero_row<V>(g, args.C);
       return;
     }
   }
 
   acc_t* exps = g ? scratch.exps.data() : nullptr;
-  const RowStatistics<acc_t> st = row_statistics(a, x, t, exps, g ? scratch.chunk_max.data() : nullptr);
-  if (a.lse) {
-    a.lse[2 * position] = st.reference;
-    a.lse[2 * position + 1] = st.log_sum;
+  const RowStatistics<acc_t> st = row_statistics(args, x, t, exps, g ? scratch.chunk_max.data() : nullptr);
+  if (args.lse) {
+    args.lse[2 * position] = st.reference;
+    args.lse[2 * position + 1] = st.log_sum;
   }
   acc_t loss = 0;
   IndexTargetCoeffs<Scalar> k{};
   if (t) {
     loss = prob_target_loss<Scalar>(st.log_sum, st.weighted_targets, st.weighted_target_logits).v;
   } else if (y >= 0) {
-    k = index_target_coeffs<Scalar>(weight_of_target, a.label_smoothing, a.C);
-    loss = index_target_loss_given_smoothing<Scalar>(a.smoothing, k, st.log_sum,
+    k = index_target_coeffs<Scalar>(weight_of_target, args.label_smoothing, args.C);
+    loss = index_target_loss_given_smoothing<Scalar>(args.smoothing, k, st.log_sum,
                                                      target_gap<Scalar>(st.reference, st.log_sum, target_logit),
-                                                     a.weight_sum, st.weighted_logits)
+                                                     args.weight_sum, st.weighted_logits)
                .v;
     result.weight_sum += weight_of_target;
   }
   result.loss_sum += loss;
-  if (a.loss) a.loss[position] = loss;
+  if (args.loss) args.loss[position] = loss;
   if (!g) return;
 
   // Gradient: p[c] = exps[c] * exp(chunk_max - max) / sum_exp, one factor per chunk.
   //   class index: g = prob_coef p - class_coef w[c] (- target_coef at y)      (xent_math.h, index_grad_coeffs)
   //   probabilities: g = scale (T p - w[c] t'[c])                               (xent_math.h, prob_target_grad)
-  const acc_t scale = a.uniform_scale;
+  const acc_t scale = args.uniform_scale;
   // A gradient written over the logits hits the row still in L2; a fresh one is written past the caches, but only
   // in long rows: in short ones the lines that the row shares with its neighbours, written by ordinary stores, make
   // up much of the row, and mixing the two kinds of store to one line costs more than streaming saves (measured:
   // 40 classes 2.8x slower, 1000 classes 1.4x; 4096 classes 15% faster).
   const bool streaming =
-      static_cast<const void*>(g) != static_cast<const void*>(x) && a.C * int64_t{sizeof(T)} >= kStreamedRowBytes;
-  const IndexGradCoeffs<Scalar> gk = index_grad_coeffs<Scalar>(k, a.weight_sum, scale);
+      static_cast<const void*>(g) != static_cast<const void*>(x) && args.C * int64_t{sizeof(T)} >= kStreamedRowBytes;
+  const IndexGradCoeffs<Scalar> gk = index_grad_coeffs<Scalar>(k, args.weight_sum, scale);
   const acc_t prob_coef = t ? scale * st.weighted_targets : gk.prob_coef.v;
-  const bool class_term = !t && a.smoothing;
+  const bool class_term = !t && args.smoothing;
   auto chunk_factor = [&](int64_t chunk) {
     return prob_coef * std::exp(scratch.chunk_max[chunk] - st.max) / st.sum_exp;
   };
-  for (int64_t c0 = 0, chunk = 0; c0 < a.C; c0 += kRowChunk, ++chunk) {
-    const int64_t len = std::min(kRowChunk, a.C - c0);
+  for (int64_t c0 = 0, chunk = 0; c0 < args.C; c0 += kRowChunk, ++chunk) {
+    const int64_t len = std::min(kRowChunk, args.C - c0);
     const V f(chunk_factor(chunk));
     for (int64_t i = 0; i < len; i += W) {
       const int lanes = static_cast<int>(std::min<int64_t>(W, len - i));
       V gv = V::load(exps + c0 + i) * f;
       if (class_term) {
-        const V w = a.weight ? load_lanes<V>(a.weight + c0 + i, lanes) : V(1);
+        const V w = args.weight ? load_lanes<V>(args.weight + c0 + i, lanes) : V(1);
         gv = gv - gk.class_coef.v * w;
       } else if (t) {
         const V tv = load_lanes<V>(t + c0 + i, lanes);
-        V wt = smoothed_probability(tv, V(a.label_smoothing), a.C);
-        if (a.weight) wt = wt * load_lanes<V>(a.weight + c0 + i, lanes);
+        V wt = smoothed_probability(tv, V(args.label_smoothing), args.C);
+        if (args.weight) wt = wt * load_lanes<V>(args.weight + c0 + i, lanes);
         gv = gv - V(scale) * wt;
       }
       store_lanes(g + c0 + i, gv, lanes, streaming);
@@ -225,30 +226,30 @@ void row_forward(const Typed<V, T>& a, int64_t position, RowScratch<typename V::
 // Backward of one row: g = dloss/dx * grad_loss from p = exp(x - lse.hi) exp(-lse.lo) (split_lse), the second
 // factor folded into the coefficient of p.
 template <class V, class T>
-void row_backward(const Typed<V, T>& a, int64_t position, BlockResult& result) {
+void row_backward(const TypedArgs<V, T>& args, int64_t position, BlockResult& result) {
   using acc_t = typename V::value_type;
   using Scalar = ScalarVec<acc_t>;
   constexpr int W = V::kWidth;
-  const int64_t offset = a.offset(position);
-  const T* x = a.logits + offset;
-  const T* t = a.target_prob ? a.target_prob + offset : nullptr;
-  T* g = a.grad + offset;
-  const acc_t scale =
-      a.grad_loss ? grad_scale<Scalar>(a.reduction, a.grad_loss[position], a.total_weight).v : a.uniform_scale;
-  const SplitLse<Scalar> lse = split_lse<Scalar>(a.lse_in[2 * position], a.lse_in[2 * position + 1]);
+  const int64_t offset = args.offset(position);
+  const T* x = args.logits + offset;
+  const T* t = args.target_prob ? args.target_prob + offset : nullptr;
+  T* g = args.grad + offset;
+  const acc_t scale = args.grad_loss ? grad_scale<Scalar>(args.reduction, args.grad_loss[position], args.total_weight).v
+                                     : args.uniform_scale;
+  const SplitLse<Scalar> lse = split_lse<Scalar>(args.lse_in[2 * position], args.lse_in[2 * position + 1]);
   const acc_t lse_factor = std::exp(-lse.lo.v);
   const V lse_hi(lse.hi.v);
 
   auto for_each_vector = [&](auto&& body) {  // body(index, lanes)
     int64_t i = 0;
-    for (; i + W <= a.C; i += W) body(i, W);
-    if (i < a.C) body(i, static_cast<int>(a.C - i));
+    for (; i + W <= args.C; i += W) body(i, W);
+    if (i < args.C) body(i, static_cast<int>(args.C - i));
   };
 
   if (t) {
     auto smoothed_weighted = [&](int64_t i, int lanes) {
-      V wt = smoothed_probability(load_lanes<V>(t + i, lanes), V(a.label_smoothing), a.C);
-      return a.weight ? wt * load_lanes<V>(a.weight + i, lanes) : wt;
+      V wt = smoothed_probability(load_lanes<V>(t + i, lanes), V(args.label_smoothing), args.C);
+      return args.weight ? wt * load_lanes<V>(args.weight + i, lanes) : wt;
     };
     // T = sum_c w[c] t'[c], compensated: as accurate as the forward's blocked sum (a plain chain drifts by ~C ulps).
     CompensatedSum<V> weighted_targets;
@@ -263,20 +264,20 @@ void row_backward(const Typed<V, T>& a, int64_t position, BlockResult& result) {
     return;
   }
 
-  const int64_t y = a.resolve_class(position, result);
+  const int64_t y = args.resolve_class(position, result);
   if (y < 0) {
-    fill_zero_row<V>(g, a.C);
+    fill_zero_row<V>(g, args.C);
     return;
   }
   const acc_t target_logit = static_cast<acc_t>(x[y]);
-  const acc_t weight_of_target = a.weight_of(y);
+  const acc_t weight_of_target = args.weight_of(y);
   const IndexGradCoeffs<Scalar> gk = index_grad_coeffs<Scalar>(
-      index_target_coeffs<Scalar>(weight_of_target, a.label_smoothing, a.C), a.weight_sum, scale);
+      index_target_coeffs<Scalar>(weight_of_target, args.label_smoothing, args.C), args.weight_sum, scale);
   const acc_t prob_coef = gk.prob_coef.v * lse_factor;
   const V prob_coef_vec(prob_coef), class_coef(gk.class_coef.v);
   for_each_vector([&](int64_t i, int lanes) {
     V gv = prob_coef_vec * vexp(load_lanes<V>(x + i, lanes) - lse_hi);
-    if (a.smoothing) gv = gv - class_coef * (a.weight ? load_lanes<V>(a.weight + i, lanes) : V(1));
+    if (args.smoothing) gv = gv - class_coef * (args.weight ? load_lanes<V>(args.weight + i, lanes) : V(1));
     store_lanes(g + i, gv, lanes);
   });
   const acc_t p_y_unscaled = std::exp(target_logit - lse.hi.v);

@@ -61,7 +61,7 @@ void store_lse_lanes(typename V::value_type* lse, V reference, V log_sum, int la
 // The targets of the `lanes` positions from `position` on, one lane at a time; logit_of(lane, y) reads x[y] of a
 // lane's position. Out-of-range classes are reported and treated as ignored.
 template <class V, class T, class LogitOf>
-LaneTargets<V> lane_targets_by_position(const Typed<V, T>& a, int64_t position, int lanes, BlockResult& result,
+LaneTargets<V> lane_targets_by_position(const TypedArgs<V, T>& args, int64_t position, int lanes, BlockResult& result,
                                         LogitOf&& logit_of) {
   using acc_t = typename V::value_type;
   constexpr int W = V::kWidth;
@@ -69,9 +69,9 @@ LaneTargets<V> lane_targets_by_position(const Typed<V, T>& a, int64_t position, 
   alignas(64) acc_t weight[W];
   alignas(64) acc_t logit[W];
   for (int i = 0; i < W; ++i) {
-    const int64_t y = i < lanes ? a.resolve_class(position + i, result) : -1;
+    const int64_t y = i < lanes ? args.resolve_class(position + i, result) : -1;
     cls[i] = static_cast<int32_t>(y);
-    weight[i] = y >= 0 ? a.weight_of(y) : acc_t(0);
+    weight[i] = y >= 0 ? args.weight_of(y) : acc_t(0);
     logit[i] = y >= 0 ? logit_of(i, y) : acc_t(0);
   }
   LaneTargets<V> targets;
@@ -84,18 +84,19 @@ LaneTargets<V> lane_targets_by_position(const Typed<V, T>& a, int64_t position, 
 
 // The targets of a lane block whose logits are in a tile (x[c * kTilePositions + lane]).
 template <class V, class T>
-LaneTargets<V> lane_targets(const Typed<V, T>& a, int64_t position, int lanes, const typename V::value_type* x,
+LaneTargets<V> lane_targets(const TypedArgs<V, T>& args, int64_t position, int lanes, const typename V::value_type* x,
                             BlockResult& result) {
   constexpr int W = V::kWidth;
   LaneTargets<V> targets;
-  if (lanes == W && V::Lanes::load_classes(a.target_index + position, a.ignore_index, a.C, targets.cls)) {
+  if (lanes == W && V::Lanes::load_classes(args.target_index + position, args.ignore_index, args.C, targets.cls)) {
     targets.valid = targets.cls.valid();
-    targets.weight = a.weight ? V::gather(a.weight, targets.cls, targets.valid) : select(targets.valid, V(1), V(0));
+    targets.weight =
+        args.weight ? V::gather(args.weight, targets.cls, targets.valid) : select(targets.valid, V(1), V(0));
     targets.logit = V::gather(x, targets.cls.offsets(kTilePositions), targets.valid);
     return targets;
   }
   // A partial lane block, or a class out of range (to be reported).
-  return lane_targets_by_position(a, position, lanes, result,
+  return lane_targets_by_position(args, position, lanes, result,
                                   [&](int lane, int64_t y) { return x[y * kTilePositions + lane]; });
 }
 
@@ -144,13 +145,13 @@ struct LaneTotals {
 
   // The loss terms of class c, whose logits are xv and (probabilities) targets *t.
   template <class T>
-  void add_class(const Typed<V, T>& a, int64_t c, V xv, const typename V::value_type* t) {
+  void add_class(const TypedArgs<V, T>& args, int64_t c, V xv, const typename V::value_type* t) {
     if (t) {
-      const V wt = smoothed_probability(V::load(t), V(a.label_smoothing), a.C) * a.weight_vec(c);
+      const V wt = smoothed_probability(V::load(t), V(args.label_smoothing), args.C) * args.weight_vec(c);
       weighted_targets = weighted_targets + wt;
       weighted_target_logits = fmadd(wt, xv - reference, weighted_target_logits);
-    } else if (a.smoothing) {
-      const V w = a.weight_vec(c);
+    } else if (args.smoothing) {
+      const V w = args.weight_vec(c);
       weighted_logits = fmadd(w, xv - reference, weighted_logits);
       weights_seen = weights_seen + w;
     }
@@ -160,30 +161,30 @@ struct LaneTotals {
 // lse and loss of a lane block into the outputs and the block's sums, from the reference its exps were taken
 // against (see target_gap) and totals.sum; returns the class-index coefficients.
 template <class V, class T>
-IndexTargetCoeffs<V> record_lanes(const Typed<V, T>& a, int64_t position, int lanes, const LaneTargets<V>& targets,
-                                  V reference, const LaneTotals<V>& totals, LaneSums<V>& sums, BlockResult& result) {
+IndexTargetCoeffs<V> record_lanes(const TypedArgs<V, T>& args, int64_t position, int lanes,
+                                  const LaneTargets<V>& targets, V reference, const LaneTotals<V>& totals,
+                                  LaneSums<V>& sums, BlockResult& result) {
   const V log_sum = totals.sum.log_total();
-  if (a.lse) {
+  if (args.lse) {
     // An ignored position reports the lse of no classes, (0, -inf), as the row kernel, which skips it, does (an
     // out-of-range one too, but the op raises then).
-    const auto kept = a.target_prob ? V::prefix(lanes) : targets.valid;
+    const auto kept = args.target_prob ? V::prefix(lanes) : targets.valid;
     const V no_classes(-std::numeric_limits<typename V::value_type>::infinity());
-    store_lse_lanes(a.lse + 2 * position, select(kept, reference, V(0)), select(kept, log_sum, no_classes), lanes);
+    store_lse_lanes(args.lse + 2 * position, select(kept, reference, V(0)), select(kept, log_sum, no_classes), lanes);
   }
   // The loss sums are relative to `reference` (totals.reference), so lse - reference = log_sum.
-  const IndexTargetCoeffs<V> k = index_target_coeffs(targets.weight, V(a.label_smoothing), a.C);
+  const IndexTargetCoeffs<V> k = index_target_coeffs(targets.weight, V(args.label_smoothing), args.C);
   V loss;
-  if (a.target_prob) {
+  if (args.target_prob) {
     loss = select(V::prefix(lanes),
                   prob_target_loss(log_sum, totals.weighted_targets, totals.target_logits_value()), V(0));
   } else {
-    loss = index_target_loss_given_smoothing(a.smoothing, k, log_sum,
-                                             target_gap(reference, log_sum, targets.logit), V(a.weight_sum),
-                                             totals.logits_value());
+    loss = index_target_loss_given_smoothing(args.smoothing, k, log_sum, target_gap(reference, log_sum, targets.logit),
+                                             V(args.weight_sum), totals.logits_value());
     loss = select(targets.valid, loss, V(0));
   }
   sums.add(loss, targets.weight, result);
-  if (a.loss) store_lanes(a.loss + position, loss, lanes);
+  if (args.loss) store_lanes(args.loss + position, loss, lanes);
   return k;
 }
 
@@ -194,12 +195,12 @@ struct LaneLse {
 };
 
 template <class V, class T>
-LaneLse<V> saved_lane_lse(const Typed<V, T>& a, int64_t position, int lanes) {
+LaneLse<V> saved_lane_lse(const TypedArgs<V, T>& args, int64_t position, int lanes) {
   using acc_t = typename V::value_type;
   acc_t reference[V::kWidth] = {}, log_sum[V::kWidth] = {};
   for (int i = 0; i < lanes; ++i) {
-    reference[i] = a.lse_in[2 * (position + i)];
-    log_sum[i] = a.lse_in[2 * (position + i) + 1];
+    reference[i] = args.lse_in[2 * (position + i)];
+    log_sum[i] = args.lse_in[2 * (position + i) + 1];
   }
   const SplitLse<V> lse = split_lse(V::load(reference), V::load(log_sum));
   return {lse.hi, vexp(V(0) - lse.lo)};
@@ -208,11 +209,12 @@ LaneLse<V> saved_lane_lse(const Typed<V, T>& a, int64_t position, int lanes) {
 // The gradient of classes c0 .. c0 + classes - 1 of a lane block into g[c * g_stride], given p(c) = exp(x - lse)
 // of class c0 + c. Class-index targets: prob_coef p - class_coef w[c] - [c == y] target_coef, 0 in ignored lanes.
 template <class V, class T, class Probability>
-void index_grad_lanes(const Typed<V, T>& a, const LaneTargets<V>& targets, const IndexGradCoeffs<V>& gk, int64_t c0,
-                      int64_t classes, typename V::value_type* g, int64_t g_stride, Probability&& probability) {
+void index_grad_lanes(const TypedArgs<V, T>& args, const LaneTargets<V>& targets, const IndexGradCoeffs<V>& gk,
+                      int64_t c0, int64_t classes, typename V::value_type* g, int64_t g_stride,
+                      Probability&& probability) {
   for (int64_t c = 0; c < classes; ++c) {
     V gv = gk.prob_coef * probability(c);
-    if (a.smoothing) gv = gv - gk.class_coef * a.weight_vec(c0 + c);
+    if (args.smoothing) gv = gv - gk.class_coef * args.weight_vec(c0 + c);
     gv = select(targets.cls.equals(static_cast<int32_t>(c0 + c)), gv - gk.target_coef, gv);
     V::store(g + c * g_stride, select(targets.valid, gv, V(0)));
   }
@@ -221,11 +223,12 @@ void index_grad_lanes(const Typed<V, T>& a, const LaneTargets<V>& targets, const
 // The same for probability targets, whose t[c * t_stride] give t'[c0 + c]: prob_coef p - scale w[c] t'[c], with
 // prob_coef = scale T.
 template <class V, class T, class Probability>
-void prob_grad_lanes(const Typed<V, T>& a, V prob_coef, V scale, int64_t c0, int64_t classes,
+void prob_grad_lanes(const TypedArgs<V, T>& args, V prob_coef, V scale, int64_t c0, int64_t classes,
                      const typename V::value_type* t, int64_t t_stride, typename V::value_type* g, int64_t g_stride,
                      Probability&& probability) {
   for (int64_t c = 0; c < classes; ++c) {
-    const V wt = smoothed_probability(V::load(t + c * t_stride), V(a.label_smoothing), a.C) * a.weight_vec(c0 + c);
+    const V wt =
+        smoothed_probability(V::load(t + c * t_stride), V(args.label_smoothing), args.C) * args.weight_vec(c0 + c);
     V::store(g + c * g_stride, prob_coef * probability(c) - scale * wt);
   }
 }
@@ -233,16 +236,16 @@ void prob_grad_lanes(const Typed<V, T>& a, V prob_coef, V scale, int64_t c0, int
 // Forward of the `lanes` positions from `position` on, whose class c logits are x[c * kTilePositions] in the tile
 // buffer (likewise t and g).
 template <class V, class T>
-void lanes_forward(const Typed<V, T>& a, int64_t position, int lanes, const typename V::value_type* x,
+void lanes_forward(const TypedArgs<V, T>& args, int64_t position, int lanes, const typename V::value_type* x,
                    const typename V::value_type* t, typename V::value_type* g, int64_t g_stride,
                    typename V::value_type* exps, LaneSums<V>& sums, BlockResult& result) {
   using acc_t = typename V::value_type;
   constexpr int W = V::kWidth;
   constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
   constexpr int64_t stride = kTilePositions;
-  const int64_t C = a.C;
+  const int64_t C = args.C;
   LaneTargets<V> targets{};
-  if (!t) targets = lane_targets(a, position, lanes, x, result);
+  if (!t) targets = lane_targets(args, position, lanes, x, result);
 
   V max(kNegInf);
   for (int64_t c = 0; c < C; ++c) max = vmax(max, V::load(x + c * stride));
@@ -264,7 +267,7 @@ void lanes_forward(const Typed<V, T>& a, int64_t position, int lanes, const type
         into.sum.add_plain(e);
       }
       if (exps) V::store(exps + c * W, e);
-      into.add_class(a, c, xv, t ? t + c * stride : nullptr);
+      into.add_class(args, c, xv, t ? t + c * stride : nullptr);
     }
   };
   auto add_all_classes = [&](auto apart_from_max) {
@@ -278,50 +281,51 @@ void lanes_forward(const Typed<V, T>& a, int64_t position, int lanes, const type
       }
     }
   };
-  if (a.stride_c == 1) {
+  if (args.stride_c == 1) {
     add_all_classes(std::true_type{});
   } else {
     add_all_classes(std::false_type{});
   }
-  const IndexTargetCoeffs<V> k = record_lanes(a, position, lanes, targets, ref, totals, sums, result);
+  const IndexTargetCoeffs<V> k = record_lanes(args, position, lanes, targets, ref, totals, sums, result);
   if (!g) return;
 
   // Gradient from the kept exps, p = e / sum (see row_forward for the two formulas).
-  const V scale(a.uniform_scale);
+  const V scale(args.uniform_scale);
   const V inverse_sum = V(1) / totals.sum.total();
   auto probability = [&](int64_t c) { return V::load(exps + c * W) * inverse_sum; };
   if (t) {
-    prob_grad_lanes(a, scale * totals.weighted_targets, scale, 0, C, t, stride, g, g_stride, probability);
+    prob_grad_lanes(args, scale * totals.weighted_targets, scale, 0, C, t, stride, g, g_stride, probability);
   } else {
-    index_grad_lanes(a, targets, index_grad_coeffs(k, V(a.weight_sum), scale), 0, C, g, g_stride, probability);
+    index_grad_lanes(args, targets, index_grad_coeffs(k, V(args.weight_sum), scale), 0, C, g, g_stride, probability);
   }
 }
 
 // Backward of a lane block (arguments as lanes_forward).
 template <class V, class T>
-void lanes_backward(const Typed<V, T>& a, int64_t position, int lanes, const typename V::value_type* x,
+void lanes_backward(const TypedArgs<V, T>& args, int64_t position, int lanes, const typename V::value_type* x,
                     const typename V::value_type* t, typename V::value_type* g, BlockResult& result) {
   constexpr int64_t stride = kTilePositions;
-  const int64_t C = a.C;
-  const LaneLse<V> lse = saved_lane_lse(a, position, lanes);
-  const V scale = a.grad_loss
-                      ? grad_scale(a.reduction, load_lanes<V>(a.grad_loss + position, lanes), V(a.total_weight))
-                      : V(a.uniform_scale);
+  const int64_t C = args.C;
+  const LaneLse<V> lse = saved_lane_lse(args, position, lanes);
+  const V scale =
+      args.grad_loss ? grad_scale(args.reduction, load_lanes<V>(args.grad_loss + position, lanes), V(args.total_weight))
+                     : V(args.uniform_scale);
   auto probability = [&](int64_t c) { return vexp(V::load(x + c * stride) - lse.hi); };
   if (t) {
     CompensatedSum<V> weighted_targets;  // as in row_backward
     for (int64_t c = 0; c < C; ++c) {
-      weighted_targets.add(smoothed_probability(V::load(t + c * stride), V(a.label_smoothing), C) * a.weight_vec(c));
+      weighted_targets.add(smoothed_probability(V::load(t + c * stride), V(args.label_smoothing), C) *
+                           args.weight_vec(c));
     }
-    prob_grad_lanes(a, scale * weighted_targets.value() * lse.factor, scale, 0, C, t, stride, g, stride,
+    prob_grad_lanes(args, scale * weighted_targets.value() * lse.factor, scale, 0, C, t, stride, g, stride,
                     probability);
     return;
   }
-  const LaneTargets<V> targets = lane_targets(a, position, lanes, x, result);
-  IndexGradCoeffs<V> gk = index_grad_coeffs(
-      index_target_coeffs(targets.weight, V(a.label_smoothing), C), V(a.weight_sum), scale);
+  const LaneTargets<V> targets = lane_targets(args, position, lanes, x, result);
+  IndexGradCoeffs<V> gk =
+      index_grad_coeffs(index_target_coeffs(targets.weight, V(args.label_smoothing), C), V(args.weight_sum), scale);
   gk.prob_coef = gk.prob_coef * lse.factor;
-  index_grad_lanes(a, targets, gk, 0, C, g, stride, probability);
+  index_grad_lanes(args, targets, gk, 0, C, g, stride, probability);
 }
 
 // Per-thread buffers of the spatial kernels: one tile of logits, targets and gradient, and a lane block's exps.
@@ -399,58 +403,59 @@ void store_tile(const typename V::value_type* tile, int64_t C, int64_t count, T*
 // The outputs of a tile whose positions are all ignored, without reading its logits: record_ignored, and a zero
 // gradient laid out as store_tile lays a tile out.
 template <class V, class T>
-void skip_ignored_tile(const Typed<V, T>& a, int64_t position, int64_t count, int64_t offset,
+void skip_ignored_tile(const TypedArgs<V, T>& args, int64_t position, int64_t count, int64_t offset,
                        int64_t position_stride) {
-  record_ignored(a, position, count);
-  if (!a.grad) return;
+  record_ignored(args, position, count);
+  if (!args.grad) return;
   if (position_stride == 1) {
-    for (int64_t c = 0; c < a.C; ++c) fill_zero_row<V>(a.grad + offset + c * a.stride_c, count);
+    for (int64_t c = 0; c < args.C; ++c) fill_zero_row<V>(args.grad + offset + c * args.stride_c, count);
   } else {  // short rows: classes adjacent
-    for (int64_t i = 0; i < count; ++i) fill_zero_row<V>(a.grad + offset + i * position_stride, a.C);
+    for (int64_t i = 0; i < count; ++i) fill_zero_row<V>(args.grad + offset + i * position_stride, args.C);
   }
 }
 
 template <class V, class T>
-void spatial_block(const Typed<V, T>& a, int64_t first, int64_t last, SpatialScratch<typename V::value_type>& scratch,
-                   BlockResult& result) {
+void spatial_block(const TypedArgs<V, T>& args, int64_t first, int64_t last,
+                   SpatialScratch<typename V::value_type>& scratch, BlockResult& result) {
   using acc_t = typename V::value_type;
   constexpr int W = V::kWidth;
-  const bool backward = a.lse_in != nullptr;
-  acc_t* exps = a.grad && !backward ? scratch.exps.data() : nullptr;
-  acc_t* const g_tile = a.grad ? scratch.g.data() : nullptr;
-  const acc_t* t = a.target_prob ? scratch.t.data() : nullptr;
+  const bool backward = args.lse_in != nullptr;
+  acc_t* exps = args.grad && !backward ? scratch.exps.data() : nullptr;
+  acc_t* const g_tile = args.grad ? scratch.g.data() : nullptr;
+  const acc_t* t = args.target_prob ? scratch.t.data() : nullptr;
   LaneSums<V> sums;
   // Positions of one batch entry are position_stride apart in memory (1 in the spatial layout, C in channels_last
   // rows); a tile never straddles two entries, unless S == 1: then the positions are the batch entries.
-  const int64_t position_stride = a.S == 1 ? a.stride_n : a.stride_s;
+  const int64_t position_stride = args.S == 1 ? args.stride_n : args.stride_s;
   for (int64_t position = first; position < last;) {
-    const int64_t run_end = a.S == 1 ? last : std::min(last, (position / a.S + 1) * a.S);
-    for (int64_t offset = a.offset(position), count; position < run_end;
+    const int64_t run_end = args.S == 1 ? last : std::min(last, (position / args.S + 1) * args.S);
+    for (int64_t offset = args.offset(position), count; position < run_end;
          position += count, offset += count * position_stride) {
       count = std::min(kTilePositions, run_end - position);
-      if (all_ignored(a, position, count)) {
-        skip_ignored_tile(a, position, count, offset, position_stride);
+      if (all_ignored(args, position, count)) {
+        skip_ignored_tile(args, position, count, offset, position_stride);
         continue;
       }
       // In place, a whole tile of a float gradient goes straight over its logits (they are in the x tile now): the
       // detour through the g tile cost a load and a store per vector, a tenth of the time.
-      const bool direct = std::is_same_v<T, acc_t> && a.grad == a.logits && !backward && position_stride == 1 &&
+      const bool direct = std::is_same_v<T, acc_t> && args.grad == args.logits && !backward && position_stride == 1 &&
                           count == kTilePositions;
-      acc_t* const g = direct ? reinterpret_cast<acc_t*>(a.grad + offset) : g_tile;
-      const int64_t g_stride = direct ? a.stride_c : kTilePositions;
-      load_tile<V>(a.logits + offset, a.stride_c, position_stride, a.C, count, scratch.x.data());
-      if (t) load_tile<V>(a.target_prob + offset, a.stride_c, position_stride, a.C, count, scratch.t.data());
+      acc_t* const g = direct ? reinterpret_cast<acc_t*>(args.grad + offset) : g_tile;
+      const int64_t g_stride = direct ? args.stride_c : kTilePositions;
+      load_tile<V>(args.logits + offset, args.stride_c, position_stride, args.C, count, scratch.x.data());
+      if (t) load_tile<V>(args.target_prob + offset, args.stride_c, position_stride, args.C, count, scratch.t.data());
       for (int64_t i = 0; i < count; i += W) {
         const int lanes = static_cast<int>(std::min<int64_t>(W, count - i));
         const acc_t* x = scratch.x.data() + i;
         if (backward) {
-          lanes_backward(a, position + i, lanes, x, t ? t + i : nullptr, g + i, result);
+          lanes_backward(args, position + i, lanes, x, t ? t + i : nullptr, g + i, result);
         } else {
-          lanes_forward(a, position + i, lanes, x, t ? t + i : nullptr, g ? g + i : nullptr, g_stride, exps, sums,
+          lanes_forward(args, position + i, lanes, x, t ? t + i : nullptr, g ? g + i : nullptr, g_stride, exps, sums,
                         result);
         }
       }
-      if (g && !direct) store_tile<V>(g, a.C, count, a.grad + offset, a.stride_c, position_stride, a.grad != a.logits);
+      if (g && !direct)
+        store_tile<V>(g, args.C, count, args.grad + offset, args.stride_c, position_stride, args.grad != args.logits);
     }
   }
   sums.flush(result);

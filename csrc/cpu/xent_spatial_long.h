@@ -31,12 +31,12 @@ struct LaneRuns {
 };
 
 template <class V, class T>
-LaneRuns<V> lane_runs(const Typed<V, T>& a, int64_t position, int lanes) {
+LaneRuns<V> lane_runs(const TypedArgs<V, T>& args, int64_t position, int lanes) {
   LaneRuns<V> runs;
   for (int lane = 0; lane < lanes; ++runs.count) {
     const int64_t p = position + lane;
-    const int length = static_cast<int>(std::min<int64_t>(lanes - lane, a.S - p % a.S));
-    runs.offset[runs.count] = a.offset(p);
+    const int length = static_cast<int>(std::min<int64_t>(lanes - lane, args.S - p % args.S));
+    runs.offset[runs.count] = args.offset(p);
     runs.first_lane[runs.count] = lane;
     runs.lanes[runs.count] = length;
     lane += length;
@@ -97,18 +97,18 @@ void store_lane_chunk(const typename V::value_type* tile, const LaneRuns<V>& run
 }
 
 template <class V, class T>
-void long_lanes_forward(const Typed<V, T>& a, int64_t position, int lanes, LongLaneScratch<typename V::value_type>& s,
-                        LaneSums<V>& sums, BlockResult& result) {
+void long_lanes_forward(const TypedArgs<V, T>& args, int64_t position, int lanes,
+                        LongLaneScratch<typename V::value_type>& s, LaneSums<V>& sums, BlockResult& result) {
   using acc_t = typename V::value_type;
   constexpr int W = V::kWidth;
   constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
-  const int64_t C = a.C;
-  const bool prob = a.target_prob != nullptr;
-  const LaneRuns<V> runs = lane_runs(a, position, lanes);
+  const int64_t C = args.C;
+  const bool prob = args.target_prob != nullptr;
+  const LaneRuns<V> runs = lane_runs(args, position, lanes);
   LaneTargets<V> targets{};
   if (!prob) {
-    targets = lane_targets_by_position(a, position, lanes, result, [&](int lane, int64_t y) {
-      return static_cast<acc_t>(a.logits[a.offset(position + lane) + y * a.stride_c]);
+    targets = lane_targets_by_position(args, position, lanes, result, [&](int lane, int64_t y) {
+      return static_cast<acc_t>(args.logits[args.offset(position + lane) + y * args.stride_c]);
     });
   }
 
@@ -116,8 +116,8 @@ void long_lanes_forward(const Typed<V, T>& a, int64_t position, int lanes, LongL
   LaneTotals<V> totals;
   for (int64_t c0 = 0, chunk = 0; c0 < C; c0 += kLaneChunkClasses, ++chunk) {
     const int64_t classes = std::min(kLaneChunkClasses, C - c0);
-    load_lane_chunk(a.logits, a.stride_c, runs, lanes, c0, classes, s.x.data());
-    if (prob) load_lane_chunk(a.target_prob, a.stride_c, runs, lanes, c0, classes, s.t.data());
+    load_lane_chunk(args.logits, args.stride_c, runs, lanes, c0, classes, s.x.data());
+    if (prob) load_lane_chunk(args.target_prob, args.stride_c, runs, lanes, c0, classes, s.t.data());
     V chunk_max = max;
     for (int64_t c = 0; c < classes; ++c) chunk_max = vmax(chunk_max, V::load(s.x.data() + c * W));
     // Lanes whose logits are all -inf so far take exps relative to 0 (exp(-inf) = 0) instead of NaN. The running
@@ -134,48 +134,48 @@ void long_lanes_forward(const Typed<V, T>& a, int64_t position, int lanes, LongL
         const V e = vexp(xv - ref);
         block.sum.add_plain(e);  // as the NCHW lanes (ExpSum); a 64-class block bounds what the max's 1 rounds off
         if (!s.exps.empty()) V::store(s.exps.data() + (c0 + c) * W, e);
-        block.add_class(a, c0 + c, xv, prob ? s.t.data() + c * W : nullptr);
+        block.add_class(args, c0 + c, xv, prob ? s.t.data() + c * W : nullptr);
       }
       totals.add(block);
     }
   }
   const V reference = select(equal(max, V(kNegInf)), V(0), max);
-  const IndexTargetCoeffs<V> k = record_lanes(a, position, lanes, targets, reference, totals, sums, result);
-  if (!a.grad) return;
+  const IndexTargetCoeffs<V> k = record_lanes(args, position, lanes, targets, reference, totals, sums, result);
+  if (!args.grad) return;
 
   // p = e exp(chunk max - max) / sum: the difference of two logits is exact, where lse ~ 1e4 would carry a rounding
   // error of ~1e-3 into exp(chunk max - lse). A chunk max of -inf gives 0 (its exps are 0 too), a max of -inf NaN.
-  const V scale(a.uniform_scale);
-  const bool streaming = a.grad != a.logits;
-  const IndexGradCoeffs<V> gk = index_grad_coeffs(k, V(a.weight_sum), scale);
+  const V scale(args.uniform_scale);
+  const bool streaming = args.grad != args.logits;
+  const IndexGradCoeffs<V> gk = index_grad_coeffs(k, V(args.weight_sum), scale);
   const V inverse_sum = V(1) / totals.sum.total();
   for (int64_t c0 = 0, chunk = 0; c0 < C; c0 += kLaneChunkClasses, ++chunk) {
     const int64_t classes = std::min(kLaneChunkClasses, C - c0);
     const V factor = vexp(V::load(s.chunk_max.data() + chunk * W) - max) * inverse_sum;
     auto probability = [&](int64_t c) { return V::load(s.exps.data() + (c0 + c) * W) * factor; };
     if (prob) {
-      load_lane_chunk(a.target_prob, a.stride_c, runs, lanes, c0, classes, s.t.data());
-      prob_grad_lanes(a, scale * totals.weighted_targets, scale, c0, classes, s.t.data(), W, s.g.data(), W,
+      load_lane_chunk(args.target_prob, args.stride_c, runs, lanes, c0, classes, s.t.data());
+      prob_grad_lanes(args, scale * totals.weighted_targets, scale, c0, classes, s.t.data(), W, s.g.data(), W,
                       probability);
     } else {
-      index_grad_lanes(a, targets, gk, c0, classes, s.g.data(), W, probability);
+      index_grad_lanes(args, targets, gk, c0, classes, s.g.data(), W, probability);
     }
-    store_lane_chunk(s.g.data(), runs, lanes, c0, classes, a.grad, a.stride_c, streaming);
+    store_lane_chunk(s.g.data(), runs, lanes, c0, classes, args.grad, args.stride_c, streaming);
   }
 }
 
 template <class V, class T>
-void long_lanes_backward(const Typed<V, T>& a, int64_t position, int lanes,
+void long_lanes_backward(const TypedArgs<V, T>& args, int64_t position, int lanes,
                          LongLaneScratch<typename V::value_type>& s, BlockResult& result) {
   using acc_t = typename V::value_type;
   constexpr int W = V::kWidth;
-  const int64_t C = a.C;
-  const bool prob = a.target_prob != nullptr;
-  const LaneRuns<V> runs = lane_runs(a, position, lanes);
-  const LaneLse<V> lse = saved_lane_lse(a, position, lanes);
-  const V scale = a.grad_loss
-                      ? grad_scale(a.reduction, load_lanes<V>(a.grad_loss + position, lanes), V(a.total_weight))
-                      : V(a.uniform_scale);
+  const int64_t C = args.C;
+  const bool prob = args.target_prob != nullptr;
+  const LaneRuns<V> runs = lane_runs(args, position, lanes);
+  const LaneLse<V> lse = saved_lane_lse(args, position, lanes);
+  const V scale =
+      args.grad_loss ? grad_scale(args.reduction, load_lanes<V>(args.grad_loss + position, lanes), V(args.total_weight))
+                     : V(args.uniform_scale);
   V prob_coef(0);
   LaneTargets<V> targets{};
   IndexGradCoeffs<V> gk{};
@@ -183,57 +183,58 @@ void long_lanes_backward(const Typed<V, T>& a, int64_t position, int lanes,
     CompensatedSum<V> weighted_targets;  // as in row_backward
     for (int64_t c0 = 0; c0 < C; c0 += kLaneChunkClasses) {
       const int64_t classes = std::min(kLaneChunkClasses, C - c0);
-      load_lane_chunk(a.target_prob, a.stride_c, runs, lanes, c0, classes, s.t.data());
+      load_lane_chunk(args.target_prob, args.stride_c, runs, lanes, c0, classes, s.t.data());
       for (int64_t c = 0; c < classes; ++c) {
         const V tv = V::load(s.t.data() + c * W);
-        weighted_targets.add(smoothed_probability(tv, V(a.label_smoothing), C) * a.weight_vec(c0 + c));
+        weighted_targets.add(smoothed_probability(tv, V(args.label_smoothing), C) * args.weight_vec(c0 + c));
       }
     }
     prob_coef = scale * weighted_targets.value() * lse.factor;
   } else {
-    targets = lane_targets_by_position(a, position, lanes, result, [&](int, int64_t) { return acc_t(0); });
-    gk = index_grad_coeffs(index_target_coeffs(targets.weight, V(a.label_smoothing), C), V(a.weight_sum), scale);
+    targets = lane_targets_by_position(args, position, lanes, result, [&](int, int64_t) { return acc_t(0); });
+    gk = index_grad_coeffs(index_target_coeffs(targets.weight, V(args.label_smoothing), C), V(args.weight_sum), scale);
     gk.prob_coef = gk.prob_coef * lse.factor;
   }
   for (int64_t c0 = 0; c0 < C; c0 += kLaneChunkClasses) {
     const int64_t classes = std::min(kLaneChunkClasses, C - c0);
-    load_lane_chunk(a.logits, a.stride_c, runs, lanes, c0, classes, s.x.data());
+    load_lane_chunk(args.logits, args.stride_c, runs, lanes, c0, classes, s.x.data());
     auto probability = [&](int64_t c) { return vexp(V::load(s.x.data() + c * W) - lse.hi); };
     if (prob) {
-      load_lane_chunk(a.target_prob, a.stride_c, runs, lanes, c0, classes, s.t.data());
-      prob_grad_lanes(a, prob_coef, scale, c0, classes, s.t.data(), W, s.g.data(), W, probability);
+      load_lane_chunk(args.target_prob, args.stride_c, runs, lanes, c0, classes, s.t.data());
+      prob_grad_lanes(args, prob_coef, scale, c0, classes, s.t.data(), W, s.g.data(), W, probability);
     } else {
-      index_grad_lanes(a, targets, gk, c0, classes, s.g.data(), W, probability);
+      index_grad_lanes(args, targets, gk, c0, classes, s.g.data(), W, probability);
     }
-    store_lane_chunk(s.g.data(), runs, lanes, c0, classes, a.grad, a.stride_c, /*streaming=*/true);
+    store_lane_chunk(s.g.data(), runs, lanes, c0, classes, args.grad, args.stride_c, /*streaming=*/true);
   }
 }
 
 // The outputs of a lane block whose positions are all ignored, without reading its logits: record_ignored, and a
 // zero gradient.
 template <class V, class T>
-void skip_ignored_lanes(const Typed<V, T>& a, int64_t position, int lanes) {
-  record_ignored(a, position, lanes);
-  if (!a.grad) return;
-  const LaneRuns<V> runs = lane_runs(a, position, lanes);
+void skip_ignored_lanes(const TypedArgs<V, T>& args, int64_t position, int lanes) {
+  record_ignored(args, position, lanes);
+  if (!args.grad) return;
+  const LaneRuns<V> runs = lane_runs(args, position, lanes);
   for (int r = 0; r < runs.count; ++r) {
-    for (int64_t c = 0; c < a.C; ++c) V::store_partial(a.grad + runs.offset[r] + c * a.stride_c, V(0), runs.lanes[r]);
+    for (int64_t c = 0; c < args.C; ++c)
+      V::store_partial(args.grad + runs.offset[r] + c * args.stride_c, V(0), runs.lanes[r]);
   }
 }
 
 template <class V, class T>
-void long_lanes_block(const Typed<V, T>& a, int64_t first, int64_t last, LongLaneScratch<typename V::value_type>& s,
-                      BlockResult& result) {
+void long_lanes_block(const TypedArgs<V, T>& args, int64_t first, int64_t last,
+                      LongLaneScratch<typename V::value_type>& s, BlockResult& result) {
   constexpr int W = V::kWidth;
   LaneSums<V> sums;
   for (int64_t position = first; position < last; position += W) {
     const int lanes = static_cast<int>(std::min<int64_t>(W, last - position));
-    if (all_ignored(a, position, lanes)) {
-      skip_ignored_lanes(a, position, lanes);
-    } else if (a.lse_in) {
-      long_lanes_backward(a, position, lanes, s, result);
+    if (all_ignored(args, position, lanes)) {
+      skip_ignored_lanes(args, position, lanes);
+    } else if (args.lse_in) {
+      long_lanes_backward(args, position, lanes, s, result);
     } else {
-      long_lanes_forward(a, position, lanes, s, sums, result);
+      long_lanes_forward(args, position, lanes, s, sums, result);
     }
   }
   sums.flush(result);
