@@ -327,15 +327,13 @@ def xent_forward_kernel(logits_ptr, target_ptr, weight_ptr, weight_sum_ptr, tota
             scale = scale / tl.load(total_weight_ptr).to(ACC)
         if PROB_TARGET:
             # (prob_coef, class_coef) = (scale T, scale); safe_y and target_coef are not read for probabilities.
-            _store_grad(logits_ptr, target_ptr, weight_ptr, grad_ptr, offset, in_range, in_range, in_range, reference,
-                        log_sum, safe_y, scale * term_weights, scale, scale, 0, C, C, stride_c, label_smoothing,
-                        PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING, ACC, WIDE_CLASS_LOOP, BLOCK_C)
+            prob_coef, class_coef, target_coef = scale * term_weights, scale, scale
         else:
             prob_coef, class_coef, target_coef = _index_grad_coeffs(weight_of_target, weight_sum, scale,
                                                                     label_smoothing, C, HAS_SMOOTHING)
-            _store_grad(logits_ptr, target_ptr, weight_ptr, grad_ptr, offset, in_range, counted, read, reference,
-                        log_sum, safe_y, prob_coef, class_coef, target_coef, 0, C, C, stride_c, label_smoothing,
-                        PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING, ACC, WIDE_CLASS_LOOP, BLOCK_C)
+        _store_grad(logits_ptr, target_ptr, weight_ptr, grad_ptr, offset, in_range, rows_counted, read, reference,
+                    log_sum, safe_y, prob_coef, class_coef, target_coef, 0, C, C, stride_c, label_smoothing,
+                    PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING, ACC, WIDE_CLASS_LOOP, BLOCK_C)
     else:
         _store_lse(lse_ptr, index, in_range, reference, log_sum)
 
@@ -479,19 +477,18 @@ def xent_backward_kernel(grad_loss_ptr, grad_loss_stride_n, grad_loss_stride_s, 
         weighted_target_sum = _weighted_target_sum(target_ptr, weight_ptr, offset, in_range, C, stride_c,
                                                    label_smoothing, HAS_WEIGHT, HAS_SMOOTHING, ACC, BLOCK_P, BLOCK_C)
         # As in the forward: (prob_coef, class_coef) = (scale T, scale); safe_y and target_coef are not read.
-        _store_grad(logits_ptr, target_ptr, weight_ptr, grad_ptr, offset, in_range, in_range, in_range, reference,
-                    log_sum, index, scale * weighted_target_sum, scale, scale, c_begin, c_stop, C, stride_c,
-                    label_smoothing, PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING, ACC, WIDE_CLASS_LOOP, BLOCK_C)
+        safe_y, counted = index, in_range
+        prob_coef, class_coef, target_coef = scale * weighted_target_sum, scale, scale
     else:
         safe_y, counted, weight_of_target = _class_target(target_ptr, weight_ptr, index, in_range, C, ignore_index,
                                                           HAS_WEIGHT, ACC)
         weight_sum = _class_weight_sum(weight_sum_ptr, C, HAS_WEIGHT, HAS_SMOOTHING, ACC)
         prob_coef, class_coef, target_coef = _index_grad_coeffs(weight_of_target, weight_sum, scale, label_smoothing,
                                                                 C, HAS_SMOOTHING)
-        _store_grad(logits_ptr, target_ptr, weight_ptr, grad_ptr, offset, in_range, counted,
-                    _positions_read(counted, in_range, SPATIAL), reference, log_sum, safe_y, prob_coef, class_coef,
-                    target_coef, c_begin, c_stop, C, stride_c, label_smoothing,
-                    PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING, ACC, WIDE_CLASS_LOOP, BLOCK_C)
+    _store_grad(logits_ptr, target_ptr, weight_ptr, grad_ptr, offset, in_range, counted,
+                _positions_read(counted, in_range, SPATIAL), reference, log_sum, safe_y, prob_coef, class_coef,
+                target_coef, c_begin, c_stop, C, stride_c, label_smoothing,
+                PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING, ACC, WIDE_CLASS_LOOP, BLOCK_C)
 
 
 @triton.jit
