@@ -236,7 +236,7 @@ def _store_grad(logits_ptr, target_ptr, weight_ptr, grad_ptr, offset, in_range, 
       probabilities:  prob_coef p[c] - class_coef w[c] t'[c]   (prob_coef = scale T, class_coef = scale)
     Positions that do not `keep` (ignored targets) get exactly 0, whatever their logits, which are loaded only
     where `read` (_positions_read) says. exp(-log_sum) is folded into prob_coef, once per position, as the CUDA
-    kernels fold it (xent_device.cuh LseParts): one subtraction per class instead of two."""
+    kernels fold it (xent_position.cuh LseParts): one subtraction per class instead of two."""
     prob_coef = prob_coef * tl.exp2(-log_sum * LOG2E)
     for c0 in range(c_begin, c_stop, BLOCK_C):
         cols = c0 + tl.arange(0, BLOCK_C)

@@ -36,14 +36,14 @@ def build_and_run(source, tmp_path):
 
 
 def test_visit_classes_covers_every_class_once(tmp_path):
-    """xent_device.cuh's visit_classes / visit_items, replayed for every thread of a group: exact coverage, aligned
+    """xent_vectors.cuh's visit_classes / visit_items, replayed for every thread of a group: exact coverage, aligned
     16-byte vectors, loads of a batch before its uses, the same classes on a second visit (tests/host/*.cu)."""
     result = build_and_run(ROOT / "tests" / "host" / "visit_classes.cu", tmp_path)
     assert result.returncode == 0 and result.stdout.startswith("ok"), result.stdout + result.stderr
 
 
 def test_class_splits_cover_every_class_once(tmp_path):
-    """xent_launch.h's split_classes and xent_device.cuh's split_item (split rows and split NCHW positions): every
+    """xent_launch.h's split_classes and xent_position.cuh's split_item (split rows and split NCHW positions): every
     plan tiles the classes without an empty range, and every (position, class) goes to exactly one work item."""
     result = build_and_run(ROOT / "tests" / "host" / "split_classes.cu", tmp_path)
     assert result.returncode == 0 and result.stdout.startswith("ok"), result.stdout + result.stderr

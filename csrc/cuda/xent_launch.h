@@ -12,7 +12,7 @@
 #include <utility>
 
 #include "common/ceil_div.h"
-#include "cuda/xent_device.cuh"
+#include "cuda/xent_groups.cuh"
 
 // The library and dispatch key the CUDA ops register under (TORCH_LIBRARY_IMPL). The host emulation
 // (tests/host/emulated_cuda.h) serves CPU tensors as a library of its own, beside the extension.
@@ -44,7 +44,7 @@ void launch_kernel(void (*kernel)(Params...), int64_t grid, int threads, cudaStr
 // classes: the thread-per-position kernels (spatial, the split combine, the target-weight pass), and the grid-stride
 // element loops of the gradient scaling (xent_scale.cu) and of the value check (xent_checks.cu). One constant for
 // their launches and their __launch_bounds__, so that a launch never asks a kernel for more threads than it was
-// compiled for. Row kernels take theirs from WarpGroup / BlockGroup (xent_device.cuh).
+// compiled for. Row kernels take theirs from WarpGroup / BlockGroup (xent_groups.cuh).
 constexpr int kPerPositionThreads = 256;
 
 // What the plans size grids and splits by: the multiprocessors, and the threads each can hold at once (2048 on

@@ -2,7 +2,8 @@
 // cluster kernel (xent_rows_cluster.cu): the segment's statistics, and its gradient.
 #pragma once
 
-#include "cuda/xent_device.cuh"
+#include "cuda/xent_position.cuh"
+#include "cuda/xent_vectors.cuh"
 
 namespace fused_xent {
 namespace cuda {

@@ -13,6 +13,7 @@
 #include <optional>
 
 #include "cuda/xent_launch.h"
+#include "cuda/xent_vectors.cuh"
 
 namespace fused_xent {
 namespace cuda {

@@ -18,6 +18,8 @@
 #include <algorithm>
 
 #include "cuda/xent_launch.h"
+#include "cuda/xent_position.cuh"
+#include "cuda/xent_vectors.cuh"
 
 namespace fused_xent {
 namespace cuda {

@@ -1,5 +1,5 @@
 // Host check of how the CUDA kernels cut a position's classes into splits (split_classes in csrc/cuda/xent_launch.h
-// plans them, split_item in csrc/cuda/xent_device.cuh hands them to threads), built by tests/test_device_logic.py
+// plans them, split_item in csrc/cuda/xent_position.cuh hands them to threads), built by tests/test_device_logic.py
 // with nvcc and run on the CPU. For many class counts, wishes, minimum lengths and granularities it checks that
 //   - the plan has 1 .. max(1, wanted) splits, of a multiple of the granularity, none empty, covering all classes,
 //     and of at least min_len classes unless there is only one;
@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "cuda/xent_launch.h"
+#include "cuda/xent_position.cuh"
 
 namespace {
 

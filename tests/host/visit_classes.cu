@@ -1,4 +1,4 @@
-// Host check of the CUDA kernels' class visit (csrc/cuda/xent_device.cuh), built by tests/test_device_logic.py
+// Host check of the CUDA kernels' class visit (csrc/cuda/xent_vectors.cuh), built by tests/test_device_logic.py
 // with nvcc and run on the CPU: no GPU needed. For every element size, thread-group size, segment [begin, end) and
 // address phase, with and without vectorization, it replays every thread of the group and checks that
 //   - every class of the segment is visited exactly once and nothing outside it,
@@ -11,7 +11,7 @@
 #include <cstdlib>
 #include <vector>
 
-#include "cuda/xent_device.cuh"
+#include "cuda/xent_vectors.cuh"
 
 namespace {
 
