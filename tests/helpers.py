@@ -102,9 +102,11 @@ def make_logits(shape, layout, dtype, device="cpu", generator=None, scale=3.0):
 
 def expected_lse(logits, target, ignore_index, dtype):
     """The lse an op saves for (N, C, S) logits, as (its max part in `dtype`, the log-sum-exp in float64, which
-    positions count): an ignored position's row is not read, and its lse is that of no classes, (0, -inf)."""
+    positions count): an ignored position's row is not read, and its lse is that of no classes, (0, -inf), as is that
+    of a row of -inf logits (a max of -inf is kept as 0, so that x - max is never -inf - -inf)."""
     kept = torch.ones_like(logits[:, 0], dtype=torch.bool) if target.is_floating_point() else target != ignore_index
-    maximum = torch.where(kept, logits.detach().to(dtype).amax(1), 0)
+    maximum = logits.detach().to(dtype).amax(1)
+    maximum = torch.where(kept & (maximum != -torch.inf), maximum, 0)
     log_sum_exp = torch.where(kept, torch.logsumexp(logits.detach().double(), 1), -torch.inf)
     return maximum, log_sum_exp, kept
 
