@@ -535,14 +535,30 @@ def test_bulk_cluster_kernel_only_where_planned(ops, monkeypatch, bulk_slices):
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def test_threads_that_take_several_positions(ops, monkeypatch, layout):
     """On one emulated multiprocessor the grid holds 16384 threads (8 waves of 8 blocks of 256), fewer than these
-    18432 positions: threads of the thread-per-position kernels walk two positions each, and read the next one's
-    target a position ahead. Ignored targets here and there, weights, smoothing, probability targets."""
+    18432 positions: threads of the thread-per-position kernels walk two positions each. Ignored targets here and
+    there, weights, smoothing, probability targets."""
     torch.manual_seed(5)
     monkeypatch.setenv("FUSED_XENT_EMULATED_SMS", "1")
     shape = (2, 19, 96, 96)
     x = make_logits(shape, layout, torch.float32)
     target = index_target(shape, -100)
     weight = torch.rand(19) + 0.5
+    check_all_ops(ops, x, target, weight, "mean", -100, 0.1)
+    check_all_ops(ops, x, target, None, "none", -100, 0.0)
+    check_all_ops(ops, x, make_prob_target(x), weight, "sum", -100, 0.2)
+
+
+@pytest.mark.parametrize("shape", [(100, 300), (20, 3000), (20, 9000)], ids=str)
+def test_warps_and_blocks_that_take_several_rows(ops, monkeypatch, shape):
+    """On one emulated multiprocessor that holds 256 threads, the row kernels' grids hold 64 warps of warp rows and 8
+    blocks of block rows, fewer than these rows: each warp or block walks several, and reads the next one's class
+    index a row ahead. Ignored targets here and there, weights, smoothing, probability targets."""
+    torch.manual_seed(6)
+    monkeypatch.setenv("FUSED_XENT_EMULATED_SMS", "1")
+    monkeypatch.setenv("FUSED_XENT_EMULATED_THREADS_PER_SM", "256")
+    x = make_logits(shape, "contiguous", torch.float32)
+    target = index_target(shape, -100)
+    weight = torch.rand(shape[1]) + 0.5
     check_all_ops(ops, x, target, weight, "mean", -100, 0.1)
     check_all_ops(ops, x, target, None, "none", -100, 0.0)
     check_all_ops(ops, x, make_prob_target(x), weight, "sum", -100, 0.2)

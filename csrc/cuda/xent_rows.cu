@@ -22,12 +22,17 @@ __global__ void __launch_bounds__(Group::kMaxThreads, kSecondSweep == CacheHint:
   const acc_t eps = p.label_smoothing;
   const acc_t weight_sum = weight_sum_or_count(p);
   acc_t loss_acc = 0, weight_acc = 0;  // this block's share of the reduction (group rank 0 only)
+  // A position's class index is read one position ahead, as in the cluster kernel: the branch on it (is the row read
+  // at all?) then never waits for a load at the start of a row, when none of the row's loads are in flight yet.
+  const auto class_index = [&](int64_t r) { return !kProb && r < positions ? p.target_index[r] : int64_t(0); };
+  int64_t y = class_index(Group::index());
 
   for (int64_t r = Group::index(); r < positions; r += Group::count()) {
+    const int64_t next_y = class_index(r + Group::count());
     const Position pos = locate(p, r);
     const scalar_t* x = p.logits + pos.offset;
     const scalar_t* t = kProb ? p.target_prob + pos.offset : nullptr;
-    const auto target = forward_target<kProb>(p, r, x, 1);
+    const auto target = kProb ? forward_target<true>(p, r, x, 1) : read_index_target(p, y, x, 1);
 
     // An ignored position is not read (the whole group agrees): its lse is that of no classes.
     const auto st = kProb || target.kind != kTargetIgnored
@@ -45,6 +50,7 @@ __global__ void __launch_bounds__(Group::kMaxThreads, kSecondSweep == CacheHint:
           forward_grad_row<kProb>(target, st, log_sum, weight_sum, eps, p.C, upstream_scale(p, pos.n, pos.s));
       write_row_grad<Group, kProb, scalar_t, false, kSecondSweep>(p, x, t, p.grad + pos.offset, 0, p.C, row);
     }
+    y = next_y;
   }
 
   store_block_partials(p, loss_acc, weight_acc);
