@@ -6,7 +6,8 @@ Where tests/test_fuzz.py draws what a user passes to the public API, this draws 
 of every kernel family (a thread, a warp or a block per row, rows split across blocks, NCHW positions with and without
 class ranges, channels_last rows), rows that start mid-vector or are strided, and for the CUDA kernels the device
 they are planned for: its multiprocessors, sm_80 or sm_90 (the cluster kernels, once the rows in flight outgrow L2),
-the opt-in bulk-copy slices, and the order in which the emulation runs its threads.
+the opt-in bulk-copy slices, and the order in which the emulation runs its threads. A second test draws only rows
+that the sm_90 cluster kernels take, over their settings, which the first draws too rarely to cover.
 
 A longer run: FUSED_XENT_FUZZ_EXAMPLES=2000 pytest tests/test_fuzz_ops.py (a few minutes on 2 cores).
 """
@@ -40,6 +41,23 @@ FAMILIES = {
 
 
 @st.composite
+def arguments(draw, prob):
+    """Everything of a case but its shape, layout and device."""
+    return {
+        "dtype": draw(st.sampled_from([torch.float32, torch.float64, torch.bfloat16, torch.float16])),
+        "prob": draw(prob),
+        "ignore_index": draw(st.sampled_from([-100, 0, 3])),
+        "ignored": draw(st.sampled_from([0.0, 0.35, 0.35, 1.0])),
+        "weighted": draw(st.booleans()),
+        "smoothing": draw(st.sampled_from([0.0, 0.05, 0.5, 1.0])),
+        "reduction": draw(st.sampled_from(["none", "mean", "sum"])),
+        "scale": draw(st.sampled_from([1e-3, 1.0, 30.0, 1e4])),
+        "masked": draw(st.sampled_from([0.0, 0.0, 0.5, 0.97])),
+        "seed": draw(st.integers(0, 2**31 - 1)),
+    }
+
+
+@st.composite
 def problems(draw):
     family = draw(st.sampled_from(sorted(FAMILIES)))
     batch, classes, spatial = (draw(strategy) for strategy in FAMILIES[family])
@@ -49,16 +67,7 @@ def problems(draw):
     return {
         "shape": shape,
         "layout": draw(st.sampled_from(layouts)),
-        "dtype": draw(st.sampled_from([torch.float32, torch.float64, torch.bfloat16, torch.float16])),
-        "prob": draw(st.booleans()),
-        "ignore_index": draw(st.sampled_from([-100, 0, 3])),
-        "ignored": draw(st.sampled_from([0.0, 0.35, 0.35, 1.0])),
-        "weighted": draw(st.booleans()),
-        "smoothing": draw(st.sampled_from([0.0, 0.05, 0.5, 1.0])),
-        "reduction": draw(st.sampled_from(["none", "mean", "sum"])),
-        "scale": draw(st.sampled_from([1e-3, 1.0, 30.0, 1e4])),
-        "masked": draw(st.sampled_from([0.0, 0.0, 0.5, 0.97])),
-        "seed": draw(st.integers(0, 2**31 - 1)),
+        **draw(arguments(st.booleans())),
         # The emulated device (ignored by the CPU kernels).
         "device": {
             **draw(st.sampled_from([
@@ -124,14 +133,8 @@ def gradient_terms(target, weight, reduction, ignore_index):
     return largest_weight / denominator if denominator else 0.0
 
 
-@pytest.mark.parametrize("library", sorted(OP_LIBRARIES))
-# CI replays a fixed sequence of examples (a red CI must mean a regression, not a new draw); local runs explore. A
-# fixed seed rather than derandomize: its draws here kept to the smallest shapes, e.g. one block-per-row problem in 75.
-@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@seed(20261201 if os.environ.get("CI") == "true" else None)
-@given(case=problems())
-def test_ops_against_pytorch(library, case):
-    ops = OP_LIBRARIES[library]()
+def check_case(ops, case):
+    """check_all_ops on a drawn case, under its emulated device's settings."""
     x, target, weight = inputs(case)
     largest_logit = x.double().abs().nan_to_num(posinf=0).max().item() if x.numel() else 1.0
     magnitude = largest_logit * (max(1.0, weight.max().item()) if weight is not None else 1.0)
@@ -145,3 +148,45 @@ def test_ops_against_pytorch(library, case):
         ignore_index = -100 if case["prob"] else case["ignore_index"]  # PyTorch takes no other with probabilities
         check_all_ops(ops, x, target, weight, case["reduction"], ignore_index, case["smoothing"],
                       magnitude=magnitude, grad_terms=terms)
+
+
+@pytest.mark.parametrize("library", sorted(OP_LIBRARIES))
+# CI replays a fixed sequence of examples (a red CI must mean a regression, not a new draw); local runs explore. A
+# fixed seed rather than derandomize: its draws here kept to the smallest shapes, e.g. one block-per-row problem in 75.
+@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@seed(20261201 if os.environ.get("CI") == "true" else None)
+@given(case=problems())
+def test_ops_against_pytorch(library, case):
+    check_case(OP_LIBRARIES[library](), case)
+
+
+@st.composite
+def cluster_problems(draw):
+    """Rows that the sm_90 cluster kernels take on a device whose L2 the fused forward's rows outgrow: class
+    indices, more than 2048 classes, and half the time rows of a multiple of 64 classes, which the copy engine can
+    slice (FUSED_XENT_BULK_ROW_SLICES=1) when they start 16-byte aligned; slices of 16 to 100 KiB, 2 to 4 buffers,
+    clusters of up to 16 blocks."""
+    classes = draw(st.one_of(st.integers(2049, 30000), st.integers(33, 468).map(lambda k: 64 * k)))
+    return {
+        "shape": (draw(st.integers(1, 8)), classes),
+        "layout": draw(st.sampled_from(["contiguous", "contiguous", "offset"])),
+        **draw(arguments(st.just(False))),
+        "device": {
+            "FUSED_XENT_EMULATED_SMS": draw(st.sampled_from(["1", "2", "3"])),
+            "FUSED_XENT_EMULATED_CC_MAJOR": "9",
+            "FUSED_XENT_EMULATED_L2_BYTES": str(64 << 10),
+            "FUSED_XENT_MAX_CLUSTER_BLOCKS": draw(st.sampled_from(["1", "4", "16"])),
+            "FUSED_XENT_BULK_ROW_SLICES": draw(st.sampled_from(["0", "1", "1"])),
+            "FUSED_XENT_BULK_SLICE_KIB": draw(st.sampled_from(["", "16", "48"])),
+            "FUSED_XENT_BULK_BUFFERS": draw(st.sampled_from(["", "3", "4"])),
+            # Odd seeds also land each bulk copy as late as a GPU could (tests/host/emulated_cuda.h).
+            "FUSED_XENT_EMULATED_SCHEDULE_SEED": draw(st.sampled_from(["", "7", "8"])),
+        },
+    }
+
+
+@settings(max_examples=EXAMPLES // 4, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@seed(20261201 if os.environ.get("CI") == "true" else None)
+@given(case=cluster_problems())
+def test_cluster_plans_against_pytorch(case):
+    check_case(OP_LIBRARIES["emulated-cuda"](), case)
