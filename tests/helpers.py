@@ -129,6 +129,27 @@ def make_prob_target(logits, generator=None):
     return probs.to(logits.dtype).to(logits.device)
 
 
+def loss_magnitude(logits, weight):
+    """The size of the terms a loss is a difference of, largest |logit| x largest weight (see assert_close)."""
+    largest_logit = logits.detach().double().abs().nan_to_num(posinf=0).max().item() if logits.numel() else 1.0
+    return largest_logit * (max(1.0, weight.double().max().item()) if weight is not None else 1.0)
+
+
+def gradient_terms(target, weight, reduction, ignore_index, upstream=1.0):
+    """A bound on the terms each gradient entry is made of, largest |upstream gradient| x weight / the mean's
+    denominator (see assert_grad_close): with full smoothing and near-uniform softmax, the entries cancel far below
+    them."""
+    largest_weight = max(1.0, weight.double().abs().max().item()) if weight is not None else 1.0
+    denominator = 1.0
+    if reduction == "mean":
+        if target.is_floating_point():  # the number of positions
+            denominator = target.numel() / (target.shape[0] if target.dim() == 1 else target.shape[1])
+        else:
+            kept = target[target != ignore_index]
+            denominator = kept.numel() if weight is None else weight.double()[kept].sum().item()
+    return upstream * largest_weight / denominator if denominator else 0.0
+
+
 def torch_reference(input, target, grad_output, **kwargs):
     """F.cross_entropy loss and input gradient, evaluated in float64 on the same values."""
     x = input.detach().double().requires_grad_(True)

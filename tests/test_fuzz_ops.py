@@ -19,7 +19,7 @@ import os
 import emulated_kernels
 import pytest
 import torch
-from helpers import make_class_target, make_logits, make_prob_target
+from helpers import gradient_terms, loss_magnitude, make_class_target, make_logits, make_prob_target
 from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st
 from op_checks import check_all_ops
@@ -119,25 +119,10 @@ def inputs(case):
     return x, target, weight
 
 
-def gradient_terms(target, weight, reduction, ignore_index):
-    """A bound on the terms each gradient entry is a difference of, for upstream gradients of at most 1 (weight /
-    the mean's denominator): with full smoothing over near-uniform probabilities, entries cancel far below them."""
-    largest_weight = max(1.0, weight.abs().max().item()) if weight is not None else 1.0
-    denominator = 1.0
-    if reduction == "mean":
-        if target.is_floating_point():  # the number of positions
-            denominator = target.numel() / (target.shape[0] if target.dim() == 1 else target.shape[1])
-        else:
-            kept = target[target != ignore_index]
-            denominator = kept.numel() if weight is None else weight[kept].sum().item()
-    return largest_weight / denominator if denominator else 0.0
-
-
 def check_case(ops, case):
     """check_all_ops on a drawn case, under its emulated device's settings."""
     x, target, weight = inputs(case)
-    largest_logit = x.double().abs().nan_to_num(posinf=0).max().item() if x.numel() else 1.0
-    magnitude = largest_logit * (max(1.0, weight.max().item()) if weight is not None else 1.0)
+    # The upstream gradients of check_all_ops are at most 1.
     terms = gradient_terms(target, weight, case["reduction"], case["ignore_index"])
     with pytest.MonkeyPatch.context() as environment:
         for name, value in case["device"].items():
@@ -147,7 +132,7 @@ def check_case(ops, case):
                 environment.delenv(name, raising=False)
         ignore_index = -100 if case["prob"] else case["ignore_index"]  # PyTorch takes no other with probabilities
         check_all_ops(ops, x, target, weight, case["reduction"], ignore_index, case["smoothing"],
-                      magnitude=magnitude, grad_terms=terms)
+                      magnitude=loss_magnitude(x, weight), grad_terms=terms)
 
 
 @pytest.mark.parametrize("library", sorted(OP_LIBRARIES))
