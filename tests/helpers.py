@@ -161,6 +161,12 @@ def torch_reference(input, target, grad_output, **kwargs):
     return loss.detach(), grad
 
 
+def without_ignored_gradient(grad, target, ignore_index):
+    """PyTorch's gradient with the ignored positions' entries set to 0, which fused_xent gives whatever their logits
+    (PyTorch's is NaN for a row of -inf: one of the README's deliberate differences). target: class indices."""
+    return grad.masked_fill((target == ignore_index).unsqueeze(0 if grad.dim() == 1 else 1), 0.0)
+
+
 def differentiable_copy(x, grad_mode="recompute"):
     """(leaf, logits, logits_grad): a copy of x with its exact geometry (strides, gaps, storage offset, so that
     misaligned rows stay misaligned) to pass as logits, the leaf to differentiate with respect to, and the map from
