@@ -51,9 +51,12 @@ __device__ __forceinline__ void start_bulk_copy(void* dst, const void* src, uint
 // time, so one still open after seconds never lands (a broken plan or barrier), and a launch that fails with an error
 // beats a GPU that spins until the process is killed. Both bounds must pass: the wall clock alone also runs while
 // the context does not (a debugger's breakpoint, time slices of other processes, preemption), and the count of
-// failed tries alone has no known duration (how long each try_wait suspends the thread is up to the hardware).
+// failed tries alone has no known duration unless each try's suspension is bounded. Left to the hardware, that
+// bound is unspecified; with a hint of 10 us (sm_90 SASS: a NANOSLEEP.SYNCS of 10000 ns after the first check,
+// which the phase's completion ends early) 2^20 failed tries take about 10-20 s, as the wall clock's bound does.
 constexpr uint64_t kBulkCopyTimeoutNs = 10000000000ull;
 constexpr uint32_t kBulkCopyMinFailedTries = 1u << 20;
+constexpr uint32_t kBulkCopyTrySuspendNs = 10000;
 
 // Waits until the barrier's phase of the given parity (0 for its first copy, then 1, 0, ...) has completed: what
 // that copy brought is then visible to the calling thread.
@@ -65,12 +68,12 @@ __device__ __forceinline__ void wait_bulk_copy(uint64_t* barrier, uint32_t parit
   uint32_t done = 0, failed_tries = 0;
   uint64_t first_try = 0;
   while (true) {
-    // try_wait itself suspends the thread for a while before it reports a phase still open.
+    // try_wait itself suspends the thread, for at most the hint, before it reports a phase still open.
     asm volatile(
-        "{\n .reg .pred complete;\n mbarrier.try_wait.parity.shared::cta.b64 complete, [%1], %2;\n"
+        "{\n .reg .pred complete;\n mbarrier.try_wait.parity.shared::cta.b64 complete, [%1], %2, %3;\n"
         " selp.u32 %0, 1, 0, complete;\n}"
         : "=r"(done)
-        : "r"(at), "r"(parity)
+        : "r"(at), "r"(parity), "r"(kBulkCopyTrySuspendNs)
         : "memory");
     if (done) return;
     uint64_t now;
