@@ -131,7 +131,10 @@ def _check_weight(weight, input, logits_dtype, num_classes, prob_target):
     _check_strided(weight, "weight")
     if weight.is_complex():
         _fail(f"weight must be real, got {weight.dtype}")
-    if weight.dim() != 1 or weight.numel() != num_classes:
+    # PyTorch's loss of class indices over spatial positions counts a weight's entries, not its shape, so that e.g.
+    # a (1, C) weight serves there as its C entries; its other inputs want a 1-D weight.
+    read_flat = input.dim() > 2 and not prob_target and weight.dim() != 1
+    if weight.numel() != num_classes or (weight.dim() != 1 and not read_flat):
         _fail(f"weight must be a 1-D tensor with one entry per class ({num_classes}), got shape {_shape(weight)}")
     if weight.device != input.device:
         _fail(f"weight is on {weight.device} but input is on {input.device}: move it with weight.to(input.device)")
@@ -216,6 +219,8 @@ def prepare(input, target, weight, ignore_index, reduction, label_smoothing, flo
     num_classes = input.shape[class_dim]
     prob_target = target.shape == input.shape
     _check_weight(weight, input, torch.float32 if float32_logits else input.dtype, num_classes, prob_target)
+    if weight is not None and weight.dim() != 1:
+        weight = weight.reshape(num_classes)
 
     if prob_target:
         _check_prob_target(target, input, ignore_index)

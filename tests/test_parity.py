@@ -120,6 +120,28 @@ def test_probability_target_gradient(device, backend):
 
 
 
+@pytest.mark.parametrize("device,backend", BACKEND_CASES)
+@pytest.mark.parametrize("weight_shape", [(1, 6), (6, 1), (1, 6, 1), (2, 3)])
+def test_spatial_class_indices_read_a_weight_of_any_shape_flat(device, backend, weight_shape):
+    """PyTorch's loss of class indices over spatial positions counts the weight's entries, not its shape: a (1, C)
+    weight serves as its C entries. Where PyTorch answers, ours is its answer; with label smoothing it refuses some
+    of these shapes, and fused_xent reads them the same way."""
+    g = torch.Generator().manual_seed(sum(weight_shape))
+    logits = make_logits((3, 6, 2, 5), "contiguous", torch.float64, device, generator=g)
+    target = make_class_target((3, 2, 5), 6, device, ignore_index=2, generator=g)
+    weight = (torch.rand(6, generator=g, dtype=torch.float64) + 0.1).to(device)
+    for reduction, smoothing in itertools.product(REDUCTIONS, [0.0, 0.2]):
+        kwargs = {"reduction": reduction, "label_smoothing": smoothing, "ignore_index": 2}
+        grad_output = torch.rand(() if reduction != "none" else (3, 2, 5), generator=g, dtype=torch.float64)
+        loss, grad = fused(logits, target, grad_output.to(device), backend, weight=weight.view(weight_shape), **kwargs)
+        expected_loss, expected_grad = torch_reference(logits, target, grad_output.to(device), weight=weight, **kwargs)
+        assert_close(loss, expected_loss, torch.float64, f"loss {reduction} {smoothing}")
+        assert_grad_close(grad, expected_grad, torch.float64, f"grad {reduction} {smoothing}")
+        if smoothing == 0.0:
+            pytorch_loss = F.cross_entropy(logits, target, weight.view(weight_shape), **kwargs)
+            assert_close(pytorch_loss, expected_loss, torch.float64, "PyTorch's own answer")
+
+
 _POISON_PROBE = (
     "import torch; x = torch.empty(4096); print(int((x.view(torch.int32) == 0x5A5A5A5A).sum()))"
 )
