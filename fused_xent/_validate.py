@@ -170,6 +170,13 @@ def _check_class_target(target, input, num_classes):
     if input.dim() == 1:
         _fail(f"unbatched input {_shape(input)} needs a 0-d class-index target (or one of shape (1,)), got shape "
               f"{_shape(target)}")
+    if input.dim() > 2 and tuple(target.shape) == shape[:-1]:
+        # Token logits of shape (N, T, C), as a language model's head makes them: PyTorch wants the classes second.
+        _fail(
+            f"target shape {_shape(target)} does not match input shape {_shape(input)}: class indices need shape "
+            f"{tuple(expected)}, the input without its dim 1 (the classes). If the classes are the input's last dim, "
+            "pass input.flatten(0, -2) with target.flatten() (rows of classes), or input.movedim(-1, 1)"
+        )
     _fail(
         f"target shape {_shape(target)} does not match input shape {_shape(input)}: class indices need shape "
         f"{tuple(expected)}; class probabilities need a floating-point target of shape {_shape(input)}"

@@ -48,6 +48,8 @@ CASES = [
      "1-D tensor with one entry per class (3)"),
     ("(1, C) weight with probability targets", _logits(4, 3, 2), torch.rand(4, 3, 2), {"weight": torch.ones(1, 3)},
      "1-D tensor with one entry per class (3)"),
+    ("token logits with the classes last", _logits(2, 5, 7), torch.zeros(2, 5, dtype=torch.long), {},
+     "pass input.flatten(0, -2) with target.flatten() (rows of classes), or input.movedim(-1, 1)"),
     ("spatial weight of the wrong length", _logits(4, 3, 2), torch.zeros(4, 2, dtype=torch.long),
      {"weight": torch.ones(1, 4)}, "one entry per class (3)"),
     ("half weight with float logits", _logits(4, 3), torch.tensor([0, 1, 2, 1]),
