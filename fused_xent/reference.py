@@ -15,8 +15,8 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _class_weights(weight, num_classes, like):
-    if weight is None:
-        return torch.ones(num_classes, dtype=like.dtype, device=like.device)
+    if weight is None:  # a broadcast 1, not C of them in memory: 8 GB at 2^31 classes
+        return torch.ones((), dtype=like.dtype, device=like.device).expand(num_classes)
     return weight.to(like.dtype)
 
 
