@@ -1,6 +1,8 @@
 // The operators of fused_xent: their arguments and outputs (below) and their registration (the schema strings are
 // in common/xent_schemas.h). Kernels live in one directory per backend (cpu/, cuda/), each backend with its own
-// TORCH_LIBRARY_IMPL block; fake (meta) kernels and autograd are registered from Python (fused_xent/_ops.py).
+// TORCH_LIBRARY_IMPL block. The fake (meta) kernels of the four cross-entropy ops and their autograd are registered
+// from Python (fused_xent/_ops.py); the two ops that write into an argument get C++ Autograd and ADInplaceOrView
+// kernels at the end of this file.
 //
 // Every op sees logits as a 3-D view (N, C, S): N batch entries, C classes, S = d1*...*dk spatial positions
 // (S = 1 for (N, C) inputs). Python builds that view without copying, so the class stride is 1 for row-major and

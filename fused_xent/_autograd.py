@@ -14,7 +14,8 @@ from .reference import REDUCTION_MEAN, REDUCTION_NONE
 
 
 def _scaled_log_probs(grad_loss, logits, lse, total_weight, reduction):
-    """log_softmax(x) times the upstream gradient of each position's loss, as the loss scales it (mean: / N*S)."""
+    """log_softmax(x) times the upstream gradient of each position's loss, as the loss scales it (mean: divided by
+    total_weight, which is N*S for the probability targets that call this)."""
     scale = grad_loss.to(lse.dtype)
     if reduction == REDUCTION_MEAN:
         scale = scale / total_weight

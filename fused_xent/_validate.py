@@ -145,7 +145,7 @@ def _check_weight(weight, input, logits_dtype, num_classes, prob_target):
         )
 
 
-def _check_class_target(target, input, num_classes):
+def _check_class_target(target, input):
     shape = tuple(input.shape)  # slicing a tuple costs a fraction of slicing a torch.Size, on every call
     expected = shape[:1] + shape[2:] if len(shape) > 1 else ()
     if target.dtype not in (torch.int64, torch.uint8):
@@ -241,7 +241,7 @@ def prepare(input, target, weight, ignore_index, reduction, label_smoothing, flo
     else:
         if input.dim() == 1 and target.shape == (1,):
             target = target.view(())  # PyTorch accepts it for an unbatched input
-        _check_class_target(target, input, num_classes)
+        _check_class_target(target, input)
         target = target.long()
 
     flattens_to_a_view = _flattens_to_a_view(input)

@@ -31,11 +31,12 @@ from .triton_kernels import (
 # Why the interpreter cannot run the kernels with the NumPy installed (None where it can, or is not asked for).
 INTERPRETER_PROBLEM = interpreter_problem(triton.__version__) if INTERPRET else None
 
-# The block table (deterministic, no autotuning). Rows: a program walks a row in column blocks of up to 16 KB, 16
-# elements per thread; the per-row max and sums reduce across the warps of the block. Rows shorter than 512 classes
-# share a one-warp program. Triton lays a tile's warps and lanes along the class axis first, so each thread holds a
-# piece of every row of the tile and that row's running state: at most 4 rows per thread (the old 4096-element
-# multi-row tiles held 16-32, took 255 registers on sm_90 and spilled).
+# The block table (deterministic, no autotuning). Rows: a program walks a row in column blocks of up to 16 KB (32 KB
+# of float64), 16 elements per thread (8 float64); the per-row max and sums reduce across the warps of the block.
+# Rows of up to 512 classes take one warp (two in float64), and rows of up to 256 (128 in float64) share it. Triton lays
+# a tile's warps and lanes along the class axis first, so each thread holds a piece of every row of the tile and that
+# row's running state: at most 4 rows per thread (the old 4096-element multi-row tiles held 16-32, took 255 registers on
+# sm_90 and spilled).
 ROW_TILE = 4096  # float32 elements per loop step; 16-bit logits take twice as many classes
 ROW_ELEMENTS_PER_THREAD = 16  # 8 float64 values (16 spilled on sm_90 with Triton 3.6)
 MAX_ROW_STATES_PER_THREAD = 4

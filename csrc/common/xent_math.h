@@ -1,6 +1,7 @@
-// Per-position cross-entropy math shared by the CPU and CUDA kernels (and mirrored by the Triton and reference
-// paths). Kernels compute the row statistics (max, sum of exp, lse, and the dot products below) in their own
-// vectorized way; the algebra that turns them into a loss and a gradient lives here, once.
+// Per-position cross-entropy math shared by the CPU and CUDA kernels (and mirrored by the Triton kernels;
+// fused_xent/reference.py restates the semantics independently, from PyTorch's definition). Kernels compute the row
+// statistics (max, sum of exp, lse, and the dot products below) in their own vectorized way; the algebra that turns
+// them into a loss and a gradient lives here, once.
 //
 // Notation for one position: x the C logits, lse = log(sum(exp(x))), p = exp(x - lse), w the class weights
 // (all 1 without weight), W = sum(w), eps = label_smoothing.
@@ -23,7 +24,7 @@
 
 #include <cstdint>
 
-#if defined(__CUDACC__) || defined(__HIPCC__)
+#if defined(__CUDACC__)
 #define XENT_HOST_DEVICE __host__ __device__ __forceinline__
 #else
 #define XENT_HOST_DEVICE inline

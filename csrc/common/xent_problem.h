@@ -38,7 +38,8 @@ struct Problem {
 };
 
 // Validates the op arguments (dims, dtypes, devices, reduction, smoothing) and brings logits, target and weight to
-// the layouts above, copying only when logits have neither unit class stride nor unit position stride.
+// the layouts above, copying only logits that are not dense (e.g. a slice of a wider tensor) or have neither unit
+// class stride nor unit position stride.
 Problem make_problem(const at::Tensor& logits, const at::Tensor& target, const c10::optional<at::Tensor>& weight,
                      int64_t reduction, int64_t ignore_index, double label_smoothing);
 

@@ -133,7 +133,7 @@ struct Launch {
     return loss_sum;
   }
 
-  double weight_sum() const {
+  double target_weight_sum() const {  // the mean's denominator: sum of w[y] over the counted positions
     double sum = 0;
     for (const BlockResult& block : blocks) sum += block.weight_sum;
     return sum;
@@ -173,7 +173,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_fwd(const at::Tenso
   launch.args.lse = lse.data_ptr();
   launch.args.loss = reduction == kReductionNone ? loss.data_ptr() : nullptr;
   const double loss_sum = launch.run(problem);
-  const double total = problem.prob_target ? static_cast<double>(problem.positions()) : launch.weight_sum();
+  const double total = problem.prob_target ? static_cast<double>(problem.positions()) : launch.target_weight_sum();
   write_reduced_loss(problem, loss, loss_sum, total);
   return {loss, lse, at::scalar_tensor(in_acc_dtype(problem, total), problem.acc_options())};
 }

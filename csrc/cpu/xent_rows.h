@@ -135,7 +135,7 @@ struct RowScratch {
   std::vector<acc_t> chunk_max;  // running max when each chunk's exps were taken
 };
 
-// Forward of one row: lse and loss, and with a.grad the gradient for the uniform upstream scale.
+// Forward of one row: lse and loss, and with args.grad the gradient for the uniform upstream scale.
 template <class V, class T>
 void row_forward(const TypedArgs<V, T>& args, int64_t position, RowScratch<typename V::value_type>& scratch,
                  BlockResult& result) {

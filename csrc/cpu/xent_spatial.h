@@ -377,8 +377,9 @@ void load_tile(const T* from, int64_t class_stride, int64_t position_stride, int
   }
 }
 
-// With `streaming` (a fresh gradient, whose lines are not cached), whole aligned vectors are written past the
-// caches; a gradient written over the logits is not: their lines may still be cached.
+// With `streaming` (a fresh gradient, whose lines are not cached), whole aligned vectors of NCHW tiles are written
+// past the caches (the transposed stores of short rows ignore it); a gradient written over the logits is not: their
+// lines may still be cached.
 template <class V, class T>
 void store_tile(const typename V::value_type* tile, int64_t C, int64_t count, T* to, int64_t class_stride,
                 int64_t position_stride, bool streaming) {

@@ -1,7 +1,8 @@
 // CUDA implementations of the fused_xent ops (declared in csrc/fused_xent.cpp): argument handling, the order of
 // launches, and registration. Which kernel serves a problem, and in what shape, is planned in xent_plan.cu. The
 // kernels are in xent_rows.cu, xent_rows_split.cu, xent_rows_cluster.cu, xent_spatial.cu and xent_reduce.cu; the
-// front end's value check, an op of its own, is in xent_checks.cu.
+// front end's value check, an op of its own, is in xent_checks.cu, and the in-place scaling of a gradient made in the
+// forward (scale_unit_grad_) in xent_scale.cu.
 //
 // No op synchronizes with the host. Class indices outside [0, C) (other than ignore_index) are the front end's to
 // reject; the kernels turn them into NaN losses and gradients instead of faulting (see xent_device.cuh).

@@ -1,7 +1,10 @@
 // Row kernels (class stride 1: (N, C) inputs and channels_last): a warp or a block owns a position, loads its row
 // with 16-byte vectors, computes max and sum of exp in one read (online softmax), and, for the fused forward,
-// writes the gradient in a second sweep that hits the cache the first one filled (rows too long for that go to the
-// cluster kernel of xent_rows_cluster.cu on sm_90+). The per-thread sweeps are in xent_row_sweeps.cuh.
+// writes the gradient in a second sweep that hits the cache the first one filled. On sm_90+, rows whose second
+// sweep would miss L2 go to the cluster kernel of xent_rows_cluster.cu when one block's shared memory holds them (by
+// default up to 96 KiB, kDefaultMaxClusterBlocks there); longer rows stay here. rows_grad_kernel writes the gradient
+// from a saved lse: the backward, and the gradient pass of a forward whose rows are split. The per-thread sweeps are
+// in xent_row_sweeps.cuh.
 #include "cuda/xent_launch.h"
 #include "cuda/xent_row_sweeps.cuh"
 
@@ -22,8 +25,9 @@ __global__ void __launch_bounds__(Group::kMaxThreads, kSecondSweep == CacheHint:
   const acc_t eps = p.label_smoothing;
   const acc_t weight_sum = weight_sum_or_count(p);
   acc_t loss_acc = 0, weight_acc = 0;  // this block's share of the reduction (group rank 0 only)
-  // A position's class index is read one position ahead, as in the cluster kernel: the branch on it (is the row read
-  // at all?) then never waits for a load at the start of a row, when none of the row's loads are in flight yet.
+  // A position's class index is read one position ahead (the cluster kernel reads two ahead): the branch on it (is
+  // the row read at all?) then never waits for a load at the start of a row, when none of the row's loads are in
+  // flight yet.
   const auto class_index = [&](int64_t r) { return !kProb && r < positions ? p.target_index[r] : int64_t(0); };
   int64_t y = class_index(Group::index());
 

@@ -29,7 +29,8 @@ namespace {
 namespace cg = cooperative_groups;
 
 // Shared memory for one block's slice: small enough for two 512-thread blocks per SM, so one can load while the
-// other waits at the cluster barrier; 16 such slices hold a 256K-class float32 row.
+// other waits at the cluster barrier; 11 such slices hold a 256K-class float32 row (the 16 of the largest cluster,
+// 384K).
 constexpr int64_t kSliceBytes = 96 * 1024;
 // The bulk-copy kernel's slice buffers share at most this much of a block's shared memory (227 KiB on sm_90). By
 // default two buffers of 100 KiB, one block per SM: a 128256-class bfloat16 row takes clusters of 3 blocks, a
@@ -49,7 +50,8 @@ constexpr int kClusterThreads = BlockGroup::kMaxThreads;
 // benchmarks/RESULTS.md), so those rows take the block-per-row kernel's two sweeps instead.
 constexpr int64_t kDefaultMaxClusterBlocks = 1;
 
-// The most blocks a cluster may have: FUSED_XENT_MAX_CLUSTER_BLOCKS (0 turns the cluster kernel off).
+// The most blocks a cluster of rows_cluster_kernel may have: FUSED_XENT_MAX_CLUSTER_BLOCKS (0 turns it off; the bulk
+// kernel, FUSED_XENT_BULK_ROW_SLICES=1, takes up to kMaxClusterBlocks regardless).
 int64_t max_cluster_blocks() {
   return plan_setting("FUSED_XENT_MAX_CLUSTER_BLOCKS", kDefaultMaxClusterBlocks, kMaxClusterBlocks);
 }

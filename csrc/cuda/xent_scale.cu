@@ -103,7 +103,7 @@ void scale_unit_grad_cuda(const at::Tensor& grad, const at::Tensor& grad_loss, c
                                 target->device() == grad.device()),
                     "fused_xent: scale_unit_grad_ needs an int64 (", N, ", ", S, ") target on the gradient's device");
   if (grad.numel() == 0) return;
-  const at::Tensor positions = target ? target->contiguous() : at::Tensor();
+  const at::Tensor class_target = target ? target->contiguous() : at::Tensor();
   const c10::cuda::CUDAGuard guard(grad.device());
   const int64_t resident_blocks = gpu_capacity(grad.get_device()).resident_blocks(kPerPositionThreads);
   // A size-1 dimension's stride may be anything: take 1, under which (o / 1) % 1 is its only coordinate, 0.
@@ -117,7 +117,7 @@ void scale_unit_grad_cuda(const at::Tensor& grad, const at::Tensor& grad_loss, c
     const int64_t blocks = std::max<int64_t>(ceil_div(packs, int64_t(kPerPositionThreads) * kPacksPerStep), 1);
     launch_kernel(scale_unit_grad_kernel<scalar_t>, std::min(blocks, resident_blocks), kPerPositionThreads,
                   c10::cuda::getCurrentCUDAStream(), grad.data_ptr<scalar_t>(), grad.numel(), head,
-                  grad_loss.data_ptr<scalar_t>(), positions.defined() ? positions.data_ptr<int64_t>() : nullptr,
+                  grad_loss.data_ptr<scalar_t>(), class_target.defined() ? class_target.data_ptr<int64_t>() : nullptr,
                   ignore_index, position_of);
   });
 }

@@ -109,8 +109,8 @@ __device__ __forceinline__ void stash_pack(T* ptr, const Pack<kWidth, T>& in) {
 // that may alias the next load in place, pin every load behind the previous use), too few to cover HBM latency.
 // A thread only ever reads and writes its own items, so a use may overwrite what its own load read. Host-callable
 // like visit_classes, so that tests/host/visit_classes.cu can check the class coverage on a machine without a GPU.
-// kBatch 1 for loads from shared memory, whose latency needs no batch (with 4, a staged row kernel of
-// xent_spatial.cu spilled at its 64 registers).
+// kBatch 1: write_warp_rows_grad's copy out of shared memory (xent_spatial.cu; with 4, that staged kernel spilled at
+// its 64 registers). The cluster kernel's sweeps over its staged slices keep the default.
 constexpr int kLoadBatch = 4;
 
 template <int W, int kBatch = kLoadBatch, typename Load, typename Use>
