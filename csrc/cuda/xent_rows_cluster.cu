@@ -164,10 +164,10 @@ __device__ __forceinline__ void cluster_rows(const XentParams<scalar_t>& p, int6
     // once, where a loop over the blocks in every thread would wait for each in turn), and every lane merges them
     // in rank order through shuffles: the same bits in every thread of every block.
     const int lane = static_cast<int>(threadIdx.x & 31);
-    auto fetched = RowStats<acc_t>::empty();
-    if (lane < blocks) fetched = *cluster.map_shared_rank(&published[parity], lane);
-    RowStats<acc_t> st = shfl_stats(fetched, 0, /*xor_mode=*/false);
-    for (int k = 1; k < blocks; ++k) st.merge(shfl_stats(fetched, k, /*xor_mode=*/false));
+    auto block_stats = RowStats<acc_t>::empty();
+    if (lane < blocks) block_stats = *cluster.map_shared_rank(&published[parity], lane);
+    RowStats<acc_t> st = shfl_stats(block_stats, 0, /*xor_mode=*/false);
+    for (int k = 1; k < blocks; ++k) st.merge(shfl_stats(block_stats, k, /*xor_mode=*/false));
 
     const acc_t log_sum = st.log_sum();
     if (rank == 0 && threadIdx.x == 0) {
