@@ -11,10 +11,10 @@ from helpers import (
     assert_grad_close,
     backends_for,
     differentiable_copy,
-    fused,
     make_class_target,
     make_logits,
     make_prob_target,
+    torch_reference,
 )
 
 import fused_xent
@@ -44,7 +44,7 @@ def test_same_gradient_as_recompute(backend, grad_mode, shape, layout, dtype):
         kwargs = {"weight": weight, "label_smoothing": smoothing, "reduction": reduction}
         grad_output = torch.rand(() if reduction != "none" else target.shape[:1] + shape[2:], generator=g) + 0.5
         grad_output = grad_output.to(dtype)
-        expected_loss, expected_grad = fused(logits, target, grad_output, "torch", **kwargs)
+        expected_loss, expected_grad = torch_reference(logits, target, grad_output, **kwargs)
 
         leaf, x, logits_grad = differentiable_copy(logits, grad_mode)
         loss = fused_xent.cross_entropy(x, target, backend=backend, grad_mode=grad_mode, **kwargs)
@@ -80,7 +80,7 @@ def test_ignored_rows_stay_zero_under_a_non_finite_upstream_gradient(backend, gr
 def test_unit_upstream_gradient_is_returned_without_a_copy(backend):
     leaf = make_logits((8, 33), "contiguous", torch.float32).requires_grad_(True)
     target = make_class_target((8,), 33)
-    expected = fused(leaf, target, torch.ones(()), "torch")[1]
+    expected = torch_reference(leaf, target, torch.ones(()))[1]
     logits = leaf.clone()  # the output of an op, as the logits of a model are
     fused_xent.cross_entropy(logits, target, backend=backend, grad_mode="inplace").backward()
     assert_grad_close(leaf.grad, expected, torch.float32, "grad")
@@ -109,7 +109,7 @@ def test_backward_scales_the_gradient_made_in_forward_in_place(backend, grad_mod
     for grad_output in (torch.ones(()), torch.tensor(0.25), torch.rand(6, generator=g)):
         if (grad_output.dim() == 0) != (reduction == "mean"):
             continue
-        expected = fused(leaf, target, grad_output, "torch", reduction=reduction)[1]
+        expected = torch_reference(leaf, target, grad_output, reduction=reduction)[1]
         logits = leaf.clone()  # clone's backward passes the gradient on as it is
         with pytest.MonkeyPatch.context() as patch:
             patch.setitem(_backends._AVAILABLE_BACKENDS, backend, dataclasses.replace(ops, fwd_grad=recording_fwd_grad))
@@ -131,7 +131,7 @@ def test_second_backward_over_the_graph_is_refused(backend, grad_mode, hooks):
     x = make_logits((5, 9), "contiguous", torch.float32).requires_grad_(True)
     target = make_class_target((5,), 9)
     upstream = torch.tensor(0.5)
-    expected = fused(x, target, upstream, "torch")[1]
+    expected = torch_reference(x, target, upstream)[1]
     hook_contexts = {
         "none": contextlib.nullcontext,
         "save_on_cpu": torch.autograd.graph.save_on_cpu,
@@ -208,7 +208,7 @@ def test_inplace_on_views(backend):
     wide = torch.randn(4, 10, requires_grad=True) * 1  # logits of some layer
     sliced = wide[:, ::2]
     target = torch.randint(0, 5, (4,))
-    expected = fused(sliced, target, torch.ones(()), "torch")[1]
+    expected = torch_reference(sliced, target, torch.ones(()))[1]
     fused_xent.cross_entropy(sliced, target, backend=backend, grad_mode="inplace")
     assert_grad_close(wide.detach()[:, ::2], expected, torch.float32, "gradient written through the view")
     transposed = (torch.randn(2, 3, 4, 5, requires_grad=True) * 1).transpose(2, 3)

@@ -91,16 +91,25 @@ def test_all_ignored(device, backend, reduction):
 
 @pytest.mark.parametrize("device,backend", BACKEND_CASES)
 def test_uint8_targets_and_mixed_prob_dtypes(device, backend):
-    """PyTorch accepts uint8 class indices, and probability targets in another float dtype (promoted)."""
+    """PyTorch accepts uint8 class indices, and probability targets or their weight in another float dtype: the
+    logits are promoted with them, and the gradient comes back to the logits in their own dtype."""
     logits = make_logits((5, 7), "contiguous", torch.float32, device)
     target = make_class_target((5,), 7, device).to(torch.uint8)
     ones = torch.ones((), device=device)
-    assert_close(fused(logits, target, ones, backend)[0], torch_reference(logits, target, ones)[0], torch.float32, "")
-    probs = make_prob_target(logits).double()
-    loss, _ = fused(logits, probs, ones.double(), backend)
-    expected = F.cross_entropy(logits, probs)
-    assert loss.dtype == expected.dtype == torch.float64
-    assert_close(loss, expected, torch.float32, "promoted probability loss")
+    loss, grad = fused(logits, target, ones, backend)
+    expected_loss, expected_grad = torch_reference(logits, target, ones)
+    assert_close(loss, expected_loss, torch.float32, "uint8 loss")
+    assert_grad_close(grad, expected_grad, torch.float32, "uint8 grad")
+    probs = make_prob_target(logits)
+    weight = torch.rand(7, device=device) + 0.5
+    for what, target, kwargs in [("target", probs.double(), {}), ("weight", probs, {"weight": weight.double()})]:
+        loss, grad = fused(logits, target, ones.double(), backend, **kwargs)
+        expected = F.cross_entropy(logits, target, **kwargs)
+        assert loss.dtype == expected.dtype == torch.float64
+        assert grad.dtype == logits.dtype
+        assert_close(loss, expected, torch.float32, f"loss promoted by the {what}")
+        expected_grad = torch_reference(logits, target, ones.double(), **kwargs)[1]
+        assert_grad_close(grad, expected_grad, torch.float32, f"grad promoted by the {what}")
 
 
 @pytest.mark.parametrize("device,backend", BACKEND_CASES)
