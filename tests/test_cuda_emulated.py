@@ -173,14 +173,21 @@ def test_threads_in_random_order(ops, monkeypatch, case):
     check_all_ops(ops, x, make_prob_target(x), None, "none", -100, 0.1)
 
 
-def test_plans_change_with_the_multiprocessor_count_results_do_not(ops, monkeypatch):
-    """20 rows of 9000 classes: a block per row on 1 or 2 multiprocessors, split in two on 4."""
+def test_plans_change_with_the_multiprocessor_count_results_do_not(ops, monkeypatch, tmp_path):
+    """20 rows of 9000 classes: a block per row on 1 multiprocessor, each row split in two ranges on 4 (the launch
+    log shows it); the losses agree."""
+    log = tmp_path / "launches"
+    monkeypatch.setenv("FUSED_XENT_EMULATED_LAUNCH_LOG", str(log))
     x = make_logits((20, 9000), "contiguous", torch.float32).unsqueeze(-1)
     y = torch.randint(0, 9000, (20, 1))
-    losses = {}
+    losses, plans = {}, {}
     for sms in ("1", "4"):
         monkeypatch.setenv("FUSED_XENT_EMULATED_SMS", sms)
         losses[sms] = ops.cross_entropy_fwd(x, y, None, 0, -100, 0.0)[0]
+        plans[sms] = launches(log)
+    # (grid, threads) of each launch: the rows, then the blocks' target weights summed; on 4, the ranges' combine
+    # in between.
+    assert plans == {"1": [(20, 512), (1, 1024)], "4": [(40, 512), (1, 256), (1, 1024)]}
     torch.testing.assert_close(losses["4"], losses["1"], rtol=2e-6, atol=0)
 
 
