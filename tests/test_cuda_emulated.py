@@ -15,7 +15,13 @@ import emulated_kernels
 import pytest
 import torch
 from emulated_kernels import CASES
-from helpers import make_class_target, make_logits, make_prob_target, run_under_address_sanitizer
+from helpers import (
+    make_class_target,
+    make_logits,
+    make_prob_target,
+    run_pytest_with_poisoned_allocations,
+    run_under_address_sanitizer,
+)
 from op_checks import (
     as_ncs,
     assert_same_bits_under,
@@ -629,6 +635,13 @@ def test_near_certain_target_at_huge_logits(ops, shape):
         fused = ops.cross_entropy_fwd_grad(x3, y3, weight, 2, -100, smoothing)[1]
         for name, grad in (("backward", recomputed), ("fused forward", fused)):
             torch.testing.assert_close(grad.double(), expected, rtol=0, atol=1e-6, msg=f"{name} {smoothing}")
+
+
+def test_every_output_element_is_written():
+    """Every launch plan's four ops (class-index and probability targets, the cluster and bulk-copy kernels, threads,
+    warps and blocks that take several rows or positions) again with every fresh allocation poisoned."""
+    run_pytest_with_poisoned_allocations(
+        __file__, "class_index_targets and float32 or probability_targets or cluster_kernel and not planned or several")
 
 
 def test_no_access_outside_tensors_under_address_sanitizer():

@@ -2,8 +2,6 @@
 
 import itertools
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -18,6 +16,7 @@ from helpers import (
     make_class_target,
     make_logits,
     make_prob_target,
+    run_pytest_with_poisoned_allocations,
     shape_id,
     torch_reference,
 )
@@ -151,27 +150,12 @@ def test_spatial_class_indices_read_a_weight_of_any_shape_flat(device, backend, 
             assert_close(pytorch_loss, expected_loss, torch.float64, "PyTorch's own answer")
 
 
-_POISON_PROBE = (
-    "import torch; x = torch.empty(4096); print(int((x.view(torch.int32) == 0x5A5A5A5A).sum()))"
-)
-
-
 @pytest.mark.skipif("cpu" not in backends_for("cpu"), reason="compiled extension missing")
 def test_every_output_element_is_written():
-    """The CPU parity grid, and that of in_forward and inplace, again with glibc's allocator poisoning every fresh
-    block (bytes 0x5A, a float of 1.5e16): an output element a kernel forgets to write keeps that value and fails
-    the comparison with PyTorch."""
-    env = dict(os.environ, MALLOC_PERTURB_="165", MALLOC_MMAP_THRESHOLD_=str(32 << 20))
-    probe = subprocess.run([sys.executable, "-c", _POISON_PROBE], env=env, capture_output=True, text=True, check=True)
-    assert int(probe.stdout) == 4096, "fresh allocations are not poisoned; the test would prove nothing"
+    """The CPU parity grid, and that of in_forward and inplace, again with every fresh allocation poisoned."""
     grad_modes = os.path.join(os.path.dirname(__file__), "test_grad_modes.py")
-    for path, selection in ((__file__, "test_matches_pytorch and cpu-cpu and (float32 or bfloat16)"),
-                            (grad_modes, "test_same_gradient_as_recompute and cpu")):
-        args = [sys.executable, "-m", "pytest", path, "-o", "addopts=", "-q", "-p", "no:cacheprovider", "-x",
-                "-k", selection]
-        run = subprocess.run(args, env=env, capture_output=True, text=True)
-        assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-2000:]
-        assert " passed" in run.stdout
+    run_pytest_with_poisoned_allocations(__file__, "test_matches_pytorch and cpu-cpu and (float32 or bfloat16)")
+    run_pytest_with_poisoned_allocations(grad_modes, "test_same_gradient_as_recompute and cpu")
 
 
 @pytest.mark.parametrize("device,backend", BACKEND_CASES)

@@ -11,6 +11,7 @@
 // and register limits.
 #pragma once
 
+#include <sys/mman.h>
 #include <ucontext.h>
 
 #include <algorithm>
@@ -24,6 +25,7 @@
 #include <memory>
 #include <stdexcept>
 #include <string>
+#include <utility>
 #include <vector>
 
 #define __global__
@@ -77,6 +79,7 @@ namespace fused_xent_emulation {
 
 constexpr int kWarpSize = 32;
 constexpr size_t kStackBytes = 256 << 10;
+constexpr size_t kStackGuardBytes = 64 << 10;  // at least a page on every Linux machine
 // sm_90's limits: blocks per cluster (with cudaFuncAttributeNonPortableClusterSizeAllowed), shared memory per
 // multiprocessor and dynamic shared memory per block (unless the kernel's attribute allows more, at most 48 KiB).
 constexpr int kMaxClusterBlocks = 16;
@@ -94,8 +97,29 @@ inline std::map<const void*, int64_t>& dynamic_shared_limits() {
 // shuffles and exit. Switching is cheap and the interleaving deterministic; a kernel's barriers are still real
 // rendezvous, and one that waits for a thread that never comes is reported as a deadlock.
 struct Fiber {
+  // Stacks are mapped, not allocated: a launch holds up to 1536 of them, of which only the pages touched cost
+  // anything, and glibc never fills them (the poisoned-output test runs under MALLOC_PERTURB_). An inaccessible
+  // guard region below each turns a stack overflow into a fault instead of another fiber's corruption.
+  struct Stack {
+    char* mapping = static_cast<char*>(map());
+    Stack() = default;
+    Stack(Stack&& other) noexcept : mapping(std::exchange(other.mapping, nullptr)) {}
+    Stack& operator=(Stack&&) = delete;
+    ~Stack() {
+      if (mapping) munmap(mapping, kStackGuardBytes + kStackBytes);
+    }
+    char* base() const { return mapping + kStackGuardBytes; }
+    static void* map() {
+      void* region = mmap(nullptr, kStackGuardBytes + kStackBytes, PROT_READ | PROT_WRITE,
+                          MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+      if (region == MAP_FAILED || mprotect(region, kStackGuardBytes, PROT_NONE) != 0) {
+        throw std::runtime_error("emulated CUDA: cannot map a fiber stack");
+      }
+      return region;
+    }
+  };
   ucontext_t context{};
-  std::unique_ptr<char[]> stack{new char[kStackBytes]};
+  Stack stack;
   bool done = false;
 };
 
@@ -434,7 +458,7 @@ void run_grid(void (*kernel)(Params...), int64_t grid, int threads, int cluster_
     for (Fiber& fiber : launch.fibers) {
       fiber.done = false;
       getcontext(&fiber.context);
-      fiber.context.uc_stack.ss_sp = fiber.stack.get();
+      fiber.context.uc_stack.ss_sp = fiber.stack.base();
       fiber.context.uc_stack.ss_size = kStackBytes;
       fiber.context.uc_link = nullptr;
       makecontext(&fiber.context, run_fiber, 0);
