@@ -78,6 +78,9 @@ def allocator_regime(device: str) -> str:
         f"{'on' if thp_enabled() else 'off'})",
         f"kernel THP: {kernel_thp}",
         f"LD_PRELOAD={os.environ.get('LD_PRELOAD', 'unset')}",
+        # glibc's own tuning, e.g. MALLOC_MMAP_THRESHOLD_: which freed buffers its heap keeps for the next step.
+        "glibc: " + (" ".join(f"{k}={v}" for k, v in sorted(os.environ.items()) if k.startswith("MALLOC_"))
+                     or "defaults (dynamic mmap threshold)"),
     ]
     if device == "cuda":
         parts.append(f"PYTORCH_CUDA_ALLOC_CONF={os.environ.get('PYTORCH_CUDA_ALLOC_CONF', 'unset')}")

@@ -205,21 +205,28 @@ if runs sanitize; then
       # Under memcheck, the Triton backend spent its whole 90 s share compiling kernels (2026-11-30): the same calls
       # outside it first leave every kernel in Triton's cache, which the checked run then loads (same allocator, so
       # the same pointer alignments, which Triton specializes on).
-      PYTORCH_NO_CUDA_MEMORY_CACHING=1 capped "$(allowance sanitize)" "$PYTHON" benchmarks/gpu_sanitize.py \
+      # Half the stage's share: what the warm-up leaves goes to memcheck.
+      PYTORCH_NO_CUDA_MEMORY_CACHING=1 capped "$(( $(allowance sanitize) / 2 ))" "$PYTHON" benchmarks/gpu_sanitize.py \
         --backends triton > "$WORK/sanitize_warmup.log" 2>&1
       echo "Triton kernels compiled outside memcheck, exit status $? (t=$(elapsed)s)" | tee -a "$WORK/stage_notes.txt"
     fi
-    # Without PyTorch's caching allocator every tensor is its own allocation, so an access past a tensor's end is
-    # an access past an allocation, which memcheck sees. Only memory errors count (not CUDA API errors that torch
-    # handles), and only in this process (not in the compilers it starts).
-    PYTORCH_NO_CUDA_MEMORY_CACHING=1 capped "$(allowance sanitize)" "$SANITIZER" --tool memcheck --error-exitcode 3 \
-      --report-api-errors no --target-processes application-only --print-limit 20 \
-      "$PYTHON" benchmarks/gpu_sanitize.py --backends "${SANITIZE_BACKENDS:-cuda}" > "$WORK/sanitize.log" 2>&1
-    SANITIZE_RC=$?
-    echo "memcheck exit status: $SANITIZE_RC" >> "$WORK/sanitize.log"
-    tail -6 "$WORK/sanitize.log"
-    (( SANITIZE_RC == 124 )) && echo "memcheck stopped at its time cap: no verdict"
-    record_failure "$SANITIZE_RC"
+    MEMCHECK_ALLOWANCE=$(allowance sanitize)  # timeout would read 0 as no limit at all, and refuse a negative one
+    if (( MEMCHECK_ALLOWANCE < 20 )); then
+      echo "=== memcheck: skipped, ${MEMCHECK_ALLOWANCE} s of the budget left for it (t=$(elapsed)s)" \
+        | tee -a "$WORK/stage_notes.txt"
+    else
+      # Without PyTorch's caching allocator every tensor is its own allocation, so an access past a tensor's end is
+      # an access past an allocation, which memcheck sees. Only memory errors count (not CUDA API errors that torch
+      # handles), and only in this process (not in the compilers it starts).
+      PYTORCH_NO_CUDA_MEMORY_CACHING=1 capped "$MEMCHECK_ALLOWANCE" "$SANITIZER" --tool memcheck --error-exitcode 3 \
+        --report-api-errors no --target-processes application-only --print-limit 20 \
+        "$PYTHON" benchmarks/gpu_sanitize.py --backends "${SANITIZE_BACKENDS:-cuda}" > "$WORK/sanitize.log" 2>&1
+      SANITIZE_RC=$?
+      echo "memcheck exit status: $SANITIZE_RC" >> "$WORK/sanitize.log"
+      tail -6 "$WORK/sanitize.log"
+      (( SANITIZE_RC == 124 )) && echo "memcheck stopped at its time cap: no verdict"
+      record_failure "$SANITIZE_RC"
+    fi
   else
     echo "compute-sanitizer not found; skipped"
   fi

@@ -34,7 +34,8 @@ PHASES = ("prepare", "start_value_check", "grad_mode_to_run", "kernel_logits")
 
 
 class Probe:
-    """Median device ms and host us of a call, the device idle and its cache flushed before each."""
+    """Median ms of a call until the device is done (the begin event is recorded on an idle device before the host
+    starts the call, so the host's launch time counts) and host us until it returns; the cache flushed before each."""
 
     def __init__(self, device: str, repeats: int):
         self.device, self.repeats = device, repeats
@@ -48,13 +49,13 @@ class Probe:
             began = time.perf_counter()
             fn()
             host_us = (time.perf_counter() - began) * 1e6
-            device_ms = self.timer.stop() * 1e3
+            latency_ms = self.timer.stop() * 1e3
             if i >= 3:
-                yield device_ms, host_us
+                yield latency_ms, host_us
 
     def measure(self, fn) -> tuple[float, float]:
-        device_ms, host_us = zip(*self._runs(fn), strict=True)
-        return statistics.median(device_ms), statistics.median(host_us)
+        latency_ms, host_us = zip(*self._runs(fn), strict=True)
+        return statistics.median(latency_ms), statistics.median(host_us)
 
 
 @contextlib.contextmanager
@@ -180,11 +181,11 @@ def main():
 
     lines = [f"Host overhead, {env_info.device_name(args.device)}, {args.shape} {args.dtype}, backend {backend}, "
              f"median of {args.repeats}, the device idle before each call", "",
-             "| call | device ms | host us until return |", "|---|--:|--:|"]
+             "| call | ms until the device is done | host us until return |", "|---|--:|--:|"]
     for label, (fn, checks) in calls(x, target, backend).items():
         with env_info.environment_variable("FUSED_XENT_CHECK_VALUES", checks):
-            device_ms, host_us = probe.measure(fn)
-        lines.append(f"| {label} | {device_ms:.3f} | {host_us:.0f} |")
+            latency_ms, host_us = probe.measure(fn)
+        lines.append(f"| {label} | {latency_ms:.3f} | {host_us:.0f} |")
 
     phases: dict[str, list[float]] = {}
     leaf = x.detach().clone().requires_grad_(True)

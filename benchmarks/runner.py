@@ -176,7 +176,10 @@ def _method_notes(device, chosen, provider_notes, budget_s, repeats, timing_meth
         "fwd = the loss forward of a training step (logits require grad, so eager saves its log-softmax and the "
         "in_forward/inplace modes compute the gradient); bwd = loss.backward() alone after an untimed forward; "
         "fwd+bwd = both. The gradient is a fresh buffer each step (`.grad` is reset to None, autograd allocates "
-        "it), so first-touch page faults are counted as in training. Providers that write the gradient over the "
+        "it), so the allocator's cost is counted as in training: a buffer of 32 MiB or more is mapped and "
+        "page-faulted in afresh every step; a smaller one comes from glibc's heap, whose freed pages a step reuses "
+        "or faults in anew as the history of allocations has it (medians of problems of a few MB can move by up to "
+        "a third with it; MALLOC_MMAP_THRESHOLD_ fixes glibc's regime). Providers that write the gradient over the "
         "logits get fresh logits copied into their (pre-allocated) input before the timer starts: that copy is "
         "not timed.",
         "Speedup = baseline (eager, compile, Liger) median / provider median, measured in the same run; > 1 is "
@@ -186,7 +189,9 @@ def _method_notes(device, chosen, provider_notes, budget_s, repeats, timing_meth
         timing.GPU_MEMORY_METHOD if device == "cuda" else timing.CPU_MEMORY_METHOD,
         "Correctness gate: before timing, each provider's mean loss, and its gradient wherever the run computes one "
         "(fwd+bwd and bwd modes; in the fwd mode too for in_forward / inplace / Liger, which make it in the "
-        "forward), on the benchmark's inputs against F.cross_entropy in float64; relative tolerance "
+        "forward), on the benchmark's inputs against F.cross_entropy in float64; relative tolerance (the loss's "
+        "error over max(1, |loss|); the gradient's largest error over its largest entry, and its error's 2-norm "
+        "over its 2-norm) "
         + ", ".join(f"{k} {v:g}" for k, v in correctness.TOLERANCE.items())
         + ". WRONG providers are not timed.",
         "Every provider runs in one process under the same allocator settings (see 'allocator' above).",

@@ -92,6 +92,29 @@ def test_gate_averages_over_the_targets_that_count():
     assert not correctness.check(over_every_position, logits, target, reference, "fp32", with_grad=True).ok
 
 
+def test_gate_sees_the_small_entries_of_wide_rows():
+    """A gradient right in its large entries but zero below 9e-5 of the largest (most of a 32000-class row, 13% of
+    its mass): within the float32 tolerance of the largest entry everywhere, and still rejected."""
+    logits, target = shapes.make_inputs(shapes.Case("llm", (16, 32000), "fp32"), "cpu")
+    reference = correctness.Reference(logits, target, with_grad=True)
+
+    class DropSmallEntries(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx, grad):
+            return grad.masked_fill(grad.abs() < 9e-5 * grad.abs().max(), 0.0)
+
+    dropping = providers.Provider("wrong", lambda x, t: F.cross_entropy(DropSmallEntries.apply(x), t),
+                                  traffic="recompute")
+    verdict = correctness.check(dropping, logits, target, reference, "fp32", with_grad=True)
+    assert verdict.loss_err < 1e-6 and not verdict.ok and "grad error" in verdict.message
+    right = providers.Provider("right", F.cross_entropy, traffic="recompute")
+    assert correctness.check(right, logits, target, reference, "fp32", with_grad=True).ok
+
+
 @needs_cpu_kernel
 def test_autocast_providers_compute_under_autocast():
     """--autocast: every call runs under torch.autocast in the logits' dtype (PyTorch's loss is then float32), and
@@ -530,6 +553,31 @@ def test_gpu_check_rerun_starts_from_a_clean_work_folder(tmp_path):
     assert sorted(path.name for path in out.iterdir()) == ["cuda-2026-01-01.md", "env.txt", "gpu_check.tgz",
                                                            "mine.txt", "summary.txt"]
 
+
+
+@pytest.mark.parametrize("budget, warm_up_s, memcheck_runs", [(600, 0, True), (51, 30, False)])
+def test_gpu_check_memcheck_gets_what_the_triton_warm_up_leaves(tmp_path, budget, warm_up_s, memcheck_runs):
+    """SANITIZE_BACKENDS=triton: the run outside memcheck gets half the stage's share, memcheck what it leaves, and
+    memcheck is skipped with a note when that is under 20 s (timeout would take 0 for no limit at all). Stand-ins
+    for Python (the warm-up sleeps warm_up_s, stopped at its half of the 21 s left) and for compute-sanitizer."""
+    bin_dir, work, out = tmp_path / "bin", tmp_path / "work", tmp_path / "out"
+    bin_dir.mkdir()
+    (bin_dir / "python").write_text(f'#!/bin/bash\ncase "$*" in *gpu_sanitize.py*) exec sleep {warm_up_s};; esac\n')
+    (bin_dir / "compute-sanitizer").write_text("#!/bin/bash\necho 'ERROR SUMMARY: 0 errors'\n")
+    for stub in bin_dir.iterdir():
+        stub.chmod(0o755)
+    env = {**os.environ, "STAGES": "sanitize", "SANITIZE_BACKENDS": "triton", "GPU_CHECK_BUDGET_S": str(budget),
+           "OUT": str(out), "GPU_CHECK_WORK": str(work), "PYTHON": str(bin_dir / "python"),
+           "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    run = subprocess.run(["bash", str(BENCHMARKS / "gpu_check.sh")], env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    notes = (work / "stage_notes.txt").read_text()
+    assert "Triton kernels compiled outside memcheck" in notes
+    if memcheck_runs:
+        assert "memcheck exit status: 0" in (work / "sanitize.log").read_text()
+    else:
+        assert "=== memcheck: skipped" in notes and not (work / "sanitize.log").exists()
 
 
 @needs_cpu_kernel
