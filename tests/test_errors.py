@@ -1,11 +1,13 @@
 """Bad input gets a clear Python exception that names the problem and the fix, on every backend."""
 
 import dataclasses
+import itertools
 
 import numpy as np
 import pytest
 import torch
-from helpers import backend_cases, backends_for
+import torch.nn.functional as F
+from helpers import backend_cases, backends_for, devices
 
 import fused_xent
 from fused_xent import _backends
@@ -144,11 +146,17 @@ def test_arguments_of_the_wrong_type_raise_type_error_as_in_pytorch(case):
 
 @pytest.mark.parametrize("device,backend", BACKEND_CASES)
 def test_out_of_range_with_ignore_index_is_accepted(device, backend):
-    """A value equal to ignore_index is never out of range, even when negative or >= C."""
-    for ignore in (-100, -1, 7):
-        loss = fused_xent.cross_entropy(_logits(3, 4).to(device), torch.tensor([0, ignore, 3], device=device),
-                                        ignore_index=ignore, backend=backend)
-        assert torch.isfinite(loss)
+    """A value equal to ignore_index is never out of range, even when negative or >= C: it is ignored, loss and
+    gradient as PyTorch's."""
+    for ignore, reduction in itertools.product((-100, -1, 7), ("mean", "none")):
+        x, t = _logits(3, 4), torch.tensor([0, ignore, 3])
+        ours, theirs = x.to(device).requires_grad_(), x.clone().requires_grad_()
+        loss = fused_xent.cross_entropy(ours, t.to(device), ignore_index=ignore, reduction=reduction, backend=backend)
+        expected = F.cross_entropy(theirs, t, ignore_index=ignore, reduction=reduction)
+        torch.testing.assert_close(loss.cpu(), expected)
+        (grad,), (expected_grad,) = torch.autograd.grad(loss.sum(), ours), torch.autograd.grad(expected.sum(), theirs)
+        torch.testing.assert_close(grad.cpu(), expected_grad)
+        assert grad[1].eq(0).all()
 
 
 def test_unknown_backend():
@@ -313,6 +321,44 @@ def test_every_backend_says_the_same(case):
             fused_xent.cross_entropy(input, target, **{"backend": backend, **kwargs})
         said[backend] = (type(info.value), str(info.value))
     assert len(set(said.values())) == 1, said
+
+
+def _bad_class_cases():
+    """(id, logits, target, kwargs): class indices out of range that only a backend's own check can find, in every
+    layout it reads them from (the cases above fail in the shared front end, before any backend)."""
+    g = torch.Generator().manual_seed(3)
+    spatial = torch.randn(2, 3, 4, 5, generator=g).contiguous(memory_format=torch.channels_last)
+    spatial_target = torch.randint(0, 3, (2, 4, 5), generator=g)
+    spatial_target[1, 0, 0], spatial_target[0, 3, 4] = 7, -5
+    rows_target = torch.randint(0, 5, (100000,), generator=g)
+    rows_target[99990], rows_target[50001] = 9, 8
+    vocab_target = torch.randint(0, 40, (6,), generator=g)
+    vocab_target[2] = 40
+    return [
+        ("channels_last, two bad positions", spatial, spatial_target, {"reduction": "none"}),
+        ("100000 rows, weighted", torch.randn(100000, 5, generator=g), rows_target, {"weight": torch.ones(5)}),
+        ("smoothed rows", torch.randn(6, 40, generator=g), vocab_target, {"label_smoothing": 0.1}),
+        ("unbatched", torch.randn(5, generator=g), torch.tensor(5), {}),
+    ]
+
+
+BAD_CLASS_CASES = [pytest.param(device, *case[1:], id=f"{device}-{case[0]}",
+                                marks=[pytest.mark.cuda] if device == "cuda" else [])
+                   for device in devices() for case in _bad_class_cases()]
+
+
+@pytest.mark.parametrize("device, logits, target, kwargs", BAD_CLASS_CASES)
+def test_every_backend_names_the_same_bad_class(device, logits, target, kwargs):
+    """The out-of-range class each backend finds with its own check, in the same words: the first in the target's
+    order, its value, its position and the fix."""
+    kwargs = {name: value.to(device) if isinstance(value, torch.Tensor) else value for name, value in kwargs.items()}
+    said = {}
+    for backend in backends_for(device):
+        with pytest.raises(IndexError) as info:
+            fused_xent.cross_entropy(logits.to(device), target.to(device), backend=backend, **kwargs)
+        said[backend] = str(info.value)
+    assert len(set(said.values())) == 1, said
+    assert "is out of range" in said[backend], said
 
 
 @pytest.mark.filterwarnings("ignore:reduction='elementwise_mean' is deprecated")
