@@ -224,20 +224,22 @@ def test_gradient_accumulates_into_grad(backend, grad_mode):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("kind", ["index", "prob"])
 def test_double_backward_matches_pytorch(backend, kind):
-    """create_graph=True (gradient penalties) differentiates through the gradient, as with PyTorch."""
+    """create_graph=True (gradient penalties) differentiates through the gradient, as with PyTorch: the loss (from
+    the backend's forward), the gradient and the penalty's gradient."""
     g = torch.Generator().manual_seed(3)
     x = make_logits((4, 7, 3), "contiguous", torch.float64, generator=g)
     t = torch.softmax(torch.randn(4, 7, 3, generator=g, dtype=torch.float64), 1) if kind == "prob" else \
         make_class_target((4, 3), 7, ignore_index=-100, generator=g)
     w = torch.rand(7, generator=g, dtype=torch.float64)
-    penalties = []
+    results = []
     for fn in (lambda x: fused_xent.cross_entropy(x, t, weight=w, label_smoothing=0.2, backend=backend),
                lambda x: F.cross_entropy(x, t, weight=w, label_smoothing=0.2)):
         xx = x.clone().requires_grad_(True)
-        (grad,) = torch.autograd.grad(fn(xx), xx, create_graph=True)
+        loss = fn(xx)
+        (grad,) = torch.autograd.grad(loss, xx, create_graph=True)
         (second,) = torch.autograd.grad((grad * grad.cos()).sum(), xx)
-        penalties.append(second)
-    torch.testing.assert_close(*penalties)
+        results.append((loss.detach(), grad.detach(), second))
+    torch.testing.assert_close(*results)
     xx = x.clone().requires_grad_(True)
     loss = fused_xent.cross_entropy(xx, t, backend=backend, grad_mode="in_forward")
     with pytest.raises(RuntimeError, match="cannot be differentiated twice"):
