@@ -62,18 +62,19 @@ def backend_cases():
     ]
 
 
-def poison_cuda_cache():
-    """Leave NaN bytes in the blocks PyTorch's CUDA caching allocator hands out next (a whole 2 MiB segment of its
-    small pool, which serves blocks of up to 1 MiB, and 256 MiB of its large pool), so an output element a kernel
-    forgets to write stays NaN and fails the comparison with PyTorch. The cache is emptied first: the allocator
-    hands out the best-fitting cached block, which would otherwise often be a stale one from an earlier test. A no-op
-    without a GPU."""
+def poison_cuda_cache(byte=0xFF):
+    """Leave `byte` in the blocks PyTorch's CUDA caching allocator hands out next (a whole 2 MiB segment of its
+    small pool, which serves blocks of up to 1 MiB, and 256 MiB of its large pool): by default NaN (0xFF..FF in
+    every float dtype), so an output element a kernel forgets to write stays NaN and fails the comparison with
+    PyTorch; 0 (zeros) where a test expects NaN, which an unwritten element would otherwise pass for. The cache is
+    emptied first: the allocator hands out the best-fitting cached block, which would otherwise often be a stale one
+    from an earlier test. A no-op without a GPU."""
     if not torch.cuda.is_available():
         return
     torch.cuda.empty_cache()
     poisoned = [torch.empty(size, dtype=torch.uint8, device="cuda") for size in (1 << 20, 1 << 20, 256 << 20)]
     for block in poisoned:
-        block.fill_(0xFF)  # 0xFF..FF is NaN in every float dtype
+        block.fill_(byte)
 
 
 def make_logits(shape, layout, dtype, device="cpu", generator=None, scale=3.0):

@@ -213,6 +213,7 @@ CASES = [
     ((3, 32000), "offset", (torch.float32, torch.bfloat16)),
     ((4, 128256), "contiguous", (torch.float32, torch.bfloat16)),
     ((600, 8200), "contiguous", (torch.bfloat16,)),
+    ((1100, 12289), "contiguous", (torch.bfloat16,)),  # on an H200, a block per row of more than 8192 classes
     *((shape, layout, (dtype,)) for shape, layout, dtype in CLUSTER_CASES),
     *((shape, layout, (dtype,)) for shape, layout, dtype in SPATIAL_SPLIT_CASES),
     ((0, 5), "contiguous", (torch.float32,)),
@@ -534,8 +535,8 @@ def test_near_certain_target_at_huge_logits(shape):
 @needs_gpu
 def test_loss_sums_at_offset_logits(shape):
     """Label smoothing and probability targets at logits far from 0, and with class 0 masked at -1e9, keep float32
-    precision in every kernel (rows, split rows, cluster, spatial, split spatial): their sums are taken relative to
-    the position's max (tests/test_numerics.py)."""
+    precision in every kernel (rows, split rows, cluster, spatial, split spatial), losses and gradients: their sums
+    are taken relative to the position's max (tests/test_numerics.py)."""
     generator = torch.Generator().manual_seed(9)
     offset = (torch.randn(shape, generator=generator) * 2 + 1.2e4).cuda()
     masked = torch.randn(shape, generator=generator).cuda()
@@ -547,12 +548,14 @@ def test_loss_sums_at_offset_logits(shape):
     for x, rtol in ((offset, 2e-6), (masked, 1e-5)):
         classes = make_target(x, "index", -100, generator)
         for target, smoothing in ((probabilities, 0.2), (classes, 0.3)):
-            expected, _ = reference(x, target, ones, weight=weight, label_smoothing=smoothing, reduction="none")
+            expected, expected_grad = reference(x, target, ones, weight=weight, label_smoothing=smoothing,
+                                                reduction="none")
             for grad_mode in GRAD_MODES:
-                loss, _ = fused(x, target, ones, grad_mode, weight=weight, label_smoothing=smoothing,
-                                reduction="none")
+                loss, grad = fused(x, target, ones, grad_mode, weight=weight, label_smoothing=smoothing,
+                                   reduction="none")
                 torch.testing.assert_close(loss.double(), expected.double(), rtol=rtol, atol=0,
                                            msg=f"{grad_mode} {smoothing}")
+                assert_grad_close(grad, expected_grad, torch.float32, f"{grad_mode} {smoothing}")
 
 
 @pytest.mark.cuda
@@ -610,7 +613,8 @@ def test_gradcheck_float64(shape, kind, with_weight, smoothing, reduction):
 
 DETERMINISM_CASES = [
     ((4096, 1000), "contiguous"),        # warp per position
-    ((256, 32000), "contiguous"),        # block per position
+    ((256, 32000), "contiguous"),        # rows split across blocks (5 each on an H200: too few rows to fill it)
+    ((1100, 12289), "contiguous"),       # a block per row, unsplit
     ((16, 128256), "contiguous"),        # rows split across blocks
     ((600, 32768), "contiguous"),        # a cluster per position (fused forward, sm_90+)
     ((8, 19, 64, 64), "contiguous"),     # spatial
@@ -650,25 +654,30 @@ def test_out_of_range_target_raises():
     assert F.cross_entropy(x, torch.tensor([1, 2, 3, 4], device="cuda")).isfinite()
 
 
-@pytest.mark.parametrize("shape", [(4, 10), (4, 5000), (2, 10, 3)], ids=str)
+# Rows of a warp, of a block, split across blocks; NCHW a thread per position, and split across threads.
+@pytest.mark.parametrize("shape", [(4, 10), (4, 5000), (4, 20000), (2, 10, 3), (2, 1000, 3)], ids=str)
 @pytest.mark.cuda
 @needs_gpu
 def test_out_of_range_target_in_kernel_is_nan(shape):
-    """The op itself (no front-end check): bad indices give NaN loss and NaN gradient rows, nothing else."""
+    """The op itself (no front-end check): bad indices give NaN loss and NaN gradient rows, nothing else. Outputs
+    land in zeroed memory, so the NaN a kernel did not write never passes for one it did."""
     x = torch.randn(shape, device="cuda").view(shape[0], shape[1], -1)
     target = torch.tensor([1, shape[1], -7, -100], device="cuda")[: shape[0]].view(-1, 1).expand(-1, x.shape[2])
     target = target.contiguous()
     ops = torch.ops.fused_xent
+    poison_cuda_cache(0)
     loss, lse, total_weight = ops.cross_entropy_fwd(x, target, None, 0, -100, 0.0)
     bad = (target == shape[1]) | (target == -7)
     assert loss[bad].isnan().all() and loss[~bad].isfinite().all()
     ignored = target == -100  # not read: the lse of no classes
     assert lse[~ignored].isfinite().all() and (lse[ignored] == lse.new_tensor([0.0, -torch.inf])).all()
     assert total_weight.isnan()
+    poison_cuda_cache(0)
     loss_sum, grad = ops.cross_entropy_fwd_grad(x, target, None, 2, -100, 0.0)
     assert loss_sum.isnan()
     grad_rows = grad.permute(0, 2, 1)  # (N, S, C)
     assert grad_rows[bad].isnan().all() and grad_rows[~bad].isfinite().all()
+    poison_cuda_cache(0)
     grad_bwd = ops.cross_entropy_bwd(torch.ones((), device="cuda"), x, target, None, lse, total_weight, 2, -100, 0.0)
     assert grad_bwd.permute(0, 2, 1)[bad].isnan().all()
     torch.cuda.synchronize()
@@ -694,11 +703,13 @@ def test_unbatched_ignored_target_as_pytorch_on_each_device(backend):
 
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
 @pytest.mark.parametrize("grad_mode", GRAD_MODES)
-# (300, 50000): the cluster kernel on sm_90; (4, 3000, 16): NCHW split across threads.
-@pytest.mark.parametrize("shape", [(48, 3000), (300, 50000), (4, 3000, 16)], ids=str)
+# (300, 50000): rows split across blocks, or, with clusters of up to 16 blocks allowed, the fused forward's cluster
+# kernel on sm_90 (rows of 200 KB, over one block's 96 KiB); (4, 3000, 16): NCHW split across threads.
+@pytest.mark.parametrize("shape,max_cluster_blocks", [((48, 3000), None), ((300, 50000), None),
+                                                      ((300, 50000), "16"), ((4, 3000, 16), None)], ids=str)
 @pytest.mark.cuda
 @needs_gpu
-def test_cuda_graph_capture_and_replay(backend, grad_mode, shape):
+def test_cuda_graph_capture_and_replay(monkeypatch, backend, grad_mode, shape, max_cluster_blocks):
     """fwd+bwd captured in a CUDA graph (so nothing in it may synchronise with the host: the value checks step aside,
     and in_forward and inplace test the upstream gradient on the device, as always on a GPU) and replayed on new
     inputs gives PyTorch's loss and gradient. As in PyTorch's recipe, every op of the captured backward is recorded
@@ -707,6 +718,10 @@ def test_cuda_graph_capture_and_replay(backend, grad_mode, shape):
     depend on a capturing blocking stream". Not yet rerun there.)"""
     if backend not in fused_xent.available_backends():
         pytest.skip(f"backend {backend!r} not available here")
+    if max_cluster_blocks:
+        if backend != "cuda":
+            pytest.skip("a setting of the CUDA kernel's plans")
+        monkeypatch.setenv("FUSED_XENT_MAX_CLUSTER_BLOCKS", max_cluster_blocks)
     generator = torch.Generator().manual_seed(19)
     kwargs = {"weight": None, "label_smoothing": 0.1}
     leaf = make_logits(shape, "contiguous", torch.float32, generator).requires_grad_(True)
