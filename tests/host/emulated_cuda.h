@@ -97,9 +97,10 @@ inline std::map<const void*, int64_t>& dynamic_shared_limits() {
 // shuffles and exit. Switching is cheap and the interleaving deterministic; a kernel's barriers are still real
 // rendezvous, and one that waits for a thread that never comes is reported as a deadlock.
 struct Fiber {
-  // Stacks are mapped, not allocated: a launch holds up to 1536 of them, of which only the pages touched cost
-  // anything, and glibc never fills them (the poisoned-output test runs under MALLOC_PERTURB_). An inaccessible
-  // guard region below each turns a stack overflow into a fault instead of another fiber's corruption.
+  // Stacks are mapped, not allocated: a launch holds one per thread of a block (or of a cluster's blocks), of
+  // which only the pages touched cost anything, and glibc never fills them (the poisoned-output test runs under
+  // MALLOC_PERTURB_). An inaccessible guard region below each turns a stack overflow into a fault instead of
+  // another fiber's corruption.
   struct Stack {
     char* mapping = static_cast<char*>(map());
     Stack() = default;
