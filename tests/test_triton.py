@@ -250,12 +250,13 @@ def test_gradient_keeps_logit_strides():
 @needs_kernels
 @pytest.mark.parametrize("layout", ["rows", "wide_rows", "nchw", "channels_last", "sliced", *SPLIT_LAYOUTS])
 @pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
-def test_fwd_grad_and_in_place(layout, reduction):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_fwd_grad_and_in_place(layout, reduction, dtype):
     """The gradient written in the forward (fresh, and over the logits) equals autograd's for grad_loss = 1, and the
-    fwd_grad op's autograd scales it by the upstream gradient."""
+    fwd_grad op's autograd scales it by the upstream gradient; bfloat16 with a float32 weight (as under autocast)."""
     code = REDUCTIONS[reduction]
     for targets in ("class", "prob"):
-        x = make_logits(layout, torch.float32)
+        x = make_logits(layout, dtype)
         weight = class_weight(x.shape[1])
         if targets == "class":
             target, ignore_index, label_smoothing = class_target(x, ignore_index=0), 0, 0.1
