@@ -215,15 +215,18 @@ def run_under_address_sanitizer(script, **env):
 _POISON_PROBE = "import torch; x = torch.empty(4096); print(int((x.view(torch.int32) == 0x5A5A5A5A).sum()))"
 
 
-def run_pytest_with_poisoned_allocations(path, selection):
-    """Runs the tests of `path` that `selection` (-k) names in a process whose glibc allocator fills every fresh
-    block below 32 MiB with bytes 0x5A (a float of 1.5e16): an output element a kernel forgets to write keeps that
-    value and fails the comparison with PyTorch, where a reused block might have held the right answer already."""
-    env = dict(os.environ, MALLOC_PERTURB_="165", MALLOC_MMAP_THRESHOLD_=str(32 << 20))
+def run_pytest_with_poisoned_allocations(path, selection=None, **env):
+    """Runs the tests of `path` (those `selection` names with -k, if given) in a process of their own, with `env`
+    added, whose glibc allocator fills every fresh block below 32 MiB with bytes 0x5A (a float of 1.5e16): an output
+    element a kernel forgets to write keeps that value and fails the comparison with PyTorch, where a reused block
+    might have held the right answer already, or the 0 a fresh page holds."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    python_path = os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))
+    env = dict(os.environ, PYTHONPATH=python_path, MALLOC_PERTURB_="165", MALLOC_MMAP_THRESHOLD_=str(32 << 20), **env)
     probe = subprocess.run([sys.executable, "-c", _POISON_PROBE], env=env, capture_output=True, text=True, check=True)
     assert int(probe.stdout) == 4096, "fresh allocations are not poisoned; the test would prove nothing"
-    args = [sys.executable, "-m", "pytest", path, "-o", "addopts=", "-q", "-p", "no:cacheprovider", "-x", "-k",
-            selection]
-    run = subprocess.run(args, env=env, capture_output=True, text=True)
-    assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-2000:]
-    assert " passed" in run.stdout
+    args = [sys.executable, "-m", "pytest", path, "-o", "addopts=", "-q", "-p", "no:cacheprovider", "-x"]
+    args += ["-k", selection] if selection else []
+    run = subprocess.run(args, cwd=root, env=env, capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stdout[-8000:] + run.stderr[-4000:]
+    assert " passed" in run.stdout, run.stdout[-2000:]

@@ -150,7 +150,7 @@ def test_out_of_range_with_ignore_index_is_accepted(device, backend):
     gradient as PyTorch's."""
     for ignore, reduction in itertools.product((-100, -1, 7), ("mean", "none")):
         x, t = _logits(3, 4), torch.tensor([0, ignore, 3])
-        ours, theirs = x.to(device).requires_grad_(), x.clone().requires_grad_()
+        theirs, ours = x.clone().requires_grad_(), x.to(device).requires_grad_()
         loss = fused_xent.cross_entropy(ours, t.to(device), ignore_index=ignore, reduction=reduction, backend=backend)
         expected = F.cross_entropy(theirs, t, ignore_index=ignore, reduction=reduction)
         torch.testing.assert_close(loss.cpu(), expected)

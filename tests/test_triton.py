@@ -33,6 +33,7 @@ from helpers import (  # noqa: E402
     assert_grad_close,
     expected_lse,
     poison_cuda_cache,
+    run_pytest_with_poisoned_allocations,
     torch_reference,
 )
 from op_checks import check_in_place_call_counts_its_write, check_scale_unit_grad  # noqa: E402
@@ -1150,11 +1151,7 @@ def test_interpreter_run():
     """Runs this file's kernel tests on CPU tensors under TRITON_INTERPRET=1, in a fresh process, with glibc's
     allocator poisoning every fresh block (as test_parity.test_every_output_element_is_written does), so that an
     output element a kernel leaves unwritten fails its comparison instead of reading as the 0 it often holds."""
-    pytest_args = ["-m", "pytest", __file__, "-o", "addopts=", "-q", "-p", "no:cacheprovider", "-x"]
-    result = _run_python(pytest_args, TRITON_INTERPRET="1", MALLOC_PERTURB_="165",
-                         MALLOC_MMAP_THRESHOLD_=str(32 << 20))
-    assert result.returncode == 0, result.stdout[-8000:] + result.stderr[-4000:]
-    assert " passed" in result.stdout, result.stdout[-2000:]
+    run_pytest_with_poisoned_allocations(__file__, TRITON_INTERPRET="1")
 
 
 @pytest.mark.skipif(INTERPRETED or DEVICE is not None, reason="runs the interpreter subprocess only without a GPU")
