@@ -2,6 +2,7 @@
 device and read back as late as the kernels allow (FUSED_XENT_CHECK_VALUES=0 turns them off). The argument checks that
 need no values are in _validate.py."""
 
+import math
 import os
 
 import torch
@@ -123,16 +124,32 @@ class ValueCheck:
         if not bool(invalid.any()):
             return  # no classes (C = 0), and every target ignored
         position = int(invalid.nonzero()[0])
-        value = int(target[position])
+        where = _where(position, problem.loss_shape, target.numel())
+        found = f"target {int(target[position])}{where} is out of range"
         if num_classes == 0:
             raise IndexError(
-                f"fused_xent.cross_entropy: target {value} at position {position} is out of range: the input has no "
-                f"classes (C = 0), so every target must be ignore_index={problem.ignore_index}"
+                f"fused_xent.cross_entropy: {found}: the input has no classes (C = 0), so every target must be "
+                f"ignore_index={problem.ignore_index}"
             )
         raise IndexError(
-            f"fused_xent.cross_entropy: target {value} at position {position} is out of range for "
-            f"{num_classes} classes (valid: 0..{num_classes - 1}, or ignore_index={problem.ignore_index})"
+            f"fused_xent.cross_entropy: {found} for {num_classes} classes (valid: 0..{num_classes - 1}, or "
+            f"ignore_index={problem.ignore_index})"
         )
+
+
+def _where(position: int, target_shape: tuple, numel: int) -> str:
+    """Where a flat position of the target is, as the user indexes it: " at position 3" in a 1-D target,
+    " at position (1, 40, 7)" in a spatial one, nothing in an unbatched one. Targets read beneath vmap (more entries
+    than one call's shape) keep the flat position."""
+    if len(target_shape) == 0 and numel == 1:
+        return ""
+    if len(target_shape) <= 1 or math.prod(target_shape) != numel:
+        return f" at position {position}"
+    index = []
+    for size in reversed(target_shape):
+        position, coordinate = divmod(position, size)
+        index.append(coordinate)
+    return f" at position {tuple(reversed(index))}"
 
 
 def start_value_check(problem: Problem, check_targets: bool, backend: str | None = None) -> ValueCheck | None:

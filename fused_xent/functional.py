@@ -15,7 +15,7 @@ from ._autograd import FusedCrossEntropyFunction
 from ._grad_modes import check_grad_mode, check_weight_grad, grad_mode_to_run
 from ._layout import kernel_logits
 from ._validate import REDUCTIONS, prepare
-from ._value_check import check_values, start_value_check
+from ._value_check import ValueCheck, check_values, start_value_check
 from .reference import REDUCTION_MEAN, REDUCTION_NONE
 
 _REDUCTION_NAMES = {code: name for name, code in REDUCTIONS.items()}
@@ -155,10 +155,15 @@ def cross_entropy(
         # Logits the kernels cannot read as they are (a column-major (N, C), a view with gaps) are copied by each
         # op that reads them; copied here instead, the copy is what the backward reads, and it is made only once.
         logits = kernel_logits(logits)[0]
-    loss = FusedCrossEntropyFunction.apply(
-        logits, problem.target, problem.weight, problem.reduction, problem.ignore_index, problem.label_smoothing,
-        ops.name, grad_mode, loss_dtype,
-    )
+    try:
+        loss = FusedCrossEntropyFunction.apply(
+            logits, problem.target, problem.weight, problem.reduction, problem.ignore_index, problem.label_smoothing,
+            ops.name, grad_mode, loss_dtype,
+        )
+    except IndexError:
+        if ops.checks_targets:  # its kernel names a position of its (N, S) view: the check names the user's index
+            ValueCheck(problem, check_targets=True).raise_if_failed()
+        raise
     if value_check is not None:  # read while the kernels run (see ValueCheck)
         try:
             value_check.raise_if_failed()

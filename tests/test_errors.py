@@ -295,14 +295,19 @@ def test_the_autograd_function_refuses_unknown_names():
 
 @pytest.mark.parametrize("device,backend", BACKEND_CASES)
 def test_out_of_range_with_value_checks_off(device, backend, monkeypatch):
-    """Without the front end's check the CPU kernel still raises; every other backend gives the bad position a NaN
-    loss and a NaN gradient row, never an indexing error, a device assert or a number."""
+    """Without the front end's check the CPU kernel still raises (the bad class named at its index in the target, as
+    with the check); every other backend gives the bad position a NaN loss and a NaN gradient row, never an indexing
+    error, a device assert or a number."""
     monkeypatch.setenv("FUSED_XENT_CHECK_VALUES", "0")
     logits = _logits(4, 3).to(device).requires_grad_(True)
     target = torch.tensor([0, 3, 1, -100], device=device)
     if backend == "cpu":
         with pytest.raises(IndexError, match="target 3 at position 1 is out of range"):
             fused_xent.cross_entropy(logits, target, backend=backend)
+        spatial_target = torch.zeros(2, 2, 3, dtype=torch.long)
+        spatial_target[1, 0, 2] = 3
+        with pytest.raises(IndexError, match=r"target 3 at position \(1, 0, 2\) is out of range"):
+            fused_xent.cross_entropy(_logits(2, 3, 2, 3), spatial_target, backend=backend)
         return
     loss = fused_xent.cross_entropy(logits, target, reduction="none", label_smoothing=0.1, backend=backend)
     (grad,) = torch.autograd.grad(loss.sum(), logits)
@@ -324,8 +329,9 @@ def test_every_backend_says_the_same(case):
 
 
 def _bad_class_cases():
-    """(id, logits, target, kwargs): class indices out of range that only a backend's own check can find, in every
-    layout it reads them from (the cases above fail in the shared front end, before any backend)."""
+    """(id, logits, target, kwargs, what is said): class indices out of range that only a backend's own check can
+    find, in every layout it reads them from (the cases above fail in the shared front end, before any backend); the
+    first one in the target's order is named, where the user indexes it."""
     g = torch.Generator().manual_seed(3)
     spatial = torch.randn(2, 3, 4, 5, generator=g).contiguous(memory_format=torch.channels_last)
     spatial_target = torch.randint(0, 3, (2, 4, 5), generator=g)
@@ -335,10 +341,13 @@ def _bad_class_cases():
     vocab_target = torch.randint(0, 40, (6,), generator=g)
     vocab_target[2] = 40
     return [
-        ("channels_last, two bad positions", spatial, spatial_target, {"reduction": "none"}),
-        ("100000 rows, weighted", torch.randn(100000, 5, generator=g), rows_target, {"weight": torch.ones(5)}),
-        ("smoothed rows", torch.randn(6, 40, generator=g), vocab_target, {"label_smoothing": 0.1}),
-        ("unbatched", torch.randn(5, generator=g), torch.tensor(5), {}),
+        ("channels_last, two bad positions", spatial, spatial_target, {"reduction": "none"},
+         "target -5 at position (0, 3, 4) is out of range for 3 classes"),
+        ("100000 rows, weighted", torch.randn(100000, 5, generator=g), rows_target, {"weight": torch.ones(5)},
+         "target 8 at position 50001 is out of range for 5 classes"),
+        ("smoothed rows", torch.randn(6, 40, generator=g), vocab_target, {"label_smoothing": 0.1},
+         "target 40 at position 2 is out of range for 40 classes"),
+        ("unbatched", torch.randn(5, generator=g), torch.tensor(5), {}, "target 5 is out of range for 5 classes"),
     ]
 
 
@@ -347,10 +356,10 @@ BAD_CLASS_CASES = [pytest.param(device, *case[1:], id=f"{device}-{case[0]}",
                    for device in devices() for case in _bad_class_cases()]
 
 
-@pytest.mark.parametrize("device, logits, target, kwargs", BAD_CLASS_CASES)
-def test_every_backend_names_the_same_bad_class(device, logits, target, kwargs):
+@pytest.mark.parametrize("device, logits, target, kwargs, expected", BAD_CLASS_CASES)
+def test_every_backend_names_the_same_bad_class(device, logits, target, kwargs, expected):
     """The out-of-range class each backend finds with its own check, in the same words: the first in the target's
-    order, its value, its position and the fix."""
+    order, its value, its index in the target and the fix."""
     kwargs = {name: value.to(device) if isinstance(value, torch.Tensor) else value for name, value in kwargs.items()}
     said = {}
     for backend in backends_for(device):
@@ -358,7 +367,7 @@ def test_every_backend_names_the_same_bad_class(device, logits, target, kwargs):
             fused_xent.cross_entropy(logits.to(device), target.to(device), backend=backend, **kwargs)
         said[backend] = str(info.value)
     assert len(set(said.values())) == 1, said
-    assert "is out of range" in said[backend], said
+    assert expected in said[backend], said
 
 
 @pytest.mark.filterwarnings("ignore:reduction='elementwise_mean' is deprecated")
