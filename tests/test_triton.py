@@ -636,20 +636,36 @@ def _free_cuda_gib():
 
 
 @pytest.mark.skipif(DEVICE != "cuda" or _free_cuda_gib() < 24, reason="needs a GPU with 24 GiB free")
-def test_more_than_2_pow_31_elements():
-    """Offsets past 2**31 elements (int64 indexing): rows and NCHW, checked on the last positions."""
-    for shape in ((65_600, 32_768), (2, 19, 2**26)):
-        logits = torch.randn(shape, device="cuda", dtype=torch.bfloat16)
-        assert logits.numel() > 2**31
-        N, C = shape[:2]
-        view = logits.view(N, C, -1)
-        target = torch.randint(0, C, (N, view.shape[2]), device="cuda")
-        loss, _, _ = ops.triton_cross_entropy_fwd(view, target, None, 0, -100, 0.0)
-        S = view.shape[2]
-        rows, positions = slice(N - 4 if S == 1 else N - 1, None), slice(max(0, S - 1000), None)
-        expected = F.cross_entropy(view[rows, :, positions].float(), target[rows, positions], reduction="none")
-        torch.testing.assert_close(loss[rows, positions].float(), expected, rtol=1e-2, atol=1e-2)
-        del logits, view, loss
+@pytest.mark.parametrize("shape", [(65_600, 32_768), (2, 19, 2**26)], ids=["rows", "nchw"])
+def test_more_than_2_pow_31_elements(shape):
+    """Offsets past 2**31 elements (int64 indexing), rows and NCHW: the loss, the gradient recomputed in backward
+    and the one written in the forward, on the last positions (whose logits lie past 2**31) against PyTorch; the
+    recomputed gradient is 0 wherever the upstream gradient is, so no position writes another's entries."""
+    torch.manual_seed(0)
+    N, C = shape[:2]
+    logits = torch.randn(shape, device="cuda", dtype=torch.bfloat16).view(N, C, -1)
+    assert logits.numel() > 2**31
+    S = logits.shape[2]
+    target = torch.randint(0, C, (N, S), device="cuda")
+    tail = (slice(N - 4 if S == 1 else N - 1, None), slice(max(0, S - 1000), None))
+    tail_logits = (tail[0], slice(None), tail[1])
+    grad_loss = torch.zeros(N, S, device="cuda", dtype=torch.bfloat16)
+    grad_loss[tail] = 1
+    expected_loss, expected_grad = torch_reference(logits[tail_logits], target[tail], grad_loss[tail], reduction="none")
+
+    poison_cuda_cache()
+    loss, lse, total_weight = ops.triton_cross_entropy_fwd(logits, target, None, 0, -100, 0.0)
+    assert_close(loss[tail], expected_loss, torch.bfloat16, "loss past 2**31")
+    grad = ops.triton_cross_entropy_bwd(grad_loss, logits, target, None, lse, total_weight, 0, -100, 0.0)
+    assert_grad_close(grad[tail_logits], expected_grad, torch.bfloat16, "recomputed gradient past 2**31")
+    grad[tail_logits] = 0
+    assert torch.count_nonzero(grad) == 0, "a gradient entry where the upstream gradient is 0"
+    del loss, lse, total_weight, grad
+
+    poison_cuda_cache()
+    loss, grad = ops.triton_cross_entropy_fwd_grad(logits, target, None, 0, -100, 0.0)
+    assert_close(loss[tail], expected_loss, torch.bfloat16, "loss past 2**31, gradient in the forward")
+    assert_grad_close(grad[tail_logits], expected_grad, torch.bfloat16, "gradient in the forward past 2**31")
 
 
 @triton.jit
