@@ -143,7 +143,8 @@ if runs tests; then
                --hypothesis-seed=0 --junitxml="$WORK/gpu_tests.xml"
                -k "${GPU_TESTS_K:-not (test_matches_pytorch and cuda-triton and (torch.float16 or torch.float64))}")
   WORKERS=$(( $(nproc) - 2 ))
-  has_module xdist && (( WORKERS > 1 )) && PYTEST_ARGS+=(-n "$WORKERS")
+  # loadgroup: the tests of more than 2**31 elements (xdist_group "gpu_memory", 20-45 GiB each) run one at a time.
+  has_module xdist && (( WORKERS > 1 )) && PYTEST_ARGS+=(-n "$WORKERS" --dist loadgroup)
   has_module pytest_timeout && PYTEST_ARGS+=(--timeout=120)
   OMP_NUM_THREADS=1 TORCHINDUCTOR_COMPILE_THREADS=1 capped "$(allowance tests)" "$PYTHON" -m pytest \
     "${PYTEST_ARGS[@]}" > "$WORK/gpu_tests.log" 2>&1

@@ -13,6 +13,10 @@ from tolerances import TOLERANCES, assert_close, assert_grad_close  # noqa: F401
 import fused_xent
 from fused_xent._backends import backends_serving
 
+# Tests of more than 2**31 elements hold 20-45 GiB of GPU memory each: under pytest-xdist (--dist loadgroup, as
+# benchmarks/gpu_check.sh runs) they take turns on one worker, so that together they never exhaust the GPU.
+ONE_AT_A_TIME_ON_THE_GPU = pytest.mark.xdist_group("gpu_memory")
+
 # Input shapes with how to lay them out in memory: spans 1 class, odd sizes, a 32K vocabulary, unbatched and empty
 # inputs, 3-D to 5-D spatial inputs, channels_last and non-contiguous views.
 SHAPES = [

@@ -17,7 +17,14 @@ import zlib
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import assert_close, assert_grad_close, differentiable_copy, expected_lse, poison_cuda_cache
+from helpers import (
+    ONE_AT_A_TIME_ON_THE_GPU,
+    assert_close,
+    assert_grad_close,
+    differentiable_copy,
+    expected_lse,
+    poison_cuda_cache,
+)
 from helpers import torch_reference as reference
 from op_checks import assert_same_bits_under, check_scale_unit_grad, every_op_output, value_check_cases
 
@@ -798,51 +805,99 @@ def test_peak_memory_is_the_gradient_and_per_position_buffers(backend, shape, la
 # More than 2**31 elements: 64-bit indexing
 
 
+def _needs_gpu_memory(gib):
+    if torch.cuda.get_device_properties(0).total_memory < gib * 2**30:
+        pytest.skip(f"needs {gib} GiB of GPU memory")
+
+
+def _loss_and_tail_grad(x, target, grad_mode, tail):
+    """The unreduced loss of every position and the gradient of the loss summed over `tail` (a slice of the last
+    positions), the logits' buffers poisoned first."""
+    poison_cuda_cache()
+    loss = fused_xent.cross_entropy(x, target, reduction="none", backend="cuda", grad_mode=grad_mode)
+    grad_output = torch.zeros_like(loss)
+    grad_output[..., tail] = 1
+    (grad,) = torch.autograd.grad(loss, x, grad_output)
+    return loss.detach(), grad, grad_output
+
+
+def _check_past_2_31(x, target, loss, grad, grad_output, tail, classes=slice(None)):
+    """The loss of every position against PyTorch's (in float32, chunk by chunk, so that its log_softmax fits),
+    the gradient of the last positions against float64 PyTorch (its entries of `classes`, all by default: a row of
+    2**30 would take a minute to compare on the host), and 0 wherever the upstream gradient is."""
+    rows = x.shape[0]
+    chunk = max(1, 2**28 // x[0].numel())
+    expected = torch.cat([F.cross_entropy(x[i : i + chunk].float(), target[i : i + chunk], reduction="none")
+                          for i in range(0, rows, chunk)])
+    assert_close(loss, expected, torch.bfloat16, "loss of every position")
+    index = (slice(None), slice(None), tail) if x.dim() == 3 else (tail,)
+    target_index = (slice(None), tail) if x.dim() == 3 else (tail,)
+    expected_loss, expected_grad = reference(x[index], target[target_index], grad_output[target_index],
+                                             reduction="none")
+    assert_close(loss[target_index], expected_loss, torch.bfloat16, "loss past 2**31")
+    assert_grad_close(grad[index][..., classes], expected_grad[..., classes], torch.bfloat16, "grad past 2**31")
+    grad[index] = 0
+    assert torch.count_nonzero(grad) == 0, "a gradient entry where the upstream gradient is 0"
+
+
 @pytest.mark.slow
 @pytest.mark.cuda
 @needs_gpu
+@ONE_AT_A_TIME_ON_THE_GPU
 @pytest.mark.parametrize("grad_mode", ["recompute", "in_forward"])
 def test_more_than_2_31_elements_rows(grad_mode):
+    """A block per row: the last three rows start past element 2**31, so an int32 row offset overflows in them,
+    not only an int32 offset within the row. The mean too, against the losses'."""
     num_classes = 128256
-    rows = 2**31 // num_classes + 1
-    if torch.cuda.get_device_properties(0).total_memory < 24 * 2**30:
-        pytest.skip("needs ~16 GiB of GPU memory")
+    rows = 2**31 // num_classes + 4
+    _needs_gpu_memory(24)
     torch.manual_seed(0)
     x = torch.randn(rows, num_classes, device="cuda", dtype=torch.bfloat16).requires_grad_(True)
-    assert x.numel() > 2**31
+    assert (rows - 3) * num_classes > 2**31
     target = torch.randint(0, num_classes, (rows,), device="cuda")
-    loss = fused_xent.cross_entropy(x, target, reduction="none", backend="cuda", grad_mode=grad_mode)
-    grad_output = torch.zeros(rows, device="cuda", dtype=torch.bfloat16)
-    grad_output[-3:] = 1
-    (grad,) = torch.autograd.grad(loss, x, grad_output)
-    tail = slice(rows - 3, rows)  # rows whose elements lie past 2**31
-    expected_loss, expected_grad = reference(x[tail], target[tail], grad_output[tail].double(), reduction="none")
-    assert_close(loss[tail], expected_loss, torch.bfloat16, "loss past 2**31")
-    assert_grad_close(grad[tail], expected_grad, torch.bfloat16, "grad past 2**31")
-    assert grad[: rows - 3].abs().max() == 0
+    tail = slice(rows - 3, rows)
+    loss, grad, grad_output = _loss_and_tail_grad(x, target, grad_mode, tail)
+    _check_past_2_31(x.detach(), target, loss, grad, grad_output, tail)
+    del grad
     with torch.no_grad():
         mean = fused_xent.cross_entropy(x, target, backend="cuda")
-        per_row = torch.cat([
-            F.cross_entropy(x[i : i + 2048].float(), target[i : i + 2048], reduction="none")
-            for i in range(0, rows, 2048)
-        ])
-    torch.testing.assert_close(mean.float(), per_row.double().mean().float(), rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(mean.float(), loss.double().mean().float(), rtol=1e-2, atol=1e-2)
 
 
 @pytest.mark.slow
 @pytest.mark.cuda
 @needs_gpu
-def test_more_than_2_31_elements_spatial():
-    shape = (2, 4, 2**28 + 5)  # NCHW-like: class stride 2**28 + 5, 2.1e9 elements
-    if torch.cuda.get_device_properties(0).total_memory < 24 * 2**30:
-        pytest.skip("needs ~16 GiB of GPU memory")
+@ONE_AT_A_TIME_ON_THE_GPU
+@pytest.mark.parametrize("grad_mode", ["recompute", "in_forward"])
+def test_more_than_2_31_elements_in_three_huge_rows(grad_mode):
+    """Rows of 2**30 + 1000 classes, split across blocks (or clusters of blocks on sm_90) since three rows cannot
+    fill the GPU: the last starts past element 2**31, and each block's class range lies far into its row."""
+    num_classes = 2**30 + 1000
+    _needs_gpu_memory(64)
+    torch.manual_seed(2)
+    x = torch.randn(3, num_classes, device="cuda", dtype=torch.bfloat16).requires_grad_(True)
+    assert 2 * num_classes > 2**31
+    target = torch.tensor([num_classes - 1, 5, num_classes - 7], device="cuda")
+    loss, grad, grad_output = _loss_and_tail_grad(x, target, grad_mode, slice(2, 3))
+    # Every 997th class (across every block's range), the last 4096 and the target's.
+    classes = torch.cat([torch.arange(0, num_classes, 997), torch.arange(num_classes - 4096, num_classes)]).cuda()
+    _check_past_2_31(x.detach(), target, loss, grad, grad_output, slice(2, 3), classes)
+
+
+@pytest.mark.slow
+@pytest.mark.cuda
+@needs_gpu
+@ONE_AT_A_TIME_ON_THE_GPU
+@pytest.mark.parametrize("grad_mode", ["recompute", "in_forward"])
+def test_more_than_2_31_elements_spatial(grad_mode):
+    """NCHW-like, class stride 2**28 + 5: the positions of the second batch entry lie past element 2**31 from its
+    fourth class on."""
+    shape = (2, 4, 2**28 + 5)
+    _needs_gpu_memory(24)
     torch.manual_seed(1)
-    x = torch.randn(shape, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(shape, device="cuda", dtype=torch.bfloat16).requires_grad_(True)
     assert x.numel() > 2**31
     target = torch.randint(0, shape[1], (shape[0], shape[2]), device="cuda")
-    loss, grad = torch.ops.fused_xent.cross_entropy_fwd_grad(x, target, None, 0, -100, 0.0)
     tail = slice(shape[2] - 7, shape[2])
-    xt = x[1:, :, tail]
-    expected_loss, expected_grad = reference(xt, target[1:, tail], torch.ones(1, 7, device="cuda"), reduction="none")
-    assert_close(loss[1:, tail], expected_loss, torch.bfloat16, "loss past 2**31")
-    assert_grad_close(grad[1:, :, tail], expected_grad, torch.bfloat16, "grad past 2**31")
+    loss, grad, grad_output = _loss_and_tail_grad(x, target, grad_mode, tail)
+    _check_past_2_31(x.detach(), target, loss, grad, grad_output, tail)

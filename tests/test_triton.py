@@ -29,6 +29,7 @@ pytest.importorskip("triton")
 import triton  # noqa: E402 (after the importorskip)
 import triton.language as tl  # noqa: E402
 from helpers import (  # noqa: E402
+    ONE_AT_A_TIME_ON_THE_GPU,
     assert_close,
     assert_grad_close,
     expected_lse,
@@ -636,6 +637,7 @@ def _free_cuda_gib():
 
 
 @pytest.mark.skipif(DEVICE != "cuda" or _free_cuda_gib() < 24, reason="needs a GPU with 24 GiB free")
+@ONE_AT_A_TIME_ON_THE_GPU
 @pytest.mark.parametrize("shape", [(65_600, 32_768), (2, 19, 2**26)], ids=["rows", "nchw"])
 def test_more_than_2_pow_31_elements(shape):
     """Offsets past 2**31 elements (int64 indexing), rows and NCHW: the loss, the gradient recomputed in backward
