@@ -439,7 +439,10 @@ def test_bulk_cluster_kernel_serves_the_rows_it_can_copy(shape, layout, dtype, s
 @needs_gpu
 def test_rows_stored_by_warps_are_those_stored_by_threads(shape, layout, dtype, monkeypatch):
     """Rows of up to 32 classes one after another: a warp's 32 rows stored from shared memory (the default) or each
-    row by its own thread (FUSED_XENT_STAGED_ROW_STORES=0) give the same bits in every op."""
+    row by its own thread (FUSED_XENT_STAGED_ROW_STORES=0) give the same bits in every op, and those of the threads
+    match PyTorch over the argument grid."""
+    monkeypatch.setenv("FUSED_XENT_STAGED_ROW_STORES", "0")
+    check_parity(shape, layout, dtype)
     generator = torch.Generator().manual_seed(29)
     x = make_logits(shape, layout, dtype, generator)
     weight = (torch.rand(shape[1], generator=generator) + 0.5).to(device="cuda", dtype=dtype)
