@@ -125,6 +125,31 @@ def test_torch_compile_fullgraph(backend, compiler):
     torch.testing.assert_close(model.head.weight.grad, reference.head.weight.grad)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_torch_export_with_a_dynamic_batch(backend):
+    """torch.export of a model whose loss is fused_xent's, with a dynamic batch: the CPU kernel stays one op in the
+    exported graph, and the exported program's loss and parameter gradients on a batch of another size are those of
+    the same model with PyTorch's loss."""
+    torch.manual_seed(4)
+    options = {"label_smoothing": 0.1, "weight": torch.rand(5) + 0.5, "ignore_index": 2}
+    model = TinySegmenter(fused_xent.CrossEntropyLoss(**options, backend=backend))
+    batch = torch.export.Dim("batch")
+    exported = torch.export.export(model, (torch.randn(2, 3, 4, 6), torch.randint(0, 5, (2, 4, 6))),
+                                   dynamic_shapes=({0: batch}, {0: batch}))
+    if backend == "cpu":
+        assert "torch.ops.fused_xent.cross_entropy_fwd" in exported.graph_module.code
+    reference = TinySegmenter(torch.nn.CrossEntropyLoss(**options))
+    reference.load_state_dict(model.state_dict())
+    image, target = torch.randn(3, 3, 4, 6), torch.randint(0, 5, (3, 4, 6))
+    program = exported.module()
+    got, expected = program(image, target), reference(image, target)
+    got.backward()
+    expected.backward()
+    torch.testing.assert_close(got, expected)
+    torch.testing.assert_close(program.head.weight.grad, reference.head.weight.grad)
+    torch.testing.assert_close(program.head.bias.grad, reference.head.bias.grad)
+
+
 def test_torch_compile_traces_the_loss_once():
     """Compiled as the first call of a process, the loss is traced once: the front end keeps nothing that changes
     between calls (a cache filled on first use would be a global change that recompiles the second call)."""
